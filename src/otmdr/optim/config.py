@@ -1,0 +1,129 @@
+"""The knobs of one perturbation step (method.md section 2), validated once at construction."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .batchnorm import BN_POLICIES
+
+__all__ = ["PerturbationConfig"]
+
+NORMALIZATIONS = ("step", "merged")
+REDUCTIONS = ("sum", "mean")
+
+
+def _as_float_tuple(name: str, value: float | Sequence[float]) -> tuple[float, ...]:
+    values = (value,) if isinstance(value, (int, float)) else tuple(value)
+    if not values:
+        raise ValueError(f"{name} must hold at least one value, got an empty sequence")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"{name} must be finite numbers, got {value!r}")
+    return tuple(float(v) for v in values)
+
+
+@dataclass(frozen=True)
+class PerturbationConfig:
+    """Step-level options shared by SAM, ASAM and OT-MDR (per-group options live in param groups).
+
+    rho: radius of each ascent step; its length is the number of ascent steps.
+    split: fraction of the batch each ascent step uses, as disjoint consecutive parts (sum <= 1).
+        Default: equal parts, i.e. the whole batch for one step and halves for two (the release).
+    merge: step i moves along the sum (or mean) of the ascent gradients so far, not its own.
+    normalize: "step" divides by the norm of the step's own gradient (the release); "merged" by
+        the norm of the merged direction (each step then has length rho exactly).
+    reduce: "sum" or "mean", for the merged direction and for the particles' gradients (the
+        release's "mode 1" and "mode 1.1").
+    noise_std: standard deviation of the Gaussian (Langevin) noise added after each ascent step.
+    adaptive, adaptive_eta: ASAM's element-wise scaling T = |theta| + eta.
+    particles: K; each particle runs the ascent from the centre on its own random split.
+    bn_policy: which passes update batch-norm running statistics (see ``BN_POLICIES``).
+    ascent_weight_decay: add the group's weight decay to the ascent gradient (default: no; weight
+        decay stays in the base optimizer, as in common PyTorch SAM code).
+    max_grad_norm: clip the final gradient (after unscaling) to this norm.
+    ascent_interval: perturb every k-th step only; the others are plain base-optimizer steps.
+    sync_ascent: under DDP, all-reduce the ascent gradients too (default: per-replica ascent
+        under ``no_sync()``, one all-reduce of the final gradient).
+    check_finite: raise on a non-finite gradient (one host sync per step; with a GradScaler the
+        step is skipped instead and no sync is added).
+    eps: added to every norm before dividing (use ~1e-8 when parameters are fp16).
+    """
+
+    rho: tuple[float, ...] = (0.05, 0.1)
+    split: tuple[float, ...] | None = None
+    merge: bool = True
+    normalize: str = "step"
+    reduce: str = "sum"
+    noise_std: float = 0.0
+    adaptive: bool = False
+    adaptive_eta: float = 0.0
+    particles: int = 1
+    bn_policy: str = "ascent"
+    ascent_weight_decay: bool = False
+    max_grad_norm: float | None = None
+    ascent_interval: int = 1
+    sync_ascent: bool = False
+    check_finite: bool = True
+    eps: float = 1e-12
+
+    def __post_init__(self) -> None:
+        rho = _as_float_tuple("rho", self.rho)
+        if any(r < 0 for r in rho):
+            raise ValueError(f"rho must be non-negative, got {self.rho!r}")
+        object.__setattr__(self, "rho", rho)
+
+        split = (1.0 / len(rho),) * len(rho) if self.split is None else _as_float_tuple("split", self.split)
+        if len(split) != len(rho):
+            raise ValueError(
+                f"split needs one fraction per ascent step: rho has {len(rho)} steps, split {split!r}"
+            )
+        if any(not 0.0 < s <= 1.0 for s in split):
+            raise ValueError(f"split fractions must lie in (0, 1], got {split!r}")
+        if sum(split) > 1.0 + 1e-9:
+            raise ValueError(
+                f"split fractions must sum to at most 1 (disjoint parts of the batch), got {split!r} "
+                f"summing to {sum(split):g}"
+            )
+        object.__setattr__(self, "split", split)
+
+        for name in ("merge", "adaptive", "ascent_weight_decay", "sync_ascent", "check_finite"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        _check_choice("normalize", self.normalize, NORMALIZATIONS)
+        _check_choice("reduce", self.reduce, REDUCTIONS)
+        _check_choice("bn_policy", self.bn_policy, BN_POLICIES)
+        _check_number("noise_std", self.noise_std, minimum=0.0)
+        _check_number("adaptive_eta", self.adaptive_eta, minimum=0.0)
+        _check_number("eps", self.eps, minimum=0.0, strict=True)
+        _check_int("particles", self.particles)
+        _check_int("ascent_interval", self.ascent_interval)
+        if self.max_grad_norm is not None:
+            _check_number("max_grad_norm", self.max_grad_norm, minimum=0.0, strict=True)
+
+    @property
+    def steps(self) -> int:
+        """Number of ascent steps."""
+        return len(self.rho)
+
+    @property
+    def uses_direction_buffer(self) -> bool:
+        return self.merge and len(self.rho) > 1
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}: choose one of {', '.join(choices)}")
+
+
+def _check_number(name: str, value: object, *, minimum: float, strict: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < minimum or (strict and value == minimum):
+        relation = ">" if strict else ">="
+        raise ValueError(f"{name} must be a finite number {relation} {minimum:g}, got {value!r}")
+
+
+def _check_int(name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")

@@ -1,0 +1,513 @@
+"""The OT-MDR optimizer: a thin Optimizer class around the functional core.
+
+One object wraps any base ``torch.optim.Optimizer`` and shares its param groups and state, so LR
+schedulers, gradient clipping utilities and ``state_dict()`` work on either object.
+
+Three ways to drive a step:
+
+1. one call per step, the optimizer runs every pass itself::
+
+       opt = OTMDR(model, torch.optim.SGD, lr=0.1, momentum=0.9)
+       result = opt.step(lambda b: F.cross_entropy(model(b[0]), b[1]), batch=(x, y))
+
+2. a closure that does forward + backward on the whole batch (Lightning's automatic
+   optimization); it is called at every point the step needs (ascent steps + final pass)::
+
+       opt.step(closure)
+
+3. low-level primitives for custom loops (AMP, DDP, manual Lightning optimization)::
+
+       loss_fn(b1).backward(); opt.perturb()      # ascent step 1 (consumes and zeroes .grad)
+       loss_fn(b2).backward(); opt.perturb()      # ascent step 2
+       loss_fn(b).backward();  opt.descend()      # restore the centre, base-optimizer step
+
+Cost: each particle costs one pass per ascent step (on its fraction of the batch) plus one
+full-batch pass; with the default halves that is 2 full-batch forward/backward passes, as SAM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from . import functional as F
+from .batching import batch_size, split_bounds, take
+from .batchnorm import BatchNormState
+from .config import PerturbationConfig
+
+__all__ = ["OTMDR", "StepResult"]
+
+GROUP_DEFAULTS = {"perturb": True, "rho_scale": 1.0}
+
+
+class StepResult(NamedTuple):
+    """What one step measured; every field is a detached tensor (no host sync was needed)."""
+
+    loss: Tensor  #: loss of the first pass, at the unperturbed weights (on its part of the batch)
+    perturbed_loss: Tensor  #: full-batch loss at the perturbed weights (mean over particles)
+    perturbation_norm: Tensor  #: measured ||theta~ - theta|| (mean over particles)
+    outputs: Any = None  #: whatever the loss function returned besides the loss, first pass
+
+
+class OTMDR(Optimizer):
+    """Optimal Transport Model Distributional Robustness (Nguyen et al., NeurIPS 2023).
+
+    Each step moves the weights to a loss-increasing neighbour by ``len(rho)`` normalised,
+    optionally noisy ascent steps on disjoint parts of the batch, takes the full-batch gradient
+    there, restores the weights and applies the base optimizer with that gradient.
+
+    Defaults are the authors' published configuration: rho (0.05, 0.1) on the two halves of the
+    batch, merged direction divided by the step's own gradient norm, no noise, one particle,
+    batch-norm statistics updated in the ascent passes only. SAM and ASAM are the special case
+    of one ascent step on the whole batch (see :class:`otmdr.optim.SAM`).
+
+    Args:
+        params: parameters or param groups, or an ``nn.Module`` (then also used as ``model``).
+            Per-group options: ``perturb`` (False: trained but never perturbed, e.g. the sigma of
+            a Bayesian layer) and ``rho_scale`` (multiplies rho for that group).
+        base_optimizer: an Optimizer class (built with the same groups and ``**base_kwargs``) or
+            an already built Optimizer instance (then ``params`` must be None).
+        model: the module whose batch-norm statistics follow ``bn_policy`` and whose ``no_sync``
+            is used under DDP. Without it, running statistics are updated in every pass.
+        seed: seed of the optimizer's own generator (noise, particle splits). Default:
+            ``torch.initial_seed()``, so ``torch.manual_seed`` makes runs reproducible.
+        foreach: use the fused ``torch._foreach_*`` kernels (default) or a per-tensor loop.
+        The other keyword options are those of :class:`PerturbationConfig`. Weight decay stays in
+        the base optimizer and does not enter the ascent gradient unless
+        ``ascent_weight_decay=True``.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]] | nn.Module | None,
+        base_optimizer: type[Optimizer] | Callable[..., Optimizer] | Optimizer = torch.optim.SGD,
+        *,
+        rho: float | tuple[float, ...] = (0.05, 0.1),
+        split: tuple[float, ...] | None = None,
+        merge: bool = True,
+        normalize: str = "step",
+        reduce: str = "sum",
+        noise_std: float = 0.0,
+        adaptive: bool = False,
+        adaptive_eta: float = 0.0,
+        particles: int = 1,
+        bn_policy: str = "ascent",
+        ascent_weight_decay: bool = False,
+        max_grad_norm: float | None = None,
+        ascent_interval: int = 1,
+        sync_ascent: bool = False,
+        check_finite: bool = True,
+        eps: float = 1e-12,
+        seed: int | None = None,
+        foreach: bool | None = None,
+        model: nn.Module | None = None,
+        **base_kwargs: Any,
+    ) -> None:
+        self.config = PerturbationConfig(
+            rho=rho, split=split, merge=merge, normalize=normalize, reduce=reduce,
+            noise_std=noise_std, adaptive=adaptive, adaptive_eta=adaptive_eta, particles=particles,
+            bn_policy=bn_policy, ascent_weight_decay=ascent_weight_decay,
+            max_grad_norm=max_grad_norm, ascent_interval=ascent_interval, sync_ascent=sync_ascent,
+            check_finite=check_finite, eps=eps,
+        )
+        if isinstance(params, nn.Module):
+            model = params if model is None else model
+            params = params.parameters()
+        if isinstance(base_optimizer, Optimizer):
+            if params is not None:
+                raise ValueError("pass params=None when wrapping an already built optimizer (it has its own)")
+            if base_kwargs:
+                raise ValueError(f"options {sorted(base_kwargs)} cannot be applied to an already built optimizer")
+            params = base_optimizer.param_groups
+        elif params is None:
+            raise ValueError("params is None: pass the model's parameters, param groups or the model")
+        self.model = model
+        self.foreach = True if foreach is None else bool(foreach)
+        self.steps = 0
+        self._building = True
+        super().__init__(params, dict(GROUP_DEFAULTS))
+        if not isinstance(base_optimizer, Optimizer):
+            base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        self.base_optimizer = base_optimizer
+        self.param_groups = base_optimizer.param_groups
+        self.state = base_optimizer.state
+        self.defaults.update(base_optimizer.defaults)
+        self._building = False
+
+        first = next(p for g in self.param_groups for p in g["params"])
+        self._generator = torch.Generator(device=first.device)
+        self._generator.manual_seed(torch.initial_seed() if seed is None else int(seed))
+        self._scratch: dict[str, dict[Tensor, Tensor]] = {}
+        self._bn_cache: tuple[nn.Module | None, BatchNormState] | None = None
+        self._warned_no_model = False
+        self.last_step: StepResult | None = None
+        self.skipped: Tensor | None = None  # with a GradScaler: whether the last step was skipped
+        self._last_distance = torch.zeros(())
+        self._reset_step_state()
+
+    # ----------------------------------------------------------------- param groups and state
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        for key, value in GROUP_DEFAULTS.items():
+            param_group.setdefault(key, value)
+        if not isinstance(param_group["perturb"], bool):
+            raise ValueError(f"param group option perturb must be True or False, got {param_group['perturb']!r}")
+        scale = param_group["rho_scale"]
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale >= 0 or scale == float("inf"):
+            raise ValueError(f"param group option rho_scale must be a finite number >= 0, got {scale!r}")
+        if getattr(self, "_building", True):
+            super().add_param_group(param_group)
+        else:  # the groups list is the base optimizer's: let it register the group
+            self.base_optimizer.add_param_group(param_group)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's state dict plus an ``otmdr`` entry (step count, noise generator)."""
+        state = self.base_optimizer.state_dict()
+        state["otmdr"] = {"version": 1, "steps": self.steps, "generator": self._generator.get_state()}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "otmdr" not in state_dict:
+            raise ValueError(
+                "this state dict was not saved by an otmdr optimizer (it has no 'otmdr' entry); "
+                "to start from a plain optimizer's state use opt.base_optimizer.load_state_dict(...)"
+            )
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("otmdr")
+        self.base_optimizer.load_state_dict(state_dict)
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+        for group in self.param_groups:
+            for key, value in GROUP_DEFAULTS.items():
+                group.setdefault(key, value)
+        self.steps = int(extra["steps"])
+        self._generator.set_state(extra["generator"])
+        self._reset_step_state()
+
+    # ----------------------------------------------------------------------------- primitives
+    def _reset_step_state(self) -> None:
+        self._ascent_index = 0  # ascent steps taken by the current particle
+        self._particles_done = 0  # finished particles whose gradient is in the accumulator
+        self._perturbed: list[Tensor] = []  # params moved by the current particle
+        self._flags: list[Tensor] = []  # non-finite flags of this step's norms
+        self._distances: list[Tensor] = []
+        self._particle_params: list[Tensor] = []
+        self._particles_loaded = False
+        self._rho_scales: list[float] | None = None
+
+    def _buffers(self, name: str, params: list[Tensor]) -> list[Tensor]:
+        """Persistent scratch tensors like ``params`` (allocated once, reused every step)."""
+        store = self._scratch.setdefault(name, {})
+        out = []
+        for p in params:
+            buffer = store.get(p)
+            if buffer is None or buffer.shape != p.shape or buffer.device != p.device:
+                buffer = store[p] = torch.empty_like(p, memory_format=torch.preserve_format)
+            out.append(buffer)
+        return out
+
+    def _params_with_grad(self) -> list[Tensor]:
+        return [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+
+    def _zero_grads(self, params: list[Tensor] | None = None) -> None:
+        grads = [p.grad for p in (self._params_with_grad() if params is None else params)]
+        if grads:
+            if self.foreach:
+                torch._foreach_zero_(grads)
+            else:
+                for g in grads:
+                    g.zero_()
+
+    @torch.no_grad()
+    def perturb(self) -> Tensor:
+        """Take the next ascent step using the gradients now in ``.grad``; returns the norm used.
+
+        The first call of a particle remembers the centre. The gradients are consumed: every
+        ``.grad`` of the optimizer is zero afterwards, ready for the next pass.
+        """
+        cfg = self.config
+        i = self._ascent_index
+        if i >= cfg.steps:
+            raise RuntimeError(
+                f"perturb() called {i + 1} times in one particle but rho has {cfg.steps} ascent "
+                "step(s): call descend() (or next_particle()) after the final pass"
+            )
+        if i == 0:
+            self._perturbed, scales = [], []
+            for group in self.param_groups:
+                if group["perturb"]:
+                    chosen = [p for p in group["params"] if p.grad is not None]
+                    self._perturbed += chosen
+                    scales += [float(group["rho_scale"])] * len(chosen)
+            if not self._perturbed:
+                raise RuntimeError(
+                    "perturb() found no gradient on any perturbed parameter: run backward() on the "
+                    "ascent loss first (and check that some param group has perturb=True)"
+                )
+            self._rho_scales = None if all(s == 1.0 for s in scales) else scales
+            _copy(self._buffers("centre", self._perturbed), self._perturbed, self.foreach)
+        params = self._perturbed
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        if cfg.ascent_weight_decay:
+            self._add_weight_decay(params, grads)
+        directions = self._buffers("direction", params) if cfg.uses_direction_buffer else None
+        weight = 1.0 / (i + 1) if (directions is not None and cfg.reduce == "mean") else 1.0
+        norm = F.ascent_move_(
+            params, grads, directions, first=i == 0, rho=cfg.rho[i], weight=weight,
+            normalize=cfg.normalize, adaptive=cfg.adaptive, adaptive_eta=cfg.adaptive_eta,
+            rho_scales=self._rho_scales, eps=cfg.eps, foreach=self.foreach,
+        )
+        F.add_noise_(params, cfg.noise_std, self._generator, foreach=self.foreach)
+        self._flags.append(~torch.isfinite(norm))
+        self._ascent_index += 1
+        self._zero_grads()
+        return norm
+
+    def _add_weight_decay(self, params: list[Tensor], grads: list[Tensor]) -> None:
+        decay = {p: g.get("weight_decay", 0.0) for g in self.param_groups for p in g["params"]}
+        for p, grad in zip(params, grads):
+            if decay[p]:
+                grad.add_(p, alpha=decay[p])
+
+    @torch.no_grad()
+    def restore(self) -> Tensor:
+        """Put the weights back at the centre; returns the measured ||theta~ - theta||."""
+        params = self._perturbed
+        if self._ascent_index == 0 or not params:
+            distance = torch.zeros((), dtype=torch.float32)
+        else:
+            centre = self._buffers("centre", params)
+            distance = F.distance(params, centre, foreach=self.foreach)
+            _copy(params, centre, self.foreach)
+        self._distances.append(distance)
+        self._ascent_index = 0
+        return distance
+
+    @torch.no_grad()
+    def next_particle(self) -> Tensor:
+        """End a particle (K > 1): keep its final gradient, restore the centre, zero ``.grad``."""
+        if self._particles_done == 0:
+            self._particle_params = self._params_with_grad()
+        params = self._particle_params
+        accumulate = _copy if self._particles_done == 0 else _add
+        accumulate(self._buffers("particles", params), [p.grad for p in params], self.foreach)
+        self._particles_done += 1
+        self._zero_grads(params)
+        return self.restore()
+
+    @torch.no_grad()
+    def _load_particle_gradients(self) -> None:
+        """Put the finished particles' gradient sum into ``.grad`` before the last final pass.
+
+        Backward then accumulates the last particle on top, so DDP all-reduces once per step.
+        """
+        params = self._particle_params
+        _copy([p.grad for p in params], self._buffers("particles", params), self.foreach)
+        self._particles_loaded = True
+
+    @torch.no_grad()
+    def descend(self, scaler: torch.amp.GradScaler | None = None) -> None:
+        """Restore the centre and apply the base optimizer with the gradient now in ``.grad``.
+
+        With K > 1 particles the gradients of the particles ended by :meth:`next_particle` are
+        added (and averaged if ``reduce="mean"``). With a GradScaler, the step goes through
+        ``scaler.step`` and is skipped if any ascent or final gradient was non-finite; call
+        ``scaler.update()`` afterwards as usual.
+        """
+        cfg = self.config
+        params = self._params_with_grad()
+        grads = [p.grad for p in params]
+        if self._particles_done and not self._particles_loaded:
+            params = self._particle_params  # the particles' gradients go where they came from
+            _add([p.grad for p in params], self._buffers("particles", params), self.foreach)
+            grads = [p.grad for p in params]
+        n_particles = self._particles_done + 1
+        if cfg.reduce == "mean" and n_particles > 1 and grads:
+            torch._foreach_mul_(grads, 1.0 / n_particles)
+        self.restore()
+
+        if scaler is not None:
+            # Skip (through the scaler) if any ascent or the final gradient is non-finite: the
+            # final gradient is poisoned so that scaler.step sees it, without a host sync here.
+            bad = ~torch.isfinite(F.global_norm(grads, foreach=self.foreach))
+            if self._flags:
+                bad = bad | torch.stack([f.to(bad.device) for f in self._flags]).any()
+            if grads:
+                grads[0].add_(torch.where(bad, float("nan"), 0.0).to(grads[0]))
+            self.skipped = bad
+            if cfg.max_grad_norm is not None:
+                scaler.unscale_(self.base_optimizer)
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm, foreach=self.foreach)
+            scaler.step(self.base_optimizer)
+        else:
+            if cfg.check_finite:
+                self._raise_if_nonfinite(grads)
+            if cfg.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm, foreach=self.foreach)
+            self.base_optimizer.step()
+        self.steps += 1
+        distances = self._distances
+        self._reset_step_state()
+        self._last_distance = torch.stack([d.to(distances[-1].device) for d in distances]).mean()
+
+    def _raise_if_nonfinite(self, grads: list[Tensor]) -> None:
+        flags = self._flags + [~torch.isfinite(F.global_norm(grads, foreach=self.foreach))]
+        flags_tensor = torch.stack([f.to(flags[0].device) for f in flags])
+        if bool(flags_tensor.any()):  # the one host sync of the step
+            where = "the final pass" if not bool(flags_tensor[:-1].any()) else "an ascent pass"
+            self._zero_grads()
+            self._reset_step_state()
+            raise FloatingPointError(
+                f"non-finite gradient in {where} of step {self.steps}: the weights were left unchanged. "
+                "Lower the learning rate or rho, check the data for NaN/inf, or use a GradScaler "
+                "(which skips such steps)"
+            )
+
+    # ------------------------------------------------------------------------ one-call step
+    def _batchnorm(self, model: nn.Module | None) -> BatchNormState:
+        if self._bn_cache is None or self._bn_cache[0] is not model:
+            self._bn_cache = (model, BatchNormState(model))
+        return self._bn_cache[1]
+
+    def _updates_bn(self, particle: int, ascent: int | None) -> bool:
+        policy = self.config.bn_policy
+        if policy in ("all", "none"):
+            return policy == "all"
+        if ascent is None:
+            return False
+        return policy == "ascent" or (particle == 0 and ascent == 0)
+
+    def step(  # type: ignore[override]
+        self,
+        closure: Callable[..., Any] | None = None,
+        batch: Any = None,
+        *,
+        scaler: torch.amp.GradScaler | None = None,
+        model: nn.Module | None = None,
+    ) -> StepResult | Tensor:
+        """One full training step; gradients are zeroed first, no ``zero_grad()`` call needed.
+
+        With ``batch``: ``closure`` is a loss function ``loss_fn(part) -> loss`` (or a tuple whose
+        first item is the loss) and ``batch`` a tensor or (nested) tuple/list/dict of tensors,
+        split along dimension 0; the optimizer runs backward (through ``scaler.scale`` if a
+        scaler is given). Returns a :class:`StepResult`.
+
+        Without ``batch``: ``closure()`` (which need not zero gradients) must compute the loss on its whole batch
+        and call backward itself (scaling it if you use a scaler); every ascent step then uses
+        the whole batch. Returns the first loss, as ``torch.optim`` closures do.
+        """
+        if closure is None:
+            raise ValueError(
+                "step() needs the passes it runs: step(loss_fn, batch=...) or step(closure); to "
+                "drive the passes yourself call perturb() after each ascent backward and descend() "
+                "after the final one"
+            )
+        cfg = self.config
+        model = self.model if model is None else model
+        bn = self._batchnorm(model)
+        if model is None and cfg.bn_policy != "all" and not self._warned_no_model:
+            warnings.warn(
+                f"no model was given to {type(self).__name__}: bn_policy={cfg.bn_policy!r} cannot be "
+                "applied and batch-norm statistics (if any) update in every pass; pass model=...",
+                stacklevel=2,
+            )
+            self._warned_no_model = True
+        n = None if batch is None else batch_size(batch)
+        bounds = None if n is None else split_bounds(n, cfg.split)
+        start = bn.save() if bn and (scaler is not None or cfg.check_finite) else None
+        self._zero_grads()
+        self._reset_step_state()
+
+        def run(part: Any, *, sync: bool, update_bn: bool) -> tuple[Tensor, Any]:
+            no_sync = getattr(model, "no_sync", None)
+            ctx = no_sync() if (not sync and no_sync is not None) else contextlib.nullcontext()
+            with ctx, bn.frozen(not update_bn), torch.enable_grad():
+                if batch is None:
+                    return _split_output(closure())[0].detach(), None
+                loss, extra = _split_output(closure(part))
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+                return loss.detach(), extra
+
+        first_loss = first_outputs = None
+        final_losses = []
+        try:
+            if self.steps % cfg.ascent_interval != 0:  # a plain base-optimizer step
+                first_loss, first_outputs = run(batch, sync=True, update_bn=cfg.bn_policy != "none")
+                final_losses.append(first_loss)
+            else:
+                for k in range(cfg.particles):
+                    order = None
+                    if n is not None and k > 0:
+                        order = torch.randperm(n, generator=self._generator, device=self._generator.device)
+                    for i in range(cfg.steps):
+                        part = None
+                        if bounds is not None:
+                            lo, hi = bounds[i]
+                            part = take(batch, slice(lo, hi) if order is None else order[lo:hi])
+                        loss, outputs = run(part, sync=cfg.sync_ascent, update_bn=self._updates_bn(k, i))
+                        if first_loss is None:
+                            first_loss, first_outputs = loss, outputs
+                        self.perturb()
+                    last = k == cfg.particles - 1
+                    if last and self._particles_done:
+                        self._load_particle_gradients()
+                    loss, _ = run(batch, sync=last, update_bn=self._updates_bn(k, None))
+                    final_losses.append(loss)
+                    if not last:
+                        self.next_particle()
+            self.descend(scaler)
+        except BaseException:
+            self.restore()
+            self._reset_step_state()
+            if start is not None:
+                bn.load(start)
+            raise
+        if scaler is not None and start is not None:
+            bn.load_where(self.skipped, start)  # a skipped step leaves the statistics as they were
+        self.last_step = StepResult(
+            loss=first_loss,
+            perturbed_loss=torch.stack(final_losses).mean(),
+            perturbation_norm=self._last_distance,
+            outputs=first_outputs,
+        )
+        return self.last_step if batch is not None else first_loss
+
+    def passes_per_step(self, closure_form: bool = False) -> float:
+        """Forward/backward cost of one step in full-batch passes (SGD = 1, SAM = 2)."""
+        cfg = self.config
+        ascent = float(cfg.steps) if closure_form else sum(cfg.split)
+        return (cfg.particles * (1.0 + ascent) + cfg.ascent_interval - 1) / cfg.ascent_interval
+
+
+def _split_output(out: Any) -> tuple[Tensor, Any]:
+    """A loss function returns the loss, or a tuple (loss, extra...)."""
+    if isinstance(out, (tuple, list)):
+        if not out:
+            raise TypeError("the loss function returned an empty tuple; return the loss first")
+        loss, extra = out[0], (out[1] if len(out) == 2 else tuple(out[1:]) or None)
+    else:
+        loss, extra = out, None
+    if not isinstance(loss, Tensor):
+        raise TypeError(f"the loss function must return the loss tensor, got {type(loss).__name__}")
+    return loss, extra
+
+
+def _copy(dst: list[Tensor], src: list[Tensor], foreach: bool) -> None:
+    if foreach:
+        torch._foreach_copy_(dst, src)
+    else:
+        for d, s in zip(dst, src):
+            d.copy_(s)
+
+
+def _add(dst: list[Tensor], src: list[Tensor], foreach: bool) -> None:
+    if foreach:
+        torch._foreach_add_(dst, src)
+    else:
+        for d, s in zip(dst, src):
+            d.add_(s)
