@@ -18,13 +18,19 @@ __all__ = ["global_norm", "ascent_move_", "add_noise_", "distance"]
 
 
 def global_norm(tensors: Sequence[Tensor], *, foreach: bool = True) -> Tensor:
-    """L2 norm of all tensors taken as one vector, as a float32 0-dim tensor (no host sync)."""
+    """L2 norm of all tensors taken as one vector, as a 0-dim tensor (no host sync).
+
+    Half-precision inputs are reduced in float32 (an fp16 norm overflows at 65504).
+    """
     if not tensors:
         return torch.zeros((), dtype=torch.float32)
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
     if foreach:
-        norms = torch._foreach_norm(list(tensors), 2, dtype=torch.float32)
+        norms = torch._foreach_norm(list(tensors), 2, dtype=dtype)
     else:
-        norms = [torch.linalg.vector_norm(t, dtype=torch.float32) for t in tensors]
+        norms = [torch.linalg.vector_norm(t, dtype=dtype) for t in tensors]
     device = norms[0].device
     return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
 
