@@ -199,6 +199,7 @@ class OTMDR(Optimizer):
         self._particle_params: list[Tensor] = []
         self._particles_loaded = False
         self._rho_scales: list[float] | None = None
+        self._distance: Tensor | None = None  # measured at the last ascent step of a particle
 
     def _buffers(self, name: str, params: list[Tensor]) -> list[Tensor]:
         """Persistent scratch tensors like ``params`` (allocated once, reused every step)."""
@@ -265,25 +266,37 @@ class OTMDR(Optimizer):
         F.add_noise_(params, cfg.noise_std, self._generator, foreach=self.foreach)
         self._flags.append(~torch.isfinite(norm))
         self._ascent_index += 1
+        if self._ascent_index == cfg.steps:  # measure ||theta~ - theta|| in the spent gradients
+            _copy(grads, params, self.foreach)
+            _add(grads, self._buffers("centre", params), self.foreach, alpha=-1.0)
+            self._distance = F.global_norm(grads, foreach=self.foreach)
         self._zero_grads()
         return norm
 
     def _add_weight_decay(self, params: list[Tensor], grads: list[Tensor]) -> None:
+        by_decay: dict[float, tuple[list[Tensor], list[Tensor]]] = {}
         decay = {p: g.get("weight_decay", 0.0) for g in self.param_groups for p in g["params"]}
         for p, grad in zip(params, grads):
             if decay[p]:
-                grad.add_(p, alpha=decay[p])
+                by_decay.setdefault(decay[p], ([], []))[0].append(grad)
+                by_decay[decay[p]][1].append(p)
+        for value, (grad_list, param_list) in by_decay.items():
+            _add(grad_list, param_list, self.foreach, alpha=value)
 
     @torch.no_grad()
     def restore(self) -> Tensor:
         """Put the weights back at the centre; returns the measured ||theta~ - theta||."""
         params = self._perturbed
         if self._ascent_index == 0 or not params:
-            distance = torch.zeros((), dtype=torch.float32)
+            device = params[0].device if params else None
+            distance = torch.zeros((), device=device)
         else:
             centre = self._buffers("centre", params)
-            distance = F.distance(params, centre, foreach=self.foreach)
+            distance = self._distance
+            if distance is None:  # restored before the last ascent step: measure here
+                distance = F.distance(params, centre, foreach=self.foreach)
             _copy(params, centre, self.foreach)
+        self._distance = None
         self._distances.append(distance)
         self._ascent_index = 0
         return distance
@@ -505,9 +518,9 @@ def _copy(dst: list[Tensor], src: list[Tensor], foreach: bool) -> None:
             d.copy_(s)
 
 
-def _add(dst: list[Tensor], src: list[Tensor], foreach: bool) -> None:
+def _add(dst: list[Tensor], src: list[Tensor], foreach: bool, alpha: float = 1.0) -> None:
     if foreach:
-        torch._foreach_add_(dst, src)
+        torch._foreach_add_(dst, src, alpha=alpha)
     else:
         for d, s in zip(dst, src):
-            d.add_(s)
+            d.add_(s, alpha=alpha)
