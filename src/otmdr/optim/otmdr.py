@@ -17,6 +17,7 @@ Three ways to drive a step:
 
 3. low-level primitives for custom loops (AMP, DDP, manual Lightning optimization)::
 
+       opt.zero_grad()
        loss_fn(b1).backward(); opt.perturb()      # ascent step 1 (consumes and zeroes .grad)
        loss_fn(b2).backward(); opt.perturb()      # ascent step 2
        loss_fn(b).backward();  opt.descend()      # restore the centre, base-optimizer step

@@ -1,0 +1,75 @@
+"""Lightning's automatic optimization drives the closure form; manual optimization the primitives."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from otmdr import OTMDR
+from conftest import data, tiny_mlp
+
+L = pytest.importorskip("lightning", reason="Lightning is not installed (pip install lightning)")
+
+
+class Automatic(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = tiny_mlp(dtype=torch.float32, batch_norm=True)
+        self.calls = 0
+
+    def training_step(self, batch, _):
+        self.calls += 1
+        return F.cross_entropy(self.net(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return OTMDR(self.net, torch.optim.SGD, lr=0.1)
+
+
+class Manual(Automatic):
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, _):
+        opt = self.optimizers().optimizer
+        x, y = batch
+        opt.zero_grad()
+        for part in (slice(0, 8), slice(8, 16)):
+            self.manual_backward(F.cross_entropy(self.net(x[part]), y[part]))
+            opt.perturb()
+        self.manual_backward(F.cross_entropy(self.net(x), y))
+        opt.descend()
+
+
+def _loader():
+    x, y = data(64, dtype=torch.float32)
+    return DataLoader(TensorDataset(x, y), batch_size=16)
+
+
+def _fit(module):
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, _loader())
+    return trainer
+
+
+def test_automatic_optimization_calls_the_closure_for_every_pass():
+    module = Automatic()
+    before = [p.detach().clone() for p in module.parameters()]
+    trainer = _fit(module)
+    assert module.calls == 4 * 3  # 4 batches x (2 ascent passes + the final pass)
+    assert trainer.optimizers[0].steps == 4
+    assert any(not torch.equal(p, q) for p, q in zip(module.parameters(), before))
+
+
+def test_manual_optimization_with_the_primitives_equals_the_one_call_step():
+    module = Manual()
+    _fit(module)
+    reference = tiny_mlp(dtype=torch.float32, batch_norm=True)
+    opt = OTMDR(reference, torch.optim.SGD, lr=0.1)
+    for x, y in _loader():
+        opt.step(lambda b: F.cross_entropy(reference(b[0]), b[1]), batch=(x, y))
+    for p, q in zip(module.net.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q)
