@@ -187,7 +187,15 @@ class OTMDR(Optimizer):
             for key, value in GROUP_DEFAULTS.items():
                 group.setdefault(key, value)
         self.steps = int(extra["steps"])
-        self._generator.set_state(extra["generator"])
+        try:
+            self._generator.set_state(extra["generator"].cpu())
+        except RuntimeError:  # e.g. saved on CPU, resumed on CUDA: the generators differ in kind
+            warnings.warn(
+                "the saved noise-generator state does not fit this device's generator; the noise "
+                "and particle splits continue from a fresh seed (the run is not bit-exact)",
+                stacklevel=2,
+            )
+            self._generator.manual_seed(torch.initial_seed() + self.steps)
         self._reset_step_state()
 
     # ----------------------------------------------------------------------------- primitives
