@@ -1,28 +1,209 @@
-"""The ``otmdr`` command. Training, evaluation and comparison commands arrive with the pipeline;
-for now it reports the version and the available models."""
+"""The ``otmdr`` command: train, eval, compare, and list models and datasets.
+
+Every anticipated problem (bad config, missing data, corrupt checkpoint, existing run
+directory, a run that diverged) ends in one ``otmdr: error: ...`` line and exit status 2.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import shlex
 import sys
+import time
+from pathlib import Path
+from typing import Any
 
 from . import __version__
 
+EXIT_ERROR = 2
+
+
+def _timestamp() -> str:
+    return time.strftime("%Y%m%d-%H%M%S")
+
+
+def _config(args: argparse.Namespace, extra: list[str] | None = None):
+    from .config import load_config
+
+    overrides = list(extra or []) + list(args.set or [])
+    if getattr(args, "data_dir", None):
+        overrides.append(f"data.dir={args.data_dir}")
+    return load_config(args.config, overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import prepare_run_dir, train
+
+    if args.resume:
+        if args.config or args.set:
+            raise _UsageError("--resume continues a run with its saved config: drop --config/--set")
+        run_dir = prepare_run_dir(args.resume, resume=True)
+        summary = train(None, run_dir, resume=True)  # type: ignore[arg-type]
+    else:
+        cfg = _config(args)
+        stem = Path(args.config).stem if args.config else "default"
+        out = args.out or f"runs/{stem}-{cfg.optim.method}-s{cfg.train.seed}-{_timestamp()}"
+        run_dir = prepare_run_dir(out, resume=False)
+        print(f"run directory: {run_dir}")
+        summary = train(cfg, run_dir)
+    test = summary["test"]
+    print(f"test: accuracy {100 * test['accuracy']:.2f}%  NLL {test['nll']:.4f}  Brier {test['brier']:.4f}  "
+          f"ECE {100 * test['ece']:.2f}% ({test['ece_bins']} bins)")
+    print(f"summary: {Path(run_dir) / 'summary.json'}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .train import evaluate_split, load_run
+    from .train.builders import build_data
+
+    cfg, model, _ = load_run(args.path, device=args.device)
+    if args.data_dir:
+        cfg.data.dir = args.data_dir
+    device = next(model.parameters()).device
+    data = build_data(cfg, device)
+    n_bins = args.ece_bins or cfg.eval.ece_bins
+    from .train.loop import AUTOCAST
+
+    metrics, _, labels = evaluate_split(model, data.test, autocast=AUTOCAST[cfg.train.precision], n_bins=n_bins)
+    print(f"{args.path}: {cfg.data.name} test split ({len(labels)} images), model {cfg.model.name}")
+    for key, value in metrics.items():
+        print(f"  {key:10s} {value:.6g}" if isinstance(value, float) else f"  {key:10s} {value}")
+    if args.json:
+        from .train.checkpoint import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps({"path": str(args.path), "test": metrics}, indent=2))
+        print(f"written: {args.json}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    import yaml
+
+    from .config import METHODS, config_to_dict
+    from .report import aggregate, format_table, write_compare_report
+    from .train import prepare_run_dir, train
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise _UsageError(f"--methods: unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    if args.seeds < 1:
+        raise _UsageError("--seeds must be at least 1")
+    base = _config(args)
+    stem = Path(args.config).stem if args.config else "default"
+    out = Path(args.out or f"runs/compare-{stem}-{_timestamp()}")
+    if out.exists() and any(out.iterdir()) and not args.resume:
+        raise _UsageError(f"{out} already exists and is not empty; it is never overwritten: choose another "
+                          "--out, or add --resume to finish the runs it holds")
+    out.mkdir(parents=True, exist_ok=True)
+    summaries: dict[str, list[dict[str, Any]]] = {}
+    total, done = len(methods) * args.seeds, 0
+    for method in methods:
+        for seed in range(base.train.seed, base.train.seed + args.seeds):
+            cfg = _config(args, [f"optim.method={method}", f"train.seed={seed}", "train.progress=false"])
+            run_dir = out / f"{method}-seed{seed}"
+            done += 1
+            if (run_dir / "summary.json").is_file():
+                summary = json.loads((run_dir / "summary.json").read_text())
+                print(f"[{done}/{total}] {method} seed {seed}: finished earlier, reused")
+            else:
+                resume = (run_dir / "checkpoints" / "last.pt").is_file()
+                prepare_run_dir(run_dir, resume=resume)
+                started = time.perf_counter()
+                summary = train(cfg, run_dir, resume=resume, log=lambda _: None)
+                print(f"[{done}/{total}] {method} seed {seed}: test acc {100 * summary['test']['accuracy']:.2f}%  "
+                      f"NLL {summary['test']['nll']:.4f}  ({time.perf_counter() - started:.0f}s)", flush=True)
+            summaries.setdefault(method, []).append(summary)
+    print()
+    print(format_table(aggregate(summaries), markdown=False))
+    command = "otmdr " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if args.command_line is None else args.command_line
+    config_text = yaml.safe_dump(config_to_dict(base), sort_keys=False)
+    report = write_compare_report(out, summaries, command=command, config_text=config_text)
+    (out / "summaries.json").write_text(json.dumps(summaries, indent=1))
+    print(f"\nreport: {report}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .models import count_parameters, create_model, list_models
+
+    for name in list_models():
+        model = create_model(name, num_classes=10, in_channels=3)
+        doc = (model.__doc__ or "").strip().splitlines()[0] if model.__doc__ else ""
+        print(f"{name:18s} {count_parameters(model) / 1e6:8.3f}M  {doc}")
+    return 0
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    from .data import list_datasets
+
+    for spec in list_datasets():
+        where = "embedded (no --data-dir needed)" if not spec.needs_root else spec.layout
+        print(f"{spec.name:16s} {spec.num_classes:4d} classes  {spec.in_channels}x{spec.image_size}x{spec.image_size}")
+        print(f"{'':16s} layout: {where}")
+        if spec.needs_root:
+            print(f"{'':16s} get it: {spec.how_to_get}")
+    return 0
+
+
+class _UsageError(Exception):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="otmdr", description="OT-MDR, SAM and SGD: train, evaluate, compare")
+    parser.add_argument("--version", action="version", version=f"otmdr {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def config_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", help="YAML experiment config (see configs/)")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. optim.lr=0.05")
+        p.add_argument("--data-dir", help="directory (or archive) holding the dataset (= --set data.dir=...)")
+
+    p = commands.add_parser("train", help="train one model")
+    config_options(p)
+    p.add_argument("--out", help="run directory (default runs/<config>-<method>-s<seed>-<time>)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run exactly")
+    p.set_defaults(func=cmd_train)
+
+    p = commands.add_parser("eval", help="evaluate a run directory or checkpoint on the test split")
+    p.add_argument("path", help="run directory or checkpoint file")
+    p.add_argument("--data-dir", help="where the dataset is now, if it moved")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--ece-bins", type=int, default=None)
+    p.add_argument("--json", help="also write the metrics to this JSON file")
+    p.set_defaults(func=cmd_eval)
+
+    p = commands.add_parser("compare", help="train several methods x seeds and report mean ± std")
+    config_options(p)
+    p.add_argument("--methods", default="sgd,sam,otmdr", help="comma-separated: sgd, sam, asam, otmdr")
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds (from train.seed upwards)")
+    p.add_argument("--out", help="output directory (default runs/compare-<config>-<time>)")
+    p.add_argument("--resume", action="store_true", help="reuse finished runs in --out and resume stopped ones")
+    p.add_argument("--command-line", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_compare)
+
+    commands.add_parser("models", help="list the registered models").set_defaults(func=cmd_models)
+    commands.add_parser("datasets", help="list the datasets and their expected layout").set_defaults(func=cmd_datasets)
+    return parser
+
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="otmdr", description="OT-MDR, SAM and ASAM for PyTorch")
-    parser.add_argument("--version", action="version", version=f"otmdr {__version__}")
-    commands = parser.add_subparsers(dest="command")
-    commands.add_parser("models", help="list the registered models with their parameter counts")
-    args = parser.parse_args(argv)
-    if args.command == "models":
-        from .models import count_parameters, create_model, list_models
+    args = build_parser().parse_args(argv)
+    from .config import ConfigError
+    from .data import DatasetError
+    from .train import CheckpointError, RunDirError, TrainingError
 
-        for name in list_models():
-            print(f"{name:12s} {count_parameters(create_model(name)) / 1e6:8.3f}M parameters (10 classes)")
-        return 0
-    parser.print_help()
-    return 0
+    try:
+        return args.func(args)
+    except (ConfigError, DatasetError, CheckpointError, RunDirError, TrainingError, _UsageError) as error:
+        print(f"otmdr: error: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("\notmdr: interrupted; a stopped run continues with: otmdr train --resume RUN_DIR", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

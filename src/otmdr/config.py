@@ -1,0 +1,303 @@
+"""Experiment configuration: typed sections, loaded from YAML, overridden by ``--set key=value``.
+
+Every key is checked: an unknown key or a value of the wrong type or outside its choices is a
+:class:`ConfigError` whose message names the key (``optim.lr``) and what was expected, so the CLI
+can print one line instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["ConfigError", "ExperimentConfig", "load_config", "apply_overrides", "config_to_dict", "config_from_dict"]
+
+METHODS = ("sgd", "sam", "asam", "otmdr")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a message that names the key and the fix."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"
+    dir: str | None = None  # the directory (or archive) holding the dataset; not needed for digits
+    cache_dir: str | None = None  # where decoded image folders are cached (default ~/.cache/otmdr)
+    val_fraction: float = 0.1  # of the training set, held out (seeded) for validation
+    train_limit: int | None = None  # use a seeded subset of this many training images
+    test_limit: int | None = None  # evaluate on the first N test images
+    batch_size: int = 128
+    eval_batch_size: int = 512
+    crop_padding: int = 0  # random crop with this zero padding
+    flip: bool = False  # random horizontal flip
+    cutout: int = 0  # cutout square size (0: off)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mlp"
+    options: dict[str, Any] = field(default_factory=dict)  # passed to the model builder
+
+
+@dataclass
+class OptimConfig:
+    method: str = "otmdr"  # sgd | sam | asam | otmdr
+    base: str = "sgd"  # sgd | adam | adamw: the base optimizer of sam/asam/otmdr (and sgd's own)
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    max_grad_norm: float | None = None
+
+
+@dataclass
+class SAMConfig:
+    rho: float = 0.05
+    bn_policy: str = "clean"
+
+
+@dataclass
+class ASAMConfig:
+    rho: float = 0.5
+    eta: float = 0.01
+    bn_policy: str = "clean"
+
+
+@dataclass
+class OTMDRConfig:
+    rho: list[float] = field(default_factory=lambda: [0.05, 0.1])
+    split: list[float] | None = None
+    merge: bool = True
+    normalize: str = "step"
+    reduce: str = "sum"
+    noise_std: float = 0.0
+    adaptive: bool = False
+    adaptive_eta: float = 0.0
+    particles: int = 1
+    bn_policy: str = "ascent"
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "cosine"  # cosine | step | constant
+    warmup_epochs: float = 0.0
+    milestones: list[float] = field(default_factory=list)  # epochs, for "step"
+    gamma: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    label_smoothing: float = 0.0
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 uses a GradScaler)
+    channels_last: bool = False
+    progress: bool = True
+    threads: int | None = None  # torch CPU threads (default: torch's choice)
+
+
+@dataclass
+class EvalConfig:
+    ece_bins: int = 15
+    temperature_scaling: bool = True
+
+
+@dataclass
+class ExperimentConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sam: SAMConfig = field(default_factory=SAMConfig)
+    asam: ASAMConfig = field(default_factory=ASAMConfig)
+    otmdr: OTMDRConfig = field(default_factory=OTMDRConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+CHOICES = {
+    "optim.method": METHODS,
+    "optim.base": ("sgd", "adam", "adamw"),
+    "sam.bn_policy": ("ascent", "clean", "all", "none"),
+    "asam.bn_policy": ("ascent", "clean", "all", "none"),
+    "otmdr.bn_policy": ("ascent", "clean", "all", "none"),
+    "otmdr.normalize": ("step", "merged"),
+    "otmdr.reduce": ("sum", "mean"),
+    "schedule.name": ("cosine", "step", "constant"),
+    "train.precision": ("fp32", "bf16", "fp16"),
+}
+POSITIVE = {"data.batch_size", "data.eval_batch_size", "train.epochs", "eval.ece_bins", "otmdr.particles",
+            "data.train_limit", "data.test_limit", "train.threads", "optim.max_grad_norm"}
+NON_NEGATIVE = {"optim.lr", "optim.momentum", "optim.weight_decay", "sam.rho", "asam.rho", "asam.eta",
+                "otmdr.noise_std", "otmdr.adaptive_eta", "schedule.warmup_epochs", "schedule.gamma",
+                "train.label_smoothing", "data.crop_padding", "data.cutout"}
+
+
+def config_from_dict(data: dict[str, Any]) -> ExperimentConfig:
+    """Build and validate a config from nested dicts (as read from YAML)."""
+    config = _build(ExperimentConfig, data or {}, "")
+    _check_values(config)
+    return config
+
+
+def config_to_dict(config: ExperimentConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read a YAML config (or start from the defaults), apply ``key=value`` overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist (the configs/ folder has examples)")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    return config_from_dict(apply_overrides(data, overrides or []))
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``["optim.lr=0.05", "otmdr.rho=[0.1,0.2]"]`` applied to nested dicts (values parsed as YAML)."""
+    data = _deep_copy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} must look like section.key=value (e.g. optim.lr=0.05)")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        parts = key.strip().split(".")
+        node = data
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def _deep_copy(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _deep_copy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deep_copy(v) for v in data]
+    return data
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section {prefix.rstrip('.') or '<top>'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; known keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key {prefix}{key}{hint}")
+    values = {}
+    for name in names:
+        if name in data:
+            values[name] = _coerce(hints[name], data[name], f"{prefix}{name}")
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key + ".")
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, key)
+    if origin is list:
+        items = value if isinstance(value, (list, tuple)) else [value]
+        return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(items)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key {key}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key {key}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, str):  # "8/255" style fractions and "5e-4" written as strings
+            try:
+                value = _parse_number(value)
+            except ValueError:
+                raise ConfigError(f"config key {key}: expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key {key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key {key}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _parse_number(text: str) -> float:
+    if "/" in text:
+        numerator, denominator = text.split("/", 1)
+        return float(numerator) / float(denominator)
+    return float(text)
+
+
+def _check_values(config: ExperimentConfig) -> None:
+    flat = _flatten(config_to_dict(config))
+    for key, choices in CHOICES.items():
+        if flat[key] not in choices:
+            raise ConfigError(f"config key {key}: {flat[key]!r} is not one of {', '.join(choices)}")
+    for key in POSITIVE:
+        if flat[key] is not None and flat[key] <= 0:
+            raise ConfigError(f"config key {key}: must be > 0, got {flat[key]!r}")
+    for key in NON_NEGATIVE:
+        if flat[key] < 0:
+            raise ConfigError(f"config key {key}: must be >= 0, got {flat[key]!r}")
+    if not 0.0 <= config.data.val_fraction < 1.0:
+        raise ConfigError(f"config key data.val_fraction: must be in [0, 1), got {config.data.val_fraction!r}")
+    if not 0.0 <= config.train.label_smoothing < 1.0:
+        raise ConfigError(f"config key train.label_smoothing: must be in [0, 1), got {config.train.label_smoothing!r}")
+    device = config.train.device
+    if not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):
+        raise ConfigError(f"config key train.device: {device!r} is not auto, cpu, cuda or cuda:N")
+    # the optimizer's own validation (rho, split, ...) with the key named
+    from .optim import PerturbationConfig
+
+    o = config.otmdr
+    try:
+        PerturbationConfig(rho=tuple(o.rho), split=None if o.split is None else tuple(o.split), merge=o.merge,
+                           normalize=o.normalize, reduce=o.reduce, noise_std=o.noise_std, adaptive=o.adaptive,
+                           adaptive_eta=o.adaptive_eta, particles=o.particles, bn_policy=o.bn_policy)
+    except ValueError as error:
+        raise ConfigError(f"config section otmdr: {error}") from None
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and key != "options":
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

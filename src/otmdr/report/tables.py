@@ -1,0 +1,59 @@
+"""Mean +- std tables over seeds, for the terminal and for Markdown."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["aggregate", "format_table", "COLUMNS"]
+
+#: (title, function of a run summary, digits, scale)
+COLUMNS: list[tuple[str, Any, int, float]] = [
+    ("test acc (%)", lambda s: s["test"]["accuracy"], 2, 100.0),
+    ("test NLL", lambda s: s["test"]["nll"], 4, 1.0),
+    ("Brier", lambda s: s["test"]["brier"], 4, 1.0),
+    ("ECE (%)", lambda s: s["test"]["ece"], 2, 100.0),
+    ("ECE after TS (%)", lambda s: s.get("test_temperature_scaled", {}).get("ece"), 2, 100.0),
+    ("s / epoch", lambda s: s["seconds_per_epoch"], 2, 1.0),
+    ("||theta~-theta||", lambda s: s["perturbation_norm"], 3, 1.0),
+]
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def aggregate(summaries: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One row per method: mean and std of every column over its seeds."""
+    rows = []
+    for method, runs in summaries.items():
+        row: dict[str, Any] = {"method": method, "seeds": len(runs)}
+        for title, get, _, scale in COLUMNS:
+            values = [get(s) for s in runs]
+            if any(v is None for v in values) or not values:
+                row[title] = None
+            else:
+                mean, std = _mean_std([v * scale for v in values])
+                row[title] = (mean, std)
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]], *, markdown: bool) -> str:
+    titles = ["method", "seeds"] + [c[0] for c in COLUMNS]
+    digits = {c[0]: c[2] for c in COLUMNS}
+    cells = []
+    for row in rows:
+        line = [row["method"], str(row["seeds"])]
+        for title, _, _, _ in COLUMNS:
+            value = row[title]
+            line.append("n/a" if value is None else f"{value[0]:.{digits[title]}f} ± {value[1]:.{digits[title]}f}")
+        cells.append(line)
+    if markdown:
+        out = ["| " + " | ".join(titles) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * len(COLUMNS)) + "|"]
+        out += ["| " + " | ".join(line) + " |" for line in cells]
+        return "\n".join(out)
+    widths = [max(len(t), *(len(line[i]) for line in cells)) for i, t in enumerate(titles)]
+    fmt = "  ".join(f"{{:<{w}}}" if i < 2 else f"{{:>{w}}}" for i, w in enumerate(widths))
+    return "\n".join([fmt.format(*titles), fmt.format(*("-" * w for w in widths))] + [fmt.format(*line) for line in cells])

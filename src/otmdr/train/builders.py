@@ -1,0 +1,122 @@
+"""Turn a validated config into the objects of a run: device, data, model, optimizer, schedule."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import ExperimentConfig
+from ..data import Augment, BatchLoader, DatasetSpec, ImageData, get_spec, load_split, subset, train_val_split
+from ..models import create_model
+from ..optim import ASAM, OTMDR, SAM
+
+__all__ = ["select_device", "RunData", "build_data", "build_model", "build_optimizer", "build_scheduler"]
+
+BASES: dict[str, type[torch.optim.Optimizer]] = {
+    "sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
+}
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device={name} but CUDA is not available here: use train.device=cpu or auto")
+    return device
+
+
+@dataclass
+class RunData:
+    spec: DatasetSpec
+    train: BatchLoader
+    val: BatchLoader | None
+    test: BatchLoader
+    classes: list[str]
+
+
+def build_data(cfg: ExperimentConfig, device: torch.device) -> RunData:
+    d = cfg.data
+    spec = get_spec(d.name)
+    full = load_split(d.name, "train", d.dir, cache_dir=d.cache_dir)
+    test = load_split(d.name, "test", d.dir, cache_dir=d.cache_dir)
+    seed = cfg.train.seed
+    if d.train_limit is not None and d.train_limit < len(full.labels):
+        order = torch.randperm(len(full.labels), generator=torch.Generator().manual_seed(10_000 + seed))
+        full = subset(full, order[: d.train_limit])
+    if d.test_limit is not None and d.test_limit < len(test.labels):
+        test = subset(test, torch.arange(d.test_limit))
+    val = None
+    if d.val_fraction > 0:
+        train_idx, val_idx = train_val_split(len(full.labels), d.val_fraction, seed)
+        train, val = subset(full, train_idx), subset(full, val_idx)
+    else:
+        train = full
+    augment = None
+    if d.crop_padding or d.flip or d.cutout:
+        augment = Augment(crop_padding=d.crop_padding, flip=d.flip, cutout=d.cutout)
+
+    def loader(data: ImageData, training: bool) -> BatchLoader:
+        return BatchLoader(data, spec, d.batch_size if training else d.eval_batch_size, shuffle=training,
+                           device=device, augment=augment if training else None, seed=seed)
+
+    return RunData(spec, loader(train, True), None if val is None else loader(val, False), loader(test, False),
+                   full.classes)
+
+
+def build_model(cfg: ExperimentConfig, spec: DatasetSpec) -> nn.Module:
+    options = dict(cfg.model.options)
+    if cfg.model.name == "mlp":
+        options.setdefault("input_size", spec.image_size)
+    return create_model(cfg.model.name, num_classes=spec.num_classes, in_channels=spec.in_channels, **options)
+
+
+def _base_kwargs(cfg: ExperimentConfig) -> dict[str, Any]:
+    o = cfg.optim
+    if o.base == "sgd":
+        return {"lr": o.lr, "momentum": o.momentum, "nesterov": o.nesterov, "weight_decay": o.weight_decay}
+    return {"lr": o.lr, "weight_decay": o.weight_decay}
+
+
+def build_optimizer(cfg: ExperimentConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """SGD/Adam/AdamW itself for ``method: sgd``; otherwise SAM/ASAM/OT-MDR around that base."""
+    o, base, kwargs = cfg.optim, BASES[cfg.optim.base], _base_kwargs(cfg)
+    common = {"max_grad_norm": o.max_grad_norm, "seed": cfg.train.seed}
+    if o.method == "sgd":
+        return base(model.parameters(), **kwargs)
+    if o.method == "sam":
+        return SAM(model, base, rho=cfg.sam.rho, bn_policy=cfg.sam.bn_policy, **common, **kwargs)
+    if o.method == "asam":
+        return ASAM(model, base, rho=cfg.asam.rho, adaptive_eta=cfg.asam.eta, bn_policy=cfg.asam.bn_policy,
+                    **common, **kwargs)
+    m = cfg.otmdr
+    return OTMDR(model, base, rho=tuple(m.rho), split=None if m.split is None else tuple(m.split), merge=m.merge,
+                 normalize=m.normalize, reduce=m.reduce, noise_std=m.noise_std, adaptive=m.adaptive,
+                 adaptive_eta=m.adaptive_eta, particles=m.particles, bn_policy=m.bn_policy, **common, **kwargs)
+
+
+def build_scheduler(cfg: ExperimentConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
+    """A per-step LambdaLR: linear warm-up, then cosine to 0, step decay, or constant."""
+    s = cfg.schedule
+    total = cfg.train.epochs * steps_per_epoch
+    warmup = int(round(s.warmup_epochs * steps_per_epoch))
+    milestones = sorted(int(round(m * steps_per_epoch)) for m in s.milestones)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if s.name == "cosine":
+            progress = (step - warmup) / max(1, total - warmup)
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        if s.name == "step":
+            return s.gamma ** sum(step >= m for m in milestones)
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+

@@ -1,0 +1,56 @@
+"""Atomic checkpoints: written to a temporary file in the same folder, then renamed over the
+target, so a crash mid-write never leaves a half-written ``last.pt`` or ``best.pt``."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "atomic_write_text"]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read, with the path and what to do."""
+
+
+def _atomic(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
+    _atomic(Path(path), lambda handle: torch.save(state, handle))
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    _atomic(Path(path), lambda handle: handle.write(text.encode()))
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as error:  # truncated zip, wrong format, ...
+        raise CheckpointError(
+            f"checkpoint {path} is corrupted or not an otmdr checkpoint ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else 'unreadable'}); use another checkpoint "
+            "(best.pt / last.pt) or retrain"
+        ) from None
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise CheckpointError(f"checkpoint {path} is not an otmdr checkpoint (no model/config entries)")
+    return state

@@ -1,0 +1,293 @@
+"""The training loop: epochs of SGD / SAM / ASAM / OT-MDR steps, validation, logging, atomic
+checkpoints, exact resume, and the final test evaluation written to ``summary.json``.
+
+A run directory holds ``config.yaml`` (the resolved config), ``metrics.jsonl`` and
+``metrics.csv`` (one row per epoch), ``checkpoints/last.pt`` and ``checkpoints/best.pt``, and
+``summary.json`` once the run has finished.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import yaml
+from torch import Tensor, nn
+
+from ..config import ExperimentConfig, config_from_dict, config_to_dict
+from ..eval import classification_metrics, fit_temperature, predict_logits, reliability
+from ..models import count_parameters
+from ..optim import OTMDR
+from .builders import build_data, build_model, build_optimizer, build_scheduler, select_device
+from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint
+
+__all__ = ["TrainingError", "RunDirError", "train", "prepare_run_dir", "evaluate_split", "load_run"]
+
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class TrainingError(RuntimeError):
+    """A run that had to stop (e.g. a non-finite loss); the message says what was kept."""
+
+
+class RunDirError(RuntimeError):
+    """A run directory that cannot be used as asked (exists, or has nothing to resume)."""
+
+
+def prepare_run_dir(run_dir: str | Path, *, resume: bool) -> Path:
+    """Create a fresh run directory, or check that ``resume`` has a checkpoint to continue."""
+    run_dir = Path(run_dir)
+    if resume:
+        if not (run_dir / "checkpoints" / "last.pt").is_file():
+            raise RunDirError(f"nothing to resume in {run_dir}: no checkpoints/last.pt (start it without --resume)")
+        return run_dir
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise RunDirError(
+            f"run directory {run_dir} already exists and is not empty; it is never overwritten: choose "
+            "another --out, remove it, or continue it with --resume"
+        )
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+@dataclass
+class _Epoch:
+    loss: float
+    accuracy: float
+    perturbation: float
+    seconds: float
+    samples: int
+
+
+def _loss_function(model: nn.Module, criterion: nn.Module, autocast: torch.dtype | None, device: torch.device):
+    def loss_fn(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        x, y = batch
+        if autocast is not None:
+            with torch.autocast(device.type, dtype=autocast):
+                logits = model(x)
+        else:
+            logits = model(x)
+        return criterion(logits.float(), y), logits.detach()
+
+    return loss_fn
+
+
+def _train_epoch(model, optimizer, scheduler, scaler, loader, loss_fn, *, max_grad_norm, progress, epoch, epochs,
+                 on_step: Callable[[], None] | None = None) -> _Epoch:
+    model.train()
+    device = next(model.parameters()).device
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = torch.zeros((), device=device, dtype=torch.long)
+    perturbation = torch.zeros((), device=device)
+    samples = 0
+    started = time.perf_counter()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True)
+    perturbing = isinstance(optimizer, OTMDR)
+    for step, (x, y) in enumerate(loader):
+        if perturbing:
+            result = optimizer.step(loss_fn, batch=(x, y), scaler=scaler)
+            loss, logits = result.loss, result.outputs
+            perturbation += result.perturbation_norm.to(device)
+        else:
+            optimizer.zero_grad(set_to_none=True)
+            loss, logits = loss_fn((x, y))
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            if max_grad_norm is not None:
+                if scaler is not None:
+                    scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+            if scaler is not None:
+                scaler.step(optimizer)
+            else:
+                optimizer.step()
+            loss = loss.detach()
+        if scaler is not None:
+            scaler.update()
+        scheduler.step()
+        part = y[: len(logits)]  # the first (clean) pass saw the first part of the batch
+        loss_sum += loss * len(part)
+        correct += (logits.argmax(dim=1) == part).sum()
+        seen += len(part)
+        samples += len(y)
+        if on_step is not None:
+            on_step()
+        if bar is not None and (step % 10 == 9 or step == len(loader) - 1):
+            mean_loss = float(loss_sum / seen)  # the progress bar's sync, every 10 steps
+            _check_finite(mean_loss, epoch, step)
+            elapsed = time.perf_counter() - started
+            bar.set_postfix(loss=f"{mean_loss:.4f}", acc=f"{float(correct) / float(seen):.3f}",
+                            img_s=f"{samples / elapsed:.0f}", refresh=False)
+            bar.update(step + 1 - bar.n)
+    if bar is not None:
+        bar.close()
+    mean_loss = float(loss_sum / seen)
+    _check_finite(mean_loss, epoch, len(loader) - 1)
+    return _Epoch(mean_loss, float(correct) / float(seen), float(perturbation) / len(loader),
+                  time.perf_counter() - started, samples)
+
+
+def _check_finite(loss: float, epoch: int, step: int) -> None:
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"the training loss became {loss} (epoch {epoch + 1}, step {step + 1})")
+
+
+def evaluate_split(model: nn.Module, loader, *, autocast: torch.dtype | None, n_bins: int,
+                   temperature: float | None = None) -> tuple[dict[str, float], Tensor, Tensor]:
+    """Metrics of ``model`` on a split (optionally with logits divided by ``temperature``)."""
+    logits, labels = predict_logits(model, loader, autocast_dtype=autocast)
+    if temperature is not None:
+        logits = logits / temperature
+    metrics = classification_metrics(torch.softmax(logits.double(), dim=1), labels, n_bins)
+    return metrics, logits, labels
+
+
+def _write_history(run_dir: Path, history: list[dict[str, Any]]) -> None:
+    atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in history))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(history[0]))
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write_text(run_dir / "metrics.csv", buffer.getvalue())
+
+
+def train(cfg: ExperimentConfig | None, run_dir: str | Path, *, resume: bool = False,
+          log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train one run into ``run_dir`` (prepared by :func:`prepare_run_dir`); returns the summary.
+
+    With ``resume`` the config saved in the run's last checkpoint is used (``cfg`` is ignored).
+    """
+    run_dir = Path(run_dir)
+    checkpoint = None
+    if resume:
+        checkpoint = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+        cfg = config_from_dict(checkpoint["config"])
+    else:
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    if cfg.train.threads is not None:
+        torch.set_num_threads(cfg.train.threads)
+    torch.manual_seed(cfg.train.seed)
+    device = select_device(cfg.train.device)
+    autocast = AUTOCAST[cfg.train.precision]
+    data = build_data(cfg, device)
+    model = build_model(cfg, data.spec).to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_scheduler(cfg, optimizer, len(data.train))
+    scaler = torch.amp.GradScaler(device.type) if cfg.train.precision == "fp16" else None
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
+    loss_fn = _loss_function(model, criterion, autocast, device)
+    start_epoch, best, history = 0, -1.0, []
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        if scaler is not None and checkpoint.get("scaler"):
+            scaler.load_state_dict(checkpoint["scaler"])
+        data.train.load_state_dict(checkpoint["loader"])
+        torch.set_rng_state(checkpoint["rng"]["cpu"])
+        if device.type == "cuda" and checkpoint["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)
+        start_epoch, best, history = checkpoint["epoch"], checkpoint["best"], checkpoint["history"]
+        log(f"resuming {run_dir} after epoch {start_epoch}")
+
+    def state(epoch: int) -> dict[str, Any]:
+        return {
+            "config": config_to_dict(cfg), "epoch": epoch, "best": best, "history": history,
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None, "loader": data.train.state_dict(),
+            "rng": {"cpu": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+            "classes": data.classes, "dataset": data.spec.name,
+        }
+
+    n_bins = cfg.eval.ece_bins
+    for epoch in range(start_epoch, cfg.train.epochs):
+        try:
+            stats = _train_epoch(model, optimizer, scheduler, scaler, data.train, loss_fn,
+                                 max_grad_norm=cfg.optim.max_grad_norm, progress=cfg.train.progress,
+                                 epoch=epoch, epochs=cfg.train.epochs)
+        except FloatingPointError as error:
+            kept = f"checkpoints/last.pt holds epoch {epoch}" if epoch else "no checkpoint was written"
+            raise TrainingError(
+                f"training stopped: {error}. {kept} (in {run_dir}). Lower optim.lr or the radius "
+                "(sam.rho / otmdr.rho), add optim.max_grad_norm, or check the data"
+            ) from None
+        row: dict[str, Any] = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
+                               "train_loss": stats.loss, "train_accuracy": stats.accuracy,
+                               "perturbation_norm": stats.perturbation, "seconds": stats.seconds,
+                               "images_per_second": stats.samples / stats.seconds}
+        if data.val is not None:
+            val, _, _ = evaluate_split(model, data.val, autocast=autocast, n_bins=n_bins)
+            row.update({f"val_{k}": v for k, v in val.items() if k != "ece_bins"})
+        history.append(row)
+        score = row.get("val_accuracy", -stats.loss)
+        improved = score > best
+        best = max(best, score)
+        save_checkpoint(state(epoch + 1), run_dir / "checkpoints" / "last.pt")
+        if improved:
+            save_checkpoint(state(epoch + 1), run_dir / "checkpoints" / "best.pt")
+        _write_history(run_dir, history)
+        val_text = f" val acc {row['val_accuracy']:.4f} nll {row['val_nll']:.4f}" if data.val is not None else ""
+        log(f"epoch {epoch + 1}/{cfg.train.epochs}: train loss {stats.loss:.4f} acc {stats.accuracy:.4f}"
+            f"{val_text} ({stats.seconds:.1f}s, {row['images_per_second']:.0f} img/s)")
+
+    summary = _final_evaluation(cfg, model, optimizer, data, autocast, history)
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+    return summary
+
+
+def _final_evaluation(cfg, model, optimizer, data, autocast, history) -> dict[str, Any]:
+    n_bins = cfg.eval.ece_bins
+    test, logits, labels = evaluate_split(model, data.test, autocast=autocast, n_bins=n_bins)
+    probs = torch.softmax(logits.double(), dim=1)
+    summary: dict[str, Any] = {
+        "method": cfg.optim.method, "seed": cfg.train.seed, "dataset": cfg.data.name, "model": cfg.model.name,
+        "parameters": count_parameters(model), "epochs": cfg.train.epochs,
+        "test": test, "reliability": reliability(probs, labels, n_bins).__dict__,
+        "seconds_per_epoch": sum(r["seconds"] for r in history) / max(1, len(history)),
+        "passes_per_step": optimizer.passes_per_step() if isinstance(optimizer, OTMDR) else 1.0,
+        "perturbation_norm": history[-1]["perturbation_norm"] if history else 0.0,
+        "history": history,
+    }
+    if cfg.eval.temperature_scaling and data.val is not None:
+        val_logits, val_labels = predict_logits(model, data.val, autocast_dtype=autocast)
+        temperature = fit_temperature(val_logits, val_labels)
+        scaled = classification_metrics(torch.softmax(logits.double() / temperature, dim=1), labels, n_bins)
+        summary["test_temperature_scaled"] = {**scaled, "temperature": temperature}
+    return summary
+
+
+def load_run(path: str | Path, device: str = "auto") -> tuple[ExperimentConfig, nn.Module, dict[str, Any]]:
+    """A trained model from a run directory (its best checkpoint, else last) or a checkpoint file."""
+    path = Path(path)
+    if path.is_dir():
+        for name in ("best.pt", "last.pt"):
+            if (path / "checkpoints" / name).is_file():
+                path = path / "checkpoints" / name
+                break
+        else:
+            raise CheckpointError(f"{path} holds no checkpoints/best.pt or checkpoints/last.pt: is it a run directory?")
+    state = load_checkpoint(path)
+    cfg = config_from_dict(state["config"])
+    from ..data import get_spec
+
+    model = build_model(cfg, get_spec(cfg.data.name))
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as error:
+        raise CheckpointError(f"checkpoint {path} does not fit model {cfg.model.name!r}: {str(error).splitlines()[0]}") from None
+    return cfg, model.to(select_device(device)), state
