@@ -281,6 +281,17 @@ def _check_values(config: ExperimentConfig) -> None:
     device = config.train.device
     if not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):
         raise ConfigError(f"config key train.device: {device!r} is not auto, cpu, cuda or cuda:N")
+    from .models import list_models
+
+    if config.model.name.lower().replace("_", "-") not in list_models():
+        raise ConfigError(f"config key model.name: unknown model {config.model.name!r}; known models: "
+                          f"{', '.join(list_models())} (otmdr models lists them)")
+    from .data import DatasetError, get_spec
+
+    try:
+        get_spec(config.data.name)
+    except DatasetError as error:
+        raise ConfigError(f"config key data.name: {error}") from None
     # the optimizer's own validation (rho, split, ...) with the key named
     from .optim import PerturbationConfig
 

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import ExperimentConfig
+from ..config import ConfigError, ExperimentConfig
 from ..data import Augment, BatchLoader, DatasetSpec, ImageData, get_spec, load_split, subset, train_val_split
 from ..models import create_model
 from ..optim import ASAM, OTMDR, SAM
@@ -73,7 +73,10 @@ def build_model(cfg: ExperimentConfig, spec: DatasetSpec) -> nn.Module:
     options = dict(cfg.model.options)
     if cfg.model.name == "mlp":
         options.setdefault("input_size", spec.image_size)
-    return create_model(cfg.model.name, num_classes=spec.num_classes, in_channels=spec.in_channels, **options)
+    try:
+        return create_model(cfg.model.name, num_classes=spec.num_classes, in_channels=spec.in_channels, **options)
+    except TypeError as error:  # an option the builder does not take
+        raise ConfigError(f"config key model.options: {cfg.model.name} does not accept {options}: {error}") from None
 
 
 def _base_kwargs(cfg: ExperimentConfig) -> dict[str, Any]:

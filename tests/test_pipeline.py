@@ -1,0 +1,122 @@
+"""The training pipeline end to end on digits: runs, logs, checkpoints, resume, failures, CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from otmdr.cli import main
+from otmdr.config import load_config
+from otmdr.train import RunDirError, TrainingError, load_run, prepare_run_dir, train
+
+DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+FAST = ["train.epochs=3", "train.progress=false", "model.options={hidden: [32]}"]
+
+
+def _cfg(*overrides):
+    return load_config(DEMO, FAST + list(overrides))
+
+
+@pytest.mark.parametrize("method", ["sgd", "sam", "asam", "otmdr"])
+def test_a_run_writes_its_logs_checkpoints_and_summary(tmp_path, method):
+    run = prepare_run_dir(tmp_path / method, resume=False)
+    summary = train(_cfg(f"optim.method={method}"), run, log=lambda _: None)
+    assert summary["test"]["accuracy"] > 0.5  # 3 epochs on digits already learn something
+    assert (run / "config.yaml").is_file() and (run / "summary.json").is_file()
+    assert (run / "checkpoints" / "last.pt").is_file() and (run / "checkpoints" / "best.pt").is_file()
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert len((run / "metrics.csv").read_text().splitlines()) == 4
+    assert summary["passes_per_step"] == (1.0 if method == "sgd" else 2.0)
+    assert (summary["perturbation_norm"] > 0) == (method != "sgd")
+    assert "temperature" in summary["test_temperature_scaled"]
+
+
+def test_resume_continues_exactly(tmp_path):
+    cfg = _cfg("optim.method=otmdr", "otmdr.noise_std=0.001", "data.crop_padding=1", "train.epochs=4")
+    full = prepare_run_dir(tmp_path / "full", resume=False)
+    train(cfg, full, log=lambda _: None)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_two(line: str) -> None:
+        if line.startswith("epoch 2/4"):
+            raise Stop
+
+    part = prepare_run_dir(tmp_path / "part", resume=False)
+    with pytest.raises(Stop):
+        train(cfg, part, log=stop_after_two)
+    assert not (part / "summary.json").exists()
+    train(None, prepare_run_dir(part, resume=True), resume=True, log=lambda _: None)
+    a = torch.load(full / "checkpoints" / "last.pt", weights_only=False)["model"]
+    b = torch.load(part / "checkpoints" / "last.pt", weights_only=False)["model"]
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert json.loads((part / "metrics.jsonl").read_text().splitlines()[-1])["epoch"] == 4
+
+
+def test_run_directory_is_never_overwritten(tmp_path):
+    run = prepare_run_dir(tmp_path / "run", resume=False)
+    (run / "summary.json").write_text("{}")
+    with pytest.raises(RunDirError, match="never overwritten"):
+        prepare_run_dir(run, resume=False)
+    with pytest.raises(RunDirError, match="nothing to resume"):
+        prepare_run_dir(tmp_path / "empty", resume=True)
+
+
+@pytest.mark.parametrize("method", ["sgd", "otmdr"])
+def test_a_diverging_run_stops_with_a_clear_message_and_keeps_its_last_checkpoint(tmp_path, method):
+    run = prepare_run_dir(tmp_path / "run", resume=False)
+    train(_cfg(f"optim.method={method}", "train.epochs=1"), run, log=lambda _: None)
+    good = (run / "checkpoints" / "last.pt").read_bytes()
+    cfg = _cfg(f"optim.method={method}", "optim.lr=1e30", "schedule.name=constant")
+    with pytest.raises(TrainingError, match="training stopped.*(loss became|non-finite)"):
+        train(cfg, prepare_run_dir(tmp_path / "diverge", resume=False), log=lambda _: None)
+    assert (run / "checkpoints" / "last.pt").read_bytes() == good
+    assert not (tmp_path / "diverge" / "checkpoints" / "last.pt").exists()
+
+
+def test_cli_train_eval_and_errors(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--config", str(DEMO), "--out", str(out)] + sum((["--set", s] for s in FAST), [])
+    assert main(args) == 0
+    assert main(args) == 2  # the same run directory again
+    assert "never overwritten" in capsys.readouterr().err
+    assert main(["eval", str(out), "--json", str(tmp_path / "eval.json")]) == 0
+    assert json.loads((tmp_path / "eval.json").read_text())["test"]["accuracy"] > 0.5
+    cfg, model, _ = load_run(out)
+    assert cfg.model.options == {"hidden": [32]}
+
+    assert main(["train", "--config", str(DEMO), "--set", "optim.lrr=1", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key optim.lrr; did you mean optim.lr" in err and "Traceback" not in err
+    assert not (tmp_path / "x").exists()
+
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes((out / "checkpoints" / "last.pt").read_bytes()[:1000])
+    assert main(["eval", str(broken)]) == 2
+    assert "corrupted" in capsys.readouterr().err
+    assert main(["train", "--config", str(DEMO), "--set", "data.name=fashion-mnist", "--out", str(tmp_path / "y")]) == 2
+    assert "data" in capsys.readouterr().err.lower()
+    assert main(["train", "--config", str(DEMO), "--set", "model.name=resnet7", "--out", str(tmp_path / "z")]) == 2
+    assert "unknown model 'resnet7'" in capsys.readouterr().err
+
+
+def test_cli_compare_writes_a_table_and_a_report_with_plots(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    args = ["compare", "--config", str(DEMO), "--methods", "sgd,otmdr", "--seeds", "2", "--out", str(out),
+            "--set", "train.epochs=2", "--set", "model.options={hidden: [32]}"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "test acc (%)" in printed and "otmdr" in printed and "±" in printed
+    report = (out / "report.md").read_text()
+    assert "| sgd | 2 |" in report and "| otmdr | 2 |" in report
+    for figure in ("learning_curves", "test_accuracy", "reliability"):
+        assert (out / "figures" / f"{figure}.png").stat().st_size > 5000
+    assert main(args) == 2  # an existing comparison is not overwritten...
+    assert main(args + ["--resume"]) == 0  # ...but can be finished/reused
+    assert "finished earlier, reused" in capsys.readouterr().out
