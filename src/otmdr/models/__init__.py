@@ -1,6 +1,6 @@
 """Model zoo: plain-torch CIFAR-style networks behind a registry."""
 
-from . import resnet_cifar, small  # noqa: F401  (registers the models)
-from .registry import count_parameters, create_model, list_models, register_model
+from . import densenet, mobilenet, pyramidnet, resnet, resnet_cifar, small, wide_resnet  # noqa: F401  (registers the models)
+from .registry import count_parameters, create_model, describe_models, list_models, register_model
 
-__all__ = ["create_model", "list_models", "register_model", "count_parameters"]
+__all__ = ["create_model", "list_models", "register_model", "count_parameters", "describe_models"]

@@ -9,9 +9,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
-__all__ = ["register_model", "create_model", "list_models", "count_parameters"]
+__all__ = ["register_model", "create_model", "list_models", "count_parameters", "describe_models"]
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -40,3 +41,30 @@ def create_model(name: str, num_classes: int = 10, in_channels: int = 3, **kwarg
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def describe_model(name: str) -> str:
+    """The first line of the builder's docstring (empty where it has none)."""
+    key = name.lower().replace("_", "-")
+    if key not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
+    doc = (_REGISTRY[key].__doc__ or "").strip()
+    return doc.splitlines()[0].strip() if doc else ""
+
+
+def describe_models() -> list[tuple[str, int, str]]:
+    """``(name, parameters, description)`` for every registered model, sorted by name.
+
+    Counts are for 10 classes and 3 input channels with each builder's defaults. They are computed
+    on each call; models are built on the ``meta`` device (no memory, no initialisation cost),
+    falling back to the CPU for a builder that cannot build there.
+    """
+    rows = []
+    for name in list_models():
+        try:
+            with torch.device("meta"):
+                model = create_model(name, num_classes=10, in_channels=3)
+        except Exception:  # noqa: BLE001 - a builder that needs real tensors: count on the CPU
+            model = create_model(name, num_classes=10, in_channels=3)
+        rows.append((name, count_parameters(model), describe_model(name)))
+    return rows

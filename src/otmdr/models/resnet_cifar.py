@@ -30,6 +30,8 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
+    """CIFAR ResNet (He et al. 2016): 6n+2 layers, 16-32-64 channels, basic blocks."""
+
     def __init__(self, depth: int, num_classes: int = 10, in_channels: int = 3):
         super().__init__()
         if (depth - 2) % 6:
@@ -57,7 +59,7 @@ def _resnet(depth: int):
     def build(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
         return CifarResNet(depth, num_classes, in_channels)
 
-    build.__doc__ = f"ResNet-{depth} for 32x32 inputs."
+    build.__doc__ = f"ResNet-{depth} (He et al. 2016, CIFAR): 16-32-64 channels, basic blocks, for 32x32 inputs."
     return build
 
 

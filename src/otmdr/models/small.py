@@ -51,9 +51,11 @@ class LeNet(nn.Module):
 @register_model("mlp")
 def mlp(num_classes: int = 10, in_channels: int = 1, input_size: int = 28, hidden: tuple[int, ...] = (256, 256),
         batch_norm: bool = False) -> nn.Module:
+    """MLP on flattened inputs, ReLU hidden layers (default 256-256), optional batch norm."""
     return MLP(in_channels * input_size * input_size, num_classes, tuple(hidden), batch_norm)
 
 
 @register_model("lenet")
 def lenet(num_classes: int = 10, in_channels: int = 1, width: int = 32) -> nn.Module:
+    """LeNet-style CNN: two conv-BN-ReLU-pool stages and two dense layers."""
     return LeNet(in_channels, num_classes, width)

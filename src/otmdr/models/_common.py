@@ -1,0 +1,44 @@
+"""Helpers shared by the model definitions: weight initialisation and small layers."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def init_weights(model: nn.Module) -> None:
+    """Kaiming-normal (fan-out, ReLU gain) convolutions, unit/zero batch norm, zero biases.
+
+    Linear layers keep PyTorch's default initialisation apart from a zero bias.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, (nn.BatchNorm2d, nn.BatchNorm1d)):
+            if module.weight is not None:
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth on a residual branch: drops whole samples with probability ``p`` in training."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"drop-path probability must be in [0, 1), got {p}")
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = 1.0 - self.p
+        mask = torch.empty((x.shape[0],) + (1,) * (x.dim() - 1), dtype=x.dtype, device=x.device).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
