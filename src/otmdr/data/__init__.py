@@ -1,0 +1,38 @@
+"""Datasets for the training pipeline: readers, splits, batched augmentation, an in-memory loader.
+
+Nothing is downloaded: each dataset is read from files the user already has (``root``, the
+CLI's ``--data-dir``), except ``digits``, which ships with scikit-learn. Every problem with
+those files is a :class:`DatasetError` whose message names the path, what was expected there
+and how to get it.
+
+    spec = get_spec("cifar10")
+    train = load_split("cifar10", "train", "~/data")
+    tr_idx, val_idx = train_val_split(len(train.labels), 0.1, seed=0)
+    loader = BatchLoader(subset(train, tr_idx), spec, 128, shuffle=True, device="cuda",
+                         augment=Augment(crop_padding=4, flip=True))
+    for x, y in loader: ...
+
+Datasets: digits, mnist, fashion-mnist (IDX files), cifar10, cifar100, cifar100-coarse (the
+official python pickles), cifar10-jpeg and imagefolder (``<split>/<class>/*.jpg|png`` as a
+folder or a tar archive, decoded once with Pillow and cached as ``.npz``).
+"""
+
+from ._types import DatasetError, DatasetSpec, ImageData
+from .loader import BatchLoader, subset, train_val_split
+from .registry import get_spec, list_datasets, load_split, resolve_spec
+from .transforms import Augment, to_float
+
+__all__ = [
+    "DatasetError",
+    "DatasetSpec",
+    "ImageData",
+    "list_datasets",
+    "get_spec",
+    "load_split",
+    "resolve_spec",
+    "train_val_split",
+    "subset",
+    "Augment",
+    "to_float",
+    "BatchLoader",
+]

@@ -1,0 +1,195 @@
+"""The dataset registry: specs by name and :func:`load_split`."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from ._types import DatasetError, DatasetSpec, ImageData
+
+__all__ = ["list_datasets", "get_spec", "load_split", "resolve_spec", "SPLITS"]
+
+SPLITS = ("train", "test")
+
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                   "Ankle boot"]
+MNIST_CLASSES = [str(i) for i in range(10)]
+
+_IDX_LAYOUT = ("DIR/train-images-idx3-ubyte[.gz], DIR/train-labels-idx1-ubyte[.gz], "
+               "DIR/t10k-images-idx3-ubyte[.gz], DIR/t10k-labels-idx1-ubyte[.gz] (IDX format, gzip or plain)")
+_FOLDER_LAYOUT = ("DIR/train/<class>/*.{jpg,jpeg,png} and DIR/test/<class>/*.{jpg,jpeg,png}, the same class "
+                  "folders in both; DIR may also be a .tar.gz/.tar archive of that layout, optionally under one "
+                  "top-level folder")
+
+_SPECS: dict[str, DatasetSpec] = {}
+
+
+def _register(spec: DatasetSpec) -> None:
+    _SPECS[spec.name] = spec
+
+
+_register(DatasetSpec(
+    name="digits", num_classes=10, in_channels=1, image_size=8,
+    # Computed once from the 1,437 training images scaled to [0, 1] (0.3053 / 0.3759 over all 1,797).
+    mean=(0.3054,), std=(0.3760,),
+    layout="nothing: the 1,797 8x8 images ship with scikit-learn (fixed stratified 80/20 train/test split, seed 0)",
+    how_to_get="pip install scikit-learn (part of otmdr[train])",
+    needs_root=False,
+))
+_register(DatasetSpec(
+    name="mnist", num_classes=10, in_channels=1, image_size=28, mean=(0.1307,), std=(0.3081,),
+    layout=_IDX_LAYOUT,
+    how_to_get="the four MNIST files from http://yann.lecun.com/exdb/mnist/ or any mirror "
+               "(a torchvision MNIST/raw folder works too)",
+    needs_root=True,
+))
+_register(DatasetSpec(
+    name="fashion-mnist", num_classes=10, in_channels=1, image_size=28, mean=(0.2860,), std=(0.3530,),
+    layout=_IDX_LAYOUT,
+    how_to_get="the four files from https://github.com/zalandoresearch/fashion-mnist (data/fashion/), or on "
+               "Debian the package dataset-fashion-mnist (/usr/share/datasets/fashion-mnist)",
+    needs_root=True,
+))
+_register(DatasetSpec(
+    name="cifar10", num_classes=10, in_channels=3, image_size=32,
+    mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
+    layout="DIR/cifar-10-batches-py/{data_batch_1..data_batch_5, test_batch, batches.meta} (python pickles); "
+           "DIR may also be the cifar-10-batches-py folder itself or the cifar-10-python.tar.gz archive",
+    how_to_get="'CIFAR-10 python version' (cifar-10-python.tar.gz) from https://www.cs.toronto.edu/~kriz/cifar.html",
+    needs_root=True,
+))
+_CIFAR100_COMMON = dict(
+    in_channels=3, image_size=32, mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762),
+    layout="DIR/cifar-100-python/{train, test, meta} (python pickles); DIR may also be the cifar-100-python "
+           "folder itself or the cifar-100-python.tar.gz archive",
+    how_to_get="'CIFAR-100 python version' (cifar-100-python.tar.gz) from https://www.cs.toronto.edu/~kriz/cifar.html",
+    needs_root=True,
+)
+_register(DatasetSpec(name="cifar100", num_classes=100, **_CIFAR100_COMMON))  # fine labels
+_register(DatasetSpec(name="cifar100-coarse", num_classes=20, **_CIFAR100_COMMON))  # the 20 superclasses
+_register(DatasetSpec(
+    name="cifar10-jpeg", num_classes=10, in_channels=3, image_size=32,
+    mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
+    layout="DIR/train/<class>/*.jpg and DIR/test/<class>/*.jpg for the 10 CIFAR-10 classes (airplane .. truck), "
+           "32x32 RGB; DIR may also be a .tar.gz archive of that layout (e.g. cifar10-jpeg.tar.gz), optionally "
+           "under one top-level folder",
+    how_to_get="a CIFAR-10 image-folder export such as cifar10-jpeg.tar.gz (60,000 JPEGs, CIFAR-10's own split); "
+               "or use the original pickles with --dataset cifar10",
+    needs_root=True,
+))
+_register(DatasetSpec(
+    # Shape fields are 0 until the data is seen: call resolve_spec(spec, data) after loading.
+    name="imagefolder", num_classes=0, in_channels=0, image_size=0, mean=(0.5,), std=(0.5,),
+    layout=_FOLDER_LAYOUT + "; all images of one size (channels follow the first image: grayscale or RGB)",
+    how_to_get="your own images, one folder per class under train/ and test/",
+    needs_root=True,
+))
+
+
+def list_datasets() -> list[DatasetSpec]:
+    return [_SPECS[name] for name in sorted(_SPECS)]
+
+
+def get_spec(name: str) -> DatasetSpec:
+    key = name.strip().lower().replace("_", "-")
+    if key not in _SPECS:
+        raise DatasetError(f"unknown dataset {name!r}; known datasets: {', '.join(sorted(_SPECS))}")
+    return _SPECS[key]
+
+
+def resolve_spec(spec: DatasetSpec, data: ImageData) -> DatasetSpec:
+    """``spec`` with ``num_classes``, ``in_channels`` and ``image_size`` taken from loaded data
+    (needed for ``imagefolder``; for the fixed datasets it returns ``spec`` unchanged)."""
+    _, c, h, w = data.images.shape
+    if spec.num_classes and spec.in_channels and spec.image_size:
+        return spec
+    if h != w:
+        raise DatasetError(
+            f"dataset '{spec.name}': the images are {w}x{h}; the models expect square images (resize them)"
+        )
+    return dataclasses.replace(spec, num_classes=len(data.classes), in_channels=int(c), image_size=int(h))
+
+
+def _first_per_class(data: ImageData, limit: int) -> ImageData:
+    keep = torch.zeros(len(data.labels), dtype=torch.bool)
+    for label in range(len(data.classes)):
+        keep[(data.labels == label).nonzero().flatten()[:limit]] = True
+    idx = keep.nonzero().flatten()
+    return ImageData(data.images[idx].clone(), data.labels[idx].clone(), list(data.classes))
+
+
+def _readers() -> dict[str, Callable[..., ImageData]]:
+    from .cifar import CIFAR10, CIFAR100, load_cifar_split
+    from .digits import load_digits_split
+    from .idx import load_idx_split
+    from .imagefolder import load_image_folder
+
+    return {
+        "digits": lambda spec, split, root, **kw: load_digits_split(split),
+        "mnist": lambda spec, split, root, **kw: load_idx_split(spec, split, root, "MNIST", MNIST_CLASSES),
+        "fashion-mnist": lambda spec, split, root, **kw: load_idx_split(spec, split, root, "FashionMNIST",
+                                                                        FASHION_CLASSES),
+        "cifar10": lambda spec, split, root, **kw: load_cifar_split(spec, split, root, CIFAR10, "labels",
+                                                                    "label_names"),
+        "cifar100": lambda spec, split, root, **kw: load_cifar_split(spec, split, root, CIFAR100, "fine_labels",
+                                                                     "fine_label_names"),
+        "cifar100-coarse": lambda spec, split, root, **kw: load_cifar_split(
+            spec, split, root, CIFAR100, "coarse_labels", "coarse_label_names"),
+        "cifar10-jpeg": lambda spec, split, root, **kw: _load_cifar10_jpeg(spec, split, root, **kw),
+        "imagefolder": lambda spec, split, root, **kw: load_image_folder(spec, split, root, **kw),
+    }
+
+
+def _load_cifar10_jpeg(spec: DatasetSpec, split: str, root: Path, **kw) -> ImageData:
+    from .imagefolder import load_image_folder
+
+    data = load_image_folder(spec, split, root, mode="RGB", **kw)
+    if data.classes != CIFAR10_CLASSES:
+        raise DatasetError(
+            f"dataset 'cifar10-jpeg': {root} has class folders {', '.join(data.classes)}, expected the CIFAR-10 "
+            f"classes {', '.join(CIFAR10_CLASSES)}. For another image folder use --dataset imagefolder."
+        )
+    if tuple(data.images.shape[1:]) != (3, 32, 32):
+        h, w = data.images.shape[2:]
+        raise DatasetError(f"dataset 'cifar10-jpeg': the images in {root} are {w}x{h}, expected 32x32")
+    return data
+
+
+def load_split(name: str, split: str, root: str | Path | None = None, *, cache_dir: str | Path | None = None,
+               limit_per_class: int | None = None) -> ImageData:
+    """Load one split (``"train"`` or ``"test"``) of a registered dataset into memory.
+
+    ``root`` is the directory (or, for image folders and CIFAR, the archive) the user points at;
+    ``digits`` needs none. Image folders are decoded once and cached (see
+    :mod:`otmdr.data.imagefolder`). ``limit_per_class`` keeps only the first N images of each
+    class (sorted file order for image folders; used by tests). Every problem with the files is
+    a :class:`DatasetError` with a message meant for the user.
+    """
+    spec = get_spec(name)
+    if split not in SPLITS:
+        raise DatasetError(f"unknown split {split!r} for dataset '{spec.name}'; use 'train' or 'test'")
+    if limit_per_class is not None and limit_per_class < 1:
+        raise ValueError(f"limit_per_class must be a positive integer, got {limit_per_class}")
+    path: Path | None = None
+    if spec.needs_root:
+        if root is None:
+            raise DatasetError(
+                f"dataset '{spec.name}' needs a data directory: pass --data-dir DIR "
+                f"(expected layout: {spec.layout}; how to get it: {spec.how_to_get})"
+            )
+        path = Path(root).expanduser()
+        if not path.exists():
+            raise DatasetError(
+                f"dataset '{spec.name}': data directory {path} does not exist "
+                f"(expected layout: {spec.layout}; how to get it: {spec.how_to_get})"
+            )
+    reader = _readers()[spec.name]
+    folder_like = spec.name in ("imagefolder", "cifar10-jpeg")
+    if folder_like:
+        return reader(spec, split, path, cache_dir=cache_dir, limit_per_class=limit_per_class)
+    data = reader(spec, split, path)
+    return data if limit_per_class is None else _first_per_class(data, limit_per_class)
