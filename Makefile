@@ -1,11 +1,12 @@
 # The README's two commands: `make demo` (the main job) and `make test` (the test suite).
+# `make example` runs examples/digits_compare.py, the optimizers in a plain PyTorch loop.
 # Both set up a virtual environment first; torch is pinned by constraints.txt (CPU wheel).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench setup clean
+.PHONY: demo test bench example setup clean
 
 setup: $(STAMP)
 
@@ -16,10 +17,13 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/digits_compare.py
+	$(VENV)/bin/otmdr compare --config configs/demo.yaml --methods sgd,sam,otmdr --seeds 3 --out runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+example: $(STAMP)
+	$(PY) examples/digits_compare.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/step_speed.py

@@ -102,8 +102,7 @@ def ascent_move_(
         norm = global_norm(norm_source, foreach=foreach)
     if merged:
         norm = norm * weight
-    scale = rho * weight / (norm + eps)
-    scale = torch.where(torch.isfinite(norm), scale, torch.zeros_like(scale))
+    scale = (rho * weight / (norm + eps)).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
 
     # The move is built in the gradient buffers (scratch from here on): no extra allocation.
     if foreach:

@@ -276,8 +276,9 @@ class OTMDR(Optimizer):
         self._flags.append(~torch.isfinite(norm))
         self._ascent_index += 1
         if self._ascent_index == cfg.steps:  # measure ||theta~ - theta|| in the spent gradients
-            _copy(grads, params, self.foreach)
-            _add(grads, self._buffers("centre", params), self.foreach, alpha=-1.0)
+            if cfg.steps > 1 or cfg.noise_std:  # else the move itself is still in ``grads``
+                _copy(grads, params, self.foreach)
+                _add(grads, self._buffers("centre", params), self.foreach, alpha=-1.0)
             self._distance = F.global_norm(grads, foreach=self.foreach)
         self._zero_grads()
         return norm
@@ -333,13 +334,14 @@ class OTMDR(Optimizer):
         self._particles_loaded = True
 
     @torch.no_grad()
-    def descend(self, scaler: torch.amp.GradScaler | None = None) -> None:
+    def descend(self, scaler: torch.amp.GradScaler | None = None, loss: Tensor | None = None) -> None:
         """Restore the centre and apply the base optimizer with the gradient now in ``.grad``.
 
         With K > 1 particles the gradients of the particles ended by :meth:`next_particle` are
         added (and averaged if ``reduce="mean"``). With a GradScaler, the step goes through
         ``scaler.step`` and is skipped if any ascent or final gradient was non-finite; call
-        ``scaler.update()`` afterwards as usual.
+        ``scaler.update()`` afterwards as usual. Without a scaler, pass the final pass's
+        ``loss`` to let the non-finite check use it instead of a norm of every gradient.
         """
         cfg = self.config
         params = self._params_with_grad()
@@ -368,7 +370,7 @@ class OTMDR(Optimizer):
             scaler.step(self.base_optimizer)
         else:
             if cfg.check_finite:
-                self._raise_if_nonfinite(grads)
+                self._raise_if_nonfinite(grads, loss)
             if cfg.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm, foreach=self.foreach)
             self.base_optimizer.step()
@@ -377,8 +379,9 @@ class OTMDR(Optimizer):
         self._reset_step_state()
         self._last_distance = torch.stack([d.to(distances[-1].device) for d in distances]).mean()
 
-    def _raise_if_nonfinite(self, grads: list[Tensor]) -> None:
-        flags = self._flags + [~torch.isfinite(F.global_norm(grads, foreach=self.foreach))]
+    def _raise_if_nonfinite(self, grads: list[Tensor], loss: Tensor | None) -> None:
+        final = F.global_norm(grads, foreach=self.foreach) if loss is None else loss.detach()
+        flags = self._flags + [~torch.isfinite(final)]
         flags_tensor = torch.stack([f.to(flags[0].device) for f in flags])
         if bool(flags_tensor.any()):  # the one host sync of the step
             where = "the final pass" if not bool(flags_tensor[:-1].any()) else "an ascent pass"
@@ -482,7 +485,7 @@ class OTMDR(Optimizer):
                     final_losses.append(loss)
                     if not last:
                         self.next_particle()
-            self.descend(scaler)
+            self.descend(scaler, loss=torch.stack(final_losses).sum())
         except BaseException:
             self.restore()
             self._reset_step_state()

@@ -83,7 +83,7 @@ def plot_reliability(summaries: dict[str, list[dict[str, Any]]], path: Path) -> 
         ax.plot([0, 1], [0, 1], "k--", linewidth=1)
         ax.scatter(conf[used], acc[used], s=10, color="red", zorder=3, label="(confidence, accuracy)")
         ece = float(np.sum(np.abs(conf - acc) * count) / count.sum())
-        ax.set_title(f"{method}: ECE {100 * ece:.2f}% ({len(edges) - 1} bins)")
+        ax.set_title(f"{method}: pooled ECE {100 * ece:.2f}% ({len(edges) - 1} bins)", fontsize=10)
         ax.set_xlabel("confidence")
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
