@@ -58,7 +58,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .train import evaluate_split, load_run
     from .train.builders import build_data
 
-    cfg, model, _ = load_run(args.path, device=args.device)
+    cfg, model, _ = load_run(args.path, device=args.device, which=args.checkpoint)
     if args.data_dir:
         cfg.data.dir = args.data_dir
     device = next(model.parameters()).device
@@ -66,14 +66,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
     n_bins = args.ece_bins or cfg.eval.ece_bins
     from .train.loop import AUTOCAST
 
-    metrics, _, labels = evaluate_split(model, data.test, autocast=AUTOCAST[cfg.train.precision], n_bins=n_bins)
+    autocast = AUTOCAST[cfg.train.precision]
+    metrics, _, labels = evaluate_split(model, data.test, autocast=autocast, n_bins=n_bins)
+    result: dict[str, Any] = {"path": str(args.path), "test": metrics}
     print(f"{args.path}: {cfg.data.name} test split ({len(labels)} images), model {cfg.model.name}")
+    if data.val is not None and not args.no_temperature_scaling:
+        from .eval import fit_temperature, predict_logits
+
+        temperature = fit_temperature(*predict_logits(model, data.val, autocast_dtype=autocast))
+        scaled, _, _ = evaluate_split(model, data.test, autocast=autocast, n_bins=n_bins, temperature=temperature)
+        result["test_temperature_scaled"] = {**scaled, "temperature": temperature}
     for key, value in metrics.items():
-        print(f"  {key:10s} {value:.6g}" if isinstance(value, float) else f"  {key:10s} {value}")
+        after = result.get("test_temperature_scaled", {}).get(key)
+        scaled_text = f"   (temperature-scaled: {after:.6g})" if isinstance(after, float) and key != "accuracy" else ""
+        print(f"  {key:10s} {value:.6g}{scaled_text}" if isinstance(value, float) else f"  {key:10s} {value}")
+    if "test_temperature_scaled" in result:
+        print(f"  temperature {result['test_temperature_scaled']['temperature']:.4f} (fitted on the validation split)")
     if args.json:
         from .train.checkpoint import atomic_write_text
 
-        atomic_write_text(args.json, json.dumps({"path": str(args.path), "test": metrics}, indent=2))
+        atomic_write_text(args.json, json.dumps(result, indent=2))
         print(f"written: {args.json}")
     return 0
 
@@ -127,12 +139,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from .models import count_parameters, create_model, list_models
+    from .models import describe_models
 
-    for name in list_models():
-        model = create_model(name, num_classes=10, in_channels=3)
-        doc = (model.__doc__ or "").strip().splitlines()[0] if model.__doc__ else ""
-        print(f"{name:18s} {count_parameters(model) / 1e6:8.3f}M  {doc}")
+    for name, parameters, description in describe_models():
+        print(f"{name:18s} {parameters / 1e6:8.3f}M  {description}")
     return 0
 
 
@@ -172,8 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="run directory or checkpoint file")
     p.add_argument("--data-dir", help="where the dataset is now, if it moved")
     p.add_argument("--device", default="auto")
+    p.add_argument("--checkpoint", choices=("last", "best"), default="last",
+                   help="for a run directory: the final model (as in summary.json) or the best on validation")
     p.add_argument("--ece-bins", type=int, default=None)
     p.add_argument("--json", help="also write the metrics to this JSON file")
+    p.add_argument("--no-temperature-scaling", action="store_true", help="skip fitting T on the validation split")
     p.set_defaults(func=cmd_eval)
 
     p = commands.add_parser("compare", help="train several methods x seeds and report mean ± std")
@@ -201,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DatasetError, CheckpointError, RunDirError, TrainingError, _UsageError) as error:
         print(f"otmdr: error: {error}", file=sys.stderr)
         return EXIT_ERROR
+    except BrokenPipeError:  # e.g. `otmdr models | head`
+        return 0
     except KeyboardInterrupt:
         print("\notmdr: interrupted; a stopped run continues with: otmdr train --resume RUN_DIR", file=sys.stderr)
         return 130

@@ -78,7 +78,7 @@ _register(DatasetSpec(
            "32x32 RGB; DIR may also be a .tar.gz archive of that layout (e.g. cifar10-jpeg.tar.gz), optionally "
            "under one top-level folder",
     how_to_get="a CIFAR-10 image-folder export such as cifar10-jpeg.tar.gz (60,000 JPEGs, CIFAR-10's own split); "
-               "or use the original pickles with --dataset cifar10",
+               "or use the original pickles with data.name=cifar10",
     needs_root=True,
 ))
 _register(DatasetSpec(

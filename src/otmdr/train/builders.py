@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, ExperimentConfig
-from ..data import Augment, BatchLoader, DatasetSpec, ImageData, get_spec, load_split, subset, train_val_split
+from ..data import (Augment, BatchLoader, DatasetSpec, ImageData, get_spec, load_split, resolve_spec, subset,
+                    train_val_split)
 from ..models import create_model
 from ..optim import ASAM, OTMDR, SAM
 
@@ -45,6 +46,7 @@ def build_data(cfg: ExperimentConfig, device: torch.device) -> RunData:
     spec = get_spec(d.name)
     full = load_split(d.name, "train", d.dir, cache_dir=d.cache_dir)
     test = load_split(d.name, "test", d.dir, cache_dir=d.cache_dir)
+    spec = resolve_spec(spec, full)  # image folders: classes, channels and size come from the data
     seed = cfg.train.seed
     if d.train_limit is not None and d.train_limit < len(full.labels):
         order = torch.randperm(len(full.labels), generator=torch.Generator().manual_seed(10_000 + seed))

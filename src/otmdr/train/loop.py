@@ -9,6 +9,7 @@ A run directory holds ``config.yaml`` (the resolved config), ``metrics.jsonl`` a
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -211,7 +212,7 @@ def train(cfg: ExperimentConfig | None, run_dir: str | Path, *, resume: bool = F
             "scaler": scaler.state_dict() if scaler is not None else None, "loader": data.train.state_dict(),
             "rng": {"cpu": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
-            "classes": data.classes, "dataset": data.spec.name,
+            "classes": data.classes, "spec": dataclasses.asdict(data.spec),
         }
 
     n_bins = cfg.eval.ece_bins
@@ -271,21 +272,23 @@ def _final_evaluation(cfg, model, optimizer, data, autocast, history) -> dict[st
     return summary
 
 
-def load_run(path: str | Path, device: str = "auto") -> tuple[ExperimentConfig, nn.Module, dict[str, Any]]:
-    """A trained model from a run directory (its best checkpoint, else last) or a checkpoint file."""
+def load_run(path: str | Path, device: str = "auto", which: str = "last") -> tuple[ExperimentConfig, nn.Module, dict[str, Any]]:
+    """A trained model from a checkpoint file, or from a run directory: its final model
+    (``which="last"``, what ``summary.json`` reports) or its best on validation (``"best"``)."""
     path = Path(path)
     if path.is_dir():
-        for name in ("best.pt", "last.pt"):
-            if (path / "checkpoints" / name).is_file():
-                path = path / "checkpoints" / name
-                break
-        else:
-            raise CheckpointError(f"{path} holds no checkpoints/best.pt or checkpoints/last.pt: is it a run directory?")
+        checkpoint = path / "checkpoints" / f"{which}.pt"
+        if not checkpoint.is_file():
+            raise CheckpointError(f"{path} holds no checkpoints/{which}.pt: is it a run directory?")
+        path = checkpoint
     state = load_checkpoint(path)
     cfg = config_from_dict(state["config"])
-    from ..data import get_spec
+    from ..data import DatasetSpec, get_spec
 
-    model = build_model(cfg, get_spec(cfg.data.name))
+    saved = state.get("spec")  # resolved at training time (image folders); older checkpoints lack it
+    spec = get_spec(cfg.data.name) if saved is None else DatasetSpec(
+        **{**saved, "mean": tuple(saved["mean"]), "std": tuple(saved["std"])})
+    model = build_model(cfg, spec)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as error:
