@@ -151,7 +151,7 @@ def _load_cifar10_jpeg(spec: DatasetSpec, split: str, root: Path, **kw) -> Image
     if data.classes != CIFAR10_CLASSES:
         raise DatasetError(
             f"dataset 'cifar10-jpeg': {root} has class folders {', '.join(data.classes)}, expected the CIFAR-10 "
-            f"classes {', '.join(CIFAR10_CLASSES)}. For another image folder use --dataset imagefolder."
+            f"classes {', '.join(CIFAR10_CLASSES)}. For another image folder use data.name=imagefolder."
         )
     if tuple(data.images.shape[1:]) != (3, 32, 32):
         h, w = data.images.shape[2:]
