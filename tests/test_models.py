@@ -135,7 +135,7 @@ def test_pyramidnet_matches_the_published_sizes(depth, alpha, bottleneck, millio
 def test_pyramidnet_widens_additively_to_16_plus_alpha():
     model = create_model("pyramidnet101")
     assert len(model.layers) == 33  # (101 - 2) / 9 = 11 bottlenecks per stage
-    assert model.fc.in_features == 4 * (16 + 64)
+    assert model.head.fc.in_features == 4 * (16 + 64)
     assert count_parameters(create_model("pyramidnet-small")) < count_parameters(model)
 
 
@@ -147,7 +147,7 @@ def test_create_model_forwards_options():
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(model(x), model(x))  # dropout is off in evaluation
-    assert create_model("pyramidnet101", depth=29, alpha=48).fc.in_features == 4 * (16 + 48)
+    assert create_model("pyramidnet101", depth=29, alpha=48).head.fc.in_features == 4 * (16 + 48)
     assert create_model("resnet18", width=16).fc.in_features == 128
     assert create_model("densenet121", growth_rate=12).fc.in_features < create_model("densenet121").fc.in_features
     assert create_model("efficientnet-b0", dropout=0.5).dropout.p == 0.5

@@ -24,6 +24,18 @@ def init_weights(model: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
+class PreActHead(nn.Module):
+    """BN-ReLU, global average pooling and a linear classifier: the head of pre-activation nets."""
+
+    def __init__(self, in_planes: int, num_classes: int):
+        super().__init__()
+        self.features = nn.Sequential(nn.BatchNorm2d(in_planes), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1))
+        self.fc = nn.Linear(in_planes, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.features(x).flatten(1))
+
+
 class DropPath(nn.Module):
     """Stochastic depth on a residual branch: drops whole samples with probability ``p`` in training."""
 

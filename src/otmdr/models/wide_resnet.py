@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._common import init_weights
+from ._common import PreActHead, init_weights
 from .registry import register_model
 
 
@@ -58,12 +58,11 @@ class WideResNet(nn.Module):
                 layers.append(WideBlock(in_planes, planes, 2 if stage > 0 and i == 0 else 1, dropout))
                 in_planes = planes
         self.layers = nn.Sequential(*layers)
-        self.head = nn.Sequential(nn.BatchNorm2d(in_planes), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1))
-        self.fc = nn.Linear(in_planes, num_classes)
+        self.head = PreActHead(in_planes, num_classes)
         init_weights(self)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc(self.head(self.layers(self.stem(x))).flatten(1))
+        return self.head(self.layers(self.stem(x)))
 
 
 @register_model("wrn16-4")
