@@ -394,3 +394,28 @@ def test_step_without_passes_explains_the_three_forms():
     opt = OTMDR(tiny_mlp(), torch.optim.SGD, lr=0.1)
     with pytest.raises(ValueError, match="perturb\\(\\).*descend\\(\\)"):
         opt.step()
+
+
+def test_norm_groups_give_each_group_its_own_radius():
+    """Per-member perturbation of an ensemble: every norm group moves by rho exactly."""
+    x, y = data(16)
+    model = tiny_mlp()
+    first, second = list(model[0].parameters()), list(model[2].parameters())
+    opt = SAM([{"params": first, "norm_group": "a"}, {"params": second, "norm_group": "b"}],
+              torch.optim.SGD, rho=0.05, lr=0.0, model=model)
+    moved = {}
+
+    def loss_fn(b):
+        if "start" not in moved:
+            moved["start"] = [p.detach().clone() for p in model.parameters()]
+        else:
+            now = [p.detach() for p in model.parameters()]
+            diffs = [n - s for n, s in zip(now, moved["start"])]
+            moved["a"] = float(torch.sqrt(sum((d ** 2).sum() for d in diffs[:2])))
+            moved["b"] = float(torch.sqrt(sum((d ** 2).sum() for d in diffs[2:])))
+        return F.cross_entropy(model(b[0]), b[1])
+
+    opt.step(loss_fn, batch=(x, y))
+    assert moved["a"] == pytest.approx(0.05, rel=1e-9) and moved["b"] == pytest.approx(0.05, rel=1e-9)
+    one = SAM(tiny_mlp(), torch.optim.SGD, rho=0.05, lr=0.0)
+    assert float(one.step(ce(one.model), batch=(x, y)).perturbation_norm) == pytest.approx(0.05, rel=1e-9)

@@ -44,7 +44,10 @@ from .config import PerturbationConfig
 
 __all__ = ["OTMDR", "StepResult"]
 
-GROUP_DEFAULTS = {"perturb": True, "rho_scale": 1.0}
+#: Per-group options: ``perturb`` (False: trained, never perturbed), ``rho_scale`` (multiplies the
+#: radius) and ``norm_group`` (groups with the same key share one perturbation norm; by default all
+#: groups share one global norm, e.g. ensemble members get one key each for per-member radii).
+GROUP_DEFAULTS = {"perturb": True, "rho_scale": 1.0, "norm_group": None}
 
 
 class StepResult(NamedTuple):
@@ -208,6 +211,7 @@ class OTMDR(Optimizer):
         self._particle_params: list[Tensor] = []
         self._particles_loaded = False
         self._rho_scales: list[float] | None = None
+        self._norm_parts: list[slice] = []  # one slice of ``_perturbed`` per norm group
         self._distance: Tensor | None = None  # measured at the last ascent step of a particle
 
     def _buffers(self, name: str, params: list[Tensor]) -> list[Tensor]:
@@ -235,7 +239,8 @@ class OTMDR(Optimizer):
 
     @torch.no_grad()
     def perturb(self) -> Tensor:
-        """Take the next ascent step using the gradients now in ``.grad``; returns the norm used.
+        """Take the next ascent step using the gradients now in ``.grad``; returns the norm used
+        (one per norm group when the groups define several).
 
         The first call of a particle remembers the centre. The gradients are consumed: every
         ``.grad`` of the optimizer is zero afterwards, ready for the next pass.
@@ -248,12 +253,19 @@ class OTMDR(Optimizer):
                 "step(s): call descend() (or next_particle()) after the final pass"
             )
         if i == 0:
-            self._perturbed, scales = [], []
+            by_norm_group: dict[Any, tuple[list[Tensor], list[float]]] = {}
             for group in self.param_groups:
                 if group["perturb"]:
                     chosen = [p for p in group["params"] if p.grad is not None]
-                    self._perturbed += chosen
-                    scales += [float(group["rho_scale"])] * len(chosen)
+                    params_of, scales_of = by_norm_group.setdefault(group["norm_group"], ([], []))
+                    params_of += chosen
+                    scales_of += [float(group["rho_scale"])] * len(chosen)
+            self._perturbed, scales, self._norm_parts = [], [], []
+            for params_of, scales_of in by_norm_group.values():  # each norm group a contiguous slice
+                if params_of:
+                    self._norm_parts.append(slice(len(self._perturbed), len(self._perturbed) + len(params_of)))
+                    self._perturbed += params_of
+                    scales += scales_of
             if not self._perturbed:
                 raise RuntimeError(
                     "perturb() found no gradient on any perturbed parameter: run backward() on the "
@@ -267,13 +279,18 @@ class OTMDR(Optimizer):
             self._add_weight_decay(params, grads)
         directions = self._buffers("direction", params) if cfg.uses_direction_buffer else None
         weight = 1.0 / (i + 1) if (directions is not None and cfg.reduce == "mean") else 1.0
-        norm = F.ascent_move_(
-            params, grads, directions, first=i == 0, rho=cfg.rho[i], weight=weight,
-            normalize=cfg.normalize, adaptive=cfg.adaptive, adaptive_eta=cfg.adaptive_eta,
-            rho_scales=self._rho_scales, eps=cfg.eps, foreach=self.foreach,
-        )
+        norms = [
+            F.ascent_move_(
+                params[part], grads[part], None if directions is None else directions[part], first=i == 0,
+                rho=cfg.rho[i], weight=weight, normalize=cfg.normalize, adaptive=cfg.adaptive,
+                adaptive_eta=cfg.adaptive_eta, eps=cfg.eps, foreach=self.foreach,
+                rho_scales=None if self._rho_scales is None else self._rho_scales[part],
+            )
+            for part in self._norm_parts
+        ]
+        norm = norms[0] if len(norms) == 1 else torch.stack([n.to(norms[0].device) for n in norms])
         F.add_noise_(params, cfg.noise_std, self._generator, foreach=self.foreach)
-        self._flags.append(~torch.isfinite(norm))
+        self._flags.append((~torch.isfinite(norm)).any())
         self._ascent_index += 1
         if self._ascent_index == cfg.steps:  # measure ||theta~ - theta|| in the spent gradients
             if cfg.steps > 1 or cfg.noise_std:  # else the move itself is still in ``grads``
