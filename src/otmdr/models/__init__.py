@@ -1,6 +1,7 @@
 """Model zoo: plain-torch CIFAR-style networks behind a registry."""
 
 from . import densenet, mobilenet, pyramidnet, resnet, resnet_cifar, small, wide_resnet  # noqa: F401  (registers the models)
+from . import bayes_models  # noqa: F401  (registers the Bayesian models: bayes-mlp, bayes-lenet, bayes-resnet*)
 from .registry import count_parameters, create_model, describe_models, list_models, register_model
 
 __all__ = ["create_model", "list_models", "register_model", "count_parameters", "describe_models"]
