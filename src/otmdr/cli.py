@@ -55,36 +55,28 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .train import evaluate_split, load_run
+    from .train import evaluate_model, load_run
     from .train.builders import build_data
+    from .train.checkpoint import atomic_write_text
 
     cfg, model, _ = load_run(args.path, device=args.device, which=args.checkpoint)
     if args.data_dir:
         cfg.data.dir = args.data_dir
-    device = next(model.parameters()).device
-    data = build_data(cfg, device)
-    n_bins = args.ece_bins or cfg.eval.ece_bins
-    from .train.loop import AUTOCAST
-
-    autocast = AUTOCAST[cfg.train.precision]
-    metrics, _, labels = evaluate_split(model, data.test, autocast=autocast, n_bins=n_bins)
-    result: dict[str, Any] = {"path": str(args.path), "test": metrics}
-    print(f"{args.path}: {cfg.data.name} test split ({len(labels)} images), model {cfg.model.name}")
-    if data.val is not None and not args.no_temperature_scaling:
-        from .eval import fit_temperature, predict_logits
-
-        temperature = fit_temperature(*predict_logits(model, data.val, autocast_dtype=autocast))
-        scaled, _, _ = evaluate_split(model, data.test, autocast=autocast, n_bins=n_bins, temperature=temperature)
-        result["test_temperature_scaled"] = {**scaled, "temperature": temperature}
-    for key, value in metrics.items():
-        after = result.get("test_temperature_scaled", {}).get(key)
-        scaled_text = f"   (temperature-scaled: {after:.6g})" if isinstance(after, float) and key != "accuracy" else ""
-        print(f"  {key:10s} {value:.6g}{scaled_text}" if isinstance(value, float) else f"  {key:10s} {value}")
-    if "test_temperature_scaled" in result:
-        print(f"  temperature {result['test_temperature_scaled']['temperature']:.4f} (fitted on the validation split)")
+    data = build_data(cfg, next(model.parameters()).device)
+    result = {"path": str(args.path), **evaluate_model(cfg, model, data, n_bins=args.ece_bins,
+                                                       temperature_scaling=not args.no_temperature_scaling)}
+    print(f"{args.path}: {cfg.data.name} test split, model {cfg.model.name}")
+    scaled = result.get("test_temperature_scaled", {})
+    for key, value in result["test"].items():
+        after = scaled.get(key) if key != "accuracy" else None
+        extra = f"   (temperature-scaled: {after:.6g})" if isinstance(after, float) else ""
+        print(f"  {key:10s} {value:.6g}{extra}" if isinstance(value, float) else f"  {key:10s} {value}")
+    if scaled:
+        print(f"  temperature {scaled['temperature']:.4f} (fitted on the validation split)")
+    for key, value in result.get("diversity", {}).items():
+        shown = ", ".join(f"{v:.4f}" for v in value) if isinstance(value, list) else f"{value:.6g}"
+        print(f"  {key:24s} {shown}")
     if args.json:
-        from .train.checkpoint import atomic_write_text
-
         atomic_write_text(args.json, json.dumps(result, indent=2))
         print(f"written: {args.json}")
     return 0
@@ -94,13 +86,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
     import yaml
 
     from .config import METHODS, config_to_dict
+
+    REGIMES = ("", "joint", "per-member")
     from .report import aggregate, format_table, write_compare_report
     from .train import prepare_run_dir, train
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m.partition("/")[0] not in METHODS or m.partition("/")[2] not in REGIMES]
     if unknown or not methods:
-        raise _UsageError(f"--methods: unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+        raise _UsageError(f"--methods: unknown method(s) {unknown}; choose from {', '.join(METHODS)}, "
+                          "optionally with an ensemble regime: METHOD/joint or METHOD/per-member")
     if args.seeds < 1:
         raise _UsageError("--seeds must be at least 1")
     base = _config(args)
@@ -114,8 +109,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     total, done = len(methods) * args.seeds, 0
     for method in methods:
         for seed in range(base.train.seed, base.train.seed + args.seeds):
-            cfg = _config(args, [f"optim.method={method}", f"train.seed={seed}", "train.progress=false"])
-            run_dir = out / f"{method}-seed{seed}"
+            name, _, regime = method.partition("/")
+            extra = [f"optim.method={name}", f"train.seed={seed}", "train.progress=false"]
+            cfg = _config(args, extra + ([f"ensemble.regime={regime}"] if regime else []))
+            run_dir = out / f"{method.replace('/', '-')}-seed{seed}"
             done += 1
             if (run_dir / "summary.json").is_file():
                 summary = json.loads((run_dir / "summary.json").read_text())
@@ -191,7 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("compare", help="train several methods x seeds and report mean ± std")
     config_options(p)
-    p.add_argument("--methods", default="sgd,sam,otmdr", help="comma-separated: sgd, sam, asam, otmdr")
+    p.add_argument("--methods", default="sgd,sam,otmdr",
+                   help="comma-separated: sgd, sam, asam, otmdr; for ensembles optionally METHOD/joint or "
+                        "METHOD/per-member (sgd/per-member = a deep ensemble)")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (from train.seed upwards)")
     p.add_argument("--out", help="output directory (default runs/compare-<config>-<time>)")
     p.add_argument("--resume", action="store_true", help="reuse finished runs in --out and resume stopped ones")

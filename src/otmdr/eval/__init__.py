@@ -1,8 +1,12 @@
 """Evaluation: metrics, calibration, prediction."""
 
 from .calibration import fit_temperature
+from .diversity import (diversity_metrics, double_fault, error_correlation, mutual_information,
+                        normalized_disagreement, pairwise_disagreement)
 from .metrics import Reliability, accuracy, brier, classification_metrics, ece, nll, reliability
-from .predict import predict_logits
+from .predict import Prediction, predict, predict_logits
 
 __all__ = ["accuracy", "nll", "brier", "ece", "reliability", "Reliability", "classification_metrics",
-           "fit_temperature", "predict_logits"]
+           "fit_temperature", "predict", "predict_logits", "Prediction",
+           "pairwise_disagreement", "normalized_disagreement", "double_fault", "error_correlation",
+           "mutual_information", "diversity_metrics"]

@@ -73,7 +73,8 @@ def build_data(cfg: ExperimentConfig, device: torch.device) -> RunData:
 
 def build_model(cfg: ExperimentConfig, spec: DatasetSpec) -> nn.Module:
     options = dict(cfg.model.options)
-    if cfg.model.name == "mlp":
+    name = cfg.model.name.lower().replace("_", "-")
+    if name.split("-x")[0] in ("mlp", "bayes-mlp"):  # flattening models need the image size
         options.setdefault("input_size", spec.image_size)
     try:
         return create_model(cfg.model.name, num_classes=spec.num_classes, in_channels=spec.in_channels, **options)
@@ -88,19 +89,33 @@ def _base_kwargs(cfg: ExperimentConfig) -> dict[str, Any]:
     return {"lr": o.lr, "weight_decay": o.weight_decay}
 
 
+def param_groups(cfg: ExperimentConfig, model: nn.Module) -> list[dict[str, Any]]:
+    """Bayesian models: the means are perturbed, the scales (sigma) only trained. Ensembles in
+    the per-member regime: one perturbation norm per member. Otherwise one group."""
+    from ..models.bayes import bayes_param_groups, is_bayesian
+    from ..models.ensemble import Ensemble, member_param_groups
+
+    if is_bayesian(model):
+        return bayes_param_groups(model)
+    if isinstance(model, Ensemble) and cfg.ensemble.regime == "per-member":
+        return member_param_groups(model)
+    return [{"params": list(model.parameters())}]
+
+
 def build_optimizer(cfg: ExperimentConfig, model: nn.Module) -> torch.optim.Optimizer:
     """SGD/Adam/AdamW itself for ``method: sgd``; otherwise SAM/ASAM/OT-MDR around that base."""
     o, base, kwargs = cfg.optim, BASES[cfg.optim.base], _base_kwargs(cfg)
-    common = {"max_grad_norm": o.max_grad_norm, "seed": cfg.train.seed}
+    groups = param_groups(cfg, model)
     if o.method == "sgd":
-        return base(model.parameters(), **kwargs)
+        return base([{k: v for k, v in g.items() if k in ("params",)} for g in groups], **kwargs)
+    common = {"max_grad_norm": o.max_grad_norm, "seed": cfg.train.seed, "model": model}
     if o.method == "sam":
-        return SAM(model, base, rho=cfg.sam.rho, bn_policy=cfg.sam.bn_policy, **common, **kwargs)
+        return SAM(groups, base, rho=cfg.sam.rho, bn_policy=cfg.sam.bn_policy, **common, **kwargs)
     if o.method == "asam":
-        return ASAM(model, base, rho=cfg.asam.rho, adaptive_eta=cfg.asam.eta, bn_policy=cfg.asam.bn_policy,
+        return ASAM(groups, base, rho=cfg.asam.rho, adaptive_eta=cfg.asam.eta, bn_policy=cfg.asam.bn_policy,
                     **common, **kwargs)
     m = cfg.otmdr
-    return OTMDR(model, base, rho=tuple(m.rho), split=None if m.split is None else tuple(m.split), merge=m.merge,
+    return OTMDR(groups, base, rho=tuple(m.rho), split=None if m.split is None else tuple(m.split), merge=m.merge,
                  normalize=m.normalize, reduce=m.reduce, noise_std=m.noise_std, adaptive=m.adaptive,
                  adaptive_eta=m.adaptive_eta, particles=m.particles, bn_policy=m.bn_policy, **common, **kwargs)
 

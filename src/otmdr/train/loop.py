@@ -8,6 +8,7 @@ A run directory holds ``config.yaml`` (the resolved config), ``metrics.jsonl`` a
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -24,13 +25,13 @@ import yaml
 from torch import Tensor, nn
 
 from ..config import ExperimentConfig, config_from_dict, config_to_dict
-from ..eval import classification_metrics, fit_temperature, predict_logits, reliability
+from ..eval import Prediction, classification_metrics, fit_temperature, predict, reliability
 from ..models import count_parameters
 from ..optim import OTMDR
 from .builders import build_data, build_model, build_optimizer, build_scheduler, select_device
 from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint
 
-__all__ = ["TrainingError", "RunDirError", "train", "prepare_run_dir", "evaluate_split", "load_run"]
+__all__ = ["TrainingError", "RunDirError", "train", "prepare_run_dir", "evaluate_split", "evaluate_model", "load_run"]
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -68,15 +69,31 @@ class _Epoch:
     samples: int
 
 
-def _loss_function(model: nn.Module, criterion: nn.Module, autocast: torch.dtype | None, device: torch.device):
-    def loss_fn(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+def _loss_function(model: nn.Module, criterion: nn.Module, autocast: torch.dtype | None, device: torch.device,
+                   *, per_member: bool, kl_weight: float | None):
+    """``loss_fn(batch) -> (loss, (log_probs_or_logits, loss_to_report))`` for the optimizers.
+
+    Per-member ensembles sum the members' own losses (each member gets its full gradient) and
+    report their mean; Bayesian models add ``kl_weight * KL(q || prior)``.
+    """
+    from ..models.bayes import kl_divergence
+
+    def loss_fn(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         x, y = batch
-        if autocast is not None:
-            with torch.autocast(device.type, dtype=autocast):
-                logits = model(x)
+        ctx = torch.autocast(device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
+        with ctx:
+            out = model.member_logits(x) if per_member else model(x)
+        if per_member:
+            out = out.float()
+            losses = torch.stack([criterion(member, y) for member in out])
+            loss, reported = losses.sum(), losses.mean().detach()
+            out = torch.logsumexp(torch.log_softmax(out, dim=-1), dim=0) - math.log(len(out))
         else:
-            logits = model(x)
-        return criterion(logits.float(), y), logits.detach()
+            loss = criterion(out.float(), y)
+            reported = loss.detach()
+        if kl_weight is not None:
+            loss = loss + kl_weight * kl_divergence(model)
+        return loss, (out.detach(), reported)
 
     return loss_fn
 
@@ -97,24 +114,27 @@ def _train_epoch(model, optimizer, scheduler, scaler, loader, loss_fn, *, max_gr
 
         bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True)
     perturbing = isinstance(optimizer, OTMDR)
+    from ..models.bayes import fixed_sample, is_bayesian
+
+    one_sample = fixed_sample if is_bayesian(model) else (lambda _: contextlib.nullcontext())
     for step, (x, y) in enumerate(loader):
-        if perturbing:
-            result = optimizer.step(loss_fn, batch=(x, y), scaler=scaler)
-            loss, logits = result.loss, result.outputs
-            perturbation += result.perturbation_norm.to(device)
-        else:
-            optimizer.zero_grad(set_to_none=True)
-            loss, logits = loss_fn((x, y))
-            (scaler.scale(loss) if scaler is not None else loss).backward()
-            if max_grad_norm is not None:
-                if scaler is not None:
-                    scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-            if scaler is not None:
-                scaler.step(optimizer)
+        with one_sample(model):  # a Bayesian network: one weight sample for all passes of a step
+            if perturbing:
+                result = optimizer.step(loss_fn, batch=(x, y), scaler=scaler)
+                logits, loss = result.outputs
+                perturbation += result.perturbation_norm.to(device)
             else:
-                optimizer.step()
-            loss = loss.detach()
+                optimizer.zero_grad(set_to_none=True)
+                objective, (logits, loss) = loss_fn((x, y))
+                (scaler.scale(objective) if scaler is not None else objective).backward()
+                if max_grad_norm is not None:
+                    if scaler is not None:
+                        scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+                if scaler is not None:
+                    scaler.step(optimizer)
+                else:
+                    optimizer.step()
         if scaler is not None:
             scaler.update()
         scheduler.step()
@@ -146,13 +166,12 @@ def _check_finite(loss: float, epoch: int, step: int) -> None:
 
 
 def evaluate_split(model: nn.Module, loader, *, autocast: torch.dtype | None, n_bins: int,
-                   temperature: float | None = None) -> tuple[dict[str, float], Tensor, Tensor]:
-    """Metrics of ``model`` on a split (optionally with logits divided by ``temperature``)."""
-    logits, labels = predict_logits(model, loader, autocast_dtype=autocast)
-    if temperature is not None:
-        logits = logits / temperature
-    metrics = classification_metrics(torch.softmax(logits.double(), dim=1), labels, n_bins)
-    return metrics, logits, labels
+                   temperature: float | None = None, samples: int = 1) -> tuple[dict[str, float], Prediction]:
+    """Metrics of the predictive distribution of ``model`` on a split (optionally with the
+    log-probabilities divided by ``temperature``); ``samples`` Monte-Carlo draws for BNNs."""
+    prediction = predict(model, loader, autocast_dtype=autocast, samples=samples)
+    log_probs = prediction.log_probs if temperature is None else prediction.log_probs / temperature
+    return classification_metrics(torch.softmax(log_probs, dim=1), prediction.labels, n_bins), prediction
 
 
 def _write_history(run_dir: Path, history: list[dict[str, Any]]) -> None:
@@ -190,7 +209,14 @@ def train(cfg: ExperimentConfig | None, run_dir: str | Path, *, resume: bool = F
     scheduler = build_scheduler(cfg, optimizer, len(data.train))
     scaler = torch.amp.GradScaler(device.type) if cfg.train.precision == "fp16" else None
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
-    loss_fn = _loss_function(model, criterion, autocast, device)
+    from ..models.bayes import is_bayesian
+    from ..models.ensemble import Ensemble
+
+    per_member = cfg.ensemble.regime == "per-member" and isinstance(model, Ensemble)
+    bayesian = is_bayesian(model)
+    samples = cfg.bayes.test_samples if bayesian else 1
+    loss_fn = _loss_function(model, criterion, autocast, device, per_member=per_member,
+                             kl_weight=cfg.bayes.kl_weight if bayesian else None)
     start_epoch, best, history = 0, -1.0, []
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
@@ -232,7 +258,7 @@ def train(cfg: ExperimentConfig | None, run_dir: str | Path, *, resume: bool = F
                                "perturbation_norm": stats.perturbation, "seconds": stats.seconds,
                                "images_per_second": stats.samples / stats.seconds}
         if data.val is not None:
-            val, _, _ = evaluate_split(model, data.val, autocast=autocast, n_bins=n_bins)
+            val, _ = evaluate_split(model, data.val, autocast=autocast, n_bins=n_bins, samples=samples)
             row.update({f"val_{k}": v for k, v in val.items() if k != "ece_bins"})
         history.append(row)
         score = row.get("val_accuracy", -stats.loss)
@@ -246,29 +272,55 @@ def train(cfg: ExperimentConfig | None, run_dir: str | Path, *, resume: bool = F
         log(f"epoch {epoch + 1}/{cfg.train.epochs}: train loss {stats.loss:.4f} acc {stats.accuracy:.4f}"
             f"{val_text} ({stats.seconds:.1f}s, {row['images_per_second']:.0f} img/s)")
 
-    summary = _final_evaluation(cfg, model, optimizer, data, autocast, history)
+    summary = _final_evaluation(cfg, model, optimizer, data, history)
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 
-def _final_evaluation(cfg, model, optimizer, data, autocast, history) -> dict[str, Any]:
-    n_bins = cfg.eval.ece_bins
-    test, logits, labels = evaluate_split(model, data.test, autocast=autocast, n_bins=n_bins)
-    probs = torch.softmax(logits.double(), dim=1)
+def evaluate_model(cfg: ExperimentConfig, model: nn.Module, data, *, n_bins: int | None = None,
+                   temperature_scaling: bool | None = None) -> dict[str, Any]:
+    """Test metrics of a trained model: the predictive (MC for BNNs, mean for ensembles), its
+    reliability data, temperature-scaled metrics (T fitted on validation) and ensemble diversity."""
+    from ..models.bayes import is_bayesian
+
+    n_bins = n_bins or cfg.eval.ece_bins
+    autocast = AUTOCAST[cfg.train.precision]
+    samples = cfg.bayes.test_samples if is_bayesian(model) else 1
+    test, prediction = evaluate_split(model, data.test, autocast=autocast, n_bins=n_bins, samples=samples)
+    result: dict[str, Any] = {
+        "test": test, "reliability": reliability(prediction.log_probs.exp(), prediction.labels, n_bins).__dict__,
+    }
+    if samples > 1:
+        result["test_samples"] = samples
+    if prediction.member_probs is not None:
+        from ..eval.diversity import diversity_metrics
+
+        result["diversity"] = diversity_metrics(prediction.member_probs, prediction.labels)
+    if temperature_scaling is None:
+        temperature_scaling = cfg.eval.temperature_scaling
+    if temperature_scaling and data.val is not None:
+        val = predict(model, data.val, autocast_dtype=autocast, samples=samples)
+        temperature = fit_temperature(val.log_probs, val.labels)
+        scaled = classification_metrics(torch.softmax(prediction.log_probs / temperature, dim=1),
+                                        prediction.labels, n_bins)
+        result["test_temperature_scaled"] = {**scaled, "temperature": temperature}
+    return result
+
+
+def _final_evaluation(cfg, model, optimizer, data, history) -> dict[str, Any]:
+    from ..models.ensemble import Ensemble
+
     summary: dict[str, Any] = {
         "method": cfg.optim.method, "seed": cfg.train.seed, "dataset": cfg.data.name, "model": cfg.model.name,
         "parameters": count_parameters(model), "epochs": cfg.train.epochs,
-        "test": test, "reliability": reliability(probs, labels, n_bins).__dict__,
         "seconds_per_epoch": sum(r["seconds"] for r in history) / max(1, len(history)),
         "passes_per_step": optimizer.passes_per_step() if isinstance(optimizer, OTMDR) else 1.0,
         "perturbation_norm": history[-1]["perturbation_norm"] if history else 0.0,
-        "history": history,
     }
-    if cfg.eval.temperature_scaling and data.val is not None:
-        val_logits, val_labels = predict_logits(model, data.val, autocast_dtype=autocast)
-        temperature = fit_temperature(val_logits, val_labels)
-        scaled = classification_metrics(torch.softmax(logits.double() / temperature, dim=1), labels, n_bins)
-        summary["test_temperature_scaled"] = {**scaled, "temperature": temperature}
+    if isinstance(model, Ensemble):
+        summary["regime"] = cfg.ensemble.regime
+    summary.update(evaluate_model(cfg, model, data))
+    summary["history"] = history
     return summary
 
 
