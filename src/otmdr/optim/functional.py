@@ -24,15 +24,15 @@ def global_norm(tensors: Sequence[Tensor], *, foreach: bool = True) -> Tensor:
     """
     if not tensors:
         return torch.zeros((), dtype=torch.float32)
-    dtype = torch.float32
-    for t in tensors:
-        dtype = torch.promote_types(dtype, t.dtype)
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
     if foreach:
         norms = torch._foreach_norm(list(tensors), 2, dtype=dtype)
     else:
         norms = [torch.linalg.vector_norm(t, dtype=dtype) for t in tensors]
     device = norms[0].device
-    return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
+    if any(n.device != device for n in norms):  # parameters spread over devices
+        norms = [n.to(device) for n in norms]
+    return torch.linalg.vector_norm(torch.stack(norms))
 
 
 def distance(params: Sequence[Tensor], centre: Sequence[Tensor], *, foreach: bool = True) -> Tensor:

@@ -1,0 +1,403 @@
+"""Wall time per training step and extra optimizer memory: SGD, SAM, OT-MDR and pytorch-optimizer's SAM.
+
+Measures, in one run, the median wall time of one full training step (all forward/backward
+passes, the ascent moves and the base SGD update) for
+
+* ``SGD``         plain ``torch.optim.SGD`` (momentum 0.9): one forward/backward pass;
+* ``SAM``         ``otmdr.SAM`` (rho 0.05), one-call ``opt.step(loss_fn, batch=...)``;
+* ``OT-MDR K=1``  ``otmdr.OTMDR`` (rho (0.05, 0.1), one particle): two half-batch ascent passes
+                  plus one full-batch pass, the same FLOPs as SAM;
+* ``OT-MDR K=2``  the same with two particles (twice the passes);
+* ``PO-SAM``      ``pytorch_optimizer.SAM`` in its documented two-pass pattern
+                  (backward, ``first_step``, backward, ``second_step``), as an outside reference
+                  (it leaves batch-norm statistics alone, where otmdr's optimizers save and
+                  restore them around the passes that must not update them: a small extra cost),
+
+on three models: the digits MLP of ``examples/digits_compare.py`` (1x8x8 inputs), otmdr's LeNet
+at MNIST shape (1x28x28) and ResNet-20 at CIFAR shape (3x32x32), all at batch 128. Inputs and
+labels are random synthetic tensors (one fixed batch per model): step time does not depend on
+the data. Every method trains its own copy of the same initial model.
+
+Method: a few warm-up steps per method, then rounds in which the methods run round-robin (the
+order rotates every round) so that machine drift affects all of them alike; the figure is the
+median over rounds, and ratios carry a 95% bootstrap interval (resampling whole rounds). Rounds
+repeat until a time budget per model is spent (``--budget``, with ``--min-reps``/``--max-reps``),
+so the default run takes about 4-5 minutes on 2 CPU cores. The CPU time other processes used
+during the run is reported: on a shared machine the figures are only as good as that is small.
+With ``--device cuda`` every timed step is bracketed by ``torch.cuda.synchronize()``.
+
+Extra memory is what the optimizer keeps beyond the base optimizer's own state (SGD momentum
+is excluded everywhere): for otmdr's optimizers the persistent scratch tensors in
+``opt._scratch`` (centre copy, merge direction, particle gradient sum); for pytorch-optimizer's
+SAM the per-parameter ``old_p`` copies, measured right after ``first_step`` (its peak). Both are
+reported in multiples of the parameter bytes. Transient temporaries inside a step are not counted.
+
+Results go to ``benchmarks/results/step_speed.md`` and ``.json`` (not written for ``--quick``).
+
+    python benchmarks/step_speed.py                 # full run, writes the results files
+    python benchmarks/step_speed.py --quick         # seconds-long smoke run, writes nothing
+    python benchmarks/step_speed.py --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pytorch_optimizer import SAM as PoSAM
+from torch import Tensor, nn
+
+from otmdr import OTMDR, SAM
+from otmdr.models import count_parameters, create_model
+
+METHODS = ("SGD", "SAM", "OT-MDR K=1", "OT-MDR K=2", "PO-SAM")
+SGD_KWARGS = dict(lr=0.01, momentum=0.9, weight_decay=5e-4)
+SAM_RHO = 0.05
+OTMDR_RHO = (0.05, 0.1)
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    label: str
+    name: str
+    input_shape: tuple[int, int, int]  # C, H, W
+    kwargs: dict[str, Any]
+    budget_share: float  # fraction of --budget spent on this model's timed repetitions
+
+
+MODELS = (
+    ModelSpec("digits MLP", "mlp", (1, 8, 8), {"input_size": 8, "hidden": (128, 128)}, 0.07),
+    ModelSpec("LeNet", "lenet", (1, 28, 28), {}, 0.28),
+    ModelSpec("ResNet-20", "resnet20", (3, 32, 32), {}, 0.65),
+)
+
+
+@dataclass
+class MethodResult:
+    method: str
+    median_ms: float
+    q25_ms: float
+    q75_ms: float
+    extra_state_bytes: int
+    extra_state_x_params: float
+
+
+@dataclass
+class ModelResult:
+    model: str
+    parameters: int
+    parameter_bytes: int
+    batch_size: int
+    warmup_steps: int
+    repetitions: int
+    methods: dict[str, MethodResult] = field(default_factory=dict)
+    ratios: dict[str, float] = field(default_factory=dict)  # ratio of median step times
+    ratio_ci95: dict[str, tuple[float, float]] = field(default_factory=dict)  # bootstrap over rounds
+
+
+# ------------------------------------------------------------------------------------ methods
+def make_stepper(method: str, model: nn.Module, batch: tuple[Tensor, Tensor]) -> tuple[Callable[[], None], Any]:
+    """A zero-argument function running one full training step of ``method``, and its optimizer."""
+
+    def loss_fn(b: tuple[Tensor, Tensor] = batch) -> Tensor:
+        return F.cross_entropy(model(b[0]), b[1])
+
+    if method == "SGD":
+        opt: Any = torch.optim.SGD(model.parameters(), **SGD_KWARGS)
+
+        def step() -> None:
+            opt.zero_grad()
+            loss_fn().backward()
+            opt.step()
+
+    elif method in ("SAM", "OT-MDR K=1", "OT-MDR K=2"):
+        if method == "SAM":
+            opt = SAM(model, torch.optim.SGD, rho=SAM_RHO, **SGD_KWARGS)
+        else:
+            opt = OTMDR(model, torch.optim.SGD, rho=OTMDR_RHO, particles=int(method[-1]), **SGD_KWARGS)
+
+        def step() -> None:
+            opt.step(loss_fn, batch=batch)
+
+    elif method == "PO-SAM":
+        opt = PoSAM(model.parameters(), torch.optim.SGD, rho=SAM_RHO, **SGD_KWARGS)
+
+        def step() -> None:  # its second_step zeroes the gradients for the next step
+            loss_fn().backward()
+            opt.first_step(zero_grad=True)
+            loss_fn().backward()
+            opt.second_step(zero_grad=True)
+
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    return step, opt
+
+
+def tensor_bytes(tensors: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def extra_state_bytes(method: str, opt: Any, model: nn.Module, batch: tuple[Tensor, Tensor]) -> int:
+    """Optimizer-owned tensors beyond the base optimizer's state (after warm-up)."""
+    if method == "SGD":
+        return 0
+    if isinstance(opt, OTMDR):
+        return tensor_bytes(t for store in opt._scratch.values() for t in store.values())
+    # pytorch-optimizer SAM: old_p lives in the state between first_step and second_step
+    F.cross_entropy(model(batch[0]), batch[1]).backward()
+    opt.first_step(zero_grad=True)
+    peak = tensor_bytes(s["old_p"] for s in opt.state.values() if "old_p" in s)
+    F.cross_entropy(model(batch[0]), batch[1]).backward()
+    opt.second_step(zero_grad=True)
+    return peak
+
+
+# ------------------------------------------------------------------------------------- timing
+def timed(step: Callable[[], None], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def bench_model(spec: ModelSpec, args: argparse.Namespace, device: torch.device) -> ModelResult:
+    torch.manual_seed(0)
+    base = create_model(spec.name, num_classes=10, in_channels=spec.input_shape[0], **spec.kwargs).to(device)
+    base.train()
+    batch = (torch.randn(args.batch_size, *spec.input_shape, device=device),
+             torch.randint(0, 10, (args.batch_size,), device=device))
+    models = {m: copy.deepcopy(base) for m in args.methods}
+    steppers = {m: make_stepper(m, models[m], batch) for m in args.methods}
+
+    for _ in range(args.warmup):
+        for m in args.methods:
+            steppers[m][0]()
+    # Rounds until this model's share of the budget is spent (at least --min-reps, at most --max-reps).
+    times: dict[str, list[float]] = {m: [] for m in args.methods}
+    n = len(args.methods)
+    budget_s = args.budget * spec.budget_share
+    start = time.perf_counter()
+    reps = 0
+    while reps < args.max_reps and (reps < args.min_reps or time.perf_counter() - start < budget_s):
+        for j in range(n):
+            m = args.methods[(reps + j) % n]  # rotate the order: no method always runs first
+            times[m].append(timed(steppers[m][0], device))
+        reps += 1
+    print(f"{spec.label}: {reps} rounds of all methods in {time.perf_counter() - start:.1f} s", flush=True)
+
+    param_bytes = tensor_bytes(base.parameters())
+    result = ModelResult(spec.label, count_parameters(base), param_bytes, args.batch_size, args.warmup, reps)
+    for m in args.methods:
+        q = statistics.quantiles(times[m], n=4, method="inclusive") if reps > 1 else [times[m][0]] * 3
+        extra = extra_state_bytes(m, steppers[m][1], models[m], batch)
+        result.methods[m] = MethodResult(m, 1e3 * q[1], 1e3 * q[0], 1e3 * q[2], extra, extra / param_bytes)
+    samples = {m: np.asarray(t) for m, t in times.items()}
+    rng = np.random.default_rng(0)
+    rounds = rng.integers(0, reps, size=(args.bootstrap, reps))  # resample whole rounds: keeps pairing
+    for name, (a, b) in RATIOS.items():
+        if a in samples and b in samples:
+            result.ratios[name] = float(np.median(samples[a]) / np.median(samples[b]))
+            boot = np.median(samples[a][rounds], axis=1) / np.median(samples[b][rounds], axis=1)
+            lo, hi = np.quantile(boot, [0.025, 0.975])
+            result.ratio_ci95[name] = (float(lo), float(hi))
+    return result
+
+
+RATIOS = {
+    "OT-MDR K=1 / SAM": ("OT-MDR K=1", "SAM"),
+    "SAM / PO-SAM": ("SAM", "PO-SAM"),
+    "OT-MDR K=2 / OT-MDR K=1": ("OT-MDR K=2", "OT-MDR K=1"),
+    "SAM / SGD": ("SAM", "SGD"),
+}
+
+
+def verdict(result: ModelResult, ratio: str, limit: float) -> str:
+    """met / MISSED, or 'within noise' when the 95% interval of the ratio contains the limit."""
+    value, (lo, hi) = result.ratios[ratio], result.ratio_ci95[ratio]
+    state = "met" if value <= limit else ("MISSED" if lo > limit else "missed, within noise")
+    return f"{value:.3f} (95% CI {lo:.3f}-{hi:.3f}) -> {state}"
+
+
+def targets(result: ModelResult) -> list[str]:
+    """The stated targets (reported, not asserted)."""
+    out = []
+    if "OT-MDR K=1 / SAM" in result.ratios:
+        out.append(f"OT-MDR (K=1) within 5% of SAM: {verdict(result, 'OT-MDR K=1 / SAM', 1.05)}")
+    if "SAM / PO-SAM" in result.ratios:
+        out.append(f"SAM no slower than pytorch-optimizer's SAM: {verdict(result, 'SAM / PO-SAM', 1.0)}")
+    for m in ("OT-MDR K=1", "OT-MDR K=2"):
+        if m in result.methods:
+            v = result.methods[m].extra_state_x_params
+            state = "met" if v <= 2.0 + 1e-9 else "MISSED"
+            out.append(f"{m} extra state <= 2 parameter-sized buffers: {v:.2f}x -> {state}")
+    return out
+
+
+# ------------------------------------------------------------------------------------ reports
+def machine_busy_s() -> float | None:
+    """CPU seconds all processes have used since boot (Linux ``/proc/stat``), None elsewhere."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+        return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def git_revision() -> str:
+    """The commit measured, with "+dirty" when tracked files under src/ have uncommitted changes."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*cmd: str) -> str:
+        return subprocess.run(["git", *cmd], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", "src")
+        return git("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def environment(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    env = {
+        "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git": git_revision(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+        "input_data": "random synthetic tensors, one fixed batch per model",
+        "sgd": SGD_KWARGS,
+        "sam_rho": SAM_RHO,
+        "otmdr_rho": OTMDR_RHO,
+        "budget_s": args.budget,
+    }
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def markdown(env: dict[str, Any], results: list[ModelResult], wall_s: float) -> str:
+    lines = [
+        "# Step speed and extra optimizer memory",
+        "",
+        f"Command: `{env['command']}` at commit {env['git']}  ",
+        f"Date: {env['date']}; torch {env['torch']}, Python {env['python']}; device {env['device']}"
+        + (f" ({env['gpu']})" if "gpu" in env else "")
+        + f"; CPU {env['cpu']} ({env['cpu_count']} logical CPUs), {env['threads']} torch thread(s); "
+        f"load average before {env['loadavg_before']}; total wall time {wall_s:.0f} s; CPU time used by "
+        f"other processes meanwhile {env.get('other_processes_cpu_s', '?')} s "
+        f"({100 * env.get('other_processes_share', float('nan')):.0f}% of the machine).  ",
+        f"Inputs: {env['input_data']}; SGD {env['sgd']}; SAM rho {env['sam_rho']}; OT-MDR rho {env['otmdr_rho']}.",
+        "",
+        "Median wall time of one full training step with its interquartile range (IQR); methods run",
+        "round-robin. Extra state: optimizer-owned tensors beyond the base SGD state, in multiples of",
+        "the parameter bytes (otmdr: `opt._scratch`; pytorch-optimizer SAM: `old_p` after `first_step`).",
+        "",
+        "| model | params | method | median ms / step | IQR ms | x SGD | extra state (x params) |",
+        "|---|---:|---|---:|---|---:|---:|",
+    ]
+    for res in results:
+        sgd = res.methods.get("SGD")
+        for m, r in res.methods.items():
+            rel = f"{r.median_ms / sgd.median_ms:.2f}" if sgd else "-"
+            lines.append(
+                f"| {res.model} (batch {res.batch_size}, {res.repetitions} reps) | {res.parameters:,} | {m} | "
+                f"{r.median_ms:.2f} | {r.q25_ms:.2f}-{r.q75_ms:.2f} | {rel} | {r.extra_state_x_params:.2f} |"
+            )
+    names = [n for n in RATIOS if any(n in res.ratios for res in results)]
+    lines += ["", "Ratios of median step times (95% bootstrap interval over repetitions in brackets):", "",
+              "| model | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for res in results:
+        cells = [f"{res.ratios[n]:.3f} ({res.ratio_ci95[n][0]:.3f}-{res.ratio_ci95[n][1]:.3f})" if n in res.ratios
+                 else "-" for n in names]
+        lines.append(f"| {res.model} | " + " | ".join(cells) + " |")
+    lines += ["", "Targets (stated, not asserted):", ""]
+    for res in results:
+        lines += [f"- {res.model}: {t}" for t in targets(res)]
+    return "\n".join(lines) + "\n"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, = cores)")
+    parser.add_argument("--quick", action="store_true", help="tiny smoke run (batch 16, 2 reps); writes no results")
+    parser.add_argument("--budget", type=float, default=240.0, help="seconds of timed repetitions over all models")
+    parser.add_argument("--warmup", type=int, default=3, help="warm-up steps per method and model")
+    parser.add_argument("--min-reps", type=int, default=10)
+    parser.add_argument("--max-reps", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--bootstrap", type=int, default=1000, help="resamples for the ratios' 95% intervals")
+    parser.add_argument("--models", nargs="+", default=[m.label for m in MODELS], choices=[m.label for m in MODELS])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--output", type=Path, default=RESULTS / "step_speed",
+                        help="results path without suffix (.md and .json are written)")
+    args = parser.parse_args()
+    if args.quick:
+        args.batch_size, args.warmup, args.min_reps, args.max_reps, args.budget = 16, 1, 2, 2, 0.0
+        args.bootstrap = 10
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device is available")
+    env = environment(args, device)
+    env["loadavg_before"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    busy_before, own_before = machine_busy_s(), time.process_time()
+    start = time.perf_counter()
+    results = [bench_model(spec, args, device) for spec in MODELS if spec.label in args.models]
+    wall_s = time.perf_counter() - start
+    busy_after, own_after = machine_busy_s(), time.process_time()
+    if busy_before is not None and busy_after is not None:
+        other = max(0.0, (busy_after - busy_before) - (own_after - own_before))
+        env["other_processes_cpu_s"] = round(other, 1)
+        env["other_processes_share"] = round(other / (wall_s * (os.cpu_count() or 1)), 3)
+    report = markdown(env, results, wall_s)
+    print()
+    print(report)
+    if not args.quick:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.with_suffix(".md").write_text(report)
+        payload = {"environment": env, "wall_s": wall_s, "results": [asdict(r) for r in results]}
+        args.output.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
+        print(f"wrote {args.output.with_suffix('.md')} and {args.output.with_suffix('.json')}")
+
+
+if __name__ == "__main__":
+    main()
