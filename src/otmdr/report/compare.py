@@ -33,7 +33,7 @@ def write_compare_report(out_dir: Path, summaries: dict[str, list[dict[str, Any]
         f"{first['epochs']} epochs per run.",
         "",
         f"Test metrics, mean ± std over seeds (ECE with {bins} equal-width bins; TS = temperature scaling "
-        "fitted on the validation split; ||theta~-theta|| = measured perturbation radius, last epoch mean).",
+        "fitted on the validation split; radius = measured perturbation norm ‖θ~−θ‖, mean over the last epoch).",
         "",
         format_table(aggregate(summaries), markdown=True),
         "",

@@ -16,7 +16,12 @@ COLUMNS: list[tuple[str, Any, int, float]] = [
     ("ECE (%)", lambda s: s["test"]["ece"], 2, 100.0),
     ("ECE after TS (%)", lambda s: s.get("test_temperature_scaled", {}).get("ece"), 2, 100.0),
     ("s / epoch", lambda s: s["seconds_per_epoch"], 2, 1.0),
-    ("||theta~-theta||", lambda s: s["perturbation_norm"], 3, 1.0),
+    ("radius ‖θ~−θ‖", lambda s: s["perturbation_norm"], 3, 1.0),
+    # ensembles only (columns with no value in any row are left out of the table)
+    ("disagreement", lambda s: s.get("diversity", {}).get("pairwise_disagreement"), 4, 1.0),
+    ("double fault", lambda s: s.get("diversity", {}).get("double_fault"), 4, 1.0),
+    ("error corr.", lambda s: s.get("diversity", {}).get("error_correlation"), 3, 1.0),
+    ("MI (nats)", lambda s: s.get("diversity", {}).get("mutual_information"), 4, 1.0),
 ]
 
 
@@ -41,17 +46,18 @@ def aggregate(summaries: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]
 
 
 def format_table(rows: list[dict[str, Any]], *, markdown: bool) -> str:
-    titles = ["method", "seeds"] + [c[0] for c in COLUMNS]
-    digits = {c[0]: c[2] for c in COLUMNS}
+    columns = [c for c in COLUMNS if any(row[c[0]] is not None for row in rows)]
+    titles = ["method", "seeds"] + [c[0] for c in columns]
+    digits = {c[0]: c[2] for c in columns}
     cells = []
     for row in rows:
         line = [row["method"], str(row["seeds"])]
-        for title, _, _, _ in COLUMNS:
+        for title, _, _, _ in columns:
             value = row[title]
             line.append("n/a" if value is None else f"{value[0]:.{digits[title]}f} ± {value[1]:.{digits[title]}f}")
         cells.append(line)
     if markdown:
-        out = ["| " + " | ".join(titles) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * len(COLUMNS)) + "|"]
+        out = ["| " + " | ".join(titles) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * len(columns)) + "|"]
         out += ["| " + " | ".join(line) + " |" for line in cells]
         return "\n".join(out)
     widths = [max(len(t), *(len(line[i]) for line in cells)) for i, t in enumerate(titles)]
