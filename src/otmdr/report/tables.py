@@ -16,6 +16,7 @@ COLUMNS: list[tuple[str, Any, int, float]] = [
     ("ECE (%)", lambda s: s["test"]["ece"], 2, 100.0),
     ("ECE after TS (%)", lambda s: s.get("test_temperature_scaled", {}).get("ece"), 2, 100.0),
     ("s / epoch", lambda s: s["seconds_per_epoch"], 2, 1.0),
+    ("passes / step", lambda s: s["passes_per_step"], 1, 1.0),
     ("radius ‖θ~−θ‖", lambda s: s["perturbation_norm"], 3, 1.0),
     # ensembles only (columns with no value in any row are left out of the table)
     ("disagreement", lambda s: s.get("diversity", {}).get("pairwise_disagreement"), 4, 1.0),
