@@ -439,9 +439,9 @@ class OTMDR(Optimizer):
         split along dimension 0; the optimizer runs backward (through ``scaler.scale`` if a
         scaler is given). Returns a :class:`StepResult`.
 
-        Without ``batch``: ``closure()`` (which need not zero gradients) must compute the loss on its whole batch
-        and call backward itself (scaling it if you use a scaler); every ascent step then uses
-        the whole batch. Returns the first loss, as ``torch.optim`` closures do.
+        Without ``batch``: ``closure()`` (which need not zero gradients) computes the loss on its
+        whole batch and calls backward itself (scaling it if you use a scaler); every ascent step
+        then uses the whole batch. Returns the first loss, as ``torch.optim`` closures do.
         """
         if closure is None:
             raise ValueError(
