@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -65,6 +63,11 @@ def reference_final_gradient(model, theta0, x, y, *, rho, merge=True, normalize=
     return total
 
 
-@pytest.fixture
-def clone():
-    return copy.deepcopy
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread: on the 2-core test machines two threads competing with another
+    process make small convolutions 10-100x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

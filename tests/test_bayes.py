@@ -31,12 +31,7 @@ from otmdr.models.bayes import (
 BAYES_MODELS = ["bayes-mlp", "bayes-lenet", "bayes-resnet20", "bayes-resnet10", "bayes-resnet18"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _small_net(seed: int = 0) -> nn.Module:

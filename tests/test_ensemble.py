@@ -17,12 +17,7 @@ from otmdr.models.ensemble import Ensemble, create_ensemble, member_param_groups
 from otmdr.models.registry import is_known_model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def linear_ensemble(m: int = 3, scale: float = 1.0) -> Ensemble:

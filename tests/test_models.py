@@ -16,14 +16,7 @@ from otmdr.models.pyramidnet import PyramidNet
 BIG = {"wrn28-10", "pyramidnet101", "pyramidnet272", "densenet121"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The test machines have two cores shared with other jobs; two intra-op threads competing with
-    # another process make small convolutions 10-100x slower than one thread does.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @functools.lru_cache(maxsize=None)
