@@ -90,6 +90,10 @@ def test_cli_train_eval_and_errors(tmp_path, capsys):
     assert json.loads((tmp_path / "eval.json").read_text())["test"]["accuracy"] > 0.5
     cfg, model, _ = load_run(out)
     assert cfg.model.options == {"hidden": [32]}
+    assert main(["sharpness", str(out), "--samples", "64", "--iterations", "5", "--probes", "2",
+                 "--json", str(tmp_path / "sharp.json")]) == 0
+    sharp = json.loads((tmp_path / "sharp.json").read_text())
+    assert sharp["top_hessian_eigenvalue"] > 0 and sharp["worst_case_sharpness"] > 0 and sharp["samples"] == 64
 
     assert main(["train", "--config", str(DEMO), "--set", "optim.lrr=1", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err

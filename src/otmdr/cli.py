@@ -135,6 +135,36 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sharpness(args: argparse.Namespace) -> int:
+    import torch.nn.functional as F
+
+    from .data import BatchLoader, ImageData
+    from .eval.sharpness import average_sharpness, hessian_trace, top_hessian_eigenvalue, worst_case_sharpness
+    from .train import load_run
+    from .train.builders import build_data
+    from .train.checkpoint import atomic_write_text
+
+    cfg, model, _ = load_run(args.path, device=args.device, which=args.checkpoint)
+    if args.data_dir:
+        cfg.data.dir = args.data_dir
+    train = build_data(cfg, next(model.parameters()).device).train
+    n = min(args.samples, train.num_samples)  # a fixed subset: the first n training images, no augmentation
+    subset = ImageData(train.images[:n].cpu(), train.labels[:n].cpu(), train.classes)
+    batches = list(BatchLoader(subset, train.spec, args.batch_size, shuffle=False, device=train.device))
+    result = {
+        "path": str(args.path), "samples": n, "rho": args.rho,
+        "top_hessian_eigenvalue": top_hessian_eigenvalue(model, batches, F.cross_entropy, iterations=args.iterations),
+        "hessian_trace": hessian_trace(model, batches, F.cross_entropy, probes=args.probes),
+        "worst_case_sharpness": worst_case_sharpness(model, batches, F.cross_entropy, rho=args.rho),
+        "average_sharpness": average_sharpness(model, batches, F.cross_entropy, rho=args.rho),
+    }
+    for key, value in result.items():
+        print(f"  {key:24s} {value}")
+    if args.json:
+        atomic_write_text(args.json, json.dumps(result, indent=2))
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from .models import describe_models
 
@@ -196,6 +226,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="reuse finished runs in --out and resume stopped ones")
     p.add_argument("--command-line", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_compare)
+
+    p = commands.add_parser("sharpness", help="Hessian and rho-ball sharpness of a trained model (eval-mode BN)")
+    p.add_argument("path", help="run directory or checkpoint file")
+    p.add_argument("--data-dir")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--checkpoint", choices=("last", "best"), default="last")
+    p.add_argument("--samples", type=int, default=1024, help="first N training images (fixed subset)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--rho", type=float, default=0.05, help="radius for worst-case and average sharpness")
+    p.add_argument("--iterations", type=int, default=50, help="power iterations for the top eigenvalue")
+    p.add_argument("--probes", type=int, default=20, help="Hutchinson probes for the trace")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    p.set_defaults(func=cmd_sharpness)
 
     commands.add_parser("models", help="list the registered models").set_defaults(func=cmd_models)
     commands.add_parser("datasets", help="list the datasets and their expected layout").set_defaults(func=cmd_datasets)
