@@ -1,4 +1,4 @@
-"""SGD vs SAM vs OT-MDR on scikit-learn's digits, in plain PyTorch (``make demo``).
+"""SGD vs SAM vs OT-MDR on scikit-learn's digits, in plain PyTorch (``make example``).
 
 Why this file exists: it is the smallest complete, runnable use of the optimizers from an
 ordinary PyTorch training loop, with no framework and no download (the 1,797 8x8 digit images
