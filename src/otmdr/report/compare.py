@@ -29,7 +29,7 @@ def write_compare_report(out_dir: Path, summaries: dict[str, list[dict[str, Any]
         "",
         f"Command: `{command}`  ",
         f"Date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}; torch {torch.__version__}, "
-        f"Python {platform.python_version()}, {platform.machine()} ({torch.get_num_threads()} threads); "
+        f"Python {platform.python_version()}, {platform.machine()} ({torch.get_num_threads()} torch thread(s)); "
         f"{first['epochs']} epochs per run.",
         "",
         f"Test metrics, mean ± std over seeds (ECE with {bins} equal-width bins; TS = temperature scaling "
