@@ -317,7 +317,7 @@ def test_gradient_clipping_applies_to_the_final_gradient():
     opt = SAM(model, torch.optim.SGD, rho=0.0, lr=1.0, max_grad_norm=1e-3)
     before = [p.detach().clone() for p in model.parameters()]
     opt.step(ce(model), batch=data(16))
-    moved = math.sqrt(sum(float(((p - q) ** 2).sum()) for p, q in zip(model.parameters(), before)))
+    moved = math.sqrt(sum(float(((p.detach() - q) ** 2).sum()) for p, q in zip(model.parameters(), before)))
     assert moved == pytest.approx(1e-3, rel=1e-4)
 
 
