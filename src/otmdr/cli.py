@@ -129,7 +129,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print(format_table(aggregate(summaries), markdown=False))
     command = "otmdr " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if args.command_line is None else args.command_line
     config_text = yaml.safe_dump(config_to_dict(base), sort_keys=False)
-    report = write_compare_report(out, summaries, command=command, config_text=config_text)
+    report = write_compare_report(out, summaries, command=command, config_text=config_text,
+                                  threads=base.train.threads)
     (out / "summaries.json").write_text(json.dumps(summaries, indent=1))
     print(f"\nreport: {report}")
     return 0

@@ -16,7 +16,7 @@ __all__ = ["write_compare_report"]
 
 
 def write_compare_report(out_dir: Path, summaries: dict[str, list[dict[str, Any]]], *, command: str,
-                         config_text: str) -> Path:
+                         config_text: str, threads: int | None = None) -> Path:
     figures = out_dir / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     curves = plot_learning_curves(summaries, figures / "learning_curves.png")
@@ -29,7 +29,8 @@ def write_compare_report(out_dir: Path, summaries: dict[str, list[dict[str, Any]
         "",
         f"Command: `{command}`  ",
         f"Date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}; torch {torch.__version__}, "
-        f"Python {platform.python_version()}, {platform.machine()} ({torch.get_num_threads()} torch thread(s)); "
+        f"Python {platform.python_version()}, {platform.machine()} "
+        f"({threads or torch.get_num_threads()} torch thread(s) per run); "
         f"{first['epochs']} epochs per run.",
         "",
         f"Test metrics, mean ± std over seeds (ECE with {bins} equal-width bins; TS = temperature scaling "
