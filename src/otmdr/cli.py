@@ -54,15 +54,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    from .train import evaluate_model, load_run
+def _load_trained(args: argparse.Namespace):
+    """The trained model of ``args.path`` and its data (from ``--data-dir`` if the data moved)."""
+    from .train import load_run
     from .train.builders import build_data
-    from .train.checkpoint import atomic_write_text
 
     cfg, model, _ = load_run(args.path, device=args.device, which=args.checkpoint)
     if args.data_dir:
         cfg.data.dir = args.data_dir
-    data = build_data(cfg, next(model.parameters()).device)
+    return cfg, model, build_data(cfg, next(model.parameters()).device)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .train import evaluate_model
+    from .train.checkpoint import atomic_write_text
+
+    cfg, model, data = _load_trained(args)
     result = {"path": str(args.path), **evaluate_model(cfg, model, data, n_bins=args.ece_bins,
                                                        temperature_scaling=not args.no_temperature_scaling)}
     print(f"{args.path}: {cfg.data.name} test split, model {cfg.model.name}")
@@ -141,14 +148,10 @@ def cmd_sharpness(args: argparse.Namespace) -> int:
 
     from .data import BatchLoader, ImageData
     from .eval.sharpness import average_sharpness, hessian_trace, top_hessian_eigenvalue, worst_case_sharpness
-    from .train import load_run
-    from .train.builders import build_data
     from .train.checkpoint import atomic_write_text
 
-    cfg, model, _ = load_run(args.path, device=args.device, which=args.checkpoint)
-    if args.data_dir:
-        cfg.data.dir = args.data_dir
-    train = build_data(cfg, next(model.parameters()).device).train
+    _, model, data = _load_trained(args)
+    train = data.train
     n = min(args.samples, train.num_samples)  # a fixed subset: the first n training images, no augmentation
     subset = ImageData(train.images[:n].cpu(), train.labels[:n].cpu(), train.classes)
     batches = list(BatchLoader(subset, train.spec, args.batch_size, shuffle=False, device=train.device))
