@@ -86,8 +86,14 @@ def test_cli_train_eval_and_errors(tmp_path, capsys):
     assert main(args) == 0
     assert main(args) == 2  # the same run directory again
     assert "never overwritten" in capsys.readouterr().err
-    assert main(["eval", str(out), "--json", str(tmp_path / "eval.json")]) == 0
-    assert json.loads((tmp_path / "eval.json").read_text())["test"]["accuracy"] > 0.5
+    assert main(["eval", str(out), "--json", str(tmp_path / "eval.json"), "--attack", "pgd", "--eps", "0,8/255",
+                 "--steps", "3", "--plot", str(tmp_path / "pgd.png")]) == 0
+    evaluated = json.loads((tmp_path / "eval.json").read_text())
+    assert evaluated["test"]["accuracy"] > 0.5
+    robust = evaluated["attack"]["robust_accuracy"]
+    assert robust["0.0"] == pytest.approx(evaluated["test"]["accuracy"])  # eps 0 is the clean accuracy
+    assert robust[str(8 / 255)] <= robust["0.0"] and (tmp_path / "pgd.png").stat().st_size > 1000
+    assert main(["eval", str(out), "--attack", "fgsm", "--eps", "big"]) == 2
     cfg, model, _ = load_run(out)
     assert cfg.model.options == {"hidden": [32]}
     assert main(["sharpness", str(out), "--samples", "64", "--iterations", "5", "--probes", "2",

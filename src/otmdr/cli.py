@@ -83,10 +83,67 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for key, value in result.get("diversity", {}).items():
         shown = ", ".join(f"{v:.4f}" for v in value) if isinstance(value, list) else f"{value:.6g}"
         print(f"  {key:24s} {shown}")
+    if args.attack:
+        result["attack"] = _robustness(args, cfg, model, data)
     if args.json:
         atomic_write_text(args.json, json.dumps(result, indent=2))
         print(f"written: {args.json}")
     return 0
+
+
+def _robustness(args: argparse.Namespace, cfg, model, data) -> dict[str, Any]:
+    """Robust test accuracy per epsilon under FGSM or PGD, printed and plotted."""
+    from .eval.attacks import Normalized, fgsm, pgd, robust_accuracy
+    from .models.bayes import is_bayesian
+
+    from .config import _parse_number
+
+    try:
+        epsilons = [_parse_number(e.strip()) for e in args.eps.split(",")]  # "8/255" style
+    except ValueError:
+        raise _UsageError(f"--eps: expected comma-separated numbers or fractions like 8/255, got {args.eps!r}") from None
+    spec = data.test.spec
+    mean = _per_channel(spec.mean, spec.in_channels)
+    std = _per_channel(spec.std, spec.in_channels)
+    attacked = Normalized(model, mean.flatten().tolist(), std.flatten().tolist())
+    samples = cfg.bayes.test_samples if is_bayesian(model) else 1
+    batches = [(x * std.to(x) + mean.to(x), y) for x, y in data.test]  # back to [0, 1]
+    curve = {}
+    for eps in epsilons:
+        if args.attack == "fgsm":
+            attack = lambda m, x, y, e=eps: fgsm(m, x, y, e, eot_samples=args.eot)  # noqa: E731
+        else:
+            attack = lambda m, x, y, e=eps: pgd(m, x, y, e, norm=args.norm, steps=args.steps,  # noqa: E731
+                                                eot_samples=args.eot)
+        curve[eps] = robust_accuracy(attacked, batches, attack, samples=samples)
+        print(f"  {args.attack} {args.norm if args.attack == 'pgd' else 'linf'} eps {eps:.5g}: "
+              f"robust accuracy {100 * curve[eps]:.2f}%")
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(4.5, 3.4))
+        ax.plot(list(curve), [100 * v for v in curve.values()], marker="o")
+        ax.set_xlabel("epsilon")
+        ax.set_ylabel("robust accuracy (%)")
+        ax.set_title(f"{args.attack.upper()} on {cfg.model.name}")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=120)
+        plt.close(fig)
+        print(f"plot: {args.plot}")
+    return {"method": args.attack, "norm": "linf" if args.attack == "fgsm" else args.norm, "steps": args.steps,
+            "eot_samples": args.eot, "robust_accuracy": {str(k): v for k, v in curve.items()}}
+
+
+def _per_channel(values, channels: int):
+    """A (1, C, 1, 1) tensor of per-channel constants (a single value is broadcast)."""
+    import torch
+
+    t = torch.tensor(values, dtype=torch.float32)
+    return (t.expand(channels) if t.numel() == 1 else t).view(1, -1, 1, 1)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -218,6 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ece-bins", type=int, default=None)
     p.add_argument("--json", help="also write the metrics to this JSON file")
     p.add_argument("--no-temperature-scaling", action="store_true", help="skip fitting T on the validation split")
+    p.add_argument("--attack", choices=("fgsm", "pgd"), help="also report robust accuracy under this attack")
+    p.add_argument("--eps", default="1/255,2/255,4/255,8/255", help="comma-separated radii on [0,1] pixels")
+    p.add_argument("--norm", choices=("linf", "l2"), default="linf", help="PGD threat model")
+    p.add_argument("--steps", type=int, default=10, help="PGD steps")
+    p.add_argument("--eot", type=int, default=1, help="gradient samples per step (expectation over transformation)")
+    p.add_argument("--plot", help="write the robust-accuracy curve to this PNG")
     p.set_defaults(func=cmd_eval)
 
     p = commands.add_parser("compare", help="train several methods x seeds and report mean ± std")
