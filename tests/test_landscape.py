@@ -1,0 +1,63 @@
+"""Loss-landscape slices of a quadratic are the quadratic."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from otmdr.eval.landscape import filter_normalized_direction, interpolation, loss_slice_1d, loss_surface_2d
+
+
+class Quadratic(nn.Module):
+    """Output = 0.5 * theta^T A theta for every input row (the 'loss' is the mean output)."""
+
+    def __init__(self):
+        super().__init__()
+        self.theta = nn.Parameter(torch.tensor([[1.0, -2.0], [0.5, 3.0]], dtype=torch.float64))
+        self.register_buffer("a", torch.tensor([[2.0, 0.3], [0.3, 1.0]], dtype=torch.float64))
+
+    def forward(self, x):
+        t = self.theta.flatten()
+        a4 = torch.block_diag(self.a, self.a)
+        return 0.5 * (t @ a4 @ t) * torch.ones(len(x), dtype=torch.float64)
+
+
+def loss_fn(output, _):
+    return output.mean()
+
+
+BATCHES = [(torch.zeros(3, 1), torch.zeros(3))]
+
+
+def q(model, t):
+    return float(0.5 * t.flatten() @ torch.block_diag(model.a, model.a) @ t.flatten())
+
+
+def test_1d_and_2d_slices_of_a_quadratic_are_the_quadratic():
+    model = Quadratic()
+    theta = model.theta.detach().clone()
+    d1, d2 = [torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)], [torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=torch.float64)]
+    alphas = [-1.0, -0.5, 0.0, 0.5, 1.0]
+    line = loss_slice_1d(model, BATCHES, loss_fn, alphas, direction=d1)
+    assert line == pytest.approx([q(model, theta + a * d1[0]) for a in alphas])
+    surface = loss_surface_2d(model, BATCHES, loss_fn, alphas, alphas, directions=(d1, d2))
+    for i, a in enumerate(alphas):
+        for j, b in enumerate(alphas):
+            assert float(surface[i, j]) == pytest.approx(q(model, theta + a * d1[0] + b * d2[0]))
+    assert torch.equal(model.theta.detach(), theta)  # the weights are put back
+
+
+def test_interpolation_between_two_weight_sets():
+    model = Quadratic()
+    start, end = [torch.zeros(2, 2, dtype=torch.float64)], [model.theta.detach().clone()]
+    values = interpolation(model, BATCHES, loss_fn, start, end, [0.0, 0.5, 1.0])
+    assert values == pytest.approx([0.0, 0.25 * q(model, end[0]), q(model, end[0])])
+
+
+def test_filter_normalisation_matches_each_filter_norm_and_skips_1d_parameters():
+    layer = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    direction = filter_normalized_direction(layer, torch.Generator().manual_seed(0))
+    weight = layer[0].weight.detach()
+    torch.testing.assert_close(direction[0].flatten(1).norm(dim=1), weight.flatten(1).norm(dim=1))
+    assert all(float(d.abs().sum()) == 0.0 for d in direction[1:])  # conv bias, BN weight and bias
