@@ -94,6 +94,12 @@ def test_cli_train_eval_and_errors(tmp_path, capsys):
     assert robust["0.0"] == pytest.approx(evaluated["test"]["accuracy"])  # eps 0 is the clean accuracy
     assert robust[str(8 / 255)] <= robust["0.0"] and (tmp_path / "pgd.png").stat().st_size > 1000
     assert main(["eval", str(out), "--attack", "fgsm", "--eps", "big"]) == 2
+    assert main(["landscape", str(out), str(out), "--out", str(tmp_path / "land"), "--samples", "64",
+                 "--points", "3"]) == 0
+    land = json.loads((tmp_path / "land" / "landscape.json").read_text())
+    assert len(land["surface_2d"]) == 3 and land["slice_1d"][1] == pytest.approx(land["surface_2d"][1][1])
+    assert land["interpolation"]["loss"][0] == pytest.approx(land["interpolation"]["loss"][-1])  # A to A
+    assert (tmp_path / "land" / "landscape.png").stat().st_size > 5000
     cfg, model, _ = load_run(out)
     assert cfg.model.options == {"hidden": [32]}
     assert main(["sharpness", str(out), "--samples", "64", "--iterations", "5", "--probes", "2",

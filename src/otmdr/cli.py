@@ -226,6 +226,67 @@ def cmd_sharpness(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_landscape(args: argparse.Namespace) -> int:
+    """Loss along filter-normalised directions around RUN_A (1-D curve, 2-D contour and surface),
+    and along the line from RUN_A to RUN_B when given; plots and JSON in --out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    import torch.nn.functional as F
+
+    from .data import BatchLoader, ImageData
+    from .eval.landscape import interpolation, loss_slice_1d, loss_surface_2d
+    from .train.checkpoint import atomic_write_text
+
+    args.path = args.run_a
+    cfg, model, data = _load_trained(args)
+    train = data.train
+    n = min(args.samples, train.num_samples)
+    subset = ImageData(train.images[:n].cpu(), train.labels[:n].cpu(), train.classes)
+    batches = list(BatchLoader(subset, train.spec, 512, shuffle=False, device=train.device))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    alphas = np.linspace(-args.span, args.span, args.points).tolist()
+    result: dict[str, Any] = {"run": str(args.run_a), "samples": n, "alphas": alphas}
+    result["slice_1d"] = loss_slice_1d(model, batches, F.cross_entropy, alphas)
+    surface = loss_surface_2d(model, batches, F.cross_entropy, alphas, alphas).numpy()
+    result["surface_2d"] = surface.tolist()
+    grid_a, grid_b = np.meshgrid(alphas, alphas, indexing="ij")
+    fig = plt.figure(figsize=(12, 3.6))
+    ax = fig.add_subplot(1, 3, 1)
+    ax.plot(alphas, result["slice_1d"])
+    ax.set(xlabel="alpha", ylabel="training loss", title="1-D slice")
+    ax = fig.add_subplot(1, 3, 2)
+    contour = ax.contour(grid_a, grid_b, surface, levels=15)
+    ax.clabel(contour, fontsize=6)
+    ax.set(xlabel="alpha", ylabel="beta", title="2-D slice")
+    ax = fig.add_subplot(1, 3, 3, projection="3d")
+    ax.plot_surface(grid_a, grid_b, surface, cmap="viridis")
+    ax.set_title("surface")
+    fig.suptitle(f"{cfg.model.name} ({cfg.optim.method}), filter-normalised directions, {n} training images")
+    fig.tight_layout()
+    fig.savefig(out / "landscape.png", dpi=120)
+    plt.close(fig)
+    if args.run_b:
+        args.path = args.run_b
+        _, other, _ = _load_trained(args)
+        steps = np.linspace(-0.25, 1.25, args.points).tolist()
+        start = [p.detach() for p in model.parameters()]
+        end = [p.detach() for p in other.parameters()]
+        result["interpolation"] = {"alphas": steps, "loss": interpolation(model, batches, F.cross_entropy, start, end, steps)}
+        fig, ax = plt.subplots(figsize=(4.5, 3.4))
+        ax.plot(steps, result["interpolation"]["loss"])
+        ax.set(xlabel="alpha (0: RUN_A, 1: RUN_B)", ylabel="training loss", title="linear interpolation")
+        fig.tight_layout()
+        fig.savefig(out / "interpolation.png", dpi=120)
+        plt.close(fig)
+    atomic_write_text(out / "landscape.json", json.dumps(result))
+    print(f"written: {out / 'landscape.png'}" + (f", {out / 'interpolation.png'}" if args.run_b else ""))
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from .models import describe_models
 
@@ -306,6 +367,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probes", type=int, default=20, help="Hutchinson probes for the trace")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(func=cmd_sharpness)
+
+    p = commands.add_parser("landscape", help="loss-landscape slices around a run (and the line to another)")
+    p.add_argument("run_a", help="run directory or checkpoint")
+    p.add_argument("run_b", nargs="?", help="second run of the same architecture, for interpolation")
+    p.add_argument("--out", required=True, help="folder for landscape.png, interpolation.png, landscape.json")
+    p.add_argument("--data-dir")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--checkpoint", choices=("last", "best"), default="last")
+    p.add_argument("--samples", type=int, default=1024, help="first N training images")
+    p.add_argument("--span", type=float, default=1.0, help="alpha and beta range [-span, span]")
+    p.add_argument("--points", type=int, default=21, help="grid points per axis")
+    p.set_defaults(func=cmd_landscape)
 
     commands.add_parser("models", help="list the registered models").set_defaults(func=cmd_models)
     commands.add_parser("datasets", help="list the datasets and their expected layout").set_defaults(func=cmd_datasets)
