@@ -40,7 +40,8 @@ SEVERITY_CONSTANTS: dict[str, list] = {
     "shot_noise": [500, 250, 100, 75, 50],  # Poisson rate scale
     "impulse_noise": [0.01, 0.02, 0.03, 0.05, 0.07],  # salt-and-pepper amount
     "defocus_blur": [(0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (1, 0.2), (1.5, 0.1)],  # (radius, alias)
-    "glass_blur": [(0.05, 1, 1), (0.25, 1, 1), (0.4, 1, 1), (0.25, 1, 2), (0.4, 1, 2)],  # (sigma, max_delta, iterations)
+    # (sigma, max_delta, iterations)
+    "glass_blur": [(0.05, 1, 1), (0.25, 1, 1), (0.4, 1, 1), (0.25, 1, 2), (0.4, 1, 2)],
     "motion_blur": [(10, 1), (10, 1.5), (10, 2), (10, 2.5), (12, 3)],  # (radius, sigma)
     "zoom_blur": [
         np.arange(1, 1.06, 0.01), np.arange(1, 1.11, 0.01), np.arange(1, 1.16, 0.01),
@@ -104,18 +105,21 @@ def _gaussian_kernel2d(kernel: np.ndarray, sigma: float) -> np.ndarray:
 
 
 def _motion_kernel(length: float, sigma: float, angle: float) -> np.ndarray:
-    """A one-sided line of ``length`` pixels from the centre along ``angle`` (degrees), Gaussian smoothed."""
+    """A one-sided line kernel from the centre along ``angle`` (degrees), ``length`` pixels long,
+    its weights a Gaussian of ``sigma`` in the distance from the centre (so larger sigma = longer
+    effective streak, as in ImageMagick's motion blur used by the paper)."""
     r = int(math.ceil(length)) + 1
     k = np.zeros((2 * r + 1, 2 * r + 1))
+    cos, sin = math.cos(math.radians(angle)), math.sin(math.radians(angle))
     for t in np.linspace(0.0, length, max(2, int(4 * length) + 1)):
-        px, py = r + t * math.cos(math.radians(angle)), r - t * math.sin(math.radians(angle))
+        weight = math.exp(-0.5 * (t / max(sigma, 1e-6)) ** 2)
+        px, py = r + t * cos, r - t * sin
         x0, y0 = int(math.floor(px)), int(math.floor(py))
         fx, fy = px - x0, py - y0
         for dy, wy in ((0, 1 - fy), (1, fy)):
             for dx, wx in ((0, 1 - fx), (1, fx)):
                 if 0 <= y0 + dy < k.shape[0] and 0 <= x0 + dx < k.shape[1]:
-                    k[y0 + dy, x0 + dx] += wy * wx
-    k = _gaussian_kernel2d(k, sigma)
+                    k[y0 + dy, x0 + dx] += weight * wy * wx
     return k / k.sum()
 
 
@@ -189,9 +193,11 @@ def _impulse_noise(x, c, rng, s):
 
 def _defocus_blur(x, c, rng, s):
     radius, alias = c[0] * s, c[1] * s
-    r = max(1, int(math.ceil(radius)))
-    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
-    disk = (xx**2 + yy**2 <= radius**2).astype(np.float64)
+    r = max(1, int(math.ceil(radius + 0.5)))
+    sub = (np.arange(8) + 0.5) / 8 - 0.5  # 8x8 supersampling: each tap = area of its pixel inside the disk
+    yy = (np.arange(-r, r + 1)[:, None] + sub[None, :]).reshape(-1)
+    inside = (yy[:, None] ** 2 + yy[None, :] ** 2 <= radius**2).astype(np.float64)
+    disk = inside.reshape(2 * r + 1, 8, 2 * r + 1, 8).sum(axis=(1, 3))
     disk /= disk.sum()
     k = _gaussian_kernel2d(disk, alias)
     return _filter(x, k / k.sum())
@@ -230,13 +236,17 @@ def _snow(x, c, rng, s):
     loc, scale, zoom, threshold, radius, sigma, blend = c
     n, h, w, ch = x.shape
     flakes = rng.normal(loc, scale, (n, h, w, 1))
-    flakes = _zoom(flakes, zoom)
+    if zoom > 1:  # bigger flakes: nearest-neighbour zoom keeps the flake-value distribution
+        zh, zw = int(math.ceil(h * zoom)), int(math.ceil(w * zoom))
+        rows = np.minimum((np.arange(zh) / zoom).astype(int), h - 1)[(zh - h) // 2 :][:h]
+        cols = np.minimum((np.arange(zw) / zoom).astype(int), w - 1)[(zw - w) // 2 :][:w]
+        flakes = flakes[:, rows][:, :, cols]
     flakes[flakes < threshold] = 0.0
     layer = np.empty_like(flakes)
     for i in range(n):  # streak the flakes along a falling direction
         k = _motion_kernel(radius * s, sigma * s, rng.uniform(-135, -45))
         layer[i : i + 1] = _filter(flakes[i : i + 1], k)
-    layer = np.clip(layer * 1.5 * (radius / max(sigma, 1)) ** 0.5, 0, 1)  # keep the streaks visible
+    layer = np.clip(layer * 2.0, 0, 1)  # keep the spread-out streaks visible
     base = blend * x + (1 - blend) * np.maximum(x, _to_gray(x) * 1.5 + 0.5)
     return base * (1 - 0.1 * (1 - blend)) + layer + layer[:, ::-1, ::-1]
 
