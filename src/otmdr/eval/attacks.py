@@ -9,12 +9,13 @@ running statistics) and restore its mode afterwards.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ._mode import eval_mode
 
 __all__ = ["Normalized", "fgsm", "pgd", "robust_accuracy"]
 
@@ -34,16 +35,6 @@ class Normalized(nn.Module):
         return self.model((x - self.mean.to(x)) / self.std.to(x))
 
 
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
 def _per_sample_norm(t: Tensor) -> Tensor:
     return t.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (t.dim() - 1)))
 
@@ -58,7 +49,7 @@ def _input_gradient(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn, sam
 def fgsm(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, loss_fn: LossFn = F.cross_entropy,
          eot_samples: int = 1) -> Tensor:
     """One signed-gradient step of size ``eps`` (L-infinity), clipped to [0, 1]."""
-    with _eval_mode(model):
+    with eval_mode(model):
         grad = _input_gradient(model, x, y, loss_fn, eot_samples)
     return (x + eps * grad.sign()).clamp(0.0, 1.0).detach()
 
@@ -85,7 +76,7 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, norm: str = "linf
         noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1
         delta = _project(noise * eps if norm == "linf" else noise, eps, norm)
     delta = ((x + delta).clamp(0.0, 1.0) - x)
-    with _eval_mode(model):
+    with eval_mode(model):
         for _ in range(steps):
             grad = _input_gradient(model, x + delta, y, loss_fn, eot_samples)
             step = grad.sign() if norm == "linf" else grad / _per_sample_norm(grad)
@@ -105,7 +96,7 @@ def robust_accuracy(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]],
     """Accuracy on ``attack(model, x, y)`` for every batch (x in [0, 1]); ``samples`` > 1 averages
     the predictive of a stochastic model."""
     correct = total = 0
-    with _eval_mode(model):
+    with eval_mode(model):
         for x, y in batches:
             correct += int(_correct(model, attack(model, x, y), y, samples).sum())
             total += len(y)

@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from ._mode import eval_mode
+
 __all__ = ["filter_normalized_direction", "loss_slice_1d", "loss_surface_2d", "interpolation"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -43,18 +45,16 @@ def filter_normalized_direction(model: nn.Module, generator: torch.Generator | N
 def _weights(model: nn.Module, values: Sequence[Tensor]) -> Iterator[None]:
     params = _params(model)
     saved = [p.detach().clone() for p in params]
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
-            for p, v in zip(params, values):
-                p.copy_(v)
-        yield
+        with eval_mode(model):
+            with torch.no_grad():
+                for p, v in zip(params, values):
+                    p.copy_(v)
+            yield
     finally:
         with torch.no_grad():
             for p, s in zip(params, saved):
                 p.copy_(s)
-        model.train(was_training)
 
 
 @torch.no_grad()

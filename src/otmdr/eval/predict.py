@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ._mode import eval_mode
+
 __all__ = ["Prediction", "predict", "predict_logits"]
 
 
@@ -34,11 +36,9 @@ def predict(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], *,
             autocast_dtype: torch.dtype | None = None, samples: int = 1) -> Prediction:
     """Eval-mode predictions; ``samples`` > 1 averages the probabilities of that many forwards
     (a Bayesian network draws new weights on each)."""
-    was_training = model.training
-    model.eval()
     member_logits = _members(model)
     log_probs, labels, members = [], [], []
-    try:
+    with eval_mode(model):
         for x, y in batches:
             ctx = torch.autocast(x.device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
             with ctx:
@@ -50,8 +50,6 @@ def predict(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], *,
                     draws = torch.stack([torch.log_softmax(model(x).double(), dim=-1) for _ in range(samples)])
             log_probs.append((torch.logsumexp(draws, dim=0) - math.log(len(draws))).cpu())
             labels.append(y.cpu())
-    finally:
-        model.train(was_training)
     return Prediction(torch.cat(log_probs), torch.cat(labels), torch.cat(members, dim=1) if members else None)
 
 

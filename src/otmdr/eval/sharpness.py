@@ -17,20 +17,12 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from ._mode import eval_mode
+
 __all__ = ["top_hessian_eigenvalue", "hessian_trace", "worst_case_sharpness", "average_sharpness"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 Batches = Sequence[tuple[Tensor, Tensor]]
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 def _params(model: nn.Module) -> list[Tensor]:
@@ -56,7 +48,7 @@ def top_hessian_eigenvalue(model: nn.Module, batches: Batches, loss_fn: LossFn, 
                            tol: float = 1e-4, seed: int = 0) -> float:
     """Largest-magnitude eigenvalue of the Hessian of the loss (power iteration)."""
     generator = torch.Generator().manual_seed(seed)
-    with _eval_mode(model):
+    with eval_mode(model):
         params = _params(model)
         v = [torch.randn(p.shape, generator=generator).to(p) for p in params]
         norm = torch.sqrt(_dot(v, v))
@@ -78,7 +70,7 @@ def top_hessian_eigenvalue(model: nn.Module, batches: Batches, loss_fn: LossFn, 
 def hessian_trace(model: nn.Module, batches: Batches, loss_fn: LossFn, *, probes: int = 20, seed: int = 0) -> float:
     """Hutchinson estimate E[v^T H v] with Rademacher v."""
     generator = torch.Generator().manual_seed(seed)
-    with _eval_mode(model):
+    with eval_mode(model):
         params = _params(model)
         estimates = []
         for _ in range(probes):
@@ -102,7 +94,7 @@ def _shifted(params: Sequence[Tensor], shift: Sequence[Tensor]) -> Iterator[None
 
 def worst_case_sharpness(model: nn.Module, batches: Batches, loss_fn: LossFn, rho: float = 0.05) -> float:
     """L(theta + rho g/||g||) - L(theta): the first-order worst case in the rho-ball (SAM's)."""
-    with _eval_mode(model):
+    with eval_mode(model):
         params = _params(model)
         loss = _loss(model, batches, loss_fn)
         grads = torch.autograd.grad(loss, params)
@@ -115,7 +107,7 @@ def average_sharpness(model: nn.Module, batches: Batches, loss_fn: LossFn, rho: 
                       directions: int = 10, seed: int = 0) -> float:
     """Mean of L(theta + rho u) - L(theta) over random directions u with ||u|| = 1."""
     generator = torch.Generator().manual_seed(seed)
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         params = _params(model)
         base = float(_loss(model, batches, loss_fn))
         increases = []
