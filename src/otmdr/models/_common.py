@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
 from torch import Tensor, nn
 
@@ -22,6 +24,18 @@ def init_weights(model: nn.Module) -> None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
+
+
+def residual_stages(block: Callable[[int, int, int], nn.Module], in_planes: int,
+                    stages: Sequence[tuple[int, int, int]]) -> tuple[nn.Sequential, int]:
+    """Stack ``blocks`` blocks per ``(planes, blocks, stride)`` stage; the first block of a stage
+    takes the stride. Returns the stack and its output channels."""
+    layers: list[nn.Module] = []
+    for planes, blocks, stride in stages:
+        for i in range(blocks):
+            layers.append(block(in_planes, planes, stride if i == 0 else 1))
+            in_planes = planes
+    return nn.Sequential(*layers), in_planes
 
 
 class PreActHead(nn.Module):

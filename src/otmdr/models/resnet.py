@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ._common import PreActHead, init_weights
+from ._common import PreActHead, init_weights, residual_stages
 from .registry import register_model
 from .resnet_cifar import BasicBlock
 
@@ -23,14 +23,8 @@ class ResNet(nn.Module):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width),
                                   nn.ReLU(inplace=True))
-        layers: list[nn.Module] = []
-        in_planes = width
-        for stage, blocks in enumerate(num_blocks):
-            planes = width * 2**stage
-            for i in range(blocks):
-                layers.append(BasicBlock(in_planes, planes, 2 if stage > 0 and i == 0 else 1))
-                in_planes = planes
-        self.layers = nn.Sequential(*layers)
+        stages = [(width * 2**stage, blocks, 1 if stage == 0 else 2) for stage, blocks in enumerate(num_blocks)]
+        self.layers, in_planes = residual_stages(BasicBlock, width, stages)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(in_planes, num_classes)
         init_weights(self)
@@ -67,14 +61,8 @@ class PreActResNet(nn.Module):
     def __init__(self, num_blocks: tuple[int, ...], num_classes: int = 10, in_channels: int = 3, width: int = 64):
         super().__init__()
         self.stem = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
-        layers: list[nn.Module] = []
-        in_planes = width
-        for stage, blocks in enumerate(num_blocks):
-            planes = width * 2**stage
-            for i in range(blocks):
-                layers.append(PreActBlock(in_planes, planes, 2 if stage > 0 and i == 0 else 1))
-                in_planes = planes
-        self.layers = nn.Sequential(*layers)
+        stages = [(width * 2**stage, blocks, 1 if stage == 0 else 2) for stage, blocks in enumerate(num_blocks)]
+        self.layers, in_planes = residual_stages(PreActBlock, width, stages)
         self.head = PreActHead(in_planes, num_classes)
         init_weights(self)
 

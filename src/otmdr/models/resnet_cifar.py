@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from ._common import residual_stages
 from .registry import register_model
 
 
@@ -38,13 +39,7 @@ class CifarResNet(nn.Module):
             raise ValueError(f"CIFAR ResNet depth must be 6n+2 (20, 32, 44, 56, 110), got {depth}")
         n = (depth - 2) // 6
         self.stem = nn.Sequential(nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(inplace=True))
-        layers: list[nn.Module] = []
-        in_planes = 16
-        for planes, stride in ((16, 1), (32, 2), (64, 2)):
-            for i in range(n):
-                layers.append(BasicBlock(in_planes, planes, stride if i == 0 else 1))
-                in_planes = planes
-        self.layers = nn.Sequential(*layers)
+        self.layers, _ = residual_stages(BasicBlock, 16, [(16, n, 1), (32, n, 2), (64, n, 2)])
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(64, num_classes)
         for module in self.modules():

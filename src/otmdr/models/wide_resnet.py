@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._common import PreActHead, init_weights
+from ._common import PreActHead, init_weights, residual_stages
 from .registry import register_model
 
 
@@ -51,13 +51,9 @@ class WideResNet(nn.Module):
         n = (depth - 4) // 6
         widths = (16 * widen_factor, 32 * widen_factor, 64 * widen_factor)
         self.stem = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
-        layers: list[nn.Module] = []
-        in_planes = 16
-        for stage, planes in enumerate(widths):
-            for i in range(n):
-                layers.append(WideBlock(in_planes, planes, 2 if stage > 0 and i == 0 else 1, dropout))
-                in_planes = planes
-        self.layers = nn.Sequential(*layers)
+        stages = [(planes, n, 1 if stage == 0 else 2) for stage, planes in enumerate(widths)]
+        block = lambda i, o, stride: WideBlock(i, o, stride, dropout)  # noqa: E731
+        self.layers, in_planes = residual_stages(block, 16, stages)
         self.head = PreActHead(in_planes, num_classes)
         init_weights(self)
 
