@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["ConfigError", "ExperimentConfig", "load_config", "apply_overrides", "config_to_dict", "config_from_dict"]
+__all__ = ["ConfigError", "ExperimentConfig", "otmdr_options", "load_config", "apply_overrides", "config_to_dict", "config_from_dict"]
 
 METHODS = ("sgd", "sam", "asam", "otmdr")
 
@@ -83,6 +83,14 @@ class OTMDRConfig:
     adaptive_eta: float = 0.0
     particles: int = 1
     bn_policy: str = "ascent"
+
+
+def otmdr_options(section: OTMDRConfig) -> dict[str, Any]:
+    """The ``otmdr`` config section as keyword arguments of :class:`otmdr.optim.OTMDR`."""
+    options = dataclasses.asdict(section)
+    options["rho"] = tuple(section.rho)
+    options["split"] = None if section.split is None else tuple(section.split)
+    return options
 
 
 @dataclass
@@ -317,11 +325,8 @@ def _check_values(config: ExperimentConfig) -> None:
     # the optimizer's own validation (rho, split, ...) with the key named
     from .optim import PerturbationConfig
 
-    o = config.otmdr
     try:
-        PerturbationConfig(rho=tuple(o.rho), split=None if o.split is None else tuple(o.split), merge=o.merge,
-                           normalize=o.normalize, reduce=o.reduce, noise_std=o.noise_std, adaptive=o.adaptive,
-                           adaptive_eta=o.adaptive_eta, particles=o.particles, bn_policy=o.bn_policy)
+        PerturbationConfig(**otmdr_options(config.otmdr))
     except ValueError as error:
         raise ConfigError(f"config section otmdr: {error}") from None
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import ConfigError, ExperimentConfig
+from ..config import ConfigError, ExperimentConfig, otmdr_options
 from ..data import (Augment, BatchLoader, DatasetSpec, ImageData, get_spec, load_split, resolve_spec, subset,
                     train_val_split)
 from ..models import create_model
@@ -113,10 +113,7 @@ def build_optimizer(cfg: ExperimentConfig, model: nn.Module) -> torch.optim.Opti
     if o.method == "asam":
         return ASAM(groups, base, rho=cfg.asam.rho, adaptive_eta=cfg.asam.eta, bn_policy=cfg.asam.bn_policy,
                     **common, **kwargs)
-    m = cfg.otmdr
-    return OTMDR(groups, base, rho=tuple(m.rho), split=None if m.split is None else tuple(m.split), merge=m.merge,
-                 normalize=m.normalize, reduce=m.reduce, noise_std=m.noise_std, adaptive=m.adaptive,
-                 adaptive_eta=m.adaptive_eta, particles=m.particles, bn_policy=m.bn_policy, **common, **kwargs)
+    return OTMDR(groups, base, **otmdr_options(cfg.otmdr), **common, **kwargs)
 
 
 def build_scheduler(cfg: ExperimentConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
