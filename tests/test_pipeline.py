@@ -118,6 +118,7 @@ def test_cli_train_eval_and_errors(tmp_path, capsys):
     assert "corrupted" in capsys.readouterr().err
     assert main(["train", "--config", str(DEMO), "--set", "data.name=fashion-mnist", "--out", str(tmp_path / "y")]) == 2
     assert "data" in capsys.readouterr().err.lower()
+    assert not (tmp_path / "y").exists()  # a run that never started leaves no folder behind
     assert main(["train", "--config", str(DEMO), "--set", "model.name=resnet7", "--out", str(tmp_path / "z")]) == 2
     assert "unknown model 'resnet7'" in capsys.readouterr().err
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -46,7 +47,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         out = args.out or f"runs/{stem}-{cfg.optim.method}-s{cfg.train.seed}-{_timestamp()}"
         run_dir = prepare_run_dir(out, resume=False)
         print(f"run directory: {run_dir}")
-        summary = train(cfg, run_dir)
+        try:
+            summary = train(cfg, run_dir)
+        except BaseException:
+            if not (run_dir / "checkpoints" / "last.pt").exists():  # nothing trained: leave no stale folder
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
     test = summary["test"]
     print(f"test: accuracy {100 * test['accuracy']:.2f}%  NLL {test['nll']:.4f}  Brier {test['brier']:.4f}  "
           f"ECE {100 * test['ece']:.2f}% ({test['ece_bins']} bins)")
