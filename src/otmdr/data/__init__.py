@@ -15,12 +15,18 @@ and how to get it.
 Datasets: digits, mnist, fashion-mnist (IDX files), cifar10, cifar100, cifar100-coarse (the
 official python pickles), cifar10-jpeg and imagefolder (``<split>/<class>/*.jpg|png`` as a
 folder or a tar archive, decoded once with Pillow and cached as ``.npz``).
+
+Corrupted test sets in the official CIFAR-10-C / CIFAR-100-C ``.npy`` layout (``<corruption>.npy``
+holding severities 1..5 in blocks, plus ``labels.npy``): :func:`list_corruptions`,
+:func:`load_corrupted` read one (the official release or our own copy), :func:`write_corrupted`
+writes our own copy of a clean test set with :func:`otmdr.eval.corruptions.corrupt`.
 """
 
 from ._types import DatasetError, DatasetSpec, ImageData
 from .loader import BatchLoader, subset, train_val_split
 from .registry import get_spec, list_datasets, load_split, resolve_spec
 from .transforms import Augment, to_float
+from .corrupted import list_corruptions, load_corrupted, write_corrupted
 
 __all__ = [
     "DatasetError",
@@ -35,4 +41,7 @@ __all__ = [
     "Augment",
     "to_float",
     "BatchLoader",
+    "list_corruptions",
+    "load_corrupted",
+    "write_corrupted",
 ]
