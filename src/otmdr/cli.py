@@ -68,6 +68,10 @@ def _load_trained(args: argparse.Namespace):
     cfg, model, _ = load_run(args.path, device=args.device, which=args.checkpoint)
     if args.data_dir:
         cfg.data.dir = args.data_dir
+    if getattr(args, "test_limit", None):
+        if args.test_limit < 1:
+            raise _UsageError("--test-limit must be at least 1")
+        cfg.data.test_limit = args.test_limit
     return cfg, model, build_data(cfg, next(model.parameters()).device)
 
 
@@ -91,6 +95,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"  {key:24s} {shown}")
     if args.attack:
         result["attack"] = _robustness(args, cfg, model, data)
+    if args.corruptions:
+        result["corruptions"] = _corruption_robustness(args, cfg, model, data)
     if args.json:
         atomic_write_text(args.json, json.dumps(result, indent=2))
         print(f"written: {args.json}")
@@ -125,23 +131,76 @@ def _robustness(args: argparse.Namespace, cfg, model, data) -> dict[str, Any]:
         print(f"  {args.attack} {args.norm if args.attack == 'pgd' else 'linf'} eps {eps:.5g}: "
               f"robust accuracy {100 * curve[eps]:.2f}%")
     if args.plot:
-        import matplotlib
+        from .report.plots import plot_robust_accuracy
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(4.5, 3.4))
-        ax.plot(list(curve), [100 * v for v in curve.values()], marker="o")
-        ax.set_xlabel("epsilon")
-        ax.set_ylabel("robust accuracy (%)")
-        ax.set_title(f"{args.attack.upper()} on {cfg.model.name}")
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(args.plot, dpi=120)
-        plt.close(fig)
+        plot_robust_accuracy({cfg.model.name: curve}, args.plot, title=f"{args.attack.upper()} on {cfg.model.name}")
         print(f"plot: {args.plot}")
     return {"method": args.attack, "norm": "linf" if args.attack == "fgsm" else args.norm, "steps": args.steps,
             "eot_samples": args.eot, "robust_accuracy": {str(k): v for k, v in curve.items()}}
+
+
+def _corruption_robustness(args: argparse.Namespace, cfg, model, data) -> dict[str, Any]:
+    """Metrics per corruption x severity on the test split: corrupted on the fly, or read from an
+    official-layout folder (``--corrupted-dir``, e.g. CIFAR-10-C or one written by ``otmdr corrupt``)."""
+    import numpy as np
+    import torch
+
+    from .data import DatasetError, ImageData
+    from .eval.corruptions import CORRUPTIONS
+    from .eval.shift import (corruption_robustness, format_corruption_table, generated_source,
+                             parse_corruptions, parse_severities)
+    from .models.bayes import is_bayesian
+    from .train.loop import AUTOCAST
+
+    test = data.test
+    clean = ImageData(test.images.cpu(), test.labels.cpu(), test.classes)
+    if args.corrupted_dir:
+        from .data import list_corruptions, load_corrupted
+
+        available = list_corruptions(args.corrupted_dir)
+        limit = cfg.data.test_limit
+
+        def source(name: str, severity: int):
+            images, labels = load_corrupted(args.corrupted_dir, name, severity)
+            images, labels = images[:limit], labels[:limit]
+            if len(labels) == len(clean) and not np.array_equal(labels, clean.labels.cpu().numpy()):
+                raise DatasetError(f"{args.corrupted_dir}: its labels differ from the {cfg.data.name} test split's: "
+                                   "the folder holds a corrupted copy of another dataset or ordering; write a "
+                                   "matching one with `otmdr corrupt`")
+            return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))), torch.from_numpy(labels)
+        where = f"read from {args.corrupted_dir}"
+    else:
+        available = list(CORRUPTIONS)
+        source = generated_source(clean.images, clean.labels, seed=args.corruption_seed)
+        where = f"generated on the fly (seed {args.corruption_seed})"
+    try:
+        names = parse_corruptions(args.corruptions, available)
+        severities = parse_severities(args.severities)
+    except ValueError as error:
+        raise _UsageError(f"--corruptions/--severities: {error}") from None
+    print(f"  corruptions: {len(names)} x severities {severities} on {len(clean)} test images, {where}")
+
+    def progress(name: str, severity: int, cell: dict[str, float]) -> None:
+        print(f"    {name:18s} s{severity}: accuracy {100 * cell['accuracy']:6.2f}%  NLL {cell['nll']:.4f}  "
+              f"ECE {100 * cell['ece']:5.2f}%", flush=True)
+
+    result = corruption_robustness(
+        model, clean, test.spec, source, corruptions=names, severities=severities, device=test.device,
+        n_bins=args.ece_bins or cfg.eval.ece_bins, samples=cfg.bayes.test_samples if is_bayesian(model) else 1,
+        autocast=AUTOCAST[cfg.train.precision], progress=progress)
+    result["source"] = where
+    print()
+    print(format_corruption_table(result))
+    print(f"  mean corruption accuracy {100 * result['mean_corruption_accuracy']:.2f}%  (clean "
+          f"{100 * result['clean']['accuracy']:.2f}%, relative degradation "
+          f"{100 * result['relative_degradation']:.1f}%);  mean NLL {result['mean_corruption_nll']:.4f}, "
+          f"mean ECE {100 * result['mean_corruption_ece']:.2f}%")
+    if args.heatmap:
+        from .report.plots import plot_corruption_heatmaps
+
+        plot_corruption_heatmaps({f"{cfg.model.name} ({cfg.optim.method})": result}, args.heatmap)
+        print(f"heat map: {args.heatmap}")
+    return result
 
 
 def _per_channel(values, channels: int):
@@ -209,27 +268,38 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_sharpness(args: argparse.Namespace) -> int:
     import torch.nn.functional as F
 
-    from .data import BatchLoader, ImageData
     from .eval.sharpness import average_sharpness, hessian_trace, top_hessian_eigenvalue, worst_case_sharpness
+    from .models.bayes import is_bayesian, posterior_mean
     from .train.checkpoint import atomic_write_text
 
     _, model, data = _load_trained(args)
-    train = data.train
-    n = min(args.samples, train.num_samples)  # a fixed subset: the first n training images, no augmentation
-    subset = ImageData(train.images[:n].cpu(), train.labels[:n].cpu(), train.classes)
-    batches = list(BatchLoader(subset, train.spec, args.batch_size, shuffle=False, device=train.device))
-    result = {
-        "path": str(args.path), "samples": n, "rho": args.rho,
-        "top_hessian_eigenvalue": top_hessian_eigenvalue(model, batches, F.cross_entropy, iterations=args.iterations),
-        "hessian_trace": hessian_trace(model, batches, F.cross_entropy, probes=args.probes),
-        "worst_case_sharpness": worst_case_sharpness(model, batches, F.cross_entropy, rho=args.rho),
-        "average_sharpness": average_sharpness(model, batches, F.cross_entropy, rho=args.rho),
-    }
+    batches = _fixed_training_subset(data, args.samples, args.batch_size)
+    with posterior_mean(model):  # a BNN: the network of its posterior means
+        result = {
+            "path": str(args.path), "samples": sum(len(y) for _, y in batches), "rho": args.rho,
+            "bayesian_posterior_mean": is_bayesian(model),
+            "top_hessian_eigenvalue": top_hessian_eigenvalue(model, batches, F.cross_entropy,
+                                                             iterations=args.iterations),
+            "hessian_trace": hessian_trace(model, batches, F.cross_entropy, probes=args.probes),
+            "worst_case_sharpness": worst_case_sharpness(model, batches, F.cross_entropy, rho=args.rho),
+            "average_sharpness": average_sharpness(model, batches, F.cross_entropy, rho=args.rho),
+        }
     for key, value in result.items():
         print(f"  {key:24s} {value}")
     if args.json:
         atomic_write_text(args.json, json.dumps(result, indent=2))
     return 0
+
+
+def _fixed_training_subset(data, samples: int, batch_size: int) -> list:
+    """The first ``samples`` training images, normalised, not augmented, as a list of batches:
+    the fixed subset on which sharpness and landscapes of different runs are compared."""
+    from .data import BatchLoader, ImageData
+
+    train = data.train
+    n = min(samples, train.num_samples)
+    subset = ImageData(train.images[:n].cpu(), train.labels[:n].cpu(), train.classes)
+    return list(BatchLoader(subset, train.spec, batch_size, shuffle=False, device=train.device))
 
 
 def cmd_landscape(args: argparse.Namespace) -> int:
@@ -242,22 +312,21 @@ def cmd_landscape(args: argparse.Namespace) -> int:
     import numpy as np
     import torch.nn.functional as F
 
-    from .data import BatchLoader, ImageData
     from .eval.landscape import interpolation, loss_slice_1d, loss_surface_2d
+    from .models.bayes import posterior_mean
     from .train.checkpoint import atomic_write_text
 
     args.path = args.run_a
     cfg, model, data = _load_trained(args)
-    train = data.train
-    n = min(args.samples, train.num_samples)
-    subset = ImageData(train.images[:n].cpu(), train.labels[:n].cpu(), train.classes)
-    batches = list(BatchLoader(subset, train.spec, 512, shuffle=False, device=train.device))
+    batches = _fixed_training_subset(data, args.samples, 512)
+    n = sum(len(y) for _, y in batches)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     alphas = np.linspace(-args.span, args.span, args.points).tolist()
     result: dict[str, Any] = {"run": str(args.run_a), "samples": n, "alphas": alphas}
-    result["slice_1d"] = loss_slice_1d(model, batches, F.cross_entropy, alphas)
-    surface = loss_surface_2d(model, batches, F.cross_entropy, alphas, alphas).numpy()
+    with posterior_mean(model):  # a BNN: the landscape of its posterior means
+        result["slice_1d"] = loss_slice_1d(model, batches, F.cross_entropy, alphas)
+        surface = loss_surface_2d(model, batches, F.cross_entropy, alphas, alphas).numpy()
     result["surface_2d"] = surface.tolist()
     grid_a, grid_b = np.meshgrid(alphas, alphas, indexing="ij")
     fig = plt.figure(figsize=(12, 3.6))
@@ -281,7 +350,9 @@ def cmd_landscape(args: argparse.Namespace) -> int:
         steps = np.linspace(-0.25, 1.25, args.points).tolist()
         start = [p.detach() for p in model.parameters()]
         end = [p.detach() for p in other.parameters()]
-        result["interpolation"] = {"alphas": steps, "loss": interpolation(model, batches, F.cross_entropy, start, end, steps)}
+        with posterior_mean(model):
+            losses = interpolation(model, batches, F.cross_entropy, start, end, steps)
+        result["interpolation"] = {"alphas": steps, "loss": losses}
         fig, ax = plt.subplots(figsize=(4.5, 3.4))
         ax.plot(steps, result["interpolation"]["loss"])
         ax.set(xlabel="alpha (0: RUN_A, 1: RUN_B)", ylabel="training loss", title="linear interpolation")
@@ -348,6 +419,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=10, help="PGD steps")
     p.add_argument("--eot", type=int, default=1, help="gradient samples per step (expectation over transformation)")
     p.add_argument("--plot", help="write the robust-accuracy curve to this PNG")
+    p.add_argument("--test-limit", type=int, help="evaluate on the first N test images only (faster attacks)")
+    p.add_argument("--corruptions", metavar="all|NAMES",
+                   help="also evaluate under common corruptions: 'all' or comma-separated names")
+    p.add_argument("--severities", default="1-5", help="corruption severities, e.g. 1-5, 3 or 1,3,5")
+    p.add_argument("--corrupted-dir", help="read the corrupted test set from this official-layout folder "
+                                           "(CIFAR-10-C style, or written by `otmdr corrupt`) instead of generating it")
+    p.add_argument("--corruption-seed", type=int, default=0, help="seed of the on-the-fly corruptions")
+    p.add_argument("--heatmap", help="write the corruption x severity accuracy heat map to this PNG")
     p.set_defaults(func=cmd_eval)
 
     p = commands.add_parser("compare", help="train several methods x seeds and report mean ± std")

@@ -53,6 +53,7 @@ __all__ = [
     "BayesLinear",
     "BayesConv2d",
     "bayes_layers",
+    "posterior_mean",
     "is_bayesian",
     "kl_divergence",
     "negative_elbo",
@@ -323,6 +324,27 @@ def mean_weights(model: nn.Module) -> Iterator[nn.Module]:
         yield model
     finally:
         _restore(previous)
+
+
+@contextlib.contextmanager
+def posterior_mean(model: nn.Module) -> Iterator[nn.Module]:
+    """The deterministic network of the posterior means, with the scales frozen.
+
+    Sharpness and loss landscapes are defined for one set of weights: inside the block the
+    Bayesian layers use ``w = mu`` and their ``*_rho`` parameters have ``requires_grad=False``,
+    so Hessians and directions cover the means only (the parameters OT-MDR perturbs). A
+    model without Bayesian layers passes through unchanged.
+    """
+    scales = [rho for layer in bayes_layers(model) for _, rho in layer._pairs()]
+    flags = [rho.requires_grad for rho in scales]
+    for rho in scales:
+        rho.requires_grad_(False)
+    try:
+        with mean_weights(model):
+            yield model
+    finally:
+        for rho, flag in zip(scales, flags):
+            rho.requires_grad_(flag)
 
 
 def bayes_param_groups(model: nn.Module, scale_group_options: Mapping[str, Any] | None = None,

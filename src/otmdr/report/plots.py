@@ -11,7 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-__all__ = ["plot_learning_curves", "plot_test_accuracy", "plot_reliability"]
+__all__ = ["plot_learning_curves", "plot_test_accuracy", "plot_reliability", "plot_corruption_heatmaps",
+           "plot_robust_accuracy"]
 
 
 def _mean_curve(runs: list[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
@@ -89,6 +90,61 @@ def plot_reliability(summaries: dict[str, list[dict[str, Any]]], path: Path) -> 
         ax.set_ylim(0, 1)
     axes[0][0].set_ylabel("accuracy")
     axes[0][0].legend(loc="upper left", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_corruption_heatmaps(results: dict[str, dict[str, Any]], path: Path, *, key: str = "accuracy") -> Path:
+    """One heat map per model (corruption x severity, in %), on one colour scale so that the
+    panels compare; ``results`` maps a label to :func:`otmdr.eval.shift.corruption_robustness`'s
+    output (or to a mean of several)."""
+    labels = list(results)
+    first = results[labels[0]]
+    names = list(first["corruptions"])
+    severities = [str(s) for s in first["severities"]]
+    grids = {label: 100 * np.array([[r["corruptions"][n][s][key] for s in severities] for n in names])
+             for label, r in results.items()}
+    low = min(g.min() for g in grids.values())
+    high = max(g.max() for g in grids.values())
+    fig, axes = plt.subplots(1, len(labels), figsize=(2.2 + 2.3 * len(labels), 0.3 * len(names) + 1.6),
+                             squeeze=False)
+    for ax, label in zip(axes[0], labels):
+        grid = grids[label]
+        image = ax.imshow(grid, cmap="viridis" if key == "accuracy" else "magma_r", vmin=low, vmax=high,
+                          aspect="auto")
+        for i in range(grid.shape[0]):
+            for j in range(grid.shape[1]):
+                ax.text(j, i, f"{grid[i, j]:.0f}", ha="center", va="center", fontsize=6,
+                        color="white" if grid[i, j] < (low + high) / 2 else "black")
+        ax.set_title(f"{label}\nmean {grid.mean():.1f}%", fontsize=9)
+        ax.set_xticks(range(len(severities)), severities)
+        ax.set_xlabel("severity")
+        ax.set_yticks(range(len(names)), names if ax is axes[0][0] else [""] * len(names), fontsize=7)
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label=f"{key} (%)")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot_robust_accuracy(curves: dict[str, dict[float, float | list[float]]], path: Path, *, title: str) -> Path:
+    """Robust accuracy against the attack radius, one line per model (mean and spread when a
+    value is a list over seeds)."""
+    fig, ax = plt.subplots(figsize=(4.8, 3.6))
+    for label, curve in curves.items():
+        eps = np.array(list(curve), dtype=float)
+        values = [np.atleast_1d(np.asarray(v, dtype=float)) * 100 for v in curve.values()]
+        mean = np.array([v.mean() for v in values])
+        ax.plot(eps, mean, marker="o", label=label)
+        if max(len(v) for v in values) > 1:
+            std = np.array([v.std() for v in values])
+            ax.fill_between(eps, mean - std, mean + std, alpha=0.2)
+    ax.set_xlabel("epsilon")
+    ax.set_ylabel("robust accuracy (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

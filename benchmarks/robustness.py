@@ -1,0 +1,258 @@
+"""Robustness and sharpness of every run of an ``otmdr compare`` folder, aggregated per method.
+
+For each run it calls the user-facing commands (so the evidence exercises exactly what users run):
+``otmdr eval --corruptions all --attack pgd --json`` and ``otmdr sharpness --json``, and with
+``--landscape`` ``otmdr landscape`` for the first seed of each method (plus the interpolation
+from the first method's run to each other method's run of the same seed). Finished pieces are
+reused, so an interrupted invocation continues where it stopped. The report (Markdown table of
+mean ± std over seeds, heat maps, robust-accuracy curves, accuracy per severity, 1-D slices) goes
+to ``--out``:
+
+    python benchmarks/robustness.py runs/evidence-fashion-mnist --data-dir ../shared/datasets/fashion-mnist \\
+        --out benchmarks/results/fashion-mnist-lenet/robustness --test-limit 2000 --jobs 2 --landscape
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from otmdr.report.plots import plot_corruption_heatmaps, plot_robust_accuracy
+
+
+def _run(command: list[str], log: Path) -> None:
+    """Run one otmdr command with one torch thread, its output in ``log``; raise on failure."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    started = time.perf_counter()
+    with open(log, "w") as handle:
+        handle.write("$ " + shlex.join(command) + "\n")
+        handle.flush()
+        code = subprocess.call(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
+    if code:
+        raise RuntimeError(f"`{shlex.join(command)}` failed (exit {code}); see {log}")
+    print(f"  done in {time.perf_counter() - started:5.0f}s: {shlex.join(command[:3])}", flush=True)
+
+
+def _tasks(args: argparse.Namespace, groups: dict[str, list[Path]], out: Path) -> list[tuple[list[str], Path, Path]]:
+    """(command, log file, result file) for every missing piece."""
+    otmdr = [sys.executable, "-m", "otmdr.cli"]
+    data = ["--data-dir", args.data_dir] if args.data_dir else []
+    tasks = []
+    for method, run in ((m, r) for m, rs in groups.items() for r in rs):
+        where = out / "runs" / _key(method, run)
+        where.mkdir(parents=True, exist_ok=True)
+        evaluation = [*otmdr, "eval", str(run), *data, "--no-temperature-scaling", "--test-limit", str(args.test_limit),
+                      "--corruptions", args.corruptions, "--severities", args.severities,
+                      "--attack", "pgd", "--eps", args.eps, "--steps", str(args.pgd_steps), "--eot", str(args.eot),
+                      "--json", str(where / "eval.json")]
+        if args.corrupted_dir:
+            evaluation += ["--corrupted-dir", args.corrupted_dir]
+        tasks.append((evaluation, where / "eval.log", where / "eval.json"))
+        sharpness = [*otmdr, "sharpness", str(run), *data, "--samples", str(args.sharpness_samples),
+                     "--json", str(where / "sharpness.json")]
+        tasks.append((sharpness, where / "sharpness.log", where / "sharpness.json"))
+    if args.landscape:
+        first = {method: group[0] for method, group in groups.items()}
+        reference = next(iter(first.values()))
+        for method, run in first.items():
+            target = out / "landscape" / method.replace(" ", "-")
+            command = [*otmdr, "landscape", str(run), *([str(reference)] if run != reference else []), *data,
+                       "--out", str(target), "--samples", str(args.landscape_samples), "--points",
+                       str(args.landscape_points)]
+            target.mkdir(parents=True, exist_ok=True)
+            tasks.append((command, target / "landscape.log", target / "landscape.json"))
+    return [t for t in tasks if not t[2].is_file()]
+
+
+def _find_runs(specs: list[str]) -> dict[str, list[Path]]:
+    """``DIR`` or ``DIR=LABEL`` compare folders -> {method label: finished run dirs}, in the
+    folders' method order (``LABEL`` prefixes the method names of that folder)."""
+    groups: dict[str, list[Path]] = {}
+    for spec in specs:
+        folder, _, prefix = spec.partition("=")
+        runs = sorted(p.parent for p in Path(folder).glob("*/summary.json"))
+        if not runs:
+            sys.exit(f"{folder}: no finished runs (*/summary.json)")
+        summaries = Path(folder) / "summaries.json"
+        order = list(json.loads(summaries.read_text())) if summaries.is_file() else []
+        names = sorted({re.sub(r"-seed\d+$", "", r.name) for r in runs},
+                       key=lambda n: order.index(n.replace("-", "/", 1)) if n.replace("-", "/", 1) in order
+                       else order.index(n) if n in order else len(order))
+        for name in names:
+            groups[f"{prefix} {name}" if prefix else name] = [r for r in runs if re.sub(r"-seed\d+$", "", r.name) == name]
+    return groups
+
+
+def _key(method: str, run: Path) -> str:
+    """The per-run output folder name, unique across compare folders."""
+    return f"{method.split(' ')[0]}-{run.name}" if " " in method else run.name
+
+
+def _mean_std(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
+    a = scale * np.asarray(values, dtype=float)
+    return f"{a.mean():.{digits}f} ± {a.std(ddof=1) if len(a) > 1 else 0.0:.{digits}f}"
+
+
+def _mean_corruption_result(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Cell-wise mean over seeds, in the layout plot_corruption_heatmaps reads."""
+    first = results[0]
+    table = {name: {s: {"accuracy": float(np.mean([r["corruptions"][name][s]["accuracy"] for r in results]))}
+                    for s in row} for name, row in first["corruptions"].items()}
+    return {"corruptions": table, "severities": first["severities"]}
+
+
+def report(args: argparse.Namespace, groups: dict[str, list[Path]], out: Path) -> Path:
+    def load(method: str, run: Path, what: str) -> dict[str, Any]:
+        return json.loads((out / "runs" / _key(method, run) / f"{what}.json").read_text())
+
+    evals = {m: [load(m, r, "eval") for r in rs] for m, rs in groups.items()}
+    sharp = {m: [load(m, r, "sharpness") for r in rs] for m, rs in groups.items()}
+    figures = out / "figures"
+    figures.mkdir(exist_ok=True)
+    first_eval = next(iter(evals.values()))[0]
+    eps_keys = list(first_eval["attack"]["robust_accuracy"])
+    lines = [f"# Robustness and sharpness: {', '.join(Path(d.partition('=')[0]).name for d in args.compare_dirs)}", "",
+             f"Command: `python benchmarks/robustness.py {' '.join(shlex.quote(a) for a in sys.argv[1:])}`  ",
+             f"Date: {time.strftime('%Y-%m-%dT%H:%M:%S%z')}; {platform.processor() or platform.machine()}, "
+             f"Python {platform.python_version()}; one torch thread per job.", "",
+             f"Test subset: the first {first_eval['corruptions']['images']} test images; corruptions "
+             f"{first_eval['corruptions']['source']}, severities {first_eval['corruptions']['severities']}; "
+             f"PGD-{first_eval['attack']['steps']} {first_eval['attack']['norm']} "
+             f"({first_eval['attack']['eot_samples']} EOT sample(s)); sharpness on the first "
+             f"{sharp[next(iter(sharp))][0]['samples']} training images, rho {sharp[next(iter(sharp))][0]['rho']}. "
+             "Mean ± std over seeds.", "",
+             "## Corruptions and attacks (accuracy %, higher is better)", "",
+             "| method | seeds | clean | mean corruption acc | relative degradation | corruption NLL | corruption ECE | "
+             + " | ".join(f"PGD eps {_eps_label(e)}" for e in eps_keys) + " |",
+             "|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(eps_keys)]
+    for method, results in evals.items():
+        c = [r["corruptions"] for r in results]
+        lines.append("| " + " | ".join([
+            method, str(len(results)), _mean_std([x["clean"]["accuracy"] for x in c], 100),
+            _mean_std([x["mean_corruption_accuracy"] for x in c], 100),
+            _mean_std([x["relative_degradation"] for x in c], 100, 1),
+            _mean_std([x["mean_corruption_nll"] for x in c], 1, 3), _mean_std([x["mean_corruption_ece"] for x in c], 100),
+            *[_mean_std([r["attack"]["robust_accuracy"][e] for r in results], 100) for e in eps_keys]]) + " |")
+    lines += ["", "Accuracy per corruption (mean over severities and seeds, %):", "",
+              "| corruption | " + " | ".join(evals) + " |", "|---|" + "---:|" * len(evals)]
+    for name in first_eval["corruptions"]["accuracy_per_corruption"]:
+        lines.append(f"| {name} | " + " | ".join(
+            _mean_std([r["corruptions"]["accuracy_per_corruption"][name] for r in rs], 100) for rs in evals.values()) + " |")
+    lines += ["", "## Sharpness (lower is flatter)", "",
+              "| method | top Hessian eigenvalue | Hessian trace | worst-case sharpness | average sharpness |",
+              "|---|---:|---:|---:|---:|"]
+    for method, results in sharp.items():
+        lines.append("| " + " | ".join([method, *[_mean_std([r[k] for r in results], 1, d) for k, d in (
+            ("top_hessian_eigenvalue", 2), ("hessian_trace", 1), ("worst_case_sharpness", 4),
+            ("average_sharpness", 5))]]) + " |")
+
+    plot_corruption_heatmaps({m: _mean_corruption_result([r["corruptions"] for r in rs]) for m, rs in evals.items()},
+                             figures / "corruption_heatmaps.png")
+    curves = {m: {float(e): [r["attack"]["robust_accuracy"][e] for r in rs] for e in eps_keys}
+              for m, rs in evals.items()}
+    for m, rs in evals.items():  # eps = 0 is the clean accuracy on the same images
+        curves[m] = {0.0: [r["corruptions"]["clean"]["accuracy"] for r in rs], **curves[m]}
+    plot_robust_accuracy(curves, figures / "robust_accuracy.png", title=f"PGD-{first_eval['attack']['steps']} "
+                         f"{first_eval['attack']['norm']}, mean ± std over seeds")
+    _plot_severity(evals, figures / "accuracy_per_severity.png")
+    lines += ["", "![corruption heat maps](figures/corruption_heatmaps.png)", "",
+              "![accuracy per severity](figures/accuracy_per_severity.png)", "",
+              "![robust accuracy](figures/robust_accuracy.png)"]
+    if args.landscape:
+        lines += _landscape_section(out)
+    lines += ["", "Per-run JSON (the `otmdr eval` and `otmdr sharpness` outputs) and logs are in `runs/`."]
+    path = out / "robustness.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _eps_label(text: str) -> str:
+    value = float(text)
+    return f"{round(value * 255)}/255" if abs(value * 255 - round(value * 255)) < 1e-6 else f"{value:g}"
+
+
+def _plot_severity(evals: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.8, 3.6))
+    for method, results in evals.items():
+        severities = results[0]["corruptions"]["severities"]
+        values = 100 * np.array([[r["corruptions"]["clean"]["accuracy"]]
+                                 + [r["corruptions"]["accuracy_per_severity"][str(s)] for s in severities]
+                                 for r in results])
+        ax.errorbar([0, *severities], values.mean(0), yerr=values.std(0), marker="o", capsize=3, label=method)
+    ax.set(xlabel="severity (0 = clean)", ylabel="accuracy (%)", title="mean over the corruptions")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _landscape_section(out: Path) -> list[str]:
+    import matplotlib.pyplot as plt
+
+    found = {p.parent.name: json.loads(p.read_text()) for p in sorted((out / "landscape").glob("*/landscape.json"))}
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for method, result in found.items():
+        axes[0].plot(result["alphas"], result["slice_1d"], label=method)
+        if "interpolation" in result:
+            axes[1].plot(result["interpolation"]["alphas"], result["interpolation"]["loss"], label=method)
+    axes[0].set(xlabel="alpha (filter-normalised direction)", ylabel="training loss", title="1-D slices (seed 0)")
+    axes[1].set(xlabel="alpha (0: this method's run, 1: the reference run)", ylabel="training loss",
+                title="interpolation to the reference run")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "figures" / "landscape_slices.png", dpi=120)
+    plt.close(fig)
+    lines = ["", "## Loss landscapes (first seed of each method)", "", "![1-D slices](figures/landscape_slices.png)", ""]
+    lines += [f"- {method}: ![{method}](landscape/{method}/landscape.png)" for method in found]
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("compare_dirs", nargs="+", metavar="DIR[=LABEL]",
+                        help="otmdr compare folders; LABEL prefixes the method names of that folder")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--data-dir")
+    parser.add_argument("--test-limit", type=int, default=2000)
+    parser.add_argument("--corruptions", default="all")
+    parser.add_argument("--severities", default="1-5")
+    parser.add_argument("--corrupted-dir")
+    parser.add_argument("--eps", default="1/255,2/255,4/255,8/255")
+    parser.add_argument("--pgd-steps", type=int, default=10)
+    parser.add_argument("--eot", type=int, default=1)
+    parser.add_argument("--sharpness-samples", type=int, default=1024)
+    parser.add_argument("--landscape", action="store_true")
+    parser.add_argument("--landscape-samples", type=int, default=1024)
+    parser.add_argument("--landscape-points", type=int, default=21)
+    parser.add_argument("--jobs", type=int, default=2)
+    args = parser.parse_args()
+    groups = _find_runs(args.compare_dirs)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tasks = _tasks(args, groups, out)
+    print(f"{sum(map(len, groups.values()))} runs, {len(tasks)} evaluations to do, {args.jobs} at a time", flush=True)
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        for future in concurrent.futures.as_completed([pool.submit(_run, c, log) for c, log, _ in tasks]):
+            future.result()
+    print(f"report: {report(args, groups, out)}")
+
+
+if __name__ == "__main__":
+    main()
