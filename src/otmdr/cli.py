@@ -142,10 +142,9 @@ def _robustness(args: argparse.Namespace, cfg, model, data) -> dict[str, Any]:
 def _corruption_robustness(args: argparse.Namespace, cfg, model, data) -> dict[str, Any]:
     """Metrics per corruption x severity on the test split: corrupted on the fly, or read from an
     official-layout folder (``--corrupted-dir``, e.g. CIFAR-10-C or one written by ``otmdr corrupt``)."""
-    import numpy as np
     import torch
 
-    from .data import DatasetError, ImageData
+    from .data import DatasetError, ImageData, test_subset
     from .eval.corruptions import CORRUPTIONS
     from .eval.shift import (corruption_robustness, format_corruption_table, generated_source,
                              parse_corruptions, parse_severities)
@@ -162,12 +161,18 @@ def _corruption_robustness(args: argparse.Namespace, cfg, model, data) -> dict[s
 
         def source(name: str, severity: int):
             images, labels = load_corrupted(args.corrupted_dir, name, severity)
-            images, labels = images[:limit], labels[:limit]
-            if len(labels) == len(clean) and not np.array_equal(labels, clean.labels.cpu().numpy()):
+            block = ImageData(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels),
+                              clean.classes)
+            block = test_subset(block, limit)  # the images --test-limit selects, if this is the full split
+            if len(block) != len(clean):
+                raise DatasetError(f"{args.corrupted_dir} holds {len(block)} images per severity, the test split "
+                                   f"evaluated here {len(clean)}: pass --test-limit {len(block)} if it was written "
+                                   f"with `otmdr corrupt --limit {len(block)}`, or write one for this split")
+            if not torch.equal(block.labels, clean.labels):
                 raise DatasetError(f"{args.corrupted_dir}: its labels differ from the {cfg.data.name} test split's: "
-                                   "the folder holds a corrupted copy of another dataset or ordering; write a "
-                                   "matching one with `otmdr corrupt`")
-            return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))), torch.from_numpy(labels)
+                                   "the folder holds a corrupted copy of another dataset, subset or ordering; write "
+                                   "a matching one with `otmdr corrupt` (with --limit equal to --test-limit)")
+            return block.images, block.labels
         where = f"read from {args.corrupted_dir}"
     else:
         available = list(CORRUPTIONS)
@@ -201,6 +206,32 @@ def _corruption_robustness(args: argparse.Namespace, cfg, model, data) -> dict[s
         plot_corruption_heatmaps({f"{cfg.model.name} ({cfg.optim.method})": result}, args.heatmap)
         print(f"heat map: {args.heatmap}")
     return result
+
+
+def cmd_corrupt(args: argparse.Namespace) -> int:
+    """Write the test split of a dataset, corrupted at severities 1-5, in the CIFAR-10-C layout."""
+    from .data import load_split, test_subset, write_corrupted
+    from .eval.shift import parse_corruptions
+
+    try:
+        names = parse_corruptions(args.corruptions)
+    except ValueError as error:
+        raise _UsageError(f"--corruptions: {error}") from None
+    if args.limit is not None and args.limit < 1:
+        raise _UsageError("--limit must be at least 1")
+    test = test_subset(load_split(args.dataset, "test", args.data_dir), args.limit)
+    where = f"{args.dataset} test split ({len(test)} images" + (f", otmdr test subset --limit {args.limit}"
+                                                                 if args.limit else "") + ")"
+    print(f"corrupting the {where}: {len(names)} corruptions x severities 1-5, seed {args.seed} -> {args.out}", flush=True)
+    started = time.perf_counter()
+
+    def progress(name: str) -> None:
+        print(f"  {name} ({time.perf_counter() - started:.0f}s)", flush=True)
+
+    write_corrupted(test.images, test.labels, args.out, names, seed=args.seed, progress=progress, source=where)
+    print(f"written: {args.out} (evaluate with: otmdr eval RUN_DIR --corruptions all --corrupted-dir {args.out}"
+          + (f" --test-limit {args.limit}" if args.limit else "") + ")")
+    return 0
 
 
 def _per_channel(values, channels: int):
@@ -419,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=10, help="PGD steps")
     p.add_argument("--eot", type=int, default=1, help="gradient samples per step (expectation over transformation)")
     p.add_argument("--plot", help="write the robust-accuracy curve to this PNG")
-    p.add_argument("--test-limit", type=int, help="evaluate on the first N test images only (faster attacks)")
+    p.add_argument("--test-limit", type=int, help="evaluate on a fixed random subset of N test images (the same for every run; faster attacks)")
     p.add_argument("--corruptions", metavar="all|NAMES",
                    help="also evaluate under common corruptions: 'all' or comma-separated names")
     p.add_argument("--severities", default="1-5", help="corruption severities, e.g. 1-5, 3 or 1,3,5")
@@ -464,6 +495,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--span", type=float, default=1.0, help="alpha and beta range [-span, span]")
     p.add_argument("--points", type=int, default=21, help="grid points per axis")
     p.set_defaults(func=cmd_landscape)
+
+    p = commands.add_parser("corrupt", help="write a corrupted copy of a test split in the CIFAR-10-C .npy layout")
+    p.add_argument("--dataset", required=True, help="dataset name (see `otmdr datasets`)")
+    p.add_argument("--data-dir", help="where the dataset is (not needed for digits)")
+    p.add_argument("--out", required=True, help="new folder for <corruption>.npy files, labels.npy and meta.json")
+    p.add_argument("--corruptions", default="all", metavar="all|NAMES")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, help="only the fixed random subset of N test images that "
+                                             "`otmdr eval --test-limit N` uses")
+    p.set_defaults(func=cmd_corrupt)
 
     commands.add_parser("models", help="list the registered models").set_defaults(func=cmd_models)
     commands.add_parser("datasets", help="list the datasets and their expected layout").set_defaults(func=cmd_datasets)

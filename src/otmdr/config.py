@@ -33,7 +33,7 @@ class DataConfig:
     cache_dir: str | None = None  # where decoded image folders are cached (default ~/.cache/otmdr)
     val_fraction: float = 0.1  # of the training set, held out (seeded) for validation
     train_limit: int | None = None  # use a seeded subset of this many training images
-    test_limit: int | None = None  # evaluate on the first N test images
+    test_limit: int | None = None  # evaluate on a fixed random subset of N test images (otmdr.data.test_subset)
     batch_size: int = 128
     eval_batch_size: int = 512
     crop_padding: int = 0  # random crop with this zero padding

@@ -23,7 +23,7 @@ writes our own copy of a clean test set with :func:`otmdr.eval.corruptions.corru
 """
 
 from ._types import DatasetError, DatasetSpec, ImageData
-from .loader import BatchLoader, subset, train_val_split
+from .loader import BatchLoader, subset, test_subset, train_val_split
 from .registry import get_spec, list_datasets, load_split, resolve_spec
 from .transforms import Augment, to_float
 from .corrupted import list_corruptions, load_corrupted, write_corrupted
@@ -38,6 +38,7 @@ __all__ = [
     "resolve_spec",
     "train_val_split",
     "subset",
+    "test_subset",
     "Augment",
     "to_float",
     "BatchLoader",

@@ -12,7 +12,7 @@ import torch
 from ._types import DatasetSpec, ImageData
 from .transforms import Augment, to_float
 
-__all__ = ["train_val_split", "subset", "BatchLoader"]
+__all__ = ["train_val_split", "test_subset", "subset", "BatchLoader"]
 
 
 def train_val_split(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,6 +29,21 @@ def train_val_split(n: int, val_fraction: float, seed: int) -> tuple[torch.Tenso
         n_val = min(max(n_val, 1), n - 1)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
     return perm[n_val:].sort().values, perm[:n_val].sort().values
+
+
+def test_subset(data: ImageData, size: int | None) -> ImageData:
+    """A fixed subset of ``size`` test images (all of them when ``size`` is None or too large).
+
+    The indices are a seeded random choice, sorted, independent of any run's seed: every model
+    is evaluated on the same images, and a split stored in class order (image folders) still
+    gives a subset with every class, which "the first N" would not.
+    """
+    if size is None or size >= len(data):
+        return data
+    if size < 1:
+        raise ValueError(f"test subset size must be >= 1, got {size}")
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(20_231_210))
+    return subset(data, order[:size].sort().values)
 
 
 def subset(data: ImageData, indices: torch.Tensor) -> ImageData:

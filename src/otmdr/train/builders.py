@@ -11,7 +11,7 @@ from torch import nn
 
 from ..config import ConfigError, ExperimentConfig, otmdr_options
 from ..data import (Augment, BatchLoader, DatasetSpec, ImageData, get_spec, load_split, resolve_spec, subset,
-                    train_val_split)
+                    test_subset, train_val_split)
 from ..models import create_model
 from ..optim import ASAM, OTMDR, SAM
 
@@ -50,8 +50,7 @@ def build_data(cfg: ExperimentConfig, device: torch.device) -> RunData:
     if d.train_limit is not None and d.train_limit < len(full.labels):
         order = torch.randperm(len(full.labels), generator=torch.Generator().manual_seed(10_000 + seed))
         full = subset(full, order[: d.train_limit])
-    if d.test_limit is not None and d.test_limit < len(test.labels):
-        test = subset(test, torch.arange(d.test_limit))
+    test = test_subset(test, d.test_limit)
     val = None
     if d.val_fraction > 0:
         train_idx, val_idx = train_val_split(len(full.labels), d.val_fraction, seed)
