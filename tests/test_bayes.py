@@ -24,6 +24,7 @@ from otmdr.models.bayes import (
     kl_divergence,
     mean_weights,
     negative_elbo,
+    posterior_mean,
     resample,
     set_sample_mode,
 )
@@ -145,6 +146,25 @@ def test_mean_weights_context_is_deterministic_and_restores_modes():
             layer.weight_rho.fill_(-30.0)
             layer.bias_rho.fill_(-30.0)
     torch.testing.assert_close(model(x), reference)
+
+
+def test_posterior_mean_freezes_the_scales_for_sharpness_and_restores_them():
+    from otmdr.eval.sharpness import top_hessian_eigenvalue
+
+    model = _small_net().eval()
+    x, y = torch.randn(6, 2, 5, 5), torch.randint(0, 4, (6,))
+    scales = [p for n, p in model.named_parameters() if n.endswith("_rho")]
+    model[4].bias_rho.requires_grad_(False)  # a user's own frozen scale stays frozen afterwards
+    with posterior_mean(model):
+        assert not any(p.requires_grad for p in scales)
+        torch.testing.assert_close(model(x), model(x), rtol=0, atol=0)
+        with mean_weights(model):
+            reference = model(x)
+        torch.testing.assert_close(model(x), reference, rtol=0, atol=0)
+        assert top_hessian_eigenvalue(model, [(x, y)], F.cross_entropy, iterations=5) > 0
+    assert [p.requires_grad for p in scales] == [True, True, True, False]
+    assert all(layer.sample_mode == "sample" for layer in bayes_layers(model))
+    assert not torch.equal(model(x), model(x))  # sampling again
 
 
 def test_gradients_reach_means_and_scales_and_eps_follows_the_module():

@@ -120,8 +120,12 @@ def _robustness(args: argparse.Namespace, cfg, model, data) -> dict[str, Any]:
     attacked = Normalized(model, mean.flatten().tolist(), std.flatten().tolist())
     samples = cfg.bayes.test_samples if is_bayesian(model) else 1
     batches = [(x * std.to(x) + mean.to(x), y) for x, y in data.test]  # back to [0, 1]
-    curve = {}
+    curve: dict[float, float] = {}
+    details: dict[str, Any] = {}
     for eps in epsilons:
+        if args.attack == "autoattack":
+            curve[eps], details[str(eps)] = _autoattack(args, attacked, batches, eps, is_bayesian(model))
+            continue
         if args.attack == "fgsm":
             attack = lambda m, x, y, e=eps: fgsm(m, x, y, e, eot_samples=args.eot)  # noqa: E731
         else:
@@ -135,8 +139,26 @@ def _robustness(args: argparse.Namespace, cfg, model, data) -> dict[str, Any]:
 
         plot_robust_accuracy({cfg.model.name: curve}, args.plot, title=f"{args.attack.upper()} on {cfg.model.name}")
         print(f"plot: {args.plot}")
-    return {"method": args.attack, "norm": "linf" if args.attack == "fgsm" else args.norm, "steps": args.steps,
-            "eot_samples": args.eot, "robust_accuracy": {str(k): v for k, v in curve.items()}}
+    result = {"method": args.attack, "norm": "linf" if args.attack == "fgsm" else args.norm, "steps": args.steps,
+              "eot_samples": args.eot, "robust_accuracy": {str(k): v for k, v in curve.items()}}
+    if details:
+        result.update(steps=None, eot_samples=None, autoattack=details)
+    return result
+
+
+def _autoattack(args: argparse.Namespace, attacked, batches, eps: float, bayesian: bool) -> tuple[float, dict]:
+    """AutoAttack at one radius (optional dependency pyautoattack); 'rand' for stochastic models."""
+    from .eval.autoattack import autoattack_accuracy
+
+    version = args.autoattack_version or ("rand" if bayesian else "standard")
+    try:
+        result = autoattack_accuracy(attacked, batches, eps, norm=args.norm, version=version)
+    except ValueError as error:  # e.g. too few classes for the targeted attacks
+        raise _UsageError(f"--attack autoattack: {error}") from None
+    stages = ", ".join(f"{name} {100 * acc:.2f}%" for name, acc in result["stages"].items())
+    print(f"  autoattack ({version}) {args.norm} eps {eps:.5g}: robust accuracy {100 * result['robust_accuracy']:.2f}%"
+          f"  (clean {100 * result['clean_accuracy']:.2f}%; after {stages})")
+    return result["robust_accuracy"], result
 
 
 def _corruption_robustness(args: argparse.Namespace, cfg, model, data) -> dict[str, Any]:
@@ -444,9 +466,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ece-bins", type=int, default=None)
     p.add_argument("--json", help="also write the metrics to this JSON file")
     p.add_argument("--no-temperature-scaling", action="store_true", help="skip fitting T on the validation split")
-    p.add_argument("--attack", choices=("fgsm", "pgd"), help="also report robust accuracy under this attack")
+    p.add_argument("--attack", choices=("fgsm", "pgd", "autoattack"),
+                   help="also report robust accuracy under this attack (autoattack needs: pip install 'otmdr[autoattack]')")
+    p.add_argument("--autoattack-version", choices=("standard", "rand"),
+                   help="AutoAttack suite (default: rand for Bayesian networks, standard otherwise)")
     p.add_argument("--eps", default="1/255,2/255,4/255,8/255", help="comma-separated radii on [0,1] pixels")
-    p.add_argument("--norm", choices=("linf", "l2"), default="linf", help="PGD threat model")
+    p.add_argument("--norm", choices=("linf", "l2"), default="linf", help="PGD and AutoAttack threat model")
     p.add_argument("--steps", type=int, default=10, help="PGD steps")
     p.add_argument("--eot", type=int, default=1, help="gradient samples per step (expectation over transformation)")
     p.add_argument("--plot", help="write the robust-accuracy curve to this PNG")
@@ -515,11 +540,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .config import ConfigError
     from .data import DatasetError
+    from .eval.autoattack import MissingDependencyError
     from .train import CheckpointError, RunDirError, TrainingError
 
     try:
         return args.func(args)
-    except (ConfigError, DatasetError, CheckpointError, RunDirError, TrainingError, _UsageError) as error:
+    except (ConfigError, DatasetError, CheckpointError, RunDirError, TrainingError, MissingDependencyError,
+            _UsageError) as error:
         print(f"otmdr: error: {error}", file=sys.stderr)
         return EXIT_ERROR
     except BrokenPipeError:  # e.g. `otmdr models | head`

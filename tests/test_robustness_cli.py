@@ -1,0 +1,91 @@
+"""`otmdr eval --corruptions`, `otmdr corrupt` and their errors, on a small digits run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from otmdr.cli import main
+
+DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("robustness") / "run"
+    args = ["train", "--config", str(DEMO), "--out", str(out), "--set", "train.epochs=2", "--set",
+            "train.progress=false", "--set", "model.options={hidden: [32]}"]
+    assert main(args) == 0
+    return out
+
+
+def test_eval_corruptions_writes_a_table_json_and_heatmap(run, tmp_path, capsys):
+    assert main(["eval", str(run), "--no-temperature-scaling", "--corruptions", "contrast,impulse_noise",
+                 "--severities", "1,5", "--test-limit", "120", "--json", str(tmp_path / "e.json"),
+                 "--heatmap", str(tmp_path / "heat.png")]) == 0
+    printed = capsys.readouterr().out
+    assert "mean corruption accuracy" in printed and "impulse_noise" in printed
+    result = json.loads((tmp_path / "e.json").read_text())
+    shift = result["corruptions"]
+    assert shift["images"] == 120 and shift["severities"] == [1, 5]
+    assert shift["clean"]["accuracy"] == pytest.approx(result["test"]["accuracy"])  # the same 120 images
+    cells = [shift["corruptions"][n][s]["accuracy"] for n in ("contrast", "impulse_noise") for s in ("1", "5")]
+    assert shift["mean_corruption_accuracy"] == pytest.approx(np.mean(cells))
+    # salt-and-pepper on 7 % of the pixels of an 8x8 digit hurts more than on 1 %
+    assert shift["corruptions"]["impulse_noise"]["5"]["nll"] > shift["corruptions"]["impulse_noise"]["1"]["nll"]
+    assert (tmp_path / "heat.png").stat().st_size > 5000
+
+
+def test_a_written_corrupted_copy_gives_the_same_numbers_as_on_the_fly(run, tmp_path):
+    copy = tmp_path / "digits-c"
+    assert main(["corrupt", "--dataset", "digits", "--out", str(copy), "--corruptions", "fog,glass_blur",
+                 "--limit", "90", "--seed", "4"]) == 0
+    assert sorted(p.name for p in copy.iterdir()) == ["fog.npy", "glass_blur.npy", "labels.npy", "meta.json"]
+    common = ["eval", str(run), "--no-temperature-scaling", "--test-limit", "90", "--corruptions", "all"]
+    assert main([*common, "--corrupted-dir", str(copy), "--json", str(tmp_path / "read.json")]) == 0
+    assert main([*common[:-1], "fog,glass_blur", "--corruption-seed", "4", "--json", str(tmp_path / "gen.json")]) == 0
+    read = json.loads((tmp_path / "read.json").read_text())["corruptions"]
+    generated = json.loads((tmp_path / "gen.json").read_text())["corruptions"]
+    assert list(read["corruptions"]) == ["fog", "glass_blur"]  # 'all' = what the folder holds
+    assert read["corruptions"] == generated["corruptions"]
+    assert "read from" in read["source"] and "generated" in generated["source"]
+
+
+def test_bad_corruption_requests_fail_with_one_line(run, tmp_path, capsys):
+    def error(args: list[str]) -> str:
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("otmdr: error:") and err.count("\n") == 1 and "Traceback" not in err
+        return err
+
+    assert "rain" in error(["eval", str(run), "--corruptions", "fog,rain"])
+    assert "1..5" in error(["eval", str(run), "--corruptions", "fog", "--severities", "0-6"])
+    assert "not a directory" in error(["eval", str(run), "--corruptions", "all", "--corrupted-dir",
+                                       str(tmp_path / "nowhere")])
+    copy = tmp_path / "small-c"
+    assert main(["corrupt", "--dataset", "digits", "--out", str(copy), "--corruptions", "fog", "--limit", "30"]) == 0
+    assert "--test-limit 30" in error(["eval", str(run), "--corruptions", "all", "--corrupted-dir", str(copy)])
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    assert "mine" in error(["corrupt", "--dataset", "digits", "--out", str(mine), "--corruptions", "fog"])
+    assert (mine / "notes.txt").read_text() == "keep me" and sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    assert "unknown dataset" in error(["corrupt", "--dataset", "svhn", "--out", str(tmp_path / "svhn")])
+
+
+def test_eval_autoattack_reports_each_stage_and_explains_a_missing_package(run, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("pyautoattack", reason="the optional autoattack extra is not installed")
+    # a radius this large breaks every point in the first stage, which keeps the test fast
+    assert main(["eval", str(run), "--no-temperature-scaling", "--test-limit", "12", "--attack", "autoattack",
+                 "--eps", "0.5", "--json", str(tmp_path / "aa.json")]) == 0
+    attack = json.loads((tmp_path / "aa.json").read_text())["attack"]
+    details = attack["autoattack"]["0.5"]
+    assert attack["method"] == "autoattack" and details["settings"]["version"] == "standard"
+    assert attack["robust_accuracy"]["0.5"] == details["robust_accuracy"] <= details["clean_accuracy"]
+    assert list(details["stages"])[0] == "apgd-ce" and "apgd-ce" in capsys.readouterr().out
+    monkeypatch.setitem(__import__("sys").modules, "pyautoattack", None)
+    assert main(["eval", str(run), "--test-limit", "12", "--attack", "autoattack", "--eps", "0.5"]) == 2
+    assert "pip install 'otmdr[autoattack]'" in capsys.readouterr().err
