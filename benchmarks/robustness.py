@@ -61,6 +61,7 @@ def _tasks(args: argparse.Namespace, groups: dict[str, list[Path]], out: Path) -
             evaluation += ["--corrupted-dir", args.corrupted_dir]
         tasks.append((evaluation, where / "eval.log", where / "eval.json"))
         sharpness = [*otmdr, "sharpness", str(run), *data, "--samples", str(args.sharpness_samples),
+                     "--iterations", str(args.sharpness_iterations), "--probes", str(args.sharpness_probes),
                      "--json", str(where / "sharpness.json")]
         tasks.append((sharpness, where / "sharpness.log", where / "sharpness.json"))
     if args.landscape:
@@ -238,6 +239,8 @@ def main() -> None:
     parser.add_argument("--pgd-steps", type=int, default=10)
     parser.add_argument("--eot", type=int, default=1)
     parser.add_argument("--sharpness-samples", type=int, default=1024)
+    parser.add_argument("--sharpness-iterations", type=int, default=50)
+    parser.add_argument("--sharpness-probes", type=int, default=20)
     parser.add_argument("--landscape", action="store_true")
     parser.add_argument("--landscape-samples", type=int, default=1024)
     parser.add_argument("--landscape-points", type=int, default=21)

@@ -192,8 +192,9 @@ def test_chunks_match_generated_source_and_nchw_tensor_input(tmp_path):
         expected = np.concatenate([corrupt(images[i:i + 3], "gaussian_noise", s, 3 + i) for i in range(0, 7, 3)])
         np.testing.assert_array_equal(got, expected)
         assert not np.array_equal(got, corrupt(images, "gaussian_noise", s, 3))  # chunking is not ignored
-    shift = pytest.importorskip("otmdr.eval.shift")
-    source = shift.generated_source(nchw, torch.from_numpy(labels), seed=3, chunk=3)
+    from otmdr.eval.shift import generated_source
+
+    source = generated_source(nchw, torch.from_numpy(labels), seed=3, chunk=3)
     for s in (2, 5):
         on_the_fly, _ = source("gaussian_noise", s)
         got, _ = load_corrupted(out, "gaussian_noise", s)
