@@ -164,11 +164,9 @@ def _autoattack(args: argparse.Namespace, attacked, batches, eps: float, bayesia
 def _corruption_robustness(args: argparse.Namespace, cfg, model, data) -> dict[str, Any]:
     """Metrics per corruption x severity on the test split: corrupted on the fly, or read from an
     official-layout folder (``--corrupted-dir``, e.g. CIFAR-10-C or one written by ``otmdr corrupt``)."""
-    import torch
-
-    from .data import DatasetError, ImageData, test_subset
+    from .data import ImageData
     from .eval.corruptions import CORRUPTIONS
-    from .eval.shift import (corruption_robustness, format_corruption_table, generated_source,
+    from .eval.shift import (corruption_robustness, folder_source, format_corruption_table, generated_source,
                              parse_corruptions, parse_severities)
     from .models.bayes import is_bayesian
     from .train.loop import AUTOCAST
@@ -176,25 +174,10 @@ def _corruption_robustness(args: argparse.Namespace, cfg, model, data) -> dict[s
     test = data.test
     clean = ImageData(test.images.cpu(), test.labels.cpu(), test.classes)
     if args.corrupted_dir:
-        from .data import list_corruptions, load_corrupted
+        from .data import list_corruptions
 
         available = list_corruptions(args.corrupted_dir)
-        limit = cfg.data.test_limit
-
-        def source(name: str, severity: int):
-            images, labels = load_corrupted(args.corrupted_dir, name, severity)
-            block = ImageData(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels),
-                              clean.classes)
-            block = test_subset(block, limit)  # the images --test-limit selects, if this is the full split
-            if len(block) != len(clean):
-                raise DatasetError(f"{args.corrupted_dir} holds {len(block)} images per severity, the test split "
-                                   f"evaluated here {len(clean)}: pass --test-limit {len(block)} if it was written "
-                                   f"with `otmdr corrupt --limit {len(block)}`, or write one for this split")
-            if not torch.equal(block.labels, clean.labels):
-                raise DatasetError(f"{args.corrupted_dir}: its labels differ from the {cfg.data.name} test split's: "
-                                   "the folder holds a corrupted copy of another dataset, subset or ordering; write "
-                                   "a matching one with `otmdr corrupt` (with --limit equal to --test-limit)")
-            return block.images, block.labels
+        source = folder_source(args.corrupted_dir, clean, cfg.data.test_limit)
         where = f"read from {args.corrupted_dir}"
     else:
         available = list(CORRUPTIONS)

@@ -2,9 +2,9 @@
 
 The corrupted images come from a :data:`CorruptedSource`, a function ``(name, severity) ->
 (uint8 images (N, C, H, W), labels)``: :func:`generated_source` corrupts the clean test images on
-the fly with :func:`otmdr.eval.corruptions.corrupt`; a reader of the official CIFAR-10-C layout
-(:func:`otmdr.data.load_corrupted`) can be wrapped the same way. Keeping the source separate lets
-one corrupted copy, written once by ``otmdr corrupt``, be reused for every model of a comparison.
+the fly with :func:`otmdr.eval.corruptions.corrupt`; :func:`folder_source` reads a folder in the
+official CIFAR-10-C layout. Keeping the source separate lets one corrupted copy, written once by
+``otmdr corrupt``, be reused for every model of a comparison.
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data import BatchLoader, DatasetSpec, ImageData
+from ..data import BatchLoader, DatasetError, DatasetSpec, ImageData, load_corrupted, test_subset
 from .corruptions import CORRUPTIONS, corrupt
 from .metrics import classification_metrics
 from .predict import predict
 
-__all__ = ["CorruptedSource", "generated_source", "corruption_robustness", "parse_corruptions", "parse_severities",
+__all__ = ["CorruptedSource", "generated_source", "folder_source", "corruption_robustness", "parse_corruptions", "parse_severities",
            "format_corruption_table"]
 
 CorruptedSource = Callable[[str, int], tuple[torch.Tensor, torch.Tensor]]
@@ -62,6 +62,34 @@ def generated_source(images: torch.Tensor, labels: torch.Tensor, *, seed: int = 
     def source(name: str, severity: int) -> tuple[torch.Tensor, torch.Tensor]:
         parts = [corrupt(images[i:i + chunk], name, severity, seed=seed + i) for i in range(0, len(images), chunk)]
         return torch.cat(parts), labels
+
+    return source
+
+
+def folder_source(root: str, clean: ImageData, test_limit: int | None = None) -> CorruptedSource:
+    """Read the corrupted images from an official-layout folder (CIFAR-10-C, or one written by
+    ``otmdr corrupt``) and check they are the ``clean`` images corrupted.
+
+    A folder holding the full test split is cut to the same fixed subset ``test_limit`` selects
+    for the clean images; one written with ``otmdr corrupt --limit N`` already is that subset. A
+    folder of another size, or whose labels differ, is refused instead of giving numbers for
+    other images.
+    """
+
+    def source(name: str, severity: int) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = load_corrupted(root, name, severity)
+        block = ImageData(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels),
+                          clean.classes)
+        block = test_subset(block, test_limit)
+        if len(block) != len(clean):
+            raise DatasetError(f"{root} holds {len(block)} images per severity, the test split evaluated here "
+                               f"{len(clean)}: pass --test-limit {len(block)} if it was written with `otmdr corrupt "
+                               f"--limit {len(block)}`, or write one for this split")
+        if not torch.equal(block.labels, clean.labels.cpu()):
+            raise DatasetError(f"{root}: its labels differ from those of the test split evaluated here: the folder "
+                               "holds a corrupted copy of another dataset, subset or ordering; write a matching one "
+                               "with `otmdr corrupt` (with --limit equal to --test-limit)")
+        return block.images, block.labels
 
     return source
 
