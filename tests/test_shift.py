@@ -104,3 +104,21 @@ def test_heatmap_is_written(tmp_path):
                                    corruptions=["contrast", "gaussian_noise"], severities=[1, 5])
     path = plot_corruption_heatmaps({"a": result, "b": result}, tmp_path / "heat.png")
     assert path.stat().st_size > 5000
+
+
+def test_folder_source_reads_the_subset_and_refuses_other_images(tmp_path):
+    from otmdr.data import DatasetError, test_subset, write_corrupted
+    from otmdr.eval.shift import folder_source
+
+    full = _clean(30)
+    write_corrupted(full.images, full.labels, tmp_path / "c", ["contrast"], seed=1)
+    part = test_subset(full, 12)  # the subset `--test-limit 12` evaluates
+    images, labels = folder_source(str(tmp_path / "c"), part, 12)("contrast", 4)
+    expected = corrupt(full.images, "contrast", 4, seed=1)
+    assert torch.equal(images, test_subset(ImageData(expected, full.labels, full.classes), 12).images)
+    assert torch.equal(labels, part.labels)
+    with pytest.raises(DatasetError, match="--test-limit 30"):
+        folder_source(str(tmp_path / "c"), part)("contrast", 1)
+    shuffled = ImageData(full.images, full.labels.roll(1), full.classes)
+    with pytest.raises(DatasetError, match="labels differ"):
+        folder_source(str(tmp_path / "c"), shuffled)("contrast", 1)
