@@ -128,7 +128,8 @@ def report(args: argparse.Namespace, groups: dict[str, list[Path]], out: Path) -
              f"Command: `python benchmarks/robustness.py {' '.join(shlex.quote(a) for a in sys.argv[1:])}`  ",
              f"Date: {time.strftime('%Y-%m-%dT%H:%M:%S%z')}; {platform.processor() or platform.machine()}, "
              f"Python {platform.python_version()}; one torch thread per job.", "",
-             f"Test subset: the first {first_eval['corruptions']['images']} test images; corruptions "
+             f"Test subset: a fixed random subset of {first_eval['corruptions']['images']} test images, the same "
+             f"for every run (`--test-limit`); corruptions "
              f"{first_eval['corruptions']['source']}, severities {first_eval['corruptions']['severities']}; "
              f"PGD-{first_eval['attack']['steps']} {first_eval['attack']['norm']} "
              f"({first_eval['attack']['eot_samples']} EOT sample(s)); sharpness on the first "
