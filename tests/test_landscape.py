@@ -50,9 +50,35 @@ def test_1d_and_2d_slices_of_a_quadratic_are_the_quadratic():
 
 def test_interpolation_between_two_weight_sets():
     model = Quadratic()
-    start, end = [torch.zeros(2, 2, dtype=torch.float64)], [model.theta.detach().clone()]
+    theta = model.theta.detach().clone()
+    start = {"theta": torch.zeros(2, 2, dtype=torch.float64), "a": model.a.clone()}
+    end = {"theta": theta.clone(), "a": model.a.clone()}
     values = interpolation(model, BATCHES, loss_fn, start, end, [0.0, 0.5, 1.0])
-    assert values == pytest.approx([0.0, 0.25 * q(model, end[0]), q(model, end[0])])
+    assert values == pytest.approx([0.0, 0.25 * q(model, theta), q(model, theta)])
+    assert torch.equal(model.theta.detach(), theta)
+
+
+def test_interpolation_endpoints_are_the_two_models_batch_norm_statistics_included():
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 3, 6, 6), torch.randint(0, 4, (32,))
+
+    def net():
+        return nn.Sequential(nn.Conv2d(3, 5, 3), nn.BatchNorm2d(5), nn.ReLU(), nn.Flatten(), nn.Linear(80, 4))
+
+    a, b = net(), net()
+    for model, shift in ((a, 0.0), (b, 3.0)):  # different running statistics in each
+        model.train()
+        with torch.no_grad():
+            for _ in range(5):
+                model(x + shift)
+        model.eval()
+    ce = nn.functional.cross_entropy
+    with torch.no_grad():
+        expected = [float(ce(a(x), y)), float(ce(b(x), y))]
+    start = {k: v.clone() for k, v in a.state_dict().items()}
+    values = interpolation(a, [(x, y)], ce, start, b.state_dict(), [0.0, 0.5, 1.0])
+    assert values[0] == pytest.approx(expected[0]) and values[2] == pytest.approx(expected[1])
+    assert all(torch.equal(v, start[k]) for k, v in a.state_dict().items())  # a is put back
 
 
 def test_filter_normalisation_matches_each_filter_norm_and_skips_1d_parameters():

@@ -384,8 +384,8 @@ def cmd_landscape(args: argparse.Namespace) -> int:
         args.path = args.run_b
         _, other, _ = _load_trained(args)
         steps = np.linspace(-0.25, 1.25, args.points).tolist()
-        start = [p.detach() for p in model.parameters()]
-        end = [p.detach() for p in other.parameters()]
+        start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        end = other.state_dict()
         with posterior_mean(model):
             losses = interpolation(model, batches, F.cross_entropy, start, end, steps)
         result["interpolation"] = {"alphas": steps, "loss": losses}

@@ -1,5 +1,5 @@
 """Loss-landscape slices (Li et al., 2018): the loss along filter-normalised random directions
-around trained weights, and along the straight line between two sets of weights.
+around trained weights, and along the straight line between two trained models.
 
 Batch norm runs in eval mode; the loss is the mean over the given batches. Directions are
 "filter-normalised": each filter (row of a weight tensor) of the random direction is rescaled to
@@ -10,7 +10,7 @@ batch-norm affine) are zero, as in Li et al., so slices of differently scaled mo
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -92,11 +92,23 @@ def loss_surface_2d(model: nn.Module, batches: Batches, loss_fn: LossFn, alphas:
     return surface
 
 
-def interpolation(model: nn.Module, batches: Batches, loss_fn: LossFn, start: Sequence[Tensor],
-                  end: Sequence[Tensor], alphas: Sequence[float]) -> list[float]:
-    """L((1 - alpha) start + alpha end): the line between two trained models (same architecture)."""
+def interpolation(model: nn.Module, batches: Batches, loss_fn: LossFn, start: Mapping[str, Tensor],
+                  end: Mapping[str, Tensor], alphas: Sequence[float]) -> list[float]:
+    """L at ``(1 - alpha) start + alpha end``: the line between two trained models of one architecture.
+
+    ``start`` and ``end`` are state dicts. Every floating-point entry is interpolated, batch-norm
+    running statistics included, so alpha = 0 and 1 are exactly the two trained models (with the
+    parameters alone, alpha = 1 would be the end weights with the start's statistics); integer
+    entries (``num_batches_tracked``) are taken from ``start``. The model's state is put back.
+    """
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
     out = []
-    for alpha in alphas:
-        with _weights(model, [(1 - alpha) * s + alpha * e for s, e in zip(start, end)]):
-            out.append(_loss(model, batches, loss_fn))
+    try:
+        with eval_mode(model), torch.no_grad():
+            for alpha in alphas:
+                model.load_state_dict({k: (1 - alpha) * s + alpha * end[k] if s.is_floating_point() else s
+                                       for k, s in start.items()})
+                out.append(_loss(model, batches, loss_fn))
+    finally:
+        model.load_state_dict(saved)
     return out
