@@ -37,7 +37,7 @@ def _run(command: list[str], log: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     started = time.perf_counter()
     with open(log, "w") as handle:
-        handle.write("$ " + shlex.join(command) + "\n")
+        handle.write("$ otmdr " + shlex.join(command[3:]) + "\n")  # command = python -m otmdr.cli ...
         handle.flush()
         code = subprocess.call(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
     if code:
