@@ -24,6 +24,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
+from .._atomic import atomic_write
 from ..eval.corruptions import CORRUPTIONS, corrupt
 from ._io import corrupt as corrupt_file
 from ._types import DatasetError
@@ -177,15 +178,6 @@ def _npy_complete(path: Path, shape: tuple[int, ...], dtype: np.dtype | type = n
     return ok
 
 
-def _readable_by_others(handle: BinaryIO) -> None:
-    """Give a temporary file (created 0600) the mode an ordinary new file would get under the
-    umask, so a shared corrupted copy is readable like one written with np.save."""
-    if hasattr(os, "fchmod"):
-        mask = os.umask(0)
-        os.umask(mask)
-        os.fchmod(handle.fileno(), 0o666 & ~mask)
-
-
 def _check_target(out: Path, settings: dict[str, Any]) -> None:
     """Refuse a non-empty folder unless it is an earlier (possibly interrupted) run with the same
     settings, so that nothing of the user's is overwritten and no copy mixes two settings."""
@@ -232,7 +224,6 @@ def write_corrupted(images: np.ndarray | torch.Tensor, labels: np.ndarray | torc
     ``source`` describes the clean data in meta.json.
     """
     from .. import __version__
-    from ..train.checkpoint import _atomic  # the project's atomic write: temporary file, fsync, os.replace
 
     names = list(corruptions)
     unknown = [c for c in names if c not in CORRUPTIONS]
@@ -278,12 +269,12 @@ def write_corrupted(images: np.ndarray | torch.Tensor, labels: np.ndarray | torc
 
     def write_meta(complete: bool) -> None:
         text = json.dumps({**meta, "complete": complete}, indent=2) + "\n"
-        _atomic(out / META, lambda handle: (_readable_by_others(handle), handle.write(text.encode())))
+        atomic_write(out / META, lambda handle: handle.write(text.encode()))
 
     write_meta(False)
     tiled = np.tile(y, len(SEVERITIES))
     if not _npy_complete(out / LABELS, tiled.shape, tiled.dtype) or not np.array_equal(np.load(out / LABELS), tiled):
-        _atomic(out / LABELS, lambda handle: (_readable_by_others(handle), np.save(handle, tiled)))
+        atomic_write(out / LABELS, lambda handle: np.save(handle, tiled))
 
     shape = (len(SEVERITIES) * n, *x.shape[1:])
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False, "shape": shape}
@@ -296,12 +287,11 @@ def write_corrupted(images: np.ndarray | torch.Tensor, labels: np.ndarray | torc
 
         def write(handle: BinaryIO, name: str = name) -> None:
             """Stream the .npy: its header, then each severity block chunk by chunk."""
-            _readable_by_others(handle)
             np.lib.format.write_array_header_1_0(handle, header)
             for severity in SEVERITIES:
                 for i in range(0, n, chunk):
                     handle.write(np.ascontiguousarray(corrupt(x[i:i + chunk], name, severity, seed + i)).data)
 
-        _atomic(path, write)
+        atomic_write(path, write)
     write_meta(True)
     return out

@@ -16,7 +16,6 @@ import io
 import os
 import sys
 import tarfile
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .._atomic import atomic_write
 from ._io import corrupt, is_archive
 from ._types import DatasetError, DatasetSpec, ImageData
 
@@ -265,36 +265,13 @@ def _read_cache(path: Path, checksum: str) -> ImageData | None:
 
 
 def _write_cache(path: Path, data: ImageData, checksum: str) -> None:
+    """Write the decoded split atomically; a cache that cannot be written only costs speed."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        atomic_write(path, lambda f: np.savez(
+            f, images=data.images.numpy(), labels=data.labels.numpy(), classes=np.array(data.classes, dtype=str),
+            checksum=np.array(checksum), version=np.array(CACHE_VERSION)))
     except OSError as exc:
-        warnings.warn(f"otmdr: cannot write the dataset cache in {path.parent} ({exc}); continuing without it",
-                      stacklevel=3)
-        return
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(
-                f,
-                images=data.images.numpy(),
-                labels=data.labels.numpy(),
-                classes=np.array(data.classes, dtype=str),
-                checksum=np.array(checksum),
-                version=np.array(CACHE_VERSION),
-            )
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(exc, OSError):
-            warnings.warn(f"otmdr: cannot write the dataset cache {path} ({exc}); continuing without it",
-                          stacklevel=3)
-            return
-        raise
+        warnings.warn(f"otmdr: cannot write the dataset cache {path} ({exc}); continuing without it", stacklevel=3)
 
 
 # ----------------------------------------------------------------------------- entry point

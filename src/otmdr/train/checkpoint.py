@@ -3,12 +3,12 @@ target, so a crash mid-write never leaves a half-written ``last.pt`` or ``best.p
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .._atomic import atomic_write
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "atomic_write_text"]
 
@@ -17,26 +17,12 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read, with the path and what to do."""
 
 
-def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
-    _atomic(Path(path), lambda handle: torch.save(state, handle))
+    atomic_write(path, lambda handle: torch.save(state, handle))
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    _atomic(Path(path), lambda handle: handle.write(text.encode()))
+    atomic_write(path, lambda handle: handle.write(text.encode()))
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
