@@ -248,55 +248,62 @@ def _per_channel(values, channels: int):
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    """Methods x seeds, optionally after a validation-only grid search per method (otmdr.train.study)."""
     import yaml
 
     from .config import METHODS, config_to_dict
+    from .report import comparison_tables, search_table, write_compare_report
+    from .train.grid import parse_grid
+    from .train.study import Study, plan, run_study, score
 
-    REGIMES = ("", "joint", "per-member")
-    from .report import aggregate, format_table, write_compare_report
-    from .train import prepare_run_dir, train
-
+    regimes = ("", "joint", "per-member")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m.partition("/")[0] not in METHODS or m.partition("/")[2] not in REGIMES]
+    unknown = [m for m in methods if m.partition("/")[0] not in METHODS or m.partition("/")[2] not in regimes]
     if unknown or not methods:
         raise _UsageError(f"--methods: unknown method(s) {unknown}; choose from {', '.join(METHODS)}, "
                           "optionally with an ensemble regime: METHOD/joint or METHOD/per-member")
+    if len(set(methods)) != len(methods):
+        raise _UsageError(f"--methods: a method is listed twice ({args.methods})")
     if args.seeds < 1:
         raise _UsageError("--seeds must be at least 1")
+    if args.jobs < 1:
+        raise _UsageError("--jobs must be at least 1")
+    reference = args.reference or methods[0]
+    if reference not in methods:
+        raise _UsageError(f"--reference: {reference!r} is not one of --methods {','.join(methods)}")
     base = _config(args)
     stem = Path(args.config).stem if args.config else "default"
     out = Path(args.out or f"runs/compare-{stem}-{_timestamp()}")
+    overrides = list(args.set or []) + ([f"data.dir={args.data_dir}"] if args.data_dir else [])
+    study = Study(config_path=args.config, overrides=overrides, methods=methods,
+                  seeds=list(range(base.train.seed, base.train.seed + args.seeds)),
+                  grid=parse_grid(args.grid or [], methods), out=out, search_overrides=list(args.search_set or []),
+                  select=args.select)
+    plan(study)  # builds every config: a bad grid or value fails here, before anything is created
+    if out.exists() and not out.is_dir():
+        raise _UsageError(f"--out {out} is a file, not a folder: choose another --out")
     if out.exists() and any(out.iterdir()) and not args.resume:
         raise _UsageError(f"{out} already exists and is not empty; it is never overwritten: choose another "
                           "--out, or add --resume to finish the runs it holds")
     out.mkdir(parents=True, exist_ok=True)
-    summaries: dict[str, list[dict[str, Any]]] = {}
-    total, done = len(methods) * args.seeds, 0
-    for method in methods:
-        for seed in range(base.train.seed, base.train.seed + args.seeds):
-            name, _, regime = method.partition("/")
-            extra = [f"optim.method={name}", f"train.seed={seed}", "train.progress=false"]
-            cfg = _config(args, extra + ([f"ensemble.regime={regime}"] if regime else []))
-            run_dir = out / f"{method.replace('/', '-')}-seed{seed}"
-            done += 1
-            if (run_dir / "summary.json").is_file():
-                summary = json.loads((run_dir / "summary.json").read_text())
-                print(f"[{done}/{total}] {method} seed {seed}: finished earlier, reused")
-            else:
-                resume = (run_dir / "checkpoints" / "last.pt").is_file()
-                prepare_run_dir(run_dir, resume=resume)
-                started = time.perf_counter()
-                summary = train(cfg, run_dir, resume=resume, log=lambda _: None)
-                print(f"[{done}/{total}] {method} seed {seed}: test acc {100 * summary['test']['accuracy']:.2f}%  "
-                      f"NLL {summary['test']['nll']:.4f}  ({time.perf_counter() - started:.0f}s)", flush=True)
-            summaries.setdefault(method, []).append(summary)
+    result = run_study(study, jobs=args.jobs)
+    summaries = result["summaries"]
+    search = [{"method": r.method, "setting": r.point.label, "seed": r.seed, "score": score(r, study.select),
+               "radius": r.summary["perturbation_norm"] if r.summary else None, "chosen": r.point == result["chosen"][r.method],
+               "run_dir": str(r.run_dir), "error": r.error} for r in result["search"]]
     print()
-    print(format_table(aggregate(summaries), markdown=False))
+    if search:
+        print(search_table(search, study.select, markdown=False))
+        print()
+    print(comparison_tables(summaries, reference, markdown=False))
     command = "otmdr " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if args.command_line is None else args.command_line
     config_text = yaml.safe_dump(config_to_dict(base), sort_keys=False)
     report = write_compare_report(out, summaries, command=command, config_text=config_text,
-                                  threads=base.train.threads)
+                                  threads=base.train.threads, reference=reference, search=search,
+                                  select=study.select, wall_seconds=result["seconds"])
     (out / "summaries.json").write_text(json.dumps(summaries, indent=1))
+    if search:
+        (out / "search.json").write_text(json.dumps(search, indent=1))
     print(f"\nreport: {report}")
     return 0
 
@@ -468,7 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heatmap", help="write the corruption x severity accuracy heat map to this PNG")
     p.set_defaults(func=cmd_eval)
 
-    p = commands.add_parser("compare", help="train several methods x seeds and report mean ± std")
+    p = commands.add_parser("compare", help="train several methods x seeds (after an optional grid search on "
+                                            "validation) and report mean ± std and paired differences")
     config_options(p)
     p.add_argument("--methods", default="sgd,sam,otmdr",
                    help="comma-separated: sgd, sam, asam, otmdr; for ensembles optionally METHOD/joint or "
@@ -476,6 +484,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (from train.seed upwards)")
     p.add_argument("--out", help="output directory (default runs/compare-<config>-<time>)")
     p.add_argument("--resume", action="store_true", help="reuse finished runs in --out and resume stopped ones")
+    p.add_argument("--grid", action="append", metavar="[METHOD:]KEY=V1,V2,...",
+                   help="search these values on the validation split before the final runs, e.g. sam.rho=0.02,0.05,0.1 "
+                        "or otmdr.rho=[0.01,0.02],[0.05,0.1] (sam/asam/otmdr keys apply to that method, others "
+                        "to every method or to METHOD: only); repeat for more keys (Cartesian product)")
+    p.add_argument("--select", default="val_accuracy", choices=("val_accuracy", "val_nll", "val_brier", "val_ece"),
+                   help="validation metric (last epoch) that chooses each method's grid point (default: %(default)s)")
+    p.add_argument("--search-set", action="append", metavar="KEY=VALUE",
+                   help="override for the search runs only, e.g. train.epochs=10 (a shorter search budget)")
+    p.add_argument("--reference", help="method the paired differences are taken against (default: the first listed)")
+    p.add_argument("--jobs", type=int, default=1, help="independent runs trained in parallel processes, the CPU "
+                                                       "threads split between them (default: %(default)s)")
     p.add_argument("--command-line", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_compare)
 

@@ -39,6 +39,12 @@ class DataConfig:
     crop_padding: int = 0  # random crop with this zero padding
     flip: bool = False  # random horizontal flip
     cutout: int = 0  # cutout square size (0: off)
+    # synthetic label noise on the training split (otmdr.data.noise): the fraction of wrong labels,
+    # drawn once over the training file with its own seed, independent of train.seed
+    label_noise: float = 0.0
+    label_noise_kind: str = "symmetric"  # symmetric (uniform over the other classes) | pairflip (c -> c+1)
+    label_noise_seed: int = 0
+    noisy_val: bool = False  # also corrupt the validation labels (a user who only has noisy labels)
 
 
 @dataclass
@@ -159,6 +165,7 @@ CHOICES = {
     "asam.bn_policy": ("ascent", "clean", "all", "none"),
     "otmdr.bn_policy": ("ascent", "clean", "all", "none"),
     "otmdr.normalize": ("step", "merged"),
+    "data.label_noise_kind": ("symmetric", "pairflip"),
     "otmdr.reduce": ("sum", "mean"),
     "schedule.name": ("cosine", "step", "constant"),
     "train.precision": ("fp32", "bf16", "fp16"),
@@ -305,6 +312,8 @@ def _check_values(config: ExperimentConfig) -> None:
             raise ConfigError(f"config key {key}: must be >= 0, got {flat[key]!r}")
     if not 0.0 <= config.data.val_fraction < 1.0:
         raise ConfigError(f"config key data.val_fraction: must be in [0, 1), got {config.data.val_fraction!r}")
+    if not 0.0 <= config.data.label_noise < 1.0:
+        raise ConfigError(f"config key data.label_noise: must be in [0, 1), got {config.data.label_noise!r}")
     if not 0.0 <= config.train.label_smoothing < 1.0:
         raise ConfigError(f"config key train.label_smoothing: must be in [0, 1), got {config.train.label_smoothing!r}")
     device = config.train.device

@@ -1,4 +1,5 @@
-"""The Markdown report of ``otmdr compare``: the table, the plots, and how it was produced."""
+"""The Markdown report of ``otmdr compare``: the tables (final and early-stopped models), the
+paired differences against a reference method, the grid search, the plots, and how it was produced."""
 
 from __future__ import annotations
 
@@ -9,16 +10,57 @@ from typing import Any
 
 import torch
 
-from .plots import plot_learning_curves, plot_reliability, plot_test_accuracy
-from .tables import aggregate, format_table
+from .plots import plot_learning_curves, plot_reliability, plot_search, plot_test_accuracy
+from .stats import CI_METHOD, format_paired, paired_table
+from .tables import aggregate, early_stopped, format_table
 
-__all__ = ["write_compare_report"]
+__all__ = ["write_compare_report", "comparison_tables", "search_table"]
+
+
+def comparison_tables(summaries: dict[str, list[dict[str, Any]]], reference: str, *, markdown: bool) -> str:
+    """The final-model table, the early-stopped table and the paired differences against
+    ``reference`` for both, as one block of text (terminal) or Markdown."""
+    heading = (lambda t: f"**{t}**") if markdown else (lambda t: t)
+    stopped = early_stopped(summaries)
+    blocks = [heading("Final model (last epoch), mean ± std over seeds"), "",
+              format_table(aggregate(summaries), markdown=markdown)]
+    if stopped:
+        epochs = "; ".join(f"{m}: " + ", ".join(str(s["early_stopped"]["epoch"]) for s in runs)
+                           for m, runs in summaries.items() if m in stopped)
+        blocks += ["", heading("Early-stopped model (checkpoint of the best validation accuracy)"), "",
+                   format_table(aggregate(stopped), markdown=markdown), "", f"Best validation epoch per seed: {epochs}"]
+    if len(summaries) > 1:
+        for title, runs in (("final model", summaries), ("early-stopped model", stopped)):
+            if reference not in runs:
+                continue
+            blocks += ["", heading(f"Paired differences against {reference}, {title} (method − {reference}; "
+                                   f"{CI_METHOD})"), "",
+                       format_paired(paired_table(runs, reference), markdown=markdown)]
+    return "\n".join(blocks)
+
+
+def search_table(points: list[dict[str, Any]], metric: str, *, markdown: bool) -> str:
+    """Every grid point: method, setting, validation score, measured radius, and which was chosen."""
+    scale, unit = (100.0, " (%)") if metric in ("val_accuracy", "val_ece") else (1.0, "")
+    titles = ["method", "setting", f"{metric}{unit}", "radius ‖θ~−θ‖", "chosen"]
+    cells = [[p["method"], p["setting"], "diverged" if p["score"] is None else f"{scale * p['score']:.2f}"
+              if scale == 100.0 else f"{p['score']:.4f}", f"{p['radius']:.3f}" if p["radius"] is not None else "n/a",
+              "yes" if p["chosen"] else ""] for p in points]
+    if markdown:
+        out = ["| " + " | ".join(titles) + " |", "|---|---|---:|---:|---|"]
+        return "\n".join(out + ["| " + " | ".join(c) + " |" for c in cells])
+    widths = [max(len(t), *(len(c[i]) for c in cells)) for i, t in enumerate(titles)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([fmt.format(*titles), fmt.format(*("-" * w for w in widths))] + [fmt.format(*c) for c in cells])
 
 
 def write_compare_report(out_dir: Path, summaries: dict[str, list[dict[str, Any]]], *, command: str,
-                         config_text: str, threads: int | None = None) -> Path:
+                         config_text: str, threads: int | None = None, reference: str | None = None,
+                         search: list[dict[str, Any]] | None = None, select: str = "val_accuracy",
+                         wall_seconds: float | None = None) -> Path:
     figures = out_dir / "figures"
     figures.mkdir(parents=True, exist_ok=True)
+    reference = reference or next(iter(summaries))
     curves = plot_learning_curves(summaries, figures / "learning_curves.png")
     accuracy = plot_test_accuracy(summaries, figures / "test_accuracy.png")
     calibration = plot_reliability(summaries, figures / "reliability.png")
@@ -31,14 +73,33 @@ def write_compare_report(out_dir: Path, summaries: dict[str, list[dict[str, Any]
         f"Date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}; torch {torch.__version__}, "
         f"Python {platform.python_version()}, {platform.machine()} "
         f"({threads or torch.get_num_threads()} torch thread(s) per run); "
-        f"{first['epochs']} epochs per run.",
+        f"{first['epochs']} epochs per run" + (f"; wall time {wall_seconds / 60:.1f} min" if wall_seconds else "")
+        + ".",
+    ]
+    noise = first.get("label_noise")
+    if noise:
+        lines += ["", f"Label noise: {100 * noise['rate']:.0f}% {noise['kind']} on the training split (seed "
+                      f"{noise['seed']}; realised {100 * noise['train_noisy_fraction']:.2f}% of the training labels), "
+                      + ("validation labels noisy too" if noise.get("val_noisy_fraction") else "validation labels clean")
+                      + "; test labels clean."]
+    if search:
+        lines += ["", "## Hyper-parameter search", "",
+                  f"Every grid point trained once at seed {search[0]['seed']} and was scored by `{select}` at its "
+                  "last epoch on the **validation split**; the test split played no part in the choice. The chosen "
+                  "point of each method then trained over every seed.", "",
+                  search_table(search, select, markdown=True), "",
+                  "Chosen: " + "; ".join(f"{p['method']} {p['setting']}" for p in search if p["chosen"]) + ".", "",
+                  f"![validation score against radius]({plot_search(search, figures / 'search_radius.png', metric=select).relative_to(out_dir)})"]
+    lines += [
         "",
-        f"Test metrics, mean ± std over seeds (ECE with {bins} equal-width bins; TS = temperature scaling "
-        "fitted on the validation split; radius = measured perturbation norm ‖θ~−θ‖, mean over the last epoch).",
+        "## Test comparison",
         "",
-        format_table(aggregate(summaries), markdown=True),
+        f"Test metrics (ECE with {bins} equal-width bins; TS = temperature scaling fitted on the validation "
+        "split; radius = measured perturbation norm ‖θ~−θ‖, mean over the last epoch).",
         "",
-        "Per run (test accuracy %):",
+        comparison_tables(summaries, reference, markdown=True),
+        "",
+        "Per run (test accuracy %, final model):",
         "",
     ]
     for method, runs in summaries.items():

@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 __all__ = ["plot_learning_curves", "plot_test_accuracy", "plot_reliability", "plot_corruption_heatmaps",
-           "plot_robust_accuracy"]
+           "plot_robust_accuracy", "plot_search"]
 
 
 def _mean_curve(runs: list[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
@@ -145,6 +145,46 @@ def plot_robust_accuracy(curves: dict[str, dict[float, float | list[float]]], pa
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_search(points: list[dict[str, Any]], path: Path, *, metric: str) -> Path:
+    """Validation score of every grid point against its measured radius ||theta~ - theta||, one
+    line per method (the chosen point ringed): the picture that explains a comparison, since at
+    equal radius SAM and OT-MDR often score alike. Methods with no radius (SGD) are a level line."""
+    scale = 100.0 if metric in ("val_accuracy", "val_ece") else 1.0
+    fig, ax = plt.subplots(figsize=(6.0, 4.0))
+    methods = list(dict.fromkeys(p["method"] for p in points))
+    for method in methods:
+        mine = sorted((p for p in points if p["method"] == method and p["score"] is not None),
+                      key=lambda p: p["radius"])
+        if not mine:
+            continue
+        radii = np.array([p["radius"] for p in mine])
+        scores = np.array([scale * p["score"] for p in mine])
+        if radii.max() == 0:  # no perturbation: a reference level
+            for value in scores:
+                ax.axhline(value, linestyle="--", color="gray", linewidth=1)
+            ax.text(0.99, scores.max(), f" {method}", transform=ax.get_yaxis_transform(), ha="right",
+                    va="bottom", fontsize=8, color="gray")
+            continue
+        line, = ax.plot(radii, scores, marker="o", label=method)
+        for p, x, y in zip(mine, radii, scores):
+            ax.annotate(p["setting"], (x, y), textcoords="offset points", xytext=(3, 4), fontsize=6,
+                        color=line.get_color())
+            if p.get("chosen"):
+                ax.scatter([x], [y], s=140, facecolors="none", edgecolors=line.get_color(), linewidths=1.5)
+    ax.set_xscale("symlog", linthresh=0.01)
+    ax.set_xlabel("measured radius ‖θ~−θ‖ (last epoch, mean over steps)")
+    unit = " (%)" if scale == 100.0 else ""
+    ax.set_ylabel(f"{metric.replace('_', ' ')}{unit}")
+    ax.set_title("grid search: validation score against radius (ringed: chosen)", fontsize=10)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -6,7 +6,7 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["aggregate", "format_table", "COLUMNS"]
+__all__ = ["aggregate", "format_table", "early_stopped", "COLUMNS"]
 
 #: (title, function of a run summary, digits, scale)
 COLUMNS: list[tuple[str, Any, int, float]] = [
@@ -64,3 +64,10 @@ def format_table(rows: list[dict[str, Any]], *, markdown: bool) -> str:
     widths = [max(len(t), *(len(line[i]) for line in cells)) for i, t in enumerate(titles)]
     fmt = "  ".join(f"{{:<{w}}}" if i < 2 else f"{{:>{w}}}" for i, w in enumerate(widths))
     return "\n".join([fmt.format(*titles), fmt.format(*("-" * w for w in widths))] + [fmt.format(*line) for line in cells])
+
+
+def early_stopped(summaries: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
+    """The same runs with the test metrics of their best-validation checkpoint in place of the
+    final model's (methods whose runs have no validation split are left out)."""
+    return {method: [{**s, "test": s["early_stopped"]["test"], "test_temperature_scaled": {}} for s in runs]
+            for method, runs in summaries.items() if all(s.get("early_stopped") for s in runs)}

@@ -12,6 +12,7 @@ from torch import nn
 from ..config import ConfigError, ExperimentConfig, otmdr_options
 from ..data import (Augment, BatchLoader, DatasetSpec, ImageData, get_spec, load_split, resolve_spec, subset,
                     test_subset, train_val_split)
+from ..data.noise import noisy_labels
 from ..models import create_model
 from ..optim import ASAM, OTMDR, SAM
 
@@ -38,6 +39,8 @@ class RunData:
     val: BatchLoader | None
     test: BatchLoader
     classes: list[str]
+    #: realised label noise: fraction of wrong labels in the training (and validation) split
+    label_noise: dict[str, Any] | None = None
 
 
 def build_data(cfg: ExperimentConfig, device: torch.device) -> RunData:
@@ -47,16 +50,28 @@ def build_data(cfg: ExperimentConfig, device: torch.device) -> RunData:
     test = load_split(d.name, "test", d.dir, cache_dir=d.cache_dir)
     spec = resolve_spec(spec, full)  # image folders: classes, channels and size come from the data
     seed = cfg.train.seed
-    if d.train_limit is not None and d.train_limit < len(full.labels):
-        order = torch.randperm(len(full.labels), generator=torch.Generator().manual_seed(10_000 + seed))
-        full = subset(full, order[: d.train_limit])
+    clean = full.labels
+    noisy = clean
+    if d.label_noise > 0:  # drawn over the whole file, before any subset: independent of train.seed
+        noisy = noisy_labels(clean, d.label_noise, d.label_noise_kind, spec.num_classes, d.label_noise_seed)
+    kept = torch.arange(len(clean))
+    if d.train_limit is not None and d.train_limit < len(clean):
+        order = torch.randperm(len(clean), generator=torch.Generator().manual_seed(10_000 + seed))
+        kept = order[: d.train_limit]
     test = test_subset(test, d.test_limit)
     val = None
     if d.val_fraction > 0:
-        train_idx, val_idx = train_val_split(len(full.labels), d.val_fraction, seed)
-        train, val = subset(full, train_idx), subset(full, val_idx)
+        train_idx, val_idx = train_val_split(len(kept), d.val_fraction, seed)
+        train_idx, val_idx = kept[train_idx], kept[val_idx]
+        val = _with_labels(subset(full, val_idx), (noisy if d.noisy_val else clean)[val_idx])
     else:
-        train = full
+        train_idx = kept
+    train = _with_labels(subset(full, train_idx), noisy[train_idx])
+    noise = None
+    if d.label_noise > 0:
+        noise = {"rate": d.label_noise, "kind": d.label_noise_kind, "seed": d.label_noise_seed,
+                 "train_noisy_fraction": float((noisy[train_idx] != clean[train_idx]).float().mean()),
+                 "val_noisy_fraction": float((val.labels != clean[val_idx]).float().mean()) if val else None}
     augment = None
     if d.crop_padding or d.flip or d.cutout:
         augment = Augment(crop_padding=d.crop_padding, flip=d.flip, cutout=d.cutout)
@@ -66,7 +81,11 @@ def build_data(cfg: ExperimentConfig, device: torch.device) -> RunData:
                            device=device, augment=augment if training else None, seed=seed)
 
     return RunData(spec, loader(train, True), None if val is None else loader(val, False), loader(test, False),
-                   full.classes)
+                   full.classes, noise)
+
+
+def _with_labels(data: ImageData, labels: torch.Tensor) -> ImageData:
+    return ImageData(data.images, labels.to(data.labels.device), data.classes)
 
 
 def build_model(cfg: ExperimentConfig, spec: DatasetSpec) -> nn.Module:

@@ -273,6 +273,7 @@ def train(cfg: ExperimentConfig | None, run_dir: str | Path, *, resume: bool = F
             f"{val_text} ({stats.seconds:.1f}s, {row['images_per_second']:.0f} img/s)")
 
     summary = _final_evaluation(cfg, model, optimizer, data, history)
+    summary["early_stopped"] = _early_stopped_evaluation(cfg, model, data, run_dir / "checkpoints" / "best.pt")
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     return summary
 
@@ -319,9 +320,26 @@ def _final_evaluation(cfg, model, optimizer, data, history) -> dict[str, Any]:
     }
     if isinstance(model, Ensemble):
         summary["regime"] = cfg.ensemble.regime
+    if data.label_noise is not None:
+        summary["label_noise"] = data.label_noise
     summary.update(evaluate_model(cfg, model, data))
     summary["history"] = history
     return summary
+
+
+def _early_stopped_evaluation(cfg, model, data, best_path: Path) -> dict[str, Any] | None:
+    """Test metrics of the checkpoint of the best validation epoch: early stopping, the standard
+    defence against label noise, so every comparison also reports it. Loads into ``model``."""
+    if data.val is None or not best_path.is_file():
+        return None
+    from ..models.bayes import is_bayesian
+
+    best = load_checkpoint(best_path)
+    model.load_state_dict(best["model"])
+    test, _ = evaluate_split(model, data.test, autocast=AUTOCAST[cfg.train.precision], n_bins=cfg.eval.ece_bins,
+                             samples=cfg.bayes.test_samples if is_bayesian(model) else 1)
+    row = best["history"][-1]
+    return {"epoch": best["epoch"], "val_accuracy": row.get("val_accuracy"), "test": test}
 
 
 def load_run(path: str | Path, device: str = "auto", which: str = "last") -> tuple[ExperimentConfig, nn.Module, dict[str, Any]]:

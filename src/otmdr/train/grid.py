@@ -1,0 +1,105 @@
+"""Hyper-parameter grids of a comparison: ``--grid [METHOD:]section.key=v1,v2,...``.
+
+A key of the ``sam``, ``asam`` or ``otmdr`` section applies to that method only; any other key
+(``optim.lr``, ``train.label_smoothing``, ...) applies to every compared method, or to one
+method with the ``METHOD:`` prefix. Several keys for one method form their Cartesian product.
+Values are YAML, separated by commas outside brackets: ``otmdr.rho=[0.01,0.02],[0.05,0.1]``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import yaml
+
+from ..config import ConfigError
+
+__all__ = ["GridPoint", "parse_grid", "METHOD_SECTIONS"]
+
+#: config sections read by one method only
+METHOD_SECTIONS = ("sam", "asam", "otmdr")
+#: keys a grid may not vary: the comparison itself sets them
+RESERVED = {"optim.method": "--methods", "train.seed": "--seeds", "ensemble.regime": "--methods METHOD/REGIME"}
+
+
+@dataclass(frozen=True)
+class GridPoint:
+    """One setting of one method: config overrides and a short label for tables and folders."""
+
+    method: str
+    overrides: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        return " ".join(o.split(".", 1)[1] for o in self.overrides) or "default"
+
+
+def _split_values(text: str) -> list[str]:
+    values, depth, current = [], 0, ""
+    for char in text:
+        depth += {"[": 1, "{": 1, "]": -1, "}": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            values.append(current.strip())
+            current = ""
+        else:
+            current += char
+    values.append(current.strip())
+    return values
+
+
+def _method_name(method: str) -> str:
+    return method.partition("/")[0]
+
+
+def parse_grid(specs: list[str], methods: list[str]) -> dict[str, list[GridPoint]]:
+    """The grid points of every method of ``methods`` (a method without a grid gets one point,
+    its config as given). Raises :class:`ConfigError` naming the faulty ``--grid``; the values
+    themselves are checked when the configs are built (:func:`otmdr.train.study.plan`)."""
+    axes: dict[str, dict[str, list[str]]] = {m: {} for m in methods}
+    for spec in specs:
+        where = f"--grid {spec!r}"
+        target, colon, assignment = spec.partition(":") if ":" in spec.partition("=")[0] else ("", "", spec)
+        key, eq, raw = assignment.partition("=")
+        key = key.strip()
+        if not eq or not key or not raw.strip():
+            raise ConfigError(f"{where}: expected [METHOD:]section.key=v1,v2,... e.g. --grid sam.rho=0.02,0.05,0.1")
+        section, dot, name = key.partition(".")
+        if not dot or not section or not name:
+            raise ConfigError(f"{where}: {key!r} is not a section.key name (e.g. sam.rho, optim.lr)")
+        if key in RESERVED:
+            raise ConfigError(f"{where}: {key} is set by the comparison itself; use {RESERVED[key]}")
+        values = _split_values(raw)
+        for value in values:
+            if not value:
+                raise ConfigError(f"{where}: an empty value (two commas in a row, or a trailing comma)")
+            try:
+                yaml.safe_load(value)
+            except yaml.YAMLError:
+                raise ConfigError(f"{where}: {value!r} is not a valid value") from None
+        if len(set(values)) != len(values):
+            raise ConfigError(f"{where}: a value is repeated")
+        if colon:
+            target = target.strip()
+            chosen = [m for m in methods if m == target] or [m for m in methods if _method_name(m) == target]
+            if not chosen:
+                raise ConfigError(f"{where}: method {target!r} is not compared (--methods {','.join(methods)})")
+        elif section in METHOD_SECTIONS:
+            chosen = [m for m in methods if _method_name(m) == section]
+            if not chosen:
+                raise ConfigError(f"{where}: {key} is read by method {section} only, which is not in --methods "
+                                  f"{','.join(methods)}")
+        else:
+            chosen = list(methods)
+        for method in chosen:
+            if section in METHOD_SECTIONS and _method_name(method) != section:
+                raise ConfigError(f"{where}: {key} does not apply to method {method} (only {section} reads the "
+                                  f"{section} section)")
+            if key in axes[method]:
+                raise ConfigError(f"{where}: {key} is given twice for method {method}")
+            axes[method][key] = values
+    grid: dict[str, list[GridPoint]] = {}
+    for method, keys in axes.items():
+        combos = itertools.product(*([f"{k}={v}" for v in vs] for k, vs in keys.items()))
+        grid[method] = [GridPoint(method, tuple(combo)) for combo in combos]
+    return grid

@@ -1,0 +1,282 @@
+"""A comparison of methods over seeds, optionally after a hyper-parameter search per method.
+
+Plan, then run:
+
+1. **Search** (only with a grid): every grid point of every method trains once, at the first
+   seed, and is scored on the **validation split only** (``select``: a ``val_*`` metric of the
+   final epoch). The test split plays no part in the choice.
+2. **Final runs**: each method's chosen point trains over all seeds and is evaluated on the test
+   split. Without a search budget of its own (``search_overrides``), the search run of the chosen
+   point *is* the first seed's final run: a grid point costs one training run and nothing more.
+
+Every run has a fixed folder under ``out``; a finished run (``summary.json``) is reused, a
+stopped one resumes from its last checkpoint, and one killed before its first checkpoint starts
+again, so the whole study resumes after a kill without redoing finished work. ``jobs > 1`` trains
+independent runs in parallel processes, the CPU threads split between them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..config import ConfigError, ExperimentConfig, config_from_dict, config_to_dict, load_config
+from .grid import GridPoint
+from .loop import RunDirError, TrainingError, prepare_run_dir, train
+
+__all__ = ["Run", "Study", "plan", "run_study", "select_points", "SELECT_METRICS"]
+
+#: validation metrics a search may select on, and whether higher is better
+SELECT_METRICS = {"val_accuracy": True, "val_nll": False, "val_brier": False, "val_ece": False}
+#: keys that may differ between a run's saved config and a resumed study's (they do not change results
+#: beyond floating-point reduction order, or at all)
+_IGNORED_ON_RESUME = {"threads", "progress"}
+
+
+@dataclass
+class Run:
+    """One training run of the study: its config, its folder, and (once done) its summary."""
+
+    method: str
+    point: GridPoint
+    seed: int
+    config: ExperimentConfig
+    run_dir: Path
+    phase: str  # "search" or "final"
+    summary: dict[str, Any] | None = None
+    error: str | None = None  # a run that diverged (search runs only)
+    seconds: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return f"{self.method} [{self.point.label}] seed {self.seed}"
+
+
+@dataclass
+class Study:
+    config_path: str | None
+    overrides: list[str]
+    methods: list[str]
+    seeds: list[int]
+    grid: dict[str, list[GridPoint]]
+    out: Path
+    search_overrides: list[str] = field(default_factory=list)
+    select: str = "val_accuracy"
+
+    @property
+    def searching(self) -> bool:
+        return any(len(points) > 1 for points in self.grid.values())
+
+
+def _slug(text: str) -> str:
+    text = text.replace("/", "-").replace("[", "").replace("]", "").replace(",", "_").replace(" ", "_")
+    return re.sub(r"[^A-Za-z0-9.=_+-]+", "_", text).strip("_") or "default"
+
+
+def _config(study: Study, point: GridPoint, seed: int, extra: list[str]) -> ExperimentConfig:
+    name, _, regime = point.method.partition("/")
+    fixed = [f"optim.method={name}", f"train.seed={seed}", "train.progress=false"]
+    fixed += [f"ensemble.regime={regime}"] if regime else []
+    try:
+        return load_config(study.config_path, study.overrides + fixed + list(point.overrides) + extra)
+    except ConfigError as error:
+        where = f"grid point {point.method} [{point.label}]" if point.overrides else f"method {point.method}"
+        raise ConfigError(f"{where}: {error}") from None
+
+
+def plan(study: Study) -> tuple[list[Run], Callable[[dict[str, GridPoint]], list[Run]]]:
+    """The search runs, and a function from the chosen point of each method to the final runs.
+    Builds (and so validates) every config first: a bad grid fails before anything trains."""
+    first = study.seeds[0]
+    search: list[Run] = []
+    if study.searching:
+        for method, points in study.grid.items():
+            for point in points:
+                cfg = _config(study, point, first, study.search_overrides)
+                search.append(Run(method, point, first, cfg, study.out / "search" / _slug(f"{method}-{point.label}"),
+                                  "search"))
+    else:
+        for method, points in study.grid.items():  # configs are checked before training either way
+            _config(study, points[0], first, [])
+
+    def finals(chosen: dict[str, GridPoint]) -> list[Run]:
+        runs = []
+        for method in study.methods:
+            for seed in study.seeds:
+                reused = [r for r in search if r.method == method and r.point == chosen[method] and r.seed == seed]
+                if reused and not study.search_overrides:
+                    runs.append(reused[0])
+                    continue
+                cfg = _config(study, chosen[method], seed, [])
+                runs.append(Run(method, chosen[method], seed, cfg, study.out / f"{_slug(method)}-seed{seed}", "final"))
+        return runs
+
+    return search, finals
+
+
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    return {section: {k: v for k, v in values.items() if not (section == "train" and k in _IGNORED_ON_RESUME)}
+            if isinstance(values, dict) else values for section, values in config.items()}
+
+
+def _state(run: Run) -> str:
+    """'done', 'resume' or 'new'; a folder holding another config is refused; a folder killed before
+    its first checkpoint (config.yaml only) is cleared, since the study created it."""
+    saved = run.run_dir / "config.yaml"
+    if saved.is_file():
+        previous = yaml.safe_load(saved.read_text())
+        if _comparable(previous) != _comparable(config_to_dict(run.config)):
+            raise RunDirError(f"{run.run_dir} holds a run with another config than {run.name} now asks for "
+                              "(the config, --set or --grid changed): use a new --out")
+    if (run.run_dir / "summary.json").is_file():
+        return "done"
+    if (run.run_dir / "checkpoints" / "last.pt").is_file():
+        return "resume"
+    if run.run_dir.exists():
+        shutil.rmtree(run.run_dir)
+    return "new"
+
+
+def _train_one(config: dict[str, Any], run_dir: str, resume: bool, threads: int | None) -> tuple[dict | None, str | None]:
+    """Train one run (in this process or a worker); per-epoch lines go to ``run_dir/train.log``."""
+    cfg = config_from_dict(config)
+    if threads is not None:
+        cfg.train.threads = threads
+    path = Path(run_dir)
+    prepare_run_dir(path, resume=resume)
+    with open(path / "train.log", "a") as log_file:
+        def log(line: str) -> None:
+            log_file.write(line + "\n")
+            log_file.flush()
+
+        try:
+            return train(cfg, path, resume=resume, log=log), None
+        except TrainingError as error:
+            log(f"stopped: {error}")
+            return None, str(error)
+
+
+def execute(runs: list[Run], *, jobs: int = 1, log: Callable[[str], None] = print) -> None:
+    """Train every run that is not finished yet (``jobs`` at a time) and fill in its summary."""
+    pending = []
+    for run in runs:
+        state = _state(run)
+        if state == "done":
+            run.summary = json.loads((run.run_dir / "summary.json").read_text())
+        else:
+            pending.append((run, state == "resume"))
+    reused = len(runs) - len(pending)
+    if reused:
+        log(f"  {reused} run(s) finished earlier, reused")
+    total = len(pending)
+    if not total:
+        return
+    threads = None
+    if jobs > 1:
+        available = pending[0][0].config.train.threads or os.cpu_count() or 1
+        threads = max(1, available // jobs)
+
+    def finish(index: int, run: Run, result: tuple[dict | None, str | None], started: float) -> None:
+        run.summary, run.error = result
+        run.seconds = time.perf_counter() - started
+        if run.error is not None:
+            if run.phase == "final":
+                raise TrainingError(f"{run.name}: {run.error}")
+            log(f"  [{index}/{total}] {run.name}: diverged ({run.seconds:.0f}s); see {run.run_dir / 'train.log'}")
+            return
+        log(f"  [{index}/{total}] {run.name}: {_describe(run)} ({run.seconds:.0f}s)")
+
+    done = 0
+    if jobs <= 1:
+        for run, resume in pending:
+            started = time.perf_counter()
+            log(f"  training {run.name} -> {run.run_dir}" + (" (resuming)" if resume else ""))
+            result = _train_one(config_to_dict(run.config), str(run.run_dir), resume, threads)
+            done += 1
+            finish(done, run, result, started)
+        return
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+        futures = {}
+        for run, resume in pending:
+            future = pool.submit(_train_one, config_to_dict(run.config), str(run.run_dir), resume, threads)
+            futures[future] = (run, time.perf_counter())
+        log(f"  {total} run(s) in {jobs} parallel processes, {threads} thread(s) each; per-epoch logs in "
+            "<run>/train.log")
+        remaining = set(futures)
+        while remaining:
+            finished, remaining = wait(remaining, return_when=FIRST_COMPLETED)
+            for future in finished:
+                run, started = futures[future]
+                done += 1
+                finish(done, run, future.result(), started)
+
+
+def _describe(run: Run) -> str:
+    s = run.summary
+    assert s is not None
+    last = s["history"][-1] if s.get("history") else {}
+    parts = [f"val acc {100 * last['val_accuracy']:.2f}%"] if "val_accuracy" in last else []
+    if run.phase == "final":
+        parts.append(f"test acc {100 * s['test']['accuracy']:.2f}%")
+    parts.append(f"radius {s['perturbation_norm']:.3f}")
+    return ", ".join(parts)
+
+
+def score(run: Run, metric: str) -> float | None:
+    """The run's validation ``metric`` at its final epoch (None for a run that diverged)."""
+    if run.summary is None or not run.summary.get("history"):
+        return None
+    value = run.summary["history"][-1].get(metric)
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def select_points(search: list[Run], methods: list[str], metric: str) -> dict[str, GridPoint]:
+    """Each method's best grid point by validation ``metric`` (ties: the first in grid order)."""
+    higher = SELECT_METRICS[metric]
+    chosen = {}
+    for method in methods:
+        scored = [(score(r, metric), r) for r in search if r.method == method]
+        scored = [(v, r) for v, r in scored if v is not None]
+        if not scored:
+            raise TrainingError(f"every grid point of {method} diverged: nothing to select; try smaller radii or lr")
+        best = max(scored, key=lambda vr: vr[0]) if higher else min(scored, key=lambda vr: vr[0])
+        chosen[method] = best[1].point
+    return chosen
+
+
+def run_study(study: Study, *, jobs: int = 1, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Search (if there is a grid), select on validation, run the finals; returns what the report needs."""
+    if study.select not in SELECT_METRICS:
+        raise ConfigError(f"--select: {study.select!r} is not one of {', '.join(SELECT_METRICS)}")
+    if not study.searching and study.search_overrides:
+        raise ConfigError("--search-set applies to the grid search only: give a --grid with at least two values")
+    search, finals = plan(study)
+    started = time.perf_counter()
+    if search:
+        log(f"search: {len(search)} grid point(s) at seed {study.seeds[0]}, selected on {study.select} "
+            "(validation split)")
+        execute(search, jobs=jobs, log=log)
+        chosen = select_points(search, study.methods, study.select)
+        for method, point in chosen.items():
+            log(f"  chosen for {method}: {point.label}")
+    else:
+        chosen = {method: points[0] for method, points in study.grid.items()}
+    runs = finals(chosen)
+    log(f"final runs: {len(study.methods)} method(s) x {len(study.seeds)} seed(s)")
+    execute(runs, jobs=jobs, log=log)
+    summaries: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        summaries.setdefault(run.method, []).append(run.summary)
+    return {"summaries": summaries, "chosen": chosen, "search": search, "seconds": time.perf_counter() - started}

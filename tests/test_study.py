@@ -1,0 +1,284 @@
+"""Grid search with validation-only selection, paired statistics, label noise, study resume."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from otmdr.cli import main
+from otmdr.config import ConfigError, config_to_dict, load_config
+from otmdr.data.noise import noisy_labels
+from otmdr.report.stats import paired_difference, paired_table
+from otmdr.train import study as study_module
+from otmdr.train.builders import build_data
+from otmdr.train.grid import GridPoint, parse_grid
+from otmdr.train.study import Study, run_study
+
+DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+FAST = ["train.epochs=2", "model.options={hidden: [16]}", "train.threads=1"]
+
+
+# ------------------------------------------------------------------------------------------ grids
+def test_grid_parsing_targets_methods_and_forms_products():
+    grid = parse_grid(["sam.rho=0.01,0.02", "otmdr.rho=[0.005,0.01],[0.05,0.1]", "optim.lr=0.05,0.1",
+                       "otmdr:otmdr.normalize=step,merged"], ["sgd", "sam", "otmdr"])
+    assert [p.overrides for p in grid["sgd"]] == [("optim.lr=0.05",), ("optim.lr=0.1",)]
+    assert len(grid["sam"]) == 4 and len(grid["otmdr"]) == 8
+    assert grid["otmdr"][0].overrides == ("otmdr.rho=[0.005,0.01]", "optim.lr=0.05", "otmdr.normalize=step")
+    assert grid["sam"][0].label == "rho=0.01 lr=0.05"
+    assert parse_grid([], ["sgd", "sam"]) == {"sgd": [GridPoint("sgd")], "sam": [GridPoint("sam")]}
+    only = parse_grid(["sam:optim.lr=0.1,0.2"], ["sgd", "sam"])
+    assert len(only["sgd"]) == 1 and len(only["sam"]) == 2
+    per_member = parse_grid(["otmdr.rho=0.1,0.2"], ["otmdr/joint", "otmdr/per-member"])
+    assert len(per_member["otmdr/joint"]) == len(per_member["otmdr/per-member"]) == 2
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("sam.rho", "expected [METHOD:]section.key"),
+    ("sam.rho=", "expected [METHOD:]section.key"),
+    ("rho=0.1,0.2", "is not a section.key name"),
+    ("sam.rho=0.1,,0.2", "an empty value"),
+    ("sam.rho=0.1,", "an empty value"),
+    ("sam.rho=0.1,0.1", "a value is repeated"),
+    ("sam.rho=[0.1", "is not a valid value"),
+    ("asam.rho=0.1,0.2", "read by method asam only, which is not in --methods"),
+    ("sam:otmdr.rho=0.1,0.2", "does not apply to method sam"),
+    ("adam:optim.lr=0.1,0.2", "method 'adam' is not compared"),
+    ("optim.method=sgd,sam", "use --methods"),
+    ("train.seed=0,1", "use --seeds"),
+])
+def test_bad_grids_are_one_clear_error(spec, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(".", r"\.")):
+        parse_grid([spec], ["sgd", "sam", "otmdr"])
+
+
+def test_a_key_given_twice_is_refused():
+    with pytest.raises(ConfigError, match="given twice"):
+        parse_grid(["sam.rho=0.1,0.2", "sam:sam.rho=0.3,0.4"], ["sam"])
+
+
+@pytest.mark.parametrize("grid, message", [
+    (["sam.rhoo=0.1,0.2"], "did you mean sam.rho"),
+    (["sam.rho=0.1,-1"], "sam.rho: must be >= 0"),
+    (["otmdr.normalize=step,sideways"], "otmdr.normalize"),
+    (["optim.lr=0.1,fast"], "optim.lr: expected a number"),
+])
+def test_cli_rejects_a_bad_grid_before_anything_trains(tmp_path, capsys, grid, message):
+    out = tmp_path / "study"
+    args = ["compare", "--config", str(DEMO), "--methods", "sgd,sam,otmdr", "--out", str(out)]
+    for g in grid:
+        args += ["--grid", g]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_cli_rejects_bad_study_options(tmp_path, capsys):
+    base = ["compare", "--config", str(DEMO), "--out", str(tmp_path / "x")]
+    assert main(base + ["--reference", "asam"]) == 2
+    assert main(base + ["--jobs", "0"]) == 2
+    assert main(base + ["--methods", "sgd,sgd"]) == 2
+    assert main(base + ["--search-set", "train.epochs=1"]) == 2  # no grid to search
+    assert len(capsys.readouterr().err.strip().splitlines()) == 4
+    assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())
+
+
+# ------------------------------------------------------------------ selection uses validation only
+def _fake_train(cfg, run_dir, *, resume=False, log=print):
+    """A stand-in for training whose validation and test splits prefer opposite radii."""
+    rho = cfg.sam.rho if cfg.optim.method == "sam" else 0.0
+    val = {0.01: 0.90, 0.1: 0.50}.get(rho, 0.7)
+    test = {0.01: 0.40, 0.1: 0.95}.get(rho, 0.7) + cfg.train.seed * 1e-3
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg)))
+    metrics = {"accuracy": test, "nll": 1 - test, "ece": 0.1, "brier": 0.2, "ece_bins": 15}
+    summary = {"method": cfg.optim.method, "seed": cfg.train.seed, "perturbation_norm": rho, "test": metrics,
+               "history": [{"epoch": 1, "val_accuracy": val, "val_nll": 1 - val}]}
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    return summary
+
+
+def test_selection_uses_the_validation_split_only(tmp_path, monkeypatch):
+    monkeypatch.setattr(study_module, "train", _fake_train)
+    study = Study(str(DEMO), FAST, ["sgd", "sam"], [0, 1, 2], parse_grid(["sam.rho=0.01,0.1"], ["sgd", "sam"]),
+                  tmp_path / "s")
+    result = run_study(study, log=lambda _: None)
+    assert result["chosen"]["sam"].overrides == ("sam.rho=0.01",)  # validation's choice, not test's
+    assert [s["test"]["accuracy"] for s in result["summaries"]["sam"]] == pytest.approx([0.40, 0.401, 0.402])
+    # the first seed's final run is the search run itself: no grid point trains twice
+    assert not (tmp_path / "s" / "sam-seed0").exists() and (tmp_path / "s" / "sam-seed1").is_dir()
+    by_nll = run_study(Study(str(DEMO), FAST, ["sam"], [0], parse_grid(["sam.rho=0.01,0.1"], ["sam"]),
+                             tmp_path / "n", select="val_nll"), log=lambda _: None)
+    assert by_nll["chosen"]["sam"].overrides == ("sam.rho=0.01",)  # lower NLL is better
+
+
+def test_search_budget_of_its_own_trains_the_finals_anew(tmp_path, monkeypatch):
+    monkeypatch.setattr(study_module, "train", _fake_train)
+    study = Study(str(DEMO), FAST, ["sam"], [0, 1], parse_grid(["sam.rho=0.01,0.1"], ["sam"]), tmp_path / "s",
+                  search_overrides=["train.epochs=1"])
+    result = run_study(study, log=lambda _: None)
+    assert (tmp_path / "s" / "sam-seed0" / "summary.json").is_file()
+    assert yaml.safe_load((tmp_path / "s" / "search" / "sam-rho=0.01" / "config.yaml").read_text())["train"]["epochs"] == 1
+    assert yaml.safe_load((tmp_path / "s" / "sam-seed0" / "config.yaml").read_text())["train"]["epochs"] == 2
+    assert len(result["summaries"]["sam"]) == 2
+
+
+# ------------------------------------------------------------------------------------ resume
+def test_an_interrupted_search_resumes_without_redoing_finished_runs(tmp_path):
+    grid = ["sam.rho=0.01,0.05", "otmdr.rho=[0.01,0.02],[0.05,0.1]"]
+    methods = ["sgd", "sam", "otmdr"]
+
+    def make(out):
+        return Study(str(DEMO), FAST, methods, [0, 1], parse_grid(grid, methods), out)
+
+    whole = run_study(make(tmp_path / "whole"), log=lambda _: None)
+
+    class Kill(Exception):
+        pass
+
+    finished = []
+
+    def kill_after_three(line: str) -> None:
+        if "val acc" in line:
+            finished.append(line)
+            if len(finished) == 3:
+                raise Kill
+
+    with pytest.raises(Kill):
+        run_study(make(tmp_path / "part"), log=kill_after_three)
+    stale = tmp_path / "part" / "search" / "otmdr-rho=0.01_0.02"  # killed before its first checkpoint
+    stale.mkdir()
+    (stale / "config.yaml").write_text("{}")
+    lines: list[str] = []
+    with pytest.raises(Exception, match="another config"):
+        run_study(make(tmp_path / "part"), log=lines.append)  # a folder of another config is refused
+    cfg = load_config(DEMO, FAST + ["optim.method=otmdr", "train.seed=0", "otmdr.rho=[0.01,0.02]",
+                                    "train.progress=false"])
+    (stale / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg)))
+    lines.clear()
+    resumed = run_study(make(tmp_path / "part"), log=lines.append)
+    assert "  3 run(s) finished earlier, reused" in lines
+    assert resumed["chosen"] == whole["chosen"]
+    for method in methods:
+        assert [s["test"]["accuracy"] for s in resumed["summaries"][method]] == \
+            [s["test"]["accuracy"] for s in whole["summaries"][method]]
+
+
+def test_parallel_jobs_give_the_same_study(tmp_path):
+    methods = ["sgd", "sam"]
+    serial = run_study(Study(str(DEMO), FAST, methods, [0], parse_grid(["sam.rho=0.01,0.05"], methods),
+                             tmp_path / "a"), log=lambda _: None)
+    overrides = [o for o in FAST if not o.startswith("train.threads")] + ["train.threads=2"]
+    parallel = run_study(Study(str(DEMO), overrides, methods, [0], parse_grid(["sam.rho=0.01,0.05"], methods),
+                               tmp_path / "b"), jobs=2, log=lambda _: None)
+    assert parallel["chosen"] == serial["chosen"]
+    for method in methods:
+        assert parallel["summaries"][method][0]["test"]["accuracy"] == pytest.approx(
+            serial["summaries"][method][0]["test"]["accuracy"], abs=0.02)
+    assert (tmp_path / "b" / "search" / "sam-rho=0.05" / "train.log").read_text().count("epoch ") == 2
+
+
+# ------------------------------------------------------------------------------- paired statistics
+def test_paired_interval_matches_a_hand_computation():
+    # differences 1, 2, 3: mean 2, sd 1, t(0.975, 2 dof) = 4.302652729911275 (printed tables)
+    d = paired_difference([11.0, 12.0, 13.0], [10.0, 10.0, 10.0], higher_is_better=True)
+    half = 4.302652729911275 / math.sqrt(3)
+    assert (d.mean, d.low, d.high, d.n) == pytest.approx((2.0, 2.0 - half, 2.0 + half, 3))
+    assert d.verdict == "no difference detectable with 3 seeds"  # [-0.48, 4.48] contains 0
+    five = paired_difference([1.0, 1.2, 0.8, 1.1, 0.9], [0.0] * 5, higher_is_better=True)
+    sd = math.sqrt(sum((x - 1.0) ** 2 for x in [1.0, 1.2, 0.8, 1.1, 0.9]) / 4)
+    assert five.high - five.mean == pytest.approx(2.7764451051977987 * sd / math.sqrt(5))
+    assert five.verdict == "better"
+    assert paired_difference([1.0, 1.2, 0.8], [0.0] * 3, higher_is_better=False).verdict == "worse"
+    assert paired_difference([1.0], [0.0], higher_is_better=True).low is None
+
+
+def test_paired_table_pairs_by_seed():
+    def run(seed, acc, nll=0.5):
+        return {"seed": seed, "test": {"accuracy": acc, "nll": nll, "ece": 0.05}}
+
+    summaries = {"sgd": [run(0, 0.80), run(1, 0.90), run(2, 0.70)],
+                 "sam": [run(2, 0.72), run(0, 0.82), run(1, 0.92)]}  # listed in another order
+    row = paired_table(summaries, "sgd")[0]
+    acc = row["accuracy (pp)"]
+    assert acc.mean == pytest.approx(2.0) and acc.low == pytest.approx(2.0) and acc.verdict.startswith("better")
+    assert row["NLL"].mean == 0.0 and row["NLL"].verdict == "no difference detectable with 3 seeds"
+    with pytest.raises(ValueError, match="reference"):
+        paired_table(summaries, "otmdr")
+
+
+# ------------------------------------------------------------------------------------ label noise
+@pytest.mark.parametrize("kind", ["symmetric", "pairflip"])
+def test_label_noise_flips_an_exact_seeded_count(kind):
+    labels = torch.arange(1000) % 10
+    noisy = noisy_labels(labels, 0.4, kind, 10, seed=3)
+    changed = noisy != labels
+    assert int(changed.sum()) == 400  # exactly round(rate * n), every one to a wrong class
+    assert torch.equal(noisy, noisy_labels(labels, 0.4, kind, 10, seed=3))
+    assert not torch.equal(noisy, noisy_labels(labels, 0.4, kind, 10, seed=4))
+    if kind == "pairflip":
+        assert torch.equal(noisy[changed], (labels[changed] + 1) % 10)
+    else:  # uniform over the 9 other classes
+        shift = (noisy[changed] - labels[changed]) % 10
+        counts = torch.bincount(shift, minlength=10)
+        assert counts[0] == 0 and counts[1:].min() > 20
+    assert torch.equal(noisy_labels(labels, 0.0, kind, 10, seed=3), labels)
+
+
+def test_label_noise_touches_the_training_split_only():
+    clean = build_data(load_config(DEMO, ["train.seed=1"]), torch.device("cpu"))
+    noisy = build_data(load_config(DEMO, ["train.seed=1", "data.label_noise=0.4"]), torch.device("cpu"))
+    assert torch.equal(noisy.train.images, clean.train.images)
+    wrong = (noisy.train.labels != clean.train.labels).float().mean().item()
+    assert 0.35 < wrong < 0.45 and noisy.label_noise["train_noisy_fraction"] == pytest.approx(wrong)
+    assert torch.equal(noisy.val.labels, clean.val.labels) and noisy.label_noise["val_noisy_fraction"] == 0.0
+    assert torch.equal(noisy.test.labels, clean.test.labels)
+    both = build_data(load_config(DEMO, ["train.seed=1", "data.label_noise=0.4", "data.noisy_val=true"]),
+                      torch.device("cpu"))
+    assert 0.3 < both.label_noise["val_noisy_fraction"] < 0.5
+    assert torch.equal(both.test.labels, clean.test.labels)
+
+
+def test_label_noise_does_not_depend_on_the_model_seed():
+    """An image's noisy label is the same whichever seed splits the data."""
+    def noisy_by_image(seed):
+        data = build_data(load_config(DEMO, [f"train.seed={seed}", "data.label_noise=0.4", "data.val_fraction=0"]),
+                          torch.device("cpu"))
+        return {bytes(img.flatten().tolist()): int(y) for img, y in zip(data.train.images, data.train.labels)}
+
+    a, b = noisy_by_image(0), noisy_by_image(5)
+    shared = set(a) & set(b)
+    assert len(shared) > 1000 and all(a[k] == b[k] for k in shared)
+
+
+def test_bad_label_noise_is_a_config_error():
+    with pytest.raises(ConfigError, match="data.label_noise: must be in"):
+        load_config(DEMO, ["data.label_noise=1.0"])
+    with pytest.raises(ConfigError, match="data.label_noise_kind"):
+        load_config(DEMO, ["data.label_noise_kind=asymmetric"])
+
+
+# ---------------------------------------------------------------------------------- end to end
+def test_cli_search_report_shows_grid_radius_plot_and_paired_verdicts(tmp_path, capsys):
+    out = tmp_path / "study"
+    args = ["compare", "--config", str(DEMO), "--methods", "sgd,sam", "--seeds", "2", "--out", str(out),
+            "--grid", "sam.rho=0.01,0.05", "--set", "data.label_noise=0.2", "--reference", "sgd"]
+    for o in FAST:
+        args += ["--set", o]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "Paired differences against sgd, final model" in printed
+    assert "Paired differences against sgd, early-stopped model" in printed
+    report = (out / "report.md").read_text()
+    assert "## Hyper-parameter search" in report and "rho=0.05" in report and "Label noise: 20% symmetric" in report
+    assert (out / "figures" / "search_radius.png").stat().st_size > 10_000
+    search = json.loads((out / "search.json").read_text())
+    assert sum(p["chosen"] for p in search) == 2 and all(p["radius"] is not None for p in search)
+    summaries = json.loads((out / "summaries.json").read_text())
+    assert all(s["early_stopped"]["epoch"] in (1, 2) for runs in summaries.values() for s in runs)
+    assert summaries["sam"][0]["label_noise"]["rate"] == 0.2
