@@ -268,9 +268,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise _UsageError("--seeds must be at least 1")
     if args.jobs < 1:
         raise _UsageError("--jobs must be at least 1")
-    reference = args.reference or methods[0]
-    if reference not in methods:
-        raise _UsageError(f"--reference: {reference!r} is not one of --methods {','.join(methods)}")
+    references = [r.strip() for r in (args.reference or methods[0]).split(",") if r.strip()]
+    if not references or any(r not in methods for r in references):
+        raise _UsageError(f"--reference: {args.reference!r} is not one of --methods {','.join(methods)}")
     base = _config(args)
     stem = Path(args.config).stem if args.config else "default"
     out = Path(args.out or f"runs/compare-{stem}-{_timestamp()}")
@@ -295,11 +295,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if search:
         print(search_table(search, study.select, markdown=False))
         print()
-    print(comparison_tables(summaries, reference, markdown=False))
+    print(comparison_tables(summaries, references, markdown=False))
     command = "otmdr " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if args.command_line is None else args.command_line
     config_text = yaml.safe_dump(config_to_dict(base), sort_keys=False)
     report = write_compare_report(out, summaries, command=command, config_text=config_text,
-                                  threads=base.train.threads, reference=reference, search=search,
+                                  threads=base.train.threads, references=references, search=search,
                                   select=study.select, wall_seconds=result["seconds"])
     (out / "summaries.json").write_text(json.dumps(summaries, indent=1))
     if search:
@@ -492,7 +492,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validation metric (last epoch) that chooses each method's grid point (default: %(default)s)")
     p.add_argument("--search-set", action="append", metavar="KEY=VALUE",
                    help="override for the search runs only, e.g. train.epochs=10 (a shorter search budget)")
-    p.add_argument("--reference", help="method the paired differences are taken against (default: the first listed)")
+    p.add_argument("--reference", help="method(s) the paired differences are taken against, comma-separated "
+                                       "(default: the first listed)")
     p.add_argument("--jobs", type=int, default=1, help="independent runs trained in parallel processes, the CPU "
                                                        "threads split between them (default: %(default)s)")
     p.add_argument("--command-line", help=argparse.SUPPRESS)

@@ -17,9 +17,9 @@ from .tables import aggregate, early_stopped, format_table
 __all__ = ["write_compare_report", "comparison_tables", "search_table"]
 
 
-def comparison_tables(summaries: dict[str, list[dict[str, Any]]], reference: str, *, markdown: bool) -> str:
-    """The final-model table, the early-stopped table and the paired differences against
-    ``reference`` for both, as one block of text (terminal) or Markdown."""
+def comparison_tables(summaries: dict[str, list[dict[str, Any]]], references: list[str], *, markdown: bool) -> str:
+    """The final-model table, the early-stopped table and the paired differences against each of
+    ``references`` for both, as one block of text (terminal) or Markdown."""
     heading = (lambda t: f"**{t}**") if markdown else (lambda t: t)
     stopped = early_stopped(summaries)
     blocks = [heading("Final model (last epoch), mean ± std over seeds"), "",
@@ -29,7 +29,7 @@ def comparison_tables(summaries: dict[str, list[dict[str, Any]]], reference: str
                            for m, runs in summaries.items() if m in stopped)
         blocks += ["", heading("Early-stopped model (checkpoint of the best validation accuracy)"), "",
                    format_table(aggregate(stopped), markdown=markdown), "", f"Best validation epoch per seed: {epochs}"]
-    if len(summaries) > 1:
+    for reference in references if len(summaries) > 1 else []:
         for title, runs in (("final model", summaries), ("early-stopped model", stopped)):
             if reference not in runs:
                 continue
@@ -55,12 +55,12 @@ def search_table(points: list[dict[str, Any]], metric: str, *, markdown: bool) -
 
 
 def write_compare_report(out_dir: Path, summaries: dict[str, list[dict[str, Any]]], *, command: str,
-                         config_text: str, threads: int | None = None, reference: str | None = None,
+                         config_text: str, threads: int | None = None, references: list[str] | None = None,
                          search: list[dict[str, Any]] | None = None, select: str = "val_accuracy",
                          wall_seconds: float | None = None) -> Path:
     figures = out_dir / "figures"
     figures.mkdir(parents=True, exist_ok=True)
-    reference = reference or next(iter(summaries))
+    references = references or [next(iter(summaries))]
     curves = plot_learning_curves(summaries, figures / "learning_curves.png")
     accuracy = plot_test_accuracy(summaries, figures / "test_accuracy.png")
     calibration = plot_reliability(summaries, figures / "reliability.png")
@@ -97,7 +97,7 @@ def write_compare_report(out_dir: Path, summaries: dict[str, list[dict[str, Any]
         f"Test metrics (ECE with {bins} equal-width bins; TS = temperature scaling fitted on the validation "
         "split; radius = measured perturbation norm ‖θ~−θ‖, mean over the last epoch).",
         "",
-        comparison_tables(summaries, reference, markdown=True),
+        comparison_tables(summaries, references, markdown=True),
         "",
         "Per run (test accuracy %, final model):",
         "",

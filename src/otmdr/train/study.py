@@ -17,11 +17,14 @@ independent runs in parallel processes, the CPU threads split between them.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
 import re
 import shutil
+import signal
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -127,8 +130,13 @@ def plan(study: Study) -> tuple[list[Run], Callable[[dict[str, GridPoint]], list
 
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    """What decides a run's result: the config without thread/progress settings and without the
+    sections of the other methods (an OT-MDR run does not read ``sam.rho``), so that a finished run
+    can be reused by another study that only sets other methods differently."""
+    method = config.get("optim", {}).get("method")
+    unused = {s for s in ("sam", "asam", "otmdr") if s != method}
     return {section: {k: v for k, v in values.items() if not (section == "train" and k in _IGNORED_ON_RESUME)}
-            if isinstance(values, dict) else values for section, values in config.items()}
+            if isinstance(values, dict) else values for section, values in config.items() if section not in unused}
 
 
 def _state(run: Run) -> str:
@@ -166,6 +174,18 @@ def _train_one(config: dict[str, Any], run_dir: str, resume: bool, threads: int 
         except TrainingError as error:
             log(f"stopped: {error}")
             return None, str(error)
+
+
+def _worker_init(parent: int) -> None:
+    """Workers must not outlive the study: on Linux the kernel sends them SIGTERM when the parent
+    dies (a killed study would otherwise leave them training into folders a restart reuses)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
 
 
 def execute(runs: list[Run], *, jobs: int = 1, log: Callable[[str], None] = print) -> None:
@@ -207,7 +227,8 @@ def execute(runs: list[Run], *, jobs: int = 1, log: Callable[[str], None] = prin
             done += 1
             finish(done, run, result, started)
         return
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"), initializer=_worker_init,
+                             initargs=(os.getpid(),)) as pool:
         futures = {}
         for run, resume in pending:
             future = pool.submit(_train_one, config_to_dict(run.config), str(run.run_dir), resume, threads)
