@@ -282,3 +282,30 @@ def test_cli_search_report_shows_grid_radius_plot_and_paired_verdicts(tmp_path, 
     summaries = json.loads((out / "summaries.json").read_text())
     assert all(s["early_stopped"]["epoch"] in (1, 2) for runs in summaries.values() for s in runs)
     assert summaries["sam"][0]["label_noise"]["rate"] == 0.2
+
+
+def test_the_make_demo_command_is_a_valid_study(tmp_path, monkeypatch):
+    """`make demo` (the README's first command) parses, and every config of its grid is valid."""
+    import shlex
+
+    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    recipe = makefile.split("\ndemo:", 1)[1].split("\n\n", 1)[0].replace("\\\n", " ")
+    words = shlex.split(recipe.split("$(VENV)/bin/otmdr", 1)[1].replace("$$(date +%Y%m%d-%H%M%S)", "x"))
+    words[words.index("--out") + 1] = str(tmp_path / "demo")
+    words[words.index("--config") + 1] = str(Path(__file__).resolve().parents[1] / words[words.index("--config") + 1])
+    seen = {}
+
+    class Planned(Exception):
+        pass
+
+    def fake_run_study(study, **_):
+        seen["study"] = study
+        raise Planned
+
+    monkeypatch.setattr(study_module, "run_study", fake_run_study)
+    with pytest.raises(Planned):
+        main(words)
+    study = seen["study"]
+    assert study.methods == ["sgd", "sam", "otmdr"] and len(study.seeds) == 5
+    assert len(study.grid["sam"]) == 4 and len(study.grid["otmdr"]) == 4
+    assert load_config(words[words.index("--config") + 1]).data.label_noise == 0.4

@@ -460,7 +460,7 @@ class OTMDR(Optimizer):
             )
             self._warned_no_model = True
         n = None if batch is None else batch_size(batch)
-        bounds = None if n is None else split_bounds(n, cfg.split)
+        bounds = None if n is None else self._ascent_bounds(n)
         start = bn.save() if bn and (scaler is not None or cfg.check_finite) else None
         self._zero_grads()
         self._reset_step_state()
@@ -518,6 +518,15 @@ class OTMDR(Optimizer):
             outputs=first_outputs,
         )
         return self.last_step if batch is not None else first_loss
+
+    def _ascent_bounds(self, n: int) -> list[tuple[int, int]]:
+        """The part of the batch each ascent step uses. A batch too small to give every step a
+        non-empty part (e.g. the last batch of an epoch holding 1 sample) uses the whole batch
+        for every ascent step instead, the closure form's behaviour, so no sample is dropped."""
+        try:
+            return split_bounds(n, self.config.split)
+        except ValueError:
+            return [(0, n)] * self.config.steps
 
     def passes_per_step(self, closure_form: bool = False) -> float:
         """Forward/backward cost of one step in full-batch passes (SGD = 1, SAM = 2)."""
