@@ -137,3 +137,43 @@ def test_cli_compare_writes_a_table_and_a_report_with_plots(tmp_path, capsys):
     assert main(args) == 2  # an existing comparison is not overwritten...
     assert main(args + ["--resume"]) == 0  # ...but can be finished/reused
     assert "finished earlier, reused" in capsys.readouterr().out
+
+
+def test_a_failed_run_keeps_the_users_empty_folder(tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    code = main(["train", "--config", str(DEMO), "--set", "data.name=fashion-mnist", "--set",
+                 f"data.dir={tmp_path / 'missing'}", "--out", str(mine)])
+    assert code == 2 and "Traceback" not in capsys.readouterr().err
+    assert mine.is_dir() and not any(mine.iterdir())  # the user's folder stays, our files are gone
+    fresh = tmp_path / "fresh"
+    assert main(["train", "--config", str(DEMO), "--set", "data.name=fashion-mnist", "--set",
+                 f"data.dir={tmp_path / 'missing'}", "--out", str(fresh)]) == 2
+    assert not fresh.exists()  # a folder the run created is removed
+
+
+def test_resume_of_a_run_stopped_before_its_first_checkpoint_starts_it_again(tmp_path, capsys):
+    reference = tmp_path / "reference"
+    args = ["train", "--config", str(DEMO)] + sum((["--set", o] for o in FAST), [])
+    assert main(args + ["--out", str(reference)]) == 0
+    stopped = tmp_path / "stopped"  # what a kill during the first epoch leaves: config.yaml only
+    (stopped / "checkpoints").mkdir(parents=True)
+    (stopped / "config.yaml").write_text((reference / "config.yaml").read_text())
+    assert main(["train", "--resume", str(stopped)]) == 0
+    a = torch.load(reference / "checkpoints" / "last.pt", weights_only=False)["model"]
+    b = torch.load(stopped / "checkpoints" / "last.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert "starting it again" in capsys.readouterr().out
+
+
+def test_ctrl_c_before_the_first_checkpoint_names_no_placeholder(tmp_path, capsys, monkeypatch):
+    import otmdr.train as train_package
+
+    def interrupted(*_, **__):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_package, "train", interrupted)
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(DEMO), "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert "nothing was kept" in err and "RUN_DIR" not in err and not out.exists()

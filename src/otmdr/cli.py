@@ -33,31 +33,66 @@ def _config(args: argparse.Namespace, extra: list[str] | None = None):
     return load_config(args.config, overrides)
 
 
+class _Interrupted(Exception):
+    """Ctrl-C during a command; the message says what was kept and how to continue."""
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    from .config import config_from_dict
     from .train import prepare_run_dir, train
 
     if args.resume:
         if args.config or args.set:
             raise _UsageError("--resume continues a run with its saved config: drop --config/--set")
-        run_dir = prepare_run_dir(args.resume, resume=True)
-        summary = train(None, run_dir, resume=True)  # type: ignore[arg-type]
+        run_dir = Path(args.resume)
+        saved = run_dir / "config.yaml"
+        if not (run_dir / "checkpoints" / "last.pt").is_file() and saved.is_file():
+            # stopped before its first checkpoint: nothing was trained, so starting again from the
+            # saved config is exactly what continuing would have done
+            import yaml
+
+            print(f"{run_dir} was stopped before its first checkpoint: starting it again from its config.yaml")
+            cfg = config_from_dict(yaml.safe_load(saved.read_text()))
+            (run_dir / "checkpoints").mkdir(exist_ok=True)
+            summary = _train_into(cfg, run_dir, fresh=True, cleanup=False)
+        else:
+            summary = _train_into(None, prepare_run_dir(args.resume, resume=True), fresh=False)
     else:
         cfg = _config(args)
         stem = Path(args.config).stem if args.config else "default"
-        out = args.out or f"runs/{stem}-{cfg.optim.method}-s{cfg.train.seed}-{_timestamp()}"
+        out = Path(args.out or f"runs/{stem}-{cfg.optim.method}-s{cfg.train.seed}-{_timestamp()}")
+        if out.exists() and not out.is_dir():
+            raise _UsageError(f"--out {out} is a file, not a folder: choose another --out")
+        existed = out.exists()
         run_dir = prepare_run_dir(out, resume=False)
         print(f"run directory: {run_dir}")
-        try:
-            summary = train(cfg, run_dir)
-        except BaseException:
-            if not (run_dir / "checkpoints" / "last.pt").exists():  # nothing trained: leave no stale folder
-                shutil.rmtree(run_dir, ignore_errors=True)
-            raise
+        summary = _train_into(cfg, run_dir, fresh=True, keep_folder=existed)
     test = summary["test"]
     print(f"test: accuracy {100 * test['accuracy']:.2f}%  NLL {test['nll']:.4f}  Brier {test['brier']:.4f}  "
           f"ECE {100 * test['ece']:.2f}% ({test['ece_bins']} bins)")
     print(f"summary: {Path(run_dir) / 'summary.json'}")
     return 0
+
+
+def _train_into(cfg, run_dir: Path, *, fresh: bool, keep_folder: bool = True, cleanup: bool = True) -> dict[str, Any]:
+    """Train; a run that fails or is interrupted before its first checkpoint leaves nothing it
+    created behind (a folder the user made stays, emptied of our files)."""
+    from .train import train
+
+    try:
+        return train(cfg, run_dir, resume=not fresh)
+    except BaseException as error:
+        checkpointed = (run_dir / "checkpoints" / "last.pt").exists()
+        if fresh and cleanup and not checkpointed:
+            if keep_folder:
+                for child in run_dir.iterdir():
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
+            else:
+                shutil.rmtree(run_dir, ignore_errors=True)
+        if isinstance(error, KeyboardInterrupt):
+            raise _Interrupted(f"interrupted; continue with: otmdr train --resume {run_dir}" if checkpointed
+                               else "interrupted before the first checkpoint; nothing was kept") from None
+        raise
 
 
 def _load_trained(args: argparse.Namespace):
@@ -554,8 +589,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     except BrokenPipeError:  # e.g. `otmdr models | head`
         return 0
+    except _Interrupted as error:
+        print(f"\notmdr: {error}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
-        print("\notmdr: interrupted; a stopped run continues with: otmdr train --resume RUN_DIR", file=sys.stderr)
+        print("\notmdr: interrupted; finished runs are kept: rerun the same command with --resume (compare) "
+              "or otmdr train --resume RUN_DIR to continue", file=sys.stderr)
         return 130
 
 
