@@ -84,6 +84,7 @@ class OTMDRConfig:
     merge: bool = True
     normalize: str = "step"
     reduce: str = "sum"
+    particle_reduce: str | None = None  # None: as reduce; the release's K > 1 "mode 1.1": reduce sum, this mean
     noise_std: float = 0.0
     adaptive: bool = False
     adaptive_eta: float = 0.0
@@ -134,6 +135,9 @@ class BayesConfig:
     """Bayesian (``bayes-*``) models: loss = NLL + kl_weight * KL(q || prior), KL summed over layers."""
 
     kl_weight: float = 5.0e-6  # the release's beta; 1/N (N = training-set size) is the textbook ELBO
+    # whether the sigma gradients count in the ascent norm although only the means move (the
+    # release's BNN step: true; ours by default: the norm of the moved means only)
+    sigma_in_norm: bool = False
     test_samples: int = 30  # Monte-Carlo samples of the predictive at evaluation
 
 
@@ -167,6 +171,7 @@ CHOICES = {
     "otmdr.normalize": ("step", "merged"),
     "data.label_noise_kind": ("symmetric", "pairflip"),
     "otmdr.reduce": ("sum", "mean"),
+    "otmdr.particle_reduce": (None, "sum", "mean"),
     "schedule.name": ("cosine", "step", "constant"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "ensemble.regime": ("joint", "per-member"),

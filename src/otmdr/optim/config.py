@@ -34,8 +34,11 @@ class PerturbationConfig:
     merge: step i moves along the sum (or mean) of the ascent gradients so far, not its own.
     normalize: "step" divides by the norm of the step's own gradient (the release); "merged" by
         the norm of the merged direction (each step then has length rho exactly).
-    reduce: "sum" or "mean", for the merged direction and for the particles' gradients (the
-        release's "mode 1" and "mode 1.1").
+    reduce: "sum" or "mean", for the merged direction and (unless ``particle_reduce`` is given)
+        for the particles' gradients: the release's "mode 1" and its single-particle "mode 1.1".
+    particle_reduce: "sum" or "mean" for the K particles' final gradients only (None: as
+        ``reduce``). The release's multi-particle "mode 1.1" is ``reduce="sum",
+        particle_reduce="mean"``: its second ascent step still moves along g1 + g2.
     noise_std: standard deviation of the Gaussian (Langevin) noise added after each ascent step.
     adaptive, adaptive_eta: ASAM's element-wise scaling T = |theta| + eta.
     particles: K; each particle runs the ascent from the centre on its own random split.
@@ -56,6 +59,7 @@ class PerturbationConfig:
     merge: bool = True
     normalize: str = "step"
     reduce: str = "sum"
+    particle_reduce: str | None = None
     noise_std: float = 0.0
     adaptive: bool = False
     adaptive_eta: float = 0.0
@@ -93,6 +97,8 @@ class PerturbationConfig:
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         _check_choice("normalize", self.normalize, NORMALIZATIONS)
         _check_choice("reduce", self.reduce, REDUCTIONS)
+        if self.particle_reduce is not None:
+            _check_choice("particle_reduce", self.particle_reduce, REDUCTIONS)
         _check_choice("bn_policy", self.bn_policy, BN_POLICIES)
         _check_number("noise_std", self.noise_std, minimum=0.0)
         _check_number("adaptive_eta", self.adaptive_eta, minimum=0.0)
@@ -106,6 +112,11 @@ class PerturbationConfig:
     def steps(self) -> int:
         """Number of ascent steps."""
         return len(self.rho)
+
+    @property
+    def particles_reduce(self) -> str:
+        """How the K particles' final gradients are combined."""
+        return self.reduce if self.particle_reduce is None else self.particle_reduce
 
     @property
     def uses_direction_buffer(self) -> bool:

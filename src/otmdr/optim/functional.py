@@ -58,6 +58,7 @@ def ascent_move_(
     adaptive: bool = False,
     adaptive_eta: float = 0.0,
     rho_scales: list[float] | None = None,
+    norm_extra: list[Tensor] | None = None,
     eps: float = 1e-12,
     foreach: bool = True,
 ) -> Tensor:
@@ -100,6 +101,9 @@ def ascent_move_(
             norm = global_norm([t * n for t, n in zip(scaling, norm_source)], foreach=False)
     else:
         norm = global_norm(norm_source, foreach=foreach)
+    if norm_extra:
+        extra = global_norm(norm_extra, foreach=foreach).to(norm)
+        norm = torch.sqrt(norm * norm + extra * extra)
     if merged:
         norm = norm * weight
     scale = (rho * weight / (norm + eps)).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)

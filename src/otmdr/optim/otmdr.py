@@ -45,9 +45,12 @@ from .config import PerturbationConfig
 __all__ = ["OTMDR", "StepResult"]
 
 #: Per-group options: ``perturb`` (False: trained, never perturbed), ``rho_scale`` (multiplies the
-#: radius) and ``norm_group`` (groups with the same key share one perturbation norm; by default all
-#: groups share one global norm, e.g. ensemble members get one key each for per-member radii).
-GROUP_DEFAULTS = {"perturb": True, "rho_scale": 1.0, "norm_group": None}
+#: radius), ``norm_group`` (groups with the same key share one perturbation norm; by default all
+#: groups share one global norm, e.g. ensemble members get one key each for per-member radii) and
+#: ``in_norm`` (a ``perturb=False`` group whose gradients still count in its norm group's ascent
+#: norm: the release's Bayesian step, whose norm includes the sigma gradients while only the
+#: means move; default False: the norm is that of the moved parameters only).
+GROUP_DEFAULTS = {"perturb": True, "rho_scale": 1.0, "norm_group": None, "in_norm": False}
 
 
 class StepResult(NamedTuple):
@@ -97,6 +100,7 @@ class OTMDR(Optimizer):
         merge: bool = True,
         normalize: str = "step",
         reduce: str = "sum",
+        particle_reduce: str | None = None,
         noise_std: float = 0.0,
         adaptive: bool = False,
         adaptive_eta: float = 0.0,
@@ -114,7 +118,7 @@ class OTMDR(Optimizer):
         **base_kwargs: Any,
     ) -> None:
         self.config = PerturbationConfig(
-            rho=rho, split=split, merge=merge, normalize=normalize, reduce=reduce,
+            rho=rho, split=split, merge=merge, normalize=normalize, reduce=reduce, particle_reduce=particle_reduce,
             noise_std=noise_std, adaptive=adaptive, adaptive_eta=adaptive_eta, particles=particles,
             bn_policy=bn_policy, ascent_weight_decay=ascent_weight_decay,
             max_grad_norm=max_grad_norm, ascent_interval=ascent_interval, sync_ascent=sync_ascent,
@@ -159,8 +163,9 @@ class OTMDR(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         for key, value in GROUP_DEFAULTS.items():
             param_group.setdefault(key, value)
-        if not isinstance(param_group["perturb"], bool):
-            raise ValueError(f"param group option perturb must be True or False, got {param_group['perturb']!r}")
+        for flag in ("perturb", "in_norm"):
+            if not isinstance(param_group[flag], bool):
+                raise ValueError(f"param group option {flag} must be True or False, got {param_group[flag]!r}")
         scale = param_group["rho_scale"]
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale >= 0 or scale == float("inf"):
             raise ValueError(f"param group option rho_scale must be a finite number >= 0, got {scale!r}")
@@ -212,6 +217,7 @@ class OTMDR(Optimizer):
         self._particles_loaded = False
         self._rho_scales: list[float] | None = None
         self._norm_parts: list[slice] = []  # one slice of ``_perturbed`` per norm group
+        self._norm_only: list[list[Tensor]] = []  # per norm group: in_norm params that do not move
         self._distance: Tensor | None = None  # measured at the last ascent step of a particle
 
     def _buffers(self, name: str, params: list[Tensor]) -> list[Tensor]:
@@ -253,19 +259,23 @@ class OTMDR(Optimizer):
                 "step(s): call descend() (or next_particle()) after the final pass"
             )
         if i == 0:
-            by_norm_group: dict[Any, tuple[list[Tensor], list[float]]] = {}
+            by_norm_group: dict[Any, tuple[list[Tensor], list[float], list[Tensor]]] = {}
             for group in self.param_groups:
-                if group["perturb"]:
+                if group["perturb"] or group["in_norm"]:
                     chosen = [p for p in group["params"] if p.grad is not None]
-                    params_of, scales_of = by_norm_group.setdefault(group["norm_group"], ([], []))
-                    params_of += chosen
-                    scales_of += [float(group["rho_scale"])] * len(chosen)
-            self._perturbed, scales, self._norm_parts = [], [], []
-            for params_of, scales_of in by_norm_group.values():  # each norm group a contiguous slice
+                    params_of, scales_of, norm_only = by_norm_group.setdefault(group["norm_group"], ([], [], []))
+                    if group["perturb"]:
+                        params_of += chosen
+                        scales_of += [float(group["rho_scale"])] * len(chosen)
+                    else:
+                        norm_only += chosen
+            self._perturbed, scales, self._norm_parts, self._norm_only = [], [], [], []
+            for params_of, scales_of, norm_only in by_norm_group.values():  # each norm group a contiguous slice
                 if params_of:
                     self._norm_parts.append(slice(len(self._perturbed), len(self._perturbed) + len(params_of)))
                     self._perturbed += params_of
                     scales += scales_of
+                    self._norm_only.append(norm_only)
             if not self._perturbed:
                 raise RuntimeError(
                     "perturb() found no gradient on any perturbed parameter: run backward() on the "
@@ -285,8 +295,9 @@ class OTMDR(Optimizer):
                 rho=cfg.rho[i], weight=weight, normalize=cfg.normalize, adaptive=cfg.adaptive,
                 adaptive_eta=cfg.adaptive_eta, eps=cfg.eps, foreach=self.foreach,
                 rho_scales=None if self._rho_scales is None else self._rho_scales[part],
+                norm_extra=self._norm_extra(norm_only, i, directions is not None),
             )
-            for part in self._norm_parts
+            for part, norm_only in zip(self._norm_parts, self._norm_only)
         ]
         norm = norms[0] if len(norms) == 1 else torch.stack([n.to(norms[0].device) for n in norms])
         F.add_noise_(params, cfg.noise_std, self._generator, foreach=self.foreach)
@@ -299,6 +310,22 @@ class OTMDR(Optimizer):
             self._distance = F.global_norm(grads, foreach=self.foreach)
         self._zero_grads()
         return norm
+
+    def _norm_extra(self, norm_only: list[Tensor], i: int, merged: bool) -> list[Tensor] | None:
+        """What the ``in_norm`` (not perturbed) parameters add to an ascent norm: their gradient
+        at this step, or with ``normalize="merged"`` their running merged direction; ASAM-scaled
+        by |theta| + eta when adaptive. None when there are none."""
+        grads = [p.grad for p in norm_only if p.grad is not None]
+        if not grads:
+            return None
+        cfg = self.config
+        if merged and cfg.normalize == "merged":
+            buffers = self._buffers("norm_direction", [p for p in norm_only if p.grad is not None])
+            _copy(buffers, grads, self.foreach) if i == 0 else _add(buffers, grads, self.foreach)
+            grads = buffers
+        if cfg.adaptive:
+            grads = [g * (p.detach().abs() + cfg.adaptive_eta) for g, p in zip(grads, norm_only)]
+        return grads
 
     def _add_weight_decay(self, params: list[Tensor], grads: list[Tensor]) -> None:
         by_decay: dict[float, tuple[list[Tensor], list[Tensor]]] = {}
@@ -368,7 +395,7 @@ class OTMDR(Optimizer):
             _add([p.grad for p in params], self._buffers("particles", params), self.foreach)
             grads = [p.grad for p in params]
         n_particles = self._particles_done + 1
-        if cfg.reduce == "mean" and n_particles > 1 and grads:
+        if cfg.particles_reduce == "mean" and n_particles > 1 and grads:
             torch._foreach_mul_(grads, 1.0 / n_particles)
         self.restore()
 

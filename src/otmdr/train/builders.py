@@ -113,7 +113,7 @@ def param_groups(cfg: ExperimentConfig, model: nn.Module) -> list[dict[str, Any]
     from ..models.ensemble import Ensemble, member_param_groups
 
     if is_bayesian(model):
-        return bayes_param_groups(model)
+        return bayes_param_groups(model, {"in_norm": True} if cfg.bayes.sigma_in_norm else None)
     if isinstance(model, Ensemble) and cfg.ensemble.regime == "per-member":
         return member_param_groups(model)
     return [{"params": list(model.parameters())}]
