@@ -177,3 +177,30 @@ def test_ctrl_c_before_the_first_checkpoint_names_no_placeholder(tmp_path, capsy
     assert main(["train", "--config", str(DEMO), "--out", str(out)]) == 130
     err = capsys.readouterr().err
     assert "nothing was kept" in err and "RUN_DIR" not in err and not out.exists()
+
+
+def test_a_collapse_is_reported_while_training_and_in_the_summary(tmp_path):
+    lines: list[str] = []
+    cfg = _cfg("optim.method=otmdr", "otmdr.rho=[1.0,2.0]", "otmdr.normalize=merged")
+    summary = train(cfg, prepare_run_dir(tmp_path / "run", resume=False), log=lines.append)
+    assert any("radius" in line and "(nominal 3.000)" in line for line in lines if line.startswith("epoch"))
+    chance = [line for line in lines if line.startswith("warning: training accuracy")]
+    assert len(chance) == 1 and "at chance after 2 epochs" in chance[0]  # once, at the first epoch it shows
+    assert summary["warnings"] == [chance[0].removeprefix("warning: ")]
+
+
+def test_radius_warning_thresholds():
+    from otmdr.train.loop import _health_warnings, nominal_radius
+
+    row = {"epoch": 1, "train_accuracy": 0.9, "perturbation_norm": 0.3}
+    step = _cfg("optim.method=otmdr")  # rho (0.05, 0.1), release normalisation: up to 0.25 expected
+    assert nominal_radius(step) == pytest.approx(0.15)
+    assert _health_warnings(step, row, 0.15, 10) == {}  # 0.3 < 1.5 * 0.25
+    assert "radius" in _health_warnings(step, {**row, "perturbation_norm": 0.4}, 0.15, 10)
+    merged = _cfg("optim.method=otmdr", "otmdr.normalize=merged")
+    assert "radius" in _health_warnings(merged, row, 0.15, 10)  # 0.3 > 1.5 * 0.15
+    noisy = _cfg("optim.method=otmdr", "otmdr.noise_std=0.01")
+    assert _health_warnings(noisy, {**row, "perturbation_norm": 5.0}, 0.15, 10) == {}  # noise dominates by design
+    sgd = _cfg("optim.method=sgd")
+    assert nominal_radius(sgd) == 0 and _health_warnings(sgd, {**row, "train_accuracy": 0.1, "epoch": 1}, 0, 10) == {}
+    assert "chance" in _health_warnings(sgd, {**row, "train_accuracy": 0.1, "epoch": 2}, 0, 10)

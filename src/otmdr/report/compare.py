@@ -105,6 +105,10 @@ def write_compare_report(out_dir: Path, summaries: dict[str, list[dict[str, Any]
     for method, runs in summaries.items():
         values = ", ".join(f"seed {r['seed']}: {100 * r['test']['accuracy']:.2f}" for r in runs)
         lines.append(f"- {method}: {values}")
+    warned = [(m, r["seed"], w) for m, runs in summaries.items() for r in runs for w in r.get("warnings", [])]
+    if warned:
+        lines += ["", "**Warnings raised during training:**", ""]
+        lines += [f"- {m} seed {seed}: {w}" for m, seed, w in warned]
     lines += [
         "",
         f"![learning curves]({curves.relative_to(out_dir)})",

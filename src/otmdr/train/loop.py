@@ -242,6 +242,8 @@ def train(cfg: ExperimentConfig | None, run_dir: str | Path, *, resume: bool = F
         }
 
     n_bins = cfg.eval.ece_bins
+    nominal = nominal_radius(cfg)
+    warned: set[str] = {kind for row in history for kind in _health_warnings(cfg, row, nominal, data.spec.num_classes)}
     for epoch in range(start_epoch, cfg.train.epochs):
         try:
             stats = _train_epoch(model, optimizer, scheduler, scaler, data.train, loss_fn,
@@ -269,13 +271,53 @@ def train(cfg: ExperimentConfig | None, run_dir: str | Path, *, resume: bool = F
             save_checkpoint(state(epoch + 1), run_dir / "checkpoints" / "best.pt")
         _write_history(run_dir, history)
         val_text = f" val acc {row['val_accuracy']:.4f} nll {row['val_nll']:.4f}" if data.val is not None else ""
+        radius_text = f" radius {stats.perturbation:.3f} (nominal {nominal:.3f})" if nominal else ""
         log(f"epoch {epoch + 1}/{cfg.train.epochs}: train loss {stats.loss:.4f} acc {stats.accuracy:.4f}"
-            f"{val_text} ({stats.seconds:.1f}s, {row['images_per_second']:.0f} img/s)")
+            f"{val_text}{radius_text} ({stats.seconds:.1f}s, {row['images_per_second']:.0f} img/s)")
+        for kind, warning in _health_warnings(cfg, row, nominal, data.spec.num_classes).items():
+            if kind not in warned:  # each kind once: the first epoch it shows
+                warned.add(kind)
+                log(f"warning: {warning}")
 
     summary = _final_evaluation(cfg, model, optimizer, data, history)
+    first: dict[str, str] = {}
+    for row in history:  # the first epoch of each kind, also from before a resume
+        for kind, warning in _health_warnings(cfg, row, nominal, data.spec.num_classes).items():
+            first.setdefault(kind, warning)
+    if first:
+        summary["warnings"] = list(first.values())
     summary["early_stopped"] = _early_stopped_evaluation(cfg, model, data, run_dir / "checkpoints" / "best.pt")
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     return summary
+
+
+def nominal_radius(cfg: ExperimentConfig) -> float:
+    """The perturbation length the config asks for: SAM's rho, OT-MDR's rho1 + rho2 + ...
+    (0 for SGD). ASAM's radius lives in the rescaled space and is not comparable: 0 too."""
+    if cfg.optim.method == "sam":
+        return cfg.sam.rho
+    if cfg.optim.method == "otmdr":
+        return float(sum(cfg.otmdr.rho))
+    return 0.0
+
+
+def _health_warnings(cfg: ExperimentConfig, row: dict[str, Any], nominal: float, classes: int) -> dict[str, str]:
+    """What a user must see while training: a radius far above its nominal size (the release's
+    normalisation divides by ||g2||, which can blow up) and training accuracy stuck at chance."""
+    out = {}
+    o = cfg.otmdr
+    allowed = nominal
+    if cfg.optim.method == "otmdr" and o.merge and o.normalize == "step":
+        allowed = o.rho[0] + 2 * sum(o.rho[1:])  # ||g1 + g2|| / ||g2|| is about 2 when alike
+    noisy = cfg.optim.method == "otmdr" and o.noise_std > 0
+    if nominal and not noisy and row["perturbation_norm"] > 1.5 * allowed:
+        out["radius"] = (f"the measured radius {row['perturbation_norm']:.3f} is far above the nominal {nominal:.3f} "
+                         f"(epoch {row['epoch']}): try otmdr.normalize=merged, smaller rho, or label smoothing")
+    if row["epoch"] >= 2 and row["train_accuracy"] <= 1.5 / classes:
+        out["chance"] = (f"training accuracy {100 * row['train_accuracy']:.1f}% is at chance after {row['epoch']} "
+                         "epochs: the radius or the learning rate is too large for this model (compare a smaller "
+                         "rho with otmdr compare --grid)")
+    return out
 
 
 def evaluate_model(cfg: ExperimentConfig, model: nn.Module, data, *, n_bins: int | None = None,
