@@ -89,6 +89,11 @@ def _train_into(cfg, run_dir: Path, *, fresh: bool, keep_folder: bool = True, cl
                     shutil.rmtree(child) if child.is_dir() else child.unlink()
             else:
                 shutil.rmtree(run_dir, ignore_errors=True)
+        from .train import Preempted
+
+        if isinstance(error, Preempted) and fresh and cleanup and not checkpointed:
+            raise Preempted("preempted (SIGTERM) before the first checkpoint; nothing was kept: start the run "
+                            "again") from None
         if isinstance(error, KeyboardInterrupt):
             raise _Interrupted(f"interrupted; continue with: otmdr train --resume {run_dir}" if checkpointed
                                else "interrupted before the first checkpoint; nothing was kept") from None
@@ -579,10 +584,14 @@ def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
     from .data import DatasetError
     from .eval.autoattack import MissingDependencyError
-    from .train import CheckpointError, RunDirError, TrainingError
+    from .train import CheckpointError, Preempted, RunDirError, TrainingError
 
     try:
         return args.func(args)
+    except Preempted as error:  # SIGTERM: a resumable checkpoint was written at a step boundary
+        advice = " (rerun the same otmdr compare command with --resume)" if args.command == "compare" else ""
+        print(f"otmdr: {error}{advice}", file=sys.stderr)
+        return 143
     except (ConfigError, DatasetError, CheckpointError, RunDirError, TrainingError, MissingDependencyError,
             _UsageError) as error:
         print(f"otmdr: error: {error}", file=sys.stderr)

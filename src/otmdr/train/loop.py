@@ -14,6 +14,8 @@ import dataclasses
 import io
 import json
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +33,7 @@ from ..optim import OTMDR
 from .builders import build_data, build_model, build_optimizer, build_scheduler, select_device
 from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint
 
-__all__ = ["TrainingError", "RunDirError", "train", "prepare_run_dir", "evaluate_split", "evaluate_model", "load_run"]
+__all__ = ["TrainingError", "RunDirError", "Preempted", "train", "prepare_run_dir", "evaluate_split", "evaluate_model", "load_run"]
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -98,16 +100,31 @@ def _loss_function(model: nn.Module, criterion: nn.Module, autocast: torch.dtype
     return loss_fn
 
 
+class Preempted(Exception):
+    """SIGTERM (a cluster's preemption notice) stopped training at a step boundary after a
+    resumable checkpoint was written; the message says how to continue."""
+
+
+class _StoppedMidEpoch(Exception):
+    def __init__(self, partial: dict[str, Any]):
+        super().__init__("stopped mid-epoch")
+        self.partial = partial
+
+
 def _train_epoch(model, optimizer, scheduler, scaler, loader, loss_fn, *, max_grad_norm, progress, epoch, epochs,
-                 on_step: Callable[[], None] | None = None) -> _Epoch:
+                 on_step: Callable[[], None] | None = None, partial: dict[str, Any] | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> _Epoch:
+    """One epoch (or the rest of one: ``partial`` holds the running sums of its first steps).
+    Raises :class:`_StoppedMidEpoch` with those sums when ``should_stop()`` turns true after a step."""
     model.train()
     device = next(model.parameters()).device
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    seen = torch.zeros((), device=device, dtype=torch.long)
-    perturbation = torch.zeros((), device=device)
-    samples = 0
-    started = time.perf_counter()
+    partial = partial or {}
+    loss_sum = torch.tensor(partial.get("loss_sum", 0.0), device=device)
+    correct = torch.tensor(partial.get("correct", 0), device=device, dtype=torch.long)
+    seen = torch.tensor(partial.get("seen", 0), device=device, dtype=torch.long)
+    perturbation = torch.tensor(partial.get("perturbation", 0.0), device=device)
+    samples = partial.get("samples", 0)
+    started = time.perf_counter() - partial.get("seconds", 0.0)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -145,6 +162,12 @@ def _train_epoch(model, optimizer, scheduler, scaler, loader, loss_fn, *, max_gr
         samples += len(y)
         if on_step is not None:
             on_step()
+        if should_stop is not None and should_stop() and loader.state_dict()["batch"] < len(loader):
+            if bar is not None:
+                bar.close()
+            raise _StoppedMidEpoch({"loss_sum": float(loss_sum), "correct": int(correct), "seen": int(seen),
+                                    "perturbation": float(perturbation), "samples": samples,
+                                    "seconds": time.perf_counter() - started})
         if bar is not None and (step % 10 == 9 or step == len(loader) - 1):
             mean_loss = float(loss_sum / seen)  # the progress bar's sync, every 10 steps
             _check_finite(mean_loss, epoch, step)
@@ -188,7 +211,15 @@ def train(cfg: ExperimentConfig | None, run_dir: str | Path, *, resume: bool = F
     """Train one run into ``run_dir`` (prepared by :func:`prepare_run_dir`); returns the summary.
 
     With ``resume`` the config saved in the run's last checkpoint is used (``cfg`` is ignored).
+    SIGTERM (in the main thread) stops at the next step boundary after writing a resumable
+    checkpoint and raises :class:`Preempted`.
     """
+    with _sigterm_flag() as preempted:
+        return _train(cfg, run_dir, resume=resume, log=log, preempted=preempted)
+
+
+def _train(cfg: ExperimentConfig | None, run_dir: str | Path, *, resume: bool, log: Callable[[str], None],
+           preempted: list[bool]) -> dict[str, Any]:
     run_dir = Path(run_dir)
     checkpoint = None
     if resume:
@@ -244,11 +275,20 @@ def train(cfg: ExperimentConfig | None, run_dir: str | Path, *, resume: bool = F
     n_bins = cfg.eval.ece_bins
     nominal = nominal_radius(cfg)
     warned: set[str] = {kind for row in history for kind in _health_warnings(cfg, row, nominal, data.spec.num_classes)}
+    partial = checkpoint.get("partial_epoch") if checkpoint is not None else None
+    if preempted[0]:  # SIGTERM while setting up: nothing new to save
+        raise Preempted(f"preempted (SIGTERM) before training started; continue with: otmdr train --resume {run_dir}")
     for epoch in range(start_epoch, cfg.train.epochs):
         try:
             stats = _train_epoch(model, optimizer, scheduler, scaler, data.train, loss_fn,
                                  max_grad_norm=cfg.optim.max_grad_norm, progress=cfg.train.progress,
-                                 epoch=epoch, epochs=cfg.train.epochs)
+                                 epoch=epoch, epochs=cfg.train.epochs, partial=partial,
+                                 should_stop=lambda: preempted[0])
+            partial = None
+        except _StoppedMidEpoch as stop:
+            save_checkpoint({**state(epoch), "partial_epoch": stop.partial}, run_dir / "checkpoints" / "last.pt")
+            raise Preempted(f"preempted (SIGTERM) in epoch {epoch + 1} after step {data.train.state_dict()['batch']}: "
+                            f"checkpoint written; continue with: otmdr train --resume {run_dir}") from None
         except FloatingPointError as error:
             kept = f"checkpoints/last.pt holds epoch {epoch}" if epoch else "no checkpoint was written"
             raise TrainingError(
@@ -278,6 +318,9 @@ def train(cfg: ExperimentConfig | None, run_dir: str | Path, *, resume: bool = F
             if kind not in warned:  # each kind once: the first epoch it shows
                 warned.add(kind)
                 log(f"warning: {warning}")
+        if preempted[0] and epoch + 1 < cfg.train.epochs:  # SIGTERM during validation or saving
+            raise Preempted(f"preempted (SIGTERM) after epoch {epoch + 1}: checkpoint written; continue "
+                            f"with: otmdr train --resume {run_dir}")
 
     summary = _final_evaluation(cfg, model, optimizer, data, history)
     first: dict[str, str] = {}
@@ -289,6 +332,26 @@ def train(cfg: ExperimentConfig | None, run_dir: str | Path, *, resume: bool = F
     summary["early_stopped"] = _early_stopped_evaluation(cfg, model, data, run_dir / "checkpoints" / "best.pt")
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     return summary
+
+
+@contextlib.contextmanager
+def _sigterm_flag():
+    """Turn SIGTERM into a flag (``flag[0]``) that the epoch checks after every step, so that a
+    preempted job writes a resumable checkpoint at the next step boundary instead of dying
+    mid-write. Outside the main thread (where signals cannot be caught) the flag stays False."""
+    flag = [False]
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        flag[0] = True
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def nominal_radius(cfg: ExperimentConfig) -> float:
