@@ -204,3 +204,47 @@ def test_radius_warning_thresholds():
     sgd = _cfg("optim.method=sgd")
     assert nominal_radius(sgd) == 0 and _health_warnings(sgd, {**row, "train_accuracy": 0.1, "epoch": 1}, 0, 10) == {}
     assert "chance" in _health_warnings(sgd, {**row, "train_accuracy": 0.1, "epoch": 2}, 0, 10)
+
+
+@pytest.mark.parametrize("where", ["after last.pt", "after best.pt"])
+def test_a_kill_between_writes_resumes_to_the_artefacts_of_an_uninterrupted_run(tmp_path, monkeypatch, where):
+    import otmdr.train.loop as loop
+
+    cfg = _cfg("optim.method=sam", "train.epochs=3")
+    full = prepare_run_dir(tmp_path / "full", resume=False)
+    train(cfg, full, log=lambda _: None)
+
+    class Killed(BaseException):
+        pass
+
+    real_save, real_history = loop.save_checkpoint, loop._write_history
+    epochs_saved = []
+
+    def save(state, path):
+        real_save(state, path)
+        if where == "after best.pt" and Path(path).name == "best.pt" and state["epoch"] == 2:
+            raise Killed  # best.pt of epoch 2 written, last.pt still epoch 1
+
+    def history(run_dir, rows):
+        if where == "after last.pt" and len(rows) == 2:
+            raise Killed  # last.pt of epoch 2 written, metrics still end at epoch 1
+        real_history(run_dir, rows)
+
+    monkeypatch.setattr(loop, "save_checkpoint", save)
+    monkeypatch.setattr(loop, "_write_history", history)
+    part = prepare_run_dir(tmp_path / "part", resume=False)
+    with pytest.raises(Killed):
+        train(cfg, part, log=lambda _: None)
+    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    monkeypatch.setattr(loop, "_write_history", real_history)
+    (part / "checkpoints" / ".last.pt.x1y2.tmp").write_bytes(b"\0" * 1000)  # a killed write's leftover
+    train(None, prepare_run_dir(part, resume=True), resume=True, log=lambda _: None)
+    for name in ("last.pt", "best.pt"):
+        a = torch.load(full / "checkpoints" / name, weights_only=False)
+        b = torch.load(part / "checkpoints" / name, weights_only=False)
+        assert a["epoch"] == b["epoch"] and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    timing = {"seconds", "images_per_second"}
+    rows = [{k: v for k, v in json.loads(r).items() if k not in timing} for r in (part / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [{k: v for k, v in json.loads(r).items() if k not in timing}
+                    for r in (full / "metrics.jsonl").read_text().splitlines()]
+    assert not list((part / "checkpoints").glob("*.tmp")) and not list(part.glob(".*.tmp"))

@@ -197,6 +197,14 @@ def evaluate_split(model: nn.Module, loader, *, autocast: torch.dtype | None, n_
     return classification_metrics(torch.softmax(log_probs, dim=1), prediction.labels, n_bins), prediction
 
 
+def _remove_leftovers(run_dir: Path) -> None:
+    """Temporary files of writes a kill interrupted (``.<name>.<random>.tmp``, see
+    :func:`otmdr._atomic.atomic_write`): never renamed into place, so never needed."""
+    for folder in (run_dir, run_dir / "checkpoints"):
+        for leftover in folder.glob(".*.tmp"):
+            leftover.unlink(missing_ok=True)
+
+
 def _write_history(run_dir: Path, history: list[dict[str, Any]]) -> None:
     atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in history))
     buffer = io.StringIO()
@@ -260,6 +268,9 @@ def _train(cfg: ExperimentConfig | None, run_dir: str | Path, *, resume: bool, l
         if device.type == "cuda" and checkpoint["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)
         start_epoch, best, history = checkpoint["epoch"], checkpoint["best"], checkpoint["history"]
+        _remove_leftovers(run_dir)
+        if history:  # a kill between the checkpoint and the metrics write lost the last rows
+            _write_history(run_dir, history)
         log(f"resuming {run_dir} after epoch {start_epoch}")
 
     def state(epoch: int) -> dict[str, Any]:
@@ -306,9 +317,11 @@ def _train(cfg: ExperimentConfig | None, run_dir: str | Path, *, resume: bool, l
         score = row.get("val_accuracy", -stats.loss)
         improved = score > best
         best = max(best, score)
-        save_checkpoint(state(epoch + 1), run_dir / "checkpoints" / "last.pt")
+        # best.pt before last.pt: a kill between the two repeats this epoch on resume, which
+        # rewrites the same best.pt, instead of leaving a stale one behind
         if improved:
             save_checkpoint(state(epoch + 1), run_dir / "checkpoints" / "best.pt")
+        save_checkpoint(state(epoch + 1), run_dir / "checkpoints" / "last.pt")
         _write_history(run_dir, history)
         val_text = f" val acc {row['val_accuracy']:.4f} nll {row['val_nll']:.4f}" if data.val is not None else ""
         radius_text = f" radius {stats.perturbation:.3f} (nominal {nominal:.3f})" if nominal else ""
