@@ -61,3 +61,30 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(tmp_path, delay):
     assert _rows(run) == _rows(reference)
     assert json.loads((run / "summary.json").read_text())["test"] == json.loads(
         (reference / "summary.json").read_text())["test"]
+
+
+def test_one_process_per_run_folder_and_a_killed_one_leaves_no_stale_lock(tmp_path, capsys):
+    from otmdr._lock import folder_lock
+    from otmdr.cli import main
+
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "otmdr", "train", "--config", str(DEMO), "--out", str(run)]
+    for override in SLOW + ["train.epochs=50"]:
+        command += ["--set", override]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in process.stdout:
+        if line.startswith("epoch 1/"):
+            break
+    assert main(["train", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert f"is in use by process {process.pid}" in err and len(err.strip().splitlines()) == 1
+    process.kill()  # kill -9: the kernel releases the lock
+    process.wait(timeout=60)
+    with folder_lock(run):
+        pass
+    study = tmp_path / "study"
+    with folder_lock(study):  # a compare already writing into the folder
+        assert main(["compare", "--config", str(DEMO), "--methods", "sgd", "--seeds", "1", "--resume",
+                     "--out", str(study), "--set", "train.epochs=1"]) == 2
+    assert "is in use" in capsys.readouterr().err

@@ -584,6 +584,7 @@ def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
     from .data import DatasetError
     from .eval.autoattack import MissingDependencyError
+    from ._lock import FolderBusy
     from .train import CheckpointError, Preempted, RunDirError, TrainingError
 
     try:
@@ -593,7 +594,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"otmdr: {error}{advice}", file=sys.stderr)
         return 143
     except (ConfigError, DatasetError, CheckpointError, RunDirError, TrainingError, MissingDependencyError,
-            _UsageError) as error:
+            FolderBusy, _UsageError) as error:
         print(f"otmdr: error: {error}", file=sys.stderr)
         return EXIT_ERROR
     except BrokenPipeError:  # e.g. `otmdr models | head`

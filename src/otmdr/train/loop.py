@@ -26,6 +26,7 @@ import torch
 import yaml
 from torch import Tensor, nn
 
+from .._lock import folder_lock
 from ..config import ExperimentConfig, config_from_dict, config_to_dict
 from ..eval import Prediction, classification_metrics, fit_temperature, predict, reliability
 from ..models import count_parameters
@@ -222,7 +223,7 @@ def train(cfg: ExperimentConfig | None, run_dir: str | Path, *, resume: bool = F
     SIGTERM (in the main thread) stops at the next step boundary after writing a resumable
     checkpoint and raises :class:`Preempted`.
     """
-    with _sigterm_flag() as preempted:
+    with folder_lock(run_dir), _sigterm_flag() as preempted:
         return _train(cfg, run_dir, resume=resume, log=log, preempted=preempted)
 
 

@@ -35,6 +35,7 @@ from typing import Any
 
 import yaml
 
+from .._lock import folder_lock
 from ..config import ConfigError, ExperimentConfig, config_from_dict, config_to_dict, load_config
 from .grid import GridPoint
 from .loop import RunDirError, TrainingError, prepare_run_dir, train
@@ -284,6 +285,11 @@ def run_study(study: Study, *, jobs: int = 1, log: Callable[[str], None] = print
     if not study.searching and study.search_overrides:
         raise ConfigError("--search-set applies to the grid search only: give a --grid with at least two values")
     search, finals = plan(study)
+    with folder_lock(study.out, "compare"):
+        return _run(study, search, finals, jobs=jobs, log=log)
+
+
+def _run(study: Study, search: list[Run], finals, *, jobs: int, log: Callable[[str], None]) -> dict[str, Any]:
     started = time.perf_counter()
     if search:
         log(f"search: {len(search)} grid point(s) at seed {study.seeds[0]}, selected on {study.select} "
