@@ -108,7 +108,7 @@ def _load_trained(args: argparse.Namespace):
     cfg, model, _ = load_run(args.path, device=args.device, which=args.checkpoint)
     if args.data_dir:
         cfg.data.dir = args.data_dir
-    if getattr(args, "test_limit", None):
+    if getattr(args, "test_limit", None) is not None:
         if args.test_limit < 1:
             raise _UsageError("--test-limit must be at least 1")
         cfg.data.test_limit = args.test_limit
@@ -579,6 +579,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Output files named by options must be writable files, checked before any work."""
+    for option in ("json", "plot", "heatmap"):
+        value = getattr(args, option, None)
+        if value and Path(value).is_dir():
+            raise _UsageError(f"--{option} {value} is a folder: name a file, e.g. {Path(value) / ('out.' + ('json' if option == 'json' else 'png'))}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .config import ConfigError
@@ -588,6 +596,7 @@ def main(argv: list[str] | None = None) -> int:
     from .train import CheckpointError, Preempted, RunDirError, TrainingError
 
     try:
+        _check_outputs(args)
         return args.func(args)
     except Preempted as error:  # SIGTERM: a resumable checkpoint was written at a step boundary
         advice = " (rerun the same otmdr compare command with --resume)" if args.command == "compare" else ""
@@ -599,6 +608,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     except BrokenPipeError:  # e.g. `otmdr models | head`
         return 0
+    except OSError as error:  # a read-only folder, a full disk, a path that is a directory, ...
+        where = f" ({error.filename})" if error.filename else ""
+        print(f"otmdr: error: {error.strerror or error}{where}: check the path, its permissions and the free "
+              "disk space", file=sys.stderr)
+        return EXIT_ERROR
     except _Interrupted as error:
         print(f"\notmdr: {error}", file=sys.stderr)
         return 130

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -202,12 +203,22 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist (the configs/ folder has examples)")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {path} is not a text file (not UTF-8): pass a YAML config") from None
         except yaml.YAMLError as error:
-            raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+            raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(error)}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
     return config_from_dict(apply_overrides(data, overrides or []))
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """One line: the problem and where (YAML's own message spans 5-7 lines with excerpts)."""
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{problem}"
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -289,6 +300,8 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
                 raise ConfigError(f"config key {key}: expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key {key}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"config key {key}: expected a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
@@ -298,8 +311,11 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
 
 
 def _parse_number(text: str) -> float:
+    """A number written as text: ``5e-4``, ``8/255``. Raises ValueError (never ZeroDivisionError)."""
     if "/" in text:
         numerator, denominator = text.split("/", 1)
+        if float(denominator) == 0:
+            raise ValueError(f"{text!r} divides by zero")
         return float(numerator) / float(denominator)
     return float(text)
 
@@ -308,7 +324,8 @@ def _check_values(config: ExperimentConfig) -> None:
     flat = _flatten(config_to_dict(config))
     for key, choices in CHOICES.items():
         if flat[key] not in choices:
-            raise ConfigError(f"config key {key}: {flat[key]!r} is not one of {', '.join(choices)}")
+            shown = ", ".join("null" if c is None else c for c in choices)
+            raise ConfigError(f"config key {key}: {flat[key]!r} is not one of {shown}")
     for key in POSITIVE:
         if flat[key] is not None and flat[key] <= 0:
             raise ConfigError(f"config key {key}: must be > 0, got {flat[key]!r}")

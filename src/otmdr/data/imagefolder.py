@@ -226,6 +226,15 @@ def _decode_all(spec: DatasetSpec, listing: _Listing, mode: str | None, limit_pe
 
 
 def _check_classes(spec: DatasetSpec, root: Path, listing: _Listing, split: str) -> None:
+    """Both splits hold the same class folders, at least two, none of them empty: a class folder
+    without images would shift every later label, a single class makes nothing to learn."""
+    empty = sorted(cls for cls in listing.split_classes.get(split, ()) if not listing.files.get(cls))
+    if empty and len(empty) < len(listing.split_classes.get(split, ())):
+        raise DatasetError(f"dataset '{spec.name}': class folder(s) {', '.join(empty)} of {listing.where} hold no "
+                           ".jpg/.jpeg/.png image: add images or remove the folder(s) (from train/ and test/)")
+    if len(listing.split_classes.get(split, ())) == 1:
+        raise DatasetError(f"dataset '{spec.name}': {listing.where} has {len(listing.files)} class folder(s); a "
+                           "classifier needs at least 2 (one folder per class: <split>/<class>/*.png)")
     other = "test" if split == "train" else "train"
     if other not in listing.split_classes:
         return

@@ -26,9 +26,15 @@ BASES: dict[str, type[torch.optim.Optimizer]] = {
 def select_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={name} but CUDA is not available here: use train.device=cpu or auto")
+        raise ConfigError(f"device {name} but CUDA is not available here: use train.device=cpu or auto "
+                          "(--device cpu for eval)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {name} does not exist here ({torch.cuda.device_count()} CUDA device(s))")
     return device
 
 

@@ -198,6 +198,21 @@ def evaluate_split(model: nn.Module, loader, *, autocast: torch.dtype | None, n_
     return classification_metrics(torch.softmax(log_probs, dim=1), prediction.labels, n_bins), prediction
 
 
+def _check_same_run(run_dir: Path, checkpoint: dict[str, Any]) -> None:
+    """A resumed checkpoint must be this run's: one copied from another run would silently
+    continue that run's config in this folder."""
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return
+    ours = yaml.safe_load(saved.read_text())
+    ignored = ("threads", "progress")
+    strip = lambda c: {k: ({kk: vv for kk, vv in v.items() if not (k == "train" and kk in ignored)}  # noqa: E731
+                           if isinstance(v, dict) else v) for k, v in c.items()}
+    if strip(ours) != strip(config_to_dict(config_from_dict(checkpoint["config"]))):
+        raise CheckpointError(f"{run_dir / 'checkpoints' / 'last.pt'} belongs to another run than {saved} describes "
+                              "(a copied checkpoint?): restore this run's checkpoint or start a new run")
+
+
 def _remove_leftovers(run_dir: Path) -> None:
     """Temporary files of writes a kill interrupted (``.<name>.<random>.tmp``, see
     :func:`otmdr._atomic.atomic_write`): never renamed into place, so never needed."""
@@ -259,7 +274,12 @@ def _train(cfg: ExperimentConfig | None, run_dir: str | Path, *, resume: bool, l
                              kl_weight=cfg.bayes.kl_weight if bayesian else None)
     start_epoch, best, history = 0, -1.0, []
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
+        _check_same_run(run_dir, checkpoint)
+        try:
+            model.load_state_dict(checkpoint["model"])
+        except RuntimeError as error:
+            raise CheckpointError(f"{run_dir / 'checkpoints' / 'last.pt'} does not fit model {cfg.model.name!r}: "
+                                  f"{str(error).splitlines()[0]}") from None
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         if scaler is not None and checkpoint.get("scaler"):

@@ -103,6 +103,10 @@ def _config(study: Study, point: GridPoint, seed: int, extra: list[str]) -> Expe
 def plan(study: Study) -> tuple[list[Run], Callable[[dict[str, GridPoint]], list[Run]]]:
     """The search runs, and a function from the chosen point of each method to the final runs.
     Builds (and so validates) every config first: a bad grid fails before anything trains."""
+    if study.select not in SELECT_METRICS:
+        raise ConfigError(f"--select: {study.select!r} is not one of {', '.join(SELECT_METRICS)}")
+    if not study.searching and study.search_overrides:
+        raise ConfigError("--search-set applies to the grid search only: give a --grid with at least two values")
     first = study.seeds[0]
     search: list[Run] = []
     if study.searching:
@@ -280,10 +284,6 @@ def select_points(search: list[Run], methods: list[str], metric: str) -> dict[st
 
 def run_study(study: Study, *, jobs: int = 1, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Search (if there is a grid), select on validation, run the finals; returns what the report needs."""
-    if study.select not in SELECT_METRICS:
-        raise ConfigError(f"--select: {study.select!r} is not one of {', '.join(SELECT_METRICS)}")
-    if not study.searching and study.search_overrides:
-        raise ConfigError("--search-set applies to the grid search only: give a --grid with at least two values")
     search, finals = plan(study)
     with folder_lock(study.out, "compare"):
         return _run(study, search, finals, jobs=jobs, log=log)
