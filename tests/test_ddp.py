@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import sys
@@ -22,7 +23,13 @@ STEPS = 6
 
 
 def _worker(rank: int, world: int, store: str, out: str, sync_ascent: bool) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    # Robust on a loaded 2-core CI machine: loopback only (no hostname lookup), one thread per
+    # process (2 processes x 2 threads oversubscribe), and a bounded wait instead of gloo's
+    # 30-minute default, so a lost peer fails the test instead of hanging CI.
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=300))
     torch.manual_seed(0)
     model = DDP(tiny_mlp(dtype=torch.float32, batch_norm=True))
     reductions = []
@@ -49,6 +56,10 @@ def _worker(rank: int, world: int, store: str, out: str, sync_ascent: bool) -> N
                 "reductions_per_step": len(reductions) / STEPS,
                 "first_loss": losses[0], "last_loss": losses[-1],
             }, f)
+    # both ranks finish their collectives before either tears gloo down: without this, a rank
+    # that exits while its peer is still in the all-gather aborted ("terminate called without an
+    # active exception", SIGABRT) about once in 12 runs on the loaded 2-core machine
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -88,3 +88,37 @@ def test_one_process_per_run_folder_and_a_killed_one_leaves_no_stale_lock(tmp_pa
         assert main(["compare", "--config", str(DEMO), "--methods", "sgd", "--seeds", "1", "--resume",
                      "--out", str(study), "--set", "train.epochs=1"]) == 2
     assert "is in use" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+@pytest.mark.parametrize("delay", [random.Random(2).uniform(0.0, 1.0), random.Random(3).uniform(1.0, 3.0)])
+def test_kill_9_at_a_random_point_then_resume_equals_an_uninterrupted_run(tmp_path, delay):
+    """SIGKILL cannot be caught: whatever write it interrupts, the resumed run ends with the
+    uninterrupted run's checkpoints (last and best), metrics and summary."""
+    reference = prepare_run_dir(tmp_path / "reference", resume=False)
+    train(load_config(DEMO, SLOW), reference, log=lambda _: None)
+    run = tmp_path / "killed"
+    command = [sys.executable, "-m", "otmdr", "train", "--config", str(DEMO), "--out", str(run)]
+    for override in SLOW:
+        command += ["--set", override]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in process.stdout:
+        if line.startswith("epoch 1/"):
+            break
+    time.sleep(delay)
+    process.kill()
+    process.wait(timeout=60)
+    if (run / "summary.json").exists():
+        pytest.skip("the run finished before the kill (machine faster than expected)")
+    resumed = subprocess.run([sys.executable, "-m", "otmdr", "train", "--resume", str(run)], capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    for name in ("last.pt", "best.pt"):
+        a = torch.load(reference / "checkpoints" / name, weights_only=False)
+        b = torch.load(run / "checkpoints" / name, weights_only=False)
+        assert a["epoch"] == b["epoch"] and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert _rows(run) == _rows(reference)
+    assert json.loads((run / "summary.json").read_text())["test"] == json.loads(
+        (reference / "summary.json").read_text())["test"]
+    assert not list(run.rglob("*.tmp"))

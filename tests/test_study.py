@@ -309,3 +309,14 @@ def test_the_make_demo_command_is_a_valid_study(tmp_path, monkeypatch):
     assert study.methods == ["sgd", "sam", "otmdr"] and len(study.seeds) == 5
     assert len(study.grid["sam"]) == 4 and len(study.grid["otmdr"]) == 4
     assert load_config(words[words.index("--config") + 1]).data.label_noise == 0.4
+
+
+def test_a_choice_at_the_edge_of_the_grid_is_flagged():
+    from otmdr.report import edge_notes
+
+    def points(chosen):
+        return [{"method": "sam", "setting": f"rho={r}", "chosen": r == chosen} for r in (0.01, 0.05, 0.1)]
+
+    assert "last of its grid" in edge_notes(points(0.1))[0] and "first of its grid" in edge_notes(points(0.01))[0]
+    assert edge_notes(points(0.05)) == []
+    assert edge_notes([{"method": "sgd", "setting": "default", "chosen": True}]) == []

@@ -292,7 +292,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     import yaml
 
     from .config import METHODS, config_to_dict
-    from .report import comparison_tables, search_table, write_compare_report
+    from .report import comparison_tables, edge_notes, search_table, write_compare_report
     from .train.grid import parse_grid
     from .train.study import Study, plan, run_study, score
 
@@ -334,6 +334,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print()
     if search:
         print(search_table(search, study.select, markdown=False))
+        for note in edge_notes(search):
+            print(f"note: {note}")
         print()
     print(comparison_tables(summaries, references, markdown=False))
     command = "otmdr " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if args.command_line is None else args.command_line

@@ -14,7 +14,7 @@ from .plots import plot_learning_curves, plot_reliability, plot_search, plot_tes
 from .stats import CI_METHOD, format_paired, paired_table
 from .tables import aggregate, early_stopped, format_table
 
-__all__ = ["write_compare_report", "comparison_tables", "search_table"]
+__all__ = ["write_compare_report", "comparison_tables", "search_table", "edge_notes"]
 
 
 def comparison_tables(summaries: dict[str, list[dict[str, Any]]], references: list[str], *, markdown: bool) -> str:
@@ -54,6 +54,20 @@ def search_table(points: list[dict[str, Any]], metric: str, *, markdown: bool) -
     return "\n".join([fmt.format(*titles), fmt.format(*("-" * w for w in widths))] + [fmt.format(*c) for c in cells])
 
 
+def edge_notes(points: list[dict[str, Any]]) -> list[str]:
+    """A method whose chosen point is the first or last of its grid (3 points or more) may do
+    better beyond it: say so, since the comparison then understates that method."""
+    notes = []
+    for method in dict.fromkeys(p["method"] for p in points):
+        mine = [p for p in points if p["method"] == method]
+        chosen = [i for i, p in enumerate(mine) if p["chosen"]]
+        if len(mine) >= 3 and chosen and chosen[0] in (0, len(mine) - 1):
+            side = "first" if chosen[0] == 0 else "last"
+            notes.append(f"{method}: the chosen point ({mine[chosen[0]]['setting']}) is the {side} of its grid; "
+                         "the best setting may lie beyond it: extend the grid (finished points are reused with --resume)")
+    return notes
+
+
 def write_compare_report(out_dir: Path, summaries: dict[str, list[dict[str, Any]]], *, command: str,
                          config_text: str, threads: int | None = None, references: list[str] | None = None,
                          search: list[dict[str, Any]] | None = None, select: str = "val_accuracy",
@@ -89,6 +103,7 @@ def write_compare_report(out_dir: Path, summaries: dict[str, list[dict[str, Any]
                   "point of each method then trained over every seed.", "",
                   search_table(search, select, markdown=True), "",
                   "Chosen: " + "; ".join(f"{p['method']} {p['setting']}" for p in search if p["chosen"]) + ".", "",
+                  *[f"Note: {note}  " for note in edge_notes(search)], "",
                   f"![validation score against radius]({plot_search(search, figures / 'search_radius.png', metric=select).relative_to(out_dir)})"]
     lines += [
         "",

@@ -204,7 +204,7 @@ def _check_same_run(run_dir: Path, checkpoint: dict[str, Any]) -> None:
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         return
-    ours = yaml.safe_load(saved.read_text())
+    ours = config_to_dict(config_from_dict(yaml.safe_load(saved.read_text())))
     ignored = ("threads", "progress")
     strip = lambda c: {k: ({kk: vv for kk, vv in v.items() if not (k == "train" and kk in ignored)}  # noqa: E731
                            if isinstance(v, dict) else v) for k, v in c.items()}

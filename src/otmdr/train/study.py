@@ -149,8 +149,11 @@ def _state(run: Run) -> str:
     its first checkpoint (config.yaml only) is cleared, since the study created it."""
     saved = run.run_dir / "config.yaml"
     if saved.is_file():
-        previous = yaml.safe_load(saved.read_text())
-        if _comparable(previous) != _comparable(config_to_dict(run.config)):
+        try:  # through the current schema: keys added since then take their defaults
+            previous = config_to_dict(config_from_dict(yaml.safe_load(saved.read_text())))
+        except (ConfigError, yaml.YAMLError):
+            previous = None
+        if previous is None or _comparable(previous) != _comparable(config_to_dict(run.config)):
             raise RunDirError(f"{run.run_dir} holds a run with another config than {run.name} now asks for "
                               "(the config, --set or --grid changed): use a new --out")
     if (run.run_dir / "summary.json").is_file():
