@@ -1,7 +1,12 @@
 """Copy a finished ``otmdr compare`` directory's report into benchmarks/results/<name>/.
 
-Only the report, its figures and the per-run summaries travel (no checkpoints):
-    python benchmarks/collect_report.py runs/evidence-cifar10 cifar10-resnet20
+The report, its figures, the per-run summaries, the search table, and each run's small files
+(config.yaml, summary.json, metrics.csv, train.log; no checkpoints) travel, so that a later session
+can rebuild the report or extend the study without retraining what is done: copy
+``benchmarks/results/<name>/runs/*`` back into the study folder and rerun the same
+``otmdr compare ... --resume`` (finished runs are recognised by their summary.json and config.yaml).
+
+    python benchmarks/collect_report.py runs/evidence/fashion-mnist-mlp-noisy40 fashion-mnist-mlp-noisy40
 """
 
 from __future__ import annotations
@@ -10,6 +15,8 @@ import json
 import shutil
 import sys
 from pathlib import Path
+
+RUN_FILES = ("config.yaml", "summary.json", "metrics.csv", "train.log")
 
 
 def main(source: str, name: str) -> None:
@@ -21,6 +28,17 @@ def main(source: str, name: str) -> None:
     shutil.copytree(src / "figures", dst / "figures", dirs_exist_ok=True)
     summaries = json.loads((src / "summaries.json").read_text())
     (dst / "summaries.json").write_text(json.dumps(summaries, indent=1))
+    if (src / "search.json").is_file():
+        shutil.copy2(src / "search.json", dst / "search.json")
+    for summary in src.rglob("summary.json"):
+        run = summary.parent
+        if run == src:
+            continue
+        target = dst / "runs" / run.relative_to(src)
+        target.mkdir(parents=True, exist_ok=True)
+        for file in RUN_FILES:
+            if (run / file).is_file():
+                shutil.copy2(run / file, target / file)
     print(f"copied {src} -> {dst}")
 
 
