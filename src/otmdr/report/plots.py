@@ -156,15 +156,23 @@ def plot_search(points: list[dict[str, Any]], path: Path, *, metric: str) -> Pat
     line per method (the chosen point ringed): the picture that explains a comparison, since at
     equal radius SAM and OT-MDR often score alike. Methods with no radius (SGD) are a level line."""
     scale = 100.0 if metric in ("val_accuracy", "val_ece") else 1.0
-    fig, ax = plt.subplots(figsize=(6.0, 4.0))
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
     methods = list(dict.fromkeys(p["method"] for p in points))
+    every = [scale * p["score"] for p in points if p["score"] is not None]
+    if not every:
+        every = [0.0]
+    typical = float(np.median(every))
+    kept = [v for v in every if v >= 0.5 * typical] or every  # a collapsed point would squash the axis
+    span = max(kept) - min(kept)
+    bottom, top = min(kept) - 0.15 * span - 0.5, max(kept) + 0.15 * span + 0.5
     for method in methods:
         mine = sorted((p for p in points if p["method"] == method and p["score"] is not None),
                       key=lambda p: p["radius"])
         if not mine:
             continue
         radii = np.array([p["radius"] for p in mine])
-        scores = np.array([scale * p["score"] for p in mine])
+        actual = np.array([scale * p["score"] for p in mine])
+        scores = np.maximum(actual, bottom)
         if radii.max() == 0:  # no perturbation: a reference level
             for value in scores:
                 ax.axhline(value, linestyle="--", color="gray", linewidth=1)
@@ -172,16 +180,24 @@ def plot_search(points: list[dict[str, Any]], path: Path, *, metric: str) -> Pat
                     va="bottom", fontsize=8, color="gray")
             continue
         line, = ax.plot(radii, scores, marker="o", label=method)
-        for p, x, y in zip(mine, radii, scores):
-            ax.annotate(p["setting"], (x, y), textcoords="offset points", xytext=(3, 4), fontsize=6,
-                        color=line.get_color())
+        for p, x, y, a in zip(mine, radii, scores, actual):
+            off_scale = a < bottom
+            if off_scale:
+                ax.scatter([x], [y], marker="v", s=60, color=line.get_color(), zorder=3)
+            ax.annotate(p["setting"] + (f" ({a:.1f})" if off_scale else ""), (x, y), textcoords="offset points",
+                        xytext=(3, 4), fontsize=6, color=line.get_color())
             if p.get("chosen"):
                 ax.scatter([x], [y], s=140, facecolors="none", edgecolors=line.get_color(), linewidths=1.5)
-    ax.set_xscale("symlog", linthresh=0.01)
+    ax.set_ylim(bottom, top)
+    radii_all = [p["radius"] for p in points if p["radius"]]
+    if radii_all:  # log scale over the perturbed points (SGD is the level line)
+        ax.set_xscale("log")
+        ax.set_xlim(min(radii_all) / 1.6, max(radii_all) * 1.6)
     ax.set_xlabel("measured radius ‖θ~−θ‖ (last epoch, mean over steps)")
     unit = " (%)" if scale == 100.0 else ""
     ax.set_ylabel(f"{metric.replace('_', ' ')}{unit}")
-    ax.set_title("grid search: validation score against radius (ringed: chosen)", fontsize=10)
+    ax.set_title("grid search: validation score against radius\n(ringed: chosen; ▼ below the axis, value in brackets)",
+                 fontsize=9)
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
