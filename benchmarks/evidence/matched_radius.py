@@ -71,6 +71,7 @@ def main() -> int:
         other = "sam" if kept == "otmdr" else "otmdr"
         command = [*args.otmdr.split(), "compare", "--config", str(config), "--methods", f"{kept},{other}",
                    "--seeds", str(len(seeds)), "--set", f"train.seed={seeds[0]}", "--jobs", str(args.jobs),
+                   "--bn-policy", "per-method",  # the study's resolved policies are in the base config
                    "--resume", "--out", str(out)]
         for override in overrides:
             command += ["--set", override]

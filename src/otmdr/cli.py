@@ -318,7 +318,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     study = Study(config_path=args.config, overrides=overrides, methods=methods,
                   seeds=list(range(base.train.seed, base.train.seed + args.seeds)),
                   grid=parse_grid(args.grid or [], methods), out=out, search_overrides=list(args.search_set or []),
-                  select=args.select)
+                  select=args.select, bn_policy=None if args.bn_policy == "per-method" else args.bn_policy)
     plan(study)  # builds every config: a bad grid or value fails here, before anything is created
     if out.exists() and not out.is_dir():
         raise _UsageError(f"--out {out} is a file, not a folder: choose another --out")
@@ -342,7 +342,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     config_text = yaml.safe_dump(config_to_dict(base), sort_keys=False)
     report = write_compare_report(out, summaries, command=command, config_text=config_text,
                                   threads=base.train.threads, references=references, search=search,
-                                  select=study.select, wall_seconds=result["seconds"])
+                                  select=study.select, wall_seconds=result["seconds"],
+                                  bn_policy="each method's own (per-method)" if args.bn_policy == "per-method"
+                                  else f"{args.bn_policy} for every method (--bn-policy)")
     (out / "summaries.json").write_text(json.dumps(summaries, indent=1))
     if search:
         (out / "search.json").write_text(json.dumps(search, indent=1))
@@ -536,6 +538,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override for the search runs only, e.g. train.epochs=10 (a shorter search budget)")
     p.add_argument("--reference", help="method(s) the paired differences are taken against, comma-separated "
                                        "(default: the first listed)")
+    p.add_argument("--bn-policy", default="clean", choices=("clean", "ascent", "all", "none", "per-method"),
+                   help="batch-norm statistics policy for every method, so that runs differ in the method only "
+                        "(default: %(default)s, SAM's usual one; per-method: each method's config, e.g. the "
+                        "release's ascent passes for OT-MDR)")
     p.add_argument("--jobs", type=int, default=1, help="independent runs trained in parallel processes, the CPU "
                                                        "threads split between them (default: %(default)s)")
     p.add_argument("--command-line", help=argparse.SUPPRESS)

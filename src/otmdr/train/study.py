@@ -78,6 +78,9 @@ class Study:
     out: Path
     search_overrides: list[str] = field(default_factory=list)
     select: str = "val_accuracy"
+    #: one batch-norm policy for every method, so that runs differ in the method only; None keeps
+    #: each method's own (``sam.bn_policy``, ``otmdr.bn_policy``: SAM "clean", the release "ascent")
+    bn_policy: str | None = None
 
     @property
     def searching(self) -> bool:
@@ -92,6 +95,8 @@ def _slug(text: str) -> str:
 def _config(study: Study, point: GridPoint, seed: int, extra: list[str]) -> ExperimentConfig:
     name, _, regime = point.method.partition("/")
     fixed = [f"optim.method={name}", f"train.seed={seed}", "train.progress=false"]
+    if study.bn_policy is not None:
+        fixed += [f"{section}.bn_policy={study.bn_policy}" for section in ("sam", "asam", "otmdr")]
     fixed += [f"ensemble.regime={regime}"] if regime else []
     try:
         return load_config(study.config_path, study.overrides + fixed + list(point.overrides) + extra)
