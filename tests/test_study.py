@@ -320,3 +320,18 @@ def test_a_choice_at_the_edge_of_the_grid_is_flagged():
     assert "last of its grid" in edge_notes(points(0.1))[0] and "first of its grid" in edge_notes(points(0.01))[0]
     assert edge_notes(points(0.05)) == []
     assert edge_notes([{"method": "sgd", "setting": "default", "chosen": True}]) == []
+
+
+def test_one_batch_norm_policy_for_every_method_unless_per_method(tmp_path):
+    from otmdr.train.study import plan
+
+    methods = ["sam", "otmdr"]
+    for policy, expected in (("clean", {"sam": "clean", "otmdr": "clean"}),
+                             ("ascent", {"sam": "ascent", "otmdr": "ascent"}),
+                             (None, {"sam": "clean", "otmdr": "ascent"})):  # each method's own default
+        study = Study(str(DEMO), FAST, methods, [0], parse_grid(["sam.rho=0.1,0.2"], methods), tmp_path,
+                      bn_policy=policy)
+        search, _ = plan(study)
+        for run in search:
+            section = getattr(run.config, run.method)
+            assert section.bn_policy == expected[run.method], (policy, run.method)
