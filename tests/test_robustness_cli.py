@@ -89,3 +89,38 @@ def test_eval_autoattack_reports_each_stage_and_explains_a_missing_package(run, 
     monkeypatch.setitem(__import__("sys").modules, "pyautoattack", None)
     assert main(["eval", str(run), "--test-limit", "12", "--attack", "autoattack", "--eps", "0.5"]) == 2
     assert "pip install 'otmdr[autoattack]'" in capsys.readouterr().err
+
+
+def test_the_fixed_training_subset_covers_every_class_of_a_class_ordered_split():
+    import torch
+
+    from otmdr.cli import _fixed_training_subset
+    from otmdr.data import BatchLoader, ImageData, get_spec
+
+    labels = torch.arange(10).repeat_interleave(200)  # an image folder: stored class by class
+    images = torch.randint(0, 255, (2000, 1, 8, 8), dtype=torch.uint8)
+
+    class Data:
+        train = BatchLoader(ImageData(images, labels, [str(c) for c in range(10)]), get_spec("digits"), 64,
+                            shuffle=True)
+
+    batches = _fixed_training_subset(Data, 100, 32)
+    seen = torch.cat([y for _, y in batches])
+    assert len(seen) == 100 and set(seen.tolist()) == set(range(10))
+    again = torch.cat([y for _, y in _fixed_training_subset(Data, 100, 32)])
+    assert torch.equal(seen, again)  # the same images for every run
+
+
+def test_landscape_refuses_two_architectures_before_computing(tmp_path, capsys):
+    from otmdr.cli import main
+
+    runs = []
+    for name, model in (("a", "mlp"), ("b", "lenet")):
+        out = tmp_path / name
+        assert main(["train", "--config", str(DEMO), "--out", str(out), "--set", "train.epochs=1", "--set",
+                     f"model.name={model}", "--set", "train.progress=false", "--set", "model.options={}"]) == 0
+        runs.append(out)
+    capsys.readouterr()
+    assert main(["landscape", str(runs[0]), str(runs[1]), "--out", str(tmp_path / "land")]) == 2
+    err = capsys.readouterr().err
+    assert "different architectures" in err and not (tmp_path / "land").exists()

@@ -115,10 +115,37 @@ def _load_trained(args: argparse.Namespace):
     return cfg, model, build_data(cfg, next(model.parameters()).device)
 
 
+def _check_eval_options(args: argparse.Namespace) -> None:
+    """Every option of ``otmdr eval`` is checked before the first forward pass, not after the
+    clean evaluation and the temperature fit."""
+    from .config import _parse_number
+
+    if args.attack:
+        try:
+            [_parse_number(e.strip()) for e in args.eps.split(",")]
+        except ValueError:
+            raise _UsageError(f"--eps: expected comma-separated numbers or fractions like 8/255, got {args.eps!r}") from None
+    if args.corruptions:
+        from .eval.corruptions import CORRUPTIONS
+        from .eval.shift import parse_corruptions, parse_severities
+
+        available = list(CORRUPTIONS)
+        if args.corrupted_dir:
+            from .data import list_corruptions
+
+            available = list_corruptions(args.corrupted_dir)
+        try:
+            parse_corruptions(args.corruptions, available)
+            parse_severities(args.severities)
+        except ValueError as error:
+            raise _UsageError(f"--corruptions/--severities: {error}") from None
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .train import evaluate_model
     from .train.checkpoint import atomic_write_text
 
+    _check_eval_options(args)
     cfg, model, data = _load_trained(args)
     result = {"path": str(args.path), **evaluate_model(cfg, model, data, n_bins=args.ece_bins,
                                                        temperature_scaling=not args.no_temperature_scaling)}
@@ -379,13 +406,13 @@ def cmd_sharpness(args: argparse.Namespace) -> int:
 
 
 def _fixed_training_subset(data, samples: int, batch_size: int) -> list:
-    """The first ``samples`` training images, normalised, not augmented, as a list of batches:
-    the fixed subset on which sharpness and landscapes of different runs are compared."""
-    from .data import BatchLoader, ImageData
+    """A fixed, seeded random subset of ``samples`` training images (the same for every run, and
+    covering the classes: image folders are stored in class order, so "the first N" would be one
+    class), normalised, not augmented, as a list of batches."""
+    from .data import BatchLoader, ImageData, test_subset
 
     train = data.train
-    n = min(samples, train.num_samples)
-    subset = ImageData(train.images[:n].cpu(), train.labels[:n].cpu(), train.classes)
+    subset = test_subset(ImageData(train.images.cpu(), train.labels.cpu(), train.classes), samples)
     return list(BatchLoader(subset, train.spec, batch_size, shuffle=False, device=train.device))
 
 
@@ -405,6 +432,15 @@ def cmd_landscape(args: argparse.Namespace) -> int:
 
     args.path = args.run_a
     cfg, model, data = _load_trained(args)
+    other = None
+    if args.run_b:  # checked before the grid is computed
+        from .train import load_run
+
+        _, other, _ = load_run(args.run_b, device=args.device, which=args.checkpoint)
+        mine, theirs = model.state_dict(), other.state_dict()
+        if mine.keys() != theirs.keys() or any(mine[k].shape != theirs[k].shape for k in mine):
+            raise _UsageError(f"{args.run_a} and {args.run_b} are different architectures; interpolation needs two "
+                              "runs of the same model")
     batches = _fixed_training_subset(data, args.samples, 512)
     n = sum(len(y) for _, y in batches)
     out = Path(args.out)
@@ -426,14 +462,13 @@ def cmd_landscape(args: argparse.Namespace) -> int:
     ax.set(xlabel="alpha", ylabel="beta", title="2-D slice")
     ax = fig.add_subplot(1, 3, 3, projection="3d")
     ax.plot_surface(grid_a, grid_b, surface, cmap="viridis")
+    ax.set(xlabel="alpha", ylabel="beta", zlabel="training loss")
     ax.set_title("surface")
     fig.suptitle(f"{cfg.model.name} ({cfg.optim.method}), filter-normalised directions, {n} training images")
     fig.tight_layout()
     fig.savefig(out / "landscape.png", dpi=120)
     plt.close(fig)
-    if args.run_b:
-        args.path = args.run_b
-        _, other, _ = _load_trained(args)
+    if other is not None:
         steps = np.linspace(-0.25, 1.25, args.points).tolist()
         start = {k: v.detach().clone() for k, v in model.state_dict().items()}
         end = other.state_dict()
@@ -442,7 +477,8 @@ def cmd_landscape(args: argparse.Namespace) -> int:
         result["interpolation"] = {"alphas": steps, "loss": losses}
         fig, ax = plt.subplots(figsize=(4.5, 3.4))
         ax.plot(steps, result["interpolation"]["loss"])
-        ax.set(xlabel="alpha (0: RUN_A, 1: RUN_B)", ylabel="training loss", title="linear interpolation")
+        ax.set(xlabel=f"alpha (0: {Path(args.run_a).name}, 1: {Path(args.run_b).name})", ylabel="training loss",
+               title="linear interpolation")
         fig.tight_layout()
         fig.savefig(out / "interpolation.png", dpi=120)
         plt.close(fig)
@@ -552,7 +588,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir")
     p.add_argument("--device", default="auto")
     p.add_argument("--checkpoint", choices=("last", "best"), default="last")
-    p.add_argument("--samples", type=int, default=1024, help="first N training images (fixed subset)")
+    p.add_argument("--samples", type=int, default=1024, help="a fixed random subset of N training images")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--rho", type=float, default=0.05, help="radius for worst-case and average sharpness")
     p.add_argument("--iterations", type=int, default=50, help="power iterations for the top eigenvalue")
@@ -567,7 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir")
     p.add_argument("--device", default="auto")
     p.add_argument("--checkpoint", choices=("last", "best"), default="last")
-    p.add_argument("--samples", type=int, default=1024, help="first N training images")
+    p.add_argument("--samples", type=int, default=1024, help="a fixed random subset of N training images")
     p.add_argument("--span", type=float, default=1.0, help="alpha and beta range [-span, span]")
     p.add_argument("--points", type=int, default=21, help="grid points per axis")
     p.set_defaults(func=cmd_landscape)
