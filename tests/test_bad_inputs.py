@@ -57,7 +57,7 @@ CASES = [
     ("train --config {demo} --out {new} --set sam.rho=inf", "sam.rho: expected a finite number"),
     ("train --config {demo} --out {new} --set sam.rho=.nan", "sam.rho: expected a finite number"),
     ("train --config {demo} --out {new} --set otmdr.rho=[0.1,.inf]", "otmdr.rho[1]"),
-    ("train --config {demo} --out {new} --set otmdr.rho=0.05,0.1", "otmdr.rho"),
+    ("train --config {demo} --out {new} --set otmdr.rho=0.05,0.1", "write a list in brackets: otmdr.rho=[0.05,0.1]"),
     ("train --config {demo} --out {new} --set otmdr.rho=[-0.1,0.1]", "rho must be non-negative"),
     ("train --config {demo} --out {new} --set otmdr.split=[0.7,0.7]", "sum to at most 1"),
     ("train --config {demo} --out {new} --set otmdr.split=[1.0]", "one fraction per ascent step"),
@@ -99,6 +99,8 @@ CASES = [
     ("train --resume {base}/missing", "nothing to resume"),
     ("train --resume {base}/stale", "nothing to resume"),
     ("train --resume {run} --config {demo}", "drop --config"),
+    ("train --resume {run} --epochs 5", "drop --config"),
+    ("train --config {demo} --out {new} --epochs 0", "train.epochs: must be > 0"),
     # evaluation
     ("eval {base}/missing", "does not exist"),
     ("eval {base}/corrupt.pt", "corrupted or not an otmdr checkpoint"),

@@ -54,3 +54,20 @@ def test_missing_or_malformed_config_file(tmp_path):
 
 def test_fractions_written_as_text():
     assert config_from_dict({"otmdr": {"noise_std": "1/100"}}).otmdr.noise_std == pytest.approx(0.01)
+
+
+def test_otmdr_config_prints_every_key_annotated_as_valid_yaml(capsys):
+    import yaml
+
+    from otmdr.cli import main
+    from otmdr.config import config_to_dict, load_config
+
+    assert main(["config"]) == 0
+    out = capsys.readouterr().out
+    assert yaml.safe_load(out) == config_to_dict(load_config(None))
+    keys = [line for line in out.splitlines() if line.startswith("  ")]
+    assert sum("#" in line for line in keys) >= 0.8 * len(keys)
+    assert "label_noise_kind: symmetric  # symmetric" in out and "normalize: step  # step" in out
+    assert main(["config", "--config", str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"),
+                 "--set", "sam.rho=0.3"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["sam"]["rho"] == 0.3

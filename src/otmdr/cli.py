@@ -27,7 +27,10 @@ def _timestamp() -> str:
 def _config(args: argparse.Namespace, extra: list[str] | None = None):
     from .config import load_config
 
-    overrides = list(extra or []) + list(args.set or [])
+    shortcuts = [f"{key}={getattr(args, name)}" for name, key in
+                 (("method", "optim.method"), ("epochs", "train.epochs"), ("seed", "train.seed"))
+                 if getattr(args, name, None) is not None]
+    overrides = list(extra or []) + list(args.set or []) + shortcuts
     if getattr(args, "data_dir", None):
         overrides.append(f"data.dir={args.data_dir}")
     return load_config(args.config, overrides)
@@ -42,8 +45,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train import prepare_run_dir, train
 
     if args.resume:
-        if args.config or args.set:
-            raise _UsageError("--resume continues a run with its saved config: drop --config/--set")
+        if args.config or args.set or args.method or args.epochs is not None or args.seed is not None:
+            raise _UsageError("--resume continues a run with its saved config: drop --config/--set/--method/"
+                              "--epochs/--seed")
         run_dir = Path(args.resume)
         saved = run_dir / "config.yaml"
         if not (run_dir / "checkpoints" / "last.pt").is_file() and saved.is_file():
@@ -487,6 +491,14 @@ def cmd_landscape(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    """Print the (resolved) config with every key annotated: the defaults, or a file with --set."""
+    from .config import describe_config
+
+    print(describe_config(_config(args)))
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from .models import describe_models
 
@@ -516,24 +528,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"otmdr {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
+    def sub(name: str, **kwargs: Any) -> argparse.ArgumentParser:  # every default shown in --help
+        return commands.add_parser(name, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
+
     def config_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--config", help="YAML experiment config (see configs/)")
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. optim.lr=0.05")
         p.add_argument("--data-dir", help="directory (or archive) holding the dataset (= --set data.dir=...)")
 
-    p = commands.add_parser("train", help="train one model")
+    p = sub("train", help="train one model")
     config_options(p)
+    p.add_argument("--method", choices=("sgd", "sam", "asam", "otmdr"), help="= --set optim.method=...")
+    p.add_argument("--epochs", type=int, help="= --set train.epochs=...")
+    p.add_argument("--seed", type=int, help="= --set train.seed=...")
     p.add_argument("--out", help="run directory (default runs/<config>-<method>-s<seed>-<time>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run exactly")
     p.set_defaults(func=cmd_train)
 
-    p = commands.add_parser("eval", help="evaluate a run directory or checkpoint on the test split")
+    p = sub("eval", help="evaluate a run directory or checkpoint on the test split")
     p.add_argument("path", help="run directory or checkpoint file")
     p.add_argument("--data-dir", help="where the dataset is now, if it moved")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
     p.add_argument("--checkpoint", choices=("last", "best"), default="last",
                    help="for a run directory: the final model (as in summary.json) or the best on validation")
-    p.add_argument("--ece-bins", type=int, default=None)
+    p.add_argument("--ece-bins", type=int, default=None, help="ECE bins (default: the run's eval.ece_bins)")
     p.add_argument("--json", help="also write the metrics to this JSON file")
     p.add_argument("--no-temperature-scaling", action="store_true", help="skip fitting T on the validation split")
     p.add_argument("--attack", choices=("fgsm", "pgd", "autoattack"),
@@ -555,7 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heatmap", help="write the corruption x severity accuracy heat map to this PNG")
     p.set_defaults(func=cmd_eval)
 
-    p = commands.add_parser("compare", help="train several methods x seeds (after an optional grid search on "
+    p = sub("compare", help="train several methods x seeds (after an optional grid search on "
                                             "validation) and report mean ± std and paired differences")
     config_options(p)
     p.add_argument("--methods", default="sgd,sam,otmdr",
@@ -569,7 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "or otmdr.rho=[0.01,0.02],[0.05,0.1] (sam/asam/otmdr keys apply to that method, others "
                         "to every method or to METHOD: only); repeat for more keys (Cartesian product)")
     p.add_argument("--select", default="val_accuracy", choices=("val_accuracy", "val_nll", "val_brier", "val_ece"),
-                   help="validation metric (last epoch) that chooses each method's grid point (default: %(default)s)")
+                   help="validation metric (last epoch) that chooses each method's grid point")
     p.add_argument("--search-set", action="append", metavar="KEY=VALUE",
                    help="override for the search runs only, e.g. train.epochs=10 (a shorter search budget)")
     p.add_argument("--reference", help="method(s) the paired differences are taken against, comma-separated "
@@ -579,47 +597,53 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: %(default)s, SAM's usual one; per-method: each method's config, e.g. the "
                         "release's ascent passes for OT-MDR)")
     p.add_argument("--jobs", type=int, default=1, help="independent runs trained in parallel processes, the CPU "
-                                                       "threads split between them (default: %(default)s)")
+                                                       "threads split between them")
     p.add_argument("--command-line", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_compare)
 
-    p = commands.add_parser("sharpness", help="Hessian and rho-ball sharpness of a trained model (eval-mode BN)")
+    p = sub("sharpness", help="Hessian and rho-ball sharpness of a trained model (eval-mode BN)")
     p.add_argument("path", help="run directory or checkpoint file")
-    p.add_argument("--data-dir")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--checkpoint", choices=("last", "best"), default="last")
+    p.add_argument("--data-dir", help="where the dataset is now, if it moved")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
+    p.add_argument("--checkpoint", choices=("last", "best"), default="last",
+                   help="the final model or the best on validation")
     p.add_argument("--samples", type=int, default=1024, help="a fixed random subset of N training images")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=256, help="images per Hessian-vector product")
     p.add_argument("--rho", type=float, default=0.05, help="radius for worst-case and average sharpness")
     p.add_argument("--iterations", type=int, default=50, help="power iterations for the top eigenvalue")
     p.add_argument("--probes", type=int, default=20, help="Hutchinson probes for the trace")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(func=cmd_sharpness)
 
-    p = commands.add_parser("landscape", help="loss-landscape slices around a run (and the line to another)")
+    p = sub("landscape", help="loss-landscape slices around a run (and the line to another)")
     p.add_argument("run_a", help="run directory or checkpoint")
     p.add_argument("run_b", nargs="?", help="second run of the same architecture, for interpolation")
     p.add_argument("--out", required=True, help="folder for landscape.png, interpolation.png, landscape.json")
-    p.add_argument("--data-dir")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--checkpoint", choices=("last", "best"), default="last")
+    p.add_argument("--data-dir", help="where the dataset is now, if it moved")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
+    p.add_argument("--checkpoint", choices=("last", "best"), default="last",
+                   help="the final model or the best on validation")
     p.add_argument("--samples", type=int, default=1024, help="a fixed random subset of N training images")
     p.add_argument("--span", type=float, default=1.0, help="alpha and beta range [-span, span]")
     p.add_argument("--points", type=int, default=21, help="grid points per axis")
     p.set_defaults(func=cmd_landscape)
 
-    p = commands.add_parser("corrupt", help="write a corrupted copy of a test split in the CIFAR-10-C .npy layout")
+    p = sub("corrupt", help="write a corrupted copy of a test split in the CIFAR-10-C .npy layout")
     p.add_argument("--dataset", required=True, help="dataset name (see `otmdr datasets`)")
     p.add_argument("--data-dir", help="where the dataset is (not needed for digits)")
     p.add_argument("--out", required=True, help="new folder for <corruption>.npy files, labels.npy and meta.json")
-    p.add_argument("--corruptions", default="all", metavar="all|NAMES")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--corruptions", default="all", metavar="all|NAMES", help="'all' or comma-separated names")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random corruptions")
     p.add_argument("--limit", type=int, help="only the fixed random subset of N test images that "
                                              "`otmdr eval --test-limit N` uses")
     p.set_defaults(func=cmd_corrupt)
 
-    commands.add_parser("models", help="list the registered models").set_defaults(func=cmd_models)
-    commands.add_parser("datasets", help="list the datasets and their expected layout").set_defaults(func=cmd_datasets)
+    p = sub("config", help="print every config key with its value and meaning (the defaults, or a resolved config)")
+    config_options(p)
+    p.set_defaults(func=cmd_config)
+
+    sub("models", help="list the registered models").set_defaults(func=cmd_models)
+    sub("datasets", help="list the datasets and their expected layout").set_defaults(func=cmd_datasets)
     return parser
 
 

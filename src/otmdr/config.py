@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["ConfigError", "ExperimentConfig", "otmdr_options", "load_config", "apply_overrides", "config_to_dict", "config_from_dict"]
+__all__ = ["ConfigError", "ExperimentConfig", "otmdr_options", "load_config", "describe_config", "apply_overrides", "config_to_dict", "config_from_dict"]
 
 METHODS = ("sgd", "sam", "asam", "otmdr")
 
@@ -42,9 +42,9 @@ class DataConfig:
     cutout: int = 0  # cutout square size (0: off)
     # synthetic label noise on the training split (otmdr.data.noise): the fraction of wrong labels,
     # drawn once over the training file with its own seed, independent of train.seed
-    label_noise: float = 0.0
+    label_noise: float = 0.0  # fraction of training labels replaced by a wrong class, in [0, 1)
     label_noise_kind: str = "symmetric"  # symmetric (uniform over the other classes) | pairflip (c -> c+1)
-    label_noise_seed: int = 0
+    label_noise_seed: int = 0  # which labels are wrong: independent of train.seed
     noisy_val: bool = False  # also corrupt the validation labels (a user who only has noisy labels)
 
 
@@ -60,37 +60,37 @@ class OptimConfig:
     base: str = "sgd"  # sgd | adam | adamw: the base optimizer of sam/asam/otmdr (and sgd's own)
     lr: float = 0.1
     momentum: float = 0.9
-    nesterov: bool = False
+    nesterov: bool = False  # Nesterov momentum (base sgd)
     weight_decay: float = 5e-4
     max_grad_norm: float | None = None
 
 
 @dataclass
 class SAMConfig:
-    rho: float = 0.05
-    bn_policy: str = "clean"
+    rho: float = 0.05  # radius, >= 0 (the measured radius equals it)
+    bn_policy: str = "clean"  # ascent | clean | all | none: passes that update batch-norm statistics
 
 
 @dataclass
 class ASAMConfig:
-    rho: float = 0.5
-    eta: float = 0.01
-    bn_policy: str = "clean"
+    rho: float = 0.5  # radius in the |theta|-rescaled space
+    eta: float = 0.01  # T = |theta| + eta
+    bn_policy: str = "clean"  # ascent | clean | all | none
 
 
 @dataclass
 class OTMDRConfig:
-    rho: list[float] = field(default_factory=lambda: [0.05, 0.1])
-    split: list[float] | None = None
-    merge: bool = True
-    normalize: str = "step"
-    reduce: str = "sum"
+    rho: list[float] = field(default_factory=lambda: [0.05, 0.1])  # radius of each ascent step (the release's)
+    split: list[float] | None = None  # batch fraction per ascent step (default: equal parts)
+    merge: bool = True  # step i moves along the sum of the ascent gradients so far
+    normalize: str = "step"  # step (the release: divide by this step's gradient norm) | merged
+    reduce: str = "sum"  # sum | mean, of the merged direction (and the particles unless particle_reduce)
     particle_reduce: str | None = None  # None: as reduce; the release's K > 1 "mode 1.1": reduce sum, this mean
-    noise_std: float = 0.0
-    adaptive: bool = False
-    adaptive_eta: float = 0.0
-    particles: int = 1
-    bn_policy: str = "ascent"
+    noise_std: float = 0.0  # Langevin noise std per coordinate after each ascent step
+    adaptive: bool = False  # ASAM-style scaling by |theta| + adaptive_eta
+    adaptive_eta: float = 0.0  # >= 0
+    particles: int = 1  # K particles, each on its own random split (cost grows linearly)
+    bn_policy: str = "ascent"  # ascent (the release) | clean | all | none
 
 
 def otmdr_options(section: OTMDRConfig) -> dict[str, Any]:
@@ -104,16 +104,16 @@ def otmdr_options(section: OTMDRConfig) -> dict[str, Any]:
 @dataclass
 class ScheduleConfig:
     name: str = "cosine"  # cosine | step | constant
-    warmup_epochs: float = 0.0
+    warmup_epochs: float = 0.0  # linear warm-up (fractions of an epoch allowed)
     milestones: list[float] = field(default_factory=list)  # epochs, for "step"
-    gamma: float = 0.1
+    gamma: float = 0.1  # step decay factor
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 10
-    label_smoothing: float = 0.0
-    seed: int = 0
+    epochs: int = 10  # > 0
+    label_smoothing: float = 0.0  # in [0, 1)
+    seed: int = 0  # initialisation, data order, validation split, optimizer noise
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 uses a GradScaler)
     channels_last: bool = False
@@ -144,8 +144,8 @@ class BayesConfig:
 
 @dataclass
 class EvalConfig:
-    ece_bins: int = 15
-    temperature_scaling: bool = True
+    ece_bins: int = 15  # equal-width confidence bins of the ECE
+    temperature_scaling: bool = True  # also report metrics after fitting T on the validation split
 
 
 @dataclass
@@ -278,6 +278,9 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _coerce(inner[0], value, key)
     if origin is list:
+        if isinstance(value, str) and "," in value:
+            raise ConfigError(f"config key {key}: {value!r} is text, not a list; write a list in brackets: "
+                              f"{key}=[{value}]")
         items = value if isinstance(value, (list, tuple)) else [value]
         return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(items)]
     if origin is dict:
@@ -360,6 +363,37 @@ def _check_values(config: ExperimentConfig) -> None:
         PerturbationConfig(**otmdr_options(config.otmdr))
     except ValueError as error:
         raise ConfigError(f"config section otmdr: {error}") from None
+
+
+def describe_config(config: ExperimentConfig) -> str:
+    """The config as YAML with every key annotated: its comment in this module, its choices or
+    range. ``otmdr config`` prints it, so the keys are listed somewhere besides the source."""
+    import inspect
+    import re
+
+    notes: dict[str, str] = {}
+    for section in dataclasses.fields(ExperimentConfig):
+        source = inspect.getsource(typing.get_type_hints(ExperimentConfig)[section.name])
+        for line in source.splitlines():
+            match = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.+)$", line)
+            if match:
+                notes[f"{section.name}.{match.group(1)}"] = match.group(2).strip()
+    for key, choices in CHOICES.items():
+        shown = " | ".join("null" if c is None else str(c) for c in choices)
+        if not all(str(c) in notes.get(key, "") for c in choices if c is not None):
+            notes[key] = shown + (f"; {notes[key]}" if key in notes else "")
+    for key in POSITIVE:
+        notes.setdefault(key, "> 0")
+    for key in NON_NEGATIVE:
+        notes.setdefault(key, ">= 0")
+    lines = []
+    for section, values in config_to_dict(config).items():
+        lines.append(f"{section}:")
+        for key, value in values.items():
+            text = yaml.safe_dump({key: value}, default_flow_style=True, width=1000).strip()[1:-1]
+            note = notes.get(f"{section}.{key}")
+            lines.append(f"  {text}" + (f"  # {note}" if note else ""))
+    return "\n".join(lines)
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

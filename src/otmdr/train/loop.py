@@ -272,6 +272,7 @@ def _train(cfg: ExperimentConfig | None, run_dir: str | Path, *, resume: bool, l
     samples = cfg.bayes.test_samples if bayesian else 1
     loss_fn = _loss_function(model, criterion, autocast, device, per_member=per_member,
                              kl_weight=cfg.bayes.kl_weight if bayesian else None)
+    log(_describe_run(cfg, model, data, device))
     start_epoch, best, history = 0, -1.0, []
     if checkpoint is not None:
         _check_same_run(run_dir, checkpoint)
@@ -386,6 +387,18 @@ def _sigterm_flag():
         yield flag
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _describe_run(cfg: ExperimentConfig, model: nn.Module, data, device: torch.device) -> str:
+    """One line saying what is about to train, so a wrong setting shows before an hour is spent."""
+    o = cfg.optim
+    method = {"sgd": o.base, "sam": f"SAM rho {cfg.sam.rho} on {o.base}", "asam": f"ASAM rho {cfg.asam.rho} on {o.base}",
+              "otmdr": f"OT-MDR rho {list(cfg.otmdr.rho)} ({cfg.otmdr.normalize} normalisation) on {o.base}"}[o.method]
+    sizes = f"{data.train.num_samples:,} train / {data.val.num_samples if data.val else 0:,} val / " \
+            f"{data.test.num_samples:,} test"
+    noise = f", {100 * cfg.data.label_noise:.0f}% {cfg.data.label_noise_kind} label noise" if cfg.data.label_noise else ""
+    return (f"training {cfg.model.name} ({count_parameters(model):,} parameters) with {method}, lr {o.lr}, "
+            f"{cfg.train.epochs} epochs, on {cfg.data.name} ({sizes}{noise}), device {device}, {cfg.train.precision}")
 
 
 def nominal_radius(cfg: ExperimentConfig) -> float:
