@@ -419,3 +419,30 @@ def test_norm_groups_give_each_group_its_own_radius():
     assert moved["a"] == pytest.approx(0.05, rel=1e-9) and moved["b"] == pytest.approx(0.05, rel=1e-9)
     one = SAM(tiny_mlp(), torch.optim.SGD, rho=0.05, lr=0.0)
     assert float(one.step(ce(one.model), batch=(x, y)).perturbation_norm) == pytest.approx(0.05, rel=1e-9)
+
+
+def test_missing_model_warns_only_when_batch_norm_runs():
+    import warnings
+
+    from torch import nn
+
+    x, y = data(8)
+    plain = tiny_mlp()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no batch norm: nothing to warn about
+        OTMDR(plain.parameters(), torch.optim.SGD, lr=0.1).step(ce(plain), batch=(x, y))
+    with_bn = tiny_mlp(batch_norm=True)
+    opt = OTMDR(with_bn.parameters(), torch.optim.SGD, lr=0.1)
+    with pytest.warns(UserWarning, match="without model=.*batch norm"):
+        opt.step(ce(with_bn), batch=(x, y))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once
+        opt.step(ce(with_bn), batch=(x, y))
+    assert isinstance(with_bn, nn.Module)
+
+
+def test_a_misspelt_option_names_the_right_one():
+    with pytest.raises(TypeError, match="unknown option normalise=.*did you mean normalize="):
+        OTMDR(tiny_mlp().parameters(), torch.optim.SGD, lr=0.1, normalise="merged")
+    with pytest.raises(TypeError, match="did you mean momentum="):
+        OTMDR(tiny_mlp().parameters(), torch.optim.SGD, lr=0.1, momentun=0.9)

@@ -141,6 +141,7 @@ class OTMDR(Optimizer):
         self._building = True
         super().__init__(params, dict(GROUP_DEFAULTS))
         if not isinstance(base_optimizer, Optimizer):
+            _check_base_kwargs(type(self).__name__, base_optimizer, base_kwargs)
             base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         self.base_optimizer = base_optimizer
         self.param_groups = base_optimizer.param_groups
@@ -479,12 +480,9 @@ class OTMDR(Optimizer):
         cfg = self.config
         model = self.model if model is None else model
         bn = self._batchnorm(model)
+        watch = None
         if model is None and cfg.bn_policy != "all" and not self._warned_no_model:
-            warnings.warn(
-                f"no model was given to {type(self).__name__}: bn_policy={cfg.bn_policy!r} cannot be "
-                "applied and batch-norm statistics (if any) update in every pass; pass model=...",
-                stacklevel=2,
-            )
+            watch = _BatchNormWatch()  # the first step only: does the loss run batch norm we cannot reach?
             self._warned_no_model = True
         n = None if batch is None else batch_size(batch)
         bounds = None if n is None else self._ascent_bounds(n)
@@ -505,6 +503,8 @@ class OTMDR(Optimizer):
         first_loss = first_outputs = None
         final_losses = []
         try:
+            if watch is not None:
+                watch.start()
             if self.steps % cfg.ascent_interval != 0:  # a plain base-optimizer step
                 first_loss, first_outputs = run(batch, sync=True, update_bn=cfg.bn_policy != "none")
                 final_losses.append(first_loss)
@@ -531,11 +531,18 @@ class OTMDR(Optimizer):
                         self.next_particle()
             self.descend(scaler, loss=torch.stack(final_losses).sum())
         except BaseException:
+            if watch is not None:
+                watch.stop()
             self.restore()
             self._reset_step_state()
             if start is not None:
                 bn.load(start)
             raise
+        if watch is not None and watch.stop():
+            warnings.warn(
+                f"{type(self).__name__} was built without model=... but the loss runs batch norm in training "
+                f"mode: bn_policy={cfg.bn_policy!r} cannot be applied and its running statistics update in every "
+                "pass; pass model=your_model", stacklevel=2)
         if scaler is not None and start is not None:
             bn.load_where(self.skipped, start)  # a skipped step leaves the statistics as they were
         self.last_step = StepResult(
@@ -560,6 +567,52 @@ class OTMDR(Optimizer):
         cfg = self.config
         ascent = float(cfg.steps) if closure_form else sum(cfg.split)
         return (cfg.particles * (1.0 + ascent) + cfg.ascent_interval - 1) / cfg.ascent_interval
+
+
+def _check_base_kwargs(name: str, base: Callable[..., Optimizer], kwargs: dict[str, Any]) -> None:
+    """An option neither we nor the base optimizer take (a typo such as ``normalise=``) is named,
+    with the closest real option, instead of surfacing as a TypeError from ``SGD.__init__``."""
+    import difflib
+    import inspect
+
+    try:
+        parameters = inspect.signature(base).parameters
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    ours = [p for p in inspect.signature(OTMDR.__init__).parameters if p not in ("self", "params", "base_kwargs")]
+    known = ours + [p for p in parameters if p not in ("self", "params")]
+    for key in kwargs:
+        if key not in parameters:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean {close[0]}=?" if close else f"; {name} options: {', '.join(ours)}"
+            raise TypeError(f"{name}: unknown option {key}= (neither {name} nor "
+                            f"{getattr(base, '__name__', base)} takes it){hint}")
+
+
+class _BatchNormWatch:
+    """A global forward hook, for one step: records whether any batch-norm layer that tracks
+    running statistics ran in training mode (the only case where a missing ``model`` matters)."""
+
+    def __init__(self) -> None:
+        self.seen = False
+        self._handle = None
+
+    def start(self) -> None:
+        from torch.nn.modules.batchnorm import _BatchNorm
+
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if isinstance(module, _BatchNorm) and module.training and module.track_running_stats:
+                self.seen = True
+
+        self._handle = torch.nn.modules.module.register_module_forward_hook(hook)
+
+    def stop(self) -> bool:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        return self.seen
 
 
 def _split_output(out: Any) -> tuple[Tensor, Any]:
