@@ -218,3 +218,53 @@ def test_weight_decay_enters_the_ascent_only_when_asked():
     for got, want in zip(results[True], expected):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     assert any(not torch.allclose(a, b) for a, b in zip(results[False], results[True]))
+
+
+def test_first_and_second_step_follow_davda54_semantics():
+    """The API most SAM code uses (davda54/sam, also pytorch-optimizer's SAM): backward,
+    first_step, backward at the neighbour, second_step; checked against pytorch-optimizer."""
+    pytorch_optimizer = pytest.importorskip("pytorch_optimizer")
+    ours, theirs = tiny_mlp(dtype=torch.float32), tiny_mlp(dtype=torch.float32)
+    opt = SAM(ours.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    ref = pytorch_optimizer.SAM(theirs.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    for step in range(4):
+        x, y = data(16, seed=step, dtype=torch.float32)
+        for model, optimizer in ((ours, opt), (theirs, ref)):
+            F.cross_entropy(model(x), y).backward()
+            optimizer.first_step(zero_grad=True)
+            F.cross_entropy(model(x), y).backward()
+            optimizer.second_step(zero_grad=True)
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert all(p.grad is None or not p.grad.any() for p in ours.parameters())
+
+
+def test_first_step_without_zero_grad_keeps_the_ascent_gradient_like_davda54():
+    model = tiny_mlp()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    x, y = data(16)
+    F.cross_entropy(model(x), y).backward()
+    before = [p.grad.clone() for p in model.parameters()]
+    opt.first_step(zero_grad=False)
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), before))
+
+
+def test_a_backward_before_step_closure_is_reported():
+    model = tiny_mlp()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    x, y = data(16)
+
+    def closure():
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step(closure)  # the closure pattern alone: fine
+        opt.step(closure)  # the final gradient our own step left behind does not count
+    closure()  # the davda54 pattern: backward, then step(closure)
+    with pytest.warns(UserWarning, match="found gradients computed before the call"):
+        opt.step(closure)

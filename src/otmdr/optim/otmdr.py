@@ -484,6 +484,12 @@ class OTMDR(Optimizer):
         if model is None and cfg.bn_policy != "all" and not self._warned_no_model:
             watch = _BatchNormWatch()  # the first step only: does the loss run batch norm we cannot reach?
             self._warned_no_model = True
+        if batch is None and self._fresh_gradients():
+            warnings.warn(
+                "step(closure) found gradients computed before the call (loss.backward(); opt.step(closure), "
+                "the davda54/sam pattern): they are discarded, since the closure recomputes every pass, so this "
+                "step costs one extra forward/backward. Drop the backward before step(closure), or use "
+                "first_step()/second_step() as with davda54/sam", stacklevel=2)
         n = None if batch is None else batch_size(batch)
         bounds = None if n is None else self._ascent_bounds(n)
         start = bn.save() if bn and (scaler is not None or cfg.check_finite) else None
@@ -545,6 +551,8 @@ class OTMDR(Optimizer):
                 "pass; pass model=your_model", stacklevel=2)
         if scaler is not None and start is not None:
             bn.load_where(self.skipped, start)  # a skipped step leaves the statistics as they were
+        if batch is None:  # the closure form: remember which gradients our own passes left behind
+            self._grad_versions = self._gradient_versions()
         self.last_step = StepResult(
             loss=first_loss,
             perturbed_loss=torch.stack(final_losses).mean(),
@@ -552,6 +560,42 @@ class OTMDR(Optimizer):
             outputs=first_outputs,
         )
         return self.last_step if batch is not None else first_loss
+
+    def _gradient_versions(self) -> dict[Tensor, int]:
+        return {p: p.grad._version for g in self.param_groups for p in g["params"] if p.grad is not None}
+
+    def _fresh_gradients(self) -> bool:
+        """Whether some ``.grad`` was written since the last step (a backward the user ran before
+        ``step(closure)``); the final gradient our own step leaves behind does not count."""
+        previous = getattr(self, "_grad_versions", {})
+        for p, version in self._gradient_versions().items():
+            if previous.get(p) != version and bool(p.grad.any()):
+                return True
+        return False
+
+    # ------------------------------------------------------------------ davda54/sam-style API
+    def first_step(self, zero_grad: bool = False) -> Tensor:
+        """davda54/sam's ``first_step``: move to the neighbour along the gradient now in ``.grad``
+        (``loss.backward()`` first). For OT-MDR, each call is the next ascent step: call it once
+        per entry of ``rho`` (with a backward on that step's part of the batch before each).
+        ``zero_grad=False`` leaves the ascent gradient in ``.grad`` as davda54 does (the next
+        backward then adds to it); ``True`` clears it. Returns the norm used."""
+        kept = None if zero_grad else [p.grad.detach().clone() for p in self._params_with_grad()]
+        params = self._params_with_grad()
+        norm = self.perturb()  # consumes (zeroes) the gradients
+        if kept is not None:
+            with torch.no_grad():
+                for p, g in zip(params, kept):
+                    p.grad.copy_(g)
+        return norm
+
+    def second_step(self, zero_grad: bool = False) -> None:
+        """davda54/sam's ``second_step``: back to the centre, base-optimizer step with the gradient
+        now in ``.grad`` (taken at the neighbour); ``zero_grad=True`` clears it afterwards."""
+        self.descend()
+        if zero_grad:
+            self._zero_grads()
+        self._grad_versions = self._gradient_versions()
 
     def _ascent_bounds(self, n: int) -> list[tuple[int, int]]:
         """The part of the batch each ascent step uses. A batch too small to give every step a
