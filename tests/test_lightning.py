@@ -73,3 +73,31 @@ def test_manual_optimization_with_the_primitives_equals_the_one_call_step():
         opt.step(lambda b: F.cross_entropy(reference(b[0]), b[1]), batch=(x, y))
     for p, q in zip(module.net.parameters(), reference.parameters()):
         torch.testing.assert_close(p, q)
+
+
+class Logging(Automatic):
+    """Logs the clean loss once per optimizer step, as the README says."""
+
+    def __init__(self):
+        super().__init__()
+        self.logged = []
+
+    def training_step(self, batch, _):
+        loss = super().training_step(batch, _)
+        if self.optimizers().optimizer.first_pass:
+            self.logged.append(float(loss))
+        return loss
+
+
+def test_the_clean_loss_can_be_logged_once_per_step():
+    module = Logging()
+    _fit(module)
+    assert module.calls == 12 and len(module.logged) == 4
+
+
+def test_lightning_gradient_accumulation_is_reported_not_silently_dropped():
+    module = Automatic()
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, accumulate_grad_batches=2)
+    with pytest.warns(UserWarning, match="accumulate_grad_batches"):
+        trainer.fit(module, _loader())

@@ -268,3 +268,37 @@ def test_a_backward_before_step_closure_is_reported():
     closure()  # the davda54 pattern: backward, then step(closure)
     with pytest.warns(UserWarning, match="found gradients computed before the call"):
         opt.step(closure)
+
+
+@pytest.mark.parametrize("make", [
+    lambda m: SAM(m, torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9),
+    lambda m: OTMDR(m, torch.optim.SGD, rho=(0.05, 0.1), lr=0.1, momentum=0.9),
+    lambda m: OTMDR(m, torch.optim.SGD, rho=(0.05, 0.1), particles=2, seed=3, lr=0.1),
+])
+@pytest.mark.parametrize("n, k", [(16, 2), (15, 2), (16, 3)])
+def test_micro_batches_accumulate_to_one_step_on_their_union(make, n, k):
+    whole, accumulated = tiny_mlp(), tiny_mlp()
+    a, b = make(whole), make(accumulated)
+    for step in range(3):
+        x, y = data(n, seed=step)
+        ra = a.step(ce(whole), batch=(x, y))
+        rb = b.step(ce(accumulated), batch=(x, y), micro_batches=k)
+        torch.testing.assert_close(ra.loss, rb.loss)
+    for p, q in zip(whole.parameters(), accumulated.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+def test_micro_batches_keep_the_extra_outputs_and_refuse_bad_values():
+    model = tiny_mlp()
+    opt = OTMDR(model, torch.optim.SGD, lr=0.1)
+    x, y = data(16)
+
+    def loss_fn(b):
+        logits = model(b[0])
+        return F.cross_entropy(logits, b[1]), logits
+
+    assert opt.step(loss_fn, batch=(x, y), micro_batches=4).outputs.shape == (8, 4)  # the first half, whole
+    with pytest.raises(ValueError, match="micro_batches must be an integer"):
+        opt.step(loss_fn, batch=(x, y), micro_batches=0)
+    with pytest.raises(ValueError, match="one-call form"):
+        opt.step(lambda: loss_fn((x, y))[0], micro_batches=2)

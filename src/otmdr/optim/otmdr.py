@@ -155,6 +155,7 @@ class OTMDR(Optimizer):
         self._scratch: dict[str, dict[Tensor, Tensor]] = {}
         self._bn_cache: tuple[nn.Module | None, BatchNormState] | None = None
         self._warned_no_model = False
+        self.first_pass = False  #: True while step() runs its first (clean) pass: log the loss only then
         self.last_step: StepResult | None = None
         self.skipped: Tensor | None = None  # with a GradScaler: whether the last step was skipped
         self._last_distance = torch.zeros(())
@@ -459,8 +460,15 @@ class OTMDR(Optimizer):
         *,
         scaler: torch.amp.GradScaler | None = None,
         model: nn.Module | None = None,
+        micro_batches: int = 1,
     ) -> StepResult | Tensor:
         """One full training step; gradients are zeroed first, no ``zero_grad()`` call needed.
+
+        ``micro_batches=k`` (gradient accumulation) runs every pass on its part of the batch in k
+        chunks, each loss weighted by its share, and accumulates the gradients: the ascent
+        gradients and the final one separately, so the step equals one on the whole batch (for a
+        mean loss and no batch norm) with a k-th of the activation memory. During the first pass
+        of a step :attr:`first_pass` is True (log the clean loss only then).
 
         With ``batch``: ``closure`` is a loss function ``loss_fn(part) -> loss`` (or a tuple whose
         first item is the loss) and ``batch`` a tensor or (nested) tuple/list/dict of tensors,
@@ -486,25 +494,45 @@ class OTMDR(Optimizer):
             self._warned_no_model = True
         if batch is None and self._fresh_gradients():
             warnings.warn(
-                "step(closure) found gradients computed before the call (loss.backward(); opt.step(closure), "
-                "the davda54/sam pattern): they are discarded, since the closure recomputes every pass, so this "
-                "step costs one extra forward/backward. Drop the backward before step(closure), or use "
-                "first_step()/second_step() as with davda54/sam", stacklevel=2)
+                "step(closure) found gradients computed before the call: they are discarded, since the closure "
+                "recomputes every pass. After loss.backward(); opt.step(closure) (the davda54/sam pattern) this "
+                "costs one extra pass: drop that backward or use first_step()/second_step(). With Lightning's "
+                "accumulate_grad_batches > 1 the earlier micro-batches are lost: use accumulate_grad_batches=1 "
+                "and opt.step(loss_fn, batch=..., micro_batches=k) in manual optimization", stacklevel=2)
         n = None if batch is None else batch_size(batch)
         bounds = None if n is None else self._ascent_bounds(n)
         start = bn.save() if bn and (scaler is not None or cfg.check_finite) else None
         self._zero_grads()
         self._reset_step_state()
 
+        if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1:
+            raise ValueError(f"micro_batches must be an integer >= 1, got {micro_batches!r}")
+        if micro_batches > 1 and batch is None:
+            raise ValueError("micro_batches needs the one-call form step(loss_fn, batch=...): a closure computes "
+                             "its own batch")
+        passes = [0]
+
         def run(part: Any, *, sync: bool, update_bn: bool) -> tuple[Tensor, Any]:
             no_sync = getattr(model, "no_sync", None)
             ctx = no_sync() if (not sync and no_sync is not None) else contextlib.nullcontext()
+            self.first_pass = passes[0] == 0
+            passes[0] += 1
             with ctx, bn.frozen(not update_bn), torch.enable_grad():
                 if batch is None:
                     return _split_output(closure())[0].detach(), None
-                loss, extra = _split_output(closure(part))
-                (scaler.scale(loss) if scaler is not None else loss).backward()
-                return loss.detach(), extra
+                size = batch_size(part)
+                if micro_batches == 1 or size < 2:
+                    loss, extra = _split_output(closure(part))
+                    (scaler.scale(loss) if scaler is not None else loss).backward()
+                    return loss.detach(), extra
+                total, extras = None, []
+                for lo, hi in _chunks(size, micro_batches):
+                    loss, extra = _split_output(closure(take(part, slice(lo, hi))))
+                    weighted = loss * ((hi - lo) / size)  # the mean over the part, accumulated
+                    (scaler.scale(weighted) if scaler is not None else weighted).backward()
+                    total = weighted.detach() if total is None else total + weighted.detach()
+                    extras.append(extra)
+                return total, _concatenate(extras)
 
         first_loss = first_outputs = None
         final_losses = []
@@ -551,6 +579,7 @@ class OTMDR(Optimizer):
                 "pass; pass model=your_model", stacklevel=2)
         if scaler is not None and start is not None:
             bn.load_where(self.skipped, start)  # a skipped step leaves the statistics as they were
+        self.first_pass = False
         if batch is None:  # the closure form: remember which gradients our own passes left behind
             self._grad_versions = self._gradient_versions()
         self.last_step = StepResult(
@@ -657,6 +686,24 @@ class _BatchNormWatch:
             self._handle.remove()
             self._handle = None
         return self.seen
+
+
+def _chunks(n: int, k: int) -> list[tuple[int, int]]:
+    """``min(k, n)`` consecutive non-empty ranges covering ``range(n)``, sizes differing by at most 1."""
+    k = min(k, n)
+    bounds = [round(i * n / k) for i in range(k + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _concatenate(extras: list[Any]) -> Any:
+    """The loss function's extra outputs of every micro-batch, joined along dimension 0 where
+    they are tensors (e.g. logits); otherwise the list of them."""
+    first = extras[0]
+    if isinstance(first, Tensor):
+        return torch.cat(extras)
+    if isinstance(first, tuple) and all(isinstance(e, Tensor) for e in first):
+        return type(first)(torch.cat(parts) for parts in zip(*extras))
+    return extras
 
 
 def _split_output(out: Any) -> tuple[Tensor, Any]:
