@@ -244,6 +244,14 @@ def test_label_noise_touches_the_training_split_only():
     assert torch.equal(both.test.labels, clean.test.labels)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_training_split_gets_the_requested_noise_rate_for_every_seed(seed):
+    """The noise stream must not coincide with the validation split's: with both seeded by 0, the
+    validation split once took the first noisy labels and the training split got 29% instead of 40%."""
+    data = build_data(load_config(DEMO, [f"train.seed={seed}", "data.label_noise=0.4"]), torch.device("cpu"))
+    assert abs(data.label_noise["train_noisy_fraction"] - 0.4) < 0.04
+
+
 def test_label_noise_does_not_depend_on_the_model_seed():
     """An image's noisy label is the same whichever seed splits the data."""
     def noisy_by_image(seed):

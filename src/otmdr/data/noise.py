@@ -8,6 +8,8 @@ noisy labels on the images they share.
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
 __all__ = ["NOISE_KINDS", "noisy_labels"]
@@ -27,7 +29,11 @@ def noisy_labels(labels: torch.Tensor, rate: float, kind: str, num_classes: int,
         raise ValueError(f"label noise needs at least 2 classes, got {num_classes}")
     n = int(labels.shape[0])
     count = int(round(rate * n))
-    generator = torch.Generator().manual_seed(int(seed))
+    # a stream of its own: seeded with ``seed`` itself, the permutation would be the one that
+    # train_val_split draws for train.seed == seed, and the validation split would take exactly
+    # the first noisy labels (then restored clean), leaving the training split less noisy
+    digest = hashlib.blake2b(f"label-noise,{int(seed)}".encode(), digest_size=8).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
     chosen = torch.randperm(n, generator=generator)[:count]
     out = labels.clone()
     true = labels[chosen].cpu()
