@@ -25,6 +25,7 @@ import re
 import shutil
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -38,7 +39,7 @@ import yaml
 from .._lock import folder_lock
 from ..config import ConfigError, ExperimentConfig, config_from_dict, config_to_dict, load_config
 from .grid import GridPoint
-from .loop import RunDirError, TrainingError, prepare_run_dir, train
+from .loop import Preempted, RunDirError, TrainingError, prepare_run_dir, train
 
 __all__ = ["Run", "Study", "plan", "run_study", "select_points", "SELECT_METRICS"]
 
@@ -187,18 +188,36 @@ def _train_one(config: dict[str, Any], run_dir: str, resume: bool, threads: int 
         except TrainingError as error:
             log(f"stopped: {error}")
             return None, str(error)
+        except Preempted as error:
+            log(str(error))
+            if _PARENT is not None and os.getppid() != _PARENT:  # the study is gone: so is this worker
+                os._exit(143)
+            raise
+
+
+_PARENT: int | None = None  # in a worker: the study's process
 
 
 def _worker_init(parent: int) -> None:
-    """Workers must not outlive the study: on Linux the kernel sends them SIGTERM when the parent
-    dies (a killed study would otherwise leave them training into folders a restart reuses)."""
+    """Workers must not outlive the study (they would go on training into folders a restart
+    reuses). When the parent dies the worker gets SIGTERM: from the kernel on Linux
+    (PR_SET_PDEATHSIG, which fires when the parent's *thread* ends) and, everywhere, from a
+    watchdog thread that polls the parent; training then checkpoints at the next step boundary
+    and the worker exits."""
+    global _PARENT
+    _PARENT = parent
     if sys.platform.startswith("linux"):
         try:
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
         except OSError:
             pass
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(1)
+
+    def watchdog() -> None:
+        while os.getppid() == parent:
+            time.sleep(2.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watchdog, daemon=True, name="otmdr-parent-watchdog").start()
 
 
 def execute(runs: list[Run], *, jobs: int = 1, log: Callable[[str], None] = print) -> None:
