@@ -14,6 +14,6 @@ for regime in clean noisy40; do
   noise=(); [ "$regime" = noisy40 ] && noise=(--set data.label_noise=0.4)
   out="runs/evidence/cifar10-resnet20-$regime"
   "$OTMDR" compare --config configs/cifar10-resnet20-study.yaml --data-dir "$DATA" --methods sgd,sam,otmdr \
-    --seeds 3 "${GRID[@]}" --search-set train.epochs=10 "${noise[@]}" --jobs "$JOBS" --resume --out "$out"
+    --seeds 3 "${GRID[@]}" --search-set train.epochs=10 "${noise[@]}" --reference sgd,sam --jobs "$JOBS" --resume --out "$out"
   .venv/bin/python benchmarks/evidence/matched_radius.py "$out" --jobs "$JOBS" --otmdr "$OTMDR"
 done

@@ -374,6 +374,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     report = write_compare_report(out, summaries, command=command, config_text=config_text,
                                   threads=base.train.threads, references=references, search=search,
                                   select=study.select, wall_seconds=result["seconds"],
+                                  train_seconds=result["train_seconds"], runs=result["runs"],
                                   bn_policy="each method's own (per-method)" if args.bn_policy == "per-method"
                                   else f"{args.bn_policy} for every method (--bn-policy)")
     (out / "summaries.json").write_text(json.dumps(summaries, indent=1))

@@ -71,7 +71,8 @@ def edge_notes(points: list[dict[str, Any]]) -> list[str]:
 def write_compare_report(out_dir: Path, summaries: dict[str, list[dict[str, Any]]], *, command: str,
                          config_text: str, threads: int | None = None, references: list[str] | None = None,
                          search: list[dict[str, Any]] | None = None, select: str = "val_accuracy",
-                         wall_seconds: float | None = None, bn_policy: str | None = None) -> Path:
+                         wall_seconds: float | None = None, bn_policy: str | None = None,
+                         train_seconds: float | None = None, runs: int | None = None) -> Path:
     figures = out_dir / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     references = references or [next(iter(summaries))]
@@ -87,7 +88,9 @@ def write_compare_report(out_dir: Path, summaries: dict[str, list[dict[str, Any]
         f"Date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}; torch {torch.__version__}, "
         f"Python {platform.python_version()}, {platform.machine()} "
         f"({threads or torch.get_num_threads()} torch thread(s) per run); "
-        f"{first['epochs']} epochs per run" + (f"; wall time {wall_seconds / 60:.1f} min" if wall_seconds else "")
+        f"{first['epochs']} epochs per run"
+        + (f"; {runs} runs, {train_seconds / 60:.0f} min of training summed over them" if train_seconds else "")
+        + (f"; this invocation took {wall_seconds / 60:.1f} min" if wall_seconds else "")
         + "." + (f" Batch-norm statistics: {bn_policy}." if bn_policy else ""),
     ]
     noise = first.get("label_noise")
