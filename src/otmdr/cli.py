@@ -153,19 +153,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg, model, data = _load_trained(args)
     result = {"path": str(args.path), **evaluate_model(cfg, model, data, n_bins=args.ece_bins,
                                                        temperature_scaling=not args.no_temperature_scaling)}
-    print(f"{args.path}: {cfg.data.name} test split, model {cfg.model.name}")
+    split = (f"a fixed random subset of {len(data.test.labels)} test images (--test-limit)" if cfg.data.test_limit
+             else f"the test split ({len(data.test.labels)} images)")
+    print(f"{args.path}: {cfg.data.name}, {split}, model {cfg.model.name}")
     scaled = result.get("test_temperature_scaled", {})
+    percent = {"accuracy", "ece"}  # one convention everywhere: accuracy and ECE in percent
+
+    def shown(key: str, value: float) -> str:
+        return f"{100 * value:.2f}%" if key in percent else f"{value:.4f}"
+
     for key, value in result["test"].items():
         after = scaled.get(key) if key != "accuracy" else None
-        extra = f"   (temperature-scaled: {after:.6g})" if isinstance(after, float) else ""
-        print(f"  {key:10s} {value:.6g}{extra}" if isinstance(value, float) else f"  {key:10s} {value}")
+        extra = f"   (temperature-scaled: {shown(key, after)})" if isinstance(after, float) else ""
+        print(f"  {key:10s} {shown(key, value)}{extra}" if isinstance(value, float) else f"  {key:10s} {value}")
     if scaled:
         print(f"  temperature {scaled['temperature']:.4f} (fitted on the validation split)")
     for key, value in result.get("diversity", {}).items():
         shown = ", ".join(f"{v:.4f}" for v in value) if isinstance(value, list) else f"{value:.6g}"
         print(f"  {key:24s} {shown}")
     if args.attack:
-        result["attack"] = _robustness(args, cfg, model, data)
+        result["attack"] = _robustness(args, cfg, model, data, clean=result["test"]["accuracy"])
     if args.corruptions:
         result["corruptions"] = _corruption_robustness(args, cfg, model, data)
     if args.json:
@@ -174,10 +181,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _robustness(args: argparse.Namespace, cfg, model, data) -> dict[str, Any]:
+def _robustness(args: argparse.Namespace, cfg, model, data, *, clean: float | None = None) -> dict[str, Any]:
     """Robust test accuracy per epsilon under FGSM or PGD, printed and plotted."""
     from .eval.attacks import Normalized, fgsm, pgd, robust_accuracy
     from .models.bayes import is_bayesian
+    from .report.tables import format_epsilon
 
     from .config import _parse_number
 
@@ -203,12 +211,13 @@ def _robustness(args: argparse.Namespace, cfg, model, data) -> dict[str, Any]:
             attack = lambda m, x, y, e=eps: pgd(m, x, y, e, norm=args.norm, steps=args.steps,  # noqa: E731
                                                 eot_samples=args.eot)
         curve[eps] = robust_accuracy(attacked, batches, attack, samples=samples)
-        print(f"  {args.attack} {args.norm if args.attack == 'pgd' else 'linf'} eps {eps:.5g}: "
+        print(f"  {args.attack} {args.norm if args.attack == 'pgd' else 'linf'} eps {format_epsilon(eps)}: "
               f"robust accuracy {100 * curve[eps]:.2f}%")
     if args.plot:
         from .report.plots import plot_robust_accuracy
 
-        plot_robust_accuracy({cfg.model.name: curve}, args.plot, title=f"{args.attack.upper()} on {cfg.model.name}")
+        shown = ({0.0: clean} if clean is not None else {}) | curve  # the clean accuracy at epsilon 0
+        plot_robust_accuracy({cfg.model.name: shown}, args.plot, title=f"{args.attack.upper()} on {cfg.model.name}")
         print(f"plot: {args.plot}")
     result = {"method": args.attack, "norm": "linf" if args.attack == "fgsm" else args.norm, "steps": args.steps,
               "eot_samples": args.eot, "robust_accuracy": {str(k): v for k, v in curve.items()}}
@@ -227,7 +236,9 @@ def _autoattack(args: argparse.Namespace, attacked, batches, eps: float, bayesia
     except ValueError as error:  # e.g. too few classes for the targeted attacks
         raise _UsageError(f"--attack autoattack: {error}") from None
     stages = ", ".join(f"{name} {100 * acc:.2f}%" for name, acc in result["stages"].items())
-    print(f"  autoattack ({version}) {args.norm} eps {eps:.5g}: robust accuracy {100 * result['robust_accuracy']:.2f}%"
+    from .report.tables import format_epsilon
+
+    print(f"  autoattack ({version}) {args.norm} eps {format_epsilon(eps)}: robust accuracy {100 * result['robust_accuracy']:.2f}%"
           f"  (clean {100 * result['clean_accuracy']:.2f}%; after {stages})")
     return result["robust_accuracy"], result
 

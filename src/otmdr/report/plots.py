@@ -11,6 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from .tables import format_epsilon  # noqa: E402
+
 __all__ = ["plot_learning_curves", "plot_test_accuracy", "plot_reliability", "plot_corruption_heatmaps",
            "plot_robust_accuracy", "plot_search"]
 
@@ -25,7 +27,8 @@ def _mean_curve(runs: list[dict[str, Any]], key: str) -> tuple[np.ndarray, np.nd
 
 
 def plot_learning_curves(summaries: dict[str, list[dict[str, Any]]], path: Path) -> Path:
-    keys = [("train_loss", "train loss"), ("val_accuracy", "validation accuracy"), ("val_nll", "validation NLL")]
+    keys = [("train_loss", "train loss"), ("val_accuracy", "validation accuracy"), ("val_nll", "validation NLL"),
+            ("perturbation_norm", "measured radius ‖θ~−θ‖")]
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4))
     for ax, (key, title) in zip(axes, keys):
         for method, runs in summaries.items():
@@ -39,7 +42,8 @@ def plot_learning_curves(summaries: dict[str, list[dict[str, Any]]], path: Path)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     axes[0].legend()
-    fig.suptitle("mean ± std over seeds")
+    seeds = {len(runs) for runs in summaries.values()}
+    fig.suptitle("one seed" if seeds == {1} else "mean ± std over seeds (band)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -47,16 +51,27 @@ def plot_learning_curves(summaries: dict[str, list[dict[str, Any]]], path: Path)
 
 
 def plot_test_accuracy(summaries: dict[str, list[dict[str, Any]]], path: Path) -> Path:
+    """Each seed as a dot and the mean with its 95% t interval: no bars, whose truncated axis
+    would make a 0.3-point difference look large; the axis spans at least 10 points."""
+    from scipy import stats
+
     fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(summaries), 3.4))
     for i, (method, runs) in enumerate(summaries.items()):
         values = np.array([100 * r["test"]["accuracy"] for r in runs])
-        ax.bar(i, values.mean(), yerr=values.std(), alpha=0.35, capsize=4)
-        ax.scatter(np.full(len(values), i), values, color="black", s=14, zorder=3)
+        half = (stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
+                if len(values) > 1 else 0.0)
+        ax.errorbar(i, values.mean(), yerr=half, fmt="s", markersize=7, capsize=6, zorder=2)
+        ax.scatter(np.full(len(values), i) + 0.12, values, color="black", s=12, zorder=3)
     ax.set_xticks(range(len(summaries)), list(summaries))
+    ax.set_xlim(-0.6, len(summaries) - 0.4)
     ax.set_ylabel("test accuracy (%)")
     low = min(100 * r["test"]["accuracy"] for runs in summaries.values() for r in runs)
     high = max(100 * r["test"]["accuracy"] for runs in summaries.values() for r in runs)
-    ax.set_ylim(max(0.0, low - 2 * max(0.5, high - low)), min(100.0, high + max(0.5, high - low)))
+    span = max(10.0, 1.3 * (high - low))
+    middle = (low + high) / 2
+    bottom = max(0.0, min(middle - span / 2, 100.0 - span))
+    ax.set_ylim(bottom, min(100.0, bottom + span))
+    ax.set_title("mean with 95% t interval; dots: seeds", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -84,7 +99,9 @@ def plot_reliability(summaries: dict[str, list[dict[str, Any]]], path: Path) -> 
         ax.plot([0, 1], [0, 1], "k--", linewidth=1)
         ax.scatter(conf[used], acc[used], s=10, color="red", zorder=3, label="(confidence, accuracy)")
         ece = float(np.sum(np.abs(conf - acc) * count) / count.sum())
-        ax.set_title(f"{method}: pooled ECE {100 * ece:.2f}% ({len(edges) - 1} bins)", fontsize=10)
+        pooled = "pooled over seeds, " if len(runs) > 1 else ""
+        ax.set_title(f"{method}: ECE {100 * ece:.2f}%\n({pooled}{len(edges) - 1} bins; the table: mean of per-seed ECEs)"
+                     if len(runs) > 1 else f"{method}: ECE {100 * ece:.2f}% ({len(edges) - 1} bins)", fontsize=8)
         ax.set_xlabel("confidence")
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
@@ -116,12 +133,12 @@ def plot_corruption_heatmaps(results: dict[str, dict[str, Any]], path: Path, *, 
                           aspect="auto")
         for i in range(grid.shape[0]):
             for j in range(grid.shape[1]):
-                ax.text(j, i, f"{grid[i, j]:.0f}", ha="center", va="center", fontsize=6,
+                ax.text(j, i, f"{grid[i, j]:.0f}", ha="center", va="center", fontsize=8,
                         color="white" if grid[i, j] < (low + high) / 2 else "black")
         ax.set_title(f"{label}\nmean {grid.mean():.1f}%", fontsize=9)
         ax.set_xticks(range(len(severities)), severities)
         ax.set_xlabel("severity")
-        ax.set_yticks(range(len(names)), names if ax is axes[0][0] else [""] * len(names), fontsize=7)
+        ax.set_yticks(range(len(names)), names if ax is axes[0][0] else [""] * len(names), fontsize=8)
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label=f"{key} (%)")
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
@@ -140,7 +157,9 @@ def plot_robust_accuracy(curves: dict[str, dict[float, float | list[float]]], pa
         if max(len(v) for v in values) > 1:
             std = np.array([v.std() for v in values])
             ax.fill_between(eps, mean - std, mean + std, alpha=0.2)
-    ax.set_xlabel("epsilon")
+    ticks = sorted({float(e) for curve in curves.values() for e in curve})
+    ax.set_xticks(ticks, [format_epsilon(e) for e in ticks])
+    ax.set_xlabel("epsilon (pixels on [0, 1]; 0: clean)")
     ax.set_ylabel("robust accuracy (%)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)

@@ -6,7 +6,16 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["aggregate", "format_table", "early_stopped", "COLUMNS"]
+__all__ = ["aggregate", "format_table", "early_stopped", "format_epsilon", "COLUMNS"]
+
+
+def format_epsilon(eps: float) -> str:
+    """An attack radius as users write it: 8/255 rather than 0.0313725 (when it is a whole
+    number of 255ths), else 3 significant digits."""
+    if eps == 0:
+        return "0"
+    k = eps * 255
+    return f"{round(k)}/255" if abs(k - round(k)) < 1e-6 else f"{eps:.3g}"
 
 #: (title, function of a run summary, digits, scale)
 COLUMNS: list[tuple[str, Any, int, float]] = [
@@ -15,7 +24,7 @@ COLUMNS: list[tuple[str, Any, int, float]] = [
     ("Brier", lambda s: s["test"]["brier"], 4, 1.0),
     ("ECE (%)", lambda s: s["test"]["ece"], 2, 100.0),
     ("ECE after TS (%)", lambda s: s.get("test_temperature_scaled", {}).get("ece"), 2, 100.0),
-    ("s / epoch", lambda s: s["seconds_per_epoch"], 2, 1.0),
+    ("s / epoch (median)", lambda s: s["seconds_per_epoch"], 2, 1.0),
     ("passes / step", lambda s: s["passes_per_step"], 1, 1.0),
     ("radius ‖θ~−θ‖", lambda s: s["perturbation_norm"], 3, 1.0),
     # ensembles only (columns with no value in any row are left out of the table)
@@ -55,7 +64,12 @@ def format_table(rows: list[dict[str, Any]], *, markdown: bool) -> str:
         line = [row["method"], str(row["seeds"])]
         for title, _, _, _ in columns:
             value = row[title]
-            line.append("n/a" if value is None else f"{value[0]:.{digits[title]}f} ± {value[1]:.{digits[title]}f}")
+            if value is None:
+                line.append("n/a")
+            elif row["seeds"] == 1:  # one seed: no spread to show
+                line.append(f"{value[0]:.{digits[title]}f}")
+            else:
+                line.append(f"{value[0]:.{digits[title]}f} ± {value[1]:.{digits[title]}f}")
         cells.append(line)
     if markdown:
         out = ["| " + " | ".join(titles) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * len(columns)) + "|"]

@@ -334,6 +334,6 @@ def _run(study: Study, search: list[Run], finals, *, jobs: int, log: Callable[[s
     for run in runs:
         summaries.setdefault(run.method, []).append(run.summary)
     unique = {run.run_dir: run for run in search + runs if run.summary is not None}
-    trained = sum(sum(row["seconds"] for row in run.summary.get("history", [])) for run in unique.values())
+    trained = sum(sum(row.get("seconds", 0.0) for row in run.summary.get("history", [])) for run in unique.values())
     return {"summaries": summaries, "chosen": chosen, "search": search, "seconds": time.perf_counter() - started,
             "train_seconds": trained, "runs": len(unique)}
