@@ -368,7 +368,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise _UsageError(f"{out} already exists and is not empty; it is never overwritten: choose another "
                           "--out, or add --resume to finish the runs it holds")
     out.mkdir(parents=True, exist_ok=True)
-    result = run_study(study, jobs=args.jobs)
+    result = run_study(study, jobs=args.jobs, echo=not args.quiet)
     summaries = result["summaries"]
     search = [{"method": r.method, "setting": r.point.label, "seed": r.seed, "score": score(r, study.select),
                "radius": r.summary["perturbation_norm"] if r.summary else None, "chosen": r.point == result["chosen"][r.method],
@@ -610,6 +610,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "release's ascent passes for OT-MDR)")
     p.add_argument("--jobs", type=int, default=1, help="independent runs trained in parallel processes, the CPU "
                                                        "threads split between them")
+    p.add_argument("--quiet", action="store_true", help="no per-epoch lines (they are in each run's train.log)")
     p.add_argument("--command-line", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_compare)
 

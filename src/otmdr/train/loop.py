@@ -174,7 +174,8 @@ def _train_epoch(model, optimizer, scheduler, scaler, loader, loss_fn, *, max_gr
             mean_loss = float(loss_sum / seen)  # the progress bar's sync, every 10 steps
             _check_finite(mean_loss, epoch, step)
             elapsed = time.perf_counter() - started
-            bar.set_postfix(loss=f"{mean_loss:.4f}", acc=f"{float(correct) / float(seen):.3f}",
+            radius = {"radius": f"{float(perturbation) / (step + 1):.3f}"} if perturbing else {}
+            bar.set_postfix(loss=f"{mean_loss:.4f}", acc=f"{float(correct) / float(seen):.3f}", **radius,
                             img_s=f"{samples / elapsed:.0f}", refresh=False)
             bar.update(step + 1 - bar.n)
     if bar is not None:

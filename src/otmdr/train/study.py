@@ -171,8 +171,10 @@ def _state(run: Run) -> str:
     return "new"
 
 
-def _train_one(config: dict[str, Any], run_dir: str, resume: bool, threads: int | None) -> tuple[dict | None, str | None]:
-    """Train one run (in this process or a worker); per-epoch lines go to ``run_dir/train.log``."""
+def _train_one(config: dict[str, Any], run_dir: str, resume: bool, threads: int | None,
+               name: str = "", echo: bool = False) -> tuple[dict | None, str | None]:
+    """Train one run (in this process or a worker); its lines go to ``run_dir/train.log`` and,
+    with ``echo``, its epoch lines to stdout prefixed by the run's name (which run is where)."""
     cfg = config_from_dict(config)
     if threads is not None:
         cfg.train.threads = threads
@@ -182,6 +184,8 @@ def _train_one(config: dict[str, Any], run_dir: str, resume: bool, threads: int 
         def log(line: str) -> None:
             log_file.write(line + "\n")
             log_file.flush()
+            if echo and line.startswith(("epoch ", "warning:")):
+                print(f"    {name}: {line}", flush=True)
 
         try:
             return train(cfg, path, resume=resume, log=log), None
@@ -220,8 +224,9 @@ def _worker_init(parent: int) -> None:
     threading.Thread(target=watchdog, daemon=True, name="otmdr-parent-watchdog").start()
 
 
-def execute(runs: list[Run], *, jobs: int = 1, log: Callable[[str], None] = print) -> None:
-    """Train every run that is not finished yet (``jobs`` at a time) and fill in its summary."""
+def execute(runs: list[Run], *, jobs: int = 1, log: Callable[[str], None] = print, echo: bool = False) -> None:
+    """Train every run that is not finished yet (``jobs`` at a time) and fill in its summary;
+    ``echo`` prints every epoch line, prefixed by its run, as it happens."""
     pending = []
     for run in runs:
         state = _state(run)
@@ -255,7 +260,7 @@ def execute(runs: list[Run], *, jobs: int = 1, log: Callable[[str], None] = prin
         for run, resume in pending:
             started = time.perf_counter()
             log(f"  training {run.name} -> {run.run_dir}" + (" (resuming)" if resume else ""))
-            result = _train_one(config_to_dict(run.config), str(run.run_dir), resume, threads)
+            result = _train_one(config_to_dict(run.config), str(run.run_dir), resume, threads, run.name, echo)
             done += 1
             finish(done, run, result, started)
         return
@@ -263,7 +268,8 @@ def execute(runs: list[Run], *, jobs: int = 1, log: Callable[[str], None] = prin
                              initargs=(os.getpid(),)) as pool:
         futures = {}
         for run, resume in pending:
-            future = pool.submit(_train_one, config_to_dict(run.config), str(run.run_dir), resume, threads)
+            future = pool.submit(_train_one, config_to_dict(run.config), str(run.run_dir), resume, threads, run.name,
+                                 echo)
             futures[future] = (run, time.perf_counter())
         log(f"  {total} run(s) in {jobs} parallel processes, {threads} thread(s) each; per-epoch logs in "
             "<run>/train.log")
@@ -309,19 +315,20 @@ def select_points(search: list[Run], methods: list[str], metric: str) -> dict[st
     return chosen
 
 
-def run_study(study: Study, *, jobs: int = 1, log: Callable[[str], None] = print) -> dict[str, Any]:
+def run_study(study: Study, *, jobs: int = 1, log: Callable[[str], None] = print, echo: bool = False) -> dict[str, Any]:
     """Search (if there is a grid), select on validation, run the finals; returns what the report needs."""
     search, finals = plan(study)
     with folder_lock(study.out, "compare"):
-        return _run(study, search, finals, jobs=jobs, log=log)
+        return _run(study, search, finals, jobs=jobs, log=log, echo=echo)
 
 
-def _run(study: Study, search: list[Run], finals, *, jobs: int, log: Callable[[str], None]) -> dict[str, Any]:
+def _run(study: Study, search: list[Run], finals, *, jobs: int, log: Callable[[str], None],
+         echo: bool) -> dict[str, Any]:
     started = time.perf_counter()
     if search:
         log(f"search: {len(search)} grid point(s) at seed {study.seeds[0]}, selected on {study.select} "
             "(validation split)")
-        execute(search, jobs=jobs, log=log)
+        execute(search, jobs=jobs, log=log, echo=echo)
         chosen = select_points(search, study.methods, study.select)
         for method, point in chosen.items():
             log(f"  chosen for {method}: {point.label}")
@@ -329,7 +336,7 @@ def _run(study: Study, search: list[Run], finals, *, jobs: int, log: Callable[[s
         chosen = {method: points[0] for method, points in study.grid.items()}
     runs = finals(chosen)
     log(f"final runs: {len(study.methods)} method(s) x {len(study.seeds)} seed(s)")
-    execute(runs, jobs=jobs, log=log)
+    execute(runs, jobs=jobs, log=log, echo=echo)
     summaries: dict[str, list[dict[str, Any]]] = {}
     for run in runs:
         summaries.setdefault(run.method, []).append(run.summary)
