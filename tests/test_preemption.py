@@ -26,6 +26,15 @@ SLOW = ["train.epochs=3", "data.train_limit=800", "data.batch_size=4", "train.th
 TIMING = {"seconds", "images_per_second"}
 
 
+def _start_training(run: Path, extra: list[str] | None = None) -> subprocess.Popen:
+    """``otmdr train`` of the SLOW config into ``run`` as a subprocess whose stdout we read."""
+    command = [sys.executable, "-m", "otmdr", "train", "--config", str(DEMO), "--out", str(run)]
+    for override in SLOW + list(extra or []):
+        command += ["--set", override]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
 def _sleep_into_training(process: subprocess.Popen, fraction: float) -> None:
     """Wait for the first epoch's line, then ``fraction`` of that epoch's duration more: a point
     inside the following epochs on a fast machine as on a loaded one."""
@@ -49,11 +58,7 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(tmp_path, fraction):
     train(load_config(DEMO, SLOW), reference, log=lambda _: None)
 
     run = tmp_path / "preempted"
-    command = [sys.executable, "-m", "otmdr", "train", "--config", str(DEMO), "--out", str(run)]
-    for override in SLOW:
-        command += ["--set", override]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    process = _start_training(run)
     _sleep_into_training(process, fraction)
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=120)
@@ -78,11 +83,7 @@ def test_one_process_per_run_folder_and_a_killed_one_leaves_no_stale_lock(tmp_pa
     from otmdr.cli import main
 
     run = tmp_path / "run"
-    command = [sys.executable, "-m", "otmdr", "train", "--config", str(DEMO), "--out", str(run)]
-    for override in SLOW + ["train.epochs=50"]:
-        command += ["--set", override]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    process = _start_training(run, ["train.epochs=50"])
     for line in process.stdout:
         if line.startswith("epoch 1/"):
             break
@@ -108,11 +109,7 @@ def test_kill_9_at_a_random_point_then_resume_equals_an_uninterrupted_run(tmp_pa
     reference = prepare_run_dir(tmp_path / "reference", resume=False)
     train(load_config(DEMO, SLOW), reference, log=lambda _: None)
     run = tmp_path / "killed"
-    command = [sys.executable, "-m", "otmdr", "train", "--config", str(DEMO), "--out", str(run)]
-    for override in SLOW:
-        command += ["--set", override]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    process = _start_training(run)
     _sleep_into_training(process, fraction)
     process.kill()
     process.wait(timeout=60)

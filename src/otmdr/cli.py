@@ -548,6 +548,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. optim.lr=0.05")
         p.add_argument("--data-dir", help="directory (or archive) holding the dataset (= --set data.dir=...)")
 
+    def trained_run_options(p: argparse.ArgumentParser) -> None:  # commands that read a trained run
+        p.add_argument("--data-dir", help="where the dataset is now, if it moved")
+        p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
+        p.add_argument("--checkpoint", choices=("last", "best"), default="last",
+                       help="for a run directory: the final model (as in summary.json) or the best on validation")
+
     p = sub("train", help="train one model")
     config_options(p)
     p.add_argument("--method", choices=("sgd", "sam", "asam", "otmdr"), help="= --set optim.method=...")
@@ -559,10 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub("eval", help="evaluate a run directory or checkpoint on the test split")
     p.add_argument("path", help="run directory or checkpoint file")
-    p.add_argument("--data-dir", help="where the dataset is now, if it moved")
-    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
-    p.add_argument("--checkpoint", choices=("last", "best"), default="last",
-                   help="for a run directory: the final model (as in summary.json) or the best on validation")
+    trained_run_options(p)
     p.add_argument("--ece-bins", type=int, default=None, help="ECE bins (default: the run's eval.ece_bins)")
     p.add_argument("--json", help="also write the metrics to this JSON file")
     p.add_argument("--no-temperature-scaling", action="store_true", help="skip fitting T on the validation split")
@@ -616,10 +619,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub("sharpness", help="Hessian and rho-ball sharpness of a trained model (eval-mode BN)")
     p.add_argument("path", help="run directory or checkpoint file")
-    p.add_argument("--data-dir", help="where the dataset is now, if it moved")
-    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
-    p.add_argument("--checkpoint", choices=("last", "best"), default="last",
-                   help="the final model or the best on validation")
+    trained_run_options(p)
     p.add_argument("--samples", type=int, default=1024, help="a fixed random subset of N training images")
     p.add_argument("--batch-size", type=int, default=256, help="images per Hessian-vector product")
     p.add_argument("--rho", type=float, default=0.05, help="radius for worst-case and average sharpness")
@@ -632,10 +632,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_a", help="run directory or checkpoint")
     p.add_argument("run_b", nargs="?", help="second run of the same architecture, for interpolation")
     p.add_argument("--out", required=True, help="folder for landscape.png, interpolation.png, landscape.json")
-    p.add_argument("--data-dir", help="where the dataset is now, if it moved")
-    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
-    p.add_argument("--checkpoint", choices=("last", "best"), default="last",
-                   help="the final model or the best on validation")
+    trained_run_options(p)
     p.add_argument("--samples", type=int, default=1024, help="a fixed random subset of N training images")
     p.add_argument("--span", type=float, default=1.0, help="alpha and beta range [-span, span]")
     p.add_argument("--points", type=int, default=21, help="grid points per axis")
