@@ -380,6 +380,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
             print(f"note: {note}")
         print()
     print(comparison_tables(summaries, references, markdown=False))
+    print(f"\nbatch-norm statistics: {args.bn_policy}" + (" for every method (--bn-policy)"
+                                                          if args.bn_policy != "per-method" else ""))
     command = "otmdr " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if args.command_line is None else args.command_line
     config_text = yaml.safe_dump(config_to_dict(base), sort_keys=False)
     report = write_compare_report(out, summaries, command=command, config_text=config_text,
@@ -403,7 +405,10 @@ def cmd_sharpness(args: argparse.Namespace) -> int:
     from .train.checkpoint import atomic_write_text
 
     _, model, data = _load_trained(args)
-    batches = _fixed_training_subset(data, args.samples, args.batch_size)
+    # passes over the subset: 2 per power iteration and per probe (a Hessian-vector product reads
+    # the batches twice), 27 for the rest (set-up, worst-case and average sharpness); measured
+    batches = _PassProgress(_fixed_training_subset(data, args.samples, args.batch_size),
+                            2 * (args.iterations + args.probes) + 27, "sharpness")
     with posterior_mean(model):  # a BNN: the network of its posterior means
         result = {
             "path": str(args.path), "samples": sum(len(y) for _, y in batches), "rho": args.rho,
@@ -414,11 +419,31 @@ def cmd_sharpness(args: argparse.Namespace) -> int:
             "worst_case_sharpness": worst_case_sharpness(model, batches, F.cross_entropy, rho=args.rho),
             "average_sharpness": average_sharpness(model, batches, F.cross_entropy, rho=args.rho),
         }
+    batches.close()
     for key, value in result.items():
         print(f"  {key:24s} {value}")
     if args.json:
         atomic_write_text(args.json, json.dumps(result, indent=2))
     return 0
+
+
+class _PassProgress(list):
+    """The batches of a fixed subset, ticking a progress bar (with an estimate of the time left)
+    each time a pass over all of them completes: sharpness and landscapes are made of such
+    passes, so the bar moves without touching the evaluation code."""
+
+    def __init__(self, batches: list, total: int, what: str):
+        super().__init__(batches)
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, desc=what, unit="pass", dynamic_ncols=True, leave=False)
+
+    def __iter__(self):
+        yield from super().__iter__()
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def _fixed_training_subset(data, samples: int, batch_size: int) -> list:
@@ -457,8 +482,10 @@ def cmd_landscape(args: argparse.Namespace) -> int:
         if mine.keys() != theirs.keys() or any(mine[k].shape != theirs[k].shape for k in mine):
             raise _UsageError(f"{args.run_a} and {args.run_b} are different architectures; interpolation needs two "
                               "runs of the same model")
-    batches = _fixed_training_subset(data, args.samples, 512)
-    n = sum(len(y) for _, y in batches)
+    batches = _PassProgress(_fixed_training_subset(data, args.samples, 512),
+                            2 * (args.points * (args.points + 1) + (args.points if args.run_b else 0)),
+                            "landscape")  # 2 iterations per loss: the losses, then the sample count
+    n = sum(len(y) for _, y in list.__iter__(batches))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     alphas = np.linspace(-args.span, args.span, args.points).tolist()
@@ -498,6 +525,7 @@ def cmd_landscape(args: argparse.Namespace) -> int:
         fig.tight_layout()
         fig.savefig(out / "interpolation.png", dpi=120)
         plt.close(fig)
+    batches.close()
     atomic_write_text(out / "landscape.json", json.dumps(result))
     print(f"written: {out / 'landscape.png'}" + (f", {out / 'interpolation.png'}" if args.run_b else ""))
     return 0
