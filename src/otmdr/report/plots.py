@@ -89,7 +89,7 @@ def _pooled_reliability(runs: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndar
 
 
 def plot_reliability(summaries: dict[str, list[dict[str, Any]]], path: Path) -> Path:
-    fig, axes = plt.subplots(1, len(summaries), figsize=(3.4 * len(summaries), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(summaries), figsize=(3.8 * len(summaries), 3.8), squeeze=False)
     for ax, (method, runs) in zip(axes[0], summaries.items()):
         edges, count, conf, acc = _pooled_reliability(runs)
         centres = (edges[:-1] + edges[1:]) / 2
@@ -99,9 +99,8 @@ def plot_reliability(summaries: dict[str, list[dict[str, Any]]], path: Path) -> 
         ax.plot([0, 1], [0, 1], "k--", linewidth=1)
         ax.scatter(conf[used], acc[used], s=10, color="red", zorder=3, label="(confidence, accuracy)")
         ece = float(np.sum(np.abs(conf - acc) * count) / count.sum())
-        pooled = "pooled over seeds, " if len(runs) > 1 else ""
-        ax.set_title(f"{method}: ECE {100 * ece:.2f}%\n({pooled}{len(edges) - 1} bins; the table: mean of per-seed ECEs)"
-                     if len(runs) > 1 else f"{method}: ECE {100 * ece:.2f}% ({len(edges) - 1} bins)", fontsize=8)
+        ax.set_title(f"{method}: pooled ECE {100 * ece:.2f}%\n({len(edges) - 1} bins; table: mean over seeds)"
+                     if len(runs) > 1 else f"{method}: ECE {100 * ece:.2f}% ({len(edges) - 1} bins)", fontsize=9)
         ax.set_xlabel("confidence")
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
