@@ -336,7 +336,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .config import METHODS, config_to_dict
     from .report import comparison_tables, edge_notes, search_table, write_compare_report
     from .train.grid import parse_grid
-    from .train.study import Study, plan, run_study, score
+    from .train.study import Study, plan, run_study
 
     regimes = ("", "joint", "per-member")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -370,9 +370,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     result = run_study(study, jobs=args.jobs, echo=not args.quiet)
     summaries = result["summaries"]
-    search = [{"method": r.method, "setting": r.point.label, "seed": r.seed, "score": score(r, study.select),
-               "radius": r.summary["perturbation_norm"] if r.summary else None, "chosen": r.point == result["chosen"][r.method],
-               "run_dir": str(r.run_dir), "error": r.error} for r in result["search"]]
+    search = result["points"]
     print()
     if search:
         print(search_table(search, study.select, markdown=False))

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["ConfigError", "ExperimentConfig", "otmdr_options", "load_config", "describe_config", "apply_overrides", "config_to_dict", "config_from_dict"]
+__all__ = ["ConfigError", "ExperimentConfig", "otmdr_options", "load_config", "describe_config", "comparable_config", "apply_overrides", "config_to_dict", "config_from_dict"]
 
 METHODS = ("sgd", "sam", "asam", "otmdr")
 
@@ -363,6 +363,17 @@ def _check_values(config: ExperimentConfig) -> None:
         PerturbationConfig(**otmdr_options(config.otmdr))
     except ValueError as error:
         raise ConfigError(f"config section otmdr: {error}") from None
+
+
+def comparable_config(data: dict[str, Any]) -> dict[str, Any]:
+    """What decides a run's result, for checking that a saved run is the run asked for: the config
+    read through the current schema (keys added since take their defaults), without the thread
+    and progress settings and without the sections of the other methods (an OT-MDR run does not
+    read ``sam.rho``)."""
+    resolved = config_to_dict(config_from_dict(data))
+    unused = {s for s in ("sam", "asam", "otmdr") if s != resolved["optim"]["method"]}
+    resolved["train"] = {k: v for k, v in resolved["train"].items() if k not in ("threads", "progress")}
+    return {section: values for section, values in resolved.items() if section not in unused}
 
 
 def describe_config(config: ExperimentConfig) -> str:

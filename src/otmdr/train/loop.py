@@ -28,7 +28,7 @@ import yaml
 from torch import Tensor, nn
 
 from .._lock import folder_lock
-from ..config import ExperimentConfig, config_from_dict, config_to_dict
+from ..config import ExperimentConfig, comparable_config, config_from_dict, config_to_dict
 from ..eval import Prediction, classification_metrics, fit_temperature, predict, reliability
 from ..models import count_parameters
 from ..optim import OTMDR
@@ -206,11 +206,7 @@ def _check_same_run(run_dir: Path, checkpoint: dict[str, Any]) -> None:
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         return
-    ours = config_to_dict(config_from_dict(yaml.safe_load(saved.read_text())))
-    ignored = ("threads", "progress")
-    strip = lambda c: {k: ({kk: vv for kk, vv in v.items() if not (k == "train" and kk in ignored)}  # noqa: E731
-                           if isinstance(v, dict) else v) for k, v in c.items()}
-    if strip(ours) != strip(config_to_dict(config_from_dict(checkpoint["config"]))):
+    if comparable_config(yaml.safe_load(saved.read_text())) != comparable_config(checkpoint["config"]):
         raise CheckpointError(f"{run_dir / 'checkpoints' / 'last.pt'} belongs to another run than {saved} describes "
                               "(a copied checkpoint?): restore this run's checkpoint or start a new run")
 

@@ -37,7 +37,7 @@ from typing import Any
 import yaml
 
 from .._lock import folder_lock
-from ..config import ConfigError, ExperimentConfig, config_from_dict, config_to_dict, load_config
+from ..config import ConfigError, ExperimentConfig, comparable_config, config_from_dict, config_to_dict, load_config
 from .grid import GridPoint
 from .loop import Preempted, RunDirError, TrainingError, prepare_run_dir, train
 
@@ -45,9 +45,6 @@ __all__ = ["Run", "Study", "plan", "run_study", "select_points", "SELECT_METRICS
 
 #: validation metrics a search may select on, and whether higher is better
 SELECT_METRICS = {"val_accuracy": True, "val_nll": False, "val_brier": False, "val_ece": False}
-#: keys that may differ between a run's saved config and a resumed study's (they do not change results
-#: beyond floating-point reduction order, or at all)
-_IGNORED_ON_RESUME = {"threads", "progress"}
 
 
 @dataclass
@@ -140,26 +137,16 @@ def plan(study: Study) -> tuple[list[Run], Callable[[dict[str, GridPoint]], list
     return search, finals
 
 
-def _comparable(config: dict[str, Any]) -> dict[str, Any]:
-    """What decides a run's result: the config without thread/progress settings and without the
-    sections of the other methods (an OT-MDR run does not read ``sam.rho``), so that a finished run
-    can be reused by another study that only sets other methods differently."""
-    method = config.get("optim", {}).get("method")
-    unused = {s for s in ("sam", "asam", "otmdr") if s != method}
-    return {section: {k: v for k, v in values.items() if not (section == "train" and k in _IGNORED_ON_RESUME)}
-            if isinstance(values, dict) else values for section, values in config.items() if section not in unused}
-
-
 def _state(run: Run) -> str:
     """'done', 'resume' or 'new'; a folder holding another config is refused; a folder killed before
     its first checkpoint (config.yaml only) is cleared, since the study created it."""
     saved = run.run_dir / "config.yaml"
     if saved.is_file():
-        try:  # through the current schema: keys added since then take their defaults
-            previous = config_to_dict(config_from_dict(yaml.safe_load(saved.read_text())))
-        except (ConfigError, yaml.YAMLError):
+        try:
+            previous = comparable_config(yaml.safe_load(saved.read_text()))
+        except (ConfigError, yaml.YAMLError, AttributeError, TypeError):
             previous = None
-        if previous is None or _comparable(previous) != _comparable(config_to_dict(run.config)):
+        if previous != comparable_config(config_to_dict(run.config)):
             raise RunDirError(f"{run.run_dir} holds a run with another config than {run.name} now asks for "
                               "(the config, --set or --grid changed): use a new --out")
     if (run.run_dir / "summary.json").is_file():
@@ -316,7 +303,9 @@ def select_points(search: list[Run], methods: list[str], metric: str) -> dict[st
 
 
 def run_study(study: Study, *, jobs: int = 1, log: Callable[[str], None] = print, echo: bool = False) -> dict[str, Any]:
-    """Search (if there is a grid), select on validation, run the finals; returns what the report needs."""
+    """Search (if there is a grid), select on validation, run the finals. Returns the summaries of
+    the final runs per method, the chosen point per method, the search runs and, for reports, one
+    plain dict per grid point (``points``: setting, validation score, measured radius, chosen)."""
     search, finals = plan(study)
     with folder_lock(study.out, "compare"):
         return _run(study, search, finals, jobs=jobs, log=log, echo=echo)
@@ -342,5 +331,8 @@ def _run(study: Study, search: list[Run], finals, *, jobs: int, log: Callable[[s
         summaries.setdefault(run.method, []).append(run.summary)
     unique = {run.run_dir: run for run in search + runs if run.summary is not None}
     trained = sum(sum(row.get("seconds", 0.0) for row in run.summary.get("history", [])) for run in unique.values())
-    return {"summaries": summaries, "chosen": chosen, "search": search, "seconds": time.perf_counter() - started,
-            "train_seconds": trained, "runs": len(unique)}
+    points = [{"method": r.method, "setting": r.point.label, "seed": r.seed, "score": score(r, study.select),
+               "radius": r.summary["perturbation_norm"] if r.summary else None,
+               "chosen": r.point == chosen[r.method], "run_dir": str(r.run_dir), "error": r.error} for r in search]
+    return {"summaries": summaries, "chosen": chosen, "search": search, "points": points,
+            "seconds": time.perf_counter() - started, "train_seconds": trained, "runs": len(unique)}
