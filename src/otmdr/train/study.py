@@ -232,15 +232,19 @@ def execute(runs: list[Run], *, jobs: int = 1, log: Callable[[str], None] = prin
         available = pending[0][0].config.train.threads or os.cpu_count() or 1
         threads = max(1, available // jobs)
 
+    began = time.perf_counter()
+
     def finish(index: int, run: Run, result: tuple[dict | None, str | None], started: float) -> None:
         run.summary, run.error = result
         run.seconds = time.perf_counter() - started
+        left = (time.perf_counter() - began) / index * (total - index)  # runs finish at this pace so far
+        eta = f"; about {left / 60:.0f} min left for this phase" if index < total else ""
         if run.error is not None:
             if run.phase == "final":
                 raise TrainingError(f"{run.name}: {run.error}")
-            log(f"  [{index}/{total}] {run.name}: diverged ({run.seconds:.0f}s); see {run.run_dir / 'train.log'}")
+            log(f"  [{index}/{total}] {run.name}: diverged ({run.seconds:.0f}s{eta}); see {run.run_dir / 'train.log'}")
             return
-        log(f"  [{index}/{total}] {run.name}: {_describe(run)} ({run.seconds:.0f}s)")
+        log(f"  [{index}/{total}] {run.name}: {_describe(run)} ({run.seconds:.0f}s{eta})")
 
     done = 0
     if jobs <= 1:
