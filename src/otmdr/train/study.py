@@ -236,7 +236,9 @@ def execute(runs: list[Run], *, jobs: int = 1, log: Callable[[str], None] = prin
 
     def finish(index: int, run: Run, result: tuple[dict | None, str | None], started: float) -> None:
         run.summary, run.error = result
-        run.seconds = time.perf_counter() - started
+        # its own training time (in parallel, the time since submission would include the queue)
+        run.seconds = (sum(row.get("seconds", 0.0) for row in run.summary.get("history", []))
+                       if run.summary else time.perf_counter() - started)
         left = (time.perf_counter() - began) / index * (total - index)  # runs finish at this pace so far
         eta = f"; about {left / 60:.0f} min left for this phase" if index < total else ""
         if run.error is not None:
