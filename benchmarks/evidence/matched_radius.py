@@ -43,12 +43,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("study", type=Path)
     parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--seeds", type=int, help="only the first N seeds of the study (default: all)")
     parser.add_argument("--otmdr", default="otmdr", help="the otmdr command (default: otmdr on PATH)")
     args = parser.parse_args()
     summaries = json.loads((args.study / "summaries.json").read_text())
-    seeds = [s["seed"] for s in summaries["otmdr"]]
-    otmdr_radius = statistics.fmean(s["perturbation_norm"] for s in summaries["otmdr"])
-    sam_radius = statistics.fmean(s["perturbation_norm"] for s in summaries["sam"])
+    seeds = [s["seed"] for s in summaries["otmdr"]][: args.seeds]
+    otmdr_radius = statistics.fmean(s["perturbation_norm"] for s in summaries["otmdr"] if s["seed"] in seeds)
+    sam_radius = statistics.fmean(s["perturbation_norm"] for s in summaries["sam"] if s["seed"] in seeds)
     _, otmdr_cfg = _chosen(args.study, "otmdr", seeds[0])
     _, sam_cfg = _chosen(args.study, "sam", seeds[0])
     scaled = [round(r * sam_radius / otmdr_radius, 6) for r in otmdr_cfg["otmdr"]["rho"]]
