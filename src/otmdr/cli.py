@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import shutil
 import sys
@@ -383,7 +384,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     command = "otmdr " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if args.command_line is None else args.command_line
     config_text = yaml.safe_dump(config_to_dict(base), sort_keys=False)
     report = write_compare_report(out, summaries, command=command, config_text=config_text,
-                                  threads=base.train.threads, references=references, search=search,
+                                  threads=(max(1, (base.train.threads or os.cpu_count() or 1) // args.jobs)
+                                           if args.jobs > 1 else base.train.threads),
+                                  references=references, search=search,
                                   select=study.select, wall_seconds=result["seconds"],
                                   train_seconds=result["train_seconds"], runs=result["runs"],
                                   bn_policy="each method's own (per-method)" if args.bn_policy == "per-method"
