@@ -211,6 +211,10 @@ def plot_search(points: list[dict[str, Any]], path: Path, *, metric: str) -> Pat
     if radii_all:  # log scale over the perturbed points (SGD is the level line)
         ax.set_xscale("log")
         ax.set_xlim(min(radii_all) / 1.6, max(radii_all) * 1.6)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))  # 0.1, not 10^-1
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # no crowded minor labels
+        ax.set_xticks([t for t in (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5)
+                       if min(radii_all) / 1.6 <= t <= max(radii_all) * 1.6])
     ax.set_xlabel("measured radius ‖θ~−θ‖ (last epoch, mean over steps)")
     unit = " (%)" if scale == 100.0 else ""
     ax.set_ylabel(f"{metric.replace('_', ' ')}{unit}")
