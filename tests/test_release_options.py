@@ -115,3 +115,20 @@ def test_sigma_in_norm_reaches_the_optimizer_groups():
         opt = build_optimizer(cfg, build_model(cfg, get_spec("digits")))
         frozen = [g for g in opt.param_groups if not g["perturb"]]
         assert frozen and all(g["in_norm"] is flag for g in frozen)
+
+
+def test_an_in_norm_parameter_without_gradient_does_not_shift_the_others():
+    """Adaptive scaling pairs each in-norm gradient with its own parameter, also when a tensor of
+    the group got no gradient (here one the loss never uses)."""
+    x, y = data(16)
+    results = []
+    for with_unused in (False, True):
+        model = tiny_mlp()
+        params = list(model.parameters())
+        frozen = ([torch.nn.Parameter(torch.full((3,), 7.0, dtype=params[0].dtype))] if with_unused else []) + params[2:]
+        opt = OTMDR([{"params": params[:2]}, {"params": frozen, "perturb": False, "in_norm": True}],
+                    torch.optim.SGD, rho=(0.05, 0.1), adaptive=True, adaptive_eta=0.01, lr=0.1, model=model)
+        opt.step(ce(model), batch=(x, y))
+        results.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)

@@ -156,6 +156,7 @@ class OTMDR(Optimizer):
         self._bn_cache: tuple[nn.Module | None, BatchNormState] | None = None
         self._warned_no_model = False
         self.first_pass = False  #: True while step() runs its first (clean) pass: log the loss only then
+        self._grad_versions: dict[Tensor, int] = {}  # .grad versions our last closure-form step left
         self.last_step: StepResult | None = None
         self.skipped: Tensor | None = None  # with a GradScaler: whether the last step was skipped
         self._last_distance = torch.zeros(())
@@ -317,16 +318,17 @@ class OTMDR(Optimizer):
         """What the ``in_norm`` (not perturbed) parameters add to an ascent norm: their gradient
         at this step, or with ``normalize="merged"`` their running merged direction; ASAM-scaled
         by |theta| + eta when adaptive. None when there are none."""
-        grads = [p.grad for p in norm_only if p.grad is not None]
-        if not grads:
+        params = [p for p in norm_only if p.grad is not None]
+        if not params:
             return None
+        grads = [p.grad for p in params]
         cfg = self.config
         if merged and cfg.normalize == "merged":
-            buffers = self._buffers("norm_direction", [p for p in norm_only if p.grad is not None])
+            buffers = self._buffers("norm_direction", params)
             _copy(buffers, grads, self.foreach) if i == 0 else _add(buffers, grads, self.foreach)
             grads = buffers
-        if cfg.adaptive:
-            grads = [g * (p.detach().abs() + cfg.adaptive_eta) for g, p in zip(grads, norm_only)]
+        if cfg.adaptive:  # params and grads stay aligned: both skip the same gradient-less tensors
+            grads = [g * (p.detach().abs() + cfg.adaptive_eta) for g, p in zip(grads, params)]
         return grads
 
     def _add_weight_decay(self, params: list[Tensor], grads: list[Tensor]) -> None:
@@ -520,8 +522,8 @@ class OTMDR(Optimizer):
             with ctx, bn.frozen(not update_bn), torch.enable_grad():
                 if batch is None:
                     return _split_output(closure())[0].detach(), None
-                size = batch_size(part)
-                if micro_batches == 1 or size < 2:
+                size = 1 if micro_batches == 1 else batch_size(part)  # no batch walk on the plain path
+                if size < 2:
                     loss, extra = _split_output(closure(part))
                     (scaler.scale(loss) if scaler is not None else loss).backward()
                     return loss.detach(), extra
@@ -596,9 +598,8 @@ class OTMDR(Optimizer):
     def _fresh_gradients(self) -> bool:
         """Whether some ``.grad`` was written since the last step (a backward the user ran before
         ``step(closure)``); the final gradient our own step leaves behind does not count."""
-        previous = getattr(self, "_grad_versions", {})
         for p, version in self._gradient_versions().items():
-            if previous.get(p) != version and bool(p.grad.any()):
+            if self._grad_versions.get(p) != version and bool(p.grad.any()):
                 return True
         return False
 
@@ -609,8 +610,8 @@ class OTMDR(Optimizer):
         per entry of ``rho`` (with a backward on that step's part of the batch before each).
         ``zero_grad=False`` leaves the ascent gradient in ``.grad`` as davda54 does (the next
         backward then adds to it); ``True`` clears it. Returns the norm used."""
-        kept = None if zero_grad else [p.grad.detach().clone() for p in self._params_with_grad()]
         params = self._params_with_grad()
+        kept = None if zero_grad else [p.grad.detach().clone() for p in params]
         norm = self.perturb()  # consumes (zeroes) the gradients
         if kept is not None:
             with torch.no_grad():
