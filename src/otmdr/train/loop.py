@@ -305,7 +305,10 @@ def _train(cfg: ExperimentConfig | None, run_dir: str | Path, *, resume: bool, l
 
     n_bins = cfg.eval.ece_bins
     nominal = nominal_radius(cfg)
-    warned: set[str] = {kind for row in history for kind in _health_warnings(cfg, row, nominal, data.spec.num_classes)}
+    warned: dict[str, str] = {}  # kind -> the warning of the first epoch it showed, resumed epochs included
+    for row in history:
+        for kind, warning in _health_warnings(cfg, row, nominal, data.spec.num_classes).items():
+            warned.setdefault(kind, warning)
     partial = checkpoint.get("partial_epoch") if checkpoint is not None else None
     if preempted[0]:  # SIGTERM while setting up: nothing new to save
         raise Preempted(f"preempted (SIGTERM) before training started; continue with: otmdr train --resume {run_dir}")
@@ -349,19 +352,15 @@ def _train(cfg: ExperimentConfig | None, run_dir: str | Path, *, resume: bool, l
             f"{val_text}{radius_text} ({stats.seconds:.1f}s, {row['images_per_second']:.0f} img/s)")
         for kind, warning in _health_warnings(cfg, row, nominal, data.spec.num_classes).items():
             if kind not in warned:  # each kind once: the first epoch it shows
-                warned.add(kind)
+                warned[kind] = warning
                 log(f"warning: {warning}")
         if preempted[0] and epoch + 1 < cfg.train.epochs:  # SIGTERM during validation or saving
             raise Preempted(f"preempted (SIGTERM) after epoch {epoch + 1}: checkpoint written; continue "
                             f"with: otmdr train --resume {run_dir}")
 
     summary = _final_evaluation(cfg, model, optimizer, data, history)
-    first: dict[str, str] = {}
-    for row in history:  # the first epoch of each kind, also from before a resume
-        for kind, warning in _health_warnings(cfg, row, nominal, data.spec.num_classes).items():
-            first.setdefault(kind, warning)
-    if first:
-        summary["warnings"] = list(first.values())
+    if warned:
+        summary["warnings"] = list(warned.values())
     summary["early_stopped"] = _early_stopped_evaluation(cfg, model, data, run_dir / "checkpoints" / "best.pt")
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     return summary
