@@ -27,6 +27,7 @@ class BatchNormState:
 
     def __init__(self, model: nn.Module | None):
         self.buffers: list[Tensor] = []
+        self._slots: dict[str, list[Tensor]] = {}  # snapshots, allocated once and reused every step
         if model is None:
             return
         for module in model.modules():
@@ -39,13 +40,19 @@ class BatchNormState:
     def __bool__(self) -> bool:
         return bool(self.buffers)
 
-    def save(self) -> list[Tensor]:
-        return [b.detach().clone() for b in self.buffers]
+    def save(self, slot: str = "step") -> list[Tensor]:
+        """Copy the running buffers into the reusable snapshot ``slot`` (one fused copy, no
+        allocation after the first call) and return it; valid until the next save to that slot."""
+        saved = self._slots.get(slot)
+        if saved is None:
+            saved = self._slots[slot] = [torch.empty_like(b) for b in self.buffers]
+        with torch.no_grad():
+            torch._foreach_copy_(saved, self.buffers)
+        return saved
 
     def load(self, snapshot: list[Tensor]) -> None:
         with torch.no_grad():
-            for buffer, saved in zip(self.buffers, snapshot):
-                buffer.copy_(saved)
+            torch._foreach_copy_(self.buffers, snapshot)
 
     def load_where(self, condition: Tensor, snapshot: list[Tensor]) -> None:
         """Put the snapshot back where ``condition`` (0-dim bool) is true, without a host sync."""
@@ -59,7 +66,7 @@ class BatchNormState:
         if not freeze or not self.buffers:
             yield
             return
-        snapshot = self.save()
+        snapshot = self.save("frozen")
         try:
             yield
         finally:

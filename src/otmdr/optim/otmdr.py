@@ -62,6 +62,18 @@ class StepResult(NamedTuple):
     outputs: Any = None  #: whatever the loss function returned besides the loss, first pass
 
 
+class _AscentPlan(NamedTuple):
+    """What :meth:`OTMDR.perturb` needs, fixed while the param groups do not change."""
+
+    key: tuple  #: groups, options and the ids of parameters with a gradient it was built for
+    params: list[Tensor]  #: the tensors that move, each norm group a contiguous slice
+    parts: list[slice]  #: one slice of ``params`` per norm group
+    norm_only: list[list[Tensor]]  #: per norm group: ``in_norm`` parameters that do not move
+    rho_scales: list[float] | None  #: per-tensor radius factors (None: all 1)
+    centre: list[Tensor]  #: scratch copy of the centre
+    directions: list[Tensor] | None  #: the merge buffer (None without a merge)
+
+
 class OTMDR(Optimizer):
     """Optimal Transport Model Distributional Robustness (Nguyen et al., NeurIPS 2023).
 
@@ -160,6 +172,8 @@ class OTMDR(Optimizer):
         self.last_step: StepResult | None = None
         self.skipped: Tensor | None = None  # with a GradScaler: whether the last step was skipped
         self._last_distance = torch.zeros(())
+        self._plan: _AscentPlan | None = None  # cached by _ascent_plan()
+        self._step_plan: _AscentPlan | None = None  # the plan of the particle being perturbed
         self._reset_step_state()
 
     # ----------------------------------------------------------------- param groups and state
@@ -214,14 +228,60 @@ class OTMDR(Optimizer):
         self._ascent_index = 0  # ascent steps taken by the current particle
         self._particles_done = 0  # finished particles whose gradient is in the accumulator
         self._perturbed: list[Tensor] = []  # params moved by the current particle
-        self._flags: list[Tensor] = []  # non-finite flags of this step's norms
+        self._norm_total: Tensor | None = None  # sum of this step's ascent norms: finite iff all are
+        self._norms: list[Tensor] = []  # the same norms, read only to report which pass failed
         self._distances: list[Tensor] = []
         self._particle_params: list[Tensor] = []
         self._particles_loaded = False
-        self._rho_scales: list[float] | None = None
-        self._norm_parts: list[slice] = []  # one slice of ``_perturbed`` per norm group
-        self._norm_only: list[list[Tensor]] = []  # per norm group: in_norm params that do not move
         self._distance: Tensor | None = None  # measured at the last ascent step of a particle
+
+    def _ascent_plan(self) -> _AscentPlan:
+        """Which tensors move, in which norm groups, with which scales and scratch buffers.
+
+        Built once and reused while the param groups, their options and the set of parameters
+        holding a gradient stay the same (checked each step by a tuple of ids and options), so
+        the per-step work does not walk the groups or look buffers up tensor by tensor.
+        """
+        key = tuple(
+            (group["perturb"], group["in_norm"], group["norm_group"], group["rho_scale"],
+             tuple(id(p) for p in group["params"] if p.grad is not None),
+             (group["params"][0].device, group["params"][0].dtype) if group["params"] else None)
+            for group in self.param_groups
+        )
+        if self._plan is not None and self._plan.key == key:
+            return self._plan
+        by_norm_group: dict[Any, tuple[list[Tensor], list[float], list[Tensor]]] = {}
+        for group in self.param_groups:
+            if group["perturb"] or group["in_norm"]:
+                chosen = [p for p in group["params"] if p.grad is not None]
+                params_of, scales_of, norm_only = by_norm_group.setdefault(group["norm_group"], ([], [], []))
+                if group["perturb"]:
+                    params_of += chosen
+                    scales_of += [float(group["rho_scale"])] * len(chosen)
+                else:
+                    norm_only += chosen
+        perturbed: list[Tensor] = []
+        scales: list[float] = []
+        parts: list[slice] = []
+        norm_only_parts: list[list[Tensor]] = []
+        for params_of, scales_of, norm_only in by_norm_group.values():  # each norm group a contiguous slice
+            if params_of:
+                parts.append(slice(len(perturbed), len(perturbed) + len(params_of)))
+                perturbed += params_of
+                scales += scales_of
+                norm_only_parts.append(norm_only)
+        if not perturbed:
+            raise RuntimeError(
+                "perturb() found no gradient on any perturbed parameter: run backward() on the "
+                "ascent loss first (and check that some param group has perturb=True)"
+            )
+        self._plan = _AscentPlan(
+            key=key, params=perturbed, parts=parts, norm_only=norm_only_parts,
+            rho_scales=None if all(x == 1.0 for x in scales) else scales,
+            centre=self._buffers("centre", perturbed),
+            directions=self._buffers("direction", perturbed) if self.config.uses_direction_buffer else None,
+        )
+        return self._plan
 
     def _buffers(self, name: str, params: list[Tensor]) -> list[Tensor]:
         """Persistent scratch tensors like ``params`` (allocated once, reused every step)."""
@@ -262,54 +322,42 @@ class OTMDR(Optimizer):
                 "step(s): call descend() (or next_particle()) after the final pass"
             )
         if i == 0:
-            by_norm_group: dict[Any, tuple[list[Tensor], list[float], list[Tensor]]] = {}
-            for group in self.param_groups:
-                if group["perturb"] or group["in_norm"]:
-                    chosen = [p for p in group["params"] if p.grad is not None]
-                    params_of, scales_of, norm_only = by_norm_group.setdefault(group["norm_group"], ([], [], []))
-                    if group["perturb"]:
-                        params_of += chosen
-                        scales_of += [float(group["rho_scale"])] * len(chosen)
-                    else:
-                        norm_only += chosen
-            self._perturbed, scales, self._norm_parts, self._norm_only = [], [], [], []
-            for params_of, scales_of, norm_only in by_norm_group.values():  # each norm group a contiguous slice
-                if params_of:
-                    self._norm_parts.append(slice(len(self._perturbed), len(self._perturbed) + len(params_of)))
-                    self._perturbed += params_of
-                    scales += scales_of
-                    self._norm_only.append(norm_only)
-            if not self._perturbed:
-                raise RuntimeError(
-                    "perturb() found no gradient on any perturbed parameter: run backward() on the "
-                    "ascent loss first (and check that some param group has perturb=True)"
-                )
-            self._rho_scales = None if all(s == 1.0 for s in scales) else scales
-            _copy(self._buffers("centre", self._perturbed), self._perturbed, self.foreach)
+            self._step_plan = plan = self._ascent_plan()
+            self._perturbed = plan.params
+            _copy(plan.centre, plan.params, self.foreach)
+        plan = self._step_plan
         params = self._perturbed
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         if cfg.ascent_weight_decay:
             self._add_weight_decay(params, grads)
-        directions = self._buffers("direction", params) if cfg.uses_direction_buffer else None
+        directions = plan.directions
         weight = 1.0 / (i + 1) if (directions is not None and cfg.reduce == "mean") else 1.0
-        norms = [
-            F.ascent_move_(
-                params[part], grads[part], None if directions is None else directions[part], first=i == 0,
-                rho=cfg.rho[i], weight=weight, normalize=cfg.normalize, adaptive=cfg.adaptive,
-                adaptive_eta=cfg.adaptive_eta, eps=cfg.eps, foreach=self.foreach,
-                rho_scales=None if self._rho_scales is None else self._rho_scales[part],
-                norm_extra=self._norm_extra(norm_only, i, directions is not None),
-            )
-            for part, norm_only in zip(self._norm_parts, self._norm_only)
-        ]
-        norm = norms[0] if len(norms) == 1 else torch.stack([n.to(norms[0].device) for n in norms])
+        if len(plan.parts) == 1 and not plan.norm_only[0]:  # one norm group: no slicing
+            norm = F.ascent_move_(
+                params, grads, directions, first=i == 0, rho=cfg.rho[i], weight=weight, normalize=cfg.normalize,
+                adaptive=cfg.adaptive, adaptive_eta=cfg.adaptive_eta, eps=cfg.eps, foreach=self.foreach,
+                rho_scales=plan.rho_scales)
+        else:
+            norms = [
+                F.ascent_move_(
+                    params[part], grads[part], None if directions is None else directions[part], first=i == 0,
+                    rho=cfg.rho[i], weight=weight, normalize=cfg.normalize, adaptive=cfg.adaptive,
+                    adaptive_eta=cfg.adaptive_eta, eps=cfg.eps, foreach=self.foreach,
+                    rho_scales=None if plan.rho_scales is None else plan.rho_scales[part],
+                    norm_extra=self._norm_extra(norm_only, i, directions is not None),
+                )
+                for part, norm_only in zip(plan.parts, plan.norm_only)
+            ]
+            norm = norms[0] if len(norms) == 1 else torch.stack([n.to(norms[0].device) for n in norms])
         F.add_noise_(params, cfg.noise_std, self._generator, foreach=self.foreach)
-        self._flags.append((~torch.isfinite(norm)).any())
+        total = norm if norm.dim() == 0 else norm.sum()  # non-finite iff some norm is (norms are >= 0)
+        self._norm_total = total if self._norm_total is None else self._norm_total + total.to(self._norm_total)
+        self._norms.append(norm)
         self._ascent_index += 1
         if self._ascent_index == cfg.steps:  # measure ||theta~ - theta|| in the spent gradients
             if cfg.steps > 1 or cfg.noise_std:  # else the move itself is still in ``grads``
                 _copy(grads, params, self.foreach)
-                _add(grads, self._buffers("centre", params), self.foreach, alpha=-1.0)
+                _add(grads, plan.centre, self.foreach, alpha=-1.0)
             self._distance = F.global_norm(grads, foreach=self.foreach)
         self._zero_grads()
         return norm
@@ -349,7 +397,7 @@ class OTMDR(Optimizer):
             device = params[0].device if params else None
             distance = torch.zeros((), device=device)
         else:
-            centre = self._buffers("centre", params)
+            centre = self._step_plan.centre
             distance = self._distance
             if distance is None:  # restored before the last ascent step: measure here
                 distance = F.distance(params, centre, foreach=self.foreach)
@@ -406,9 +454,8 @@ class OTMDR(Optimizer):
         if scaler is not None:
             # Skip (through the scaler) if any ascent or the final gradient is non-finite: the
             # final gradient is poisoned so that scaler.step sees it, without a host sync here.
-            bad = ~torch.isfinite(F.global_norm(grads, foreach=self.foreach))
-            if self._flags:
-                bad = bad | torch.stack([f.to(bad.device) for f in self._flags]).any()
+            final = F.global_norm(grads, foreach=self.foreach)
+            bad = ~torch.isfinite(final if self._norm_total is None else final + self._norm_total.to(final))
             if grads:
                 grads[0].add_(torch.where(bad, float("nan"), 0.0).to(grads[0]))
             self.skipped = bad
@@ -425,14 +472,15 @@ class OTMDR(Optimizer):
         self.steps += 1
         distances = self._distances
         self._reset_step_state()
-        self._last_distance = torch.stack([d.to(distances[-1].device) for d in distances]).mean()
+        self._last_distance = (distances[0] if len(distances) == 1
+                               else torch.stack([d.to(distances[-1].device) for d in distances]).mean())
 
     def _raise_if_nonfinite(self, grads: list[Tensor], loss: Tensor | None) -> None:
         final = F.global_norm(grads, foreach=self.foreach) if loss is None else loss.detach()
-        flags = self._flags + [~torch.isfinite(final)]
-        flags_tensor = torch.stack([f.to(flags[0].device) for f in flags])
-        if bool(flags_tensor.any()):  # the one host sync of the step
-            where = "the final pass" if not bool(flags_tensor[:-1].any()) else "an ascent pass"
+        total = final if self._norm_total is None else final + self._norm_total.to(final)
+        if not bool(torch.isfinite(total)):  # the one host sync of the step
+            ascent_ok = all(bool(torch.isfinite(n).all()) for n in self._norms)
+            where = "the final pass" if ascent_ok else "an ascent pass"
             self._zero_grads()
             self._reset_step_state()
             raise FloatingPointError(
@@ -553,7 +601,10 @@ class OTMDR(Optimizer):
                         part = None
                         if bounds is not None:
                             lo, hi = bounds[i]
-                            part = take(batch, slice(lo, hi) if order is None else order[lo:hi])
+                            if order is not None:
+                                part = take(batch, order[lo:hi])
+                            else:  # SAM's one ascent step uses the whole batch: no views to build
+                                part = batch if (lo, hi) == (0, n) else take(batch, slice(lo, hi))
                         loss, outputs = run(part, sync=cfg.sync_ascent, update_bn=self._updates_bn(k, i))
                         if first_loss is None:
                             first_loss, first_outputs = loss, outputs
@@ -565,7 +616,7 @@ class OTMDR(Optimizer):
                     final_losses.append(loss)
                     if not last:
                         self.next_particle()
-            self.descend(scaler, loss=torch.stack(final_losses).sum())
+            self.descend(scaler, loss=final_losses[0] if len(final_losses) == 1 else torch.stack(final_losses).sum())
         except BaseException:
             if watch is not None:
                 watch.stop()
@@ -586,7 +637,7 @@ class OTMDR(Optimizer):
             self._grad_versions = self._gradient_versions()
         self.last_step = StepResult(
             loss=first_loss,
-            perturbed_loss=torch.stack(final_losses).mean(),
+            perturbed_loss=final_losses[0] if len(final_losses) == 1 else torch.stack(final_losses).mean(),
             perturbation_norm=self._last_distance,
             outputs=first_outputs,
         )
