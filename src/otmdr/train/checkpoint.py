@@ -21,8 +21,8 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     atomic_write(path, lambda handle: torch.save(state, handle))
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write(path, lambda handle: handle.write(text.encode()))
+def atomic_write_text(path: str | Path, text: str, *, durable: bool = True) -> None:
+    atomic_write(path, lambda handle: handle.write(text.encode()), durable=durable)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -33,6 +33,7 @@ from ..eval import Prediction, classification_metrics, fit_temperature, predict,
 from ..models import count_parameters
 from ..optim import OTMDR
 from .builders import build_data, build_model, build_optimizer, build_scheduler, select_device
+from .._atomic import atomic_link
 from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint
 
 __all__ = ["TrainingError", "RunDirError", "Preempted", "train", "prepare_run_dir", "evaluate_split", "evaluate_model", "load_run"]
@@ -220,12 +221,14 @@ def _remove_leftovers(run_dir: Path) -> None:
 
 
 def _write_history(run_dir: Path, history: list[dict[str, Any]]) -> None:
-    atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in history))
+    # not fsynced: rebuilt from the checkpoint's history on resume, and an fsync per epoch costs
+    # more than a small model's epoch (benchmarks/pipeline_overhead.py)
+    atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in history), durable=False)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(history[0]))
     writer.writeheader()
     writer.writerows(history)
-    atomic_write_text(run_dir / "metrics.csv", buffer.getvalue())
+    atomic_write_text(run_dir / "metrics.csv", buffer.getvalue(), durable=False)
 
 
 def train(cfg: ExperimentConfig | None, run_dir: str | Path, *, resume: bool = False,
@@ -342,9 +345,11 @@ def _train(cfg: ExperimentConfig | None, run_dir: str | Path, *, resume: bool, l
         best = max(best, score)
         # best.pt before last.pt: a kill between the two repeats this epoch on resume, which
         # rewrites the same best.pt, instead of leaving a stale one behind
-        if improved:
+        if improved:  # the same state twice: last.pt becomes a link to the new best.pt, not a second write
             save_checkpoint(state(epoch + 1), run_dir / "checkpoints" / "best.pt")
-        save_checkpoint(state(epoch + 1), run_dir / "checkpoints" / "last.pt")
+            atomic_link(run_dir / "checkpoints" / "best.pt", run_dir / "checkpoints" / "last.pt")
+        else:
+            save_checkpoint(state(epoch + 1), run_dir / "checkpoints" / "last.pt")
         _write_history(run_dir, history)
         val_text = f" val acc {row['val_accuracy']:.4f} nll {row['val_nll']:.4f}" if data.val is not None else ""
         radius_text = f" radius {stats.perturbation:.3f} (nominal {nominal:.3f})" if nominal else ""
