@@ -76,7 +76,7 @@ def test_manual_optimization_with_the_primitives_equals_the_one_call_step():
 
 
 class Logging(Automatic):
-    """Logs the clean loss once per optimizer step, as the README says."""
+    """Logs the clean loss once per optimizer step, as docs/optimizer.md says."""
 
     def __init__(self):
         super().__init__()
