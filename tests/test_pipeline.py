@@ -208,7 +208,7 @@ def test_radius_warning_thresholds():
 
 @pytest.mark.parametrize("where", ["after last.pt", "after best.pt"])
 def test_a_kill_between_writes_resumes_to_the_artefacts_of_an_uninterrupted_run(tmp_path, monkeypatch, where):
-    import otmdr.train.loop as loop
+    import otmdr.train.checkpoint as checkpoint
 
     cfg = _cfg("optim.method=sam", "train.epochs=3")
     full = prepare_run_dir(tmp_path / "full", resume=False)
@@ -217,26 +217,28 @@ def test_a_kill_between_writes_resumes_to_the_artefacts_of_an_uninterrupted_run(
     class Killed(BaseException):
         pass
 
-    real_save, real_history = loop.save_checkpoint, loop._write_history
-    epochs_saved = []
+    # The writes happen in order on the checkpoint writer's thread; a "kill" there stops every
+    # later write (as a real kill would) and reaches the training thread at its next write.
+    real_link, real_text = checkpoint.atomic_link, checkpoint.atomic_write_text
 
-    def save(state, path):
-        real_save(state, path)
-        if where == "after best.pt" and Path(path).name == "best.pt" and state["epoch"] == 2:
+    def link(source, path):
+        if where == "after best.pt" and torch.load(source, weights_only=False)["epoch"] == 2:
             raise Killed  # best.pt of epoch 2 written, last.pt still epoch 1
+        real_link(source, path)
 
-    def history(run_dir, rows):
-        if where == "after last.pt" and len(rows) == 2:
+    def text(path, content, *, durable=True):
+        if where == "after last.pt" and Path(path).name == "metrics.jsonl" and len(content.splitlines()) == 2:
             raise Killed  # last.pt of epoch 2 written, metrics still end at epoch 1
-        real_history(run_dir, rows)
+        real_text(path, content, durable=durable)
 
-    monkeypatch.setattr(loop, "save_checkpoint", save)
-    monkeypatch.setattr(loop, "_write_history", history)
+    monkeypatch.setattr(checkpoint, "atomic_link", link)
+    monkeypatch.setattr(checkpoint, "atomic_write_text", text)
     part = prepare_run_dir(tmp_path / "part", resume=False)
     with pytest.raises(Killed):
         train(cfg, part, log=lambda _: None)
-    monkeypatch.setattr(loop, "save_checkpoint", real_save)
-    monkeypatch.setattr(loop, "_write_history", real_history)
+    monkeypatch.setattr(checkpoint, "atomic_link", real_link)
+    monkeypatch.setattr(checkpoint, "atomic_write_text", real_text)
+    assert torch.load(part / "checkpoints" / "last.pt", weights_only=False)["epoch"] == (1 if where == "after best.pt" else 2)
     (part / "checkpoints" / ".last.pt.x1y2.tmp").write_bytes(b"\0" * 1000)  # a killed write's leftover
     train(None, prepare_run_dir(part, resume=True), resume=True, log=lambda _: None)
     for name in ("last.pt", "best.pt"):
@@ -248,3 +250,21 @@ def test_a_kill_between_writes_resumes_to_the_artefacts_of_an_uninterrupted_run(
     assert rows == [{k: v for k, v in json.loads(r).items() if k not in timing}
                     for r in (full / "metrics.jsonl").read_text().splitlines()]
     assert not list((part / "checkpoints").glob("*.tmp")) and not list(part.glob(".*.tmp"))
+
+
+def test_checkpoint_writer_keeps_order_and_reports_a_failed_write(tmp_path):
+    from otmdr.train.checkpoint import CheckpointWriter
+
+    state = {"model": {"w": torch.ones(3)}, "config": {}}
+    with CheckpointWriter() as writer:
+        writer.save(state, tmp_path / "a.pt")
+        state["model"]["w"] += 1  # training goes on: the queued write is the snapshot taken at save()
+        writer.link(tmp_path / "a.pt", tmp_path / "b.pt")
+        writer.write_text(tmp_path / "c.txt", "after", durable=False)
+    assert torch.load(tmp_path / "b.pt")["model"]["w"].tolist() == [1.0, 1.0, 1.0]
+    assert (tmp_path / "c.txt").read_text() == "after"
+    with pytest.raises(FileNotFoundError), CheckpointWriter() as writer:
+        writer.link(tmp_path / "missing.pt", tmp_path / "d.pt")  # fails on the writer's thread
+        writer.write_text(tmp_path / "e.txt", "never")  # queued behind the failure: not written
+        writer.flush()
+    assert not (tmp_path / "d.pt").exists() and not (tmp_path / "e.txt").exists()

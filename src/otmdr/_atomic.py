@@ -4,6 +4,7 @@ renamed over the target, so an interrupted write never leaves a half-written fil
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections.abc import Callable
@@ -11,6 +12,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 __all__ = ["atomic_write", "atomic_link"]
+
+#: what os.link raises where the filesystem has no hard links (FAT, some network mounts)
+_NO_LINKS = {errno.EPERM, errno.EXDEV, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK}
 
 
 def _umask() -> int:
@@ -58,8 +62,10 @@ def atomic_link(source: str | os.PathLike[str], path: str | os.PathLike[str]) ->
     tmp.unlink(missing_ok=True)
     try:
         os.link(source, tmp)
-    except OSError:  # no hard links here (some network or FAT filesystems): copy
-        atomic_write(path, lambda handle: handle.write(source.read_bytes()))
+    except OSError as error:
+        if error.errno not in _NO_LINKS:
+            raise
+        atomic_write(path, lambda handle: handle.write(source.read_bytes()))  # no hard links here: copy
         return
     try:
         os.replace(tmp, path)

@@ -33,8 +33,7 @@ from ..eval import Prediction, classification_metrics, fit_temperature, predict,
 from ..models import count_parameters
 from ..optim import OTMDR
 from .builders import build_data, build_model, build_optimizer, build_scheduler, select_device
-from .._atomic import atomic_link
-from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, CheckpointWriter, atomic_write_text, load_checkpoint
 
 __all__ = ["TrainingError", "RunDirError", "Preempted", "train", "prepare_run_dir", "evaluate_split", "evaluate_model", "load_run"]
 
@@ -220,15 +219,16 @@ def _remove_leftovers(run_dir: Path) -> None:
             leftover.unlink(missing_ok=True)
 
 
-def _write_history(run_dir: Path, history: list[dict[str, Any]]) -> None:
+def _write_history(run_dir: Path, history: list[dict[str, Any]], writer: CheckpointWriter | None = None) -> None:
     # not fsynced: rebuilt from the checkpoint's history on resume, and an fsync per epoch costs
     # more than a small model's epoch (benchmarks/pipeline_overhead.py)
-    atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in history), durable=False)
+    write = writer.write_text if writer is not None else atomic_write_text
+    write(run_dir / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in history), durable=False)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(history[0]))
     writer.writeheader()
     writer.writerows(history)
-    atomic_write_text(run_dir / "metrics.csv", buffer.getvalue(), durable=False)
+    write(run_dir / "metrics.csv", buffer.getvalue(), durable=False)
 
 
 def train(cfg: ExperimentConfig | None, run_dir: str | Path, *, resume: bool = False,
@@ -239,12 +239,12 @@ def train(cfg: ExperimentConfig | None, run_dir: str | Path, *, resume: bool = F
     SIGTERM (in the main thread) stops at the next step boundary after writing a resumable
     checkpoint and raises :class:`Preempted`.
     """
-    with folder_lock(run_dir), _sigterm_flag() as preempted:
-        return _train(cfg, run_dir, resume=resume, log=log, preempted=preempted)
+    with folder_lock(run_dir), _sigterm_flag() as preempted, CheckpointWriter() as writer:
+        return _train(cfg, run_dir, resume=resume, log=log, preempted=preempted, writer=writer)
 
 
 def _train(cfg: ExperimentConfig | None, run_dir: str | Path, *, resume: bool, log: Callable[[str], None],
-           preempted: list[bool]) -> dict[str, Any]:
+           preempted: list[bool], writer: CheckpointWriter) -> dict[str, Any]:
     run_dir = Path(run_dir)
     checkpoint = None
     if resume:
@@ -323,7 +323,8 @@ def _train(cfg: ExperimentConfig | None, run_dir: str | Path, *, resume: bool, l
                                  should_stop=lambda: preempted[0])
             partial = None
         except _StoppedMidEpoch as stop:
-            save_checkpoint({**state(epoch), "partial_epoch": stop.partial}, run_dir / "checkpoints" / "last.pt")
+            writer.save({**state(epoch), "partial_epoch": stop.partial}, run_dir / "checkpoints" / "last.pt")
+            writer.flush()
             raise Preempted(f"preempted (SIGTERM) in epoch {epoch + 1} after step {data.train.state_dict()['batch']}: "
                             f"checkpoint written; continue with: otmdr train --resume {run_dir}") from None
         except FloatingPointError as error:
@@ -346,11 +347,11 @@ def _train(cfg: ExperimentConfig | None, run_dir: str | Path, *, resume: bool, l
         # best.pt before last.pt: a kill between the two repeats this epoch on resume, which
         # rewrites the same best.pt, instead of leaving a stale one behind
         if improved:  # the same state twice: last.pt becomes a link to the new best.pt, not a second write
-            save_checkpoint(state(epoch + 1), run_dir / "checkpoints" / "best.pt")
-            atomic_link(run_dir / "checkpoints" / "best.pt", run_dir / "checkpoints" / "last.pt")
+            writer.save(state(epoch + 1), run_dir / "checkpoints" / "best.pt")
+            writer.link(run_dir / "checkpoints" / "best.pt", run_dir / "checkpoints" / "last.pt")
         else:
-            save_checkpoint(state(epoch + 1), run_dir / "checkpoints" / "last.pt")
-        _write_history(run_dir, history)
+            writer.save(state(epoch + 1), run_dir / "checkpoints" / "last.pt")
+        _write_history(run_dir, history, writer)
         val_text = f" val acc {row['val_accuracy']:.4f} nll {row['val_nll']:.4f}" if data.val is not None else ""
         radius_text = f" radius {stats.perturbation:.3f} (nominal {nominal:.3f})" if nominal else ""
         log(f"epoch {epoch + 1}/{cfg.train.epochs}: train loss {stats.loss:.4f} acc {stats.accuracy:.4f}"
@@ -360,9 +361,11 @@ def _train(cfg: ExperimentConfig | None, run_dir: str | Path, *, resume: bool, l
                 warned[kind] = warning
                 log(f"warning: {warning}")
         if preempted[0] and epoch + 1 < cfg.train.epochs:  # SIGTERM during validation or saving
+            writer.flush()
             raise Preempted(f"preempted (SIGTERM) after epoch {epoch + 1}: checkpoint written; continue "
                             f"with: otmdr train --resume {run_dir}")
 
+    writer.flush()  # best.pt is read back below, and the run is done only when its files are on disk
     summary = _final_evaluation(cfg, model, optimizer, data, history)
     if warned:
         summary["warnings"] = list(warned.values())
