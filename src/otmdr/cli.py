@@ -131,7 +131,7 @@ def _check_eval_options(args: argparse.Namespace) -> None:
         except ValueError:
             raise _UsageError(f"--eps: expected comma-separated numbers or fractions like 8/255, got {args.eps!r}") from None
     if args.corruptions:
-        from .eval.corruptions import CORRUPTIONS
+        from .data.corruptions import CORRUPTIONS
         from .eval.shift import parse_corruptions, parse_severities
 
         available = list(CORRUPTIONS)
@@ -248,7 +248,7 @@ def _corruption_robustness(args: argparse.Namespace, cfg, model, data) -> dict[s
     """Metrics per corruption x severity on the test split: corrupted on the fly, or read from an
     official-layout folder (``--corrupted-dir``, e.g. CIFAR-10-C or one written by ``otmdr corrupt``)."""
     from .data import ImageData
-    from .eval.corruptions import CORRUPTIONS
+    from .data.corruptions import CORRUPTIONS
     from .eval.shift import (corruption_robustness, folder_source, format_corruption_table, generated_source,
                              parse_corruptions, parse_severities)
     from .models.bayes import is_bayesian

@@ -2,7 +2,7 @@
 
 The corrupted images come from a :data:`CorruptedSource`, a function ``(name, severity) ->
 (uint8 images (N, C, H, W), labels)``: :func:`generated_source` corrupts the clean test images on
-the fly with :func:`otmdr.eval.corruptions.corrupt`; :func:`folder_source` reads a folder in the
+the fly with :func:`otmdr.data.corruptions.corrupt`; :func:`folder_source` reads a folder in the
 official CIFAR-10-C layout. Keeping the source separate lets one corrupted copy, written once by
 ``otmdr corrupt``, be reused for every model of a comparison.
 """
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..data import BatchLoader, DatasetError, DatasetSpec, ImageData, load_corrupted, test_subset
-from .corruptions import CORRUPTIONS, corrupt
+from ..data.corruptions import CORRUPTIONS, corrupt
 from .metrics import classification_metrics
 from .predict import predict
 
