@@ -12,7 +12,7 @@ import torch
 
 from otmdr.data import DatasetError, list_corruptions, load_corrupted, write_corrupted
 from otmdr.data import corrupted as corrupted_module
-from otmdr.eval.corruptions import corrupt
+from otmdr.data.corruptions import corrupt
 
 pytest.importorskip("PIL")
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from otmdr.eval.corruptions import CORRUPTIONS, corrupt
+from otmdr.data.corruptions import CORRUPTIONS, corrupt
 
 
 def _structured(n: int, size: int, channels: int, seed: int) -> np.ndarray:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from otmdr.data import DatasetSpec, ImageData
-from otmdr.eval.corruptions import corrupt
+from otmdr.data.corruptions import corrupt
 from otmdr.eval.metrics import accuracy
 from otmdr.eval.shift import (corruption_robustness, format_corruption_table, generated_source, parse_corruptions,
                               parse_severities)

@@ -232,7 +232,8 @@ def filter2d_u8(x: np.ndarray, kernel: np.ndarray) -> np.ndarray:
 def motion_blur_im(img: np.ndarray, radius: float, sigma: float, angle: float) -> np.ndarray:
     """ImageMagick 6's ``MotionBlurImage`` (what Wand's motion blur calls) on a uint8 (H, W, C)
     image: a one-sided Gaussian of ``2 ceil(radius) + 1`` taps along ``angle`` degrees (taps at
-    rounded integer offsets), edge virtual pixels, 16-bit quantum arithmetic scaled back to 8 bits."""
+    rounded integer offsets), edge virtual pixels, 16-bit quantum arithmetic cut back to 8 bits (checked
+    pixel for pixel against ImageMagick 6.9.11 through Wand)."""
     h, w = img.shape[:2]
     width = int(2 * math.ceil(radius) + 1)
     i = np.arange(width, dtype=np.float64)
@@ -247,8 +248,8 @@ def motion_blur_im(img: np.ndarray, radius: float, sigma: float, angle: float) -
     quantum = img.astype(np.float64) * 257.0
     for tap, dx, dy in zip(k, ox, oy):
         acc += tap * quantum[np.clip(rows + dy, 0, h - 1), np.clip(cols + dx, 0, w - 1)]
-    q = np.where(acc <= 0, 0, np.where(acc >= 65535, 65535, np.floor(acc + 0.5))).astype(np.int64)
-    return (((q + 128) - ((q + 128) >> 8)) >> 8).astype(np.uint8)
+    q = np.clip(np.floor(acc + 0.5), 0, 65535)  # rounded to the 16-bit quantum
+    return np.floor(q / 257).astype(np.uint8)  # and cut to 8 bits as ImageMagick 6.9 writes the PNG
 
 
 # -------------------------------------------------------------------------------------- reference's
