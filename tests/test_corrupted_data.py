@@ -215,7 +215,7 @@ def test_grayscale_and_large_labels(tmp_path):
 def test_write_rejects_bad_arguments(tmp_path):
     images, labels = clean()
     with pytest.raises(ValueError, match="corruptions must be distinct names"):
-        write_corrupted(images, labels, tmp_path / "a", corruptions=["speckle_noise"])
+        write_corrupted(images, labels, tmp_path / "a", corruptions=["rain"])
     with pytest.raises(ValueError, match="labels must be 6 integers"):
         write_corrupted(images, labels[:5], tmp_path / "a", corruptions=["contrast"])
     with pytest.raises(ValueError, match="images must be a non-empty uint8"):

@@ -94,7 +94,7 @@ def test_eval_autoattack_reports_each_stage_and_explains_a_missing_package(run, 
 def test_the_fixed_training_subset_covers_every_class_of_a_class_ordered_split():
     import torch
 
-    from otmdr.cli import _fixed_training_subset
+    from otmdr.eval.subsets import fixed_training_subset
     from otmdr.data import BatchLoader, ImageData, get_spec
 
     labels = torch.arange(10).repeat_interleave(200)  # an image folder: stored class by class
@@ -104,10 +104,10 @@ def test_the_fixed_training_subset_covers_every_class_of_a_class_ordered_split()
         train = BatchLoader(ImageData(images, labels, [str(c) for c in range(10)]), get_spec("digits"), 64,
                             shuffle=True)
 
-    batches = _fixed_training_subset(Data, 100, 32)
+    batches = fixed_training_subset(Data, 100, 32)
     seen = torch.cat([y for _, y in batches])
     assert len(seen) == 100 and set(seen.tolist()) == set(range(10))
-    again = torch.cat([y for _, y in _fixed_training_subset(Data, 100, 32)])
+    again = torch.cat([y for _, y in fixed_training_subset(Data, 100, 32)])
     assert torch.equal(seen, again)  # the same images for every run
 
 

@@ -34,7 +34,7 @@ def _clean(n: int = 40) -> ImageData:
 
 
 def test_parsing():
-    assert parse_corruptions("all")[0] == "gaussian_noise" and len(parse_corruptions("all")) == 15
+    assert parse_corruptions("all")[0] == "gaussian_noise" and len(parse_corruptions("all")) == 19
     assert parse_corruptions("fog, contrast") == ["fog", "contrast"]
     with pytest.raises(ValueError, match="unknown corruption"):
         parse_corruptions("fog,rain")

@@ -76,9 +76,9 @@ def disk_kernel(radius: float, alias_blur: float) -> np.ndarray:
     xx, yy = np.meshgrid(ax, ax)
     disk = np.array(xx**2 + yy**2 <= radius**2, dtype=np.float32)
     disk /= disk.sum()
-    g = _gaussian_taps(ksize, alias_blur)
-    out = ndimage.correlate1d(disk.astype(np.float64), g, axis=1, mode="mirror")
-    return ndimage.correlate1d(out, g, axis=0, mode="mirror").astype(np.float32)
+    g = _gaussian_taps(ksize, alias_blur).astype(np.float32)  # OpenCV filters a float32 image in float32
+    out = ndimage.correlate1d(disk, g, axis=1, mode="mirror")
+    return ndimage.correlate1d(out, g, axis=0, mode="mirror")
 
 
 def filter2d(x: np.ndarray, kernel: np.ndarray) -> np.ndarray:
