@@ -25,7 +25,6 @@ import numpy as np
 import torch
 
 from .._atomic import atomic_write
-from .corruptions import CORRUPTIONS, corrupt
 from ._io import corrupt as corrupt_file
 from ._types import DatasetError
 
@@ -154,6 +153,14 @@ def _read_labels(path: Path) -> np.ndarray:
 
 # ----------------------------------------------------------------------------------------- writing
 
+def corrupt(images: np.ndarray, name: str, severity: int, seed: int = 0) -> np.ndarray:
+    """:func:`otmdr.data.corruptions.corrupt`, imported when first writing: it needs scipy (the
+    train extra), which reading a folder does not."""
+    from .corruptions import corrupt as generate
+
+    return generate(images, name, severity, seed)
+
+
 def _channels_last(images: Any) -> np.ndarray:
     """uint8 (N, H, W, C) from a numpy array or tensor in NHWC, NCHW or (N, H, W) layout."""
     arr = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
@@ -209,11 +216,12 @@ def _check_target(out: Path, settings: dict[str, Any]) -> None:
 
 
 def write_corrupted(images: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor | Sequence[int],
-                    out_dir: str | os.PathLike[str], corruptions: Sequence[str] = CORRUPTIONS, seed: int = 0,
+                    out_dir: str | os.PathLike[str], corruptions: Sequence[str] | None = None, seed: int = 0,
                     progress: Callable[[str], None] | None = None, *, source: str | None = None,
                     chunk: int = 1000) -> Path:
-    """Corrupt a clean test set with every corruption at severities 1..5 and write it to ``out_dir``
-    in the official CIFAR-10-C layout (plus a ``meta.json``); returns ``out_dir``.
+    """Corrupt a clean test set with ``corruptions`` (default: the 19 of CIFAR-10-C) at severities
+    1..5 and write it to ``out_dir`` in the official CIFAR-10-C layout (plus a ``meta.json``);
+    returns ``out_dir``.
 
     ``images``: uint8 (N, H, W, C), (N, C, H, W) or (N, H, W), numpy or torch; ``labels``: N
     non-negative integers. Images ``[i, i + chunk)`` of each severity are
@@ -226,8 +234,9 @@ def write_corrupted(images: np.ndarray | torch.Tensor, labels: np.ndarray | torc
     ``source`` describes the clean data in meta.json.
     """
     from .. import __version__
+    from .corruptions import CORRUPTIONS
 
-    names = list(corruptions)
+    names = list(CORRUPTIONS if corruptions is None else corruptions)
     unknown = [c for c in names if c not in CORRUPTIONS]
     if not names or unknown or len(set(names)) != len(names):
         raise ValueError(f"corruptions must be distinct names from {', '.join(CORRUPTIONS)}; got {names}")
