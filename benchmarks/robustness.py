@@ -1,7 +1,8 @@
 """Robustness and sharpness of every run of an ``otmdr compare`` folder, aggregated per method.
 
 For each run it calls the user-facing commands (so the evidence exercises exactly what users run):
-``otmdr eval --corruptions all --attack pgd --json`` and ``otmdr sharpness --json``, and with
+``otmdr eval --corruptions all --attack pgd --baseline SGD_RUN --json`` (the mCE against the SGD run
+of the same folder and seed, ``--baseline-method``) and ``otmdr sharpness --json``, and with
 ``--landscape`` ``otmdr landscape`` for the first seed of each method (plus the interpolation
 from the first method's run to each other method's run of the same seed). Finished pieces are
 reused, so an interrupted invocation continues where it stopped. The report (Markdown table of
@@ -59,6 +60,9 @@ def _tasks(args: argparse.Namespace, groups: dict[str, list[Path]], out: Path) -
                       "--json", str(where / "eval.json")]
         if args.corrupted_dir:
             evaluation += ["--corrupted-dir", args.corrupted_dir]
+        baseline = _baseline(groups, method, run, args.baseline_method)
+        if baseline is not None and baseline != run:
+            evaluation += ["--baseline", str(baseline)]
         tasks.append((evaluation, where / "eval.log", where / "eval.json"))
         sharpness = [*otmdr, "sharpness", str(run), *data, "--samples", str(args.sharpness_samples),
                      "--iterations", str(args.sharpness_iterations), "--probes", str(args.sharpness_probes),
@@ -94,6 +98,24 @@ def _find_runs(specs: list[str]) -> dict[str, list[Path]]:
         for name in names:
             groups[f"{prefix} {name}" if prefix else name] = [r for r in runs if re.sub(r"-seed\d+$", "", r.name) == name]
     return groups
+
+
+def _baseline(groups: dict[str, list[Path]], method: str, run: Path, baseline_method: str) -> Path | None:
+    """The mCE baseline of ``run``: the ``baseline_method`` run of the same compare folder and seed
+    (its first run if no seed matches); None when disabled or the folder has no such method."""
+    if not baseline_method or baseline_method == "none":
+        return None
+    prefix = method.split(" ")[0] + " " if " " in method else ""
+    candidates = groups.get(prefix + baseline_method, [])
+    seed = re.search(r"-seed\d+$", run.name)
+    same = [r for r in candidates if seed and r.name.endswith(seed.group())]
+    return (same or candidates or [None])[0]
+
+
+def _mce(result: dict[str, Any], key: str, is_baseline: bool) -> float:
+    """A run's mCE (or relative mCE) from its eval.json; the baseline's own is 1 by definition
+    (NaN for an eval.json written without --baseline)."""
+    return 1.0 if is_baseline else result["corruptions"].get("mce", {}).get(key, float("nan"))
 
 
 def _key(method: str, run: Path) -> str:
@@ -139,12 +161,20 @@ def report(args: argparse.Namespace, groups: dict[str, list[Path]], out: Path) -
              "| method | seeds | clean | mean corruption acc | relative degradation | corruption NLL | corruption ECE | "
              + " | ".join(f"PGD eps {_eps_label(e)}" for e in eps_keys) + " |",
              "|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(eps_keys)]
+    baselines = {m: _baseline(groups, m, groups[m][0], args.baseline_method) for m in groups}
+    if any(baselines.values()):
+        lines[-2] = lines[-2].replace("relative degradation |", "relative degradation | mCE | relative mCE |")
+        lines[-1] = lines[-1].replace("|---:|---:|---:|---:|---:|---:|", "|---:|---:|---:|---:|---:|---:|---:|---:|", 1)
     for method, results in evals.items():
         c = [r["corruptions"] for r in results]
+        mce = [] if not any(baselines.values()) else (
+            [_mean_std([_mce(r, k, baselines[method] in groups[method]) for r in results], 100, 1)
+             for k in ("mce", "relative_mce")]
+            if baselines[method] else ["n/a", "n/a"])
         lines.append("| " + " | ".join([
             method, str(len(results)), _mean_std([x["clean"]["accuracy"] for x in c], 100),
             _mean_std([x["mean_corruption_accuracy"] for x in c], 100),
-            _mean_std([x["relative_degradation"] for x in c], 100, 1),
+            _mean_std([x["relative_degradation"] for x in c], 100, 1), *mce,
             _mean_std([x["mean_corruption_nll"] for x in c], 1, 3), _mean_std([x["mean_corruption_ece"] for x in c], 100),
             *[_mean_std([r["attack"]["robust_accuracy"][e] for r in results], 100) for e in eps_keys]]) + " |")
     lines += ["", "Accuracy per corruption (mean over severities and seeds, %):", "",
@@ -236,6 +266,8 @@ def main() -> None:
     parser.add_argument("--corruptions", default="all")
     parser.add_argument("--severities", default="1-5")
     parser.add_argument("--corrupted-dir")
+    parser.add_argument("--baseline-method", default="sgd",
+                        help="the method whose run of the same folder and seed is the mCE baseline ('none': no mCE)")
     parser.add_argument("--eps", default="1/255,2/255,4/255,8/255")
     parser.add_argument("--pgd-steps", type=int, default=10)
     parser.add_argument("--eot", type=int, default=1)

@@ -12,7 +12,7 @@ import torch
 
 from otmdr.data import DatasetError, list_corruptions, load_corrupted, write_corrupted
 from otmdr.data import corrupted as corrupted_module
-from otmdr.eval.corruptions import corrupt
+from otmdr.data.corruptions import corrupt
 
 pytest.importorskip("PIL")
 
@@ -178,7 +178,7 @@ def test_round_trip_equals_corrupt_per_severity(tmp_path):
     assert not np.array_equal(got1, images) and not np.array_equal(got1, got5)
     meta = json.loads((out / "meta.json").read_text())
     assert meta["complete"] is True and meta["n"] == 6 and meta["seed"] == 7 and meta["corruptions"] == NAMES
-    assert meta["source"] == "six random images" and "snow and frost" in meta["note"] and meta["otmdr_version"]
+    assert meta["source"] == "six random images" and "frost" in meta["note"] and meta["corruption_version"] and meta["otmdr_version"]
 
 
 def test_chunks_match_generated_source_and_nchw_tensor_input(tmp_path):
@@ -215,7 +215,7 @@ def test_grayscale_and_large_labels(tmp_path):
 def test_write_rejects_bad_arguments(tmp_path):
     images, labels = clean()
     with pytest.raises(ValueError, match="corruptions must be distinct names"):
-        write_corrupted(images, labels, tmp_path / "a", corruptions=["speckle_noise"])
+        write_corrupted(images, labels, tmp_path / "a", corruptions=["rain"])
     with pytest.raises(ValueError, match="labels must be 6 integers"):
         write_corrupted(images, labels[:5], tmp_path / "a", corruptions=["contrast"])
     with pytest.raises(ValueError, match="images must be a non-empty uint8"):

@@ -94,7 +94,7 @@ def test_eval_autoattack_reports_each_stage_and_explains_a_missing_package(run, 
 def test_the_fixed_training_subset_covers_every_class_of_a_class_ordered_split():
     import torch
 
-    from otmdr.cli import _fixed_training_subset
+    from otmdr.eval.subsets import fixed_training_subset
     from otmdr.data import BatchLoader, ImageData, get_spec
 
     labels = torch.arange(10).repeat_interleave(200)  # an image folder: stored class by class
@@ -104,10 +104,10 @@ def test_the_fixed_training_subset_covers_every_class_of_a_class_ordered_split()
         train = BatchLoader(ImageData(images, labels, [str(c) for c in range(10)]), get_spec("digits"), 64,
                             shuffle=True)
 
-    batches = _fixed_training_subset(Data, 100, 32)
+    batches = fixed_training_subset(Data, 100, 32)
     seen = torch.cat([y for _, y in batches])
     assert len(seen) == 100 and set(seen.tolist()) == set(range(10))
-    again = torch.cat([y for _, y in _fixed_training_subset(Data, 100, 32)])
+    again = torch.cat([y for _, y in fixed_training_subset(Data, 100, 32)])
     assert torch.equal(seen, again)  # the same images for every run
 
 
@@ -124,3 +124,53 @@ def test_landscape_refuses_two_architectures_before_computing(tmp_path, capsys):
     assert main(["landscape", str(runs[0]), str(runs[1]), "--out", str(tmp_path / "land")]) == 2
     err = capsys.readouterr().err
     assert "different architectures" in err and not (tmp_path / "land").exists()
+
+
+def test_mce_against_a_hand_computation():
+    from otmdr.eval.robustness import corruption_errors
+
+    def result(clean: float, cells: dict[str, list[float]]) -> dict:
+        table = {n: {str(s): {"accuracy": a} for s, a in zip((1, 3), accs)} for n, accs in cells.items()}
+        return {"clean": {"accuracy": clean}, "corruptions": table, "severities": [1, 3],
+                "mean_corruption_accuracy": float(np.mean([a for v in cells.values() for a in v]))}
+
+    model = result(0.9, {"fog": [0.8, 0.6], "snow": [0.7, 0.5]})  # errors 0.2+0.4, 0.3+0.5; clean error 0.1
+    base = result(0.8, {"fog": [0.6, 0.4], "snow": [0.7, 0.3]})  # errors 0.4+0.6, 0.3+0.7; clean error 0.2
+    mce = corruption_errors(model, base)
+    assert mce["ce"] == pytest.approx({"fog": 0.6 / 1.0, "snow": 0.8 / 1.0})
+    assert mce["mce"] == pytest.approx(0.7)
+    assert mce["relative_ce"] == pytest.approx({"fog": (0.1 + 0.3) / (0.2 + 0.4), "snow": (0.2 + 0.4) / (0.1 + 0.5)})
+    assert mce["relative_mce"] == pytest.approx((0.4 / 0.6 + 1.0) / 2)
+    with pytest.raises(ValueError, match="other corruptions"):
+        corruption_errors(model, result(0.8, {"fog": [0.6, 0.4]}))
+
+
+def test_eval_baseline_reports_the_mce_and_refuses_bad_baselines(run, tmp_path, capsys):
+    import torch
+
+    out = tmp_path / "e.json"
+    common = ["eval", str(run), "--no-temperature-scaling", "--test-limit", "60", "--corruptions", "contrast,fog",
+              "--severities", "2,4", "--json", str(out)]
+    assert main([*common, "--baseline", str(run)]) == 0  # against itself: every CE is 100 %
+    mce = json.loads(out.read_text())["corruptions"]["mce"]
+    assert mce["mce"] == pytest.approx(1.0) and set(mce["ce"]) == {"contrast", "fog"}
+    assert mce["baseline"] == str(run) and "mCE 100.0%" in capsys.readouterr().out
+    out.unlink()
+
+    def error(baseline: str, args: list[str] = common) -> str:
+        assert main([*args, "--baseline", baseline]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("otmdr: error: --baseline") and err.count("\n") == 1 and "Traceback" not in err
+        assert not out.exists()  # nothing written
+        return err
+
+    assert "no such run" in error(str(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    assert "is it a run directory" in error(str(tmp_path / "empty"))
+    other = tmp_path / "other" / "checkpoints"
+    other.mkdir(parents=True)
+    state = torch.load(run / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+    state["config"]["data"]["name"] = "mnist"
+    torch.save(state, other / "last.pt")
+    assert "same dataset" in error(str(other.parent))
+    assert "needs --corruptions" in error(str(run), common[:5] + ["--json", str(out)])

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from otmdr.data import DatasetSpec, ImageData
-from otmdr.eval.corruptions import corrupt
+from otmdr.data.corruptions import corrupt
 from otmdr.eval.metrics import accuracy
 from otmdr.eval.shift import (corruption_robustness, format_corruption_table, generated_source, parse_corruptions,
                               parse_severities)
@@ -34,7 +34,7 @@ def _clean(n: int = 40) -> ImageData:
 
 
 def test_parsing():
-    assert parse_corruptions("all")[0] == "gaussian_noise" and len(parse_corruptions("all")) == 15
+    assert parse_corruptions("all")[0] == "gaussian_noise" and len(parse_corruptions("all")) == 19
     assert parse_corruptions("fog, contrast") == ["fog", "contrast"]
     with pytest.raises(ValueError, match="unknown corruption"):
         parse_corruptions("fog,rain")

@@ -123,15 +123,17 @@ def _load_trained(args: argparse.Namespace):
 def _check_eval_options(args: argparse.Namespace) -> None:
     """Every option of ``otmdr eval`` is checked before the first forward pass, not after the
     clean evaluation and the temperature fit."""
-    from .config import _parse_number
+    from .eval.robustness import parse_epsilons
 
     if args.attack:
         try:
-            [_parse_number(e.strip()) for e in args.eps.split(",")]
-        except ValueError:
-            raise _UsageError(f"--eps: expected comma-separated numbers or fractions like 8/255, got {args.eps!r}") from None
+            parse_epsilons(args.eps)
+        except ValueError as error:
+            raise _UsageError(f"--eps: {error}") from None
+    if args.baseline and not args.corruptions:
+        raise _UsageError("--baseline needs --corruptions: the mCE compares corruption errors with the baseline's")
     if args.corruptions:
-        from .eval.corruptions import CORRUPTIONS
+        from .data.corruptions import CORRUPTIONS
         from .eval.shift import parse_corruptions, parse_severities
 
         available = list(CORRUPTIONS)
@@ -146,12 +148,31 @@ def _check_eval_options(args: argparse.Namespace) -> None:
             raise _UsageError(f"--corruptions/--severities: {error}") from None
 
 
+def _load_baseline(args: argparse.Namespace, cfg):
+    """The ``--baseline`` run's config and model, checked to be a run of the same dataset."""
+    from .train import CheckpointError, RunDirError, load_run
+
+    path = Path(args.baseline)
+    if not path.exists():
+        raise _UsageError(f"--baseline {path}: no such run directory or checkpoint")
+    try:
+        base_cfg, model, _ = load_run(path, device=args.device, which=args.checkpoint)
+    except (CheckpointError, RunDirError) as error:
+        raise _UsageError(f"--baseline {path}: {error}") from None
+    if base_cfg.data.name != cfg.data.name:
+        raise _UsageError(f"--baseline {path} was trained on {base_cfg.data.name}, {args.path} on {cfg.data.name}: "
+                          "the mCE needs a baseline of the same dataset")
+    base_cfg.data.test_limit = cfg.data.test_limit
+    return base_cfg, model
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .train import evaluate_model
     from .train.checkpoint import atomic_write_text
 
     _check_eval_options(args)
     cfg, model, data = _load_trained(args)
+    baseline = _load_baseline(args, cfg) if args.baseline else None
     result = {"path": str(args.path), **evaluate_model(cfg, model, data, n_bins=args.ece_bins,
                                                        temperature_scaling=not args.no_temperature_scaling)}
     split = (f"a fixed random subset of {len(data.test.labels)} test images (--test-limit)" if cfg.data.test_limit
@@ -173,127 +194,74 @@ def cmd_eval(args: argparse.Namespace) -> int:
         shown = ", ".join(f"{v:.4f}" for v in value) if isinstance(value, list) else f"{value:.6g}"
         print(f"  {key:24s} {shown}")
     if args.attack:
-        result["attack"] = _robustness(args, cfg, model, data, clean=result["test"]["accuracy"])
+        result["attack"] = _attack(args, cfg, model, data, clean=result["test"]["accuracy"])
     if args.corruptions:
-        result["corruptions"] = _corruption_robustness(args, cfg, model, data)
+        result["corruptions"] = _corruptions(args, cfg, model, data, baseline)
     if args.json:
         atomic_write_text(args.json, json.dumps(result, indent=2))
         print(f"written: {args.json}")
     return 0
 
 
-def _robustness(args: argparse.Namespace, cfg, model, data, *, clean: float | None = None) -> dict[str, Any]:
-    """Robust test accuracy per epsilon under FGSM or PGD, printed and plotted."""
-    from .eval.attacks import Normalized, fgsm, pgd, robust_accuracy
-    from .models.bayes import is_bayesian
-    from .report.tables import format_epsilon
-
-    from .config import _parse_number
+def _attack(args: argparse.Namespace, cfg, model, data, *, clean: float | None = None) -> dict[str, Any]:
+    """Robust accuracy per radius (otmdr.eval.robustness), printed and plotted."""
+    from .eval.robustness import attack_robustness, parse_epsilons
 
     try:
-        epsilons = [_parse_number(e.strip()) for e in args.eps.split(",")]  # "8/255" style
-    except ValueError:
-        raise _UsageError(f"--eps: expected comma-separated numbers or fractions like 8/255, got {args.eps!r}") from None
-    spec = data.test.spec
-    mean = _per_channel(spec.mean, spec.in_channels)
-    std = _per_channel(spec.std, spec.in_channels)
-    attacked = Normalized(model, mean.flatten().tolist(), std.flatten().tolist())
-    samples = cfg.bayes.test_samples if is_bayesian(model) else 1
-    batches = [(x * std.to(x) + mean.to(x), y) for x, y in data.test]  # back to [0, 1]
-    curve: dict[float, float] = {}
-    details: dict[str, Any] = {}
-    for eps in epsilons:
-        if args.attack == "autoattack":
-            curve[eps], details[str(eps)] = _autoattack(args, attacked, batches, eps, is_bayesian(model))
-            continue
-        if args.attack == "fgsm":
-            attack = lambda m, x, y, e=eps: fgsm(m, x, y, e, eot_samples=args.eot)  # noqa: E731
-        else:
-            attack = lambda m, x, y, e=eps: pgd(m, x, y, e, norm=args.norm, steps=args.steps,  # noqa: E731
-                                                eot_samples=args.eot)
-        curve[eps] = robust_accuracy(attacked, batches, attack, samples=samples)
-        print(f"  {args.attack} {args.norm if args.attack == 'pgd' else 'linf'} eps {format_epsilon(eps)}: "
-              f"robust accuracy {100 * curve[eps]:.2f}%")
+        result = attack_robustness(cfg, model, data, attack=args.attack, epsilons=parse_epsilons(args.eps),
+                                   norm=args.norm, steps=args.steps, eot=args.eot,
+                                   autoattack_version=args.autoattack_version, echo=print)
+    except ValueError as error:  # e.g. too few classes for AutoAttack's targeted attacks
+        raise _UsageError(f"--attack {args.attack}: {error}") from None
     if args.plot:
         from .report.plots import plot_robust_accuracy
 
+        curve = {float(k): v for k, v in result["robust_accuracy"].items()}
         shown = ({0.0: clean} if clean is not None else {}) | curve  # the clean accuracy at epsilon 0
         plot_robust_accuracy({cfg.model.name: shown}, args.plot, title=f"{args.attack.upper()} on {cfg.model.name}")
         print(f"plot: {args.plot}")
-    result = {"method": args.attack, "norm": "linf" if args.attack == "fgsm" else args.norm, "steps": args.steps,
-              "eot_samples": args.eot, "robust_accuracy": {str(k): v for k, v in curve.items()}}
-    if details:
-        result.update(steps=None, eot_samples=None, autoattack=details)
     return result
 
 
-def _autoattack(args: argparse.Namespace, attacked, batches, eps: float, bayesian: bool) -> tuple[float, dict]:
-    """AutoAttack at one radius (optional dependency pyautoattack); 'rand' for stochastic models."""
-    from .eval.autoattack import autoattack_accuracy
+def _corruptions(args: argparse.Namespace, cfg, model, data, baseline=None) -> dict[str, Any]:
+    """Metrics per corruption x severity (otmdr.eval.robustness), printed, with the mCE against
+    ``baseline`` (its config and model) when given."""
+    from .eval.robustness import corruption_errors, corruption_evaluation
+    from .eval.shift import format_corruption_table
 
-    version = args.autoattack_version or ("rand" if bayesian else "standard")
+    options = dict(corruptions=args.corruptions, severities=args.severities, corrupted_dir=args.corrupted_dir,
+                   seed=args.corruption_seed, n_bins=args.ece_bins)
     try:
-        result = autoattack_accuracy(attacked, batches, eps, norm=args.norm, version=version)
-    except ValueError as error:  # e.g. too few classes for the targeted attacks
-        raise _UsageError(f"--attack autoattack: {error}") from None
-    stages = ", ".join(f"{name} {100 * acc:.2f}%" for name, acc in result["stages"].items())
-    from .report.tables import format_epsilon
-
-    print(f"  autoattack ({version}) {args.norm} eps {format_epsilon(eps)}: robust accuracy {100 * result['robust_accuracy']:.2f}%"
-          f"  (clean {100 * result['clean_accuracy']:.2f}%; after {stages})")
-    return result["robust_accuracy"], result
-
-
-def _corruption_robustness(args: argparse.Namespace, cfg, model, data) -> dict[str, Any]:
-    """Metrics per corruption x severity on the test split: corrupted on the fly, or read from an
-    official-layout folder (``--corrupted-dir``, e.g. CIFAR-10-C or one written by ``otmdr corrupt``)."""
-    from .data import ImageData
-    from .eval.corruptions import CORRUPTIONS
-    from .eval.shift import (corruption_robustness, folder_source, format_corruption_table, generated_source,
-                             parse_corruptions, parse_severities)
-    from .models.bayes import is_bayesian
-    from .train.loop import AUTOCAST
-
-    test = data.test
-    clean = ImageData(test.images.cpu(), test.labels.cpu(), test.classes)
-    if args.corrupted_dir:
-        from .data import list_corruptions
-
-        available = list_corruptions(args.corrupted_dir)
-        source = folder_source(args.corrupted_dir, clean, cfg.data.test_limit)
-        where = f"read from {args.corrupted_dir}"
-    else:
-        available = list(CORRUPTIONS)
-        source = generated_source(clean.images, clean.labels, seed=args.corruption_seed)
-        where = f"generated on the fly (seed {args.corruption_seed})"
-    try:
-        names = parse_corruptions(args.corruptions, available)
-        severities = parse_severities(args.severities)
+        result = corruption_evaluation(cfg, model, data, **options, echo=lambda line: print(line, flush=True))
     except ValueError as error:
         raise _UsageError(f"--corruptions/--severities: {error}") from None
-    print(f"  corruptions: {len(names)} x severities {severities} on {len(clean)} test images, {where}")
-
-    def progress(name: str, severity: int, cell: dict[str, float]) -> None:
-        print(f"    {name:18s} s{severity}: accuracy {100 * cell['accuracy']:6.2f}%  NLL {cell['nll']:.4f}  "
-              f"ECE {100 * cell['ece']:5.2f}%", flush=True)
-
-    result = corruption_robustness(
-        model, clean, test.spec, source, corruptions=names, severities=severities, device=test.device,
-        n_bins=args.ece_bins or cfg.eval.ece_bins, samples=cfg.bayes.test_samples if is_bayesian(model) else 1,
-        autocast=AUTOCAST[cfg.train.precision], progress=progress)
-    result["source"] = where
     print()
     print(format_corruption_table(result))
     print(f"  mean corruption accuracy {100 * result['mean_corruption_accuracy']:.2f}%  (clean "
           f"{100 * result['clean']['accuracy']:.2f}%, relative degradation "
           f"{100 * result['relative_degradation']:.1f}%);  mean NLL {result['mean_corruption_nll']:.4f}, "
           f"mean ECE {100 * result['mean_corruption_ece']:.2f}%")
+    if baseline is not None:
+        print(f"  baseline {args.baseline}:", flush=True)
+        base = corruption_evaluation(*baseline, data, **options, echo=lambda line: print(line, flush=True))
+        result["mce"] = {"baseline": str(args.baseline), **corruption_errors(result, base)}
+        _print_mce(result["mce"])
     if args.heatmap:
         from .report.plots import plot_corruption_heatmaps
 
         plot_corruption_heatmaps({f"{cfg.model.name} ({cfg.optim.method})": result}, args.heatmap)
         print(f"heat map: {args.heatmap}")
     return result
+
+
+def _print_mce(mce: dict[str, Any]) -> None:
+    width = max(len(name) for name in mce["ce"])
+    print(f"  {'corruption':{width}s}      CE  relative CE   (%, baseline = 100)")
+    for name, ce in mce["ce"].items():
+        print(f"  {name:{width}s}  {100 * ce:6.1f}  {100 * mce['relative_ce'][name]:11.1f}")
+    print(f"  mCE {100 * mce['mce']:.1f}%, relative mCE {100 * mce['relative_mce']:.1f}% against {mce['baseline']} "
+          f"(its mean corruption accuracy {100 * mce['baseline_mean_corruption_accuracy']:.2f}%, clean "
+          f"{100 * mce['baseline_clean_accuracy']:.2f}%)")
 
 
 def cmd_corrupt(args: argparse.Namespace) -> int:
@@ -320,14 +288,6 @@ def cmd_corrupt(args: argparse.Namespace) -> int:
     print(f"written: {args.out} (evaluate with: otmdr eval RUN_DIR --corruptions all --corrupted-dir {args.out}"
           + (f" --test-limit {args.limit}" if args.limit else "") + ")")
     return 0
-
-
-def _per_channel(values, channels: int):
-    """A (1, C, 1, 1) tensor of per-channel constants (a single value is broadcast)."""
-    import torch
-
-    t = torch.tensor(values, dtype=torch.float32)
-    return (t.expand(channels) if t.numel() == 1 else t).view(1, -1, 1, 1)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -402,13 +362,14 @@ def cmd_sharpness(args: argparse.Namespace) -> int:
     import torch.nn.functional as F
 
     from .eval.sharpness import average_sharpness, hessian_trace, top_hessian_eigenvalue, worst_case_sharpness
+    from .eval.subsets import PassProgress, fixed_training_subset
     from .models.bayes import is_bayesian, posterior_mean
     from .train.checkpoint import atomic_write_text
 
     _, model, data = _load_trained(args)
     # passes over the subset: 2 per power iteration and per probe (a Hessian-vector product reads
     # the batches twice), 27 for the rest (set-up, worst-case and average sharpness); measured
-    batches = _PassProgress(_fixed_training_subset(data, args.samples, args.batch_size),
+    batches = PassProgress(fixed_training_subset(data, args.samples, args.batch_size),
                             2 * (args.iterations + args.probes) + 27, "sharpness")
     with posterior_mean(model):  # a BNN: the network of its posterior means
         result = {
@@ -428,36 +389,6 @@ def cmd_sharpness(args: argparse.Namespace) -> int:
     return 0
 
 
-class _PassProgress(list):
-    """The batches of a fixed subset, ticking a progress bar (with an estimate of the time left)
-    each time a pass over all of them completes: sharpness and landscapes are made of such
-    passes, so the bar moves without touching the evaluation code."""
-
-    def __init__(self, batches: list, total: int, what: str):
-        super().__init__(batches)
-        from tqdm.auto import tqdm
-
-        self.bar = tqdm(total=total, desc=what, unit="pass", dynamic_ncols=True, leave=False)
-
-    def __iter__(self):
-        yield from super().__iter__()
-        self.bar.update(1)
-
-    def close(self) -> None:
-        self.bar.close()
-
-
-def _fixed_training_subset(data, samples: int, batch_size: int) -> list:
-    """A fixed, seeded random subset of ``samples`` training images (the same for every run, and
-    covering the classes: image folders are stored in class order, so "the first N" would be one
-    class), normalised, not augmented, as a list of batches."""
-    from .data import BatchLoader, ImageData, test_subset
-
-    train = data.train
-    subset = test_subset(ImageData(train.images.cpu(), train.labels.cpu(), train.classes), samples)
-    return list(BatchLoader(subset, train.spec, batch_size, shuffle=False, device=train.device))
-
-
 def cmd_landscape(args: argparse.Namespace) -> int:
     """Loss along filter-normalised directions around RUN_A (1-D curve, 2-D contour and surface),
     and along the line from RUN_A to RUN_B when given; plots and JSON in --out."""
@@ -469,6 +400,7 @@ def cmd_landscape(args: argparse.Namespace) -> int:
     import torch.nn.functional as F
 
     from .eval.landscape import interpolation, loss_slice_1d, loss_surface_2d
+    from .eval.subsets import PassProgress, fixed_training_subset
     from .models.bayes import posterior_mean
     from .train.checkpoint import atomic_write_text
 
@@ -483,7 +415,7 @@ def cmd_landscape(args: argparse.Namespace) -> int:
         if mine.keys() != theirs.keys() or any(mine[k].shape != theirs[k].shape for k in mine):
             raise _UsageError(f"{args.run_a} and {args.run_b} are different architectures; interpolation needs two "
                               "runs of the same model")
-    batches = _PassProgress(_fixed_training_subset(data, args.samples, 512),
+    batches = PassProgress(fixed_training_subset(data, args.samples, 512),
                             2 * (args.points * (args.points + 1) + (args.points if args.run_b else 0)),
                             "landscape")  # 2 iterations per loss: the losses, then the sample count
     n = sum(len(y) for _, y in list.__iter__(batches))
@@ -608,8 +540,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eot", type=int, default=1, help="gradient samples per step (expectation over transformation)")
     p.add_argument("--plot", help="write the robust-accuracy curve to this PNG")
     p.add_argument("--test-limit", type=int, help="evaluate on a fixed random subset of N test images (the same for every run; faster attacks)")
-    p.add_argument("--corruptions", metavar="all|NAMES",
-                   help="also evaluate under common corruptions: 'all' or comma-separated names")
+    p.add_argument("--corruptions", metavar="all|benchmark|NAMES",
+                   help="also evaluate under common corruptions: 'all' (the 19 of CIFAR-10-C), 'benchmark' (its 15 "
+                        "of the mCE) or comma-separated names; see docs/corruptions.md")
+    p.add_argument("--baseline", metavar="RUN_DIR", help="also report each corruption's error relative to this run's "
+                                                         "(CE), their mean (mCE) and the relative mCE")
     p.add_argument("--severities", default="1-5", help="corruption severities, e.g. 1-5, 3 or 1,3,5")
     p.add_argument("--corrupted-dir", help="read the corrupted test set from this official-layout folder "
                                            "(CIFAR-10-C style, or written by `otmdr corrupt`) instead of generating it")
@@ -671,7 +606,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, help="dataset name (see `otmdr datasets`)")
     p.add_argument("--data-dir", help="where the dataset is (not needed for digits)")
     p.add_argument("--out", required=True, help="new folder for <corruption>.npy files, labels.npy and meta.json")
-    p.add_argument("--corruptions", default="all", metavar="all|NAMES", help="'all' or comma-separated names")
+    p.add_argument("--corruptions", default="all", metavar="all|benchmark|NAMES",
+                   help="'all' (the 19 of CIFAR-10-C), 'benchmark' (its 15 of the mCE) or comma-separated names")
     p.add_argument("--seed", type=int, default=0, help="seed of the random corruptions")
     p.add_argument("--limit", type=int, help="only the fixed random subset of N test images that "
                                              "`otmdr eval --test-limit N` uses")

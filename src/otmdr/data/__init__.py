@@ -19,7 +19,7 @@ folder or a tar archive, decoded once with Pillow and cached as ``.npz``).
 Corrupted test sets in the official CIFAR-10-C / CIFAR-100-C ``.npy`` layout (``<corruption>.npy``
 holding severities 1..5 in blocks, plus ``labels.npy``): :func:`list_corruptions`,
 :func:`load_corrupted` read one (the official release or our own copy), :func:`write_corrupted`
-writes our own copy of a clean test set with :func:`otmdr.eval.corruptions.corrupt`.
+writes our own copy of a clean test set with :func:`otmdr.data.corruptions.corrupt`.
 """
 
 from ._types import DatasetError, DatasetSpec, ImageData

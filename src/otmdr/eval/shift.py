@@ -2,7 +2,7 @@
 
 The corrupted images come from a :data:`CorruptedSource`, a function ``(name, severity) ->
 (uint8 images (N, C, H, W), labels)``: :func:`generated_source` corrupts the clean test images on
-the fly with :func:`otmdr.eval.corruptions.corrupt`; :func:`folder_source` reads a folder in the
+the fly with :func:`otmdr.data.corruptions.corrupt`; :func:`folder_source` reads a folder in the
 official CIFAR-10-C layout. Keeping the source separate lets one corrupted copy, written once by
 ``otmdr corrupt``, be reused for every model of a comparison.
 """
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..data import BatchLoader, DatasetError, DatasetSpec, ImageData, load_corrupted, test_subset
-from .corruptions import CORRUPTIONS, corrupt
+from ..data.corruptions import BENCHMARK_CORRUPTIONS, CORRUPTIONS, corrupt
 from .metrics import classification_metrics
 from .predict import predict
 
@@ -29,13 +29,20 @@ _KEPT = ("accuracy", "nll", "brier", "ece")
 
 
 def parse_corruptions(text: str, available: Sequence[str] = CORRUPTIONS) -> list[str]:
-    """``"all"`` or a comma-separated list of names, checked against ``available``."""
+    """``"all"`` (every available name: the 19 of CIFAR-10-C, or what a folder holds), ``"benchmark"``
+    (the 15 of the CIFAR-10-C benchmark, the mCE of most papers) or a comma-separated list of
+    names, checked against ``available``."""
     if text.strip() == "all":
         return list(available)
+    if text.strip() == "benchmark":
+        missing = [n for n in BENCHMARK_CORRUPTIONS if n not in available]
+        if missing:
+            raise ValueError(f"'benchmark' means the 15 benchmark corruptions; not available here: {', '.join(missing)}")
+        return list(BENCHMARK_CORRUPTIONS)
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in available]
     if unknown or not names:
-        raise ValueError(f"unknown corruption(s) {unknown}: use 'all' or names from {', '.join(available)}")
+        raise ValueError(f"unknown corruption(s) {unknown}: use 'all', 'benchmark' or names from {', '.join(available)}")
     return names
 
 
