@@ -409,6 +409,7 @@ class OTMDR(Optimizer):
             bad = ~torch.isfinite(F.global_norm(grads, foreach=self.foreach))
             if self._flags:
                 bad = bad | torch.stack([f.to(bad.device) for f in self._flags]).any()
+            bad = self._agree(bad)
             if grads:
                 grads[0].add_(torch.where(bad, float("nan"), 0.0).to(grads[0]))
             self.skipped = bad
@@ -427,10 +428,24 @@ class OTMDR(Optimizer):
         self._reset_step_state()
         self._last_distance = torch.stack([d.to(distances[-1].device) for d in distances]).mean()
 
+    def _agree(self, flags: Tensor) -> Tensor:
+        """Under DDP with local ascent passes, a non-finite ascent gradient is seen by one replica
+        only: the flags are OR-ed over the replicas (one tiny all-reduce, no host sync) so that
+        every replica skips, or raises at, the same step and the replicas stay identical."""
+        if self.config.sync_ascent or getattr(self.model, "no_sync", None) is None:
+            return flags
+        import torch.distributed as dist
+
+        if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() < 2:
+            return flags
+        agreed = flags.to(torch.uint8)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+        return agreed.bool()
+
     def _raise_if_nonfinite(self, grads: list[Tensor], loss: Tensor | None) -> None:
         final = F.global_norm(grads, foreach=self.foreach) if loss is None else loss.detach()
         flags = self._flags + [~torch.isfinite(final)]
-        flags_tensor = torch.stack([f.to(flags[0].device) for f in flags])
+        flags_tensor = self._agree(torch.stack([f.to(flags[0].device) for f in flags]))
         if bool(flags_tensor.any()):  # the one host sync of the step
             where = "the final pass" if not bool(flags_tensor[:-1].any()) else "an ascent pass"
             self._zero_grads()
