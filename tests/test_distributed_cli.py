@@ -98,10 +98,10 @@ def _processes():
     if _CONTEXT is None:
         _CONTEXT = multiprocessing.get_context("forkserver")
         # what a launch would import otherwise, seconds each on a loaded machine: DDP's constructor
-        # imports torch._dynamo, the digits dataset scikit-learn
+        # imports torch._dynamo, the digits dataset scikit-learn, a compare report matplotlib
         _CONTEXT.set_forkserver_preload(["torch", "torch.distributed", "torch.nn.parallel", "torch._dynamo",
                                          "sklearn.datasets", "sklearn.model_selection", "otmdr.cli",
-                                         "otmdr.train.loop", "otmdr.train.study", "otmdr.data"])
+                                         "otmdr.train.loop", "otmdr.train.study", "otmdr.data", "otmdr.report.plots"])
     return _CONTEXT
 
 
@@ -208,6 +208,21 @@ def test_a_failing_rank_ends_the_whole_job_with_a_message(tmp_path):
     assert rc1 != 0 and "injected failure" in err1
     assert rc0 == 2 and "otmdr [rank 0]: error: another process of this torchrun job failed" in err0
     assert "Traceback" not in err0
+
+
+def test_compare_trains_each_run_on_both_processes_and_rank0_reports(tmp_path):
+    out = tmp_path / "compare"
+    argv = ["compare", "--methods", "sgd,otmdr", "--seeds", "1", "--out", str(out), "--quiet"]
+    for item in TINY:
+        argv += ["--set", item]
+    results = _launch(tmp_path / "procs", argv)
+    assert [rc for rc, _ in results] == [0, 0], results
+    assert (out / "report.md").is_file() and len(json.loads((out / "summaries.json").read_text())) == 2
+    again = _launch(tmp_path / "again", argv + ["--resume"])  # every run reused: rank 0 decides for both
+    assert [rc for rc, _ in again] == [0, 0], again
+    refused = _launch(tmp_path / "jobs", argv + ["--resume", "--jobs", "2"])
+    assert [rc for rc, _ in refused] == [2, 2] and "--jobs > 1 under torchrun" in refused[0][1]
+    assert refused[1][1] == ""
 
 
 # ---------------------------------------------------------------------------- no processes needed
