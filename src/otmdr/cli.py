@@ -42,34 +42,48 @@ class _Interrupted(Exception):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """Train one run. Under torchrun every process runs this; rank 0 alone looks at and writes the
+    file system (:func:`otmdr.train.distributed.from_rank0`), the others follow its decisions."""
     from .config import config_from_dict
-    from .train import prepare_run_dir, train
+    from .train import prepare_run_dir
+    from .train.distributed import from_rank0
 
     if args.resume:
         if args.config or args.set or args.method or args.epochs is not None or args.seed is not None:
             raise _UsageError("--resume continues a run with its saved config: drop --config/--set/--method/"
                               "--epochs/--seed")
         run_dir = Path(args.resume)
-        saved = run_dir / "config.yaml"
-        if not (run_dir / "checkpoints" / "last.pt").is_file() and saved.is_file():
-            # stopped before its first checkpoint: nothing was trained, so starting again from the
-            # saved config is exactly what continuing would have done
-            import yaml
 
-            print(f"{run_dir} was stopped before its first checkpoint: starting it again from its config.yaml")
-            cfg = config_from_dict(yaml.safe_load(saved.read_text()))
-            (run_dir / "checkpoints").mkdir(exist_ok=True)
-            summary = _train_into(cfg, run_dir, fresh=True, cleanup=False)
+        def inspect() -> dict[str, Any] | None:
+            saved = run_dir / "config.yaml"
+            if not (run_dir / "checkpoints" / "last.pt").is_file() and saved.is_file():
+                # stopped before its first checkpoint: nothing was trained, so starting again from
+                # the saved config is exactly what continuing would have done
+                import yaml
+
+                print(f"{run_dir} was stopped before its first checkpoint: starting it again from its config.yaml")
+                (run_dir / "checkpoints").mkdir(exist_ok=True)
+                return yaml.safe_load(saved.read_text())
+            prepare_run_dir(args.resume, resume=True)
+            return None
+
+        saved_config = from_rank0(inspect)
+        if saved_config is not None:
+            summary = _train_into(config_from_dict(saved_config), run_dir, fresh=True, cleanup=False)
         else:
-            summary = _train_into(None, prepare_run_dir(args.resume, resume=True), fresh=False)
+            summary = _train_into(None, run_dir, fresh=False)
     else:
         cfg = _config(args)
         stem = Path(args.config).stem if args.config else "default"
-        out = Path(args.out or f"runs/{stem}-{cfg.optim.method}-s{cfg.train.seed}-{_timestamp()}")
-        if out.exists() and not out.is_dir():
-            raise _UsageError(f"--out {out} is a file, not a folder: choose another --out")
-        existed = out.exists()
-        run_dir = prepare_run_dir(out, resume=False)
+
+        def prepare() -> tuple[Path, bool]:  # rank 0's clock names the folder of every rank
+            out = Path(args.out or f"runs/{stem}-{cfg.optim.method}-s{cfg.train.seed}-{_timestamp()}")
+            if out.exists() and not out.is_dir():
+                raise _UsageError(f"--out {out} is a file, not a folder: choose another --out")
+            existed = out.exists()
+            return prepare_run_dir(out, resume=False), existed
+
+        run_dir, existed = from_rank0(prepare)
         print(f"run directory: {run_dir}")
         summary = _train_into(cfg, run_dir, fresh=True, keep_folder=existed)
     test = summary["test"]
@@ -83,12 +97,13 @@ def _train_into(cfg, run_dir: Path, *, fresh: bool, keep_folder: bool = True, cl
     """Train; a run that fails or is interrupted before its first checkpoint leaves nothing it
     created behind (a folder the user made stays, emptied of our files)."""
     from .train import train
+    from .train.distributed import current
 
     try:
         return train(cfg, run_dir, resume=not fresh)
     except BaseException as error:
         checkpointed = (run_dir / "checkpoints" / "last.pt").exists()
-        if fresh and cleanup and not checkpointed:
+        if fresh and cleanup and not checkpointed and current().is_main:
             if keep_folder:
                 for child in run_dir.iterdir():
                     shutil.rmtree(child) if child.is_dir() else child.unlink()
@@ -316,20 +331,30 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise _UsageError(f"--reference: {args.reference!r} is not one of --methods {','.join(methods)}")
     base = _config(args)
     stem = Path(args.config).stem if args.config else "default"
-    out = Path(args.out or f"runs/compare-{stem}-{_timestamp()}")
+    from .train.distributed import current, from_rank0
+
+    if current().enabled and args.jobs > 1:
+        raise _UsageError("--jobs > 1 under torchrun: the processes train one run at a time together; drop --jobs")
+    out = Path(from_rank0(lambda: args.out or f"runs/compare-{stem}-{_timestamp()}"))  # rank 0's clock
     overrides = list(args.set or []) + ([f"data.dir={args.data_dir}"] if args.data_dir else [])
     study = Study(config_path=args.config, overrides=overrides, methods=methods,
                   seeds=list(range(base.train.seed, base.train.seed + args.seeds)),
                   grid=parse_grid(args.grid or [], methods), out=out, search_overrides=list(args.search_set or []),
                   select=args.select, bn_policy=None if args.bn_policy == "per-method" else args.bn_policy)
     plan(study)  # builds every config: a bad grid or value fails here, before anything is created
-    if out.exists() and not out.is_dir():
-        raise _UsageError(f"--out {out} is a file, not a folder: choose another --out")
-    if out.exists() and any(out.iterdir()) and not args.resume:
-        raise _UsageError(f"{out} already exists and is not empty; it is never overwritten: choose another "
-                          "--out, or add --resume to finish the runs it holds")
-    out.mkdir(parents=True, exist_ok=True)
+
+    def prepare() -> None:
+        if out.exists() and not out.is_dir():
+            raise _UsageError(f"--out {out} is a file, not a folder: choose another --out")
+        if out.exists() and any(out.iterdir()) and not args.resume:
+            raise _UsageError(f"{out} already exists and is not empty; it is never overwritten: choose another "
+                              "--out, or add --resume to finish the runs it holds")
+        out.mkdir(parents=True, exist_ok=True)
+
+    from_rank0(prepare)
     result = run_study(study, jobs=args.jobs, echo=not args.quiet)
+    if not current().is_main:  # rank 0 writes the report; the others only trained with it
+        return 0
     summaries = result["summaries"]
     search = result["points"]
     print()
@@ -509,6 +534,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. optim.lr=0.05")
         p.add_argument("--data-dir", help="directory (or archive) holding the dataset (= --set data.dir=...)")
 
+    def distributed_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--dist-timeout", type=float, default=600.0, metavar="SECONDS",
+                       help="under torchrun (docs/distributed.md): how long a process waits for the others in a "
+                            "collective before it stops with an error (a peer that died or hangs)")
+
     def trained_run_options(p: argparse.ArgumentParser) -> None:  # commands that read a trained run
         p.add_argument("--data-dir", help="where the dataset is now, if it moved")
         p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
@@ -522,6 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="= --set train.seed=...")
     p.add_argument("--out", help="run directory (default runs/<config>-<method>-s<seed>-<time>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run exactly")
+    distributed_options(p)
     p.set_defaults(func=cmd_train)
 
     p = sub("eval", help="evaluate a run directory or checkpoint on the test split")
@@ -579,6 +610,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "threads split between them")
     p.add_argument("--quiet", action="store_true", help="no per-epoch lines (they are in each run's train.log)")
     p.add_argument("--command-line", help=argparse.SUPPRESS)
+    distributed_options(p)
     p.set_defaults(func=cmd_compare)
 
     p = sub("sharpness", help="Hessian and rho-ball sharpness of a trained model (eval-mode BN)")
@@ -630,6 +662,46 @@ def _check_outputs(args: argparse.Namespace) -> None:
             raise _UsageError(f"--{option} {value} is a folder: name a file, e.g. {Path(value) / ('out.' + ('json' if option == 'json' else 'png'))}")
 
 
+_DISTRIBUTED_COMMANDS = ("train", "compare")
+
+
+def _start_distributed(args: argparse.Namespace):
+    """Join torchrun's process group (train and compare only); other ranks' stdout is muted,
+    since rank 0 reports for the whole job."""
+    from .train import distributed
+
+    try:
+        context = distributed.launched()
+    except distributed.DistributedError as error:
+        raise _UsageError(str(error)) from None
+    if not context.enabled:
+        return context
+    if args.command not in _DISTRIBUTED_COMMANDS:
+        raise _UsageError(f"otmdr {args.command} runs in one process: launch it without torchrun (only train and "
+                          "compare train with several processes)")
+    if args.dist_timeout <= 0:
+        raise _UsageError("--dist-timeout must be > 0 seconds")
+    try:
+        context = distributed.init(args.dist_timeout)
+    except distributed.DistributedError as error:
+        raise _UsageError(str(error)) from None
+    if not context.is_main:
+        sys.stdout = open(os.devnull, "w")
+    return context
+
+
+def _lost_peer(error: BaseException) -> bool:
+    """A collective that failed because another process died, hung or closed its connection."""
+    import torch.distributed as dist
+
+    if isinstance(error, getattr(dist, "DistError", ())):
+        return True
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and any(
+        marker in text for marker in ("gloo", "nccl", "connection closed", "connection reset", "timed out",
+                                      "timeout", "processgroup", "broken pipe"))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .config import ConfigError
@@ -637,17 +709,40 @@ def main(argv: list[str] | None = None) -> int:
     from .eval.autoattack import MissingDependencyError
     from ._lock import FolderBusy
     from .train import CheckpointError, Preempted, RunDirError, TrainingError
+    from .train import distributed
+
+    context = distributed.Context()
+    finished = False
+
+    def report(error: BaseException, text: str) -> None:
+        """Rank 0 reports; another rank only what rank 0 may not know (its own failures)."""
+        if context.is_main:
+            print(text, file=sys.stderr)
+        elif not (getattr(error, "otmdr_from_rank0", False)
+                  or isinstance(error, (ConfigError, _UsageError, Preempted))):
+            print(text.replace("otmdr:", f"otmdr [rank {context.rank}]:", 1), file=sys.stderr)
 
     try:
         _check_outputs(args)
-        return args.func(args)
+        context = _start_distributed(args)
+        code = args.func(args)
+        finished = True
+        return code
     except Preempted as error:  # SIGTERM: a resumable checkpoint was written at a step boundary
         advice = " (rerun the same otmdr compare command with --resume)" if args.command == "compare" else ""
-        print(f"otmdr: {error}{advice}", file=sys.stderr)
+        report(error, f"otmdr: {error}{advice}")
         return 143
     except (ConfigError, DatasetError, CheckpointError, RunDirError, TrainingError, MissingDependencyError,
             FolderBusy, _UsageError) as error:
-        print(f"otmdr: error: {error}", file=sys.stderr)
+        report(error, f"otmdr: error: {error}")
+        return EXIT_ERROR
+    except RuntimeError as error:
+        if not (context.enabled and _lost_peer(error)):
+            raise
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"otmdr [rank {context.rank}]: error: another process of this torchrun job failed or stopped "
+              f"answering ({first[:200]}); this process stops too: the failing process's own message says why",
+              file=sys.stderr)
         return EXIT_ERROR
     except BrokenPipeError:  # e.g. `otmdr models | head`
         return 0
@@ -663,6 +758,25 @@ def main(argv: list[str] | None = None) -> int:
         print("\notmdr: interrupted; finished runs are kept: rerun the same command with --resume (compare) "
               "or otmdr train --resume RUN_DIR to continue", file=sys.stderr)
         return 130
+    finally:
+        if context.enabled:
+            _leave(finished)
+
+
+def _leave(finished: bool) -> None:
+    """Leave the process group. After success every rank first waits for the others, so none
+    tears the connections down while a peer still completes its last collective."""
+    from .train import distributed
+
+    try:
+        if finished:
+            import torch.distributed as dist
+
+            dist.barrier()
+    except RuntimeError:
+        pass
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ class DataConfig:
     val_fraction: float = 0.1  # of the training set, held out (seeded) for validation
     train_limit: int | None = None  # use a seeded subset of this many training images
     test_limit: int | None = None  # evaluate on a fixed random subset of N test images (otmdr.data.test_subset)
-    batch_size: int = 128
+    batch_size: int = 128  # the global batch: under torchrun split over the processes (divisible by their number)
     eval_batch_size: int = 512
     crop_padding: int = 0  # random crop with this zero padding
     flip: bool = False  # random horizontal flip
@@ -69,6 +69,7 @@ class OptimConfig:
 class SAMConfig:
     rho: float = 0.05  # radius, >= 0 (the measured radius equals it)
     bn_policy: str = "clean"  # ascent | clean | all | none: passes that update batch-norm statistics
+    sync_ascent: bool = False  # torchrun: all-reduce the ascent gradient (one shared neighbour) instead of per-process ones
 
 
 @dataclass
@@ -76,6 +77,7 @@ class ASAMConfig:
     rho: float = 0.5  # radius in the |theta|-rescaled space
     eta: float = 0.01  # T = |theta| + eta
     bn_policy: str = "clean"  # ascent | clean | all | none
+    sync_ascent: bool = False  # torchrun: all-reduce the ascent gradient (one shared neighbour) instead of per-process ones
 
 
 @dataclass
@@ -91,6 +93,10 @@ class OTMDRConfig:
     adaptive_eta: float = 0.0  # >= 0
     particles: int = 1  # K particles, each on its own random split (cost grows linearly)
     bn_policy: str = "ascent"  # ascent (the release) | clean | all | none
+    # torchrun: all-reduce the ascent gradients too (every process moves to the same neighbour,
+    # as one process with the global batch would); false: each process ascends on its own shard
+    # under no_sync (per-replica neighbours, SAM's m-sharpness) and only the final gradient is reduced
+    sync_ascent: bool = False  # torchrun: all-reduce the ascent gradients (false: per-process neighbours)
 
 
 def otmdr_options(section: OTMDRConfig) -> dict[str, Any]:
@@ -119,6 +125,7 @@ class TrainConfig:
     channels_last: bool = False
     progress: bool = True
     threads: int | None = None  # torch CPU threads (default: torch's choice)
+    sync_batchnorm: bool = False  # torchrun on CUDA: batch-norm statistics over the global batch (SyncBatchNorm)
 
 
 @dataclass

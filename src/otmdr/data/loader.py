@@ -71,11 +71,16 @@ class BatchLoader:
     Each ``iter()`` runs one epoch. An epoch left unfinished (``break``) is not resumed by the
     next ``iter()``, which starts the next epoch, as with ``torch.utils.data.DataLoader``; only
     ``load_state_dict`` resumes mid-epoch.
+
+    ``shard=(rank, world_size)`` (distributed training): ``batch_size`` stays the global batch,
+    every process computes the same order and yields its strided part of each batch (samples
+    ``rank, rank + world_size, ...``); the augmentation of that part is seeded from
+    ``(seed, epoch, batch, rank)``, so ranks draw different crops and the run stays reproducible.
     """
 
     def __init__(self, data: ImageData, spec: DatasetSpec, batch_size: int, *, shuffle: bool,
                  device: torch.device | str = "cpu", augment: Augment | None = None, drop_last: bool = False,
-                 seed: int = 0):
+                 seed: int = 0, shard: tuple[int, int] | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.device = torch.device(device)
@@ -88,6 +93,7 @@ class BatchLoader:
         self.augment = augment
         self.drop_last = bool(drop_last)
         self.seed = int(seed)
+        self.shard = None if shard is None or shard[1] <= 1 else (int(shard[0]), int(shard[1]))
         self.generator = torch.Generator(device=self.device)
         self._epoch = 0  # the epoch in progress, or the next one to run
         self._batch = 0  # batches of that epoch already handed out
@@ -129,9 +135,12 @@ class BatchLoader:
         bs = self.batch_size
         for b in range(start, len(self)):
             idx = order[b * bs:(b + 1) * bs]
+            if self.shard is not None:
+                idx = idx[self.shard[0]::self.shard[1]]
             x = to_float(self.images[idx], self.spec)
             if self.augment is not None and self.augment.active:
-                self.generator.manual_seed(_derive_seed(self.seed, epoch, b))
+                self.generator.manual_seed(_derive_seed(self.seed, epoch, b) if self.shard is None
+                                           else _derive_seed(self.seed, epoch, b, self.shard[0]))
                 x = self.augment(x, self.generator)
             self._batch = b + 1
             yield x, self.labels[idx]

@@ -455,7 +455,7 @@ class OTMDR(Optimizer):
             # Skip (through the scaler) if any ascent or the final gradient is non-finite: the
             # final gradient is poisoned so that scaler.step sees it, without a host sync here.
             final = F.global_norm(grads, foreach=self.foreach)
-            bad = ~torch.isfinite(final if self._norm_total is None else final + self._norm_total.to(final))
+            bad = self._agree(~torch.isfinite(final if self._norm_total is None else final + self._norm_total.to(final)))
             if grads:
                 grads[0].add_(torch.where(bad, float("nan"), 0.0).to(grads[0]))
             self.skipped = bad
@@ -475,12 +475,30 @@ class OTMDR(Optimizer):
         self._last_distance = (distances[0] if len(distances) == 1
                                else torch.stack([d.to(distances[-1].device) for d in distances]).mean())
 
+    def _agree(self, flags: Tensor) -> Tensor:
+        """Under DDP with local ascent passes, a non-finite ascent gradient is seen by one replica
+        only: the flags are OR-ed over the replicas (one tiny all-reduce, no host sync) so that
+        every replica skips, or raises at, the same step and the replicas stay identical."""
+        if self.config.sync_ascent or getattr(self.model, "no_sync", None) is None:
+            return flags
+        import torch.distributed as dist
+
+        if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() < 2:
+            return flags
+        agreed = flags.to(torch.uint8)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+        return agreed.bool()
+
     def _raise_if_nonfinite(self, grads: list[Tensor], loss: Tensor | None) -> None:
         final = F.global_norm(grads, foreach=self.foreach) if loss is None else loss.detach()
         total = final if self._norm_total is None else final + self._norm_total.to(final)
-        if not bool(torch.isfinite(total)):  # the one host sync of the step
-            ascent_ok = all(bool(torch.isfinite(n).all()) for n in self._norms)
-            where = "the final pass" if ascent_ok else "an ascent pass"
+        if bool(self._agree(~torch.isfinite(total))):  # the one host sync of the step
+            if not all(bool(torch.isfinite(n).all()) for n in self._norms):
+                where = "an ascent pass"
+            elif not bool(torch.isfinite(final)):
+                where = "the final pass"
+            else:
+                where = "another process's ascent pass"
             self._zero_grads()
             self._reset_step_state()
             raise FloatingPointError(

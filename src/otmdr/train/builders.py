@@ -49,7 +49,10 @@ class RunData:
     label_noise: dict[str, Any] | None = None
 
 
-def build_data(cfg: ExperimentConfig, device: torch.device) -> RunData:
+def build_data(cfg: ExperimentConfig, device: torch.device, shard: tuple[int, int] | None = None) -> RunData:
+    """The run's splits as loaders; ``shard=(rank, world_size)`` gives this process its part of
+    every global training batch (validation and test are never sharded: every process
+    evaluates the whole split, see docs/distributed.md)."""
     d = cfg.data
     spec = get_spec(d.name)
     full = load_split(d.name, "train", d.dir, cache_dir=d.cache_dir)
@@ -84,7 +87,8 @@ def build_data(cfg: ExperimentConfig, device: torch.device) -> RunData:
 
     def loader(data: ImageData, training: bool) -> BatchLoader:
         return BatchLoader(data, spec, d.batch_size if training else d.eval_batch_size, shuffle=training,
-                           device=device, augment=augment if training else None, seed=seed)
+                           device=device, augment=augment if training else None, seed=seed,
+                           shard=shard if training else None)
 
     return RunData(spec, loader(train, True), None if val is None else loader(val, False), loader(test, False),
                    full.classes, noise)
@@ -125,18 +129,25 @@ def param_groups(cfg: ExperimentConfig, model: nn.Module) -> list[dict[str, Any]
     return [{"params": list(model.parameters())}]
 
 
-def build_optimizer(cfg: ExperimentConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """SGD/Adam/AdamW itself for ``method: sgd``; otherwise SAM/ASAM/OT-MDR around that base."""
+def build_optimizer(cfg: ExperimentConfig, model: nn.Module, *, wrapper: nn.Module | None = None,
+                    seed: int | None = None) -> torch.optim.Optimizer:
+    """SGD/Adam/AdamW itself for ``method: sgd``; otherwise SAM/ASAM/OT-MDR around that base.
+
+    ``wrapper`` (a DistributedDataParallel around ``model``) is the module the optimizer runs its
+    passes through: its ``no_sync()`` keeps the ascent passes local unless ``sync_ascent``.
+    ``seed`` replaces ``train.seed`` for the optimizer's own generator (a per-process seed)."""
     o, base, kwargs = cfg.optim, BASES[cfg.optim.base], _base_kwargs(cfg)
     groups = param_groups(cfg, model)
     if o.method == "sgd":
         return base([{k: v for k, v in g.items() if k in ("params",)} for g in groups], **kwargs)
-    common = {"max_grad_norm": o.max_grad_norm, "seed": cfg.train.seed, "model": model}
+    common = {"max_grad_norm": o.max_grad_norm, "seed": cfg.train.seed if seed is None else seed,
+              "model": model if wrapper is None else wrapper}
     if o.method == "sam":
-        return SAM(groups, base, rho=cfg.sam.rho, bn_policy=cfg.sam.bn_policy, **common, **kwargs)
+        return SAM(groups, base, rho=cfg.sam.rho, bn_policy=cfg.sam.bn_policy, sync_ascent=cfg.sam.sync_ascent,
+                   **common, **kwargs)
     if o.method == "asam":
         return ASAM(groups, base, rho=cfg.asam.rho, adaptive_eta=cfg.asam.eta, bn_policy=cfg.asam.bn_policy,
-                    **common, **kwargs)
+                    sync_ascent=cfg.asam.sync_ascent, **common, **kwargs)
     return OTMDR(groups, base, **otmdr_options(cfg.otmdr), **common, **kwargs)
 
 

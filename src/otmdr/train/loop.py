@@ -32,6 +32,7 @@ from ..config import ExperimentConfig, comparable_config, config_from_dict, conf
 from ..eval import Prediction, classification_metrics, fit_temperature, predict, reliability
 from ..models import count_parameters
 from ..optim import OTMDR
+from . import distributed
 from .builders import build_data, build_model, build_optimizer, build_scheduler, select_device
 from .checkpoint import CheckpointError, CheckpointWriter, atomic_write_text, load_checkpoint
 
@@ -74,11 +75,13 @@ class _Epoch:
 
 
 def _loss_function(model: nn.Module, criterion: nn.Module, autocast: torch.dtype | None, device: torch.device,
-                   *, per_member: bool, kl_weight: float | None):
+                   *, per_member: bool, kl_weight: float | None, forward: nn.Module | None = None):
     """``loss_fn(batch) -> (loss, (log_probs_or_logits, loss_to_report))`` for the optimizers.
 
     Per-member ensembles sum the members' own losses (each member gets its full gradient) and
-    report their mean; Bayesian models add ``kl_weight * KL(q || prior)``.
+    report their mean; Bayesian models add ``kl_weight * KL(q || prior)``. ``forward`` (a
+    DistributedDataParallel wrapper) computes the outputs instead of ``model``, so that DDP sees
+    every forward pass.
     """
     from ..models.bayes import kl_divergence
 
@@ -86,7 +89,10 @@ def _loss_function(model: nn.Module, criterion: nn.Module, autocast: torch.dtype
         x, y = batch
         ctx = torch.autocast(device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
         with ctx:
-            out = model.member_logits(x) if per_member else model(x)
+            if forward is not None:
+                out = forward(x)
+            else:
+                out = model.member_logits(x) if per_member else model(x)
         if per_member:
             out = out.float()
             losses = torch.stack([criterion(member, y) for member in out])
@@ -172,7 +178,8 @@ def _train_epoch(model, optimizer, scheduler, scaler, loader, loss_fn, *, max_gr
                                     "seconds": time.perf_counter() - started})
         if bar is not None and (step % 10 == 9 or step == len(loader) - 1):
             mean_loss = float(loss_sum / seen)  # the progress bar's sync, every 10 steps
-            _check_finite(mean_loss, epoch, step)
+            if not distributed.current().enabled:  # distributed: checked at the epoch's end, by all ranks
+                _check_finite(mean_loss, epoch, step)
             elapsed = time.perf_counter() - started
             radius = {"radius": f"{float(perturbation) / (step + 1):.3f}"} if perturbing else {}
             bar.set_postfix(loss=f"{mean_loss:.4f}", acc=f"{float(correct) / float(seen):.3f}", **radius,
@@ -180,6 +187,13 @@ def _train_epoch(model, optimizer, scheduler, scaler, loader, loss_fn, *, max_gr
             bar.update(step + 1 - bar.n)
     if bar is not None:
         bar.close()
+    context = distributed.current()
+    if context.enabled:  # the epoch's statistics over every process's shards (float64: exact counts)
+        totals = distributed.sum_across(torch.stack([loss_sum.double(), correct.double(), seen.double(),
+                                                     perturbation.double(), torch.tensor(samples, device=device,
+                                                                                         dtype=torch.float64)]))
+        loss_sum, correct, seen = totals[0], totals[1], totals[2]
+        perturbation, samples = totals[3] / context.world_size, int(totals[4])
     mean_loss = float(loss_sum / seen)
     _check_finite(mean_loss, epoch, len(loader) - 1)
     return _Epoch(mean_loss, float(correct) / float(seen), float(perturbation) / len(loader),
@@ -238,41 +252,141 @@ def train(cfg: ExperimentConfig | None, run_dir: str | Path, *, resume: bool = F
     With ``resume`` the config saved in the run's last checkpoint is used (``cfg`` is ignored).
     SIGTERM (in the main thread) stops at the next step boundary after writing a resumable
     checkpoint and raises :class:`Preempted`.
+
+    Under torchrun every process calls this with the same arguments; only rank 0 reads and
+    writes ``run_dir`` and logs, and every process returns rank 0's summary.
     """
-    with folder_lock(run_dir), _sigterm_flag() as preempted, CheckpointWriter() as writer:
+    with contextlib.ExitStack() as stack:
+        distributed.from_rank0(lambda: stack.enter_context(folder_lock(run_dir)))
+        preempted = stack.enter_context(_sigterm_flag())
+        writer = stack.enter_context(CheckpointWriter())  # rank 0's writes; idle on the other ranks
         return _train(cfg, run_dir, resume=resume, log=log, preempted=preempted, writer=writer)
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def _rank_seed(seed: int, rank: int) -> int:
+    """A process's own seed (dropout, Bayesian weight samples, optimizer noise) in a
+    distributed run; reproducible, and different on every rank."""
+    from ..data.loader import _derive_seed
+
+    return _derive_seed(seed, rank, 0x0DD9) & 0x7FFF_FFFF_FFFF
+
+
+def _check_distributed(cfg: ExperimentConfig, context: distributed.Context) -> None:
+    """What a distributed launch needs of the config, checked before anything is written."""
+    from ..config import ConfigError
+
+    world = context.world_size
+    if cfg.data.batch_size % world:
+        raise ConfigError(f"config key data.batch_size: {cfg.data.batch_size} is the global batch and must be divisible "
+                          f"by the {world} processes of this launch (e.g. data.batch_size="
+                          f"{max(world, cfg.data.batch_size // world * world)})")
+    if cfg.train.device.startswith("cuda:"):
+        raise ConfigError(f"config key train.device: {cfg.train.device} under torchrun: every process uses its own "
+                          "GPU (cuda:LOCAL_RANK); use train.device=cuda or auto")
+    cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+    if cfg.train.sync_batchnorm and not cuda:
+        raise ConfigError("config key train.sync_batchnorm: SyncBatchNorm needs CUDA devices (PyTorch has no CPU "
+                          "version); set train.sync_batchnorm=false or train on GPUs")
+
+
+def _check_world(checkpoint: dict[str, Any], context: distributed.Context, path: Path) -> None:
+    saved = checkpoint.get("world_size", 1)
+    if saved != context.world_size:
+        how = ("without torchrun (or with --nproc_per_node 1)" if saved == 1
+               else f"with torchrun and {saved} processes in all (--nnodes x --nproc_per_node)")
+        raise CheckpointError(f"{path} was written by a run of {saved} process(es) and this launch has "
+                              f"{context.world_size}: resume it {how}, so that it continues exactly")
+
+
+def _replicate(cfg: ExperimentConfig, model: nn.Module, device: torch.device,
+               per_member: bool) -> tuple[nn.Module, nn.Module]:
+    """``(model, wrapper)``: the model (batch norm synchronised if asked) and the
+    DistributedDataParallel that runs its training passes (rank 0's weights on every rank)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if cfg.train.sync_batchnorm:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    target = _MemberLogits(model) if per_member else model
+    return model, DistributedDataParallel(target, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+class _MemberLogits(nn.Module):
+    """``forward`` = the ensemble's ``member_logits``: DDP only synchronises what runs through
+    its own forward."""
+
+    def __init__(self, ensemble: nn.Module):
+        super().__init__()
+        self.ensemble = ensemble
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.ensemble.member_logits(x)
+
+
+def _rank_state(optimizer, device: torch.device, partial: dict[str, Any] | None) -> dict[str, Any]:
+    """What differs between the processes of a distributed run and must survive a resume."""
+    generator = getattr(optimizer, "_generator", None)
+    return {"rng": {"cpu": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+            "optimizer_generator": generator.get_state() if generator is not None else None,
+            "partial_epoch": partial}
 
 
 def _train(cfg: ExperimentConfig | None, run_dir: str | Path, *, resume: bool, log: Callable[[str], None],
            preempted: list[bool], writer: CheckpointWriter) -> dict[str, Any]:
     run_dir = Path(run_dir)
+    context = distributed.current()
+    main = context.is_main
+    if not main:
+        log = _quiet  # rank 0 reports for the whole run
     checkpoint = None
     if resume:
-        checkpoint = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+        checkpoint = distributed.from_rank0(lambda: load_checkpoint(run_dir / "checkpoints" / "last.pt"))
         cfg = config_from_dict(checkpoint["config"])
-    else:
-        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        _check_world(checkpoint, context, run_dir / "checkpoints" / "last.pt")
+    if context.enabled:
+        _check_distributed(cfg, context)
+    if not resume:
+        distributed.from_rank0(lambda: atomic_write_text(run_dir / "config.yaml",
+                                                         yaml.safe_dump(config_to_dict(cfg), sort_keys=False)))
     if cfg.train.threads is not None:
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
-    device = select_device(cfg.train.device)
+    device = distributed.device_for(select_device(cfg.train.device))
     autocast = AUTOCAST[cfg.train.precision]
-    data = build_data(cfg, device)
+    data = build_data(cfg, device, shard=(context.rank, context.world_size) if context.enabled else None)
+    if context.enabled and 0 < data.train.num_samples % cfg.data.batch_size < context.world_size:
+        from ..config import ConfigError
+
+        raise ConfigError(f"config key data.batch_size: the last batch of every epoch would hold "
+                          f"{data.train.num_samples % cfg.data.batch_size} training image(s), fewer than the "
+                          f"{context.world_size} processes: change data.batch_size or data.train_limit")
     model = build_model(cfg, data.spec).to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(cfg, model)
+    from ..models.ensemble import Ensemble
+
+    per_member = cfg.ensemble.regime == "per-member" and isinstance(model, Ensemble)
+    wrapper, optimizer_seed = None, None
+    if context.enabled:
+        model, wrapper = _replicate(cfg, model, device, per_member)
+        torch.manual_seed(_rank_seed(cfg.train.seed, context.rank))
+        section = {"sam": cfg.sam, "asam": cfg.asam, "otmdr": cfg.otmdr}.get(cfg.optim.method)
+        if section is not None and not section.sync_ascent:  # one shared neighbour needs one noise draw
+            optimizer_seed = _rank_seed(cfg.train.seed, context.rank)
+    optimizer = build_optimizer(cfg, model, wrapper=wrapper, seed=optimizer_seed)
     scheduler = build_scheduler(cfg, optimizer, len(data.train))
     scaler = torch.amp.GradScaler(device.type) if cfg.train.precision == "fp16" else None
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
     from ..models.bayes import is_bayesian
-    from ..models.ensemble import Ensemble
 
-    per_member = cfg.ensemble.regime == "per-member" and isinstance(model, Ensemble)
     bayesian = is_bayesian(model)
     samples = cfg.bayes.test_samples if bayesian else 1
     loss_fn = _loss_function(model, criterion, autocast, device, per_member=per_member,
-                             kl_weight=cfg.bayes.kl_weight if bayesian else None)
+                             kl_weight=cfg.bayes.kl_weight if bayesian else None, forward=wrapper)
     log(_describe_run(cfg, model, data, device))
     start_epoch, best, history = 0, -1.0, []
     if checkpoint is not None:
@@ -287,17 +401,22 @@ def _train(cfg: ExperimentConfig | None, run_dir: str | Path, *, resume: bool, l
         if scaler is not None and checkpoint.get("scaler"):
             scaler.load_state_dict(checkpoint["scaler"])
         data.train.load_state_dict(checkpoint["loader"])
-        torch.set_rng_state(checkpoint["rng"]["cpu"])
-        if device.type == "cuda" and checkpoint["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)
+        mine = checkpoint["ranks"][context.rank] if context.enabled else checkpoint
+        torch.set_rng_state(mine["rng"]["cpu"])
+        if device.type == "cuda" and mine["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(mine["rng"]["cuda"], device)
+        if context.enabled and mine.get("optimizer_generator") is not None:
+            optimizer._generator.set_state(mine["optimizer_generator"])
         start_epoch, best, history = checkpoint["epoch"], checkpoint["best"], checkpoint["history"]
-        _remove_leftovers(run_dir)
-        if history:  # a kill between the checkpoint and the metrics write lost the last rows
-            _write_history(run_dir, history)
+        if main:
+            _remove_leftovers(run_dir)
+            if history:  # a kill between the checkpoint and the metrics write lost the last rows
+                _write_history(run_dir, history)
         log(f"resuming {run_dir} after epoch {start_epoch}")
 
-    def state(epoch: int) -> dict[str, Any]:
-        return {
+    def state(epoch: int, ranks: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        extra = {"world_size": context.world_size, "ranks": ranks} if context.enabled else {}
+        return extra | {
             "config": config_to_dict(cfg), "epoch": epoch, "best": best, "history": history,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None, "loader": data.train.state_dict(),
@@ -312,19 +431,33 @@ def _train(cfg: ExperimentConfig | None, run_dir: str | Path, *, resume: bool, l
     for row in history:
         for kind, warning in _health_warnings(cfg, row, nominal, data.spec.num_classes).items():
             warned.setdefault(kind, warning)
-    partial = checkpoint.get("partial_epoch") if checkpoint is not None else None
-    if preempted[0]:  # SIGTERM while setting up: nothing new to save
+    partial = None
+    if checkpoint is not None:
+        partial = (checkpoint["ranks"][context.rank] if context.enabled else checkpoint).get("partial_epoch")
+
+    def stop_requested() -> bool:  # a SIGTERM to any process stops them all at the same step
+        return distributed.any_rank(preempted[0]) if context.enabled else preempted[0]
+
+    def ranks_state(stopped: dict[str, Any] | None = None) -> list[dict[str, Any]] | None:
+        return distributed.gather_to_rank0(_rank_state(optimizer, device, stopped)) if context.enabled else None
+
+    if stop_requested():  # SIGTERM while setting up: nothing new to save
         raise Preempted(f"preempted (SIGTERM) before training started; continue with: otmdr train --resume {run_dir}")
     for epoch in range(start_epoch, cfg.train.epochs):
         try:
             stats = _train_epoch(model, optimizer, scheduler, scaler, data.train, loss_fn,
-                                 max_grad_norm=cfg.optim.max_grad_norm, progress=cfg.train.progress,
+                                 max_grad_norm=cfg.optim.max_grad_norm, progress=cfg.train.progress and main,
                                  epoch=epoch, epochs=cfg.train.epochs, partial=partial,
-                                 should_stop=lambda: preempted[0])
+                                 should_stop=stop_requested)
             partial = None
         except _StoppedMidEpoch as stop:
-            writer.save({**state(epoch), "partial_epoch": stop.partial}, run_dir / "checkpoints" / "last.pt")
-            writer.flush()
+            ranks = ranks_state(stop.partial)
+
+            def write_partial() -> None:
+                writer.save({**state(epoch, ranks), "partial_epoch": stop.partial}, run_dir / "checkpoints" / "last.pt")
+                writer.flush()
+
+            distributed.from_rank0(write_partial)
             raise Preempted(f"preempted (SIGTERM) in epoch {epoch + 1} after step {data.train.state_dict()['batch']}: "
                             f"checkpoint written; continue with: otmdr train --resume {run_dir}") from None
         except FloatingPointError as error:
@@ -337,21 +470,29 @@ def _train(cfg: ExperimentConfig | None, run_dir: str | Path, *, resume: bool, l
                                "train_loss": stats.loss, "train_accuracy": stats.accuracy,
                                "perturbation_norm": stats.perturbation, "seconds": stats.seconds,
                                "images_per_second": stats.samples / stats.seconds}
+        distributed.sync_buffers(model)  # every replica now holds rank 0's batch-norm statistics
         if data.val is not None:
             val, _ = evaluate_split(model, data.val, autocast=autocast, n_bins=n_bins, samples=samples)
             row.update({f"val_{k}": v for k, v in val.items() if k != "ece_bins"})
+        if context.enabled:  # rank 0's row decides for all (a BNN's predictive samples differ per rank)
+            row = distributed.broadcast_object(row)
         history.append(row)
         score = row.get("val_accuracy", -stats.loss)
         improved = score > best
         best = max(best, score)
         # best.pt before last.pt: a kill between the two repeats this epoch on resume, which
         # rewrites the same best.pt, instead of leaving a stale one behind
-        if improved:  # the same state twice: last.pt becomes a link to the new best.pt, not a second write
-            writer.save(state(epoch + 1), run_dir / "checkpoints" / "best.pt")
-            writer.link(run_dir / "checkpoints" / "best.pt", run_dir / "checkpoints" / "last.pt")
-        else:
-            writer.save(state(epoch + 1), run_dir / "checkpoints" / "last.pt")
-        _write_history(run_dir, history, writer)
+        ranks = ranks_state()
+
+        def write(epoch: int = epoch, improved: bool = improved, ranks=ranks) -> None:
+            if improved:  # the same state twice: last.pt becomes a link to the new best.pt, not a second write
+                writer.save(state(epoch + 1, ranks), run_dir / "checkpoints" / "best.pt")
+                writer.link(run_dir / "checkpoints" / "best.pt", run_dir / "checkpoints" / "last.pt")
+            else:
+                writer.save(state(epoch + 1, ranks), run_dir / "checkpoints" / "last.pt")
+            _write_history(run_dir, history, writer)
+
+        distributed.from_rank0(write)
         val_text = f" val acc {row['val_accuracy']:.4f} nll {row['val_nll']:.4f}" if data.val is not None else ""
         radius_text = f" radius {stats.perturbation:.3f} (nominal {nominal:.3f})" if nominal else ""
         log(f"epoch {epoch + 1}/{cfg.train.epochs}: train loss {stats.loss:.4f} acc {stats.accuracy:.4f}"
@@ -360,18 +501,24 @@ def _train(cfg: ExperimentConfig | None, run_dir: str | Path, *, resume: bool, l
             if kind not in warned:  # each kind once: the first epoch it shows
                 warned[kind] = warning
                 log(f"warning: {warning}")
-        if preempted[0] and epoch + 1 < cfg.train.epochs:  # SIGTERM during validation or saving
-            writer.flush()
+        if stop_requested() and epoch + 1 < cfg.train.epochs:  # SIGTERM during validation or saving
+            distributed.from_rank0(writer.flush)
             raise Preempted(f"preempted (SIGTERM) after epoch {epoch + 1}: checkpoint written; continue "
                             f"with: otmdr train --resume {run_dir}")
 
-    writer.flush()  # best.pt is read back below, and the run is done only when its files are on disk
+    distributed.from_rank0(writer.flush)  # best.pt is read back below; the run is done when its files are on disk
+    # every process evaluates (the same weights: no process waits on another for minutes, which
+    # a collective's timeout would turn into a failure); rank 0's numbers are written and returned
     summary = _final_evaluation(cfg, model, optimizer, data, history)
     if warned:
         summary["warnings"] = list(warned.values())
-    summary["early_stopped"] = _early_stopped_evaluation(cfg, model, data, run_dir / "checkpoints" / "best.pt")
-    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
-    return summary
+    best_path = run_dir / "checkpoints" / "best.pt"
+    best_state = None
+    if data.val is not None:
+        best_state = distributed.from_rank0(lambda: load_checkpoint(best_path) if best_path.is_file() else None)
+    summary["early_stopped"] = _early_stopped_evaluation(cfg, model, data, best_state)
+    distributed.from_rank0(lambda: atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2)))
+    return distributed.broadcast_object(summary)
 
 
 @contextlib.contextmanager
@@ -402,8 +549,13 @@ def _describe_run(cfg: ExperimentConfig, model: nn.Module, data, device: torch.d
     sizes = f"{data.train.num_samples:,} train / {data.val.num_samples if data.val else 0:,} val / " \
             f"{data.test.num_samples:,} test"
     noise = f", {100 * cfg.data.label_noise:.0f}% {cfg.data.label_noise_kind} label noise" if cfg.data.label_noise else ""
+    context = distributed.current()
+    where = f"device {device}"
+    if context.enabled:
+        where = (f"{context.world_size} processes ({device.type}), global batch {cfg.data.batch_size} = "
+                 f"{context.world_size} x {cfg.data.batch_size // context.world_size}")
     return (f"training {cfg.model.name} ({count_parameters(model):,} parameters) with {method}, lr {o.lr}, "
-            f"{cfg.train.epochs} epochs, on {cfg.data.name} ({sizes}{noise}), device {device}, {cfg.train.precision}")
+            f"{cfg.train.epochs} epochs, on {cfg.data.name} ({sizes}{noise}), {where}, {cfg.train.precision}")
 
 
 def nominal_radius(cfg: ExperimentConfig) -> float:
@@ -485,14 +637,13 @@ def _final_evaluation(cfg, model, optimizer, data, history) -> dict[str, Any]:
     return summary
 
 
-def _early_stopped_evaluation(cfg, model, data, best_path: Path) -> dict[str, Any] | None:
-    """Test metrics of the checkpoint of the best validation epoch: early stopping, the standard
-    defence against label noise, so every comparison also reports it. Loads into ``model``."""
-    if data.val is None or not best_path.is_file():
+def _early_stopped_evaluation(cfg, model, data, best: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Test metrics of ``best``, the checkpoint of the best validation epoch: early stopping, the
+    standard defence against label noise, so every comparison also reports it. Loads into ``model``."""
+    if data.val is None or best is None:
         return None
     from ..models.bayes import is_bayesian
 
-    best = load_checkpoint(best_path)
     model.load_state_dict(best["model"])
     test, _ = evaluate_split(model, data.test, autocast=AUTOCAST[cfg.train.precision], n_bins=cfg.eval.ece_bins,
                              samples=cfg.bayes.test_samples if is_bayesian(model) else 1)

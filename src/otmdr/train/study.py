@@ -17,6 +17,7 @@ independent runs in parallel processes, the CPU threads split between them.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import math
@@ -38,6 +39,7 @@ import yaml
 
 from .._lock import folder_lock
 from ..config import ConfigError, ExperimentConfig, comparable_config, config_from_dict, config_to_dict, load_config
+from . import distributed
 from .grid import GridPoint
 from .loop import Preempted, RunDirError, TrainingError, prepare_run_dir, train
 
@@ -166,9 +168,12 @@ def _train_one(config: dict[str, Any], run_dir: str, resume: bool, threads: int 
     if threads is not None:
         cfg.train.threads = threads
     path = Path(run_dir)
-    prepare_run_dir(path, resume=resume)
-    with open(path / "train.log", "a") as log_file:
+    distributed.from_rank0(lambda: prepare_run_dir(path, resume=resume))
+    main = distributed.current().is_main
+    with open(path / "train.log", "a") if main else contextlib.nullcontext() as log_file:
         def log(line: str) -> None:
+            if log_file is None:  # torchrun: rank 0 writes the log
+                return
             log_file.write(line + "\n")
             log_file.flush()
             if echo and line.startswith(("epoch ", "warning:")):
@@ -216,9 +221,13 @@ def execute(runs: list[Run], *, jobs: int = 1, log: Callable[[str], None] = prin
     ``echo`` prints every epoch line, prefixed by its run, as it happens."""
     pending = []
     for run in runs:
-        state = _state(run)
+        def look(run: Run = run) -> tuple[str, dict | None]:  # torchrun: rank 0 looks, every rank follows
+            state = _state(run)
+            return state, json.loads((run.run_dir / "summary.json").read_text()) if state == "done" else None
+
+        state, summary = distributed.from_rank0(look)
         if state == "done":
-            run.summary = json.loads((run.run_dir / "summary.json").read_text())
+            run.summary = summary
         else:
             pending.append((run, state == "resume"))
     reused = len(runs) - len(pending)
@@ -313,7 +322,8 @@ def run_study(study: Study, *, jobs: int = 1, log: Callable[[str], None] = print
     the final runs per method, the chosen point per method, the search runs and, for reports, one
     plain dict per grid point (``points``: setting, validation score, measured radius, chosen)."""
     search, finals = plan(study)
-    with folder_lock(study.out, "compare"):
+    with contextlib.ExitStack() as stack:
+        distributed.from_rank0(lambda: stack.enter_context(folder_lock(study.out, "compare")))
         return _run(study, search, finals, jobs=jobs, log=log, echo=echo)
 
 

@@ -1,0 +1,272 @@
+"""``otmdr train`` with 2 processes (gloo on CPU), the way torchrun runs it: every process calls
+the CLI entry point with torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*).
+
+Robust on a loaded 2-core CI machine (as tests/test_ddp.py): loopback only, one thread per
+process, a bounded --dist-timeout and a bounded join, tiny runs (digits MLP, 192 training images).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from otmdr.cli import main
+from otmdr.config import load_config
+from otmdr.train import distributed
+from otmdr.train.builders import build_data
+from otmdr.train.loop import _check_distributed, _check_world, evaluate_model, load_run
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32" or not torch.distributed.is_available(),
+                                reason="POSIX signals and torch.distributed")
+
+# 256 images, a quarter for validation: 192 training images = 6 global batches of 32 (3 epochs)
+TINY = ["data.name=digits", "data.train_limit=256", "data.val_fraction=0.25", "data.batch_size=32",
+        "model.name=mlp", "model.options={hidden: [32], batch_norm: true}", "optim.lr=0.05", "train.epochs=3",
+        "train.threads=1", "train.progress=false", "optim.method=otmdr"]
+# per-rank randomness that a resume must restore: crops and the optimizer's Langevin noise
+RANDOM = ["data.crop_padding=1", "otmdr.noise_std=0.001"]
+TIMING = {"seconds", "images_per_second"}
+JOIN_SECONDS = 240  # a lost peer must end the job well before this; a hang fails the test
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, argv: list[str], out: str, hook: dict | None) -> None:
+    """One torchrun process: its environment, then the CLI entry point in-process."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    torch.set_num_threads(1)
+    sys.stderr = open(Path(out) / f"stderr{rank}", "w", buffering=1)
+    from otmdr.optim import OTMDR
+    from otmdr.train import loop
+
+    if hook and hook["rank"] == rank:  # SIGTERM to (or an exception in) this rank only, at a given step
+        original, calls = OTMDR.step, [0]
+
+        def step(self, *args, **kwargs):
+            calls[0] += 1
+            if calls[0] == hook["step"]:
+                if hook["what"] == "sigterm":
+                    os.kill(os.getpid(), signal.SIGTERM)
+                else:
+                    raise RuntimeError("injected failure")
+            return original(self, *args, **kwargs)
+
+        OTMDR.step = step
+    evaluate = loop._final_evaluation
+
+    def final_evaluation(cfg, model, optimizer, data, history):  # every replica's weights and buffers
+        flat = torch.cat([t.detach().double().flatten() for t in model.state_dict().values()])
+        (Path(out) / f"replica{rank}.pt").write_bytes(_bytes(flat))
+        return evaluate(cfg, model, optimizer, data, history)
+
+    loop._final_evaluation = final_evaluation
+    try:
+        code = main(argv + ["--dist-timeout", "60"])
+    except SystemExit as exit:
+        code = exit.code
+    (Path(out) / f"rc{rank}").write_text(str(code))
+
+
+def _bytes(t: torch.Tensor) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(t, buffer)
+    return buffer.getvalue()
+
+
+_CONTEXT = None
+
+
+def _processes():
+    """Fresh processes (never a fork of this threaded pytest process) that start in milliseconds:
+    forked from a forkserver that imported torch and otmdr once, before any thread existed."""
+    global _CONTEXT
+    if _CONTEXT is None:
+        _CONTEXT = multiprocessing.get_context("forkserver")
+        # what a launch would import otherwise, seconds each on a loaded machine: DDP's constructor
+        # imports torch._dynamo, the digits dataset scikit-learn, a compare report matplotlib
+        _CONTEXT.set_forkserver_preload(["torch", "torch.distributed", "torch.nn.parallel", "torch._dynamo",
+                                         "sklearn.datasets", "sklearn.model_selection", "otmdr.cli",
+                                         "otmdr.train.loop", "otmdr.train.study", "otmdr.data", "otmdr.report.plots"])
+    return _CONTEXT
+
+
+def _launch(tmp: Path, argv: list[str], hook: dict | None = None, world: int = 2) -> list[tuple[int, str]]:
+    """``world`` processes of ``otmdr ARGV``; each one's (exit status, stderr)."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    context = _processes()
+    port = _free_port()
+    processes = [context.Process(target=_worker, args=(rank, world, port, argv, str(tmp), hook))
+                 for rank in range(world)]
+    for p in processes:
+        p.start()
+    for p in processes:
+        p.join(JOIN_SECONDS)
+    alive = [p for p in processes if p.is_alive()]
+    for p in alive:
+        p.kill()
+    assert not alive, "a process hung instead of exiting"
+    results = []
+    for rank in range(world):
+        rc = tmp / f"rc{rank}"
+        results.append((int(rc.read_text()) if rc.is_file() else processes[rank].exitcode,
+                        (tmp / f"stderr{rank}").read_text()))
+    return results
+
+
+def _train_argv(run: Path, extra: list[str]) -> list[str]:
+    argv = ["train", "--out", str(run)]
+    for item in TINY + extra:
+        argv += ["--set", item]
+    return argv
+
+
+def _rows(run: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING}
+            for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / "checkpoints" / "last.pt", weights_only=False)["model"]
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory) -> Path:
+    """One uninterrupted 2-process run (local ascent passes, per-rank crops and noise, batch norm)."""
+    tmp = tmp_path_factory.mktemp("ddp-cli")
+    results = _launch(tmp / "procs", _train_argv(tmp / "run", RANDOM))
+    assert [rc for rc, _ in results] == [0, 0], results
+    return tmp
+
+
+def test_two_processes_train_identical_replicas_and_rank0_writes(two_process_run):
+    run = two_process_run / "run"
+    replicas = [torch.load(two_process_run / "procs" / f"replica{r}.pt") for r in range(2)]
+    assert torch.equal(replicas[0], replicas[1])  # parameters and batch-norm buffers
+    checkpoint = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
+    assert checkpoint["world_size"] == 2 and len(checkpoint["ranks"]) == 2
+    assert not torch.equal(checkpoint["ranks"][0]["rng"]["cpu"], checkpoint["ranks"][1]["rng"]["cpu"])
+    assert sorted(p.name for p in run.iterdir()) == [".lock", "checkpoints", "config.yaml", "metrics.csv",
+                                                     "metrics.jsonl", "summary.json"]
+    rows = _rows(run)
+    assert len(rows) == 3 and rows[-1]["train_loss"] < rows[0]["train_loss"]
+
+
+def test_evaluation_equals_a_single_process_evaluation_of_the_weights(two_process_run):
+    run = two_process_run / "run"
+    cfg, model, _ = load_run(run, device="cpu")
+    single = evaluate_model(cfg, model, build_data(cfg, torch.device("cpu")))
+    assert json.loads((run / "summary.json").read_text())["test"] == single["test"]
+
+
+def test_sigterm_to_one_rank_then_resume_equals_the_uninterrupted_run(two_process_run, tmp_path):
+    run = tmp_path / "run"
+    # step 8 of 18: mid-epoch 2; the signal reaches rank 1 only, both stop at the same step
+    stopped = _launch(tmp_path / "stop", _train_argv(run, RANDOM), {"rank": 1, "step": 8, "what": "sigterm"})
+    assert [rc for rc, _ in stopped] == [143, 143], stopped
+    assert f"otmdr train --resume {run}" in stopped[0][1] and stopped[1][1] == ""  # rank 0 speaks for all
+    assert "partial_epoch" in torch.load(run / "checkpoints" / "last.pt", weights_only=False)
+    resumed = _launch(tmp_path / "resume", ["train", "--resume", str(run)])
+    assert [rc for rc, _ in resumed] == [0, 0], resumed
+    reference = two_process_run / "run"
+    a, b = _weights(reference), _weights(run)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _rows(run) == _rows(reference)
+    assert json.loads((run / "summary.json").read_text())["test"] == json.loads(
+        (reference / "summary.json").read_text())["test"]
+
+
+def test_sync_ascent_on_two_half_shards_equals_one_process_on_the_global_batch(tmp_path):
+    sync = ["otmdr.sync_ascent=true", "model.options={hidden: [32]}"]  # no batch norm, no per-rank randomness
+    results = _launch(tmp_path / "procs", _train_argv(tmp_path / "two", sync))
+    assert [rc for rc, _ in results] == [0, 0], results
+    assert main(_train_argv(tmp_path / "one", sync)) == 0
+    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
+    one, two = _rows(tmp_path / "one"), _rows(tmp_path / "two")
+    assert [r["val_accuracy"] for r in one] == [r["val_accuracy"] for r in two]
+
+
+def test_a_failing_rank_ends_the_whole_job_with_a_message(tmp_path):
+    results = _launch(tmp_path / "procs", _train_argv(tmp_path / "run", []), {"rank": 1, "step": 2, "what": "raise"})
+    (rc0, err0), (rc1, err1) = results
+    assert rc1 != 0 and "injected failure" in err1
+    assert rc0 == 2 and "otmdr [rank 0]: error: another process of this torchrun job failed" in err0
+    assert "Traceback" not in err0
+
+
+def test_compare_trains_each_run_on_both_processes_and_rank0_reports(tmp_path):
+    out = tmp_path / "compare"
+    argv = ["compare", "--methods", "sgd,otmdr", "--seeds", "1", "--out", str(out), "--quiet"]
+    for item in TINY:
+        argv += ["--set", item]
+    results = _launch(tmp_path / "procs", argv)
+    assert [rc for rc, _ in results] == [0, 0], results
+    assert (out / "report.md").is_file() and len(json.loads((out / "summaries.json").read_text())) == 2
+    again = _launch(tmp_path / "again", argv + ["--resume"])  # every run reused: rank 0 decides for both
+    assert [rc for rc, _ in again] == [0, 0], again
+    refused = _launch(tmp_path / "jobs", argv + ["--resume", "--jobs", "2"])
+    assert [rc for rc, _ in refused] == [2, 2] and "--jobs > 1 under torchrun" in refused[0][1]
+    assert refused[1][1] == ""
+
+
+# ---------------------------------------------------------------------------- no processes needed
+def test_launch_environment_and_strided_shards():
+    assert distributed.launched({}) == distributed.Context(0, 1, 0)
+    assert distributed.launched({"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}).enabled
+    with pytest.raises(distributed.DistributedError):
+        distributed.launched({"RANK": "4", "WORLD_SIZE": "4"})
+    x, y = torch.arange(10), torch.arange(10) * 2
+    shards = [distributed.shard((x, y), distributed.Context(r, 2, r)) for r in range(2)]
+    assert shards[0][0].tolist() == [0, 2, 4, 6, 8] and shards[1][1].tolist() == [2, 6, 10, 14, 18]
+    # the first half of every shard together is the first half of the global batch (OT-MDR's parts)
+    assert sorted(shards[0][0][:2].tolist() + shards[1][0][:2].tolist()) == [0, 1, 2, 3]
+
+
+def test_sharded_loader_splits_each_global_batch_and_one_process_is_unchanged():
+    cfg = load_config(None, TINY)
+    whole = build_data(cfg, torch.device("cpu")).train
+    parts = [build_data(cfg, torch.device("cpu"), shard=(r, 2)).train for r in range(2)]
+    assert len(parts[0]) == len(whole)
+    for (xw, yw), (x0, y0), (x1, y1) in zip(whole, *parts):
+        assert torch.equal(yw[0::2], y0) and torch.equal(yw[1::2], y1) and torch.equal(xw[1::2], x1)
+
+
+def test_distributed_config_problems_are_one_line_config_errors():
+    from otmdr.config import ConfigError
+    from otmdr.train import CheckpointError
+
+    two = distributed.Context(0, 2, 0)
+    with pytest.raises(ConfigError, match="data.batch_size: 33 is the global batch and must be divisible"):
+        _check_distributed(load_config(None, ["data.batch_size=33"]), two)
+    with pytest.raises(ConfigError, match="cuda:LOCAL_RANK"):
+        _check_distributed(load_config(None, ["train.device=cuda:1"]), two)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="SyncBatchNorm needs CUDA"):
+            _check_distributed(load_config(None, ["train.sync_batchnorm=true", "train.device=cpu"]), two)
+    with pytest.raises(CheckpointError, match="written by a run of 1 process"):
+        _check_world({}, two, Path("last.pt"))
+    with pytest.raises(ConfigError, match="otmdr.sync_ascent: expected true or false"):
+        load_config(None, ["otmdr.sync_ascent=maybe"])
+
+
+def test_commands_other_than_train_and_compare_refuse_torchrun(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert main(["config"]) == 2
+    assert "otmdr config runs in one process" in capsys.readouterr().err
