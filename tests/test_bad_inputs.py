@@ -169,7 +169,7 @@ def test_filesystem_errors_while_writing_are_one_line(tmp_path, capsys, monkeypa
     tests run as root on some machines, where permissions do not bind)."""
     import otmdr._atomic as atomic
 
-    def failing(path, write):
+    def failing(path, write, **options):  # options: durable=
         raise OSError(code, words, str(path))
 
     monkeypatch.setattr(atomic, "atomic_write", failing)
