@@ -83,20 +83,36 @@ def _tasks(args: argparse.Namespace, groups: dict[str, list[Path]], out: Path) -
 
 def _find_runs(specs: list[str]) -> dict[str, list[Path]]:
     """``DIR`` or ``DIR=LABEL`` compare folders -> {method label: finished run dirs}, in the
-    folders' method order (``LABEL`` prefixes the method names of that folder)."""
+    folders' method order (``LABEL`` prefixes the method names of that folder). The runs are the
+    final runs of each method's chosen setting: after a grid search without a search budget of
+    its own, the first seed's final run is the chosen point's search run (``search/...``, named in
+    ``search.json``), so it is taken from there."""
     groups: dict[str, list[Path]] = {}
     for spec in specs:
         folder, _, prefix = spec.partition("=")
-        runs = sorted(p.parent for p in Path(folder).glob("*/summary.json"))
-        if not runs:
-            sys.exit(f"{folder}: no finished runs (*/summary.json)")
+        found: dict[str, dict[int, Path]] = {}  # folder-style method name -> seed -> run
+        for summary in Path(folder).glob("*/summary.json"):
+            match = re.fullmatch(r"(.+)-seed(\d+)", summary.parent.name)
+            if match:
+                found.setdefault(match.group(1), {})[int(match.group(2))] = summary.parent
+        search = Path(folder) / "search.json"
+        for point in json.loads(search.read_text()) if search.is_file() else []:
+            if not point.get("chosen"):
+                continue
+            run = Path(point["run_dir"])
+            if not (run / "summary.json").is_file():  # recorded relative to where compare ran
+                run = Path(folder) / "search" / run.name
+            name = point["method"].replace("/", "-")
+            if (run / "summary.json").is_file() and point["seed"] not in found.get(name, {}):
+                found.setdefault(name, {})[point["seed"]] = run
+        if not found:
+            sys.exit(f"{folder}: no finished runs (*/summary.json, or chosen search runs in search.json)")
         summaries = Path(folder) / "summaries.json"
         order = list(json.loads(summaries.read_text())) if summaries.is_file() else []
-        names = sorted({re.sub(r"-seed\d+$", "", r.name) for r in runs},
-                       key=lambda n: order.index(n.replace("-", "/", 1)) if n.replace("-", "/", 1) in order
+        names = sorted(found, key=lambda n: order.index(n.replace("-", "/", 1)) if n.replace("-", "/", 1) in order
                        else order.index(n) if n in order else len(order))
         for name in names:
-            groups[f"{prefix} {name}" if prefix else name] = [r for r in runs if re.sub(r"-seed\d+$", "", r.name) == name]
+            groups[f"{prefix} {name}" if prefix else name] = [found[name][seed] for seed in sorted(found[name])]
     return groups
 
 

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Tuned Bayesian networks (issue 10): mean-field Gaussian LeNet (configs/bnn-fashion-mnist.yaml:
+# 10,000-image Fashion-MNIST subset, 9,500 train / 500 validation, 2,000 test images, Adam 1e-3,
+# KL weight 5e-6, 30-sample predictive, ECE with 20 bins) for 20 epochs (in a 24-epoch SGVB probe
+# the validation accuracy rose to 87-88% by epoch 19 and then stayed there, while the validation NLL
+# still fell slowly: near, not at, convergence), clean labels, then 40% symmetric
+# label noise. SGVB (sgd), flat SGVB (sam: SAM on the means) and OT-MDR on the
+# means, paired 95% intervals against SGVB and flat SGVB over 3 seeds; accuracy, NLL and ECE of the
+# 30-sample predictive, final and early-stopped. Chosen on the validation split:
+#   sam     rho 0.001, 0.005 (the release's), 0.02
+#   otmdr   rho [0.001,0.002], [0.0025,0.005], [0.005,0.01] (the release's)
+#           x noise_std 0, 1e-4, 1e-3 (per coordinate: at the release's 0.01 the noise's norm is
+#           ~5.5 on this network against rho1 + rho2 = 0.015, so it, not rho, sets the radius)
+# Batch-norm statistics from the clean pass only (--bn-policy clean, the release's BNN step).
+# The search runs train the full budget at the first seed; the chosen point's search run is that
+# seed's final run. Resumable: rerun the same command after a kill (finished runs are reused).
+#
+#   benchmarks/evidence/bnn_fashion_mnist.sh DATA_DIR [JOBS]
+#
+# Environment: OTMDR (the otmdr command, default .venv/bin/otmdr), PYTHON (default
+# .venv/bin/python), EVIDENCE_DIR (default runs/evidence), SMOKE=1: the same grids and commands at a
+# toy size (1 epoch, 500 training / 200 test images, 2 seeds, 5-sample predictive) into
+# ${TMPDIR:-/tmp}/otmdr-evidence-smoke, to check the script end to end in a few minutes.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+DATA=${1:?usage: $0 DATA_DIR_WITH_FASHION_MNIST_IDX_FILES [JOBS]}
+JOBS=${2:-2}
+OTMDR=${OTMDR:-.venv/bin/otmdr}
+PYTHON=${PYTHON:-.venv/bin/python}
+EPOCHS=20
+SEEDS=3
+SIZE=()
+if [ "${SMOKE:-0}" = 1 ]; then
+  EPOCHS=1
+  SEEDS=2
+  SIZE=(--set data.train_limit=500 --set data.test_limit=200 --set bayes.test_samples=5)
+  EVIDENCE_DIR=${EVIDENCE_DIR:-${TMPDIR:-/tmp}/otmdr-evidence-smoke}
+fi
+EVIDENCE_DIR=${EVIDENCE_DIR:-runs/evidence}
+GRID=(--grid 'sam.rho=0.001,0.005,0.02'
+      --grid 'otmdr.rho=[0.001,0.002],[0.0025,0.005],[0.005,0.01]'
+      --grid 'otmdr.noise_std=0,1e-4,1e-3')
+names=()
+for regime in clean noisy40; do
+  noise=(); [ "$regime" = noisy40 ] && noise=(--set data.label_noise=0.4)
+  name="bnn-fashion-mnist-lenet-$regime"
+  "$OTMDR" compare --config configs/bnn-fashion-mnist.yaml --data-dir "$DATA" --methods sgd,sam,otmdr \
+    --seeds "$SEEDS" "${GRID[@]}" --set train.epochs="$EPOCHS" "${noise[@]}" ${SIZE[@]+"${SIZE[@]}"} \
+    --bn-policy clean --reference sgd,sam --jobs "$JOBS" --resume --quiet --out "$EVIDENCE_DIR/$name"
+  names+=("$name")
+done
+echo
+echo "done. Robustness of the selected runs: benchmarks/evidence/robustness_of_selected.sh $DATA $EVIDENCE_DIR/${names[0]} ..."
+echo "Commit the reports with:"
+for name in "${names[@]}"; do
+  echo "  $PYTHON benchmarks/collect_report.py $EVIDENCE_DIR/$name $name"
+done

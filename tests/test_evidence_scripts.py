@@ -1,0 +1,130 @@
+"""The issue-10 evidence scripts: the particles report's aggregation on hand-made summaries, the
+robustness benchmark's choice of runs in a searched study, and the grids the shell scripts pass
+(each must be a valid study for its methods). Nothing trains here."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from otmdr.train.grid import parse_grid
+from otmdr.train.study import Study, plan
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _module(path: str):
+    spec = importlib.util.spec_from_file_location(Path(path).stem, ROOT / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+particles = _module("benchmarks/evidence/particles.py")
+
+
+def _summary(seed: int, acc: float, *, nll: float = 0.5, ece: float = 0.05, seconds: float = 2.0,
+             passes: float = 2.0, epochs: int = 4, early_acc: float | None = None) -> dict:
+    return {"method": "otmdr", "seed": seed, "test": {"accuracy": acc, "nll": nll, "ece": ece},
+            "seconds_per_epoch": seconds, "passes_per_step": passes,
+            "history": [{"epoch": e + 1, "seconds": seconds} for e in range(epochs)],
+            "early_stopped": {"epoch": 2, "test": {"accuracy": acc if early_acc is None else early_acc,
+                                                   "nll": nll, "ece": ece}}}
+
+
+def test_particle_variants_are_equal_epochs_then_equal_compute():
+    assert particles.variants([1, 2, 4], 40) == [(1, 40), (2, 40), (4, 40), (2, 20), (4, 10)]
+    assert particles.variants([1, 2], 1) == [(1, 1), (2, 1)]  # no duplicate when E / K rounds to E
+
+
+def test_particles_report_pairs_each_variant_with_k1_by_seed():
+    results = {
+        (1, 4): [_summary(0, 0.80), _summary(1, 0.82), _summary(2, 0.81)],
+        (2, 4): [_summary(0, 0.81, passes=3.0, seconds=4.0), _summary(1, 0.83, passes=3.0, seconds=4.0),
+                 _summary(2, 0.82, passes=3.0, seconds=4.0)],
+        (2, 2): [_summary(2, 0.70, epochs=2), _summary(0, 0.70, epochs=2), _summary(1, 0.70, epochs=2)],
+    }
+    rows = {row["method"]: row for row in particles.paired_rows(results, (1, 4))}
+    assert set(rows) == {"K=2, 4 ep", "K=2, 2 ep"}
+    same = rows["K=2, 4 ep"]["accuracy (pp)"]  # +1 pp on every seed: a zero-width interval
+    assert same.mean == pytest.approx(1.0) and same.n == 3 and same.verdict.startswith("better")
+    paired = rows["K=2, 2 ep"]["accuracy (pp)"]  # paired by seed, not by list position
+    assert paired.mean == pytest.approx(-11.0) and paired.low < paired.mean < paired.high
+    assert paired.verdict == "worse"
+    early = {row["method"]: row for row in particles.paired_rows(
+        {(1, 4): [_summary(s, 0.8, early_acc=0.85) for s in range(3)],
+         (4, 1): [_summary(s, 0.8, early_acc=0.8 + 0.01 * s) for s in range(3)]}, (1, 4), early=True)}
+    assert early["K=4, 1 ep"]["accuracy (pp)"].mean == pytest.approx(-4.0)
+
+    table = particles.variant_rows(results)
+    assert table[0] == ["1", "4", "3", "81.00 ± 1.00", "0.5000 ± 0.0000", "5.00 ± 0.00", "2.00 ± 0.00",
+                        "2.0 ± 0.0", "0.1 ± 0.0"]
+    assert table[1][6:8] == ["4.00 ± 0.00", "3.0 ± 0.0"]
+    report = particles.render_report({"noisy40": results}, (1, 4), rho=[0.025, 0.05],
+                                     commands={"noisy40/K1-E4": ["otmdr", "compare", "--set", "otmdr.particles=1"]},
+                                     invocation="python benchmarks/evidence/particles.py DATA", machine="Date: now")
+    assert "## noisy40" in report and "K=2, 2 ep" in report and "worse" in report
+    assert "Early-stopped" in report and "otmdr compare --set otmdr.particles=1" in report
+    assert "best epoch per seed" in report and "95% CI" in report
+
+
+def test_particles_reads_the_committed_noisy_studys_radius():
+    assert particles.study_rho() == [0.025, 0.05]
+
+
+def _grids(script: str) -> tuple[str, list[str]]:
+    """The --methods and --grid values of a shell script (GRID=(...) and METHODS=...)."""
+    text = (ROOT / "benchmarks" / "evidence" / script).read_text()
+    block = re.search(r"GRID=\((.*?)\)\n", text, re.S).group(1)
+    words = shlex.split(block)
+    grids = [words[i + 1] for i, w in enumerate(words) if w == "--grid"]
+    methods = re.search(r"METHODS=(\S+)", text)
+    return (methods.group(1) if methods else "sgd,sam,otmdr"), grids
+
+
+@pytest.mark.parametrize("script, config", [("ensembles_fashion_mnist.sh", "ensemble-fashion-mnist-mlp-x3.yaml"),
+                                            ("bnn_fashion_mnist.sh", "bnn-fashion-mnist.yaml")])
+def test_the_evidence_grids_are_valid_studies(tmp_path, script, config):
+    methods, specs = _grids(script)
+    methods = methods.split(",")
+    grid = parse_grid(specs, methods)
+    study = Study(config_path=str(ROOT / "configs" / config), overrides=[], methods=methods, seeds=[0, 1, 2],
+                  grid=grid, out=tmp_path, bn_policy="clean")
+    search, _ = plan(study)  # builds every config
+    sharp = [m for m in methods if not m.startswith("sgd")]
+    assert all(len(grid[m]) >= 3 for m in sharp)
+    assert len(search) == sum(len(points) for points in grid.values())
+    if script.startswith("ensembles"):  # per-member gets its own, smaller radii
+        assert grid["otmdr/per-member"] != grid["otmdr/joint"]
+        assert min(r.config.otmdr.rho[0] for r in search if r.method == "otmdr/per-member") < \
+            min(r.config.otmdr.rho[0] for r in search if r.method == "otmdr/joint")
+        assert {r.config.ensemble.regime for r in search if r.method == "otmdr/per-member"} == {"per-member"}
+    else:
+        assert {r.config.otmdr.noise_std for r in search if r.method == "otmdr"} == {0.0, 1e-4, 1e-3}
+
+
+def test_robustness_takes_the_chosen_search_run_as_the_first_seed(tmp_path):
+    robustness = _module("benchmarks/robustness.py")
+    study = tmp_path / "study"
+    for name in ("search/sgd-joint-default", "search/otmdr-per-member-rho=0.01_0.02", "search/otmdr-per-member-rho=1_2",
+                 "sgd-joint-seed1", "otmdr-per-member-seed1", "otmdr-per-member-seed2"):
+        (study / name).mkdir(parents=True)
+        (study / name / "summary.json").write_text("{}")
+    points = [{"method": "sgd/joint", "setting": "default", "seed": 0, "chosen": True,
+               "run_dir": "elsewhere/search/sgd-joint-default"},  # a path relative to another working directory
+              {"method": "otmdr/per-member", "setting": "rho=[0.01,0.02]", "seed": 0, "chosen": True,
+               "run_dir": str(study / "search" / "otmdr-per-member-rho=0.01_0.02")},
+              {"method": "otmdr/per-member", "setting": "rho=[1,2]", "seed": 0, "chosen": False,
+               "run_dir": str(study / "search" / "otmdr-per-member-rho=1_2")}]
+    (study / "search.json").write_text(json.dumps(points))
+    (study / "summaries.json").write_text(json.dumps({"sgd/joint": [], "otmdr/per-member": []}))
+    groups = robustness._find_runs([str(study)])
+    assert list(groups) == ["sgd-joint", "otmdr-per-member"]
+    assert groups["sgd-joint"] == [study / "search" / "sgd-joint-default", study / "sgd-joint-seed1"]
+    assert groups["otmdr-per-member"] == [study / "search" / "otmdr-per-member-rho=0.01_0.02",
+                                          study / "otmdr-per-member-seed1", study / "otmdr-per-member-seed2"]
