@@ -65,7 +65,7 @@ class StepResult(NamedTuple):
 class _AscentPlan(NamedTuple):
     """What :meth:`OTMDR.perturb` needs, fixed while the param groups do not change."""
 
-    key: tuple  #: groups, options and the ids of parameters with a gradient it was built for
+    key: tuple  #: the config, groups, options and ids of parameters with a gradient it was built for
     params: list[Tensor]  #: the tensors that move, each norm group a contiguous slice
     parts: list[slice]  #: one slice of ``params`` per norm group
     norm_only: list[list[Tensor]]  #: per norm group: ``in_norm`` parameters that do not move
@@ -242,12 +242,12 @@ class OTMDR(Optimizer):
         holding a gradient stay the same (checked each step by a tuple of ids and options), so
         the per-step work does not walk the groups or look buffers up tensor by tensor.
         """
-        key = tuple(
+        key = (self.config, *(
             (group["perturb"], group["in_norm"], group["norm_group"], group["rho_scale"],
              tuple(id(p) for p in group["params"] if p.grad is not None),
              (group["params"][0].device, group["params"][0].dtype) if group["params"] else None)
             for group in self.param_groups
-        )
+        ))
         if self._plan is not None and self._plan.key == key:
             return self._plan
         by_norm_group: dict[Any, tuple[list[Tensor], list[float], list[Tensor]]] = {}
