@@ -13,8 +13,9 @@ every epoch. Two figures per method, each a median over epochs 2..E (epoch 1 war
   checkpoints, metrics) against the hand loop's training + validation: the pipeline's overhead.
 
 The two sides alternate epoch blocks (pipeline run, then hand loop, twice) so that drift on a
-shared machine affects both. Used by ``benchmarks/step_speed.py`` (its results file has a
-section for it) and runnable alone:
+shared machine affects both. ``benchmarks/step_speed.py`` runs it in a fresh process with one
+thread (its results file has a section for it; in the process that has just timed ResNet-20
+steps with 2 threads the small epochs measured up to 30% slower); runnable alone:
 
     python benchmarks/pipeline_overhead.py [--config configs/demo.yaml] [--epochs 12]
 """
@@ -22,6 +23,7 @@ section for it) and runnable alone:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import tempfile
@@ -171,9 +173,14 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--methods", default="sgd,sam,otmdr")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of both sides (default 1)")
+    parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
-    results = [measure(m, config=args.config, epochs=args.epochs) for m in args.methods.split(",")]
+    results = [measure(m, config=args.config, epochs=args.epochs, threads=args.threads)
+               for m in args.methods.split(",")]
     print(markdown(results, args.config))
+    if args.json:
+        args.json.write_text(json.dumps([dataclasses.asdict(r) for r in results], indent=2))
 
 
 if __name__ == "__main__":

@@ -58,6 +58,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -446,11 +447,14 @@ def main() -> None:
     start = time.perf_counter()
     results = [bench_model(spec, args, device) for spec in MODELS if spec.label in args.models]
     pipeline = []
-    if args.pipeline_epochs and device.type == "cpu":
-        from pipeline_overhead import measure
+    if args.pipeline_epochs and device.type == "cpu":  # a fresh process, one thread (see pipeline_overhead.py)
+        from pipeline_overhead import Overhead
 
-        pipeline = [measure(m, epochs=args.pipeline_epochs, threads=torch.get_num_threads())
-                    for m in ("sgd", "sam", "otmdr")]
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "pipeline.json"
+            subprocess.run([sys.executable, str(Path(__file__).with_name("pipeline_overhead.py")), "--epochs",
+                            str(args.pipeline_epochs), "--threads", "1", "--json", str(out)], check=True)
+            pipeline = [Overhead(**row) for row in json.loads(out.read_text())]
     wall_s = time.perf_counter() - start
     busy_after, own_after = machine_busy_s(), time.process_time()
     if busy_before is not None and busy_after is not None:
@@ -463,6 +467,7 @@ def main() -> None:
         from pipeline_overhead import markdown as pipeline_markdown
 
         report += ("\n## Pipeline overhead: `otmdr train` epochs against a hand-written loop\n\n"
+                   "`benchmarks/pipeline_overhead.py`, run in a fresh process with 1 torch thread.\n\n"
                    + pipeline_markdown(pipeline, DEFAULT_CONFIG) + "\n\nTarget (stated, not asserted): whole "
                    "epoch within 10% of the hand loop: " + "; ".join(
                        f"{r.method} {r.epoch_ratio:.3f} -> {'met' if r.epoch_ratio <= 1.10 else 'MISSED'}"
