@@ -206,6 +206,8 @@ def report(args: argparse.Namespace, groups: dict[str, list[Path]], out: Path) -
             ("top_hessian_eigenvalue", 2), ("hessian_trace", 1), ("worst_case_sharpness", 4),
             ("average_sharpness", 5))]]) + " |")
 
+    lines += _paired_section(evals, sharp, eps_keys[-1], any(baselines.values()))
+
     plot_corruption_heatmaps({m: _mean_corruption_result([r["corruptions"] for r in rs]) for m, rs in evals.items()},
                              figures / "corruption_heatmaps.png")
     curves = {m: {float(e): [r["attack"]["robust_accuracy"][e] for r in rs] for e in eps_keys}
@@ -224,6 +226,37 @@ def report(args: argparse.Namespace, groups: dict[str, list[Path]], out: Path) -
     path = out / "robustness.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _paired_section(evals: dict[str, list[dict[str, Any]]], sharp: dict[str, list[dict[str, Any]]], eps: str,
+                    with_mce: bool) -> list[str]:
+    """Every later method against every earlier one, paired by seed (runs of a compare folder are
+    listed in seed order and share seeds): mean difference, 95% t interval, verdict."""
+    from otmdr.report.stats import CI_METHOD, paired_difference
+
+    metrics = [("clean accuracy (pp)", lambda e, s: 100 * e["corruptions"]["clean"]["accuracy"], True),
+               ("mean corruption accuracy (pp)", lambda e, s: 100 * e["corruptions"]["mean_corruption_accuracy"], True)]
+    if with_mce:  # the baseline's own mCE is 100% by definition
+        metrics.append(("mCE (%)", lambda e, s: 100 * e["corruptions"]["mce"]["mce"] if "mce" in e["corruptions"]
+                        else 100.0, False))
+    metrics += [(f"PGD {_eps_label(eps)} (pp)", lambda e, s: 100 * e["attack"]["robust_accuracy"][eps], True),
+                ("top Hessian eigenvalue", lambda e, s: s["top_hessian_eigenvalue"], False)]
+    methods = list(evals)
+    lines = ["", f"## Paired differences (row method − column method; {CI_METHOD})", "",
+             "| difference | " + " | ".join(name for name, _, _ in metrics) + " |", "|---|" + "---|" * len(metrics)]
+    for i, a in enumerate(methods):
+        for b in methods[:i]:
+            if len(evals[a]) != len(evals[b]):
+                lines.append(f"| {a} − {b} | " + " | ".join("not paired: different seed counts" for _ in metrics) + " |")
+                continue
+            cells = []
+            for _, value, higher_is_better in metrics:
+                d = paired_difference([value(e, s) for e, s in zip(evals[a], sharp[a])],
+                                      [value(e, s) for e, s in zip(evals[b], sharp[b])], higher_is_better=higher_is_better)
+                interval = f" [{d.low:+.2f}, {d.high:+.2f}]" if d.low is not None else ""
+                cells.append(f"{d.mean:+.2f}{interval} {d.verdict}")
+            lines.append(f"| {a} − {b} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _eps_label(text: str) -> str:

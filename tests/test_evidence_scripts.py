@@ -128,3 +128,24 @@ def test_robustness_takes_the_chosen_search_run_as_the_first_seed(tmp_path):
     assert groups["sgd-joint"] == [study / "search" / "sgd-joint-default", study / "sgd-joint-seed1"]
     assert groups["otmdr-per-member"] == [study / "search" / "otmdr-per-member-rho=0.01_0.02",
                                           study / "otmdr-per-member-seed1", study / "otmdr-per-member-seed2"]
+
+
+def test_robustness_report_pairs_methods_by_seed():
+    from otmdr.report.stats import paired_difference
+
+    robustness = _module("benchmarks/robustness.py")
+
+    def run(clean: float, mca: float, pgd: float) -> dict:
+        return {"corruptions": {"clean": {"accuracy": clean}, "mean_corruption_accuracy": mca},
+                "attack": {"robust_accuracy": {"0.031": pgd}}}
+
+    evals = {"sgd": [run(0.80, 0.70, 0.10), run(0.82, 0.71, 0.12), run(0.81, 0.69, 0.11)],
+             "sam": [run(0.85, 0.78, 0.50), run(0.86, 0.80, 0.49), run(0.87, 0.79, 0.52)]}
+    sharp = {m: [{"top_hessian_eigenvalue": v} for v in values]
+             for m, values in {"sgd": [20.0, 24.0, 22.0], "sam": [4.0, 3.0, 5.0]}.items()}
+    lines = robustness._paired_section(evals, sharp, "0.031", with_mce=False)
+    (row,) = [line for line in lines if line.startswith("| sam − sgd |")]
+    expected = paired_difference([85.0, 86.0, 87.0], [80.0, 82.0, 81.0], higher_is_better=True)
+    assert f"{expected.mean:+.2f} [{expected.low:+.2f}, {expected.high:+.2f}] better" in row
+    assert row.count("better") == 4  # eigenvalue: lower is better
+    assert not any(line.startswith("| sgd − sam |") for line in lines)
