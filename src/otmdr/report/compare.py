@@ -89,7 +89,7 @@ def write_compare_report(out_dir: Path, summaries: dict[str, list[dict[str, Any]
         f"Python {platform.python_version()}, {platform.machine()} "
         f"({threads or torch.get_num_threads()} torch thread(s) per run); "
         f"{first['epochs']} epochs per run"
-        + (f"; {runs} runs, {train_seconds / 60:.0f} min of training summed over them" if train_seconds else "")
+        + (f"; {runs} runs, {train_seconds / 60:.{1 if train_seconds < 600 else 0}f} min of training summed over them" if train_seconds else "")
         + (f"; this invocation took {wall_seconds / 60:.1f} min" if wall_seconds else "")
         + "." + (f" Batch-norm statistics: {bn_policy}." if bn_policy else ""),
     ]
