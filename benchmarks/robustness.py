@@ -291,9 +291,11 @@ def _landscape_section(out: Path) -> list[str]:
         axes[0].plot(result["alphas"], result["slice_1d"], label=method)
         if "interpolation" in result:
             axes[1].plot(result["interpolation"]["alphas"], result["interpolation"]["loss"], label=method)
-    axes[0].set(xlabel="alpha (filter-normalised direction)", ylabel="training loss", title="1-D slices (seed 0)")
-    axes[1].set(xlabel="alpha (0: this method's run, 1: the reference run)", ylabel="training loss",
-                title="interpolation to the reference run")
+    reference = next((m for m, r in found.items() if "interpolation" not in r), "the reference")
+    axes[0].set(xlabel="alpha (filter-normalised direction)", ylabel="training loss", title="1-D slices (seed 0)",
+                xticks=[-1.0, -0.5, 0.0, 0.5, 1.0])
+    axes[1].set(xlabel=f"alpha (0: this method's run, 1: the {reference} run)", ylabel="training loss",
+                title=f"interpolation to the {reference} run (seed 0)")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
