@@ -40,18 +40,7 @@ EVIDENCE_DIR=${EVIDENCE_DIR:-runs/evidence}
 GRID=(--grid 'sam.rho=0.001,0.005,0.02'
       --grid 'otmdr.rho=[0.001,0.002],[0.0025,0.005],[0.005,0.01]'
       --grid 'otmdr.noise_std=0,1e-4,1e-3')
-names=()
-for regime in clean noisy40; do
-  noise=(); [ "$regime" = noisy40 ] && noise=(--set data.label_noise=0.4)
-  name="bnn-fashion-mnist-lenet-$regime"
-  "$OTMDR" compare --config configs/bnn-fashion-mnist.yaml --data-dir "$DATA" --methods sgd,sam,otmdr \
-    --seeds "$SEEDS" "${GRID[@]}" --set train.epochs="$EPOCHS" "${noise[@]}" ${SIZE[@]+"${SIZE[@]}"} \
-    --bn-policy clean --reference sgd,sam --jobs "$JOBS" --resume --quiet --out "$EVIDENCE_DIR/$name"
-  names+=("$name")
-done
-echo
-echo "done. Robustness of the selected runs: benchmarks/evidence/robustness_of_selected.sh $DATA $EVIDENCE_DIR/${names[0]} ..."
-echo "Commit the reports with:"
-for name in "${names[@]}"; do
-  echo "  $PYTHON benchmarks/collect_report.py $EVIDENCE_DIR/$name $name"
-done
+source benchmarks/evidence/_regimes.sh
+run_regimes bnn-fashion-mnist-lenet --config configs/bnn-fashion-mnist.yaml --methods sgd,sam,otmdr \
+  --seeds "$SEEDS" "${GRID[@]}" --set train.epochs="$EPOCHS" ${SIZE[@]+"${SIZE[@]}"} --bn-policy clean \
+  --reference sgd,sam

@@ -38,18 +38,6 @@ METHODS=sgd/joint,sam/joint,otmdr/joint,otmdr/per-member,sgd/per-member
 GRID=(--grid 'sam/joint:sam.rho=0.05,0.1,0.2,0.4'
       --grid 'otmdr/joint:otmdr.rho=[0.0125,0.025],[0.025,0.05],[0.05,0.1],[0.1,0.2]'
       --grid 'otmdr/per-member:otmdr.rho=[0.0025,0.005],[0.00625,0.0125],[0.0125,0.025],[0.025,0.05],[0.05,0.1]')
-names=()
-for regime in clean noisy40; do
-  noise=(); [ "$regime" = noisy40 ] && noise=(--set data.label_noise=0.4)
-  name="ensembles-fashion-mnist-mlp-x3-$regime"
-  "$OTMDR" compare --config configs/ensemble-fashion-mnist-mlp-x3.yaml --data-dir "$DATA" --methods "$METHODS" \
-    --seeds "$SEEDS" "${GRID[@]}" "${noise[@]}" ${SIZE[@]+"${SIZE[@]}"} --reference sgd/joint,sgd/per-member \
-    --jobs "$JOBS" --resume --quiet --out "$EVIDENCE_DIR/$name"
-  names+=("$name")
-done
-echo
-echo "done. Robustness of the selected runs: benchmarks/evidence/robustness_of_selected.sh $DATA $EVIDENCE_DIR/${names[0]} ..."
-echo "Commit the reports with:"
-for name in "${names[@]}"; do
-  echo "  $PYTHON benchmarks/collect_report.py $EVIDENCE_DIR/$name $name"
-done
+source benchmarks/evidence/_regimes.sh
+run_regimes ensembles-fashion-mnist-mlp-x3 --config configs/ensemble-fashion-mnist-mlp-x3.yaml --methods "$METHODS" \
+  --seeds "$SEEDS" "${GRID[@]}" ${SIZE[@]+"${SIZE[@]}"} --reference sgd/joint,sgd/per-member
