@@ -222,3 +222,17 @@ def test_image_folders_that_cannot_train_are_refused(tmp_path, capsys, layout):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and ("hold no" in err[0] if layout == "empty class" else "at least 2" in err[0])
     assert not out.exists()
+
+
+@pytest.mark.parametrize("made_by_user", [False, True])
+def test_compare_with_a_missing_data_directory_leaves_nothing_behind(tmp_path, capsys, made_by_user):
+    """The data is first read by the first run, after the study folder exists: a failed start
+    removes what it wrote (the folder itself only if this call created it)."""
+    out = tmp_path / "study"
+    if made_by_user:
+        out.mkdir()
+    code = main(["compare", "--config", str(ROOT / "configs" / "fashion-mnist-mlp.yaml"), "--data-dir",
+                 str(tmp_path / "missing"), "--methods", "sgd", "--seeds", "1", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "does not exist" in err[0]
+    assert (out.is_dir() and not any(out.iterdir())) if made_by_user else not out.exists()
