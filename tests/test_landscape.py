@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from otmdr.eval.landscape import filter_normalized_direction, interpolation, loss_slice_1d, loss_surface_2d
+from otmdr.eval.landscape import (filter_normalized_direction, interpolation, landscape_evaluation, loss_slice_1d,
+                                  loss_surface_2d)
 
 
 class Quadratic(nn.Module):
@@ -87,3 +88,18 @@ def test_filter_normalisation_matches_each_filter_norm_and_skips_1d_parameters()
     weight = layer[0].weight.detach()
     torch.testing.assert_close(direction[0].flatten(1).norm(dim=1), weight.flatten(1).norm(dim=1))
     assert all(float(d.abs().sum()) == 0.0 for d in direction[1:])  # conv bias, BN weight and bias
+
+
+def test_landscape_evaluation_centres_on_the_model_and_ends_its_line_at_the_other():
+    torch.manual_seed(0)
+    model, other = Quadratic(), Quadratic()
+    with torch.no_grad():
+        other.theta.mul_(-0.5)
+    result = landscape_evaluation(model, BATCHES, loss_fn, points=5, span=1.0, other=other)
+    assert result["alphas"] == [-1.0, -0.5, 0.0, 0.5, 1.0]
+    assert result["slice_1d"][2] == pytest.approx(q(model, model.theta))  # alpha 0 is the model itself
+    assert result["surface_2d"][2][2] == pytest.approx(q(model, model.theta))
+    assert len(result["surface_2d"]) == 5 and all(len(row) == 5 for row in result["surface_2d"])
+    line = dict(zip(result["interpolation"]["alphas"], result["interpolation"]["loss"]))
+    assert line[0.5] == pytest.approx(q(model, 0.25 * model.theta))  # halfway to -theta/2
+    assert "interpolation" not in landscape_evaluation(model, BATCHES, loss_fn, points=3, span=1.0)

@@ -429,16 +429,11 @@ def cmd_sharpness(args: argparse.Namespace) -> int:
 def cmd_landscape(args: argparse.Namespace) -> int:
     """Loss along filter-normalised directions around RUN_A (1-D curve, 2-D contour and surface),
     and along the line from RUN_A to RUN_B when given; plots and JSON in --out."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
     import torch.nn.functional as F
 
-    from .eval.landscape import interpolation, loss_slice_1d, loss_surface_2d
+    from .eval.landscape import landscape_evaluation
     from .eval.subsets import PassProgress, fixed_training_subset
-    from .models.bayes import posterior_mean
+    from .report.plots import plot_interpolation, plot_landscape
     from .train.checkpoint import atomic_write_text
 
     args.path = args.run_a
@@ -458,44 +453,13 @@ def cmd_landscape(args: argparse.Namespace) -> int:
     n = sum(len(y) for _, y in list.__iter__(batches))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    alphas = np.linspace(-args.span, args.span, args.points).tolist()
-    result: dict[str, Any] = {"run": str(args.run_a), "samples": n, "alphas": alphas}
-    with posterior_mean(model):  # a BNN: the landscape of its posterior means
-        result["slice_1d"] = loss_slice_1d(model, batches, F.cross_entropy, alphas)
-        surface = loss_surface_2d(model, batches, F.cross_entropy, alphas, alphas).numpy()
-    result["surface_2d"] = surface.tolist()
-    grid_a, grid_b = np.meshgrid(alphas, alphas, indexing="ij")
-    fig = plt.figure(figsize=(12, 3.6))
-    ax = fig.add_subplot(1, 3, 1)
-    ax.plot(alphas, result["slice_1d"])
-    ax.set(xlabel="alpha", ylabel="training loss", title="1-D slice")
-    ax = fig.add_subplot(1, 3, 2)
-    contour = ax.contour(grid_a, grid_b, surface, levels=15)
-    ax.clabel(contour, fontsize=6)
-    ax.set(xlabel="alpha", ylabel="beta", title="2-D slice")
-    ax = fig.add_subplot(1, 3, 3, projection="3d")
-    ax.plot_surface(grid_a, grid_b, surface, cmap="viridis")
-    ax.set(xlabel="alpha", ylabel="beta", zlabel="training loss")
-    ax.set_title("surface")
-    fig.suptitle(f"{cfg.model.name} ({cfg.optim.method}), filter-normalised directions, {n} training images")
-    fig.tight_layout()
-    fig.savefig(out / "landscape.png", dpi=120)
-    plt.close(fig)
-    if other is not None:
-        steps = np.linspace(-0.25, 1.25, args.points).tolist()
-        start = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        end = other.state_dict()
-        with posterior_mean(model):
-            losses = interpolation(model, batches, F.cross_entropy, start, end, steps)
-        result["interpolation"] = {"alphas": steps, "loss": losses}
-        fig, ax = plt.subplots(figsize=(4.5, 3.4))
-        ax.plot(steps, result["interpolation"]["loss"])
-        ax.set(xlabel=f"alpha (0: {Path(args.run_a).name}, 1: {Path(args.run_b).name})", ylabel="training loss",
-               title="linear interpolation")
-        fig.tight_layout()
-        fig.savefig(out / "interpolation.png", dpi=120)
-        plt.close(fig)
+    result = {"run": str(args.run_a), "samples": n,
+              **landscape_evaluation(model, batches, F.cross_entropy, points=args.points, span=args.span, other=other)}
     batches.close()
+    plot_landscape(result, out / "landscape.png",
+                   title=f"{cfg.model.name} ({cfg.optim.method}), filter-normalised directions, {n} training images")
+    if other is not None:
+        plot_interpolation(result, out / "interpolation.png", start=Path(args.run_a).name, end=Path(args.run_b).name)
     atomic_write_text(out / "landscape.json", json.dumps(result))
     print(f"written: {out / 'landscape.png'}" + (f", {out / 'interpolation.png'}" if args.run_b else ""))
     return 0

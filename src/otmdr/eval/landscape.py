@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ._mode import eval_mode
 
-__all__ = ["filter_normalized_direction", "loss_slice_1d", "loss_surface_2d", "interpolation"]
+__all__ = ["filter_normalized_direction", "loss_slice_1d", "loss_surface_2d", "interpolation", "landscape_evaluation"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 Batches = Sequence[tuple[Tensor, Tensor]]
@@ -112,3 +112,25 @@ def interpolation(model: nn.Module, batches: Batches, loss_fn: LossFn, start: Ma
     finally:
         model.load_state_dict(saved)
     return out
+
+
+def landscape_evaluation(model: nn.Module, batches: Batches, loss_fn: LossFn, *, points: int, span: float,
+                         other: nn.Module | None = None) -> dict:
+    """What ``otmdr landscape`` reports: the 1-D slice and the 2-D surface at ``points`` alphas in
+    [-span, span] around the model, and, given a second trained model of the same architecture,
+    the line from this one (alpha 0) to it (alpha 1) over [-0.25, 1.25]. A Bayesian network is
+    taken at its posterior means, since a slice is defined for one set of weights."""
+    from ..models.bayes import posterior_mean
+
+    alphas = torch.linspace(-span, span, points, dtype=torch.float64).tolist()
+    result: dict = {"alphas": alphas}
+    with posterior_mean(model):
+        result["slice_1d"] = loss_slice_1d(model, batches, loss_fn, alphas)
+        result["surface_2d"] = loss_surface_2d(model, batches, loss_fn, alphas, alphas).tolist()
+    if other is not None:
+        steps = torch.linspace(-0.25, 1.25, points, dtype=torch.float64).tolist()
+        start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        with posterior_mean(model):
+            result["interpolation"] = {"alphas": steps,
+                                       "loss": interpolation(model, batches, loss_fn, start, other.state_dict(), steps)}
+    return result

@@ -1,4 +1,5 @@
-"""Figures of a comparison: learning curves, test accuracy per method, reliability diagrams."""
+"""Figures: of a comparison (learning curves, test accuracy per method, reliability diagrams, the
+grid search), of robustness evaluations, and of loss landscapes."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import numpy as np  # noqa: E402
 from .tables import format_epsilon  # noqa: E402
 
 __all__ = ["plot_learning_curves", "plot_test_accuracy", "plot_reliability", "plot_corruption_heatmaps",
-           "plot_robust_accuracy", "plot_search"]
+           "plot_robust_accuracy", "plot_search", "plot_landscape", "plot_interpolation"]
 
 
 def _mean_curve(runs: list[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
@@ -223,6 +224,41 @@ def plot_search(points: list[dict[str, Any]], path: Path, *, metric: str) -> Pat
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_landscape(result: dict[str, Any], path: Path, *, title: str) -> Path:
+    """The 1-D slice, the 2-D contour and the surface of :func:`otmdr.eval.landscape.landscape_evaluation`."""
+    alphas = result["alphas"]
+    surface = np.asarray(result["surface_2d"])
+    grid_a, grid_b = np.meshgrid(alphas, alphas, indexing="ij")
+    fig = plt.figure(figsize=(12, 3.6))
+    ax = fig.add_subplot(1, 3, 1)
+    ax.plot(alphas, result["slice_1d"])
+    ax.set(xlabel="alpha", ylabel="training loss", title="1-D slice")
+    ax = fig.add_subplot(1, 3, 2)
+    contour = ax.contour(grid_a, grid_b, surface, levels=15)
+    ax.clabel(contour, fontsize=6)
+    ax.set(xlabel="alpha", ylabel="beta", title="2-D slice")
+    ax = fig.add_subplot(1, 3, 3, projection="3d")
+    ax.plot_surface(grid_a, grid_b, surface, cmap="viridis")
+    ax.set(xlabel="alpha", ylabel="beta", zlabel="training loss")
+    ax.set_title("surface")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_interpolation(result: dict[str, Any], path: Path, *, start: str, end: str) -> Path:
+    """The training loss on the line from run ``start`` (alpha 0) to run ``end`` (alpha 1)."""
+    fig, ax = plt.subplots(figsize=(4.5, 3.4))
+    ax.plot(result["interpolation"]["alphas"], result["interpolation"]["loss"])
+    ax.set(xlabel=f"alpha (0: {start}, 1: {end})", ylabel="training loss", title="linear interpolation")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
