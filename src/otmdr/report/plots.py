@@ -184,6 +184,7 @@ def plot_search(points: list[dict[str, Any]], path: Path, *, metric: str) -> Pat
     kept = [v for v in every if v >= 0.5 * typical] or every  # a collapsed point would squash the axis
     span = max(kept) - min(kept)
     bottom, top = min(kept) - 0.15 * span - 0.5, max(kept) + 0.15 * span + 0.5
+    drawn = 0  # methods drawn as lines so far
     for method in methods:
         mine = sorted((p for p in points if p["method"] == method and p["score"] is not None),
                       key=lambda p: p["radius"])
@@ -199,12 +200,20 @@ def plot_search(points: list[dict[str, Any]], path: Path, *, metric: str) -> Pat
                     va="bottom", fontsize=8, color="gray")
             continue
         line, = ax.plot(radii, scores, marker="o", label=method)
+        # SAM and OT-MDR points often sit at the same radius and score: one method's labels above
+        # its points, the next one's below, and a key shared by all of a method's points said once
+        keys = {p["setting"].split("=", 1)[0] for p in mine}
+        shared = next(iter(keys)) + "=" if len(keys) == 1 and "=" in mine[0]["setting"] else ""
+        if shared:
+            line.set_label(f"{method} ({shared[:-1]})")
+        below, drawn = drawn % 2 == 1, drawn + 1
         for p, x, y, a in zip(mine, radii, scores, actual):
             off_scale = a < bottom
             if off_scale:
                 ax.scatter([x], [y], marker="v", s=60, color=line.get_color(), zorder=3)
-            ax.annotate(p["setting"] + (f" ({a:.1f})" if off_scale else ""), (x, y), textcoords="offset points",
-                        xytext=(3, 4), fontsize=6, color=line.get_color())
+            ax.annotate(p["setting"].removeprefix(shared) + (f" ({a:.1f})" if off_scale else ""), (x, y),
+                        textcoords="offset points", xytext=(3, -4 if below else 4), va="top" if below else "bottom",
+                        fontsize=6, color=line.get_color())
             if p.get("chosen"):
                 ax.scatter([x], [y], s=140, facecolors="none", edgecolors=line.get_color(), linewidths=1.5)
     ax.set_ylim(bottom, top)
