@@ -173,7 +173,6 @@ class OTMDR(Optimizer):
         self.skipped: Tensor | None = None  # with a GradScaler: whether the last step was skipped
         self._last_distance = torch.zeros(())
         self._plan: _AscentPlan | None = None  # cached by _ascent_plan()
-        self._step_plan: _AscentPlan | None = None  # the plan of the particle being perturbed
         self._reset_step_state()
 
     # ----------------------------------------------------------------- param groups and state
@@ -227,7 +226,7 @@ class OTMDR(Optimizer):
     def _reset_step_state(self) -> None:
         self._ascent_index = 0  # ascent steps taken by the current particle
         self._particles_done = 0  # finished particles whose gradient is in the accumulator
-        self._perturbed: list[Tensor] = []  # params moved by the current particle
+        self._step_plan: _AscentPlan | None = None  # the plan of the particle being perturbed
         self._norm_total: Tensor | None = None  # sum of this step's ascent norms: finite iff all are
         self._norms: list[Tensor] = []  # the same norms, read only to report which pass failed
         self._distances: list[Tensor] = []
@@ -323,10 +322,9 @@ class OTMDR(Optimizer):
             )
         if i == 0:
             self._step_plan = plan = self._ascent_plan()
-            self._perturbed = plan.params
             _copy(plan.centre, plan.params, self.foreach)
         plan = self._step_plan
-        params = self._perturbed
+        params = plan.params
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         if cfg.ascent_weight_decay:
             self._add_weight_decay(params, grads)
@@ -392,12 +390,13 @@ class OTMDR(Optimizer):
     @torch.no_grad()
     def restore(self) -> Tensor:
         """Put the weights back at the centre; returns the measured ||theta~ - theta||."""
-        params = self._perturbed
+        plan = self._step_plan
+        params = plan.params if plan is not None else []
         if self._ascent_index == 0 or not params:
             device = params[0].device if params else None
             distance = torch.zeros((), device=device)
         else:
-            centre = self._step_plan.centre
+            centre = plan.centre
             distance = self._distance
             if distance is None:  # restored before the last ascent step: measure here
                 distance = F.distance(params, centre, foreach=self.foreach)
