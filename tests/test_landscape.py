@@ -32,6 +32,7 @@ BATCHES = [(torch.zeros(3, 1), torch.zeros(3))]
 
 
 def q(model, t):
+    t = t.detach()
     return float(0.5 * t.flatten() @ torch.block_diag(model.a, model.a) @ t.flatten())
 
 
