@@ -311,6 +311,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     from .config import METHODS, config_to_dict
     from .report import comparison_tables, edge_notes, search_table, write_compare_report
+    from .train.checkpoint import atomic_write_text
     from .train.grid import parse_grid
     from .train.study import Study, plan, run_study
 
@@ -388,9 +389,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
                                   train_seconds=result["train_seconds"], runs=result["runs"],
                                   bn_policy="each method's own (per-method)" if args.bn_policy == "per-method"
                                   else f"{args.bn_policy} for every method (--bn-policy)")
-    (out / "summaries.json").write_text(json.dumps(summaries, indent=1))
+    atomic_write_text(out / "summaries.json", json.dumps(summaries, indent=1))
     if search:
-        (out / "search.json").write_text(json.dumps(search, indent=1))
+        atomic_write_text(out / "search.json", json.dumps(search, indent=1))
     print(f"\nreport: {report}")
     return 0
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from .._atomic import atomic_write
 from .plots import plot_learning_curves, plot_reliability, plot_search, plot_test_accuracy
 from .stats import CI_METHOD, format_paired, paired_table
 from .tables import aggregate, early_stopped, format_table
@@ -145,5 +146,6 @@ def write_compare_report(out_dir: Path, summaries: dict[str, list[dict[str, Any]
         "",
     ]
     path = out_dir / "report.md"
-    path.write_text("\n".join(lines))
+    text = "\n".join(lines)
+    atomic_write(path, lambda handle: handle.write(text.encode()))  # a reader never sees half a report
     return path
