@@ -49,6 +49,11 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], objec
         raise
 
 
+def atomic_write_text(path: str | os.PathLike[str], text: str, *, durable: bool = True) -> None:
+    """:func:`atomic_write` of a string (UTF-8): a reader sees the old file or the whole new one."""
+    atomic_write(path, lambda handle: handle.write(text.encode()), durable=durable)
+
+
 def atomic_link(source: str | os.PathLike[str], path: str | os.PathLike[str]) -> None:
     """Make ``path`` hold what ``source`` holds, atomically, without writing the bytes again: a
     hard link under a temporary name renamed over ``path`` (a copy where links are refused).

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .._atomic import atomic_write
+from .._atomic import atomic_write_text
 from .plots import plot_learning_curves, plot_reliability, plot_search, plot_test_accuracy
 from .stats import CI_METHOD, format_paired, paired_table
 from .tables import aggregate, early_stopped, format_table
@@ -146,6 +146,5 @@ def write_compare_report(out_dir: Path, summaries: dict[str, list[dict[str, Any]
         "",
     ]
     path = out_dir / "report.md"
-    text = "\n".join(lines)
-    atomic_write(path, lambda handle: handle.write(text.encode()))  # a reader never sees half a report
+    atomic_write_text(path, "\n".join(lines))  # a reader never sees half a report
     return path

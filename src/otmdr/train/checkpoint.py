@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .._atomic import atomic_link, atomic_write
+from .._atomic import atomic_link, atomic_write, atomic_write_text
 
 __all__ = ["CheckpointError", "CheckpointWriter", "save_checkpoint", "load_checkpoint", "atomic_write_text"]
 
@@ -23,10 +23,6 @@ class CheckpointError(RuntimeError):
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     atomic_write(path, lambda handle: torch.save(state, handle))
-
-
-def atomic_write_text(path: str | Path, text: str, *, durable: bool = True) -> None:
-    atomic_write(path, lambda handle: handle.write(text.encode()), durable=durable)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
