@@ -67,7 +67,7 @@ def test_otmdr_config_prints_every_key_annotated_as_valid_yaml(capsys):
     assert yaml.safe_load(out) == config_to_dict(load_config(None))
     keys = [line for line in out.splitlines() if line.startswith("  ")]
     assert sum("#" in line for line in keys) >= 0.8 * len(keys)
-    assert "label_noise_kind: symmetric  # symmetric" in out and "normalize: step  # step" in out
+    assert "label_noise_kind: symmetric  # symmetric" in out and "normalize: merged  # merged" in out
     assert main(["config", "--config", str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"),
                  "--set", "sam.rho=0.3"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["sam"]["rho"] == 0.3

@@ -121,7 +121,7 @@ def test_two_step_chain_equals_method_md_pseudo_code(merge, normalize, reduce):
 def test_three_ascent_steps_with_custom_split():
     """Any number of steps, each with its own radius and fraction (here 1/4, 1/4, 1/2)."""
     model, hand = tiny_mlp(), tiny_mlp()
-    opt = OTMDR(model, torch.optim.SGD, rho=(0.02, 0.05, 0.1), split=(0.25, 0.25, 0.5), lr=0.1)
+    opt = OTMDR(model, torch.optim.SGD, rho=(0.02, 0.05, 0.1), split=(0.25, 0.25, 0.5), preset="release", lr=0.1)
     x, y = data(16)
     opt.step(ce(model), batch=(x, y))
     theta = _params(hand)
@@ -138,7 +138,8 @@ def test_three_ascent_steps_with_custom_split():
 @pytest.mark.parametrize("reduce", ["sum", "mean"])
 def test_two_particles_equal_reference_with_the_same_random_split(reduce):
     model, hand = tiny_mlp(), tiny_mlp()
-    opt = OTMDR(model, torch.optim.SGD, rho=(0.05, 0.1), particles=2, reduce=reduce, seed=123, lr=0.1)
+    opt = OTMDR(model, torch.optim.SGD, rho=(0.05, 0.1), particles=2, reduce=reduce, seed=123, preset="release",
+                lr=0.1)
     generator = torch.Generator().manual_seed(123)
     for step in range(3):
         x, y = data(16, seed=step)
@@ -192,7 +193,7 @@ def test_measured_radius_matches_the_geometry():
     model = tiny_mlp()
     x, y = data(16)
     merged = OTMDR(copy.deepcopy(model), torch.optim.SGD, rho=(0.05, 0.1), normalize="merged", lr=0.0)
-    released = OTMDR(copy.deepcopy(model), torch.optim.SGD, rho=(0.05, 0.1), lr=0.0)
+    released = OTMDR(copy.deepcopy(model), torch.optim.SGD, preset="release", lr=0.0)
     r_merged = merged.step(ce(merged.model), batch=(x, y)).perturbation_norm
     r_released = released.step(ce(released.model), batch=(x, y)).perturbation_norm
     assert float(r_merged) <= 0.15 + 1e-9           # each step has length rho_i exactly

@@ -193,7 +193,7 @@ def test_radius_warning_thresholds():
     from otmdr.train.loop import _health_warnings, nominal_radius
 
     row = {"epoch": 1, "train_accuracy": 0.9, "perturbation_norm": 0.3}
-    step = _cfg("optim.method=otmdr")  # rho (0.05, 0.1), release normalisation: up to 0.25 expected
+    step = _cfg("optim.method=otmdr", "otmdr.preset=release")  # rho (0.05, 0.1), release normalisation: up to 0.25
     assert nominal_radius(step) == pytest.approx(0.15)
     assert _health_warnings(step, row, 0.15, 10) == {}  # 0.3 < 1.5 * 0.25
     assert "radius" in _health_warnings(step, {**row, "perturbation_norm": 0.4}, 0.15, 10)

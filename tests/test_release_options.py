@@ -3,6 +3,8 @@ against a literal transcription of the release's pseudo-code for that case (meth
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -23,7 +25,7 @@ def test_multi_particle_mode_1_1_sums_the_chain_and_averages_the_particles():
     """Release, K > 1, mode 1.1: each particle's 2nd ascent step moves along g1 + g2 (divided by
     ||g2||); only the K final gradients are averaged."""
     model, hand = tiny_mlp(), tiny_mlp()
-    opt = OTMDR(model, torch.optim.SGD, rho=(0.05, 0.1), particles=2, reduce="sum", particle_reduce="mean",
+    opt = OTMDR(model, torch.optim.SGD, preset="release", particles=2, reduce="sum", particle_reduce="mean",
                 seed=7, lr=0.1)
     generator = torch.Generator().manual_seed(7)
     for step in range(3):
@@ -132,3 +134,55 @@ def test_an_in_norm_parameter_without_gradient_does_not_shift_the_others():
         results.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_presets_fill_only_what_is_not_given():
+    """The default preset (from the tuned studies) and the release preset differ in exactly rho,
+    normalize and bn_policy; an explicit value beats either; SAM has no preset."""
+    from otmdr import SAM
+    from otmdr.optim import PRESETS
+
+    default = OTMDR(tiny_mlp(), torch.optim.SGD, lr=0.1).config
+    release = OTMDR(tiny_mlp(), torch.optim.SGD, preset="release", lr=0.1).config
+    assert (default.rho, default.normalize, default.bn_policy) == (
+        PRESETS["default"]["rho"], PRESETS["default"]["normalize"], PRESETS["default"]["bn_policy"])
+    assert (release.rho, release.normalize, release.bn_policy) == ((0.05, 0.1), "step", "ascent")
+    changed = {f for f in default.__dataclass_fields__ if getattr(default, f) != getattr(release, f)}
+    assert changed == {"rho", "normalize", "bn_policy"}
+    mixed = OTMDR(tiny_mlp(), torch.optim.SGD, preset="release", normalize="merged", rho=0.1, lr=0.1).config
+    assert (mixed.rho, mixed.normalize, mixed.bn_policy) == ((0.1,), "merged", "ascent")
+    with pytest.raises(ValueError, match="unknown preset 'paper': choose one of default, release"):
+        OTMDR(tiny_mlp(), torch.optim.SGD, preset="paper", lr=0.1)
+    with pytest.raises(ValueError, match="preset is an OT-MDR option"):
+        SAM(tiny_mlp(), torch.optim.SGD, preset="release", lr=0.1)
+
+
+def test_default_radius_is_bounded_by_the_sum_of_rho_where_the_release_is_not():
+    """Merged normalisation: ||theta~ - theta|| <= rho1 + rho2 on every step, however small the
+    second half-batch's gradient; the release's step 2 is divided by ||g2|| and overshoots when the
+    second half is fitted (here: the second half repeats one sample the model has memorised)."""
+    torch.manual_seed(0)
+    model = tiny_mlp()
+    x, y = data(16, seed=3)
+    x[8:], y[8:] = x[:1], y[:1]
+    fit = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(100):  # memorise that sample: its gradient, the second half's, is nearly zero
+        fit.zero_grad()
+        F.cross_entropy(model(x[:1]), y[:1]).backward()
+        fit.step()
+    x[:8], y[:8] = data(8, seed=4)  # the first half: fresh samples, a large gradient
+    for preset, bounded in (("default", True), ("release", False)):
+        opt = OTMDR(copy.deepcopy(model), torch.optim.SGD, rho=(0.05, 0.1), preset=preset, lr=0.0)
+        radius = float(opt.step(ce(opt.model), batch=(x, y)).perturbation_norm)
+        assert (radius <= 0.15 + 1e-6) == bounded, (preset, radius)
+
+
+def test_config_preset_is_applied_once_and_written_into_the_saved_values():
+    from otmdr.config import comparable_config, config_from_dict, config_to_dict, load_config
+
+    release = load_config(None, ["otmdr.preset=release", "otmdr.bn_policy=clean"])
+    assert (release.otmdr.rho, release.otmdr.normalize, release.otmdr.bn_policy) == ([0.05, 0.1], "step", "clean")
+    saved = config_to_dict(release)  # what a run folder's config.yaml holds
+    reloaded = config_from_dict({**saved, "otmdr": {k: v for k, v in saved["otmdr"].items() if k != "preset"}})
+    assert (reloaded.otmdr.preset, reloaded.otmdr.normalize) == ("default", "step")
+    assert comparable_config(saved) == comparable_config(config_to_dict(reloaded))  # same run either way

@@ -28,7 +28,7 @@ def _whole_batch_chain(model, x, y, rho, lr):
 def test_every_small_batch_size_steps(rho, n):
     model = tiny_mlp()
     x, y = data(n)
-    opt = OTMDR(model, torch.optim.SGD, rho=rho, lr=0.1)
+    opt = OTMDR(model, torch.optim.SGD, rho=rho, preset="release", lr=0.1)
     expected = _whole_batch_chain(model, x, y, rho, 0.1)
     result = opt.step(ce(model), batch=(x, y))
     assert torch.isfinite(result.perturbation_norm)

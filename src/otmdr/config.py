@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from .optim.config import PRESETS
+
 __all__ = ["ConfigError", "ExperimentConfig", "otmdr_options", "load_config", "describe_config", "comparable_config", "apply_overrides", "config_to_dict", "config_from_dict"]
 
 METHODS = ("sgd", "sam", "asam", "otmdr")
@@ -82,26 +84,36 @@ class ASAMConfig:
 
 @dataclass
 class OTMDRConfig:
-    rho: list[float] = field(default_factory=lambda: [0.05, 0.1])  # radius of each ascent step (the release's)
+    preset: str = "default"  # default | release (the authors' code): fills rho, normalize, bn_policy left unset
+    rho: list[float] | None = None  # radius of each ascent step (unset: default [0.02, 0.04], release [0.05, 0.1])
     split: list[float] | None = None  # batch fraction per ascent step (default: equal parts)
     merge: bool = True  # step i moves along the sum of the ascent gradients so far
-    normalize: str = "step"  # step (the release: divide by this step's gradient norm) | merged
+    normalize: str | None = None  # merged (default: divide by the merged direction's norm) | step (release: by this step's gradient norm)
     reduce: str = "sum"  # sum | mean, of the merged direction (and the particles unless particle_reduce)
     particle_reduce: str | None = None  # None: as reduce; the release's K > 1 "mode 1.1": reduce sum, this mean
     noise_std: float = 0.0  # Langevin noise std per coordinate after each ascent step
     adaptive: bool = False  # ASAM-style scaling by |theta| + adaptive_eta
     adaptive_eta: float = 0.0  # >= 0
     particles: int = 1  # K particles, each on its own random split (cost grows linearly)
-    bn_policy: str = "ascent"  # ascent (the release) | clean | all | none
+    bn_policy: str | None = None  # clean (default) | ascent (release) | all | none
     # torchrun: all-reduce the ascent gradients too (every process moves to the same neighbour,
     # as one process with the global batch would); false: each process ascends on its own shard
     # under no_sync (per-replica neighbours, SAM's m-sharpness) and only the final gradient is reduced
     sync_ascent: bool = False  # torchrun: all-reduce the ascent gradients (false: per-process neighbours)
 
+    def __post_init__(self) -> None:
+        # the preset's values are written in, so a saved config.yaml says what ran; an unknown
+        # preset is left for _check_values to report with the key named
+        for name, value in PRESETS.get(self.preset, {}).items():
+            if getattr(self, name) is None:
+                setattr(self, name, list(value) if isinstance(value, tuple) else value)
+
 
 def otmdr_options(section: OTMDRConfig) -> dict[str, Any]:
-    """The ``otmdr`` config section as keyword arguments of :class:`otmdr.optim.OTMDR`."""
+    """The ``otmdr`` config section as keyword arguments of :class:`otmdr.optim.OTMDR` (the
+    preset is already applied to the section's values)."""
     options = dataclasses.asdict(section)
+    del options["preset"]
     options["rho"] = tuple(section.rho)
     options["split"] = None if section.split is None else tuple(section.split)
     return options
@@ -175,6 +187,7 @@ CHOICES = {
     "optim.base": ("sgd", "adam", "adamw"),
     "sam.bn_policy": ("ascent", "clean", "all", "none"),
     "asam.bn_policy": ("ascent", "clean", "all", "none"),
+    "otmdr.preset": tuple(PRESETS),
     "otmdr.bn_policy": ("ascent", "clean", "all", "none"),
     "otmdr.normalize": ("step", "merged"),
     "data.label_noise_kind": ("symmetric", "pairflip"),
@@ -380,6 +393,7 @@ def comparable_config(data: dict[str, Any]) -> dict[str, Any]:
     resolved = config_to_dict(config_from_dict(data))
     unused = {s for s in ("sam", "asam", "otmdr") if s != resolved["optim"]["method"]}
     resolved["train"] = {k: v for k, v in resolved["train"].items() if k not in ("threads", "progress")}
+    resolved["otmdr"].pop("preset")  # already applied to the values it sets
     return {section: values for section, values in resolved.items() if section not in unused}
 
 

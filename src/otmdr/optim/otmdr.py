@@ -40,7 +40,7 @@ from torch.optim import Optimizer
 from . import functional as F
 from .batching import batch_size, split_bounds, take
 from .batchnorm import BatchNormState
-from .config import PerturbationConfig
+from .config import PerturbationConfig, preset_options
 
 __all__ = ["OTMDR", "StepResult"]
 
@@ -81,10 +81,14 @@ class OTMDR(Optimizer):
     optionally noisy ascent steps on disjoint parts of the batch, takes the full-batch gradient
     there, restores the weights and applies the base optimizer with that gradient.
 
-    Defaults are the authors' published configuration: rho (0.05, 0.1) on the two halves of the
-    batch, merged direction divided by the step's own gradient norm, no noise, one particle,
-    batch-norm statistics updated in the ascent passes only. SAM and ASAM are the special case
-    of one ascent step on the whole batch (see :class:`otmdr.optim.SAM`).
+    Defaults come from our tuned studies (docs/tuning.md): two ascent steps of rho (0.02, 0.04)
+    on the two halves of the batch along the merged direction, each divided by the merged
+    direction's norm (so the radius is at most rho1 + rho2, about SAM's usual 0.05), no noise,
+    one particle, batch-norm statistics from the clean pass. ``preset="release"`` gives the
+    authors' code instead: rho (0.05, 0.1), each step divided by its own gradient's norm,
+    statistics from the ascent passes. Any of ``rho``, ``normalize`` and ``bn_policy`` given
+    explicitly overrides the preset. SAM and ASAM are the special case of one ascent step on the
+    whole batch (see :class:`otmdr.optim.SAM`).
 
     Args:
         params: parameters or param groups, or an ``nn.Module`` (then also used as ``model``).
@@ -97,6 +101,8 @@ class OTMDR(Optimizer):
         seed: seed of the optimizer's own generator (noise, particle splits). Default:
             ``torch.initial_seed()``, so ``torch.manual_seed`` makes runs reproducible.
         foreach: use the fused ``torch._foreach_*`` kernels (default) or a per-tensor loop.
+        preset: ``"default"`` or ``"release"``: where ``rho``, ``normalize`` and ``bn_policy``
+            left at None come from (see ``otmdr.optim.config.PRESETS``).
         The other keyword options are those of :class:`PerturbationConfig`. Weight decay stays in
         the base optimizer and does not enter the ascent gradient unless
         ``ascent_weight_decay=True``.
@@ -107,17 +113,18 @@ class OTMDR(Optimizer):
         params: Iterable[Tensor] | Iterable[dict[str, Any]] | nn.Module | None,
         base_optimizer: type[Optimizer] | Callable[..., Optimizer] | Optimizer = torch.optim.SGD,
         *,
-        rho: float | tuple[float, ...] = (0.05, 0.1),
+        rho: float | tuple[float, ...] | None = None,
         split: tuple[float, ...] | None = None,
         merge: bool = True,
-        normalize: str = "step",
+        normalize: str | None = None,
         reduce: str = "sum",
         particle_reduce: str | None = None,
         noise_std: float = 0.0,
         adaptive: bool = False,
         adaptive_eta: float = 0.0,
         particles: int = 1,
-        bn_policy: str = "ascent",
+        bn_policy: str | None = None,
+        preset: str = "default",
         ascent_weight_decay: bool = False,
         max_grad_norm: float | None = None,
         ascent_interval: int = 1,
@@ -130,9 +137,10 @@ class OTMDR(Optimizer):
         **base_kwargs: Any,
     ) -> None:
         self.config = PerturbationConfig(
-            rho=rho, split=split, merge=merge, normalize=normalize, reduce=reduce, particle_reduce=particle_reduce,
+            **preset_options(preset, rho=rho, normalize=normalize, bn_policy=bn_policy),
+            split=split, merge=merge, reduce=reduce, particle_reduce=particle_reduce,
             noise_std=noise_std, adaptive=adaptive, adaptive_eta=adaptive_eta, particles=particles,
-            bn_policy=bn_policy, ascent_weight_decay=ascent_weight_decay,
+            ascent_weight_decay=ascent_weight_decay,
             max_grad_norm=max_grad_norm, ascent_interval=ascent_interval, sync_ascent=sync_ascent,
             check_finite=check_finite, eps=eps,
         )

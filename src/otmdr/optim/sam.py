@@ -32,6 +32,8 @@ class SAM(OTMDR):
         bn_policy: str = "clean",
         **kwargs: Any,
     ) -> None:
+        if "preset" in kwargs:
+            raise ValueError("preset is an OT-MDR option (SAM's one step has nothing to take from it): remove it")
         if not isinstance(rho, (int, float)) or isinstance(rho, bool):
             raise ValueError(f"SAM takes one radius, got rho={rho!r}; use OTMDR for several ascent steps")
         super().__init__(
