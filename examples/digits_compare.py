@@ -160,7 +160,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--momentum", type=float, default=0.9)
     parser.add_argument("--weight-decay", type=float, default=5e-4)
     parser.add_argument("--sam-rho", type=float, default=0.05)
-    parser.add_argument("--otmdr-rho", type=float, nargs="+", default=[0.05, 0.1])
+    parser.add_argument("--otmdr-rho", type=float, nargs="+", default=[0.02, 0.04],
+                        help="OT-MDR's radius per ascent step (default: the optimizer's own, about SAM's 0.05)")
     parser.add_argument("--hidden", type=int, nargs="+", default=[128, 128], help="MLP hidden widths")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: this model is too small to gain from more)")
