@@ -581,8 +581,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "(default: the first listed)")
     p.add_argument("--bn-policy", default="clean", choices=("clean", "ascent", "all", "none", "per-method"),
                    help="batch-norm statistics policy for every method, so that runs differ in the method only "
-                        "(default: %(default)s, SAM's usual one; per-method: each method's config, e.g. the "
-                        "release's ascent passes for OT-MDR)")
+                        "(default: %(default)s, SAM's and OT-MDR's default; per-method: each method's config, e.g. "
+                        "the ascent passes of otmdr.preset=release)")
     p.add_argument("--jobs", type=int, default=1, help="independent runs trained in parallel processes, the CPU "
                                                        "threads split between them")
     p.add_argument("--quiet", action="store_true", help="no per-epoch lines (they are in each run's train.log)")

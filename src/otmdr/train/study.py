@@ -79,7 +79,8 @@ class Study:
     search_overrides: list[str] = field(default_factory=list)
     select: str = "val_accuracy"
     #: one batch-norm policy for every method, so that runs differ in the method only; None keeps
-    #: each method's own (``sam.bn_policy``, ``otmdr.bn_policy``: SAM "clean", the release "ascent")
+    #: each method's own (``sam.bn_policy``, ``otmdr.bn_policy``: "clean" by default, "ascent" with
+    #: ``otmdr.preset=release``)
     bn_policy: str | None = None
 
     @property
