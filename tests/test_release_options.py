@@ -145,7 +145,7 @@ def test_presets_fill_only_what_is_not_given():
     default = OTMDR(tiny_mlp(), torch.optim.SGD, lr=0.1).config
     release = OTMDR(tiny_mlp(), torch.optim.SGD, preset="release", lr=0.1).config
     assert (default.rho, default.normalize, default.bn_policy) == (
-        PRESETS["default"]["rho"], PRESETS["default"]["normalize"], PRESETS["default"]["bn_policy"])
+        PRESETS["default"].rho, PRESETS["default"].normalize, PRESETS["default"].bn_policy)
     assert (release.rho, release.normalize, release.bn_policy) == ((0.05, 0.1), "step", "ascent")
     changed = {f for f in default.__dataclass_fields__ if getattr(default, f) != getattr(release, f)}
     assert changed == {"rho", "normalize", "bn_policy"}

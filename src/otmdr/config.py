@@ -104,9 +104,11 @@ class OTMDRConfig:
     def __post_init__(self) -> None:
         # the preset's values are written in, so a saved config.yaml says what ran; an unknown
         # preset is left for _check_values to report with the key named
-        for name, value in PRESETS.get(self.preset, {}).items():
-            if getattr(self, name) is None:
-                setattr(self, name, list(value) if isinstance(value, tuple) else value)
+        preset = PRESETS.get(self.preset)
+        if preset is not None:
+            for name, value in dataclasses.asdict(preset).items():
+                if getattr(self, name) is None:
+                    setattr(self, name, list(value) if isinstance(value, tuple) else value)
 
 
 def otmdr_options(section: OTMDRConfig) -> dict[str, Any]:

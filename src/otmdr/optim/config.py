@@ -8,27 +8,36 @@ from dataclasses import dataclass
 
 from .batchnorm import BN_POLICIES
 
-__all__ = ["PRESETS", "PerturbationConfig", "preset_options"]
+__all__ = ["PRESETS", "Preset", "PerturbationConfig", "preset_options"]
 
 NORMALIZATIONS = ("step", "merged")
 REDUCTIONS = ("sum", "mean")
 
-#: The three knobs our tuned studies changed from the authors' release (docs/tuning.md, "Why these
-#: defaults"). "default": merged normalisation, so the radius is bounded by rho1 + rho2 and is the
-#: number a search tunes (the release's can grow without bound and collapsed runs), a radius about
-#: SAM's usual 0.05 (tuned radii ranged 0.02-0.28 across our studies; the paper's 0.15-0.25 lost
-#: on every small network), and batch-norm statistics from the clean pass, as SAM and every tuned
-#: study. "release": the authors' code, for reproducing the paper.
-PRESETS: dict[str, dict[str, object]] = {
-    "default": {"rho": (0.02, 0.04), "normalize": "merged", "bn_policy": "clean"},
-    "release": {"rho": (0.05, 0.1), "normalize": "step", "bn_policy": "ascent"},
+
+@dataclass(frozen=True)
+class Preset:
+    """Values of the three knobs our tuned studies changed from the authors' release."""
+
+    rho: tuple[float, ...]
+    normalize: str
+    bn_policy: str
+
+
+#: "default" (docs/results.md, "Defaults, from the evidence"): merged normalisation, so the radius
+#: is bounded by rho1 + rho2 and is the number a search tunes (the release's can grow without
+#: bound and collapsed runs); a radius about SAM's usual 0.05 (tuned radii ranged 0.02-0.28 across
+#: our studies; the paper's lost on every small network); batch-norm statistics from the clean
+#: pass, as SAM and every tuned study. "release": the authors' code, for reproducing the paper.
+PRESETS: dict[str, Preset] = {
+    "default": Preset(rho=(0.02, 0.04), normalize="merged", bn_policy="clean"),
+    "release": Preset(rho=(0.05, 0.1), normalize="step", bn_policy="ascent"),
 }
 
 
 def preset_options(preset: str, **given: object) -> dict[str, object]:
     """``given`` (some of rho, normalize, bn_policy) with every None replaced by ``preset``'s value."""
     _check_choice("preset", preset, tuple(PRESETS))
-    return {name: PRESETS[preset][name] if value is None else value for name, value in given.items()}
+    return {name: getattr(PRESETS[preset], name) if value is None else value for name, value in given.items()}
 
 
 def _as_float_tuple(name: str, value: float | Sequence[float]) -> tuple[float, ...]:
@@ -71,17 +80,17 @@ class PerturbationConfig:
     eps: added to every norm before dividing (use ~1e-8 when parameters are fp16).
     """
 
-    rho: tuple[float, ...] = PRESETS["default"]["rho"]  # type: ignore[assignment]
+    rho: tuple[float, ...] = PRESETS["default"].rho
     split: tuple[float, ...] | None = None
     merge: bool = True
-    normalize: str = PRESETS["default"]["normalize"]  # type: ignore[assignment]
+    normalize: str = PRESETS["default"].normalize
     reduce: str = "sum"
     particle_reduce: str | None = None
     noise_std: float = 0.0
     adaptive: bool = False
     adaptive_eta: float = 0.0
     particles: int = 1
-    bn_policy: str = PRESETS["default"]["bn_policy"]  # type: ignore[assignment]
+    bn_policy: str = PRESETS["default"].bn_policy
     ascent_weight_decay: bool = False
     max_grad_norm: float | None = None
     ascent_interval: int = 1
