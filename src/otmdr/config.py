@@ -88,7 +88,7 @@ class OTMDRConfig:
     rho: list[float] | None = None  # radius of each ascent step (unset: default [0.02, 0.04], release [0.05, 0.1])
     split: list[float] | None = None  # batch fraction per ascent step (default: equal parts)
     merge: bool = True  # step i moves along the sum of the ascent gradients so far
-    normalize: str | None = None  # merged (default: divide by the merged direction's norm) | step (release: by this step's gradient norm)
+    normalize: str | None = None  # merged (default: by the merged direction's norm) | step (release: its own gradient's)
     reduce: str = "sum"  # sum | mean, of the merged direction (and the particles unless particle_reduce)
     particle_reduce: str | None = None  # None: as reduce; the release's K > 1 "mode 1.1": reduce sum, this mean
     noise_std: float = 0.0  # Langevin noise std per coordinate after each ascent step

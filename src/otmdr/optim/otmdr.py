@@ -81,10 +81,10 @@ class OTMDR(Optimizer):
     optionally noisy ascent steps on disjoint parts of the batch, takes the full-batch gradient
     there, restores the weights and applies the base optimizer with that gradient.
 
-    Defaults come from our tuned studies (docs/tuning.md): two ascent steps of rho (0.02, 0.04)
-    on the two halves of the batch along the merged direction, each divided by the merged
-    direction's norm (so the radius is at most rho1 + rho2, about SAM's usual 0.05), no noise,
-    one particle, batch-norm statistics from the clean pass. ``preset="release"`` gives the
+    Defaults come from our tuned studies (docs/results.md, "Defaults, from the evidence"): two
+    ascent steps of rho (0.02, 0.04) on the two halves of the batch along the merged direction,
+    each divided by the merged direction's norm (so the radius is at most rho1 + rho2, about
+    SAM's usual 0.05), no noise, one particle, batch-norm statistics from the clean pass. ``preset="release"`` gives the
     authors' code instead: rho (0.05, 0.1), each step divided by its own gradient's norm,
     statistics from the ascent passes. Any of ``rho``, ``normalize`` and ``bn_policy`` given
     explicitly overrides the preset. SAM and ASAM are the special case of one ascent step on the
