@@ -201,7 +201,8 @@ def plot_search(points: list[dict[str, Any]], path: Path, *, metric: str) -> Pat
             continue
         line, = ax.plot(radii, scores, marker="o", label=method)
         # SAM and OT-MDR points often sit at the same radius and score: one method's labels above
-        # its points, the next one's below, and a key shared by all of a method's points said once
+        # its points, the next one's below (offset past the ring of a chosen point), and a key shared
+        # by all of a method's points said once
         keys = {p["setting"].split("=", 1)[0] for p in mine}
         shared = next(iter(keys)) + "=" if len(keys) == 1 and "=" in mine[0]["setting"] else ""
         if shared:
@@ -212,7 +213,7 @@ def plot_search(points: list[dict[str, Any]], path: Path, *, metric: str) -> Pat
             if off_scale:
                 ax.scatter([x], [y], marker="v", s=60, color=line.get_color(), zorder=3)
             ax.annotate(p["setting"].removeprefix(shared) + (f" ({a:.1f})" if off_scale else ""), (x, y),
-                        textcoords="offset points", xytext=(3, -4 if below else 4), va="top" if below else "bottom",
+                        textcoords="offset points", xytext=(5, -5 if below else 5), va="top" if below else "bottom",
                         fontsize=6, color=line.get_color())
             if p.get("chosen"):
                 ax.scatter([x], [y], s=140, facecolors="none", edgecolors=line.get_color(), linewidths=1.5)
