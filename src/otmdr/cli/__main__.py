@@ -1,0 +1,7 @@
+"""``python -m otmdr.cli``."""
+
+import sys
+
+from .entry import main
+
+sys.exit(main())

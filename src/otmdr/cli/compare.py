@@ -1,0 +1,105 @@
+"""``otmdr compare``: methods x seeds after an optional validation-only grid search."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import sys
+from pathlib import Path
+
+from ._common import UsageError, run_config, timestamp
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Methods x seeds, optionally after a validation-only grid search per method (otmdr.train.study)."""
+    import yaml
+
+    from ..config import METHODS, config_to_dict
+    from ..report import comparison_tables, edge_notes, search_table, write_compare_report
+    from ..train.checkpoint import atomic_write_text
+    from ..train.grid import parse_grid
+    from ..train.study import Study, plan, run_study
+
+    regimes = ("", "joint", "per-member")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m.partition("/")[0] not in METHODS or m.partition("/")[2] not in regimes]
+    if unknown or not methods:
+        raise UsageError(f"--methods: unknown method(s) {unknown}; choose from {', '.join(METHODS)}, "
+                          "optionally with an ensemble regime: METHOD/joint or METHOD/per-member")
+    if len(set(methods)) != len(methods):
+        raise UsageError(f"--methods: a method is listed twice ({args.methods})")
+    if args.seeds < 1:
+        raise UsageError("--seeds must be at least 1")
+    if args.jobs < 1:
+        raise UsageError("--jobs must be at least 1")
+    references = [r.strip() for r in (args.reference or methods[0]).split(",") if r.strip()]
+    if not references or any(r not in methods for r in references):
+        raise UsageError(f"--reference: {args.reference!r} is not one of --methods {','.join(methods)}")
+    base = run_config(args)
+    stem = Path(args.config).stem if args.config else "default"
+    from ..train.distributed import current, from_rank0
+
+    if current().enabled and args.jobs > 1:
+        raise UsageError("--jobs > 1 under torchrun: the processes train one run at a time together; drop --jobs")
+    out = Path(from_rank0(lambda: args.out or f"runs/compare-{stem}-{timestamp()}"))  # rank 0's clock
+    overrides = list(args.set or []) + ([f"data.dir={args.data_dir}"] if args.data_dir else [])
+    study = Study(config_path=args.config, overrides=overrides, methods=methods,
+                  seeds=list(range(base.train.seed, base.train.seed + args.seeds)),
+                  grid=parse_grid(args.grid or [], methods), out=out, search_overrides=list(args.search_set or []),
+                  select=args.select, bn_policy=None if args.bn_policy == "per-method" else args.bn_policy)
+    plan(study)  # builds every config: a bad grid or value fails here, before anything is created
+
+    def prepare() -> bool:
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"--out {out} is a file, not a folder: choose another --out")
+        if out.exists() and any(out.iterdir()) and not args.resume:
+            raise UsageError(f"{out} already exists and is not empty; it is never overwritten: choose another "
+                              "--out, or add --resume to finish the runs it holds")
+        fresh = "created" if not out.exists() else ("empty" if not any(out.iterdir()) else "")
+        out.mkdir(parents=True, exist_ok=True)
+        return fresh
+
+    fresh = from_rank0(prepare)
+    try:
+        result = run_study(study, jobs=args.jobs, echo=not args.quiet)
+    except BaseException:
+        # e.g. a missing data directory, found by the first run: what this call put into a new or
+        # empty folder is removed if nothing was checkpointed, so a failed start leaves no partial
+        # artefact (an empty folder you made stays; rank 0 alone, without a collective: another
+        # process may be the one that failed)
+        if fresh and current().is_main and not any(out.rglob("*.pt")):
+            for child in ([out] if fresh == "created" else list(out.iterdir())):
+                shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+        raise
+    if not current().is_main:  # rank 0 writes the report; the others only trained with it
+        return 0
+    summaries = result["summaries"]
+    search = result["points"]
+    print()
+    if search:
+        print(search_table(search, study.select, markdown=False))
+        for note in edge_notes(search):
+            print(f"note: {note}")
+        print()
+    print(comparison_tables(summaries, references, markdown=False))
+    print(f"\nbatch-norm statistics: {args.bn_policy}" + (" for every method (--bn-policy)"
+                                                          if args.bn_policy != "per-method" else ""))
+    command = "otmdr " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if args.command_line is None else args.command_line
+    config_text = yaml.safe_dump(config_to_dict(base), sort_keys=False)
+    report = write_compare_report(out, summaries, command=command, config_text=config_text,
+                                  threads=(max(1, (base.train.threads or os.cpu_count() or 1) // args.jobs)
+                                           if args.jobs > 1 else base.train.threads),
+                                  references=references, search=search,
+                                  select=study.select, wall_seconds=result["seconds"],
+                                  train_seconds=result["train_seconds"], runs=result["runs"],
+                                  bn_policy="each method's own (per-method)" if args.bn_policy == "per-method"
+                                  else f"{args.bn_policy} for every method (--bn-policy)")
+    atomic_write_text(out / "summaries.json", json.dumps(summaries, indent=1))
+    if search:
+        atomic_write_text(out / "search.json", json.dumps(search, indent=1))
+    print(f"\nreport: {report}")
+    return 0
+

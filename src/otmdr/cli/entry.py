@@ -1,0 +1,164 @@
+"""The process around a command: parse, join torchrun's group if launched by it, run, and turn
+every anticipated problem into one ``otmdr: error: ...`` line and exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import NoReturn
+
+from ._common import EXIT_ERROR, Interrupted, UsageError
+from .parser import build_parser
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Output files named by options must be writable files, checked before any work."""
+    for option in ("json", "plot", "heatmap"):
+        value = getattr(args, option, None)
+        if value and Path(value).is_dir():
+            raise UsageError(f"--{option} {value} is a folder: name a file, e.g. {Path(value) / ('out.' + ('json' if option == 'json' else 'png'))}")
+
+
+_DISTRIBUTED_COMMANDS = ("train", "compare")
+
+
+def _start_distributed(args: argparse.Namespace):
+    """Join torchrun's process group (train and compare only); other ranks' stdout is muted,
+    since rank 0 reports for the whole job."""
+    from ..train import distributed
+
+    try:
+        context = distributed.launched()
+    except distributed.DistributedError as error:
+        raise UsageError(str(error)) from None
+    if not context.enabled:
+        return context
+    if args.command not in _DISTRIBUTED_COMMANDS:
+        raise UsageError(f"otmdr {args.command} runs in one process: launch it without torchrun (only train and "
+                          "compare train with several processes)")
+    if args.dist_timeout <= 0:
+        raise UsageError("--dist-timeout must be > 0 seconds")
+    try:
+        context = distributed.init(args.dist_timeout)
+    except distributed.DistributedError as error:
+        raise UsageError(str(error)) from None
+    if not context.is_main:
+        sys.stdout = open(os.devnull, "w")
+    return context
+
+
+def _lost_peer(error: BaseException) -> bool:
+    """A collective that failed because another process died, hung or closed its connection."""
+    import torch.distributed as dist
+
+    if isinstance(error, getattr(dist, "DistError", ())):
+        return True
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and any(
+        marker in text for marker in ("gloo", "nccl", "connection closed", "connection reset", "timed out",
+                                      "timeout", "processgroup", "broken pipe"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``otmdr ARGV``: the exit status (a failed process of a torchrun job exits at once instead)."""
+    args = build_parser().parse_args(argv)
+    from ..train import distributed
+
+    try:
+        code = _run(args)
+    except BaseException:
+        if distributed.current().enabled:  # a bug, not an anticipated error: its traceback, then out
+            traceback.print_exc()
+            _exit_at_once(1)
+        raise
+    if distributed.current().enabled:
+        _leave() if code == 0 else _exit_at_once(code)
+    return code
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command, with every anticipated problem turned into one line and an exit status."""
+    from ..config import ConfigError
+    from ..data import DatasetError
+    from ..eval.autoattack import MissingDependencyError
+    from .._lock import FolderBusy
+    from ..train import CheckpointError, Preempted, RunDirError, TrainingError
+    from ..train import distributed
+
+    context = distributed.Context()
+
+    def report(error: BaseException, text: str) -> None:
+        """Rank 0 reports; another rank only what rank 0 may not know (its own failures)."""
+        if context.is_main:
+            print(text, file=sys.stderr)
+        elif not (getattr(error, "otmdr_from_rank0", False)
+                  or isinstance(error, (ConfigError, UsageError, Preempted))):
+            print(text.replace("otmdr:", f"otmdr [rank {context.rank}]:", 1), file=sys.stderr)
+
+    try:
+        _check_outputs(args)
+        context = _start_distributed(args)
+        return args.func(args)
+    except Preempted as error:  # SIGTERM: a resumable checkpoint was written at a step boundary
+        advice = " (rerun the same otmdr compare command with --resume)" if args.command == "compare" else ""
+        report(error, f"otmdr: {error}{advice}")
+        return 143
+    except (ConfigError, DatasetError, CheckpointError, RunDirError, TrainingError, MissingDependencyError,
+            FolderBusy, UsageError) as error:
+        report(error, f"otmdr: error: {error}")
+        return EXIT_ERROR
+    except RuntimeError as error:
+        if not (context.enabled and _lost_peer(error)):
+            raise
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"otmdr [rank {context.rank}]: error: another process of this torchrun job failed or stopped "
+              f"answering ({first[:200]}); this process stops too: the failing process's own message says why",
+              file=sys.stderr)
+        return EXIT_ERROR
+    except BrokenPipeError:  # e.g. `otmdr models | head`
+        return 0
+    except OSError as error:  # a read-only folder, a full disk, a path that is a directory, ...
+        where = f" ({error.filename})" if error.filename else ""
+        print(f"otmdr: error: {error.strerror or error}{where}: check the path, its permissions and the free "
+              "disk space", file=sys.stderr)
+        return EXIT_ERROR
+    except Interrupted as error:
+        print(f"\notmdr: {error}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("\notmdr: interrupted; finished runs are kept: rerun the same command with --resume (compare) "
+              "or otmdr train --resume RUN_DIR to continue", file=sys.stderr)
+        return 130
+
+
+def _leave() -> None:
+    """Leave the process group after success. Every rank first waits for the others, so none
+    tears the connections down while a peer still completes its last collective."""
+    import torch.distributed as dist
+
+    from ..train import distributed
+
+    try:
+        dist.barrier()
+    except RuntimeError:  # a peer failed after this rank finished: its results are written
+        _exit_at_once(0)
+    distributed.shutdown()
+
+
+def _exit_at_once(code: int) -> NoReturn:
+    """End a failed process of a torchrun job without Python's teardown of torch.distributed.
+
+    Freeing a gloo process group while a collective is still pending deadlocks now and then: its
+    destructor joins the worker thread while holding the GIL, and the worker needs the GIL to free
+    the collective's tensors (seen as a failing rank that never exits). Everything otmdr keeps is
+    written atomically before this point, so skipping the teardown loses nothing.
+    """
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        try:
+            stream.flush()
+        except (AttributeError, OSError, ValueError):
+            pass
+    os._exit(code)

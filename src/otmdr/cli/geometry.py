@@ -1,0 +1,80 @@
+"""``otmdr sharpness`` and ``otmdr landscape``: the loss surface around a trained model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ._common import UsageError, load_trained
+
+
+def cmd_sharpness(args: argparse.Namespace) -> int:
+    import torch.nn.functional as F
+
+    from ..eval.sharpness import average_sharpness, hessian_trace, top_hessian_eigenvalue, worst_case_sharpness
+    from ..eval.subsets import PassProgress, fixed_training_subset
+    from ..models.bayes import is_bayesian, posterior_mean
+    from ..train.checkpoint import atomic_write_text
+
+    _, model, data = load_trained(args)
+    # passes over the subset: 2 per power iteration and per probe (a Hessian-vector product reads
+    # the batches twice), 27 for the rest (set-up, worst-case and average sharpness); measured
+    batches = PassProgress(fixed_training_subset(data, args.samples, args.batch_size),
+                            2 * (args.iterations + args.probes) + 27, "sharpness")
+    with posterior_mean(model):  # a BNN: the network of its posterior means
+        result = {
+            "path": str(args.path), "samples": sum(len(y) for _, y in batches), "rho": args.rho,
+            "bayesian_posterior_mean": is_bayesian(model),
+            "top_hessian_eigenvalue": top_hessian_eigenvalue(model, batches, F.cross_entropy,
+                                                             iterations=args.iterations),
+            "hessian_trace": hessian_trace(model, batches, F.cross_entropy, probes=args.probes),
+            "worst_case_sharpness": worst_case_sharpness(model, batches, F.cross_entropy, rho=args.rho),
+            "average_sharpness": average_sharpness(model, batches, F.cross_entropy, rho=args.rho),
+        }
+    batches.close()
+    for key, value in result.items():
+        print(f"  {key:24s} {value}")
+    if args.json:
+        atomic_write_text(args.json, json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_landscape(args: argparse.Namespace) -> int:
+    """Loss along filter-normalised directions around RUN_A (1-D curve, 2-D contour and surface),
+    and along the line from RUN_A to RUN_B when given; plots and JSON in --out."""
+    import torch.nn.functional as F
+
+    from ..eval.landscape import landscape_evaluation
+    from ..eval.subsets import PassProgress, fixed_training_subset
+    from ..report.plots import plot_interpolation, plot_landscape
+    from ..train.checkpoint import atomic_write_text
+
+    args.path = args.run_a
+    cfg, model, data = load_trained(args)
+    other = None
+    if args.run_b:  # checked before the grid is computed
+        from ..train import load_run
+
+        _, other, _ = load_run(args.run_b, device=args.device, which=args.checkpoint)
+        mine, theirs = model.state_dict(), other.state_dict()
+        if mine.keys() != theirs.keys() or any(mine[k].shape != theirs[k].shape for k in mine):
+            raise UsageError(f"{args.run_a} and {args.run_b} are different architectures; interpolation needs two "
+                              "runs of the same model")
+    batches = PassProgress(fixed_training_subset(data, args.samples, 512),
+                            2 * (args.points * (args.points + 1) + (args.points if args.run_b else 0)),
+                            "landscape")  # 2 iterations per loss: the losses, then the sample count
+    n = sum(len(y) for _, y in list.__iter__(batches))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"run": str(args.run_a), "samples": n,
+              **landscape_evaluation(model, batches, F.cross_entropy, points=args.points, span=args.span, other=other)}
+    batches.close()
+    plot_landscape(result, out / "landscape.png",
+                   title=f"{cfg.model.name} ({cfg.optim.method}), filter-normalised directions, {n} training images")
+    if other is not None:
+        plot_interpolation(result, out / "interpolation.png", start=Path(args.run_a).name, end=Path(args.run_b).name)
+    atomic_write_text(out / "landscape.json", json.dumps(result))
+    print(f"written: {out / 'landscape.png'}" + (f", {out / 'interpolation.png'}" if args.run_b else ""))
+    return 0
+

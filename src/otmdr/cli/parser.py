@@ -1,0 +1,147 @@
+"""The argument parser of every command; each command's function lives in its own module."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from .. import __version__
+from .compare import cmd_compare
+from .evaluate import cmd_corrupt, cmd_eval
+from .geometry import cmd_landscape, cmd_sharpness
+from .info import cmd_config, cmd_datasets, cmd_models
+from .train import cmd_train
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="otmdr", description="OT-MDR, SAM and SGD: train, evaluate, compare")
+    parser.add_argument("--version", action="version", version=f"otmdr {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def sub(name: str, **kwargs: Any) -> argparse.ArgumentParser:  # every default shown in --help
+        return commands.add_parser(name, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
+
+    def config_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", help="YAML experiment config (see configs/)")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. optim.lr=0.05")
+        p.add_argument("--data-dir", help="directory (or archive) holding the dataset (= --set data.dir=...)")
+
+    def distributed_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--dist-timeout", type=float, default=600.0, metavar="SECONDS",
+                       help="under torchrun (docs/distributed.md): how long a process waits for the others in a "
+                            "collective before it stops with an error (a peer that died or hangs)")
+
+    def trained_run_options(p: argparse.ArgumentParser) -> None:  # commands that read a trained run
+        p.add_argument("--data-dir", help="where the dataset is now, if it moved")
+        p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
+        p.add_argument("--checkpoint", choices=("last", "best"), default="last",
+                       help="for a run directory: the final model (as in summary.json) or the best on validation")
+
+    p = sub("train", help="train one model")
+    config_options(p)
+    p.add_argument("--method", choices=("sgd", "sam", "asam", "otmdr"), help="= --set optim.method=...")
+    p.add_argument("--epochs", type=int, help="= --set train.epochs=...")
+    p.add_argument("--seed", type=int, help="= --set train.seed=...")
+    p.add_argument("--out", help="run directory (default runs/<config>-<method>-s<seed>-<time>)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run exactly")
+    distributed_options(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub("eval", help="evaluate a run directory or checkpoint on the test split")
+    p.add_argument("path", help="run directory or checkpoint file")
+    trained_run_options(p)
+    p.add_argument("--ece-bins", type=int, default=None, help="ECE bins (default: the run's eval.ece_bins)")
+    p.add_argument("--json", help="also write the metrics to this JSON file")
+    p.add_argument("--no-temperature-scaling", action="store_true", help="skip fitting T on the validation split")
+    p.add_argument("--attack", choices=("fgsm", "pgd", "autoattack"),
+                   help="also report robust accuracy under this attack (autoattack needs: pip install 'otmdr[autoattack]')")
+    p.add_argument("--autoattack-version", choices=("standard", "rand"),
+                   help="AutoAttack suite (default: rand for Bayesian networks, standard otherwise)")
+    p.add_argument("--eps", default="1/255,2/255,4/255,8/255", help="comma-separated radii on [0,1] pixels")
+    p.add_argument("--norm", choices=("linf", "l2"), default="linf", help="PGD and AutoAttack threat model")
+    p.add_argument("--steps", type=int, default=10, help="PGD steps")
+    p.add_argument("--eot", type=int, default=1, help="gradient samples per step (expectation over transformation)")
+    p.add_argument("--plot", help="write the robust-accuracy curve to this PNG")
+    p.add_argument("--test-limit", type=int, help="evaluate on a fixed random subset of N test images (the same for every run; faster attacks)")
+    p.add_argument("--corruptions", metavar="all|benchmark|NAMES",
+                   help="also evaluate under common corruptions: 'all' (the 19 of CIFAR-10-C), 'benchmark' (its 15 "
+                        "of the mCE) or comma-separated names; see docs/corruptions.md")
+    p.add_argument("--baseline", metavar="RUN_DIR", help="also report each corruption's error relative to this run's "
+                                                         "(CE), their mean (mCE) and the relative mCE")
+    p.add_argument("--severities", default="1-5", help="corruption severities, e.g. 1-5, 3 or 1,3,5")
+    p.add_argument("--corrupted-dir", help="read the corrupted test set from this official-layout folder "
+                                           "(CIFAR-10-C style, or written by `otmdr corrupt`) instead of generating it")
+    p.add_argument("--corruption-seed", type=int, default=0, help="seed of the on-the-fly corruptions")
+    p.add_argument("--heatmap", help="write the corruption x severity accuracy heat map to this PNG")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub("compare", help="train several methods x seeds (after an optional grid search on "
+                                            "validation) and report mean ± std and paired differences")
+    config_options(p)
+    p.add_argument("--methods", default="sgd,sam,otmdr",
+                   help="comma-separated: sgd, sam, asam, otmdr; for ensembles optionally METHOD/joint or "
+                        "METHOD/per-member (sgd/per-member = a deep ensemble)")
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds (from train.seed upwards)")
+    p.add_argument("--out", help="output directory (default runs/compare-<config>-<time>)")
+    p.add_argument("--resume", action="store_true", help="reuse finished runs in --out and resume stopped ones")
+    p.add_argument("--grid", action="append", metavar="[METHOD:]KEY=V1,V2,...",
+                   help="search these values on the validation split before the final runs, e.g. sam.rho=0.02,0.05,0.1 "
+                        "or otmdr.rho=[0.01,0.02],[0.05,0.1] (sam/asam/otmdr keys apply to that method, others "
+                        "to every method or to METHOD: only); repeat for more keys (Cartesian product)")
+    p.add_argument("--select", default="val_accuracy", choices=("val_accuracy", "val_nll", "val_brier", "val_ece"),
+                   help="validation metric (last epoch) that chooses each method's grid point")
+    p.add_argument("--search-set", action="append", metavar="KEY=VALUE",
+                   help="override for the search runs only, e.g. train.epochs=10 (a shorter search budget)")
+    p.add_argument("--reference", help="method(s) the paired differences are taken against, comma-separated "
+                                       "(default: the first listed)")
+    p.add_argument("--bn-policy", default="clean", choices=("clean", "ascent", "all", "none", "per-method"),
+                   help="batch-norm statistics policy for every method, so that runs differ in the method only "
+                        "(default: %(default)s, SAM's and OT-MDR's default; per-method: each method's config, e.g. "
+                        "the ascent passes of otmdr.preset=release)")
+    p.add_argument("--jobs", type=int, default=1, help="independent runs trained in parallel processes, the CPU "
+                                                       "threads split between them")
+    p.add_argument("--quiet", action="store_true", help="no per-epoch lines (they are in each run's train.log)")
+    p.add_argument("--command-line", help=argparse.SUPPRESS)
+    distributed_options(p)
+    p.set_defaults(func=cmd_compare)
+
+    p = sub("sharpness", help="Hessian and rho-ball sharpness of a trained model (eval-mode BN)")
+    p.add_argument("path", help="run directory or checkpoint file")
+    trained_run_options(p)
+    p.add_argument("--samples", type=int, default=1024, help="a fixed random subset of N training images")
+    p.add_argument("--batch-size", type=int, default=256, help="images per Hessian-vector product")
+    p.add_argument("--rho", type=float, default=0.05, help="radius for worst-case and average sharpness")
+    p.add_argument("--iterations", type=int, default=50, help="power iterations for the top eigenvalue")
+    p.add_argument("--probes", type=int, default=20, help="Hutchinson probes for the trace")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    p.set_defaults(func=cmd_sharpness)
+
+    p = sub("landscape", help="loss-landscape slices around a run (and the line to another)")
+    p.add_argument("run_a", help="run directory or checkpoint")
+    p.add_argument("run_b", nargs="?", help="second run of the same architecture, for interpolation")
+    p.add_argument("--out", required=True, help="folder for landscape.png, interpolation.png, landscape.json")
+    trained_run_options(p)
+    p.add_argument("--samples", type=int, default=1024, help="a fixed random subset of N training images")
+    p.add_argument("--span", type=float, default=1.0, help="alpha and beta range [-span, span]")
+    p.add_argument("--points", type=int, default=21, help="grid points per axis")
+    p.set_defaults(func=cmd_landscape)
+
+    p = sub("corrupt", help="write a corrupted copy of a test split in the CIFAR-10-C .npy layout")
+    p.add_argument("--dataset", required=True, help="dataset name (see `otmdr datasets`)")
+    p.add_argument("--data-dir", help="where the dataset is (not needed for digits)")
+    p.add_argument("--out", required=True, help="new folder for <corruption>.npy files, labels.npy and meta.json")
+    p.add_argument("--corruptions", default="all", metavar="all|benchmark|NAMES",
+                   help="'all' (the 19 of CIFAR-10-C), 'benchmark' (its 15 of the mCE) or comma-separated names")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random corruptions")
+    p.add_argument("--limit", type=int, help="only the fixed random subset of N test images that "
+                                             "`otmdr eval --test-limit N` uses")
+    p.set_defaults(func=cmd_corrupt)
+
+    p = sub("config", help="print every config key with its value and meaning (the defaults, or a resolved config)")
+    config_options(p)
+    p.set_defaults(func=cmd_config)
+
+    sub("models", help="list the registered models").set_defaults(func=cmd_models)
+    sub("datasets", help="list the datasets and their expected layout").set_defaults(func=cmd_datasets)
+    return parser
+

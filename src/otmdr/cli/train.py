@@ -1,0 +1,91 @@
+"""``otmdr train``: one run, fresh or resumed, leaving nothing behind when it fails before its first
+checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+from typing import Any
+
+from ._common import Interrupted, UsageError, run_config, timestamp
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train one run. Under torchrun every process runs this; rank 0 alone looks at and writes the
+    file system (:func:`otmdr.train.distributed.from_rank0`), the others follow its decisions."""
+    from ..config import config_from_dict
+    from ..train import prepare_run_dir
+    from ..train.distributed import from_rank0
+
+    if args.resume:
+        if args.config or args.set or args.method or args.epochs is not None or args.seed is not None:
+            raise UsageError("--resume continues a run with its saved config: drop --config/--set/--method/"
+                              "--epochs/--seed")
+        run_dir = Path(args.resume)
+
+        def inspect() -> dict[str, Any] | None:
+            saved = run_dir / "config.yaml"
+            if not (run_dir / "checkpoints" / "last.pt").is_file() and saved.is_file():
+                # stopped before its first checkpoint: nothing was trained, so starting again from
+                # the saved config is exactly what continuing would have done
+                import yaml
+
+                print(f"{run_dir} was stopped before its first checkpoint: starting it again from its config.yaml")
+                (run_dir / "checkpoints").mkdir(exist_ok=True)
+                return yaml.safe_load(saved.read_text())
+            prepare_run_dir(args.resume, resume=True)
+            return None
+
+        saved_config = from_rank0(inspect)
+        if saved_config is not None:
+            summary = train_into(config_from_dict(saved_config), run_dir, fresh=True, cleanup=False)
+        else:
+            summary = train_into(None, run_dir, fresh=False)
+    else:
+        cfg = run_config(args)
+        stem = Path(args.config).stem if args.config else "default"
+
+        def prepare() -> tuple[Path, bool]:  # rank 0's clock names the folder of every rank
+            out = Path(args.out or f"runs/{stem}-{cfg.optim.method}-s{cfg.train.seed}-{timestamp()}")
+            if out.exists() and not out.is_dir():
+                raise UsageError(f"--out {out} is a file, not a folder: choose another --out")
+            existed = out.exists()
+            return prepare_run_dir(out, resume=False), existed
+
+        run_dir, existed = from_rank0(prepare)
+        print(f"run directory: {run_dir}")
+        summary = train_into(cfg, run_dir, fresh=True, keep_folder=existed)
+    test = summary["test"]
+    print(f"test: accuracy {100 * test['accuracy']:.2f}%  NLL {test['nll']:.4f}  Brier {test['brier']:.4f}  "
+          f"ECE {100 * test['ece']:.2f}% ({test['ece_bins']} bins)")
+    print(f"summary: {Path(run_dir) / 'summary.json'}")
+    return 0
+
+
+def train_into(cfg, run_dir: Path, *, fresh: bool, keep_folder: bool = True, cleanup: bool = True) -> dict[str, Any]:
+    """Train; a run that fails or is interrupted before its first checkpoint leaves nothing it
+    created behind (a folder the user made stays, emptied of our files)."""
+    from ..train import train
+    from ..train.distributed import current
+
+    try:
+        return train(cfg, run_dir, resume=not fresh)
+    except BaseException as error:
+        checkpointed = (run_dir / "checkpoints" / "last.pt").exists()
+        if fresh and cleanup and not checkpointed and current().is_main:
+            if keep_folder:
+                for child in run_dir.iterdir():
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
+            else:
+                shutil.rmtree(run_dir, ignore_errors=True)
+        from ..train import Preempted
+
+        if isinstance(error, Preempted) and fresh and cleanup and not checkpointed:
+            raise Preempted("preempted (SIGTERM) before the first checkpoint; nothing was kept: start the run "
+                            "again") from None
+        if isinstance(error, KeyboardInterrupt):
+            raise Interrupted(f"interrupted; continue with: otmdr train --resume {run_dir}" if checkpointed
+                               else "interrupted before the first checkpoint; nothing was kept") from None
+        raise
+
