@@ -92,8 +92,14 @@ def _fast(*overrides):
 
 def test_pipeline_trains_an_ensemble_per_member_and_reports_diversity(tmp_path):
     run = prepare_run_dir(tmp_path / "ens", resume=False)
-    summary = train(_fast("model.name=mlp-x3", "model.options={hidden: [32]}", "ensemble.regime=per-member"),
-                    run, log=lambda _: None)
+    lines: list[str] = []
+    cfg = _fast("model.name=mlp-x3", "model.options={hidden: [32]}", "ensemble.regime=per-member",
+                "optim.method=otmdr", "otmdr.normalize=merged")
+    summary = train(cfg, run, log=lines.append)
+    # each member moves by rho1 + rho2 on its own weights: sqrt(3) times that in all, and no warning
+    nominal = 3 ** 0.5 * sum(cfg.otmdr.rho)
+    assert any(f"(nominal {nominal:.3f})" in line for line in lines)
+    assert summary["perturbation_norm"] == pytest.approx(nominal, rel=0.1) and "warnings" not in summary
     diversity = summary["diversity"]
     assert len(diversity["member_accuracy"]) == 3 and summary["regime"] == "per-member"
     assert 0.0 <= diversity["double_fault"] <= 1.0 and diversity["mutual_information"] >= 0.0

@@ -201,6 +201,11 @@ def test_radius_warning_thresholds():
     assert "radius" in _health_warnings(merged, row, 0.15, 10)  # 0.3 > 1.5 * 0.15
     noisy = _cfg("optim.method=otmdr", "otmdr.noise_std=0.01")
     assert _health_warnings(noisy, {**row, "perturbation_norm": 5.0}, 0.15, 10) == {}  # noise dominates by design
+    # an ensemble's per-member regime: 3 members, each moved by the full radius on its own weights
+    assert nominal_radius(merged, 3) == pytest.approx(0.15 * 3 ** 0.5)
+    assert _health_warnings(merged, {**row, "perturbation_norm": 0.26}, nominal_radius(merged, 3), 10) == {}
+    assert "radius" in _health_warnings(merged, {**row, "perturbation_norm": 0.4}, nominal_radius(merged, 3), 10)
+    assert _health_warnings(step, {**row, "perturbation_norm": 0.6}, nominal_radius(step, 3), 10) == {}
     sgd = _cfg("optim.method=sgd")
     assert nominal_radius(sgd) == 0 and _health_warnings(sgd, {**row, "train_accuracy": 0.1, "epoch": 1}, 0, 10) == {}
     assert "chance" in _health_warnings(sgd, {**row, "train_accuracy": 0.1, "epoch": 2}, 0, 10)

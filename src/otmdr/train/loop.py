@@ -426,7 +426,7 @@ def _train(cfg: ExperimentConfig | None, run_dir: str | Path, *, resume: bool, l
         }
 
     n_bins = cfg.eval.ece_bins
-    nominal = nominal_radius(cfg)
+    nominal = nominal_radius(cfg, len(model) if per_member else 1)
     warned: dict[str, str] = {}  # kind -> the warning of the first epoch it showed, resumed epochs included
     for row in history:
         for kind, warning in _health_warnings(cfg, row, nominal, data.spec.num_classes).items():
@@ -558,13 +558,15 @@ def _describe_run(cfg: ExperimentConfig, model: nn.Module, data, device: torch.d
             f"{cfg.train.epochs} epochs, on {cfg.data.name} ({sizes}{noise}), {where}, {cfg.train.precision}")
 
 
-def nominal_radius(cfg: ExperimentConfig) -> float:
+def nominal_radius(cfg: ExperimentConfig, norm_groups: int = 1) -> float:
     """The perturbation length the config asks for: SAM's rho, OT-MDR's rho1 + rho2 + ...
-    (0 for SGD). ASAM's radius lives in the rescaled space and is not comparable: 0 too."""
+    (0 for SGD). ASAM's radius lives in the rescaled space and is not comparable: 0 too.
+    With ``norm_groups`` perturbation norms (an ensemble's per-member regime: one per member) each
+    group moves that far on its own coordinates, so the whole step is sqrt(norm_groups) times it."""
     if cfg.optim.method == "sam":
-        return cfg.sam.rho
+        return math.sqrt(norm_groups) * cfg.sam.rho
     if cfg.optim.method == "otmdr":
-        return float(sum(cfg.otmdr.rho))
+        return math.sqrt(norm_groups) * float(sum(cfg.otmdr.rho))
     return 0.0
 
 
@@ -575,7 +577,7 @@ def _health_warnings(cfg: ExperimentConfig, row: dict[str, Any], nominal: float,
     o = cfg.otmdr
     allowed = nominal
     if cfg.optim.method == "otmdr" and o.merge and o.normalize == "step":
-        allowed = o.rho[0] + 2 * sum(o.rho[1:])  # ||g1 + g2|| / ||g2|| is about 2 when alike
+        allowed = nominal * (o.rho[0] + 2 * sum(o.rho[1:])) / sum(o.rho)  # ||g1 + g2|| / ||g2|| ~ 2 when alike
     noisy = cfg.optim.method == "otmdr" and o.noise_std > 0
     if nominal and not noisy and row["perturbation_norm"] > 1.5 * allowed:
         out["radius"] = (f"the measured radius {row['perturbation_norm']:.3f} is far above the nominal {nominal:.3f} "
