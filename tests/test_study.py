@@ -343,3 +343,19 @@ def test_one_batch_norm_policy_for_every_method_unless_per_method(tmp_path):
         for run in search:
             section = getattr(run.config, run.method)
             assert section.bn_policy == expected[run.method], (policy, run.method)
+
+
+def test_figures_name_each_methods_radius_and_reference_levels(tmp_path, monkeypatch):
+    """A matched-radius comparison must read from its test-accuracy figure alone, and a reference
+    level (SGD, no radius) is named in the search figure's legend, not on the plot."""
+    from otmdr.report import plots
+
+    assert plots._with_radius("sgd", [{"perturbation_norm": 0.0}]) == "sgd"
+    assert plots._with_radius("sam", [{"perturbation_norm": 0.09}, {"perturbation_norm": 0.1}]) == "sam\nradius 0.095"
+    legends = []
+    monkeypatch.setattr(plots.plt.Axes, "legend", lambda ax, *a, **k: legends.append(ax.get_legend_handles_labels()[1]))
+    points = [{"method": "sgd", "setting": "default", "score": 0.8, "radius": 0.0, "chosen": True},
+              {"method": "sam", "setting": "rho=0.05", "score": 0.82, "radius": 0.05, "chosen": True},
+              {"method": "sam", "setting": "rho=0.1", "score": 0.81, "radius": 0.1, "chosen": False}]
+    plots.plot_search(points, tmp_path / "search.png", metric="val_accuracy")
+    assert legends == [["sgd (no radius)", "sam (rho)"]]

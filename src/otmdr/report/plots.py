@@ -51,6 +51,13 @@ def plot_learning_curves(summaries: dict[str, list[dict[str, Any]]], path: Path)
     return path
 
 
+def _with_radius(method: str, runs: list[dict[str, Any]]) -> str:
+    """A method's name and its mean measured radius: a matched-radius comparison reads from the
+    figure alone, and a tuned one shows how far each method was allowed to move."""
+    radii = [r["perturbation_norm"] for r in runs if r.get("perturbation_norm")]
+    return f"{method}\nradius {np.mean(radii):.3g}" if radii else method
+
+
 def plot_test_accuracy(summaries: dict[str, list[dict[str, Any]]], path: Path) -> Path:
     """Each seed as a dot and the mean with its 95% t interval: no bars, whose truncated axis
     would make a 0.3-point difference look large; the axis spans at least 10 points."""
@@ -63,7 +70,8 @@ def plot_test_accuracy(summaries: dict[str, list[dict[str, Any]]], path: Path) -
                 if len(values) > 1 else 0.0)
         ax.errorbar(i, values.mean(), yerr=half, fmt="s", markersize=7, capsize=6, zorder=2)
         ax.scatter(np.full(len(values), i) + 0.12, values, color="black", s=12, zorder=3)
-    ax.set_xticks(range(len(summaries)), list(summaries))
+    ax.set_xticks(range(len(summaries)), [_with_radius(method, runs) for method, runs in summaries.items()],
+                  fontsize=8)
     ax.set_xlim(-0.6, len(summaries) - 0.4)
     ax.set_ylabel("test accuracy (%)")
     low = min(100 * r["test"]["accuracy"] for runs in summaries.values() for r in runs)
@@ -170,6 +178,9 @@ def plot_robust_accuracy(curves: dict[str, dict[float, float | list[float]]], pa
     return path
 
 
+REFERENCE_STYLES = ("--", ":", "-.")
+
+
 def plot_search(points: list[dict[str, Any]], path: Path, *, metric: str) -> Path:
     """Validation score of every grid point against its measured radius ||theta~ - theta||, one
     line per method (the chosen point ringed): the picture that explains a comparison, since at
@@ -185,6 +196,7 @@ def plot_search(points: list[dict[str, Any]], path: Path, *, metric: str) -> Pat
     span = max(kept) - min(kept)
     bottom, top = min(kept) - 0.15 * span - 0.5, max(kept) + 0.15 * span + 0.5
     drawn = 0  # methods drawn as lines so far
+    references = 0  # reference levels drawn so far
     for method in methods:
         mine = sorted((p for p in points if p["method"] == method and p["score"] is not None),
                       key=lambda p: p["radius"])
@@ -193,11 +205,13 @@ def plot_search(points: list[dict[str, Any]], path: Path, *, metric: str) -> Pat
         radii = np.array([p["radius"] for p in mine])
         actual = np.array([scale * p["score"] for p in mine])
         scores = np.maximum(actual, bottom)
-        if radii.max() == 0:  # no perturbation: a reference level
-            for value in scores:
-                ax.axhline(value, linestyle="--", color="gray", linewidth=1)
-            ax.text(0.99, scores.max(), f" {method}", transform=ax.get_yaxis_transform(), ha="right",
-                    va="bottom", fontsize=8, color="gray")
+        if radii.max() == 0:  # no perturbation: a reference level, named in the legend (a label
+            # on the plot would collide with the points near the right edge)
+            style = REFERENCE_STYLES[references % len(REFERENCE_STYLES)]
+            references += 1
+            for i, value in enumerate(scores):
+                ax.axhline(value, linestyle=style, color="gray", linewidth=1,
+                           label=f"{method} (no radius)" if i == 0 else None)
             continue
         line, = ax.plot(radii, scores, marker="o", label=method)
         # SAM and OT-MDR points often sit at the same radius and score: one method's labels above
