@@ -169,6 +169,33 @@ def test_an_interrupted_search_resumes_without_redoing_finished_runs(tmp_path):
             [s["test"]["accuracy"] for s in whole["summaries"][method]]
 
 
+def test_an_extended_grid_resumes_and_sets_the_old_choices_final_runs_aside(tmp_path, monkeypatch):
+    """Extending a grid with --resume keeps the finished search runs; if validation now picks
+    another point, the earlier choice's final runs move to superseded/ (kept), not refused."""
+    monkeypatch.setattr(study_module, "train", _fake_train)
+
+    def make(grid):
+        return Study(str(DEMO), FAST, ["sam"], [0, 1], parse_grid([grid], ["sam"]), tmp_path / "s")
+
+    first = run_study(make("sam.rho=0.1,0.05"), log=lambda _: None)
+    assert first["chosen"]["sam"].overrides == ("sam.rho=0.05",)
+    lines: list[str] = []
+    extended = run_study(make("sam.rho=0.1,0.05,0.01"), log=lines.append)
+    assert extended["chosen"]["sam"].overrides == ("sam.rho=0.01",)
+    assert "  2 run(s) finished earlier, reused" in lines  # the two earlier search runs
+    aside = tmp_path / "s" / "superseded" / "sam-seed1"
+    assert any("moved to" in line and str(aside) in line for line in lines)
+    assert yaml.safe_load((aside / "config.yaml").read_text())["sam"]["rho"] == 0.05
+    assert yaml.safe_load((tmp_path / "s" / "sam-seed1" / "config.yaml").read_text())["sam"]["rho"] == 0.01
+    assert [s["test"]["accuracy"] for s in extended["summaries"]["sam"]] == pytest.approx([0.40, 0.401])
+    # a final folder of a config that no grid point has is still refused, and left as it was
+    other = load_config(DEMO, FAST + ["optim.method=sam", "train.seed=1", "sam.rho=0.3", "train.progress=false"])
+    (tmp_path / "s" / "sam-seed1" / "config.yaml").write_text(yaml.safe_dump(config_to_dict(other)))
+    with pytest.raises(Exception, match="another config"):
+        run_study(make("sam.rho=0.1,0.05,0.01"), log=lambda _: None)
+    assert (tmp_path / "s" / "sam-seed1" / "summary.json").is_file()
+
+
 def test_parallel_jobs_give_the_same_study(tmp_path):
     methods = ["sgd", "sam"]
     serial = run_study(Study(str(DEMO), FAST, methods, [0], parse_grid(["sam.rho=0.01,0.05"], methods),

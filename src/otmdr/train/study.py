@@ -62,6 +62,10 @@ class Run:
     summary: dict[str, Any] | None = None
     error: str | None = None  # a run that diverged (search runs only)
     seconds: float = 0.0
+    #: final runs: the configs of the method's other grid points at this seed. A folder holding one
+    #: of them is the final run of an earlier choice (the grid was extended and validation now picks
+    #: another point): it is set aside, not refused, so that ``--resume`` with a longer grid works.
+    superseded: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -134,10 +138,36 @@ def plan(study: Study) -> tuple[list[Run], Callable[[dict[str, GridPoint]], list
                     runs.append(reused[0])
                     continue
                 cfg = _config(study, chosen[method], seed, [])
-                runs.append(Run(method, chosen[method], seed, cfg, study.out / f"{_slug(method)}-seed{seed}", "final"))
+                others = [comparable_config(config_to_dict(_config(study, point, seed, [])))
+                          for point in study.grid[method] if point != chosen[method]]
+                runs.append(Run(method, chosen[method], seed, cfg, study.out / f"{_slug(method)}-seed{seed}", "final",
+                                superseded=others))
         return runs
 
     return search, finals
+
+
+def _set_aside_superseded(run: Run) -> Path | None:
+    """Move a final run of a no longer chosen grid point to ``<out>/superseded/`` (kept, not
+    deleted: it is still a finished run of that setting) and say where it went."""
+    saved = run.run_dir / "config.yaml"
+    if not run.superseded or not saved.is_file():
+        return None
+    try:
+        previous = comparable_config(yaml.safe_load(saved.read_text()))
+    except (ConfigError, yaml.YAMLError, AttributeError, TypeError):
+        return None
+    if previous not in run.superseded:
+        return None
+    aside = run.run_dir.parent / "superseded"
+    aside.mkdir(exist_ok=True)
+    target = aside / run.run_dir.name
+    count = 1
+    while target.exists():
+        count += 1
+        target = aside / f"{run.run_dir.name}-{count}"
+    os.replace(run.run_dir, target)  # one rename: the folder is either here or there
+    return target
 
 
 def _state(run: Run) -> str:
@@ -222,11 +252,15 @@ def execute(runs: list[Run], *, jobs: int = 1, log: Callable[[str], None] = prin
     ``echo`` prints every epoch line, prefixed by its run, as it happens."""
     pending = []
     for run in runs:
-        def look(run: Run = run) -> tuple[str, dict | None]:  # torchrun: rank 0 looks, every rank follows
+        def look(run: Run = run) -> tuple[str, dict | None, str | None]:  # torchrun: rank 0 looks, every rank follows
+            moved = _set_aside_superseded(run)
             state = _state(run)
-            return state, json.loads((run.run_dir / "summary.json").read_text()) if state == "done" else None
+            summary = json.loads((run.run_dir / "summary.json").read_text()) if state == "done" else None
+            return state, summary, None if moved is None else str(moved)
 
-        state, summary = distributed.from_rank0(look)
+        state, summary, moved = distributed.from_rank0(look)
+        if moved is not None:
+            log(f"  {run.run_dir} held the final run of a setting no longer chosen: moved to {moved}")
         if state == "done":
             run.summary = summary
         else:
