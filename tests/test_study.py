@@ -386,3 +386,12 @@ def test_figures_name_each_methods_radius_and_reference_levels(tmp_path, monkeyp
               {"method": "sam", "setting": "rho=0.1", "score": 0.81, "radius": 0.1, "chosen": False}]
     plots.plot_search(points, tmp_path / "search.png", metric="val_accuracy")
     assert legends == [["sgd (no radius)", "sam (rho)"]]
+    # a grid over two keys: one line per noise level along rho, not one zigzag through all points
+    two = [{"method": "otmdr", "setting": f"rho={rho} noise_std={noise}", "score": 0.8, "radius": r,
+            "chosen": False} for rho, noise, r in [("[0.1,0.2]", 0, 0.2), ("[0.2,0.4]", 0, 0.4),
+                                                   ("[0.1,0.2]", "1e-3", 0.5), ("[0.2,0.4]", "1e-3", 0.6)]]
+    series = plots._search_series("otmdr", two)
+    assert [(name, labels) for name, _, labels in series] == [
+        ("otmdr (rho, noise_std=0)", ["[0.1,0.2]", "[0.2,0.4]"]),
+        ("otmdr (rho, noise_std=1e-3)", ["[0.1,0.2]", "[0.2,0.4]"])]
+    assert [name for name, _, _ in plots._search_series("sgd", [points[0]])] == ["sgd"]

@@ -179,6 +179,28 @@ def plot_robust_accuracy(curves: dict[str, dict[float, float | list[float]]], pa
 
 
 REFERENCE_STYLES = ("--", ":", "-.")
+MARKERS = ("o", "s", "^", "D", "v", "P")
+
+
+def _search_series(method: str, points: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]], list[str]]]:
+    """A method's grid points as lines: (legend name, points, label of each point). A grid over
+    one key is one line, its points labelled by their value and the key said once in the legend; a
+    grid over several keys (rho x noise_std) is one line per value of the later keys, along the
+    first, so that no line zigzags between unrelated settings."""
+    settings = [dict(token.split("=", 1) for token in p["setting"].split() if "=" in token) for p in points]
+    keys = list(dict.fromkeys(k for setting in settings for k in setting))
+    varying = [k for k in keys if len({setting.get(k) for setting in settings}) > 1]
+    if not varying or any(not setting for setting in settings):
+        return [(method, points, [p["setting"] for p in points])]
+    along, split_by = varying[0], varying[1:]
+    groups: dict[str, tuple[list[dict[str, Any]], list[str]]] = {}
+    for p, setting in zip(points, settings):
+        group = " ".join(f"{k}={setting.get(k)}" for k in split_by)
+        members, labels = groups.setdefault(group, ([], []))
+        members.append(p)
+        labels.append(setting.get(along, "?"))
+    return [(f"{method} ({along}{', ' + group if group else ''})", members, labels)
+            for group, (members, labels) in groups.items()]
 
 
 def plot_search(points: list[dict[str, Any]], path: Path, *, metric: str) -> Path:
@@ -195,42 +217,38 @@ def plot_search(points: list[dict[str, Any]], path: Path, *, metric: str) -> Pat
     kept = [v for v in every if v >= 0.5 * typical] or every  # a collapsed point would squash the axis
     span = max(kept) - min(kept)
     bottom, top = min(kept) - 0.15 * span - 0.5, max(kept) + 0.15 * span + 0.5
-    drawn = 0  # methods drawn as lines so far
+    drawn = 0  # lines drawn so far
     references = 0  # reference levels drawn so far
     for method in methods:
-        mine = sorted((p for p in points if p["method"] == method and p["score"] is not None),
-                      key=lambda p: p["radius"])
+        mine = [p for p in points if p["method"] == method and p["score"] is not None]
         if not mine:
             continue
-        radii = np.array([p["radius"] for p in mine])
-        actual = np.array([scale * p["score"] for p in mine])
-        scores = np.maximum(actual, bottom)
-        if radii.max() == 0:  # no perturbation: a reference level, named in the legend (a label
-            # on the plot would collide with the points near the right edge)
+        if max(p["radius"] for p in mine) == 0:  # no perturbation: a reference level, named in the
+            # legend (a label on the plot would collide with the points near the right edge)
             style = REFERENCE_STYLES[references % len(REFERENCE_STYLES)]
             references += 1
-            for i, value in enumerate(scores):
-                ax.axhline(value, linestyle=style, color="gray", linewidth=1,
+            for i, p in enumerate(mine):
+                ax.axhline(max(scale * p["score"], bottom), linestyle=style, color="gray", linewidth=1,
                            label=f"{method} (no radius)" if i == 0 else None)
             continue
-        line, = ax.plot(radii, scores, marker="o", label=method)
-        # SAM and OT-MDR points often sit at the same radius and score: one method's labels above
-        # its points, the next one's below (offset past the ring of a chosen point), and a key shared
-        # by all of a method's points said once
-        keys = {p["setting"].split("=", 1)[0] for p in mine}
-        shared = next(iter(keys)) + "=" if len(keys) == 1 and "=" in mine[0]["setting"] else ""
-        if shared:
-            line.set_label(f"{method} ({shared[:-1]})")
-        below, drawn = drawn % 2 == 1, drawn + 1
-        for p, x, y, a in zip(mine, radii, scores, actual):
-            off_scale = a < bottom
-            if off_scale:
-                ax.scatter([x], [y], marker="v", s=60, color=line.get_color(), zorder=3)
-            ax.annotate(p["setting"].removeprefix(shared) + (f" ({a:.1f})" if off_scale else ""), (x, y),
-                        textcoords="offset points", xytext=(5, -5 if below else 5), va="top" if below else "bottom",
-                        fontsize=6, color=line.get_color())
-            if p.get("chosen"):
-                ax.scatter([x], [y], s=140, facecolors="none", edgecolors=line.get_color(), linewidths=1.5)
+        for name, series, labels in _search_series(method, mine):
+            series = sorted(zip(series, labels), key=lambda pl: pl[0]["radius"])
+            radii = np.array([p["radius"] for p, _ in series])
+            actual = np.array([scale * p["score"] for p, _ in series])
+            scores = np.maximum(actual, bottom)
+            line, = ax.plot(radii, scores, marker=MARKERS[drawn % len(MARKERS)], label=name)
+            # SAM and OT-MDR points often sit at the same radius and score: one line's labels above
+            # its points, the next one's below (offset past the ring of a chosen point)
+            below, drawn = drawn % 2 == 1, drawn + 1
+            for (p, text), x, y, a in zip(series, radii, scores, actual):
+                off_scale = a < bottom
+                if off_scale:
+                    ax.scatter([x], [y], marker="v", s=60, color=line.get_color(), zorder=3)
+                ax.annotate(text + (f" ({a:.1f})" if off_scale else ""), (x, y), textcoords="offset points",
+                            xytext=(5, -5 if below else 5), va="top" if below else "bottom",
+                            fontsize=6, color=line.get_color())
+                if p.get("chosen"):
+                    ax.scatter([x], [y], s=140, facecolors="none", edgecolors=line.get_color(), linewidths=1.5)
     ax.set_ylim(bottom, top)
     radii_all = [p["radius"] for p in points if p["radius"]]
     if radii_all:  # log scale over the perturbed points (SGD is the level line)
