@@ -35,6 +35,23 @@ def test_power_iteration_recovers_the_top_eigenvalue():
     assert top_hessian_eigenvalue(Quadratic(EIGENVALUES), BATCHES, loss_fn, iterations=500, tol=1e-10) == pytest.approx(5.0, rel=1e-6)
 
 
+class OneSharpDirection(nn.Module):
+    """loss = 0.5 * 5 * theta_0^2 over a million parameters: the Hessian is diag(5, 0, ..., 0), so
+    a random start's Rayleigh quotient is about 5e-6, far below any absolute tolerance."""
+
+    def __init__(self, size: int = 1_000_000):
+        super().__init__()
+        self.theta = nn.Parameter(torch.ones(size))
+
+    def forward(self, x):
+        return 2.5 * self.theta[0] ** 2 * torch.ones(len(x))
+
+
+def test_power_iteration_does_not_stop_at_a_random_starts_tiny_quotient():
+    # with the default tolerance: the first quotient (about 5e-6) must not be taken for converged
+    assert top_hessian_eigenvalue(OneSharpDirection(), BATCHES, loss_fn) == pytest.approx(5.0, rel=1e-4)
+
+
 def test_hutchinson_trace_is_unbiased():
     assert hessian_trace(Quadratic(EIGENVALUES), BATCHES, loss_fn, probes=400) == pytest.approx(sum(EIGENVALUES), rel=0.1)
 
