@@ -183,6 +183,7 @@ def test_an_extended_grid_resumes_and_sets_the_old_choices_final_runs_aside(tmp_
     extended = run_study(make("sam.rho=0.1,0.05,0.01"), log=lines.append)
     assert extended["chosen"]["sam"].overrides == ("sam.rho=0.01",)
     assert "  2 run(s) finished earlier, reused" in lines  # the two earlier search runs
+    assert (extended["runs"], extended["reused"]) == (4, 2)  # 3 search runs + seed 1's new final run
     aside = tmp_path / "s" / "superseded" / "sam-seed1"
     assert any("moved to" in line and str(aside) in line for line in lines)
     assert yaml.safe_load((aside / "config.yaml").read_text())["sam"]["rho"] == 0.05
@@ -317,6 +318,9 @@ def test_cli_search_report_shows_grid_radius_plot_and_paired_verdicts(tmp_path, 
     summaries = json.loads((out / "summaries.json").read_text())
     assert all(s["early_stopped"]["epoch"] in (1, 2) for runs in summaries.values() for s in runs)
     assert summaries["sam"][0]["label_noise"]["rate"] == 0.2
+    assert "reused" not in report.splitlines()[3]
+    assert main(args + ["--resume"]) == 0  # everything reused: the report says so
+    assert "trained 0 of the runs (5 finished earlier and reused" in (out / "report.md").read_text()
 
 
 def test_the_make_demo_command_is_a_valid_study(tmp_path, monkeypatch):

@@ -95,6 +95,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                                   references=references, search=search,
                                   select=study.select, wall_seconds=result["seconds"],
                                   train_seconds=result["train_seconds"], runs=result["runs"],
+                                  reused=result["reused"],
                                   bn_policy="each method's own (per-method)" if args.bn_policy == "per-method"
                                   else f"{args.bn_policy} for every method (--bn-policy)")
     atomic_write_text(out / "summaries.json", json.dumps(summaries, indent=1))

@@ -73,7 +73,8 @@ def write_compare_report(out_dir: Path, summaries: dict[str, list[dict[str, Any]
                          config_text: str, threads: int | None = None, references: list[str] | None = None,
                          search: list[dict[str, Any]] | None = None, select: str = "val_accuracy",
                          wall_seconds: float | None = None, bn_policy: str | None = None,
-                         train_seconds: float | None = None, runs: int | None = None) -> Path:
+                         train_seconds: float | None = None, runs: int | None = None,
+                         reused: int = 0) -> Path:
     figures = out_dir / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     references = references or [next(iter(summaries))]
@@ -92,6 +93,8 @@ def write_compare_report(out_dir: Path, summaries: dict[str, list[dict[str, Any]
         f"{first['epochs']} epochs per run"
         + (f"; {runs} runs, {train_seconds / 60:.{1 if train_seconds < 600 else 0}f} min of training summed over them" if train_seconds else "")
         + (f"; this invocation took {wall_seconds / 60:.1f} min" if wall_seconds else "")
+        + (f" and trained {runs - reused} of the runs ({reused} finished earlier and reused: --resume; "
+           "the thread count is this invocation's)" if reused and runs else "")
         + "." + (f" Batch-norm statistics: {bn_policy}." if bn_policy else ""),
     ]
     noise = first.get("label_noise")

@@ -62,6 +62,7 @@ class Run:
     summary: dict[str, Any] | None = None
     error: str | None = None  # a run that diverged (search runs only)
     seconds: float = 0.0
+    reused: bool = False  #: finished by an earlier invocation (--resume), not trained now
     #: final runs: the configs of the method's other grid points at this seed. A folder holding one
     #: of them is the final run of an earlier choice (the grid was extended and validation now picks
     #: another point): it is set aside, not refused, so that ``--resume`` with a longer grid works.
@@ -262,6 +263,7 @@ def execute(runs: list[Run], *, jobs: int = 1, log: Callable[[str], None] = prin
         if moved is not None:
             log(f"  {run.run_dir} held the final run of a setting no longer chosen: moved to {moved}")
         if state == "done":
+            run.reused = run.reused or run.summary is None  # not a search run trained moments ago
             run.summary = summary
         else:
             pending.append((run, state == "resume"))
@@ -386,4 +388,5 @@ def _run(study: Study, search: list[Run], finals, *, jobs: int, log: Callable[[s
                "radius": r.summary["perturbation_norm"] if r.summary else None,
                "chosen": r.point == chosen[r.method], "run_dir": str(r.run_dir), "error": r.error} for r in search]
     return {"summaries": summaries, "chosen": chosen, "search": search, "points": points,
-            "seconds": time.perf_counter() - started, "train_seconds": trained, "runs": len(unique)}
+            "seconds": time.perf_counter() - started, "train_seconds": trained, "runs": len(unique),
+            "reused": sum(run.reused for run in unique.values())}
