@@ -148,17 +148,21 @@ def plan(study: Study) -> tuple[list[Run], Callable[[dict[str, GridPoint]], list
     return search, finals
 
 
+def _saved_config(run_dir: Path) -> dict[str, Any] | None:
+    """The comparable config of the run a folder holds (None: no readable config.yaml)."""
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return None
+    try:
+        return comparable_config(yaml.safe_load(saved.read_text()))
+    except (ConfigError, yaml.YAMLError, AttributeError, TypeError):
+        return None
+
+
 def _set_aside_superseded(run: Run) -> Path | None:
     """Move a final run of a no longer chosen grid point to ``<out>/superseded/`` (kept, not
     deleted: it is still a finished run of that setting) and say where it went."""
-    saved = run.run_dir / "config.yaml"
-    if not run.superseded or not saved.is_file():
-        return None
-    try:
-        previous = comparable_config(yaml.safe_load(saved.read_text()))
-    except (ConfigError, yaml.YAMLError, AttributeError, TypeError):
-        return None
-    if previous not in run.superseded:
+    if not run.superseded or _saved_config(run.run_dir) not in run.superseded:
         return None
     aside = run.run_dir.parent / "superseded"
     aside.mkdir(exist_ok=True)
@@ -174,13 +178,8 @@ def _set_aside_superseded(run: Run) -> Path | None:
 def _state(run: Run) -> str:
     """'done', 'resume' or 'new'; a folder holding another config is refused; a folder killed before
     its first checkpoint (config.yaml only) is cleared, since the study created it."""
-    saved = run.run_dir / "config.yaml"
-    if saved.is_file():
-        try:
-            previous = comparable_config(yaml.safe_load(saved.read_text()))
-        except (ConfigError, yaml.YAMLError, AttributeError, TypeError):
-            previous = None
-        if previous != comparable_config(config_to_dict(run.config)):
+    if (run.run_dir / "config.yaml").is_file():
+        if _saved_config(run.run_dir) != comparable_config(config_to_dict(run.config)):
             raise RunDirError(f"{run.run_dir} holds a run with another config than {run.name} now asks for "
                               "(the config, --set or --grid changed): use a new --out")
     if (run.run_dir / "summary.json").is_file():
