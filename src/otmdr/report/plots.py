@@ -179,7 +179,7 @@ def plot_robust_accuracy(curves: dict[str, dict[float, float | list[float]]], pa
 
 
 REFERENCE_STYLES = ("--", ":", "-.")
-MARKERS = ("o", "s", "^", "D", "v", "P")
+MARKERS = ("o", "s", "^", "D", "P", "X")  # not "v": it marks a point below the axis
 
 
 def _search_series(method: str, points: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]], list[str]]]:
