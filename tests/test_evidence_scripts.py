@@ -149,3 +149,25 @@ def test_robustness_report_pairs_methods_by_seed():
     assert f"{expected.mean:+.2f} [{expected.low:+.2f}, {expected.high:+.2f}] better" in row
     assert row.count("better") == 4  # eigenvalue: lower is better
     assert not any(line.startswith("| sgd − sam |") for line in lines)
+
+
+def test_regimes_select_part_of_a_study_and_refuse_unknown_ones(tmp_path):
+    """REGIMES=noisy40 runs only the noisy compare (a clean study committed on another machine
+    need not retrain); an unknown regime stops before any compare, with one line and exit 2."""
+    import subprocess
+
+    def run(regimes: str) -> subprocess.CompletedProcess:
+        env = {"PATH": "/usr/bin:/bin", "OTMDR": "echo", "EVIDENCE_DIR": str(tmp_path), "REGIMES": regimes}
+        return subprocess.run(["bash", str(ROOT / "benchmarks/evidence/bnn_fashion_mnist.sh"), "DATA", "2"],
+                              env=env, capture_output=True, text=True)
+
+    noisy = run("noisy40")
+    compares = [line for line in noisy.stdout.splitlines() if line.startswith("compare ")]
+    assert noisy.returncode == 0 and len(compares) == 1
+    assert "--set data.label_noise=0.4" in compares[0] and compares[0].endswith(f"{tmp_path}/bnn-fashion-mnist-lenet-noisy40")
+    assert f"robustness_of_selected.sh DATA 2 {tmp_path}/bnn-fashion-mnist-lenet-noisy40" in noisy.stdout
+    both = run("clean noisy40")
+    assert sum(line.startswith("compare ") for line in both.stdout.splitlines()) == 2
+    bad = run("noisy")
+    assert bad.returncode == 2 and "compare" not in bad.stdout
+    assert bad.stderr.strip().splitlines() == ["error: REGIMES: unknown regime 'noisy'; use clean, noisy40 or both (\"clean noisy40\")"]

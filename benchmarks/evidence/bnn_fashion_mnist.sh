@@ -18,7 +18,8 @@
 #   benchmarks/evidence/bnn_fashion_mnist.sh DATA_DIR [JOBS]
 #
 # Environment: OTMDR (the otmdr command, default .venv/bin/otmdr), PYTHON (default
-# .venv/bin/python), EVIDENCE_DIR (default runs/evidence), SMOKE=1: the same grids and commands at a
+# .venv/bin/python), EVIDENCE_DIR (default runs/evidence), REGIMES (default "clean noisy40"; one of
+# them runs that half only), SMOKE=1: the same grids and commands at a
 # toy size (1 epoch, 500 training / 200 test images, 2 seeds, 5-sample predictive) into
 # ${TMPDIR:-/tmp}/otmdr-evidence-smoke, to check the script end to end in a few minutes.
 set -euo pipefail
