@@ -206,6 +206,8 @@ def test_radius_warning_thresholds():
     assert _health_warnings(merged, {**row, "perturbation_norm": 0.26}, nominal_radius(merged, 3), 10) == {}
     assert "radius" in _health_warnings(merged, {**row, "perturbation_norm": 0.4}, nominal_radius(merged, 3), 10)
     assert _health_warnings(step, {**row, "perturbation_norm": 0.6}, nominal_radius(step, 3), 10) == {}
+    still = _cfg("optim.method=otmdr", "otmdr.rho=[0,0]", "otmdr.normalize=step")  # a grid's "no perturbation"
+    assert _health_warnings(still, {**row, "perturbation_norm": 0.0}, nominal_radius(still), 10) == {}
     sgd = _cfg("optim.method=sgd")
     assert nominal_radius(sgd) == 0 and _health_warnings(sgd, {**row, "train_accuracy": 0.1, "epoch": 1}, 0, 10) == {}
     assert "chance" in _health_warnings(sgd, {**row, "train_accuracy": 0.1, "epoch": 2}, 0, 10)

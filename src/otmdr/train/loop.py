@@ -576,7 +576,7 @@ def _health_warnings(cfg: ExperimentConfig, row: dict[str, Any], nominal: float,
     out = {}
     o = cfg.otmdr
     allowed = nominal
-    if cfg.optim.method == "otmdr" and o.merge and o.normalize == "step":
+    if nominal and cfg.optim.method == "otmdr" and o.merge and o.normalize == "step":  # nominal 0: rho all 0
         allowed = nominal * (o.rho[0] + 2 * sum(o.rho[1:])) / sum(o.rho)  # ||g1 + g2|| / ||g2|| ~ 2 when alike
     noisy = cfg.optim.method == "otmdr" and o.noise_std > 0
     if nominal and not noisy and row["perturbation_norm"] > 1.5 * allowed:

@@ -178,10 +178,10 @@ def _set_aside_superseded(run: Run) -> Path | None:
 def _state(run: Run) -> str:
     """'done', 'resume' or 'new'; a folder holding another config is refused; a folder killed before
     its first checkpoint (config.yaml only) is cleared, since the study created it."""
-    if (run.run_dir / "config.yaml").is_file():
-        if _saved_config(run.run_dir) != comparable_config(config_to_dict(run.config)):
-            raise RunDirError(f"{run.run_dir} holds a run with another config than {run.name} now asks for "
-                              "(the config, --set or --grid changed): use a new --out")
+    if ((run.run_dir / "config.yaml").is_file()  # an unreadable one counts as another config
+            and _saved_config(run.run_dir) != comparable_config(config_to_dict(run.config))):
+        raise RunDirError(f"{run.run_dir} holds a run with another config than {run.name} now asks for "
+                          "(the config, --set or --grid changed): use a new --out")
     if (run.run_dir / "summary.json").is_file():
         return "done"
     if (run.run_dir / "checkpoints" / "last.pt").is_file():
