@@ -287,10 +287,11 @@ def _landscape_section(out: Path) -> list[str]:
 
     found = {p.parent.name: json.loads(p.read_text()) for p in sorted((out / "landscape").glob("*/landscape.json"))}
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    for method, result in found.items():
-        axes[0].plot(result["alphas"], result["slice_1d"], label=method)
+    for i, (method, result) in enumerate(found.items()):  # one colour per method in both panels
+        axes[0].plot(result["alphas"], result["slice_1d"], label=method, color=f"C{i}")
         if "interpolation" in result:
-            axes[1].plot(result["interpolation"]["alphas"], result["interpolation"]["loss"], label=method)
+            axes[1].plot(result["interpolation"]["alphas"], result["interpolation"]["loss"], label=method,
+                         color=f"C{i}")
     reference = next((m for m, r in found.items() if "interpolation" not in r), "the reference")
     axes[0].set(xlabel="alpha (filter-normalised direction)", ylabel="training loss", title="1-D slices (seed 0)",
                 xticks=[-1.0, -0.5, 0.0, 0.5, 1.0])
