@@ -359,6 +359,12 @@ def test_a_choice_at_the_edge_of_the_grid_is_flagged():
     assert "last of its grid" in edge_notes(points(0.1))[0] and "first of its grid" in edge_notes(points(0.01))[0]
     assert edge_notes(points(0.05)) == []
     assert edge_notes([{"method": "sgd", "setting": "default", "chosen": True}]) == []
+    # with measured radii the grid is read in radius order: an extended grid lists new values last
+    extended = [{"method": "sam", "setting": f"rho={r}", "radius": r, "chosen": r == chosen}
+                for r, chosen in ((0.05, 0.3), (0.2, 0.3), (0.5, 0.3), (0.3, 0.3))]
+    assert edge_notes(extended) == []
+    extended[2]["chosen"], extended[3]["chosen"] = True, False
+    assert "largest radius of its grid" in edge_notes(extended)[0]
 
 
 def test_one_batch_norm_policy_for_every_method_unless_per_method(tmp_path):

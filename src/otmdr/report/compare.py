@@ -57,13 +57,19 @@ def search_table(points: list[dict[str, Any]], metric: str, *, markdown: bool) -
 
 def edge_notes(points: list[dict[str, Any]]) -> list[str]:
     """A method whose chosen point is the first or last of its grid (3 points or more) may do
-    better beyond it: say so, since the comparison then understates that method."""
+    better beyond it: say so, since the comparison then understates that method. The grid is
+    ordered by measured radius when every point has one (a grid extended with --resume lists its
+    new values last, wherever they fall), else as given."""
     notes = []
     for method in dict.fromkeys(p["method"] for p in points):
         mine = [p for p in points if p["method"] == method]
+        by_radius = all(isinstance(p.get("radius"), (int, float)) for p in mine)
+        if by_radius:
+            mine = sorted(mine, key=lambda p: p["radius"])
         chosen = [i for i, p in enumerate(mine) if p["chosen"]]
         if len(mine) >= 3 and chosen and chosen[0] in (0, len(mine) - 1):
-            side = "first" if chosen[0] == 0 else "last"
+            side = ("smallest" if chosen[0] == 0 else "largest") + " radius" if by_radius else \
+                ("first" if chosen[0] == 0 else "last")
             notes.append(f"{method}: the chosen point ({mine[chosen[0]]['setting']}) is the {side} of its grid; "
                          "the best setting may lie beyond it: extend the grid (finished points are reused with --resume)")
     return notes
