@@ -25,9 +25,9 @@ def _check_outputs(args: argparse.Namespace) -> None:
 _DISTRIBUTED_COMMANDS = ("train", "compare")
 
 
-def _start_distributed(args: argparse.Namespace):
-    """Join torchrun's process group (train and compare only); other ranks' stdout is muted,
-    since rank 0 reports for the whole job."""
+def _torchrun_context(args: argparse.Namespace):
+    """The process's place in a torchrun job, read from the environment (no connection yet), and
+    the checks that do not need the others."""
     from ..train import distributed
 
     try:
@@ -41,13 +41,23 @@ def _start_distributed(args: argparse.Namespace):
                           "compare train with several processes)")
     if args.dist_timeout <= 0:
         raise UsageError("--dist-timeout must be > 0 seconds")
+    return context
+
+
+def _join(args: argparse.Namespace, context) -> None:
+    """Join torchrun's process group (train and compare only); other ranks' stdout is muted,
+    since rank 0 reports for the whole job. A peer that already failed and exited makes this
+    raise a lost-peer error, which the caller reports as one line."""
+    from ..train import distributed
+
+    if not context.enabled:
+        return
     try:
-        context = distributed.init(args.dist_timeout)
+        distributed.init(args.dist_timeout)
     except distributed.DistributedError as error:
         raise UsageError(str(error)) from None
     if not context.is_main:
         sys.stdout = open(os.devnull, "w")
-    return context
 
 
 def _lost_peer(error: BaseException) -> bool:
@@ -100,7 +110,8 @@ def _run(args: argparse.Namespace) -> int:
 
     try:
         _check_outputs(args)
-        context = _start_distributed(args)
+        context = _torchrun_context(args)  # known before joining: a peer lost while joining is reported too
+        _join(args, context)
         return args.func(args)
     except Preempted as error:  # SIGTERM: a resumable checkpoint was written at a step boundary
         advice = " (rerun the same otmdr compare command with --resume)" if args.command == "compare" else ""
@@ -134,22 +145,23 @@ def _run(args: argparse.Namespace) -> int:
         return 130
 
 
-def _leave() -> None:
-    """Leave the process group after success. Every rank first waits for the others, so none
-    tears the connections down while a peer still completes its last collective."""
+def _leave() -> NoReturn:
+    """End a successful process of a torchrun job. Every rank first waits for the others, so none
+    tears the connections down while a peer still completes its last collective; then it exits
+    without freeing the process group, whose gloo destructor (with DDP's comm-hook futures still
+    referenced) aborted a finished rank with SIGABRT now and then on a loaded machine
+    (tests/test_ddp.py saw it 2 times in 12 runs). Every result is on disk by then."""
     import torch.distributed as dist
-
-    from ..train import distributed
 
     try:
         dist.barrier()
-    except RuntimeError:  # a peer failed after this rank finished: its results are written
-        _exit_at_once(0)
-    distributed.shutdown()
+    except RuntimeError:  # a peer failed after this rank finished: this rank's results are written
+        pass
+    _exit_at_once(0)
 
 
 def _exit_at_once(code: int) -> NoReturn:
-    """End a failed process of a torchrun job without Python's teardown of torch.distributed.
+    """End a process of a torchrun job without Python's teardown of torch.distributed.
 
     Freeing a gloo process group while a collective is still pending deadlocks now and then: its
     destructor joins the worker thread while holding the GIL, and the worker needs the GIL to free
