@@ -71,6 +71,16 @@ def test_particles_report_pairs_each_variant_with_k1_by_seed():
     assert "## noisy40" in report and "K=2, 2 ep" in report and "worse" in report
     assert "Early-stopped" in report and "otmdr compare --set otmdr.particles=1" in report
     assert "best epoch per seed" in report and "95% CI" in report
+    assert f"]({particles.figure_name('noisy40')})" in report
+
+
+def test_particles_figure_draws_every_variant_at_its_compute(tmp_path):
+    import matplotlib.image
+
+    results = {(1, 4): [_summary(s, 0.80 + 0.01 * s) for s in range(3)],
+               (2, 2): [_summary(s, 0.78, passes=3.0, epochs=2) for s in range(3)]}
+    path = particles.plot_accuracy_against_compute(results, tmp_path / particles.figure_name("noisy40"))
+    assert matplotlib.image.imread(path).shape[:2] == (456, 1140)  # 9.5 x 3.8 in at 120 dpi
 
 
 def test_particles_reads_the_committed_noisy_studys_radius():

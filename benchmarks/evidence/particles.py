@@ -17,7 +17,8 @@ own folder, ``--jobs`` of them at a time (one torch thread each on a 2-core mach
 the same command after a kill reuses finished runs. Then ``report.md`` in --out: per variant the
 test accuracy, NLL and ECE (mean ± std over seeds), seconds per epoch, passes per step, training
 time, and the paired difference against K = 1 at E epochs with 95% t intervals and verdicts, for the
-final and the early-stopped (best validation accuracy) models.
+final and the early-stopped (best validation accuracy) models; and a figure per regime of test
+accuracy against training compute (passes per step x epochs).
 
     python benchmarks/evidence/particles.py DATA_DIR [--jobs 2] [--out runs/evidence/particles]
 
@@ -78,6 +79,10 @@ def folder(k: int, epochs: int) -> str:
     return f"K{k}-E{epochs}"
 
 
+def figure_name(regime: str) -> str:
+    return f"accuracy-vs-compute-{regime}.png"
+
+
 def _mean_std(values: list[float], digits: int, scale: float = 1.0) -> str:
     values = [scale * v for v in values]
     if len(values) == 1:
@@ -123,6 +128,54 @@ def paired_rows(results: dict[tuple[int, int], list[dict[str, Any]]], reference:
     return paired_table(summaries, label(*reference))
 
 
+def plot_accuracy_against_compute(results: dict[tuple[int, int], list[dict[str, Any]]], path: Path) -> Path:
+    """Test accuracy (mean with its 95% t interval; dots: seeds) against training compute, counted
+    as forward/backward passes over the training set (passes per step x epochs), for the final and
+    the early-stopped models: equal-compute variants share an x, so a gain bought by compute shows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from scipy import stats
+
+    fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.8), sharey=True)
+    colours = {k: f"C{i}" for i, k in enumerate(sorted({k for k, _ in results}))}
+    full = max(e for _, e in results)
+    compute = {key: statistics.median(s["passes_per_step"] for s in runs) * key[1] for key, runs in results.items()}
+    sharing = {x: [key for key in results if compute[key] == x] for x in compute.values()}
+    for ax, early, title in ((axes[0], False, "final model"), (axes[1], True, "early-stopped model")):
+        for (k, epochs), runs in results.items():
+            shown = _early(runs) if early else runs
+            if not shown:
+                continue
+            values = np.array([100 * s["test"]["accuracy"] for s in shown])
+            x = compute[(k, epochs)]
+            group = sharing[x]  # variants of equal compute side by side, not on top of each other
+            x_shown = x * 2 ** (0.07 * (group.index((k, epochs)) - (len(group) - 1) / 2))
+            half = (stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
+                    if len(values) > 1 else 0.0)
+            equal_epochs = epochs == full
+            ax.errorbar(x_shown, values.mean(), yerr=half, fmt="o" if equal_epochs else "s", capsize=5, markersize=7,
+                        color=colours[k], markerfacecolor=colours[k] if equal_epochs else "white",
+                        label=label(k, epochs), zorder=2)
+            ax.scatter(np.full(len(values), x_shown), values, color="black", s=8, zorder=3)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted(set(compute.values())), [f"{x:g}" for x in sorted(set(compute.values()))])
+        ax.minorticks_off()
+        ax.set_xlabel("training compute: passes per step x epochs")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("test accuracy (%)")
+    axes[1].legend(fontsize=8, loc="best")
+    fig.suptitle("filled: equal epochs; hollow: equal compute (K particles for 1/K of the epochs); "
+                 "mean with 95% t interval, dots: seeds", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def _table(titles: list[str], rows: list[list[str]]) -> list[str]:
     aligned = ["---" if i < 3 else "---:" for i in range(len(titles))]
     return ["| " + " | ".join(titles) + " |", "|" + "|".join(aligned) + "|"] + ["| " + " | ".join(r) + " |" for r in rows]
@@ -143,7 +196,7 @@ def render_report(regimes: dict[str, dict[tuple[int, int], list[dict[str, Any]]]
     if smoke:
         lines += ["**Smoke run** (`--smoke`): a toy size (see the commands) that checks the script, not evidence.", ""]
     for regime, results in regimes.items():
-        lines += [f"## {regime}", ""]
+        lines += [f"## {regime}", "", f"![Test accuracy against training compute]({figure_name(regime)})", ""]
         for early, title in ((False, "Final model (last epoch)"),
                              (True, "Early-stopped model (checkpoint of the best validation accuracy)")):
             rows = variant_rows(results, early)
@@ -246,11 +299,14 @@ def main() -> int:
     invocation = "python benchmarks/evidence/particles.py " + shlex.join(sys.argv[1:])
     report = render_report(results, (1, args.epochs), rho=rho, commands=todo, invocation=invocation,
                            machine=_machine(), smoke=args.smoke)
+    for regime, regime_results in results.items():
+        plot_accuracy_against_compute(regime_results, out / figure_name(regime))
     (out / "report.md").write_text(report)
     print(f"report: {out / 'report.md'}")
     name = "particles-fashion-mnist-mlp"
     print("commit the results with:")
-    print(f"  mkdir -p benchmarks/results/{name} && cp {out / 'report.md'} benchmarks/results/{name}/")
+    figures = " ".join(str(out / figure_name(regime)) for regime in regimes)
+    print(f"  mkdir -p benchmarks/results/{name} && cp {out / 'report.md'} {figures} benchmarks/results/{name}/")
     for regime in regimes:
         for k, epochs in plan:
             print(f"  python benchmarks/collect_report.py {out / regime / folder(k, epochs)} "
