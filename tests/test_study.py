@@ -13,7 +13,7 @@ import yaml
 from otmdr.cli import main
 from otmdr.config import ConfigError, config_to_dict, load_config
 from otmdr.data.noise import noisy_labels
-from otmdr.report.stats import paired_difference, paired_table
+from otmdr.report.stats import paired_difference, paired_table, t_half_width
 from otmdr.train import study as study_module
 from otmdr.train.builders import build_data
 from otmdr.train.grid import GridPoint, parse_grid
@@ -224,6 +224,7 @@ def test_paired_interval_matches_a_hand_computation():
     assert five.verdict == "better"
     assert paired_difference([1.0, 1.2, 0.8], [0.0] * 3, higher_is_better=False).verdict == "worse"
     assert paired_difference([1.0], [0.0], higher_is_better=True).low is None
+    assert t_half_width([1.0, 2.0, 3.0]) == pytest.approx(half) and t_half_width([5.0]) == 0.0  # the figures' bars
 
 
 def test_paired_table_pairs_by_seed():

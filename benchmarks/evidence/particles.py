@@ -46,7 +46,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "src"))  # the checkout's otmdr, also without an editable install
 
-from otmdr.report.stats import CI_METHOD, format_paired, paired_table  # noqa: E402
+from otmdr.report.stats import CI_METHOD, format_paired, paired_table, t_half_width  # noqa: E402
 
 CONFIG = "configs/fashion-mnist-mlp.yaml"
 NOISY_STUDY = ROOT / "benchmarks" / "results" / "fashion-mnist-mlp-noisy40"
@@ -137,7 +137,6 @@ def plot_accuracy_against_compute(results: dict[tuple[int, int], list[dict[str, 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
-    from scipy import stats
 
     fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.8), sharey=True)
     colours = {k: f"C{i}" for i, k in enumerate(sorted({k for k, _ in results}))}
@@ -153,8 +152,7 @@ def plot_accuracy_against_compute(results: dict[tuple[int, int], list[dict[str, 
             x = compute[(k, epochs)]
             group = sharing[x]  # variants of equal compute side by side, not on top of each other
             x_shown = x * 2 ** (0.07 * (group.index((k, epochs)) - (len(group) - 1) / 2))
-            half = (stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
-                    if len(values) > 1 else 0.0)
+            half = t_half_width(values.tolist())
             equal_epochs = epochs == full
             ax.errorbar(x_shown, values.mean(), yerr=half, fmt="o" if equal_epochs else "s", capsize=5, markersize=7,
                         color=colours[k], markerfacecolor=colours[k] if equal_epochs else "white",

@@ -12,6 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from .stats import t_half_width  # noqa: E402
 from .tables import format_epsilon  # noqa: E402
 
 __all__ = ["plot_learning_curves", "plot_test_accuracy", "plot_reliability", "plot_corruption_heatmaps",
@@ -61,14 +62,10 @@ def _with_radius(method: str, runs: list[dict[str, Any]]) -> str:
 def plot_test_accuracy(summaries: dict[str, list[dict[str, Any]]], path: Path) -> Path:
     """Each seed as a dot and the mean with its 95% t interval: no bars, whose truncated axis
     would make a 0.3-point difference look large; the axis spans at least 10 points."""
-    from scipy import stats
-
     fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(summaries), 3.4))
     for i, (method, runs) in enumerate(summaries.items()):
         values = np.array([100 * r["test"]["accuracy"] for r in runs])
-        half = (stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
-                if len(values) > 1 else 0.0)
-        ax.errorbar(i, values.mean(), yerr=half, fmt="s", markersize=7, capsize=6, zorder=2)
+        ax.errorbar(i, values.mean(), yerr=t_half_width(values.tolist()), fmt="s", markersize=7, capsize=6, zorder=2)
         ax.scatter(np.full(len(values), i) + 0.12, values, color="black", s=12, zorder=3)
     ax.set_xticks(range(len(summaries)), [_with_radius(method, runs) for method, runs in summaries.items()],
                   fontsize=8)

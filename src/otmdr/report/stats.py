@@ -17,8 +17,8 @@ from typing import Any
 
 from scipy import stats as _scipy_stats
 
-__all__ = ["PairedDifference", "paired_difference", "paired_table", "format_paired", "PAIRED_METRICS",
-           "CI_METHOD"]
+__all__ = ["PairedDifference", "paired_difference", "t_half_width", "paired_table", "format_paired",
+           "PAIRED_METRICS", "CI_METHOD"]
 
 CI_METHOD = "95% CI: Student t on the per-seed paired differences (n - 1 degrees of freedom)"
 
@@ -41,6 +41,14 @@ class PairedDifference:
         return f"no difference detectable with {self.n} seeds"
 
 
+def t_half_width(values: Sequence[float], confidence: float = 0.95) -> float:
+    """Half the width of the t interval of the mean of ``values`` (0 for fewer than 2 values)."""
+    n = len(values)
+    if n < 2:
+        return 0.0
+    return float(_scipy_stats.t.ppf(0.5 + confidence / 2, n - 1)) * statistics.stdev(values) / math.sqrt(n)
+
+
 def paired_difference(values: Sequence[float], reference: Sequence[float], *, higher_is_better: bool,
                       confidence: float = 0.95) -> PairedDifference:
     """Mean of ``values[i] - reference[i]`` and its t interval (seed i paired with seed i)."""
@@ -51,7 +59,7 @@ def paired_difference(values: Sequence[float], reference: Sequence[float], *, hi
     mean = statistics.fmean(diffs)
     if n < 2:
         return PairedDifference(mean, None, None, n, higher_is_better)
-    half = float(_scipy_stats.t.ppf(0.5 + confidence / 2, n - 1)) * statistics.stdev(diffs) / math.sqrt(n)
+    half = t_half_width(diffs, confidence)
     return PairedDifference(mean, mean - half, mean + half, n, higher_is_better)
 
 
