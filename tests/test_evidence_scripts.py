@@ -81,6 +81,9 @@ def test_particles_figure_draws_every_variant_at_its_compute(tmp_path):
                (2, 2): [_summary(s, 0.78, passes=3.0, epochs=2) for s in range(3)]}
     path = particles.plot_accuracy_against_compute(results, tmp_path / particles.figure_name("noisy40"))
     assert matplotlib.image.imread(path).shape[:2] == (456, 1140)  # 9.5 x 3.8 in at 120 dpi
+    import matplotlib.pyplot as plt
+
+    assert not plt.get_fignums()  # closed after saving
 
 
 def test_particles_reads_the_committed_noisy_studys_radius():

@@ -165,6 +165,9 @@ def plot_accuracy_against_compute(results: dict[tuple[int, int], list[dict[str, 
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("test accuracy (%)")
+    low, high = axes[0].get_ylim()  # at least 10 points, as the comparison reports' figure: a truncated
+    middle, span = (low + high) / 2, max(10.0, high - low)  # axis would make 0.3 points look large
+    axes[0].set_ylim(max(0.0, middle - span / 2), min(100.0, max(0.0, middle - span / 2) + span))
     axes[1].legend(fontsize=8, loc="best")
     fig.suptitle("filled: equal epochs; hollow: equal compute (K particles for 1/K of the epochs); "
                  "mean with 95% t interval, dots: seeds", fontsize=9)
