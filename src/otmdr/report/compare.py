@@ -68,8 +68,8 @@ def edge_notes(points: list[dict[str, Any]]) -> list[str]:
             mine = sorted(mine, key=lambda p: p["radius"])
         chosen = [i for i, p in enumerate(mine) if p["chosen"]]
         if len(mine) >= 3 and chosen and chosen[0] in (0, len(mine) - 1):
-            side = ("smallest" if chosen[0] == 0 else "largest") + " radius" if by_radius else \
-                ("first" if chosen[0] == 0 else "last")
+            first, last = ("smallest radius", "largest radius") if by_radius else ("first", "last")
+            side = first if chosen[0] == 0 else last
             notes.append(f"{method}: the chosen point ({mine[chosen[0]]['setting']}) is the {side} of its grid; "
                          "the best setting may lie beyond it: extend the grid (finished points are reused with --resume)")
     return notes

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["Context", "DistributedError", "current", "launched", "init", "shutdown", "device_for", "shard",
+__all__ = ["Context", "DistributedError", "current", "launched", "init", "device_for", "shard",
            "from_rank0", "gather_to_rank0", "broadcast_object", "any_rank", "sum_across", "sync_buffers"]
 
 T = TypeVar("T")
@@ -111,16 +111,6 @@ def init(timeout: float) -> Context:
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
     _CURRENT = context
     return context
-
-
-def shutdown() -> None:
-    """Leave the process group (no-op when none was joined)."""
-    global _CURRENT
-    _CURRENT = Context()
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def device_for(device: torch.device) -> torch.device:
