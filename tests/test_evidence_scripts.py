@@ -184,3 +184,10 @@ def test_regimes_select_part_of_a_study_and_refuse_unknown_ones(tmp_path):
     bad = run("noisy")
     assert bad.returncode == 2 and "compare" not in bad.stdout
     assert bad.stderr.strip().splitlines() == ["error: REGIMES: unknown regime 'noisy'; use clean, noisy40 or both (\"clean noisy40\")"]
+
+
+def test_particles_refuses_a_missing_data_directory_before_making_anything(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    monkeypatch.setattr("sys.argv", ["particles.py", str(tmp_path / "nothere"), "--out", str(out)])
+    assert particles.main() == 2
+    assert not out.exists() and "data directory" in capsys.readouterr().err

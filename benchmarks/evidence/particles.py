@@ -246,6 +246,10 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true", default=os.environ.get("SMOKE") == "1",
                         help="toy size (4 epochs, 500 / 200 images, 2 seeds) to check the script")
     args = parser.parse_args()
+    if not Path(args.data_dir).is_dir():  # before any folder or log is made: one line, exit 2
+        print(f"error: data directory {args.data_dir} not found: name the folder with the Fashion-MNIST IDX files",
+              file=sys.stderr)
+        return 2
     # paths given relative to where the command runs, written relative to the repository root
     args.data_dir = os.path.relpath(os.path.abspath(args.data_dir), ROOT)
     if args.out:
