@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from otmdr.report.compare import bayesian_method_names
 from otmdr.report.plots import plot_corruption_heatmaps, plot_robust_accuracy
 
 
@@ -160,8 +161,9 @@ def report(args: argparse.Namespace, groups: dict[str, list[Path]], out: Path) -
     sharp = {m: [load(m, r, "sharpness") for r in rs] for m, rs in groups.items()}
     figures = out / "figures"
     figures.mkdir(exist_ok=True)
-    first_eval = next(iter(evals.values()))[0]
+    first_eval, first_sharp = next(iter(evals.values()))[0], next(iter(sharp.values()))[0]
     eps_keys = list(first_eval["attack"]["robust_accuracy"])
+    names = bayesian_method_names(first_eval.get("test_samples"))
     lines = [f"# Robustness and sharpness: {', '.join(Path(d.partition('=')[0]).name for d in args.compare_dirs)}", "",
              f"Command: `python benchmarks/robustness.py {' '.join(shlex.quote(a) for a in sys.argv[1:])}`  ",
              f"Date: {time.strftime('%Y-%m-%dT%H:%M:%S%z')}; {platform.processor() or platform.machine()}, "
@@ -171,8 +173,9 @@ def report(args: argparse.Namespace, groups: dict[str, list[Path]], out: Path) -
              f"{first_eval['corruptions']['source']}, severities {first_eval['corruptions']['severities']}; "
              f"PGD-{first_eval['attack']['steps']} {first_eval['attack']['norm']} "
              f"({first_eval['attack']['eot_samples']} EOT sample(s)); sharpness on the first "
-             f"{sharp[next(iter(sharp))][0]['samples']} training images, rho {sharp[next(iter(sharp))][0]['rho']}. "
+             f"{first_sharp['samples']} training images, rho {first_sharp['rho']}. "
              "Mean ± std over seeds.", "",
+             *([names, ""] if names else []),
              "## Corruptions and attacks (accuracy %, higher is better)", "",
              "| method | seeds | clean | mean corruption acc | relative degradation | corruption NLL | corruption ECE | "
              + " | ".join(f"PGD eps {_eps_label(e)}" for e in eps_keys) + " |",
@@ -198,7 +201,8 @@ def report(args: argparse.Namespace, groups: dict[str, list[Path]], out: Path) -
     for name in first_eval["corruptions"]["accuracy_per_corruption"]:
         lines.append(f"| {name} | " + " | ".join(
             _mean_std([r["corruptions"]["accuracy_per_corruption"][name] for r in rs], 100) for rs in evals.values()) + " |")
-    lines += ["", "## Sharpness (lower is flatter)", "",
+    of_mean = " of the posterior mean" if first_sharp.get("bayesian_posterior_mean") else ""
+    lines += ["", f"## Sharpness{of_mean} (lower is flatter)", "",
               "| method | top Hessian eigenvalue | Hessian trace | worst-case sharpness | average sharpness |",
               "|---|---:|---:|---:|---:|"]
     for method, results in sharp.items():

@@ -164,6 +164,35 @@ def test_robustness_report_pairs_methods_by_seed():
     assert not any(line.startswith("| sgd − sam |") for line in lines)
 
 
+def test_committed_bnn_robustness_report_rebuilds_from_its_json_and_names_the_methods(tmp_path):
+    """The committed Bayesian robustness report's paired verdict (quoted in docs/results.md) follows
+    from its committed per-run JSON, and the report says that `sgd` there is SGVB."""
+    import argparse
+    import shutil
+
+    robustness = _module("benchmarks/robustness.py")
+    committed = ROOT / "benchmarks/results/bnn-fashion-mnist-lenet-clean/robustness"
+    shutil.copytree(committed / "runs", tmp_path / "runs", ignore=shutil.ignore_patterns("*.log"))
+    groups = {method: sorted((tmp_path / "runs").glob(f"{method}-*"), key=lambda r: "-seed" in r.name)
+              for method in ("sgd", "sam", "otmdr")}
+    args = argparse.Namespace(compare_dirs=["bnn-fashion-mnist-lenet-clean"], baseline_method="sgd", landscape=False)
+    text = robustness.report(args, groups, tmp_path).read_text()
+    assert "`sgd` is SGVB" in text and "`sam` is flat SGVB" in text and "the mean over 30 weight samples" in text
+    assert "## Sharpness of the posterior mean" in text
+    (row,) = [line for line in text.splitlines() if line.startswith("| otmdr − sgd |")]
+    assert "+2.10 [+1.85, +2.35] better" in row and "-43.52 [-70.21, -16.84] better" in row
+    assert "+2.10 [+1.85, +2.35]" in (ROOT / "docs/results.md").read_text()
+
+
+def test_compare_report_names_the_bayesian_methods_only_for_a_bayesian_network(tmp_path):
+    from otmdr.report import write_compare_report
+
+    for study, bayesian in (("bnn-fashion-mnist-lenet-clean", True), ("ensembles-fashion-mnist-mlp-x3-clean", False)):
+        summaries = json.loads((ROOT / "benchmarks/results" / study / "summaries.json").read_text())
+        report = write_compare_report(tmp_path / study, summaries, command="otmdr compare", config_text="")
+        assert ("`sgd` is SGVB" in report.read_text()) is bayesian
+
+
 def test_regimes_select_part_of_a_study_and_refuse_unknown_ones(tmp_path):
     """REGIMES=noisy40 runs only the noisy compare (a clean study committed on another machine
     need not retrain); an unknown regime stops before any compare, with one line and exit 2."""

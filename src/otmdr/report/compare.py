@@ -15,7 +15,17 @@ from .plots import plot_learning_curves, plot_reliability, plot_search, plot_tes
 from .stats import CI_METHOD, format_paired, paired_table
 from .tables import aggregate, early_stopped, format_table
 
-__all__ = ["write_compare_report", "comparison_tables", "search_table", "edge_notes"]
+__all__ = ["write_compare_report", "comparison_tables", "search_table", "edge_notes", "bayesian_method_names"]
+
+
+def bayesian_method_names(test_samples: int | None) -> str | None:
+    """The line that says what the method names mean for a Bayesian network (None otherwise):
+    a reader of a BNN report expects SGVB, flat SGVB and OT-MDR, and would read `sgd` as plain SGD."""
+    if not test_samples or test_samples <= 1:
+        return None
+    return (f"Bayesian network (predictive: the mean over {test_samples} weight samples): `sgd` is SGVB (the "
+            "base optimizer on the variational objective), `sam` is flat SGVB (SAM on the means), `otmdr` is "
+            "OT-MDR on the means; the sigmas are trained, never perturbed.")
 
 
 def comparison_tables(summaries: dict[str, list[dict[str, Any]]], references: list[str], *, markdown: bool) -> str:
@@ -103,6 +113,9 @@ def write_compare_report(out_dir: Path, summaries: dict[str, list[dict[str, Any]
            "the thread count is this invocation's)" if reused and runs else "")
         + "." + (f" Batch-norm statistics: {bn_policy}." if bn_policy else ""),
     ]
+    names = bayesian_method_names(first.get("test_samples"))
+    if names:
+        lines += ["", names]
     noise = first.get("label_noise")
     if noise:
         lines += ["", f"Label noise: {100 * noise['rate']:.0f}% {noise['kind']} on the training split (seed "
