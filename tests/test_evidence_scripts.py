@@ -215,8 +215,20 @@ def test_regimes_select_part_of_a_study_and_refuse_unknown_ones(tmp_path):
     assert bad.stderr.strip().splitlines() == ["error: REGIMES: unknown regime 'noisy'; use clean, noisy40 or both (\"clean noisy40\")"]
 
 
-def test_particles_refuses_a_missing_data_directory_before_making_anything(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("bad, named", [
+    (["--data", "nothere"], "data directory"), (["--rho", "0.05,0.1"], "--rho"), (["--rho", "[0.05,"], "--rho"),
+    (["--rho", "[-0.05,0.1]"], "--rho"), (["--rho", "[.nan]"], "--rho"), (["--particles", "2,4"], "--particles"),
+    (["--particles", "1,two"], "--particles"), (["--particles", "0,1"], "--particles"), (["--jobs", "0"], "--jobs"),
+    (["--seeds", "0"], "--seeds"), (["--epochs", "0"], "--epochs")])
+def test_particles_refuses_bad_input_in_one_line_before_making_anything(tmp_path, monkeypatch, capsys, bad, named):
+    """Each used to run 5 failing compares (or stop with a traceback / exit 1) and leave their logs."""
     out = tmp_path / "out"
-    monkeypatch.setattr("sys.argv", ["particles.py", str(tmp_path / "nothere"), "--out", str(out)])
+    data = tmp_path / "data"
+    if bad[0] == "--data":
+        data, bad = tmp_path / bad[1], []
+    else:
+        data.mkdir()
+    monkeypatch.setattr("sys.argv", ["particles.py", str(data), "--out", str(out), *bad])
     assert particles.main() == 2
-    assert not out.exists() and "data directory" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert not out.exists() and err.count("\n") == 1 and err.startswith("error: ") and named in err

@@ -52,16 +52,45 @@ CONFIG = "configs/fashion-mnist-mlp.yaml"
 NOISY_STUDY = ROOT / "benchmarks" / "results" / "fashion-mnist-mlp-noisy40"
 
 
+class BadInput(ValueError):
+    """Bad command-line input: one line and exit 2, before any folder or log is made."""
+
+
 def study_rho(study: Path = NOISY_STUDY) -> list[float]:
     """The OT-MDR radius a committed study chose on validation (its search.json)."""
     points = json.loads((study / "search.json").read_text())
     chosen = [p for p in points if p["method"] == "otmdr" and p["chosen"]]
     if not chosen:
-        raise SystemExit(f"{study}/search.json has no chosen otmdr point: give --rho")
+        raise BadInput(f"{study}/search.json has no chosen otmdr point: give --rho")
     key, _, value = chosen[0]["setting"].partition("=")
     if key != "rho":
-        raise SystemExit(f"{study}: the chosen otmdr setting {chosen[0]['setting']!r} is not a radius: give --rho")
+        raise BadInput(f"{study}: the chosen otmdr setting {chosen[0]['setting']!r} is not a radius: give --rho")
     return [float(v) for v in yaml.safe_load(value)]
+
+
+def checked_inputs(args: argparse.Namespace) -> tuple[list[float], list[int]]:
+    """(rho, particles) from the command line, or BadInput naming the argument and the fix."""
+    if not Path(args.data_dir).is_dir():
+        raise BadInput(f"data directory {args.data_dir} not found: name the folder with the Fashion-MNIST IDX files")
+    for name in ("jobs", "seeds", "epochs"):
+        if getattr(args, name) < 1:
+            raise BadInput(f"--{name} must be at least 1, not {getattr(args, name)}")
+    try:
+        particles = [int(k) for k in args.particles.split(",")]
+    except ValueError:
+        raise BadInput(f"--particles {args.particles!r}: give whole numbers separated by commas, e.g. 1,2,4") from None
+    if 1 not in particles or min(particles) < 1:
+        raise BadInput(f"--particles {args.particles!r}: give counts of at least 1, including 1 (the reference)")
+    if not args.rho:
+        return study_rho(), particles
+    try:
+        rho = yaml.safe_load(args.rho)
+        rho = [float(r) for r in rho] if isinstance(rho, list) and rho else None
+    except (yaml.YAMLError, TypeError, ValueError):
+        rho = None
+    if rho is None or not all(r >= 0 for r in rho):  # NaN fails too
+        raise BadInput(f"--rho {args.rho!r}: give OT-MDR's radii per ascent step as a list, e.g. '[0.025,0.05]'")
+    return rho, particles
 
 
 def variants(particles: list[int], epochs: int) -> list[tuple[int, int]]:
@@ -246,19 +275,16 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true", default=os.environ.get("SMOKE") == "1",
                         help="toy size (4 epochs, 500 / 200 images, 2 seeds) to check the script")
     args = parser.parse_args()
-    if not Path(args.data_dir).is_dir():  # before any folder or log is made: one line, exit 2
-        print(f"error: data directory {args.data_dir} not found: name the folder with the Fashion-MNIST IDX files",
-              file=sys.stderr)
+    try:
+        rho, particles = checked_inputs(args)
+    except BadInput as error:  # before any folder or log is made: one line, exit 2
+        print(f"error: {error}", file=sys.stderr)
         return 2
     # paths given relative to where the command runs, written relative to the repository root
     args.data_dir = os.path.relpath(os.path.abspath(args.data_dir), ROOT)
     if args.out:
         args.out = Path(os.path.relpath(args.out.absolute(), ROOT))
     os.chdir(ROOT)
-    rho = [float(v) for v in yaml.safe_load(args.rho)] if args.rho else study_rho()
-    particles = [int(k) for k in args.particles.split(",")]
-    if 1 not in particles:
-        raise SystemExit("--particles must include 1 (the reference)")
     size: list[str] = []
     if args.smoke:
         args.epochs, args.seeds = min(args.epochs, 4), min(args.seeds, 2)
