@@ -366,6 +366,18 @@ def test_a_choice_at_the_edge_of_the_grid_is_flagged():
     assert edge_notes(extended) == []
     extended[2]["chosen"], extended[3]["chosen"] = True, False
     assert "largest radius of its grid" in edge_notes(extended)[0]
+    # a two-key grid (rho x noise, as the Bayesian study's) puts several points at one radius: any of
+    # them chosen is at that edge, whatever its place in the listing; radii within 5% count as one
+    two_keys = [{"method": "otmdr", "setting": f"rho={rho} noise={noise}", "radius": radius, "chosen": False}
+                for rho, noise, radius in ((1, 0, 0.003), (1, 1e-3, 0.55), (2, 0, 0.007), (2, 1e-3, 0.551),
+                                           (3, 0, 0.014), (3, 1e-4, 0.057), (3, 1e-3, 0.55))]
+    for index, edge in ((1, "largest"), (3, "largest"), (6, "largest"), (0, "smallest"), (2, None), (5, None)):
+        for point in two_keys:
+            point["chosen"] = point is two_keys[index]
+        notes = edge_notes(two_keys)
+        assert (f"is at the {edge} radius of its grid" in notes[0]) if edge else notes == [], (index, notes)
+    same_radius = [{"method": "sam", "setting": f"m={m}", "radius": 0.1, "chosen": m == 0} for m in range(3)]
+    assert edge_notes(same_radius) == []  # the grid does not move the radius: no edge to extend
 
 
 def test_one_batch_norm_policy_for_every_method_unless_per_method(tmp_path):

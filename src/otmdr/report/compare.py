@@ -3,6 +3,7 @@ paired differences against a reference method, the grid search, the plots, and h
 
 from __future__ import annotations
 
+import math
 import platform
 from datetime import datetime, timezone
 from pathlib import Path
@@ -67,20 +68,25 @@ def search_table(points: list[dict[str, Any]], metric: str, *, markdown: bool) -
 
 def edge_notes(points: list[dict[str, Any]]) -> list[str]:
     """A method whose chosen point is the first or last of its grid (3 points or more) may do
-    better beyond it: say so, since the comparison then understates that method. The grid is
-    ordered by measured radius when every point has one (a grid extended with --resume lists its
-    new values last, wherever they fall), else as given."""
+    better beyond it: say so, since the comparison then understates that method. With a measured
+    radius for every point the edge is the smallest or largest radius, radii within 5% counting as
+    one (a grid extended with --resume lists its new values last, wherever they fall; a two-key grid
+    such as rho x noise puts several points at one radius); otherwise the grid's order as given."""
     notes = []
     for method in dict.fromkeys(p["method"] for p in points):
         mine = [p for p in points if p["method"] == method]
-        by_radius = all(isinstance(p.get("radius"), (int, float)) for p in mine)
-        if by_radius:
-            mine = sorted(mine, key=lambda p: p["radius"])
-        chosen = [i for i, p in enumerate(mine) if p["chosen"]]
-        if len(mine) >= 3 and chosen and chosen[0] in (0, len(mine) - 1):
-            first, last = ("smallest radius", "largest radius") if by_radius else ("first", "last")
-            side = first if chosen[0] == 0 else last
-            notes.append(f"{method}: the chosen point ({mine[chosen[0]]['setting']}) is the {side} of its grid; "
+        chosen = [p for p in mine if p["chosen"]]
+        if len(mine) < 3 or not chosen:
+            continue
+        if all(isinstance(p.get("radius"), (int, float)) for p in mine):
+            radii = [p["radius"] for p in mine]
+            same = [math.isclose(chosen[0]["radius"], edge, rel_tol=0.05) for edge in (min(radii), max(radii))]
+            side = None if math.isclose(min(radii), max(radii), rel_tol=0.05) else (
+                "at the smallest radius" if same[0] else "at the largest radius" if same[1] else None)
+        else:
+            side = "the first" if chosen[0] is mine[0] else "the last" if chosen[0] is mine[-1] else None
+        if side:
+            notes.append(f"{method}: the chosen point ({chosen[0]['setting']}) is {side} of its grid; "
                          "the best setting may lie beyond it: extend the grid (finished points are reused with --resume)")
     return notes
 
