@@ -66,6 +66,18 @@ def search_table(points: list[dict[str, Any]], metric: str, *, markdown: bool) -
     return "\n".join([fmt.format(*titles), fmt.format(*("-" * w for w in widths))] + [fmt.format(*c) for c in cells])
 
 
+def _radius_edge(radius: float, radii: list[float], tolerance: float = 0.05) -> str | None:
+    """Which extreme of the grid's radii ``radius`` is at (within ``tolerance``), if any."""
+    smallest, largest = min(radii), max(radii)
+    if math.isclose(smallest, largest, rel_tol=tolerance):
+        return None  # the grid does not move the radius
+    if math.isclose(radius, smallest, rel_tol=tolerance):
+        return "at the smallest radius"
+    if math.isclose(radius, largest, rel_tol=tolerance):
+        return "at the largest radius"
+    return None
+
+
 def edge_notes(points: list[dict[str, Any]]) -> list[str]:
     """A method whose chosen point is the first or last of its grid (3 points or more) may do
     better beyond it: say so, since the comparison then understates that method. With a measured
@@ -79,10 +91,7 @@ def edge_notes(points: list[dict[str, Any]]) -> list[str]:
         if len(mine) < 3 or not chosen:
             continue
         if all(isinstance(p.get("radius"), (int, float)) for p in mine):
-            radii = [p["radius"] for p in mine]
-            same = [math.isclose(chosen[0]["radius"], edge, rel_tol=0.05) for edge in (min(radii), max(radii))]
-            side = None if math.isclose(min(radii), max(radii), rel_tol=0.05) else (
-                "at the smallest radius" if same[0] else "at the largest radius" if same[1] else None)
+            side = _radius_edge(chosen[0]["radius"], [p["radius"] for p in mine])
         else:
             side = "the first" if chosen[0] is mine[0] else "the last" if chosen[0] is mine[-1] else None
         if side:
