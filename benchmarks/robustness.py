@@ -107,7 +107,9 @@ def _find_runs(specs: list[str]) -> dict[str, list[Path]]:
             if (run / "summary.json").is_file() and point["seed"] not in found.get(name, {}):
                 found.setdefault(name, {})[point["seed"]] = run
         if not found:
-            sys.exit(f"{folder}: no finished runs (*/summary.json, or chosen search runs in search.json)")
+            print(f"error: {folder}: no finished runs (*/summary.json, or chosen search runs in search.json): "
+                  "name an otmdr compare folder", file=sys.stderr)
+            sys.exit(2)
         summaries = Path(folder) / "summaries.json"
         order = list(json.loads(summaries.read_text())) if summaries.is_file() else []
         names = sorted(found, key=lambda n: order.index(n.replace("-", "/", 1)) if n.replace("-", "/", 1) in order

@@ -143,6 +143,14 @@ def test_robustness_takes_the_chosen_search_run_as_the_first_seed(tmp_path):
                                           study / "otmdr-per-member-seed1", study / "otmdr-per-member-seed2"]
 
 
+def test_robustness_refuses_a_folder_without_runs_in_one_line(tmp_path, capsys):
+    robustness = _module("benchmarks/robustness.py")
+    with pytest.raises(SystemExit) as stop:
+        robustness._find_runs([str(tmp_path / "nothere")])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1
+
+
 def test_robustness_report_pairs_methods_by_seed():
     from otmdr.report.stats import paired_difference
 
