@@ -2,11 +2,29 @@
 
 from __future__ import annotations
 
+import importlib
+import os
+from types import ModuleType
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
+
+
+def require_oracle(module: str, why: str) -> ModuleType:
+    """Import an independent reference (oracle) package for a test.
+
+    In CI (``CI`` set, as ``.ci/run`` runs) a missing oracle is a failure: a test that silently
+    skips its reference proves nothing. Elsewhere it skips with the reason and the install hint.
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        if os.environ.get("CI"):
+            pytest.fail(f"oracle {module!r} is required in CI ({why}): {error}", pytrace=False)
+        pytest.skip(f"oracle {module!r} is not installed ({why}); `make test` installs it")
 
 
 def tiny_mlp(seed: int = 0, dtype: torch.dtype = torch.float64, batch_norm: bool = False) -> nn.Module:
