@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 
 from otmdr.cli import main
 from otmdr.config import load_config
-from otmdr.train import RunDirError, TrainingError, load_run, prepare_run_dir, train
+from otmdr.train import RunDirError, load_run, prepare_run_dir, train
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 FAST = ["train.epochs=3", "train.progress=false", "model.options={hidden: [32]}"]
@@ -69,15 +70,50 @@ def test_run_directory_is_never_overwritten(tmp_path):
 
 
 @pytest.mark.parametrize("method", ["sgd", "otmdr"])
-def test_a_diverging_run_stops_with_a_clear_message_and_keeps_its_last_checkpoint(tmp_path, method):
-    run = prepare_run_dir(tmp_path / "run", resume=False)
-    train(_cfg(f"optim.method={method}", "train.epochs=1"), run, log=lambda _: None)
-    good = (run / "checkpoints" / "last.pt").read_bytes()
-    cfg = _cfg(f"optim.method={method}", "optim.lr=1e30", "schedule.name=constant")
-    with pytest.raises(TrainingError, match="training stopped.*(loss became|non-finite)"):
-        train(cfg, prepare_run_dir(tmp_path / "diverge", resume=False), log=lambda _: None)
-    assert (run / "checkpoints" / "last.pt").read_bytes() == good
-    assert not (tmp_path / "diverge" / "checkpoints" / "last.pt").exists()
+def test_a_diverging_run_stops_with_a_clear_message_and_keeps_its_last_checkpoint(tmp_path, capsys, method):
+    # the learning rate jumps by 1e30 when epoch 2 starts: epoch 1 trains normally, epoch 2 diverges
+    blow_up = [f"optim.method={method}", "schedule.name=step", "schedule.milestones=[1]", "schedule.gamma=1e30"]
+    good = prepare_run_dir(tmp_path / "good", resume=False)  # the same run stopped after epoch 1
+    train(_cfg(*blow_up, "train.epochs=1"), good, log=lambda _: None)
+    run = tmp_path / "diverge"
+    args = ["train", "--config", str(DEMO), "--out", str(run)] + sum((["--set", s] for s in FAST + blow_up), [])
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    # SGD sees the loss of epoch 2 turn non-finite; OT-MDR refuses the first non-finite ascent gradient
+    cause = r"the training loss became (nan|inf) \(epoch 2, step \d+\)" if method == "sgd" else \
+        r"non-finite gradient in an ascent pass of step \d+: the weights were left unchanged.*"
+    assert re.search(rf"training stopped: {cause}\. checkpoints/last\.pt holds epoch 1 \(in {re.escape(str(run))}\)",
+                     err), err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    # the diverging run's own folder keeps epoch 1: its checkpoint is the good run's, bit for bit
+    assert not (run / "summary.json").exists()
+    kept = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
+    reference = torch.load(good / "checkpoints" / "last.pt", weights_only=False)
+    assert kept["epoch"] == 1 and kept["model"].keys() == reference["model"].keys()
+    for key in reference["model"]:
+        assert torch.equal(kept["model"][key], reference["model"][key]), key
+    timing = {"seconds", "images_per_second"}
+
+    def rows(history):
+        return [{k: v for k, v in row.items() if k not in timing} for row in history]
+
+    assert rows(kept["history"]) == rows(reference["history"]) and len(kept["history"]) == 1
+    written = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows(written) == rows(reference["history"])
+    assert main(["train", "--resume", str(run)]) == 2  # resuming diverges again at the same point...
+    assert "holds epoch 1" in capsys.readouterr().err
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=False)["epoch"] == 1  # ...and keeps epoch 1
+
+
+def test_a_run_diverging_before_its_first_checkpoint_says_so_and_leaves_nothing(tmp_path, capsys):
+    run = tmp_path / "diverge"
+    args = ["train", "--config", str(DEMO), "--out", str(run)] + sum(
+        (["--set", s] for s in FAST + ["optim.method=otmdr", "optim.lr=1e30", "schedule.name=constant"]), [])
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"training stopped: non-finite gradient in an ascent pass of step 1: .*\. no checkpoint was "
+                     r"written", err), err  # at lr 1e30 OT-MDR's first ascent pass already overflows
+    assert not run.exists()  # a run that never checkpointed leaves no folder behind
 
 
 def test_cli_train_eval_and_errors(tmp_path, capsys):
