@@ -1,11 +1,24 @@
 """Atomic checkpoints: written to a temporary file in the same folder, then renamed over the
-target, so a crash mid-write never leaves a half-written ``last.pt`` or ``best.pt``."""
+target, so a crash mid-write never leaves a half-written ``last.pt`` or ``best.pt``.
+
+Loading is safe: ``torch.load(..., weights_only=True)``, whose unpickler builds only tensors and
+plain values and refuses anything else (a pickled ``os.system`` call, a class) before running it.
+A checkpoint holds dicts, lists, tuples, strings, numbers, booleans, ``None`` and tensors (the RNG
+states are ByteTensors, the loader state plain ints), all accepted by torch's default allow-list,
+so nothing is added to it (no ``torch.serialization.add_safe_globals``). Every checkpoint otmdr has
+written loads this way; a file that needs more is refused with one line (:class:`CheckpointError`).
+What is added to the saved state must stay within these types: ``tests/test_checkpoint_safety.py``
+loads real runs' checkpoints with the same loader.
+"""
 
 from __future__ import annotations
 
 import io
+import pickle
 import queue
+import re
 import threading
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,16 +43,30 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as error:  # truncated zip, wrong format, ...
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. the pickle-protocol warning of a plain pickle: one line only
+            state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "weights only load failed" not in str(error).lower():
+            raise CheckpointError(_unreadable(path, error)) from None
+        found = re.search(r"GLOBAL (\S+)", str(error))
+        what = f"it names {found.group(1)}" if found else "an instruction outside tensors and plain values"
         raise CheckpointError(
-            f"checkpoint {path} is corrupted or not an otmdr checkpoint ({type(error).__name__}: "
-            f"{str(error).splitlines()[0] if str(error) else 'unreadable'}); use another checkpoint "
-            "(best.pt / last.pt) or retrain"
+            f"checkpoint {path} was refused: it holds more than tensors and plain values ({what}), and "
+            "unpickling that could run code; otmdr loads only what it writes: use a checkpoint of an otmdr "
+            "run (best.pt / last.pt) or retrain"
         ) from None
+    except Exception as error:  # truncated zip, wrong format, ...
+        raise CheckpointError(_unreadable(path, error)) from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise CheckpointError(f"checkpoint {path} is not an otmdr checkpoint (no model/config entries)")
     return state
+
+
+def _unreadable(path: Path, error: BaseException) -> str:
+    return (f"checkpoint {path} is corrupted or not an otmdr checkpoint ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else 'unreadable'}); use another checkpoint "
+            "(best.pt / last.pt) or retrain")
 
 
 class CheckpointWriter:
