@@ -17,7 +17,7 @@ from scipy import ndimage
 
 __all__ = ["sk_gaussian", "rgb2hsv", "hsv2rgb", "disk_kernel", "filter2d", "motion_blur_im", "warp_affine_cv",
            "affine_from_points", "clipped_zoom", "plasma_fractal", "canny_cv", "distance_transform_cv",
-           "equalize_hist_cv", "box_blur_cv", "filter2d_u8", "rgb2gray_cv"]
+           "equalize_hist_cv", "box_blur_cv", "filter2d_u8", "rgb2gray_cv", "resize_linear_cv"]
 
 
 # ------------------------------------------------------------------------------------ scikit-image
@@ -135,6 +135,24 @@ def rgb2gray_cv(x: np.ndarray, *, fused: bool = True) -> np.ndarray:
         alt = _fma_f32(b[..., cols], c_b, _fma_f32(g[..., cols], c_g, r[..., cols] * c_r))
         y[..., cols] = alt
     return y
+
+
+def resize_linear_cv(img: np.ndarray, fx: float, fy: float) -> np.ndarray:
+    """``cv2.resize(img, (0, 0), fx=fx, fy=fy)`` (bilinear) for scales whose every sample falls on
+    a whole source pixel, as 0.2 (the generator's frost photographs) does: the output is
+    ``round(W fx)`` x ``round(H fy)`` (rounded half to even), output pixel ``d`` samples source
+    ``(d + 0.5) / f - 0.5`` (pixel-centre alignment), clamped to the image. Other scales would need
+    OpenCV's fixed-point interpolation weights and are refused."""
+    h, w = img.shape[:2]
+    out_h, out_w = round(h * fy), round(w * fx)
+    if out_h < 1 or out_w < 1:
+        raise ValueError(f"resize of a {h}x{w} image by ({fy}, {fx}) leaves no pixel")
+    pos = [(np.arange(n) + 0.5) * (1.0 / f) - 0.5 for n, f in ((out_h, fy), (out_w, fx))]
+    if any(np.any(p != np.floor(p)) for p in pos):
+        raise ValueError(f"resize_linear_cv only rebuilds scales that sample whole pixels, not ({fy}, {fx})")
+    rows = np.clip(pos[0].astype(np.int64), 0, h - 1)
+    cols = np.clip(pos[1].astype(np.int64), 0, w - 1)
+    return img[rows[:, None], cols[None, :]]
 
 
 def _reflect101(i: np.ndarray, n: int) -> np.ndarray:

@@ -6,10 +6,11 @@ interpolation and boundary modes, the same random draws per image (in the same o
 generator with the reference's stream reproduces its images), and its final conversion to uint8
 (``np.uint8`` of the clipped float image: truncation, not rounding). The library calls it makes
 (scikit-image, OpenCV, ImageMagick) are rebuilt on numpy and scipy in :mod:`otmdr.data._imaging`.
-Two corruptions cannot be identical: ``frost`` blends photographs the reference ships and we do
-not, so ours blends a procedural ice texture with the same weights; ``motion_blur`` and ``snow``
-rebuild ImageMagick's motion blur. docs/corruptions.md lists, per corruption, whether it is
-identical, the same distribution or approximate, with the measured difference to the reference.
+``frost`` blends the generator's own frost photographs, shipped in ``otmdr/data/frost`` (Apache-2.0,
+with their LICENSE and NOTICE; ``$OTMDR_FROST_DIR`` names another folder holding them, see
+:func:`frost_photo_dir`); a procedural ice texture stands in only when they are missing.
+docs/corruptions.md lists, per corruption, whether it is identical to the reference, with the
+measured difference (all but ``elastic_transform``, within one level, are identical).
 
 ``CORRUPTIONS`` are the 19 of the published CIFAR-10-C; ``BENCHMARK_CORRUPTIONS`` the 15 of the
 main benchmark (the mCE of most papers), also selected by ``--corruptions benchmark``.
@@ -21,8 +22,13 @@ spatter, frost) as grey RGB and come back as their luma.
 
 from __future__ import annotations
 
+import functools
 import io
+import os
+import warnings
 import zlib
+from importlib import resources
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -30,8 +36,10 @@ import torch
 from scipy import ndimage
 
 from . import _imaging as im
+from ._types import DatasetError
 
-__all__ = ["CORRUPTIONS", "BENCHMARK_CORRUPTIONS", "EXTRA_CORRUPTIONS", "SEVERITY_CONSTANTS", "corrupt"]
+__all__ = ["CORRUPTIONS", "BENCHMARK_CORRUPTIONS", "EXTRA_CORRUPTIONS", "SEVERITY_CONSTANTS", "FROST_DIR_ENV",
+           "corrupt", "frost_photo_dir"]
 
 BENCHMARK_CORRUPTIONS: tuple[str, ...] = (
     "gaussian_noise", "shot_noise", "impulse_noise",
@@ -164,8 +172,71 @@ def _snow(img, c, rng):
     return np.clip(x + streaks + np.rot90(streaks, k=2), 0, 1) * 255
 
 
+# ------------------------------------------------------------------------------------------ frost
+FROST_DIR_ENV = "OTMDR_FROST_DIR"
+FROST_FILES: tuple[str, ...] = ("frost1.png", "frost2.png", "frost3.png", "frost4.jpg", "frost5.jpg", "frost6.jpg")
+_FROST_DRAWN = 5  # the generator draws np.random.randint(5): frost6 is never used
+_FROST_SCALE = 0.2  # cv2.resize(frost, (0, 0), fx=0.2, fy=0.2) for the 32x32 images
+
+
+def _shipped_frost_dir() -> Path:
+    return Path(str(resources.files(__package__).joinpath("frost")))
+
+
+def frost_photo_dir() -> Path | None:
+    """The folder whose frost photographs ``frost`` blends, or None for the procedural fallback.
+
+    ``$OTMDR_FROST_DIR`` when set (it must hold frost1.png ... frost5.jpg, else a DatasetError
+    names what is missing); otherwise the copies shipped in the package (``otmdr/data/frost``,
+    Apache-2.0, see the NOTICE there). Only when those are absent too (a copy of otmdr stripped of
+    its package data) does ``frost`` fall back to a procedural ice texture, with a warning.
+    """
+    wanted = FROST_FILES[:_FROST_DRAWN]
+    named = os.environ.get(FROST_DIR_ENV)
+    if named:
+        folder = Path(named).expanduser()
+        missing = [f for f in wanted if not (folder / f).is_file()]
+        if missing:
+            raise DatasetError(
+                f"{FROST_DIR_ENV}={named}: no {', '.join(missing)} there; it must name a folder with the CIFAR-10-C "
+                f"generator's frost photographs ({', '.join(wanted)}), or be unset to use the copies shipped with otmdr"
+            )
+        return folder
+    folder = _shipped_frost_dir()
+    if all((folder / f).is_file() for f in wanted):
+        return folder
+    if not _FALLBACK_WARNED:
+        _FALLBACK_WARNED.append(True)
+        warnings.warn(
+            f"frost: the frost photographs are missing from {folder} (this copy of otmdr lacks its package data); "
+            f"using a procedural ice texture instead, which is NOT the CIFAR-10-C frost. Set {FROST_DIR_ENV} to a "
+            "folder holding frost1.png ... frost5.jpg to use the photographs.",
+            stacklevel=4,
+        )
+    return None
+
+
+_FALLBACK_WARNED: list[bool] = []
+
+
+@functools.lru_cache(maxsize=16)
+def _frost_photo(folder: str, index: int) -> np.ndarray:
+    """Photograph ``index`` (0-based) as the generator holds it after ``cv2.imread`` and
+    ``cv2.resize(fx=0.2, fy=0.2)``, in RGB: uint8 (H, W, 3). Pillow decodes the shipped PNG and
+    JPEG files to the same pixels as ``cv2.imread`` (checked in tests/test_fidelity.py)."""
+    from PIL import Image
+
+    path = Path(folder) / FROST_FILES[index]
+    try:
+        with Image.open(path) as photo:
+            rgb = np.asarray(photo.convert("RGB"))  # the alpha of the PNGs dropped, as IMREAD_COLOR does
+    except (OSError, ValueError) as exc:
+        raise DatasetError(f"cannot read the frost photograph {path}: {exc}") from None
+    return np.ascontiguousarray(im.resize_linear_cv(rgb, _FROST_SCALE, _FROST_SCALE))
+
+
 def _frost_texture(h: int, w: int, rng) -> np.ndarray:
-    """Procedural ice, (H, W, 3) in [0, 255]: the reference's frost photographs are not shipped."""
+    """Procedural ice, (H, W, 3) in [0, 255]: the fallback when the frost photographs are missing."""
     tex = np.zeros((h, w))
     for octave, amp in ((4.0, 0.5), (2.0, 0.3), (1.0, 0.2)):  # multi-scale smoothed noise
         tex += amp * ndimage.gaussian_filter(rng.random((h, w)), octave, mode="reflect")
@@ -177,7 +248,19 @@ def _frost_texture(h: int, w: int, rng) -> np.ndarray:
 
 
 def _frost(img, c, rng):
-    return np.clip(c[0] * np.asarray(img, dtype=np.float64) + c[1] * _frost_texture(*img.shape[:2], rng), 0, 255)
+    h, w = img.shape[:2]
+    folder = frost_photo_dir()
+    if folder is None:
+        return np.clip(c[0] * np.asarray(img, dtype=np.float64) + c[1] * _frost_texture(h, w, rng), 0, 255)
+    # the generator: one of the first five photographs, downscaled by 0.2, a crop at a random
+    # (row, column), drawn in that order, blended as c[0] * image + c[1] * frost in float64
+    photo = _frost_photo(str(folder), int(rng.integers(0, _FROST_DRAWN)))
+    ph, pw = photo.shape[:2]
+    if ph <= h or pw <= w:  # images larger than the photograph (not CIFAR's 32x32): mirror it out
+        photo = np.pad(photo, ((0, max(0, h + 1 - ph)), (0, max(0, w + 1 - pw)), (0, 0)), mode="symmetric")
+    top = int(rng.integers(0, photo.shape[0] - h))
+    left = int(rng.integers(0, photo.shape[1] - w))
+    return np.clip(c[0] * np.asarray(img) + c[1] * photo[top:top + h, left:left + w], 0, 255)
 
 
 def _fog(img, c, rng):
