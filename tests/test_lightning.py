@@ -60,7 +60,7 @@ def test_automatic_optimization_calls_the_closure_for_every_pass():
     before = [p.detach().clone() for p in module.parameters()]
     trainer = _fit(module)
     assert module.calls == 4 * 3  # 4 batches x (2 ascent passes + the final pass)
-    assert trainer.optimizers[0].steps == 4
+    assert trainer.optimizers[0].step_count == 4
     assert any(not torch.equal(p, q) for p, q in zip(module.parameters(), before))
 
 

@@ -157,7 +157,7 @@ def test_resume_continues_exactly(options):
     resumed_model.load_state_dict(saved["model"])
     resumed_opt.load_state_dict(saved["opt"])
     resumed_sched.load_state_dict(saved["sched"])
-    assert resumed_opt.steps == 4
+    assert resumed_opt.step_count == 4
     train(resumed_model, resumed_opt, resumed_sched, range(4, 7))
 
     model_u, opt_u, sched_u = make()
@@ -263,7 +263,7 @@ def test_non_finite_gradient_raises_and_leaves_the_weights():
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
     opt.step(ce(model), batch=data(16))  # the optimizer is usable afterwards
-    assert opt.steps == 1
+    assert opt.step_count == 1
 
 
 def test_closure_form_calls_the_closure_at_every_point_it_needs():

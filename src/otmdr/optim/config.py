@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -135,14 +136,28 @@ class PerturbationConfig:
             _check_number("max_grad_norm", self.max_grad_norm, minimum=0.0, strict=True)
 
     @property
-    def steps(self) -> int:
-        """Number of ascent steps."""
+    def ascent_steps(self) -> int:
+        """Number of ascent steps of a particle (one per entry of ``rho``)."""
         return len(self.rho)
 
     @property
-    def particles_reduce(self) -> str:
-        """How the K particles' final gradients are combined."""
+    def particle_reduction(self) -> str:
+        """How the K particles' final gradients are combined: ``particle_reduce``, or ``reduce``
+        when that option is None."""
         return self.reduce if self.particle_reduce is None else self.particle_reduce
+
+    @property
+    def steps(self) -> int:
+        """Deprecated name of :attr:`ascent_steps`; removed in the next release."""
+        warnings.warn("PerturbationConfig.steps is deprecated: use ascent_steps", DeprecationWarning, stacklevel=2)
+        return self.ascent_steps
+
+    @property
+    def particles_reduce(self) -> str:
+        """Deprecated name of :attr:`particle_reduction`; removed in the next release."""
+        warnings.warn("PerturbationConfig.particles_reduce is deprecated: use particle_reduction",
+                      DeprecationWarning, stacklevel=2)
+        return self.particle_reduction
 
     @property
     def uses_direction_buffer(self) -> bool:

@@ -1,10 +1,18 @@
-"""Functional core of the perturbation optimizers: one ascent move, noise, norms.
+"""Functional core of the perturbation optimizers: pure kernels over lists of tensors.
 
-These functions hold all the arithmetic of SAM / ASAM / OT-MDR so that the Optimizer classes stay
-thin (the same split as ``torch.optim``). Each function has a ``foreach`` path (one fused kernel
-per operation over all tensors) and a single-tensor path (a plain loop, kept as a readable
-reference and a cross-check in the tests). Neither path synchronises with the host: norms and
-scales stay on the device as 0-dim tensors.
+All the arithmetic of SAM / ASAM / OT-MDR lives here so that the Optimizer classes stay thin
+(the split of ``torch.optim``). One ascent step is the composition::
+
+    merge_(directions, grads)                      # running sum of the ascent gradients
+    T     = adaptive_scaling(params, eta)          # ASAM only: |theta| + eta
+    norm  = ascent_norm(source, T, extra)          # ||T * source||, plus in-norm-only tensors
+    scale = step_scale(rho, weight, norm, eps)     # rho * weight / (norm + eps), 0 if not finite
+    move_(params, grads, directions, T, scale, rho_scales)  # theta += scale * T^2 * direction
+
+(:func:`ascent_move_` runs exactly that). Each kernel has a ``foreach`` path (one fused kernel per
+operation over all tensors) and a per-tensor path (a plain loop: a readable reference and a
+cross-check in the tests). No kernel synchronises with the host: norms and scales stay on the
+device as 0-dim tensors.
 """
 
 from __future__ import annotations
@@ -14,7 +22,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["global_norm", "ascent_move_", "add_noise_", "distance"]
+__all__ = [
+    "global_norm", "distance", "copy_", "add_", "zero_", "merge_", "adaptive_scaling", "ascent_norm",
+    "step_scale", "move_", "ascent_move_", "add_noise_",
+]
 
 
 def global_norm(tensors: Sequence[Tensor], *, foreach: bool = True) -> Tensor:
@@ -26,7 +37,7 @@ def global_norm(tensors: Sequence[Tensor], *, foreach: bool = True) -> Tensor:
         return torch.zeros((), dtype=torch.float32)
     dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
     if foreach:
-        norms = torch._foreach_norm(list(tensors), 2, dtype=dtype)
+        norms = list(torch._foreach_norm(list(tensors), 2, dtype=dtype))
     else:
         norms = [torch.linalg.vector_norm(t, dtype=dtype) for t in tensors]
     device = norms[0].device
@@ -40,10 +51,104 @@ def distance(params: Sequence[Tensor], centre: Sequence[Tensor], *, foreach: boo
     if not params:
         return torch.zeros((), dtype=torch.float32)
     if foreach:
-        diffs = torch._foreach_sub(list(params), list(centre))
+        diffs = list(torch._foreach_sub(list(params), list(centre)))
     else:
         diffs = [p - c for p, c in zip(params, centre)]
     return global_norm(diffs, foreach=foreach)
+
+
+def copy_(dst: list[Tensor], src: Sequence[Tensor], *, foreach: bool = True) -> None:
+    """``dst[i] = src[i]`` for every tensor."""
+    if foreach:
+        torch._foreach_copy_(dst, list(src))
+    else:
+        for d, s in zip(dst, src):
+            d.copy_(s)
+
+
+def add_(dst: list[Tensor], src: Sequence[Tensor], *, alpha: float = 1.0, foreach: bool = True) -> None:
+    """``dst[i] += alpha * src[i]`` for every tensor."""
+    if foreach:
+        torch._foreach_add_(dst, list(src), alpha=alpha)
+    else:
+        for d, s in zip(dst, src):
+            d.add_(s, alpha=alpha)
+
+
+def zero_(tensors: list[Tensor], *, foreach: bool = True) -> None:
+    """Zero every tensor in place (the gradients between passes)."""
+    if not tensors:
+        return
+    if foreach:
+        torch._foreach_zero_(tensors)
+    else:
+        for t in tensors:
+            t.zero_()
+
+
+def merge_(directions: list[Tensor], grads: Sequence[Tensor], *, first: bool, foreach: bool = True) -> None:
+    """The merge buffer: ``directions = grads`` at a particle's first ascent step, ``+= grads`` after."""
+    (copy_ if first else add_)(directions, grads, foreach=foreach)
+
+
+def adaptive_scaling(params: Sequence[Tensor], eta: float, *, foreach: bool = True) -> list[Tensor]:
+    """ASAM's element-wise scale T = |theta| + eta (new tensors)."""
+    if foreach:
+        scaling = list(torch._foreach_abs(list(params)))
+        torch._foreach_add_(scaling, eta)
+        return scaling
+    return [p.abs().add_(eta) for p in params]
+
+
+def ascent_norm(source: Sequence[Tensor], *, scaling: Sequence[Tensor] | None = None,
+                extra: Sequence[Tensor] | None = None, foreach: bool = True) -> Tensor:
+    """The norm an ascent step divides by: ``||T * source||`` (``||source||`` without ASAM's
+    ``scaling`` T), combined in quadrature with ``||extra||`` (gradients of parameters that count
+    in the norm but do not move)."""
+    if scaling is None:
+        norm = global_norm(source, foreach=foreach)
+    elif foreach:
+        norm = global_norm(torch._foreach_mul(list(scaling), list(source)), foreach=True)
+    else:
+        norm = global_norm([t * s for t, s in zip(scaling, source)], foreach=False)
+    if extra:
+        other = global_norm(extra, foreach=foreach).to(norm)
+        norm = torch.sqrt(norm * norm + other * other)
+    return norm
+
+
+def step_scale(rho: float, weight: float, norm: Tensor, eps: float) -> Tensor:
+    """``rho * weight / (norm + eps)``; a non-finite result becomes 0 (the caller reports the
+    norm) so that a bad gradient never writes NaN into the weights."""
+    return (rho * weight / (norm + eps)).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def move_(params: list[Tensor], moves: list[Tensor], scale: Tensor, *, directions: Sequence[Tensor] | None = None,
+          scaling: Sequence[Tensor] | None = None, rho_scales: Sequence[float] | None = None,
+          foreach: bool = True) -> None:
+    """``params += scale * T^2 * d * rho_scale``, with ``d`` = ``directions`` if given, else the
+    current content of ``moves``. The move is built in ``moves`` (scratch: the spent gradients),
+    so no tensor is allocated, and it stays there afterwards."""
+    if foreach:
+        if directions is not None:
+            torch._foreach_copy_(moves, list(directions))
+        if scaling is not None:
+            torch._foreach_mul_(moves, list(scaling))
+            torch._foreach_mul_(moves, list(scaling))
+        torch._foreach_mul_(moves, scale.to(moves[0].device))
+        if rho_scales is not None:
+            torch._foreach_mul_(moves, list(rho_scales))
+        torch._foreach_add_(params, moves)
+        return
+    for i, (p, m) in enumerate(zip(params, moves)):
+        if directions is not None:
+            m.copy_(directions[i])
+        if scaling is not None:
+            m.mul_(scaling[i]).mul_(scaling[i])
+        m.mul_(scale.to(m.device))
+        if rho_scales is not None:
+            m.mul_(rho_scales[i])
+        p.add_(m)
 
 
 def ascent_move_(
@@ -57,86 +162,38 @@ def ascent_move_(
     normalize: str = "step",
     adaptive: bool = False,
     adaptive_eta: float = 0.0,
-    rho_scales: list[float] | None = None,
-    norm_extra: list[Tensor] | None = None,
+    rho_scales: Sequence[float] | None = None,
+    norm_extra: Sequence[Tensor] | None = None,
     eps: float = 1e-12,
     foreach: bool = True,
 ) -> Tensor:
-    """Move ``params`` by one normalised ascent step; returns the norm used (0-dim float32).
+    """One normalised ascent step of ``params``; returns the norm used (0-dim).
 
-    ``grads`` is the ascent gradient at the current point. It is consumed: on return it holds the
-    move that was added to ``params`` (callers treat it as scratch and zero it).
-
-    ``directions`` is the merge buffer (None: no merge). It keeps the running sum of the ascent
-    gradients, ``first`` resets it. The move is along ``weight * directions`` (``weight`` = 1 for
-    the release's sum, 1/(i+1) for the mean) or along ``grads`` when there is no merge.
-
-    ``normalize="step"`` divides by the norm of this step's own gradient (the release: step 2
-    moves along g1 + g2 but divides by ||g2||); ``"merged"`` divides by the norm of the merged
-    direction, so every step has length ``rho`` exactly.
-
-    ``adaptive`` is ASAM's element-wise scaling with T = |theta| + eta: the move is
-    ``rho * T^2 d / ||T n||``. ``rho_scales`` multiplies the move per tensor (per-group rho).
-
-    A non-finite norm gives a zero scale (the caller reports it); the norm is returned so that
-    the caller can check it without a sync here.
+    ``grads`` is the ascent gradient at the current point and is consumed: on return it holds
+    the move added to ``params``. ``directions`` is the merge buffer (None: no merge; ``first``
+    resets it); the move is along ``weight * directions`` (``weight`` 1 for the release's sum,
+    1/(i+1) for the mean) or along ``grads`` without a merge. ``normalize="step"`` divides by the
+    norm of this step's own gradient (the release: step 2 moves along g1 + g2 divided by ||g2||),
+    ``"merged"`` by the norm of the merged direction, so that every step has length ``rho``.
+    ``adaptive`` is ASAM's T = |theta| + eta: the move is ``rho * T^2 d / ||T n||``.
     """
     if directions is not None:
-        if foreach:
-            (torch._foreach_copy_ if first else torch._foreach_add_)(directions, grads)
-        else:
-            for d, g in zip(directions, grads):
-                (d.copy_ if first else d.add_)(g)
+        merge_(directions, grads, first=first, foreach=foreach)
     merged = directions is not None and normalize == "merged"
-    norm_source = directions if merged else grads
-
-    scaling = None
-    if adaptive:
-        if foreach:
-            scaling = torch._foreach_abs(params)
-            torch._foreach_add_(scaling, adaptive_eta)
-            norm = global_norm(torch._foreach_mul(scaling, norm_source), foreach=True)
-        else:
-            scaling = [p.abs().add_(adaptive_eta) for p in params]
-            norm = global_norm([t * n for t, n in zip(scaling, norm_source)], foreach=False)
-    else:
-        norm = global_norm(norm_source, foreach=foreach)
-    if norm_extra:
-        extra = global_norm(norm_extra, foreach=foreach).to(norm)
-        norm = torch.sqrt(norm * norm + extra * extra)
+    scaling = adaptive_scaling(params, adaptive_eta, foreach=foreach) if adaptive else None
+    norm = ascent_norm(directions if merged else grads, scaling=scaling, extra=norm_extra, foreach=foreach)
     if merged:
         norm = norm * weight
-    scale = (rho * weight / (norm + eps)).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-
-    # The move is built in the gradient buffers (scratch from here on): no extra allocation.
-    if foreach:
-        if directions is not None:
-            torch._foreach_copy_(grads, directions)
-        if scaling is not None:
-            torch._foreach_mul_(grads, scaling)
-            torch._foreach_mul_(grads, scaling)
-        torch._foreach_mul_(grads, scale.to(grads[0].device))
-        if rho_scales is not None:
-            torch._foreach_mul_(grads, rho_scales)
-        torch._foreach_add_(params, grads)
-    else:
-        for i, (p, g) in enumerate(zip(params, grads)):
-            if directions is not None:
-                g.copy_(directions[i])
-            if scaling is not None:
-                g.mul_(scaling[i]).mul_(scaling[i])
-            g.mul_(scale.to(g.device))
-            if rho_scales is not None:
-                g.mul_(rho_scales[i])
-            p.add_(g)
+    scale = step_scale(rho, weight, norm, eps)
+    move_(params, grads, scale, directions=directions, scaling=scaling, rho_scales=rho_scales, foreach=foreach)
     return norm
 
 
 def add_noise_(params: list[Tensor], std: float, generator: torch.Generator, *, foreach: bool = True) -> None:
-    """Add N(0, std^2) noise to every tensor (Langevin term), drawn in one call from ``generator``.
+    """Add N(0, std^2) noise to every tensor (the Langevin term), drawn in one call from ``generator``.
 
-    The noise is drawn as one flat vector in parameter order, so the foreach and single-tensor
-    paths (and a reference written by hand) see the same numbers for the same generator state.
+    The noise is one flat vector in parameter order, so the foreach and per-tensor paths (and a
+    reference written by hand) see the same numbers for the same generator state.
     """
     if std == 0.0 or not params:
         return
@@ -145,8 +202,4 @@ def add_noise_(params: list[Tensor], std: float, generator: torch.Generator, *, 
     flat = torch.randn(total, generator=generator, device=generator.device, dtype=dtype)
     chunks = torch.split(flat, [p.numel() for p in params])
     noise = [c.view(p.shape).to(p.device) for c, p in zip(chunks, params)]
-    if foreach:
-        torch._foreach_add_(params, noise, alpha=std)
-    else:
-        for p, n in zip(params, noise):
-            p.add_(n, alpha=std)
+    add_(params, noise, alpha=std, foreach=foreach)
