@@ -22,7 +22,9 @@ from otmdr.cli import main
 from otmdr.config import load_config
 from otmdr.train import distributed
 from otmdr.train.builders import build_data
-from otmdr.train.loop import _check_distributed, _check_world, evaluate_model, load_run
+from otmdr.eval import evaluate_model
+from otmdr.train import load_run
+from otmdr.train.strategy import DataParallel
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32" or not torch.distributed.is_available(),
                                 reason="POSIX signals and torch.distributed")
@@ -258,16 +260,16 @@ def test_distributed_config_problems_are_one_line_config_errors():
     from otmdr.config import ConfigError
     from otmdr.train import CheckpointError
 
-    two = distributed.Context(0, 2, 0)
+    two = DataParallel(distributed.Context(0, 2, 0))
     with pytest.raises(ConfigError, match="data.batch_size: 33 is the global batch and must be divisible"):
-        _check_distributed(load_config(None, ["data.batch_size=33"]), two)
+        two.check_config(load_config(None, ["data.batch_size=33"]))
     with pytest.raises(ConfigError, match="cuda:LOCAL_RANK"):
-        _check_distributed(load_config(None, ["train.device=cuda:1"]), two)
+        two.check_config(load_config(None, ["train.device=cuda:1"]))
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="SyncBatchNorm needs CUDA"):
-            _check_distributed(load_config(None, ["train.sync_batchnorm=true", "train.device=cpu"]), two)
+            two.check_config(load_config(None, ["train.sync_batchnorm=true", "train.device=cpu"]))
     with pytest.raises(CheckpointError, match="written by a run of 1 process"):
-        _check_world({}, two, Path("last.pt"))
+        two.check_checkpoint({}, Path("last.pt"))
     with pytest.raises(ConfigError, match="otmdr.sync_ascent: expected true or false"):
         load_config(None, ["otmdr.sync_ascent=maybe"])
 

@@ -20,7 +20,8 @@ import yaml
 
 from .optim.config import PRESETS
 
-__all__ = ["ConfigError", "ExperimentConfig", "otmdr_options", "load_config", "describe_config", "comparable_config", "apply_overrides", "config_to_dict", "config_from_dict"]
+__all__ = ["ConfigError", "ExperimentConfig", "otmdr_options", "load_config", "describe_config", "comparable_config",
+           "apply_overrides", "config_to_dict", "config_from_dict", "parse_number"]
 
 METHODS = ("sgd", "sam", "asam", "otmdr")
 
@@ -320,7 +321,7 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     if hint is float:
         if isinstance(value, str):  # "8/255" style fractions and "5e-4" written as strings
             try:
-                value = _parse_number(value)
+                value = parse_number(value)
             except ValueError:
                 raise ConfigError(f"config key {key}: expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -335,7 +336,7 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     return value
 
 
-def _parse_number(text: str) -> float:
+def parse_number(text: str) -> float:
     """A number written as text: ``5e-4``, ``8/255``. Raises ValueError (never ZeroDivisionError)."""
     if "/" in text:
         numerator, denominator = text.split("/", 1)

@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import shlex
-import shutil
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from ..report import comparison_tables, edge_notes, search_table, write_compare_report
     from ..train.checkpoint import atomic_write_text
     from ..train.grid import parse_grid
+    from ..train.run_dir import discard_failed_study, prepare_study_dir
     from ..train.study import Study, plan, run_study
 
     regimes = ("", "joint", "per-member")
@@ -52,27 +52,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
                   select=args.select, bn_policy=None if args.bn_policy == "per-method" else args.bn_policy)
     plan(study)  # builds every config: a bad grid or value fails here, before anything is created
 
-    def prepare() -> bool:
-        if out.exists() and not out.is_dir():
-            raise UsageError(f"--out {out} is a file, not a folder: choose another --out")
-        if out.exists() and any(out.iterdir()) and not args.resume:
-            raise UsageError(f"{out} already exists and is not empty; it is never overwritten: choose another "
-                              "--out, or add --resume to finish the runs it holds")
-        fresh = "created" if not out.exists() else ("empty" if not any(out.iterdir()) else "")
-        out.mkdir(parents=True, exist_ok=True)
-        return fresh
-
-    fresh = from_rank0(prepare)
+    fresh = from_rank0(lambda: prepare_study_dir(out, resume=args.resume))
     try:
         result = run_study(study, jobs=args.jobs, echo=not args.quiet)
     except BaseException:
-        # e.g. a missing data directory, found by the first run: what this call put into a new or
-        # empty folder is removed if nothing was checkpointed, so a failed start leaves no partial
-        # artefact (an empty folder you made stays; rank 0 alone, without a collective: another
-        # process may be the one that failed)
-        if fresh and current().is_main and not any(out.rglob("*.pt")):
-            for child in ([out] if fresh == "created" else list(out.iterdir())):
-                shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+        if current().is_main:  # rank 0 alone, without a collective: another process may be the one that failed
+            discard_failed_study(out, fresh)
         raise
     if not current().is_main:  # rank 0 writes the report; the others only trained with it
         return 0

@@ -58,7 +58,7 @@ def _load_baseline(args: argparse.Namespace, cfg):
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from ..train import evaluate_model
+    from ..eval import evaluate_model
     from ..train.checkpoint import atomic_write_text
 
     _check_eval_options(args)

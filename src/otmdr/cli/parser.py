@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .. import __version__
+from .._version import __version__
 from .compare import cmd_compare
 from .evaluate import cmd_corrupt, cmd_eval
 from .geometry import cmd_landscape, cmd_sharpness

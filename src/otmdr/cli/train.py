@@ -4,7 +4,6 @@ checkpoint."""
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     file system (:func:`otmdr.train.distributed.from_rank0`), the others follow its decisions."""
     from ..config import config_from_dict
     from ..train import prepare_run_dir
+    from ..train.run_dir import restart_config
     from ..train.distributed import from_rank0
 
     if args.resume:
@@ -25,15 +25,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         run_dir = Path(args.resume)
 
         def inspect() -> dict[str, Any] | None:
-            saved = run_dir / "config.yaml"
-            if not (run_dir / "checkpoints" / "last.pt").is_file() and saved.is_file():
-                # stopped before its first checkpoint: nothing was trained, so starting again from
-                # the saved config is exactly what continuing would have done
-                import yaml
-
+            saved = restart_config(run_dir)
+            if saved is not None:
                 print(f"{run_dir} was stopped before its first checkpoint: starting it again from its config.yaml")
-                (run_dir / "checkpoints").mkdir(exist_ok=True)
-                return yaml.safe_load(saved.read_text())
+                return saved
             prepare_run_dir(args.resume, resume=True)
             return None
 
@@ -48,8 +43,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         def prepare() -> tuple[Path, bool]:  # rank 0's clock names the folder of every rank
             out = Path(args.out or f"runs/{stem}-{cfg.optim.method}-s{cfg.train.seed}-{timestamp()}")
-            if out.exists() and not out.is_dir():
-                raise UsageError(f"--out {out} is a file, not a folder: choose another --out")
             existed = out.exists()
             return prepare_run_dir(out, resume=False), existed
 
@@ -68,17 +61,14 @@ def train_into(cfg, run_dir: Path, *, fresh: bool, keep_folder: bool = True, cle
     created behind (a folder the user made stays, emptied of our files)."""
     from ..train import train
     from ..train.distributed import current
+    from ..train.run_dir import discard_unfinished
 
     try:
         return train(cfg, run_dir, resume=not fresh)
     except BaseException as error:
         checkpointed = (run_dir / "checkpoints" / "last.pt").exists()
-        if fresh and cleanup and not checkpointed and current().is_main:
-            if keep_folder:
-                for child in run_dir.iterdir():
-                    shutil.rmtree(child) if child.is_dir() else child.unlink()
-            else:
-                shutil.rmtree(run_dir, ignore_errors=True)
+        if fresh and cleanup and current().is_main:
+            discard_unfinished(run_dir, keep_folder=keep_folder)
         from ..train import Preempted
 
         if isinstance(error, Preempted) and fresh and cleanup and not checkpointed:

@@ -233,7 +233,7 @@ def write_corrupted(images: np.ndarray | torch.Tensor, labels: np.ndarray | torc
     ``progress(name)`` is called before each corruption that is generated (not for kept ones);
     ``source`` describes the clean data in meta.json.
     """
-    from .. import __version__
+    from .._version import __version__
     from .corruptions import CORRUPTIONS
 
     names = list(CORRUPTIONS if corruptions is None else corruptions)

@@ -12,7 +12,7 @@ import torch
 from ._types import DatasetSpec, ImageData
 from .transforms import Augment, to_float
 
-__all__ = ["train_val_split", "test_subset", "subset", "BatchLoader"]
+__all__ = ["train_val_split", "test_subset", "subset", "BatchLoader", "derive_seed"]
 
 
 def train_val_split(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,7 +52,10 @@ def subset(data: ImageData, indices: torch.Tensor) -> ImageData:
     return ImageData(data.images[indices], data.labels[indices.to(data.labels.device)], list(data.classes))
 
 
-def _derive_seed(*values: int) -> int:
+def derive_seed(*values: int) -> int:
+    """A 63-bit seed that depends on every value (a run's seed, an epoch, a batch, a rank...):
+    independent streams from one seed, the same on every machine. Shared with the training loop,
+    whose per-rank seeds must not collide with the loader's."""
     digest = hashlib.blake2b(",".join(map(str, values)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
@@ -119,7 +122,7 @@ class BatchLoader:
     def _order(self, epoch: int) -> torch.Tensor:
         if not self.shuffle:
             return torch.arange(self.num_samples, device=self.device)
-        self.generator.manual_seed(_derive_seed(self.seed, epoch))
+        self.generator.manual_seed(derive_seed(self.seed, epoch))
         return torch.randperm(self.num_samples, generator=self.generator, device=self.device)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -139,8 +142,8 @@ class BatchLoader:
                 idx = idx[self.shard[0]::self.shard[1]]
             x = to_float(self.images[idx], self.spec)
             if self.augment is not None and self.augment.active:
-                self.generator.manual_seed(_derive_seed(self.seed, epoch, b) if self.shard is None
-                                           else _derive_seed(self.seed, epoch, b, self.shard[0]))
+                self.generator.manual_seed(derive_seed(self.seed, epoch, b) if self.shard is None
+                                           else derive_seed(self.seed, epoch, b, self.shard[0]))
                 x = self.augment(x, self.generator)
             self._batch = b + 1
             yield x, self.labels[idx]

@@ -17,9 +17,18 @@ from torch import Tensor, nn
 
 from ._mode import eval_mode
 
-__all__ = ["Normalized", "fgsm", "pgd", "robust_accuracy"]
+__all__ = ["Normalized", "fgsm", "pgd", "robust_accuracy", "format_epsilon"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def format_epsilon(eps: float) -> str:
+    """An attack radius as users write it: 8/255 rather than 0.0313725 (when it is a whole
+    number of 255ths), else 3 significant digits."""
+    if eps == 0:
+        return "0"
+    k = eps * 255
+    return f"{round(k)}/255" if abs(k - round(k)) < 1e-6 else f"{eps:.3g}"
 
 
 class Normalized(nn.Module):

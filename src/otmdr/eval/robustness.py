@@ -29,10 +29,10 @@ def _quiet(_: str) -> None:
 
 def parse_epsilons(text: str) -> list[float]:
     """``"1/255,8/255"`` or ``"0.1, 0.3"`` -> radii; ValueError on anything else."""
-    from ..config import _parse_number
+    from ..config import parse_number
 
     try:
-        return [_parse_number(e.strip()) for e in text.split(",")]
+        return [parse_number(e.strip()) for e in text.split(",")]
     except ValueError:
         raise ValueError(f"expected comma-separated numbers or fractions like 8/255, got {text!r}") from None
 
@@ -53,8 +53,7 @@ def attack_robustness(cfg, model: torch.nn.Module, data, *, attack: str, epsilon
     unless ``autoattack_version`` says otherwise). ValueError when AutoAttack cannot run.
     """
     from ..models.bayes import is_bayesian
-    from ..report.tables import format_epsilon
-    from .attacks import Normalized, fgsm, pgd, robust_accuracy
+    from .attacks import Normalized, fgsm, format_epsilon, pgd, robust_accuracy
 
     spec = data.test.spec
     mean = _per_channel(spec.mean, spec.in_channels)
@@ -86,7 +85,7 @@ def attack_robustness(cfg, model: torch.nn.Module, data, *, attack: str, epsilon
 
 def _autoattack(attacked, batches, eps: float, norm: str, version: str, echo: Echo) -> tuple[float, dict]:
     """AutoAttack at one radius (optional dependency pyautoattack)."""
-    from ..report.tables import format_epsilon
+    from .attacks import format_epsilon
     from .autoattack import autoattack_accuracy
 
     result = autoattack_accuracy(attacked, batches, eps, norm=norm, version=version)
@@ -104,8 +103,7 @@ def corruption_evaluation(cfg, model: torch.nn.Module, data, *, corruptions: str
     from an official-layout folder ``corrupted_dir`` (CIFAR-10-C, or one written by ``otmdr
     corrupt``). ``corruptions``/``severities`` are the CLI's texts; ValueError when they are invalid.
     """
-    from ..models.bayes import is_bayesian
-    from ..train.loop import AUTOCAST
+    from .evaluate import AUTOCAST, prediction_samples
 
     test = data.test
     clean = ImageData(test.images.cpu(), test.labels.cpu(), test.classes)
@@ -129,7 +127,7 @@ def corruption_evaluation(cfg, model: torch.nn.Module, data, *, corruptions: str
 
     result = corruption_robustness(
         model, clean, test.spec, source, corruptions=names, severities=chosen, device=test.device,
-        n_bins=n_bins or cfg.eval.ece_bins, samples=cfg.bayes.test_samples if is_bayesian(model) else 1,
+        n_bins=n_bins or cfg.eval.ece_bins, samples=prediction_samples(cfg, model),
         autocast=AUTOCAST[cfg.train.precision], progress=progress)
     result["source"] = where
     return result

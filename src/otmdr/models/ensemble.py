@@ -27,14 +27,16 @@ registered model through ``create_model`` (e.g. ``mlp-x3`` with ``input_size``, 
 
 from __future__ import annotations
 
+import functools
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .registry import create_model, register_model
+from .registry import create_model, is_registered, register_family, register_model
 
 __all__ = ["Ensemble", "create_ensemble", "member_param_groups"]
 
@@ -114,6 +116,19 @@ def member_param_groups(ensemble: Ensemble, **options: Any) -> list[dict[str, An
     if outside:
         raise ValueError(f"parameters outside the ensemble members: {outside}")
     return groups
+
+
+# "<model>-x<m>": an ensemble of m independently initialised copies of a registered model
+_REPEATED = re.compile(r"^(?P<base>.+)-x(?P<members>[1-9][0-9]*)$")
+
+
+@register_family
+def _repeated(key: str):
+    """The builder of ``<model>-x<m>`` for a registered ``<model>``, else None."""
+    match = _REPEATED.match(key)
+    if match is None or not is_registered(match["base"]):
+        return None
+    return functools.partial(create_ensemble, [match["base"]] * int(match["members"]))
 
 
 # Registry entries. Builders take (num_classes, in_channels, **options); options go to every member.

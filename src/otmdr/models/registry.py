@@ -6,18 +6,19 @@ Models know nothing about optimizers or datasets; each builder takes ``num_class
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["register_model", "create_model", "list_models", "count_parameters", "describe_models", "is_known_model"]
+__all__ = ["register_model", "register_family", "create_model", "list_models", "count_parameters",
+           "describe_models", "is_known_model", "is_registered"]
 
-_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
-# "<model>-x<m>": an ensemble of m independently initialised copies of a registered model
-_REPEATED = re.compile(r"^(?P<base>.+)-x(?P<members>[1-9][0-9]*)$")
+Builder = Callable[..., nn.Module]
+_REGISTRY: dict[str, Builder] = {}
+#: resolvers of names that are not registered one by one (``<model>-x<m>``, see ensemble.py)
+_FAMILIES: list[Callable[[str], Builder | None]] = []
 
 
 def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
@@ -34,18 +35,29 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def _repeated(key: str) -> tuple[str, int] | None:
-    """``(model, m)`` for a key ``<model>-x<m>`` whose model is registered, else None."""
-    match = _REPEATED.match(key)
-    if match is None or match["base"] not in _REGISTRY:
-        return None
-    return match["base"], int(match["members"])
+def register_family(resolve: Callable[[str], Builder | None]) -> Callable[[str], Builder | None]:
+    """Register a family of names: ``resolve(key)`` returns the builder of a name it recognises
+    (``key`` lower-case, ``-`` for ``_``), else None. The registry asks it for any name not
+    registered on its own; a family defined elsewhere (ensembles of registered models) so
+    registers itself without this module importing it."""
+    _FAMILIES.append(resolve)
+    return resolve
+
+
+def _builder(key: str) -> Builder | None:
+    if key in _REGISTRY:
+        return _REGISTRY[key]
+    return next((b for b in (resolve(key) for resolve in _FAMILIES) if b is not None), None)
 
 
 def is_known_model(name: str) -> bool:
-    """True for a registered name and for ``<model>-x<m>`` with a registered model."""
-    key = name.lower().replace("_", "-")
-    return key in _REGISTRY or _repeated(key) is not None
+    """True for a registered name and for a name of a registered family (``<model>-x<m>``)."""
+    return _builder(name.lower().replace("_", "-")) is not None
+
+
+def is_registered(key: str) -> bool:
+    """True for a name registered on its own (not through a family)."""
+    return key in _REGISTRY
 
 
 def create_model(name: str, num_classes: int = 10, in_channels: int = 3, **kwargs: Any) -> nn.Module:
@@ -55,17 +67,11 @@ def create_model(name: str, num_classes: int = 10, in_channels: int = 3, **kwarg
     of ``m`` copies of the registered ``<model>``, each initialised separately, with ``kwargs``
     passed to every member (see ``otmdr.models.ensemble``).
     """
-    key = name.lower().replace("_", "-")
-    if key not in _REGISTRY:
-        repeated = _repeated(key)
-        if repeated is None:
-            raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())} "
-                             f"(and <model>-x<m> for an ensemble of m of them)")
-        from .ensemble import create_ensemble  # here, not at the top: ensemble.py imports this module
-
-        base, members = repeated
-        return create_ensemble([base] * members, num_classes=num_classes, in_channels=in_channels, **kwargs)
-    return _REGISTRY[key](num_classes=num_classes, in_channels=in_channels, **kwargs)
+    builder = _builder(name.lower().replace("_", "-"))
+    if builder is None:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())} "
+                         f"(and <model>-x<m> for an ensemble of m of them)")
+    return builder(num_classes=num_classes, in_channels=in_channels, **kwargs)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -6,16 +6,10 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
+from ..eval.attacks import format_epsilon  # re-exported: report formats what eval measured
+
 __all__ = ["aggregate", "format_table", "early_stopped", "format_epsilon", "COLUMNS"]
 
-
-def format_epsilon(eps: float) -> str:
-    """An attack radius as users write it: 8/255 rather than 0.0313725 (when it is a whole
-    number of 255ths), else 3 significant digits."""
-    if eps == 0:
-        return "0"
-    k = eps * 255
-    return f"{round(k)}/255" if abs(k - round(k)) < 1e-6 else f"{eps:.3g}"
 
 #: (title, function of a run summary, digits, scale)
 COLUMNS: list[tuple[str, Any, int, float]] = [

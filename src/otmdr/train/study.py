@@ -41,7 +41,8 @@ from .._lock import folder_lock
 from ..config import ConfigError, ExperimentConfig, comparable_config, config_from_dict, config_to_dict, load_config
 from . import distributed
 from .grid import GridPoint
-from .loop import Preempted, RunDirError, TrainingError, prepare_run_dir, train
+from .loop import Preempted, TrainingError, train
+from .run_dir import RunDirError, prepare_run_dir
 
 __all__ = ["Run", "Study", "plan", "run_study", "select_points", "SELECT_METRICS"]
 

@@ -1,0 +1,242 @@
+"""How the processes of a run share the work: one object the training loop calls at fixed
+points instead of branching on the launch.
+
+:class:`SingleProcess` is the ordinary run: every hook is the identity. :class:`DataParallel` is
+a torchrun launch with DistributedDataParallel (docs/distributed.md): sharded batches, rank 0's
+weights and batch-norm statistics on every replica, per-rank random streams saved with the
+checkpoint, rank 0 alone on the file system. A sharded strategy (FSDP) would add itself here,
+with its own ``model_state``/``load_model_state``; the loop would not change.
+
+The hooks, in the order the loop meets them: ``check_checkpoint``, ``check_config``, ``device``,
+``shard``, ``check_data``, ``wrap``, ``optimizer_seed``; per step ``stop_requested``; per epoch
+``reduce_epoch``, ``sync_buffers``, ``agree``, ``rank_states``; throughout ``on_main``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor, nn
+
+from ..config import ConfigError, ExperimentConfig
+from . import distributed
+from .checkpoint import CheckpointError
+
+__all__ = ["Strategy", "SingleProcess", "DataParallel", "current_strategy"]
+
+T = TypeVar("T")
+
+
+class SingleProcess:
+    """One process trains the run: nothing to shard, reduce or agree on."""
+
+    rank = 0
+    world_size = 1
+    is_main = True
+
+    def on_main(self, function: Callable[[], T]) -> T:
+        """File-system work: rank 0 runs it, every rank gets its result (or its exception)."""
+        return function()
+
+    def check_checkpoint(self, checkpoint: dict[str, Any], path: Any) -> None:
+        """A checkpoint must come from a launch of the same number of processes."""
+        saved = checkpoint.get("world_size", 1)
+        if saved != self.world_size:
+            how = ("without torchrun (or with --nproc_per_node 1)" if saved == 1
+                   else f"with torchrun and {saved} processes in all (--nnodes x --nproc_per_node)")
+            raise CheckpointError(f"{path} was written by a run of {saved} process(es) and this launch has "
+                                  f"{self.world_size}: resume it {how}, so that it continues exactly")
+
+    def check_config(self, cfg: ExperimentConfig) -> None:
+        """What this launch needs of the config, checked before anything is written."""
+
+    def device(self, device: torch.device) -> torch.device:
+        return device
+
+    def shard(self) -> tuple[int, int] | None:
+        """``(rank, world_size)`` of this process's part of every training batch; None: all of it."""
+        return None
+
+    def check_data(self, cfg: ExperimentConfig, train_samples: int) -> None:
+        pass
+
+    def wrap(self, cfg: ExperimentConfig, model: nn.Module, device: torch.device,
+             per_member: bool) -> tuple[nn.Module, nn.Module | None]:
+        """``(model, forward)``: the model to train and save, and the module its training passes
+        run through (None: the model itself)."""
+        return model, None
+
+    def optimizer_seed(self, cfg: ExperimentConfig) -> int | None:
+        """Seeds this process's own random stream; returns the optimizer generator's seed
+        (None: ``train.seed``)."""
+        return None
+
+    def stop_requested(self, flag: bool) -> bool:
+        """Whether any process was asked to stop (a collective under torchrun)."""
+        return flag
+
+    def checks_loss_every_bar(self) -> bool:
+        """Whether the progress bar's running loss may stop the run (one process: at once)."""
+        return True
+
+    def reduce_epoch(self, loss_sum: Tensor, correct: Tensor, seen: Tensor, perturbation: Tensor,
+                     samples: int) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
+        """The epoch's sums over every process (the perturbation norm: their mean)."""
+        return loss_sum, correct, seen, perturbation, samples
+
+    def sync_buffers(self, model: nn.Module) -> None:
+        pass
+
+    def agree(self, value: T) -> T:
+        """Rank 0's value on every process."""
+        return value
+
+    def rank_states(self, optimizer: torch.optim.Optimizer, device: torch.device,
+                    partial: dict[str, Any] | None = None) -> list[dict[str, Any]] | None:
+        """What differs between processes and must survive a resume, gathered on rank 0 (None:
+        the checkpoint's own random state is this process's)."""
+        return None
+
+    def checkpoint_extra(self, ranks: list[dict[str, Any]] | None) -> dict[str, Any]:
+        return {}
+
+    def own_state(self, checkpoint: dict[str, Any]) -> dict[str, Any]:
+        """This process's part of a checkpoint: its random states and its partial epoch."""
+        return checkpoint
+
+    def restore_own_state(self, optimizer: torch.optim.Optimizer, mine: dict[str, Any]) -> None:
+        pass
+
+    def model_state(self, model: nn.Module) -> dict[str, Any]:
+        return model.state_dict()
+
+    def load_model_state(self, model: nn.Module, state: dict[str, Any]) -> None:
+        model.load_state_dict(state)
+
+
+Strategy = SingleProcess
+
+
+class DataParallel(SingleProcess):
+    """``world_size`` processes, one DistributedDataParallel replica each (a torchrun launch)."""
+
+    def __init__(self, context: distributed.Context):
+        self.context = context
+        self.rank = context.rank
+        self.world_size = context.world_size
+        self.is_main = context.is_main
+
+    def on_main(self, function: Callable[[], T]) -> T:
+        return distributed.from_rank0(function)
+
+    def check_config(self, cfg: ExperimentConfig) -> None:
+        world = self.world_size
+        if cfg.data.batch_size % world:
+            raise ConfigError(f"config key data.batch_size: {cfg.data.batch_size} is the global batch and must be "
+                              f"divisible by the {world} processes of this launch (e.g. data.batch_size="
+                              f"{max(world, cfg.data.batch_size // world * world)})")
+        if cfg.train.device.startswith("cuda:"):
+            raise ConfigError(f"config key train.device: {cfg.train.device} under torchrun: every process uses its "
+                              "own GPU (cuda:LOCAL_RANK); use train.device=cuda or auto")
+        cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+        if cfg.train.sync_batchnorm and not cuda:
+            raise ConfigError("config key train.sync_batchnorm: SyncBatchNorm needs CUDA devices (PyTorch has no CPU "
+                              "version); set train.sync_batchnorm=false or train on GPUs")
+
+    def device(self, device: torch.device) -> torch.device:
+        return distributed.device_for(device)
+
+    def shard(self) -> tuple[int, int] | None:
+        return self.rank, self.world_size
+
+    def check_data(self, cfg: ExperimentConfig, train_samples: int) -> None:
+        if 0 < train_samples % cfg.data.batch_size < self.world_size:
+            raise ConfigError(f"config key data.batch_size: the last batch of every epoch would hold "
+                              f"{train_samples % cfg.data.batch_size} training image(s), fewer than the "
+                              f"{self.world_size} processes: change data.batch_size or data.train_limit")
+
+    def wrap(self, cfg: ExperimentConfig, model: nn.Module, device: torch.device,
+             per_member: bool) -> tuple[nn.Module, nn.Module | None]:
+        """The model (batch norm synchronised if asked) and the DistributedDataParallel that runs
+        its training passes (rank 0's weights on every rank)."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        if cfg.train.sync_batchnorm:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        target = _MemberLogits(model) if per_member else model
+        return model, DistributedDataParallel(target, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def optimizer_seed(self, cfg: ExperimentConfig) -> int | None:
+        """Dropout, Bayesian weight samples and optimizer noise draw from a per-rank stream; the
+        optimizer's shared noise stays one draw when the ascent is synchronised."""
+        seed = _rank_seed(cfg.train.seed, self.rank)
+        torch.manual_seed(seed)
+        section = {"sam": cfg.sam, "asam": cfg.asam, "otmdr": cfg.otmdr}.get(cfg.optim.method)
+        if section is not None and not section.sync_ascent:  # one shared neighbour needs one noise draw
+            return seed
+        return None
+
+    def stop_requested(self, flag: bool) -> bool:  # a SIGTERM to any process stops them all at the same step
+        return distributed.any_rank(flag)
+
+    def checks_loss_every_bar(self) -> bool:  # checked at the epoch's end, by all ranks together
+        return False
+
+    def reduce_epoch(self, loss_sum: Tensor, correct: Tensor, seen: Tensor, perturbation: Tensor,
+                     samples: int) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
+        totals = distributed.sum_across(torch.stack([  # float64: exact counts
+            loss_sum.double(), correct.double(), seen.double(), perturbation.double(),
+            torch.tensor(samples, device=loss_sum.device, dtype=torch.float64)]))
+        return totals[0], totals[1], totals[2], totals[3] / self.world_size, int(totals[4])
+
+    def sync_buffers(self, model: nn.Module) -> None:
+        distributed.sync_buffers(model)
+
+    def agree(self, value: T) -> T:
+        return distributed.broadcast_object(value)
+
+    def rank_states(self, optimizer: torch.optim.Optimizer, device: torch.device,
+                    partial: dict[str, Any] | None = None) -> list[dict[str, Any]] | None:
+        generator = getattr(optimizer, "_generator", None)  # TODO: optimizer.generator once optim has it
+        state = {"rng": {"cpu": torch.get_rng_state(),
+                         "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+                 "optimizer_generator": generator.get_state() if generator is not None else None,
+                 "partial_epoch": partial}
+        return distributed.gather_to_rank0(state)
+
+    def checkpoint_extra(self, ranks: list[dict[str, Any]] | None) -> dict[str, Any]:
+        return {"world_size": self.world_size, "ranks": ranks}
+
+    def own_state(self, checkpoint: dict[str, Any]) -> dict[str, Any]:
+        return checkpoint["ranks"][self.rank]
+
+    def restore_own_state(self, optimizer: torch.optim.Optimizer, mine: dict[str, Any]) -> None:
+        if mine.get("optimizer_generator") is not None:
+            optimizer._generator.set_state(mine["optimizer_generator"])  # type: ignore[attr-defined]
+
+
+class _MemberLogits(nn.Module):
+    """``forward`` = the ensemble's ``member_logits``: DDP only synchronises what runs through
+    its own forward."""
+
+    def __init__(self, ensemble: nn.Module):
+        super().__init__()
+        self.ensemble = ensemble
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.ensemble.member_logits(x)
+
+
+def _rank_seed(seed: int, rank: int) -> int:
+    """A process's own seed in a distributed run; reproducible, and different on every rank."""
+    from ..data.loader import derive_seed
+
+    return derive_seed(seed, rank, 0x0DD9) & 0x7FFF_FFFF_FFFF
+
+
+def current_strategy() -> SingleProcess:
+    """The strategy of this process's launch (:func:`otmdr.train.distributed.init` ran)."""
+    context = distributed.current()
+    return DataParallel(context) if context.enabled else SingleProcess()
