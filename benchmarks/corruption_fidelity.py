@@ -6,11 +6,12 @@ Wand -- in their current versions (``multichannel=True`` becomes ``channel_axis=
 noise uses scikit-image's 2018 salt-and-pepper draws, ``np.random.choice``). Both sides draw from
 the same legacy ``np.random`` stream (the reference's global state, reseeded per corruption and
 severity; ours through a Generator-shaped wrapper around the same RandomState), so random
-corruptions are compared pixel by pixel, not only in distribution. Frost needs the reference's
-photographs, which are not available: only its change statistics are reported.
+corruptions are compared pixel by pixel, not only in distribution. The reference's frost reads the
+generator's photographs with ``cv2.imread`` from ``--frost-dir`` (the published files; ours reads
+the copies shipped in ``otmdr/data/frost``).
 
     PYTHONPATH=src python benchmarks/corruption_fidelity.py --data ../shared/datasets/cifar10-jpeg.tar.gz \\
-        --images 200 --out benchmarks/results/corruption_fidelity
+        --images 200 --frost-dir ../shared/datasets/cifar-c-frost --out benchmarks/results/corruption_fidelity
 
 Needs scikit-image, opencv-python-headless, Wand and the ImageMagick library (libmagickwand);
 corruptions whose reference library is missing are reported as not measured.
@@ -33,7 +34,7 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image
 
-from otmdr.data.corruptions import CORRUPTIONS, SEVERITY_CONSTANTS, corrupt
+from otmdr.data.corruptions import CORRUPTIONS, FROST_FILES, SEVERITY_CONSTANTS, corrupt, frost_photo_dir
 
 
 class LegacyDraws:
@@ -60,9 +61,11 @@ def load_images(archive: Path, n: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------- reference transcription
-def reference_functions() -> tuple[dict[str, Callable[[Image.Image, Any], np.ndarray]], dict[str, str]]:
+def reference_functions(frost_dir: Path | None = None) -> tuple[dict[str, Callable[[Image.Image, Any], np.ndarray]],
+                                                                 dict[str, str]]:
     """name -> f(PIL image, severity constant) returning the reference's image before ``np.uint8``,
-    and name -> why it is missing, for the corruptions whose library is not installed."""
+    and name -> why it is missing, for the corruptions whose library (or, for frost, the folder of
+    photographs ``frost_dir``, default the copies shipped with otmdr) is not available."""
     missing: dict[str, str] = {}
     try:
         import cv2
@@ -263,13 +266,26 @@ def reference_functions() -> tuple[dict[str, Callable[[Image.Image, Any], np.nda
                 return np.clip(x + layer + np.rot90(layer, k=2), 0, 1) * 255
 
             f["snow"] = snow
-    missing["frost"] = "the reference blends photographs (frost1-6) that are not available here"
+    frost_dir = frost_dir if frost_dir is not None else frost_photo_dir()
+    if cv2 is None:
+        missing["frost"] = "OpenCV is not installed"
+    elif frost_dir is None or not all((Path(frost_dir) / f).is_file() for f in FROST_FILES[:5]):
+        missing["frost"] = f"the frost photographs (frost1-5) are not in {frost_dir}"
+    else:
+        def frost(p, c):
+            photo = cv2.imread(str(Path(frost_dir) / FROST_FILES[np.random.randint(5)]))
+            photo = cv2.resize(photo, (0, 0), fx=0.2, fy=0.2)
+            top, left = np.random.randint(0, photo.shape[0] - 32), np.random.randint(0, photo.shape[1] - 32)
+            photo = photo[top:top + 32, left:left + 32][..., [2, 1, 0]]
+            return np.clip(c[0] * np.array(p) + c[1] * photo, 0, 255)
+
+        f["frost"] = frost
     return {k: v for k, v in f.items() if k not in missing}, missing
 
 
 # ----------------------------------------------------------------------------------------- measure
-def measure(images: np.ndarray, seed: int) -> dict[str, Any]:
-    reference, missing = reference_functions()
+def measure(images: np.ndarray, seed: int, frost_dir: Path | None = None) -> dict[str, Any]:
+    reference, missing = reference_functions(frost_dir)
     results: dict[str, Any] = {}
     clean = images.astype(np.float64)
     for name in CORRUPTIONS:
@@ -339,15 +355,21 @@ def main() -> None:
     parser.add_argument("--data", default="../shared/datasets/cifar10-jpeg.tar.gz", help="the CIFAR-10 JPEG tarball")
     parser.add_argument("--images", type=int, default=200, help="test images (the first n/10 of each class)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--frost-dir", default="../shared/datasets/cifar-c-frost",
+                        help="the published frost photographs the reference reads (default: ../shared/datasets/"
+                             "cifar-c-frost, else the copies shipped with otmdr)")
     parser.add_argument("--out", default="benchmarks/results/corruption_fidelity", help="writes OUT.json and OUT.md")
     args = parser.parse_args()
     if not Path(args.data).is_file():
-        sys.exit(f"{args.data}: no such file (the CIFAR-10 JPEG tarball; pass --data)")
+        print(f"{args.data}: no such file (the CIFAR-10 JPEG tarball; pass --data)", file=sys.stderr)
+        sys.exit(2)
+    frost_dir = Path(args.frost_dir) if Path(args.frost_dir).is_dir() else frost_photo_dir()
     images = load_images(Path(args.data), args.images)
     meta = {"command": "python benchmarks/corruption_fidelity.py " + shlex.join(sys.argv[1:]),
             "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": f"{platform.machine()}, {platform.system()}",
-            "images": len(images), "data": Path(args.data).name, "seed": args.seed, "versions": versions()}
-    write_report(measure(images, args.seed), meta, Path(args.out))
+            "images": len(images), "data": Path(args.data).name, "seed": args.seed, "versions": versions(),
+            "frost_photographs": str(frost_dir), "ours_frost_photographs": str(frost_photo_dir())}
+    write_report(measure(images, args.seed, frost_dir), meta, Path(args.out))
     print(f"written: {args.out}.md, {args.out}.json")
 
 

@@ -248,3 +248,126 @@ def test_grayscale_goes_through_colour_corruptions_as_grey_rgb():
         out = corrupt(GRAY, name, 4, seed=5)[..., 0].astype(int)
         via_rgb = corrupt(grey3, name, 4, seed=5).astype(np.float64) @ np.array([0.299, 0.587, 0.114])
         assert np.abs(out - np.rint(via_rgb)).max() <= 1
+
+
+# ------------------------------------------------------------------------------------------ frost
+def _photo(folder, name: str) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(folder / name) as f:
+        return np.asarray(f.convert("RGB"))
+
+
+def test_frost_blends_the_shipped_photograph_at_the_drawn_crop(monkeypatch):
+    """With every draw 0: photograph frost1, downscaled by 0.2 (every 5th pixel from the 3rd, the
+    centres of cv2's bilinear samples), its top-left 32x32 crop, c0 * image + c1 * frost."""
+    from otmdr.data import corruptions as module
+
+    monkeypatch.delenv(module.FROST_DIR_ENV, raising=False)
+    folder = module.frost_photo_dir()
+    assert folder is not None and sorted(p.name for p in folder.iterdir() if p.suffix in (".png", ".jpg")) == sorted(
+        module.FROST_FILES)
+    assert {"LICENSE", "NOTICE"} <= {p.name for p in folder.iterdir()}
+    frost = _photo(folder, "frost1.png")[2::5, 2::5][:32, :32].astype(np.float64)
+    for severity in (1, 5):
+        c = SEVERITY_CONSTANTS["frost"][severity - 1]
+        expected = np.clip(c[0] * RGB.astype(np.float64) + c[1] * frost, 0, 255).astype(np.uint8)
+        np.testing.assert_array_equal(corrupt(RGB, "frost", severity, rng=Fixed(0)), expected)
+
+
+def test_frost_draws_photograph_then_row_then_column():
+    class Draws(Fixed):
+        def __init__(self):
+            super().__init__(0)
+            self.calls = []
+
+        def integers(self, low, high, size=None):
+            self.calls.append((low, high))
+            return [3, 7, 11][len(self.calls) - 1]
+
+    draws = Draws()
+    out = corrupt(RGB[:1], "frost", 2, rng=draws)
+    from otmdr.data import corruptions as module
+
+    # frost4.jpg is 350 x 527, downscaled to 70 x 105: rows from [0, 70 - 32), columns from [0, 105 - 32)
+    assert draws.calls == [(0, 5), (0, 38), (0, 73)]
+    frost = _photo(module.frost_photo_dir(), "frost4.jpg")[2::5, 2::5][7:39, 11:43].astype(np.float64)
+    np.testing.assert_array_equal(out[0], np.clip(RGB[0] + 0.3 * frost, 0, 255).astype(np.uint8))
+
+
+def test_frost_of_larger_images_and_grey_ones():
+    big = np.repeat(np.repeat(RGB[:2], 5, axis=1), 5, axis=2)  # 160 x 160, larger than every downscaled photograph
+    out = corrupt(big, "frost", 3, seed=1)
+    assert out.shape == big.shape and np.abs(out.astype(int) - big).mean() > 5
+    assert corrupt(GRAY, "frost", 3, seed=1).shape == GRAY.shape
+
+
+def test_frost_from_a_folder_the_user_names(monkeypatch, tmp_path):
+    import shutil
+
+    from otmdr.data import DatasetError
+    from otmdr.data import corruptions as module
+
+    shipped = corrupt(RGB, "frost", 4, seed=3)
+    for name in module.FROST_FILES:
+        shutil.copy(module.frost_photo_dir() / name, tmp_path / name)
+    monkeypatch.setenv(module.FROST_DIR_ENV, str(tmp_path))
+    assert module.frost_photo_dir() == tmp_path
+    np.testing.assert_array_equal(corrupt(RGB, "frost", 4, seed=3), shipped)
+    (tmp_path / "frost2.png").unlink()
+    with pytest.raises(DatasetError, match=r"OTMDR_FROST_DIR=.*no frost2\.png there"):
+        corrupt(RGB, "frost", 4, seed=3)
+
+
+def test_frost_falls_back_to_the_procedural_texture_with_a_warning(monkeypatch, tmp_path):
+    from otmdr.data import corruptions as module
+
+    monkeypatch.delenv(module.FROST_DIR_ENV, raising=False)
+    photographed = corrupt(RGB, "frost", 4, seed=3)
+    monkeypatch.setattr(module, "_shipped_frost_dir", lambda: tmp_path)  # a copy stripped of its package data
+    monkeypatch.setattr(module, "_FALLBACK_WARNED", [])
+    with pytest.warns(UserWarning, match="procedural ice texture"):
+        textured = corrupt(RGB, "frost", 4, seed=3)
+    assert textured.shape == RGB.shape and not np.array_equal(textured, photographed)
+    assert np.abs(textured.astype(int) - RGB).mean() > 10
+
+
+# ------------------------------------------------------------------ snow's grey conversion (cv2's)
+def _round_to_float32(value) -> np.float32:
+    """The float32 nearest to the exact rational ``value`` (ties to an even mantissa)."""
+    from fractions import Fraction
+
+    guess = np.float32(float(value))
+    candidates = [np.nextafter(guess, np.float32(-np.inf)), guess, np.nextafter(guess, np.float32(np.inf))]
+    return min(candidates, key=lambda v: (abs(Fraction(float(v)) - value), int(np.array(v).view(np.uint32)) & 1))
+
+
+def test_fused_multiply_add_rounds_once():
+    from fractions import Fraction
+
+    ulp = 2.0**-23
+    a, b, c = np.float32(1 + ulp), np.float32((1 - ulp) * 2.0**-24), np.float32(1 + ulp)
+    # a*b + c = c + 2^-24 - 2^-70, just below the midpoint between c and the next float32: rounding
+    # through float64 lands on the midpoint and then rounds to the even neighbour, the wrong one
+    assert im._fma_f32(a, b, c) == c
+    assert np.float32(np.float64(a) * np.float64(b) + np.float64(c)) != c
+    rng = np.random.default_rng(0)
+    x = (rng.random((3, 400)) * 2 - 0.5).astype(np.float32) * np.float32(2.0) ** rng.integers(-30, 30, (3, 400)).astype(np.float32)
+    got = im._fma_f32(x[0], x[1], x[2])
+    for i in range(x.shape[1]):
+        exact = Fraction(float(x[0, i])) * Fraction(float(x[1, i])) + Fraction(float(x[2, i]))
+        assert got[i] == _round_to_float32(exact), i
+
+
+def test_rgb2gray_cv_sums_green_red_blue_with_float32_coefficients():
+    x = np.float32(RGB[:2] / 255.0)
+    r, g, b = (x[..., i].astype(np.float64) for i in range(3))
+    cr, cg, cb = (np.float64(np.float32(v)) for v in (0.299, 0.587, 0.114))
+    y = im.rgb2gray_cv(x)
+    assert y.dtype == np.float32 and y.shape == x.shape[:-1]
+    # each value is within one float32 step of the exact sum, and the fused result never rounds worse
+    exact = r * cr + g * cg + b * cb
+    assert np.abs(y - exact).max() <= 2.0**-24 * 2
+    plain = im.rgb2gray_cv(x, fused=False)
+    np.testing.assert_array_equal(plain, (x[..., 0] * np.float32(0.299) + x[..., 1] * np.float32(0.587)) + x[..., 2] * np.float32(0.114))
+    assert (y != plain).any()
