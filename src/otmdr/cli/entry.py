@@ -72,9 +72,34 @@ def _lost_peer(error: BaseException) -> bool:
                                       "timeout", "processgroup", "broken pipe"))
 
 
+# The commands need the ``train`` extra (configs, datasets, progress, reports): its packages by
+# import name, as in pyproject.toml. ``pip install otmdr`` alone gives the optimizers (torch and
+# numpy); a command then says what to install instead of failing at an import.
+TRAIN_EXTRA = {"yaml": "pyyaml", "sklearn": "scikit-learn", "scipy": "scipy", "PIL": "pillow", "tqdm": "tqdm",
+               "matplotlib": "matplotlib"}
+
+
+def missing_extras() -> list[str]:
+    """The train extra's packages that cannot be imported here (found without importing them)."""
+    from importlib.util import find_spec
+
+    def absent(module: str) -> bool:
+        try:
+            return find_spec(module) is None
+        except (ImportError, ValueError):  # ValueError: blocked in sys.modules (None)
+            return True
+
+    return [package for module, package in TRAIN_EXTRA.items() if absent(module)]
+
+
 def main(argv: list[str] | None = None) -> int:
     """``otmdr ARGV``: the exit status (a failed process of a torchrun job exits at once instead)."""
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # --help, --version and usage errors need the core only
+    missing = missing_extras()
+    if missing:
+        print(f"otmdr: error: otmdr {args.command} needs the train extra ({', '.join(missing)} missing): "
+              "pip install 'otmdr[train]'", file=sys.stderr)
+        return EXIT_ERROR
     from ..train import distributed
 
     try:
