@@ -1,4 +1,4 @@
-"""otmdr.data.corrupted: the official CIFAR-10-C ``.npy`` layout, read from folders written here
+"""otmdr.data.corrupted_dataset: the official CIFAR-10-C ``.npy`` layout, read from folders written here
 with np.save and written by write_corrupted (round trip, resume, refusal, atomicity)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from otmdr.data import DatasetError, list_corruptions, load_corrupted, write_corrupted
-from otmdr.data import corrupted as corrupted_module
+from otmdr.data import corrupted_dataset as corrupted_module
 from otmdr.data.corruptions import corrupt
 
 pytest.importorskip("PIL")
@@ -259,7 +259,7 @@ def test_refuses_own_folder_with_other_settings(tmp_path):
 
 def test_interrupted_write_leaves_no_partial_file_and_resumes(tmp_path, monkeypatch):
     images, labels = clean()
-    real = corrupted_module.corrupt
+    real = corrupted_module._corrupt_chunk
     calls = []
 
     def failing(x, name, severity, seed):
@@ -268,7 +268,7 @@ def test_interrupted_write_leaves_no_partial_file_and_resumes(tmp_path, monkeypa
             raise KeyboardInterrupt  # like Ctrl-C mid-file
         return real(x, name, severity, seed)
 
-    monkeypatch.setattr(corrupted_module, "corrupt", failing)
+    monkeypatch.setattr(corrupted_module, "_corrupt_chunk", failing)
     with pytest.raises(KeyboardInterrupt):
         write_corrupted(images, labels, tmp_path / "out", corruptions=NAMES)
     out = tmp_path / "out"
@@ -277,7 +277,7 @@ def test_interrupted_write_leaves_no_partial_file_and_resumes(tmp_path, monkeypa
     assert json.loads((out / "meta.json").read_text())["complete"] is False
     kept = {name: (out / f"{name}.npy").stat().st_mtime_ns for name in ("gaussian_noise", "contrast")}
 
-    monkeypatch.setattr(corrupted_module, "corrupt", real)
+    monkeypatch.setattr(corrupted_module, "_corrupt_chunk", real)
     (out / ".pixelate.npy.stale.tmp").write_bytes(b"left by a killed run")
     seen = []
     write_corrupted(images, labels, out, corruptions=NAMES, progress=seen.append)
@@ -313,3 +313,14 @@ def test_written_files_get_the_umask_mode_not_0600(tmp_path):
         os.umask(old)
     for name in ("contrast.npy", "labels.npy", "meta.json"):
         assert (out / name).stat().st_mode & 0o777 == 0o644, name
+
+
+def test_the_old_module_name_still_imports_with_a_deprecation_warning():
+    import importlib
+    import sys
+
+    sys.modules.pop("otmdr.data.corrupted", None)
+    with pytest.warns(DeprecationWarning, match="otmdr.data.corrupted is deprecated"):
+        old = importlib.import_module("otmdr.data.corrupted")
+    assert old.load_corrupted is load_corrupted and old.write_corrupted is write_corrupted
+    assert old.list_corruptions is list_corruptions and old.LAYOUT == corrupted_module.LAYOUT

@@ -26,7 +26,7 @@ from ._types import DatasetError, DatasetSpec, ImageData
 from .loader import BatchLoader, subset, test_subset, train_val_split
 from .registry import get_spec, list_datasets, load_split, resolve_spec
 from .transforms import Augment, to_float
-from .corrupted import list_corruptions, load_corrupted, write_corrupted
+from .corrupted_dataset import list_corruptions, load_corrupted, write_corrupted
 
 __all__ = [
     "DatasetError",

@@ -19,7 +19,8 @@ def is_archive(path: Path) -> bool:
     return path.is_file() and path.name.lower().endswith(ARCHIVE_SUFFIXES)
 
 
-def corrupt(path: Path | str, why: str, how_to_get: str) -> DatasetError:
+def corrupt_file_error(path: Path | str, why: str, how_to_get: str) -> DatasetError:
+    """The error to raise for a damaged data file: its path, what is wrong, and how to re-obtain it."""
     return DatasetError(f"{path} is corrupt or truncated: {why}. Re-obtain the file ({how_to_get}).")
 
 
@@ -33,7 +34,7 @@ def read_maybe_gzip(path: Path, how_to_get: str) -> bytes:
         try:
             raw = gzip.decompress(raw)
         except (OSError, EOFError, zlib.error) as exc:
-            raise corrupt(path, f"gzip data does not decompress ({exc})", how_to_get) from None
+            raise corrupt_file_error(path, f"gzip data does not decompress ({exc})", how_to_get) from None
     return raw
 
 
@@ -59,7 +60,7 @@ def load_pickle(data: bytes, path: Path | str, how_to_get: str) -> Any:
     try:
         return _ArrayUnpickler(io.BytesIO(data), encoding="bytes").load()
     except Exception as exc:  # truncated/garbled pickles raise many different types
-        raise corrupt(path, f"not a readable python pickle ({type(exc).__name__}: {exc})", how_to_get) from None
+        raise corrupt_file_error(path, f"not a readable python pickle ({type(exc).__name__}: {exc})", how_to_get) from None
 
 
 def get_key(d: dict, key: str) -> Any:

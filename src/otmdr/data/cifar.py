@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ._io import corrupt, get_key, is_archive, load_pickle
+from ._io import corrupt_file_error, get_key, is_archive, load_pickle
 from ._types import DatasetError, DatasetSpec, ImageData
 
 CIFAR10 = {
@@ -44,7 +44,7 @@ def _read_members(spec: DatasetSpec, root: Path, layout: dict, names: list[str])
                         data = tar.extractfile(member).read()  # type: ignore[union-attr]
                         found[parts[-1]] = (data, f"{root}:{member.name}")
         except (tarfile.TarError, OSError, EOFError) as exc:
-            raise corrupt(root, f"unreadable archive ({exc})", spec.how_to_get) from None
+            raise corrupt_file_error(root, f"unreadable archive ({exc})", spec.how_to_get) from None
         for name in names:
             if name not in found:
                 raise _missing(spec, f"{root} (under {folder}/)", name)
@@ -70,19 +70,19 @@ def _read_members(spec: DatasetSpec, root: Path, layout: dict, names: list[str])
 def _batch(spec: DatasetSpec, blob: bytes, where: str, label_key: str) -> tuple[np.ndarray, np.ndarray]:
     d = load_pickle(blob, where, spec.how_to_get)
     if not isinstance(d, dict):
-        raise corrupt(where, f"pickle holds a {type(d).__name__}, expected a dict", spec.how_to_get)
+        raise corrupt_file_error(where, f"pickle holds a {type(d).__name__}, expected a dict", spec.how_to_get)
     try:
         data, labels = get_key(d, "data"), get_key(d, label_key)
     except KeyError as exc:
-        raise corrupt(where, f"no {exc.args[0]!r} entry in the pickled dict", spec.how_to_get) from None
+        raise corrupt_file_error(where, f"no {exc.args[0]!r} entry in the pickled dict", spec.how_to_get) from None
     data = np.asarray(data)
     labels = np.asarray(labels)
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-        raise corrupt(where, f"'data' is {data.dtype} {data.shape}, expected uint8 (N, 3072)", spec.how_to_get)
+        raise corrupt_file_error(where, f"'data' is {data.dtype} {data.shape}, expected uint8 (N, 3072)", spec.how_to_get)
     if labels.shape != (data.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
-        raise corrupt(where, f"{len(labels)} labels for {data.shape[0]} images", spec.how_to_get)
+        raise corrupt_file_error(where, f"{len(labels)} labels for {data.shape[0]} images", spec.how_to_get)
     if len(labels) and (labels.min() < 0 or labels.max() >= spec.num_classes):
-        raise corrupt(where, f"labels outside 0..{spec.num_classes - 1}", spec.how_to_get)
+        raise corrupt_file_error(where, f"labels outside 0..{spec.num_classes - 1}", spec.how_to_get)
     return data, labels
 
 
@@ -96,9 +96,9 @@ def load_cifar_split(spec: DatasetSpec, split: str, root: Path, layout: dict, la
     try:
         classes = [c.decode() if isinstance(c, bytes) else str(c) for c in get_key(meta, names_key)]
     except (KeyError, TypeError, AttributeError, UnicodeDecodeError):
-        raise corrupt(meta_where, f"no readable {names_key!r} list", spec.how_to_get) from None
+        raise corrupt_file_error(meta_where, f"no readable {names_key!r} list", spec.how_to_get) from None
     if len(classes) != spec.num_classes:
-        raise corrupt(meta_where, f"{len(classes)} class names, expected {spec.num_classes}", spec.how_to_get)
+        raise corrupt_file_error(meta_where, f"{len(classes)} class names, expected {spec.num_classes}", spec.how_to_get)
     data = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
     labels = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
     images = torch.from_numpy(np.ascontiguousarray(data).reshape(-1, 3, 32, 32).copy())

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ._io import corrupt, read_maybe_gzip
+from ._io import corrupt_file_error, read_maybe_gzip
 from ._types import DatasetError, DatasetSpec, ImageData
 
 _PREFIX = {"train": "train", "test": "t10k"}
@@ -22,24 +22,24 @@ def read_idx(path: Path, how_to_get: str = "see the dataset's home page") -> np.
     """Parse one IDX file (plain or gzip) into a uint8 array of the shape its header declares."""
     raw = read_maybe_gzip(path, how_to_get)
     if len(raw) < 4:
-        raise corrupt(path, f"only {len(raw)} bytes, shorter than an IDX header", how_to_get)
+        raise corrupt_file_error(path, f"only {len(raw)} bytes, shorter than an IDX header", how_to_get)
     if raw[0] != 0 or raw[1] != 0:
         magic = int.from_bytes(raw[:4], "big")
-        raise corrupt(path, f"bad IDX magic number 0x{magic:08x} (expected 0x000008NN)", how_to_get)
+        raise corrupt_file_error(path, f"bad IDX magic number 0x{magic:08x} (expected 0x000008NN)", how_to_get)
     code, ndim = raw[2], raw[3]
     if code != 0x08:
-        raise corrupt(path, f"IDX dtype code 0x{code:02x}, expected 0x08 (unsigned byte)", how_to_get)
+        raise corrupt_file_error(path, f"IDX dtype code 0x{code:02x}, expected 0x08 (unsigned byte)", how_to_get)
     if ndim == 0:
-        raise corrupt(path, "IDX header declares 0 dimensions", how_to_get)
+        raise corrupt_file_error(path, "IDX header declares 0 dimensions", how_to_get)
     header = 4 + 4 * ndim
     if len(raw) < header:
-        raise corrupt(path, "file ends inside the IDX header", how_to_get)
+        raise corrupt_file_error(path, "file ends inside the IDX header", how_to_get)
     dims = struct.unpack(f">{ndim}I", raw[4:header])
     expected = int(np.prod(dims, dtype=np.int64))
     found = len(raw) - header
     if found != expected:
         shape = "x".join(map(str, dims))
-        raise corrupt(path, f"header declares {shape} = {expected} bytes of data but {found} follow", how_to_get)
+        raise corrupt_file_error(path, f"header declares {shape} = {expected} bytes of data but {found} follow", how_to_get)
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
 
 
@@ -68,17 +68,17 @@ def load_idx_split(spec: DatasetSpec, split: str, root: Path, torchvision_name: 
     labels = read_idx(lbl_path, spec.how_to_get)
     size = spec.image_size
     if images.ndim != 3 or images.shape[1:] != (size, size):
-        raise corrupt(img_path, f"holds an array of shape {images.shape}, expected (N, {size}, {size})",
+        raise corrupt_file_error(img_path, f"holds an array of shape {images.shape}, expected (N, {size}, {size})",
                       spec.how_to_get)
     if labels.ndim != 1:
-        raise corrupt(lbl_path, f"holds an array of shape {labels.shape}, expected (N,)", spec.how_to_get)
+        raise corrupt_file_error(lbl_path, f"holds an array of shape {labels.shape}, expected (N,)", spec.how_to_get)
     if len(labels) != len(images):
         raise DatasetError(
             f"dataset '{spec.name}': {img_path} holds {len(images)} images but {lbl_path} holds {len(labels)} "
             f"labels; the files do not belong together. Re-obtain them ({spec.how_to_get})."
         )
     if len(labels) and int(labels.max()) >= len(classes):
-        raise corrupt(lbl_path, f"label {int(labels.max())} out of range 0..{len(classes) - 1}", spec.how_to_get)
+        raise corrupt_file_error(lbl_path, f"label {int(labels.max())} out of range 0..{len(classes) - 1}", spec.how_to_get)
     return ImageData(
         images=torch.from_numpy(images.copy()).unsqueeze(1),
         labels=torch.from_numpy(labels.astype(np.int64)),

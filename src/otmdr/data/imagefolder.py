@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .._atomic import atomic_write
-from ._io import corrupt, is_archive
+from ._io import corrupt_file_error, is_archive
 from ._types import DatasetError, DatasetSpec, ImageData
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -141,7 +141,7 @@ def _list_archive(spec: DatasetSpec, root: Path, split: str) -> _Listing:
                     data = tar.extractfile(member).read()  # type: ignore[union-attr]
                     listing.files.setdefault(cls, []).append((rest[2], data))
     except (tarfile.TarError, OSError, EOFError) as exc:
-        raise corrupt(root, f"unreadable archive ({exc})", spec.how_to_get) from None
+        raise corrupt_file_error(root, f"unreadable archive ({exc})", spec.how_to_get) from None
     if not by_prefix:
         raise _layout_error(spec, root, "no train/<class>/ or test/<class>/ entries")
     if "" in by_prefix:
