@@ -31,7 +31,7 @@ With ``--device cuda`` every timed step is bracketed by ``torch.cuda.synchronize
 
 Extra memory is what the optimizer keeps beyond the base optimizer's own state (SGD momentum
 is excluded everywhere): for otmdr's optimizers the persistent scratch tensors in
-``opt._scratch`` (centre copy, merge direction, particle gradient sum); for pytorch-optimizer's
+``opt.scratch`` (centre copy, merge direction, particle gradient sum); for pytorch-optimizer's
 SAM the per-parameter ``old_p`` copies, measured right after ``first_step`` (its peak). Both are
 reported in multiples of the parameter bytes. Transient temporaries inside a step are not counted.
 
@@ -208,7 +208,7 @@ def extra_state_bytes(method: str, opt: Any, model: nn.Module, batch: tuple[Tens
     if method.startswith("hand"):
         return 2 * tensor_bytes(model.parameters())  # the centre copy and the merge buffer
     if isinstance(opt, OTMDR):
-        return tensor_bytes(t for store in opt._scratch.values() for t in store.values())
+        return tensor_bytes(opt.scratch.tensors())
     # pytorch-optimizer SAM: old_p lives in the state between first_step and second_step
     F.cross_entropy(model(batch[0]), batch[1]).backward()
     opt.first_step(zero_grad=True)
@@ -383,7 +383,7 @@ def markdown(env: dict[str, Any], results: list[ModelResult], wall_s: float) -> 
         "",
         "Median wall time of one full training step with its interquartile range (IQR); methods run",
         "round-robin. Extra state: optimizer-owned tensors beyond the base SGD state, in multiples of",
-        "the parameter bytes (otmdr: `opt._scratch`; pytorch-optimizer SAM: `old_p` after `first_step`).",
+        "the parameter bytes (otmdr: `opt.scratch`; pytorch-optimizer SAM: `old_p` after `first_step`).",
         "",
         "| model | params | method | median ms / step | IQR ms | x SGD | extra state (x params) |",
         "|---|---:|---|---:|---|---:|---:|",

@@ -120,7 +120,8 @@ def ascent_norm(source: Sequence[Tensor], *, scaling: Sequence[Tensor] | None = 
 def step_scale(rho: float, weight: float, norm: Tensor, eps: float) -> Tensor:
     """``rho * weight / (norm + eps)``; a non-finite result becomes 0 (the caller reports the
     norm) so that a bad gradient never writes NaN into the weights."""
-    return (rho * weight / (norm + eps)).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+    # reciprocal, then multiply: exactly what ``rho * weight / (norm + eps)`` runs, in place
+    return (norm + eps).reciprocal_().mul_(rho * weight).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def move_(params: list[Tensor], moves: list[Tensor], scale: Tensor, *, directions: Sequence[Tensor] | None = None,
@@ -182,7 +183,7 @@ def ascent_move_(
     merged = directions is not None and normalize == "merged"
     scaling = adaptive_scaling(params, adaptive_eta, foreach=foreach) if adaptive else None
     norm = ascent_norm(directions if merged else grads, scaling=scaling, extra=norm_extra, foreach=foreach)
-    if merged:
+    if merged and weight != 1.0:  # x * 1.0 == x: skip the kernel (the release's sum)
         norm = norm * weight
     scale = step_scale(rho, weight, norm, eps)
     move_(params, grads, scale, directions=directions, scaling=scaling, rho_scales=rho_scales, foreach=foreach)

@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 
 __all__ = ["run_step", "updates_batchnorm", "BatchNormWatch"]
 
+_NOTHING = contextlib.nullcontext()  # reusable: the contexts a pass does not need cost nothing
+
 
 def run_step(opt: OTMDR, closure: Callable[..., Any], batch: Any, *, scaler: torch.amp.GradScaler | None,
              model: nn.Module | None, micro_batches: int) -> StepResult:
@@ -125,7 +127,7 @@ class _Passes:
         self.closure = closure
         self.batch = batch
         self.scaler = scaler
-        self.no_sync = getattr(model, "no_sync", None)
+        self.no_sync = opt._no_sync(model)
         self.bn = bn
         self.micro_batches = micro_batches
         self.count = 0
@@ -150,11 +152,11 @@ class _Passes:
         """Forward and backward on ``part`` (through the scaler, in micro-batches), inside
         ``no_sync`` unless ``sync``, with the statistics frozen unless ``update_bn``; returns the
         detached loss and the loss function's other outputs."""
-        local = not sync and self.no_sync is not None
         self.opt.first_pass = self.count == 0
         self.count += 1
-        with (self.no_sync() if local else contextlib.nullcontext()), self.bn.frozen(not update_bn), \
-                torch.enable_grad():
+        with (self.no_sync() if not sync and self.no_sync is not None else _NOTHING), \
+                (self.bn.frozen() if self.bn and not update_bn else _NOTHING), \
+                (_NOTHING if torch.is_grad_enabled() else torch.enable_grad()):
             if self.batch is None:
                 return split_output(self.closure())[0].detach(), None
             size = 1 if self.micro_batches == 1 else batch_size(part)  # no batch walk on the plain path

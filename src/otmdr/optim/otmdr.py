@@ -173,6 +173,7 @@ class OTMDR(Optimizer):
         self._last_distance = torch.zeros(())
         self._bn_cache: tuple[nn.Module | None, BatchNormState] | None = None
         self._warned_no_model = False
+        self._no_sync_cache: tuple[nn.Module | None, Callable[[], Any] | None] | None = None
         self._grad_versions: dict[Tensor, int] = {}  # .grad versions our last closure-form step left
 
     @property
@@ -511,16 +512,30 @@ class OTMDR(Optimizer):
         F.zero_([p.grad for p in (self._params_with_grad() if params is None else params)],  # type: ignore[misc]
                 foreach=self.foreach)
 
+    def _no_sync(self, model: nn.Module | None) -> Callable[[], Any] | None:
+        """``model.no_sync`` (DDP) or None; looked up once per model, since a missing attribute
+        costs an exception in ``nn.Module.__getattr__`` on every step."""
+        cached = self._no_sync_cache
+        if cached is None or cached[0] is not model:
+            cached = self._no_sync_cache = (model, getattr(model, "no_sync", None))
+        return cached[1]
+
+    def _distributed_flags(self) -> bool:
+        """Whether the replicas' non-finite flags must be combined: DDP with local ascent passes."""
+        if self.config.sync_ascent or self._no_sync(self.model) is None:
+            return False
+        import torch.distributed as dist
+
+        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
     def _agree(self, flags: Tensor) -> Tensor:
         """Under DDP with local ascent passes, a non-finite ascent gradient is seen by one replica
         only: the flags are OR-ed over the replicas (one tiny all-reduce, no host sync) so that
         every replica skips, or raises at, the same step and the replicas stay identical."""
-        if self.config.sync_ascent or getattr(self.model, "no_sync", None) is None:
+        if not self._distributed_flags():
             return flags
         import torch.distributed as dist
 
-        if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() < 2:
-            return flags
         agreed = flags.to(torch.uint8)
         dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
         return agreed.bool()
@@ -529,7 +544,11 @@ class OTMDR(Optimizer):
         final = F.global_norm(grads, foreach=self.foreach) if loss is None else loss.detach()
         total = self._progress.norm_total
         total = final if total is None else final + total.to(final)
-        if bool(self._agree(~torch.isfinite(total))):  # the one host sync of the step
+        if self._distributed_flags():
+            bad = bool(self._agree(~torch.isfinite(total)))
+        else:
+            bad = not bool(torch.isfinite(total))
+        if bad:  # the one host sync of the step
             if not all(bool(torch.isfinite(n).all()) for n in self._progress.norms):
                 where = "an ascent pass"
             elif not bool(torch.isfinite(final)):
