@@ -424,8 +424,6 @@ def test_norm_groups_give_each_group_its_own_radius():
 def test_missing_model_warns_only_when_batch_norm_runs():
     import warnings
 
-    from torch import nn
-
     x, y = data(8)
     plain = tiny_mlp()
     with warnings.catch_warnings():
@@ -438,7 +436,10 @@ def test_missing_model_warns_only_when_batch_norm_runs():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once
         opt.step(ce(with_bn), batch=(x, y))
-    assert isinstance(with_bn, nn.Module)
+    built_with_model = OTMDR(with_bn.parameters(), torch.optim.SGD, lr=0.1, model=with_bn)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # model=... given: the policy applies, nothing to warn about
+        built_with_model.step(ce(with_bn), batch=(x, y))
 
 
 def test_a_misspelt_option_names_the_right_one():

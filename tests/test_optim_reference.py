@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from otmdr import ASAM, OTMDR, SAM
-from conftest import ce, data, grad_at, norm, reference_final_gradient, tiny_mlp
+from conftest import ce, data, grad_at, norm, reference_final_gradient, require_oracle, tiny_mlp
 
 
 def _params(model):
@@ -224,7 +224,7 @@ def test_weight_decay_enters_the_ascent_only_when_asked():
 def test_first_and_second_step_follow_davda54_semantics():
     """The API most SAM code uses (davda54/sam, also pytorch-optimizer's SAM): backward,
     first_step, backward at the neighbour, second_step; checked against pytorch-optimizer."""
-    pytorch_optimizer = pytest.importorskip("pytorch_optimizer")
+    pytorch_optimizer = require_oracle("pytorch_optimizer", "the davda54-style SAM reference")
     ours, theirs = tiny_mlp(dtype=torch.float32), tiny_mlp(dtype=torch.float32)
     opt = SAM(ours.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
     ref = pytorch_optimizer.SAM(theirs.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
