@@ -303,7 +303,8 @@ def measure(images: np.ndarray, seed: int, frost_dir: Path | None = None) -> dic
                 ref = np.stack([np.uint8(reference[name](Image.fromarray(img), c)) for img in images])
                 diff = np.abs(ours.astype(np.int64) - ref.astype(np.int64))
                 row.update(reference_change=float(np.abs(ref - clean).mean()), mean_abs_diff=float(diff.mean()),
-                           max_abs_diff=int(diff.max()), fraction_differing=float((diff > 0).mean()))
+                           max_abs_diff=int(diff.max()), fraction_differing=float((diff > 0).mean()),
+                           values_differing=int((diff > 0).sum()), values=int(diff.size))
             rows.append(row)
         results[name] = {"severities": rows, **({"not_measured": missing[name]} if name in missing else {})}
         print(f"{name:18s} " + "  ".join(f"s{r['severity']}: {r.get('mean_abs_diff', float('nan')):.4f}" for r in rows),
@@ -327,6 +328,16 @@ def versions() -> dict[str, str]:
     return out
 
 
+def summary(results: dict[str, Any]) -> str:
+    """One line: how many corruptions are identical at every severity, and how far the others are."""
+    measured = {n: e["severities"] for n, e in results.items() if "not_measured" not in e}
+    same = [n for n, rows in measured.items() if all(r["max_abs_diff"] == 0 for r in rows)]
+    rest = [f"{n} (mean {min(r['mean_abs_diff'] for r in rows):.2f}-{max(r['mean_abs_diff'] for r in rows):.2f} levels, "
+            f"max {max(r['max_abs_diff'] for r in rows)})" for n, rows in measured.items() if n not in same]
+    return (f"**{len(measured)} of {len(results)} corruptions measured; {len(same)} identical in every value at every "
+            f"severity**" + (f"; not identical: {', '.join(rest)}." if rest else "."))
+
+
 def write_report(results: dict[str, Any], meta: dict[str, Any], out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
@@ -335,14 +346,16 @@ def write_report(results: dict[str, Any], meta: dict[str, Any], out: Path) -> No
              f"Images: {meta['images']} CIFAR-10 test images ({meta['data']}), every severity; both sides draw "
              "from the same legacy np.random stream.  ",
              "Library versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()), "",
-             "Mean absolute difference to the reference, in uint8 levels (0-255) per pixel and channel; in brackets "
-             "the fraction of values that differ at all. `change` is the mean |corrupted - clean| (reference / ours).", "",
+             "Per severity: `identical` where every value equals the reference's; otherwise the mean absolute "
+             "difference in uint8 levels (0-255) per pixel and channel, with the number of values that differ (of "
+             f"{meta['images'] * 32 * 32 * 3:,}) and the largest difference. `change` is the mean |corrupted - clean| "
+             "(reference / ours).", "", summary(results), "",
              "| corruption | s1 | s2 | s3 | s4 | s5 | change s1 (ref / ours) | change s5 (ref / ours) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, entry in results.items():
         rows = entry["severities"]
-        cells = [f"{r['mean_abs_diff']:.3f} ({100 * r['fraction_differing']:.1f}%)" if "mean_abs_diff" in r else "n/a"
-                 for r in rows]
+        cells = ["n/a" if "mean_abs_diff" not in r else "identical" if r["max_abs_diff"] == 0 else
+                 f"{r['mean_abs_diff']:.3f} ({r['values_differing']:,} differ, max {r['max_abs_diff']})" for r in rows]
         change = [f"{r['reference_change']:.2f} / {r['ours_change']:.2f}" if "reference_change" in r
                   else f"- / {r['ours_change']:.2f}" for r in (rows[0], rows[-1])]
         lines.append(f"| {name} | " + " | ".join(cells + change) + " |")
