@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 from torch import Tensor
 
@@ -49,7 +49,7 @@ def take(batch: Any, index: slice | Tensor) -> Any:
             return batch[index]
         return batch.index_select(0, index.to(batch.device))
     if isinstance(batch, Mapping):
-        return type(batch)((key, take(value, index)) for key, value in batch.items())
+        return cast(Any, type(batch))((key, take(value, index)) for key, value in batch.items())
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
         return type(batch)(*(take(value, index) for value in batch))
     if isinstance(batch, (tuple, list)):

@@ -136,6 +136,12 @@ class PerturbationConfig:
             _check_number("max_grad_norm", self.max_grad_norm, minimum=0.0, strict=True)
 
     @property
+    def split_fractions(self) -> tuple[float, ...]:
+        """``split`` as resolved at construction (never None)."""
+        assert self.split is not None
+        return self.split
+
+    @property
     def ascent_steps(self) -> int:
         """Number of ascent steps of a particle (one per entry of ``rho``)."""
         return len(self.rho)
@@ -171,7 +177,7 @@ def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
 
 def _check_number(name: str, value: object, *, minimum: float, strict: bool = False) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < minimum or (strict and value == minimum):
+    if not ok or not isinstance(value, (int, float)) or value < minimum or (strict and value == minimum):
         relation = ">" if strict else ">="
         raise ValueError(f"{name} must be a finite number {relation} {minimum:g}, got {value!r}")
 

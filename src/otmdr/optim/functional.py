@@ -43,7 +43,8 @@ def global_norm(tensors: Sequence[Tensor], *, foreach: bool = True) -> Tensor:
     device = norms[0].device
     if any(n.device != device for n in norms):  # parameters spread over devices
         norms = [n.to(device) for n in norms]
-    return torch.linalg.vector_norm(torch.stack(norms))
+    total: Tensor = torch.linalg.vector_norm(torch.stack(norms))
+    return total
 
 
 def distance(params: Sequence[Tensor], centre: Sequence[Tensor], *, foreach: bool = True) -> Tensor:
@@ -182,7 +183,8 @@ def ascent_move_(
         merge_(directions, grads, first=first, foreach=foreach)
     merged = directions is not None and normalize == "merged"
     scaling = adaptive_scaling(params, adaptive_eta, foreach=foreach) if adaptive else None
-    norm = ascent_norm(directions if merged else grads, scaling=scaling, extra=norm_extra, foreach=foreach)
+    source = directions if merged and directions is not None else grads
+    norm = ascent_norm(source, scaling=scaling, extra=norm_extra, foreach=foreach)
     if merged and weight != 1.0:  # x * 1.0 == x: skip the kernel (the release's sum)
         norm = norm * weight
     scale = step_scale(rho, weight, norm, eps)

@@ -88,9 +88,9 @@ def _run_passes(opt: OTMDR, passes: _Passes) -> tuple[tuple[Tensor, Any], list[T
     pass's (loss, outputs) and each particle's final-pass loss."""
     cfg = opt.config
     if opt.step_count % cfg.ascent_interval != 0:  # a plain base-optimizer step
-        first = passes.run(passes.batch, sync=True, update_bn=cfg.bn_policy != "none")
-        return first, [first[0]]
-    first = None
+        plain = passes.run(passes.batch, sync=True, update_bn=cfg.bn_policy != "none")
+        return plain, [plain[0]]
+    first: tuple[Tensor, Any] | None = None
     finals = []
     for k in range(cfg.particles):
         last = k == cfg.particles - 1
@@ -132,7 +132,7 @@ class _Passes:
         self.micro_batches = micro_batches
         self.count = 0
         self.size = None if batch is None else batch_size(batch)
-        self.bounds = None if self.size is None else _ascent_bounds(self.size, opt.config.split)
+        self.bounds = None if self.size is None else _ascent_bounds(self.size, opt.config.split_fractions)
 
     def ascent_parts(self, particle: int) -> list[Any]:
         """The part of the batch each ascent step of ``particle`` uses: consecutive slices of the
@@ -176,7 +176,7 @@ class _Passes:
             return total, _concatenate(extras)
 
     def _backward(self, loss: Tensor) -> None:
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()  # type: ignore[no-untyped-call]
 
 
 def _ascent_bounds(n: int, split: tuple[float, ...]) -> list[tuple[int, int]]:

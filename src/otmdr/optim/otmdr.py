@@ -276,17 +276,18 @@ class OTMDR(Optimizer):
         cfg = self.config
         directions = plan.directions
         weight = 1.0 / (i + 1) if (directions is not None and cfg.reduce == "mean") else 1.0
-        options = dict(first=i == 0, rho=cfg.rho[i], weight=weight, normalize=cfg.normalize,
-                       adaptive=cfg.adaptive, adaptive_eta=cfg.adaptive_eta, eps=cfg.eps, foreach=self.foreach)
+
+        def move(part: slice, norm_extra: list[Tensor] | None = None) -> Tensor:
+            return F.ascent_move_(
+                plan.params[part], grads[part], None if directions is None else directions[part], first=i == 0,
+                rho=cfg.rho[i], weight=weight, normalize=cfg.normalize, adaptive=cfg.adaptive,
+                adaptive_eta=cfg.adaptive_eta, rho_scales=None if plan.rho_scales is None else plan.rho_scales[part],
+                norm_extra=norm_extra, eps=cfg.eps, foreach=self.foreach)
+
         if plan.single_norm:
-            return F.ascent_move_(plan.params, grads, directions, rho_scales=plan.rho_scales, **options)
-        norms = [
-            F.ascent_move_(
-                plan.params[part], grads[part], None if directions is None else directions[part],
-                rho_scales=None if plan.rho_scales is None else plan.rho_scales[part],
-                norm_extra=self._norm_extra(norm_only, i, directions is not None), **options)
-            for part, norm_only in zip(plan.parts, plan.norm_only)
-        ]
+            return move(slice(None))
+        norms = [move(part, self._norm_extra(norm_only, i, directions is not None))
+                 for part, norm_only in zip(plan.parts, plan.norm_only)]
         return norms[0] if len(norms) == 1 else torch.stack([n.to(norms[0].device) for n in norms])
 
     @torch.no_grad()
@@ -298,9 +299,8 @@ class OTMDR(Optimizer):
         if progress.ascent == 0 or plan is None or not params:
             distance = torch.zeros((), device=params[0].device if params else None)
         else:
-            distance = progress.distance
-            if distance is None:  # restored before the last ascent step: measure here
-                distance = F.distance(params, plan.centre, foreach=self.foreach)
+            measured = progress.distance  # None: restored before the last ascent step, measure here
+            distance = F.distance(params, plan.centre, foreach=self.foreach) if measured is None else measured
             F.copy_(params, plan.centre, foreach=self.foreach)
         progress.distance = None
         progress.distances.append(distance)
@@ -315,7 +315,7 @@ class OTMDR(Optimizer):
             progress.particle_params = self._params_with_grad()
         params = progress.particle_params
         accumulate = F.copy_ if progress.particles_done == 0 else F.add_
-        accumulate(self.scratch.get("particles", params), [p.grad for p in params], foreach=self.foreach)
+        accumulate(self.scratch.get("particles", params), _grads(params), foreach=self.foreach)
         progress.particles_done += 1
         self._zero_grads(params)
         return self.restore()
@@ -335,8 +335,8 @@ class OTMDR(Optimizer):
         params = self._params_with_grad()
         if progress.particles_done and not progress.particles_loaded:
             params = progress.particle_params  # the particles' gradients go where they came from
-            F.add_([p.grad for p in params], self.scratch.get("particles", params), foreach=self.foreach)
-        grads = [p.grad for p in params]
+            F.add_(_grads(params), self.scratch.get("particles", params), foreach=self.foreach)
+        grads = _grads(params)
         n_particles = progress.particles_done + 1
         if cfg.particle_reduction == "mean" and n_particles > 1 and grads:
             torch._foreach_mul_(grads, 1.0 / n_particles)
@@ -370,16 +370,16 @@ class OTMDR(Optimizer):
         scaler.step(self.base_optimizer)
 
     # ------------------------------------------------------------------------ one-call step
-    @overload
+    @overload  # type: ignore[override]  # torch.optim's step takes no batch
     def step(self, closure: Callable[[], Any], batch: None = None, *, scaler: torch.amp.GradScaler | None = None,
              model: nn.Module | None = None, micro_batches: int = 1) -> Tensor: ...
 
     @overload
-    def step(self, closure: Callable[[Any], Any], batch: Any, *,  # type: ignore[overload-overlap]
+    def step(self, closure: Callable[[Any], Any], batch: Any, *,
              scaler: torch.amp.GradScaler | None = None, model: nn.Module | None = None,
              micro_batches: int = 1) -> StepResult: ...
 
-    def step(  # type: ignore[override]
+    def step(
         self,
         closure: Callable[..., Any] | None = None,
         batch: Any = None,
@@ -428,11 +428,11 @@ class OTMDR(Optimizer):
         ``zero_grad=False`` leaves the ascent gradient in ``.grad`` as davda54 does (the next
         backward then adds to it); ``True`` clears it. Returns the norm used."""
         params = self._params_with_grad()
-        kept = None if zero_grad else [p.grad.detach().clone() for p in params]  # type: ignore[union-attr]
+        kept = None if zero_grad else [g.detach().clone() for g in _grads(params)]
         norm = self.perturb()  # consumes (zeroes) the gradients
         if kept is not None:
             with torch.no_grad():
-                F.copy_([p.grad for p in params], kept)  # type: ignore[misc]
+                F.copy_(_grads(params), kept)
         return norm
 
     def second_step(self, zero_grad: bool = False) -> None:
@@ -446,7 +446,7 @@ class OTMDR(Optimizer):
     def passes_per_step(self, closure_form: bool = False) -> float:
         """Forward/backward cost of one step in full-batch passes (SGD = 1, SAM = 2)."""
         cfg = self.config
-        ascent = float(cfg.ascent_steps) if closure_form else sum(cfg.split)
+        ascent = float(cfg.ascent_steps) if closure_form else sum(cfg.split_fractions)
         return (cfg.particles * (1.0 + ascent) + cfg.ascent_interval - 1) / cfg.ascent_interval
 
     # ------------------------------------------------------------------------------ internals
@@ -475,15 +475,15 @@ class OTMDR(Optimizer):
         params = [p for p in norm_only if p.grad is not None]
         if not params:
             return None
-        grads = [p.grad for p in params]
+        grads = _grads(params)
         cfg = self.config
         if merged and cfg.normalize == "merged":
             buffers = self.scratch.get("norm_direction", params)
-            F.merge_(buffers, grads, first=i == 0, foreach=self.foreach)  # type: ignore[arg-type]
-            grads = buffers  # type: ignore[assignment]
+            F.merge_(buffers, grads, first=i == 0, foreach=self.foreach)
+            grads = buffers
         if cfg.adaptive:  # params and grads stay aligned: both skip the same gradient-less tensors
-            grads = [g * (p.detach().abs() + cfg.adaptive_eta) for g, p in zip(grads, params)]  # type: ignore[operator]
-        return grads  # type: ignore[return-value]
+            grads = [g * (p.detach().abs() + cfg.adaptive_eta) for g, p in zip(grads, params)]
+        return grads
 
     def _add_weight_decay(self, params: list[Tensor], grads: list[Tensor]) -> None:
         by_decay: dict[float, tuple[list[Tensor], list[Tensor]]] = {}
@@ -502,15 +502,14 @@ class OTMDR(Optimizer):
         Backward then accumulates the last particle on top, so DDP all-reduces once per step.
         """
         params = self._progress.particle_params
-        F.copy_([p.grad for p in params], self.scratch.get("particles", params), foreach=self.foreach)  # type: ignore[misc]
+        F.copy_(_grads(params), self.scratch.get("particles", params), foreach=self.foreach)
         self._progress.particles_loaded = True
 
     def _params_with_grad(self) -> list[Tensor]:
         return [p for g in self.param_groups for p in g["params"] if p.grad is not None]
 
     def _zero_grads(self, params: list[Tensor] | None = None) -> None:
-        F.zero_([p.grad for p in (self._params_with_grad() if params is None else params)],  # type: ignore[misc]
-                foreach=self.foreach)
+        F.zero_(_grads(self._params_with_grad() if params is None else params), foreach=self.foreach)
 
     def _no_sync(self, model: nn.Module | None) -> Callable[[], Any] | None:
         """``model.no_sync`` (DDP) or None; looked up once per model, since a missing attribute
@@ -569,15 +568,20 @@ class OTMDR(Optimizer):
         return self._bn_cache[1]
 
     def _gradient_versions(self) -> dict[Tensor, int]:
-        return {p: p.grad._version for p in self._params_with_grad()}  # type: ignore[union-attr]
+        return {p: g._version for p in self._params_with_grad() if (g := p.grad) is not None}
 
     def _fresh_gradients(self) -> bool:
         """Whether some ``.grad`` was written since the last step (a backward the user ran before
         ``step(closure)``); the final gradient our own step leaves behind does not count."""
         for p, version in self._gradient_versions().items():
-            if self._grad_versions.get(p) != version and bool(p.grad.any()):  # type: ignore[union-attr]
+            if self._grad_versions.get(p) != version and p.grad is not None and bool(p.grad.any()):
                 return True
         return False
+
+
+def _grads(params: Iterable[Tensor]) -> list[Tensor]:
+    """The ``.grad`` of each parameter (those without one skipped)."""
+    return [g for p in params if (g := p.grad) is not None]
 
 
 def _check_base_kwargs(name: str, base: Callable[..., Optimizer], kwargs: dict[str, Any]) -> None:
