@@ -5,6 +5,8 @@ The report, its figures, the per-run summaries, the search table, and each run's
 can rebuild the report or extend the study without retraining what is done: copy
 ``benchmarks/results/<name>/runs/*`` back into the study folder and rerun the same
 ``otmdr compare ... --resume`` (finished runs are recognised by their summary.json and config.yaml).
+The copy then follows benchmarks/results/README.md's policy (``benchmarks/results_policy.py``):
+the logs are packed into ``<name>/logs.tar.xz`` and figures the report does not embed are dropped.
 
     python benchmarks/collect_report.py runs/evidence/fashion-mnist-mlp-noisy40 fashion-mnist-mlp-noisy40
 """
@@ -39,6 +41,11 @@ def main(source: str, name: str) -> None:
         for file in RUN_FILES:
             if (run / file).is_file():
                 shutil.copy2(run / file, target / file)
+    sys.path.insert(0, str(Path(__file__).parent))
+    import results_policy
+
+    for line in results_policy.apply(dst.parent):
+        print(line)
     print(f"copied {src} -> {dst}")
 
 

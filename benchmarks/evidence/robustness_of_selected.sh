@@ -63,3 +63,4 @@ echo "Commit the robustness reports with (after collect_report.py has copied eac
 for study in ${done_studies[@]+"${done_studies[@]}"}; do
   echo "  mkdir -p benchmarks/results/$(basename "$study") && cp -r $study/robustness benchmarks/results/$(basename "$study")/"
 done
+echo "  $PYTHON benchmarks/results_policy.py --apply  # logs packed, unembedded figures dropped (benchmarks/results/README.md)"
