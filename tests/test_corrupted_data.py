@@ -192,7 +192,7 @@ def test_chunks_match_generated_source_and_nchw_tensor_input(tmp_path):
         expected = np.concatenate([corrupt(images[i:i + 3], "gaussian_noise", s, 3 + i) for i in range(0, 7, 3)])
         np.testing.assert_array_equal(got, expected)
         assert not np.array_equal(got, corrupt(images, "gaussian_noise", s, 3))  # chunking is not ignored
-    from otmdr.eval.shift import generated_source
+    from otmdr.eval.corruption_grid import generated_source
 
     source = generated_source(nchw, torch.from_numpy(labels), seed=3, chunk=3)
     for s in (2, 5):

@@ -13,7 +13,7 @@ import torch
 
 from otmdr.data import _imaging as im
 from otmdr.data.corruptions import BENCHMARK_CORRUPTIONS, CORRUPTIONS, SEVERITY_CONSTANTS, corrupt
-from otmdr.eval.shift import parse_corruptions
+from otmdr.eval.corruption_grid import parse_corruptions
 
 
 def _structured(n: int, size: int, channels: int, seed: int) -> np.ndarray:

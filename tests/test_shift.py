@@ -10,8 +10,8 @@ from torch import nn
 from otmdr.data import DatasetSpec, ImageData
 from otmdr.data.corruptions import corrupt
 from otmdr.eval.metrics import accuracy
-from otmdr.eval.shift import (corruption_robustness, format_corruption_table, generated_source, parse_corruptions,
-                              parse_severities)
+from otmdr.eval.corruption_grid import (corruption_robustness, format_corruption_table, generated_source,
+                                        parse_corruptions, parse_severities)
 from otmdr.report.plots import plot_corruption_heatmaps
 
 SPEC = DatasetSpec("toy", 2, 1, 8, (0.5,), (0.25,), "", "", False)
@@ -108,7 +108,7 @@ def test_heatmap_is_written(tmp_path):
 
 def test_folder_source_reads_the_subset_and_refuses_other_images(tmp_path):
     from otmdr.data import DatasetError, test_subset, write_corrupted
-    from otmdr.eval.shift import folder_source
+    from otmdr.eval.corruption_grid import folder_source
 
     full = _clean(30)
     write_corrupted(full.images, full.labels, tmp_path / "c", ["contrast"], seed=1)

@@ -14,7 +14,7 @@ from ._common import UsageError, load_trained
 def _check_eval_options(args: argparse.Namespace) -> None:
     """Every option of ``otmdr eval`` is checked before the first forward pass, not after the
     clean evaluation and the temperature fit."""
-    from ..eval.robustness import parse_epsilons
+    from ..eval.run_robustness import parse_epsilons
 
     if args.attack:
         try:
@@ -25,7 +25,7 @@ def _check_eval_options(args: argparse.Namespace) -> None:
         raise UsageError("--baseline needs --corruptions: the mCE compares corruption errors with the baseline's")
     if args.corruptions:
         from ..data.corruptions import CORRUPTIONS
-        from ..eval.shift import parse_corruptions, parse_severities
+        from ..eval.corruption_grid import parse_corruptions, parse_severities
 
         available = list(CORRUPTIONS)
         if args.corrupted_dir:
@@ -95,8 +95,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _attack(args: argparse.Namespace, cfg, model, data, *, clean: float | None = None) -> dict[str, Any]:
-    """Robust accuracy per radius (otmdr.eval.robustness), printed and plotted."""
-    from ..eval.robustness import attack_robustness, parse_epsilons
+    """Robust accuracy per radius (otmdr.eval.run_robustness), printed and plotted."""
+    from ..eval.run_robustness import attack_robustness, parse_epsilons
 
     try:
         result = attack_robustness(cfg, model, data, attack=args.attack, epsilons=parse_epsilons(args.eps),
@@ -115,10 +115,10 @@ def _attack(args: argparse.Namespace, cfg, model, data, *, clean: float | None =
 
 
 def _corruptions(args: argparse.Namespace, cfg, model, data, baseline=None) -> dict[str, Any]:
-    """Metrics per corruption x severity (otmdr.eval.robustness), printed, with the mCE against
+    """Metrics per corruption x severity (otmdr.eval.run_robustness), printed, with the mCE against
     ``baseline`` (its config and model) when given."""
-    from ..eval.robustness import corruption_errors, corruption_evaluation
-    from ..eval.shift import format_corruption_table
+    from ..eval.run_robustness import corruption_errors, corruption_evaluation
+    from ..eval.corruption_grid import format_corruption_table
 
     options = dict(corruptions=args.corruptions, severities=args.severities, corrupted_dir=args.corrupted_dir,
                    seed=args.corruption_seed, n_bins=args.ece_bins)
@@ -158,7 +158,7 @@ def _print_mce(mce: dict[str, Any]) -> None:
 def cmd_corrupt(args: argparse.Namespace) -> int:
     """Write the test split of a dataset, corrupted at severities 1-5, in the CIFAR-10-C layout."""
     from ..data import load_split, test_subset, write_corrupted
-    from ..eval.shift import parse_corruptions
+    from ..eval.corruption_grid import parse_corruptions
 
     try:
         names = parse_corruptions(args.corruptions)

@@ -226,7 +226,7 @@ def write_corrupted(images: np.ndarray | torch.Tensor, labels: np.ndarray | torc
     ``images``: uint8 (N, H, W, C), (N, C, H, W) or (N, H, W), numpy or torch; ``labels``: N
     non-negative integers. Images ``[i, i + chunk)`` of each severity are
     ``corrupt(images[i:i + chunk], name, severity, seed + i)``, exactly what
-    :func:`otmdr.eval.shift.generated_source` (same ``seed`` and ``chunk``) yields on the fly, and
+    :func:`otmdr.eval.corruption_grid.generated_source` (same ``seed`` and ``chunk``) yields on the fly, and
     the chunks bound memory. Each file is written to a temporary file in ``out_dir`` and renamed
     into place, so an interrupted run leaves only complete files; running again with the same
     settings resumes it (complete files are kept). Any other non-empty folder is refused.
@@ -274,7 +274,8 @@ def write_corrupted(images: np.ndarray | torch.Tensor, labels: np.ndarray | torc
         "severities": list(SEVERITIES),
         "labels_dtype": str(y.dtype),
         "seeding": "images [i, i + chunk) of each severity are corrupt(images[i:i + chunk], name, severity, "
-                   "seed + i), as otmdr.eval.shift.generated_source(images, labels, seed=seed, chunk=chunk)",
+                   "seed + i), as otmdr.eval.corruption_grid.generated_source(images, labels, seed=seed, "
+                   "chunk=chunk)",
         "note": _NOTE,
     }
 

@@ -120,7 +120,7 @@ def plot_reliability(summaries: dict[str, list[dict[str, Any]]], path: Path) -> 
 
 def plot_corruption_heatmaps(results: dict[str, dict[str, Any]], path: Path, *, key: str = "accuracy") -> Path:
     """One heat map per model (corruption x severity, in %), on one colour scale so that the
-    panels compare; ``results`` maps a label to :func:`otmdr.eval.shift.corruption_robustness`'s
+    panels compare; ``results`` maps a label to :func:`otmdr.eval.corruption_grid.corruption_robustness`'s
     output (or to a mean of several)."""
     labels = list(results)
     first = results[labels[0]]
