@@ -3,7 +3,6 @@ optional-dependency error, and what the evaluation must leave as it found it."""
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import subprocess
 import sys
@@ -13,9 +12,17 @@ import torch
 from torch import nn
 
 from otmdr.eval.autoattack import MissingDependencyError, autoattack_accuracy
+from conftest import require_oracle
 
-needs_pyautoattack = pytest.mark.skipif(importlib.util.find_spec("pyautoattack") is None,
-                                        reason="the optional package pyautoattack is not installed")
+
+@pytest.fixture
+def pyautoattack():
+    """The AutoAttack implementation the module drives (the autoattack extra, in the test extra):
+    required in CI, a skip with the reason elsewhere."""
+    return require_oracle("pyautoattack", "AutoAttack against the closed-form worst case of linear models")
+
+
+needs_pyautoattack = pytest.mark.usefixtures("pyautoattack")
 
 
 def _linear(n_classes: int, *, n: int = 48, seed: int = 0, dtype: torch.dtype = torch.float32):
