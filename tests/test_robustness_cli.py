@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from otmdr.cli import main
+from conftest import require_oracle
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
@@ -77,14 +78,19 @@ def test_bad_corruption_requests_fail_with_one_line(run, tmp_path, capsys):
 
 
 def test_eval_autoattack_reports_each_stage_and_explains_a_missing_package(run, tmp_path, capsys, monkeypatch):
-    pytest.importorskip("pyautoattack", reason="the optional autoattack extra is not installed")
+    require_oracle("pyautoattack", "the autoattack extra, which `otmdr eval --attack autoattack` drives")
     # a radius this large breaks every point in the first stage, which keeps the test fast
     assert main(["eval", str(run), "--no-temperature-scaling", "--test-limit", "12", "--attack", "autoattack",
                  "--eps", "0.5", "--json", str(tmp_path / "aa.json")]) == 0
-    attack = json.loads((tmp_path / "aa.json").read_text())["attack"]
+    result = json.loads((tmp_path / "aa.json").read_text())
+    attack = result["attack"]
     details = attack["autoattack"]["0.5"]
     assert attack["method"] == "autoattack" and details["settings"]["version"] == "standard"
-    assert attack["robust_accuracy"]["0.5"] == details["robust_accuracy"] <= details["clean_accuracy"]
+    assert details["clean_accuracy"] == pytest.approx(result["test"]["accuracy"])  # the same 12 images
+    assert details["clean_accuracy"] > 0.5
+    assert attack["robust_accuracy"]["0.5"] == details["robust_accuracy"] == 0.0  # every point broken...
+    assert details["stages"] == {"apgd-ce": 0.0, "apgd-t": 0.0, "fab-t": 0.0, "square": 0.0}  # ...by the first stage
+    assert details["n_examples"] == 12 and details["max_perturbation"] <= 0.5 + 1e-6
     assert list(details["stages"])[0] == "apgd-ce" and "apgd-ce" in capsys.readouterr().out
     monkeypatch.setitem(__import__("sys").modules, "pyautoattack", None)
     assert main(["eval", str(run), "--test-limit", "12", "--attack", "autoattack", "--eps", "0.5"]) == 2
