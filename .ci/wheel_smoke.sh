@@ -42,6 +42,8 @@ import torch
 import otmdr
 from otmdr import OTMDR
 assert otmdr.__file__.startswith(sys.prefix), otmdr.__file__
+from importlib.metadata import version
+assert version("otmdr") == otmdr.__version__, (version("otmdr"), otmdr.__version__)  # one version
 extras = [m for m in ("yaml", "sklearn", "scipy", "PIL", "tqdm", "matplotlib") if importlib.util.find_spec(m)]
 assert not extras, f"core install holds optional packages {extras}"
 torch.manual_seed(0)

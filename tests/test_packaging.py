@@ -86,3 +86,14 @@ def test_the_guard_lists_exactly_the_train_extra():
     assert {re.split(r"[<>=!~\[; ]", requirement)[0].lower() for requirement in project["dependencies"]} == {
         "torch", "numpy"}
 
+
+def test_one_version_read_by_pyproject_and_named_by_the_changelog():
+    tomllib = pytest.importorskip("tomllib")
+    import otmdr
+
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "version" not in pyproject["project"] and "version" in pyproject["project"]["dynamic"]
+    assert pyproject["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "otmdr._version.__version__"}
+    assert re.fullmatch(r"\d+\.\d+\.\d+(\.dev\d+)?", otmdr.__version__)
+    headings = [line for line in (ROOT / "CHANGELOG.md").read_text().splitlines() if line.startswith("## ")]
+    assert otmdr.__version__ in headings[0]  # the newest section is this version
