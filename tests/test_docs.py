@@ -57,32 +57,41 @@ def _command_lines(text: str) -> list[str]:
     return out
 
 
-def _synopsis_argv(line: str) -> list[str]:
-    """A documented command line as argv: comments, optional ``[--...]`` parts and the other
-    alternatives of ``a|b`` dropped (placeholders such as RUN_DIR stay: they are strings)."""
+def _synopsis_argv(line: str, *, optional: bool = False) -> list[str]:
+    """A documented command line as argv: comments and the other alternatives of ``a|b`` dropped
+    (placeholders such as RUN_DIR stay: they are strings); the optional ``[--...]`` parts dropped,
+    or with ``optional`` kept without their brackets (and without a repeat mark ``...``)."""
     line = re.sub(r"\s+#.*$", "", line)
     while True:  # optional parts, innermost first; not the brackets of YAML values like [0.05,0.1]
-        shorter = re.sub(r"\s\[(?:-|RUN_)[^\[\]]*\]", "", line)
+        shorter = re.sub(r"\s\[((?:-|RUN_)[^\[\]]*)\]", lambda m: " " + m.group(1).removesuffix(" ...") if optional
+                         else "", line)
         if shorter == line:
             break
         line = shorter
     argv = shlex.split(line)[1:]
-    return [token.split("|")[0] if "|" in token and not token.startswith("-") else token for token in argv]
+    argv = [token.split("|")[0] if "|" in token and not token.startswith("-") else token for token in argv]
+    return ["1" if token == "N" else token for token in argv]  # a count's placeholder must parse as one
 
 
 def test_every_documented_command_parses():
+    """Each documented line parses as the real CLI's arguments twice: with its optional ``[...]``
+    parts left out and with all of them given (so a documented option must exist)."""
     parser = build_parser()
-    checked = 0
+    checked = with_optional = 0
     for page in PAGES:
         for line in _command_lines(_text(page)):
-            argv = _synopsis_argv(line)
-            with contextlib.redirect_stderr(io.StringIO()) as err:
-                try:
-                    parser.parse_args(argv)
-                except SystemExit:
-                    pytest.fail(f"{page.name}: documented command does not parse: {line}\n{err.getvalue()}")
+            variants = {tuple(_synopsis_argv(line)), tuple(_synopsis_argv(line, optional=True))}
+            for argv in variants:
+                with contextlib.redirect_stderr(io.StringIO()) as err:
+                    try:
+                        parser.parse_args(list(argv))
+                    except SystemExit:
+                        pytest.fail(f"{page.name}: documented command does not parse: {' '.join(argv)}\n"
+                                    f"{err.getvalue()}")
             checked += 1
+            with_optional += len(variants) - 1
     assert checked >= 15  # the synopsis and the guides' examples, not an empty extraction
+    assert with_optional >= 9  # the synopsis's optional parts were checked too
 
 
 def test_try_it_commands_run(tmp_path, monkeypatch):
