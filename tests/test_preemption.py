@@ -1,12 +1,17 @@
 """SIGTERM (a cluster's preemption notice) writes a resumable checkpoint at the next step
-boundary; resuming gives the uninterrupted run's weights and metrics bit for bit."""
+boundary; resuming gives the uninterrupted run's weights and metrics bit for bit.
+
+The signals land at chosen steps, not after a guessed sleep: the run is started with the
+test-only ``OTMDR_TEST_PAUSE_AT=EPOCH:STEP:MARKER`` (otmdr/train/loop.py), which makes it create
+MARKER right after that step and wait until the test deletes it. So no test depends on the
+machine's speed, and none can skip because the run finished first.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import random
-import re
 import signal
 import subprocess
 import sys
@@ -23,27 +28,49 @@ DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 SLOW = ["train.epochs=3", "data.train_limit=800", "data.batch_size=4", "train.threads=1", "train.progress=false",
         "optim.method=otmdr",
         "otmdr.noise_std=0.001", "data.crop_padding=1"]
+STEPS = 170  # training batches per epoch of SLOW (680 of the 800 images; 15% validate)
 TIMING = {"seconds", "images_per_second"}
 
 
-def _start_training(run: Path, extra: list[str] | None = None) -> subprocess.Popen:
-    """``otmdr train`` of the SLOW config into ``run`` as a subprocess whose stdout we read."""
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """The uninterrupted run every interrupted one must equal."""
+    run = prepare_run_dir(tmp_path_factory.mktemp("uninterrupted") / "reference", resume=False)
+    train(load_config(DEMO, SLOW), run, log=lambda _: None)
+    return run
+
+
+def _start_training(run: Path, extra: list[str] | None = None,
+                    pause: tuple[int, int, Path] | None = None) -> subprocess.Popen:
+    """``otmdr train`` of the SLOW config into ``run`` as a subprocess; with ``pause`` =
+    ``(epoch, step, marker)`` it waits after that step until ``marker`` is deleted."""
     command = [sys.executable, "-m", "otmdr", "train", "--config", str(DEMO), "--out", str(run)]
     for override in SLOW + list(extra or []):
         command += ["--set", override]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("OTMDR_TEST_PAUSE_AT", None)
+    if pause is not None:
+        env["OTMDR_TEST_PAUSE_AT"] = f"{pause[0]}:{pause[1]}:{pause[2]}"
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
-def _sleep_into_training(process: subprocess.Popen, fraction: float) -> None:
-    """Wait for the first epoch's line, then ``fraction`` of that epoch's duration more: a point
-    inside the following epochs on a fast machine as on a loaded one."""
-    for line in process.stdout:
-        if line.startswith("epoch 1/"):
-            seconds = float(re.search(r"\((\d+(?:\.\d+)?)s,", line).group(1))
-            time.sleep(fraction * seconds)
-            return
-    raise AssertionError("the run printed no first epoch")
+def _wait_for_pause(process: subprocess.Popen, marker: Path) -> None:
+    """Until the run stands at its pause point (it must not end first)."""
+    deadline = time.monotonic() + 600
+    while not marker.exists():
+        if process.poll() is not None:
+            raise AssertionError(f"the run ended (status {process.returncode}) before its pause point: "
+                                 f"{process.stderr.read()}")
+        assert time.monotonic() < deadline, "the run did not reach its pause point in 10 minutes"
+        time.sleep(0.01)
+    assert marker.read_text() == str(process.pid)
+
+
+def _resume(run: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "OTMDR_TEST_PAUSE_AT"}
+    resumed = subprocess.run([sys.executable, "-m", "otmdr", "train", "--resume", str(run)], capture_output=True,
+                             text=True, timeout=600, env=env)
+    assert resumed.returncode == 0, resumed.stderr
 
 
 def _rows(run: Path) -> list[dict]:
@@ -52,26 +79,29 @@ def _rows(run: Path) -> list[dict]:
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
-@pytest.mark.parametrize("fraction", [0.0, random.Random(0).uniform(0.1, 1.5)])
-def test_sigterm_then_resume_equals_an_uninterrupted_run(tmp_path, fraction):
-    reference = prepare_run_dir(tmp_path / "reference", resume=False)
-    train(load_config(DEMO, SLOW), reference, log=lambda _: None)
-
-    run = tmp_path / "preempted"
-    process = _start_training(run)
-    _sleep_into_training(process, fraction)
+@pytest.mark.parametrize("epoch, step", [(2, 1), (1, STEPS), (3, random.Random(0).randint(2, STEPS - 1))],
+                         ids=["first-step", "epoch-end", "random-step"])
+def test_sigterm_then_resume_equals_an_uninterrupted_run(tmp_path, reference, epoch, step):
+    """SIGTERM at step ``step`` of ``epoch``: mid-epoch it stops after that very step (the epoch's
+    running sums saved with the checkpoint); at an epoch's last step, after that epoch's
+    validation and checkpoint."""
+    run, marker = tmp_path / "preempted", tmp_path / "paused"
+    process = _start_training(run, pause=(epoch, step, marker))
+    _wait_for_pause(process, marker)
     process.send_signal(signal.SIGTERM)
-    out, err = process.communicate(timeout=120)
-    if process.returncode == 0:
-        pytest.skip("the run finished before the signal arrived (machine faster than expected)")
+    marker.unlink()
+    out, err = process.communicate(timeout=600)
     assert process.returncode == 143, err
-    assert "preempted (SIGTERM)" in err and f"otmdr train --resume {run}" in err and "Traceback" not in err
-    assert (run / "checkpoints" / "last.pt").is_file()
-    resumed = subprocess.run([sys.executable, "-m", "otmdr", "train", "--resume", str(run)], capture_output=True,
-                             text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
-    a = torch.load(reference / "checkpoints" / "last.pt", weights_only=False)
-    b = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
+    where = f"after epoch {epoch}" if step == STEPS else f"in epoch {epoch} after step {step}"
+    assert f"preempted (SIGTERM) {where}" in err, err
+    assert f"otmdr train --resume {run}" in err and "Traceback" not in err
+    saved = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert saved["epoch"] == (epoch if step == STEPS else epoch - 1)
+    if step < STEPS:  # stopped after exactly that step, its running sums kept
+        assert saved["loader"]["batch"] == step and saved["partial_epoch"]["samples"] == 4 * step
+    _resume(run)
+    a = torch.load(reference / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert _rows(run) == _rows(reference)
     assert json.loads((run / "summary.json").read_text())["test"] == json.loads(
@@ -82,11 +112,9 @@ def test_one_process_per_run_folder_and_a_killed_one_leaves_no_stale_lock(tmp_pa
     from otmdr._lock import folder_lock
     from otmdr.cli import main
 
-    run = tmp_path / "run"
-    process = _start_training(run, ["train.epochs=50"])
-    for line in process.stdout:
-        if line.startswith("epoch 1/"):
-            break
+    run, marker = tmp_path / "run", tmp_path / "paused"
+    process = _start_training(run, pause=(1, 1, marker))
+    _wait_for_pause(process, marker)  # training, holding the folder's lock
     assert main(["train", "--resume", str(run)]) == 2
     err = capsys.readouterr().err
     assert f"is in use by process {process.pid}" in err and len(err.strip().splitlines()) == 1
@@ -102,25 +130,22 @@ def test_one_process_per_run_folder_and_a_killed_one_leaves_no_stale_lock(tmp_pa
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
-@pytest.mark.parametrize("fraction", [random.Random(2).uniform(0.0, 1.0), random.Random(3).uniform(1.0, 1.5)])
-def test_kill_9_at_a_random_point_then_resume_equals_an_uninterrupted_run(tmp_path, fraction):
-    """SIGKILL cannot be caught: whatever write it interrupts, the resumed run ends with the
-    uninterrupted run's checkpoints (last and best), metrics and summary."""
-    reference = prepare_run_dir(tmp_path / "reference", resume=False)
-    train(load_config(DEMO, SLOW), reference, log=lambda _: None)
-    run = tmp_path / "killed"
-    process = _start_training(run)
-    _sleep_into_training(process, fraction)
+@pytest.mark.parametrize("epoch, step", [(2, 1), (random.Random(2).choice([2, 3]), random.Random(3).randint(2, STEPS))],
+                         ids=["after-a-checkpoint", "random-step"])
+def test_kill_9_at_a_chosen_point_then_resume_equals_an_uninterrupted_run(tmp_path, reference, epoch, step):
+    """SIGKILL cannot be caught: whatever it interrupts (right after an epoch, the previous
+    epoch's checkpoint may still be being written by the background writer), the resumed run
+    ends with the uninterrupted run's checkpoints (last and best), metrics and summary."""
+    run, marker = tmp_path / "killed", tmp_path / "paused"
+    process = _start_training(run, pause=(epoch, step, marker))
+    _wait_for_pause(process, marker)
     process.kill()
     process.wait(timeout=60)
-    if (run / "summary.json").exists():
-        pytest.skip("the run finished before the kill (machine faster than expected)")
-    resumed = subprocess.run([sys.executable, "-m", "otmdr", "train", "--resume", str(run)], capture_output=True,
-                             text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
+    assert not (run / "summary.json").exists()
+    _resume(run)
     for name in ("last.pt", "best.pt"):
-        a = torch.load(reference / "checkpoints" / name, weights_only=False)
-        b = torch.load(run / "checkpoints" / name, weights_only=False)
+        a = torch.load(reference / "checkpoints" / name, weights_only=True)
+        b = torch.load(run / "checkpoints" / name, weights_only=True)
         assert a["epoch"] == b["epoch"] and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert _rows(run) == _rows(reference)
     assert json.loads((run / "summary.json").read_text())["test"] == json.loads(

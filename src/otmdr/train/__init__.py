@@ -6,5 +6,5 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .loop import Preempted, TrainingError, train
 from .run_dir import RunDirError, load_run, prepare_run_dir
 
-__all__ = ["train", "prepare_run_dir", "evaluate_split", "evaluate_model", "load_run", "load_checkpoint", "save_checkpoint",
-           "CheckpointError", "Preempted", "RunDirError", "TrainingError"]
+__all__ = ["train", "prepare_run_dir", "evaluate_split", "evaluate_model", "load_run", "load_checkpoint",
+           "save_checkpoint", "CheckpointError", "Preempted", "RunDirError", "TrainingError"]

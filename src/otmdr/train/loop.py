@@ -222,9 +222,9 @@ def _train_epoch_or_stop(run: _Run, epoch: int, stop_requested: Callable[[], boo
     cfg = run.cfg
     try:
         stats = _train_epoch(run.model, run.optimizer, run.scheduler, run.scaler, run.data.train, run.loss_fn,
-                             max_grad_norm=cfg.optim.max_grad_norm, progress=cfg.train.progress and run.strategy.is_main,
-                             epoch=epoch, epochs=cfg.train.epochs, partial=run.partial, should_stop=stop_requested,
-                             strategy=run.strategy)
+                             max_grad_norm=cfg.optim.max_grad_norm, epoch=epoch, epochs=cfg.train.epochs,
+                             progress=cfg.train.progress and run.strategy.is_main, partial=run.partial,
+                             should_stop=stop_requested, strategy=run.strategy)
     except _StoppedMidEpoch as stop:
         ranks = run.strategy.rank_states(run.optimizer, run.device, stop.partial)
 

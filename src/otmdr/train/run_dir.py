@@ -51,7 +51,8 @@ def prepare_run_dir(run_dir: str | Path, *, resume: bool) -> Path:
     return run_dir
 
 
-def load_run(path: str | Path, device: str = "auto", which: str = "last") -> tuple[ExperimentConfig, nn.Module, dict[str, Any]]:
+def load_run(path: str | Path, device: str = "auto",
+             which: str = "last") -> tuple[ExperimentConfig, nn.Module, dict[str, Any]]:
     """A trained model from a checkpoint file, or from a run directory: its final model
     (``which="last"``, what ``summary.json`` reports) or its best on validation (``"best"``)."""
     from ..data import DatasetSpec, get_spec
@@ -72,7 +73,8 @@ def load_run(path: str | Path, device: str = "auto", which: str = "last") -> tup
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as error:
-        raise CheckpointError(f"checkpoint {path} does not fit model {cfg.model.name!r}: {str(error).splitlines()[0]}") from None
+        raise CheckpointError(f"checkpoint {path} does not fit model {cfg.model.name!r}: "
+                              f"{str(error).splitlines()[0]}") from None
     return cfg, model.to(select_device(device)), state
 
 
@@ -115,6 +117,7 @@ def restart_config(run_dir: Path) -> dict[str, Any] | None:
     if (run_dir / "checkpoints" / "last.pt").is_file() or not saved.is_file():
         return None
     (run_dir / "checkpoints").mkdir(exist_ok=True)
+    remove_leftovers(run_dir)  # a kill during the first checkpoint's write left its temporary file
     return yaml.safe_load(saved.read_text())
 
 

@@ -199,7 +199,7 @@ class DataParallel(SingleProcess):
 
     def rank_states(self, optimizer: torch.optim.Optimizer, device: torch.device,
                     partial: dict[str, Any] | None = None) -> list[dict[str, Any]] | None:
-        generator = getattr(optimizer, "_generator", None)  # TODO: optimizer.generator once optim has it
+        generator = getattr(optimizer, "generator", None)  # SAM/ASAM/OT-MDR's own stream; SGD has none
         state = {"rng": {"cpu": torch.get_rng_state(),
                          "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
                  "optimizer_generator": generator.get_state() if generator is not None else None,
@@ -214,7 +214,7 @@ class DataParallel(SingleProcess):
 
     def restore_own_state(self, optimizer: torch.optim.Optimizer, mine: dict[str, Any]) -> None:
         if mine.get("optimizer_generator") is not None:
-            optimizer._generator.set_state(mine["optimizer_generator"])  # type: ignore[attr-defined]
+            optimizer.generator.set_state(mine["optimizer_generator"])  # type: ignore[attr-defined]
 
 
 class _MemberLogits(nn.Module):
