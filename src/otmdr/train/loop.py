@@ -36,7 +36,7 @@ from ..optim import OTMDR
 from .builders import RunData, build_data, build_model, build_optimizer, build_scheduler, select_device
 from .checkpoint import CheckpointError, CheckpointWriter, atomic_write_text, load_checkpoint
 from .run_dir import RunDirError, check_same_run, load_run, prepare_run_dir, remove_leftovers, write_history
-from .strategy import SingleProcess, current_strategy
+from .strategy import SingleProcess, Strategy, current_strategy
 
 __all__ = ["TrainingError", "Preempted", "train", "nominal_radius",
            # moved; re-exported for one release (import them from otmdr.train, otmdr.eval)
@@ -84,7 +84,7 @@ class _Run:
 
     cfg: ExperimentConfig
     run_dir: Path
-    strategy: SingleProcess
+    strategy: Strategy
     writer: CheckpointWriter
     log: Callable[[str], None]
     device: torch.device
@@ -121,7 +121,7 @@ class _Run:
 
 # -- setup ------------------------------------------------------------------------------------
 
-def _setup(cfg: ExperimentConfig | None, run_dir: Path, *, resume: bool, strategy: SingleProcess,
+def _setup(cfg: ExperimentConfig | None, run_dir: Path, *, resume: bool, strategy: Strategy,
            writer: CheckpointWriter, log: Callable[[str], None]) -> _Run:
     """The run's objects, built in a fixed order (the random draws of a resumed run depend on
     it), and a resumed checkpoint's state loaded into them."""
@@ -131,8 +131,9 @@ def _setup(cfg: ExperimentConfig | None, run_dir: Path, *, resume: bool, strateg
         checkpoint = strategy.on_main(lambda: load_checkpoint(last))
         cfg = config_from_dict(checkpoint["config"])
         strategy.check_checkpoint(checkpoint, last)
-    assert cfg is not None
-    strategy.check_config(cfg)
+    if cfg is None:
+        raise TypeError("train() needs a config unless it resumes a run")
+    strategy.bind(cfg)
     if not resume:
         strategy.on_main(lambda: atomic_write_text(run_dir / "config.yaml",
                                                    yaml.safe_dump(config_to_dict(cfg), sort_keys=False)))
@@ -141,7 +142,7 @@ def _setup(cfg: ExperimentConfig | None, run_dir: Path, *, resume: bool, strateg
     torch.manual_seed(cfg.train.seed)
     device = strategy.device(select_device(cfg.train.device))
     data = build_data(cfg, device, shard=strategy.shard())
-    strategy.check_data(cfg, data.train.num_samples)
+    strategy.check_data(data.train.num_samples)
     model = build_model(cfg, data.spec).to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -149,8 +150,8 @@ def _setup(cfg: ExperimentConfig | None, run_dir: Path, *, resume: bool, strateg
     from ..models.ensemble import Ensemble
 
     per_member = cfg.ensemble.regime == "per-member" and isinstance(model, Ensemble)
-    model, forward = strategy.wrap(cfg, model, device, per_member)
-    optimizer = build_optimizer(cfg, model, wrapper=forward, seed=strategy.optimizer_seed(cfg))
+    model, forward = strategy.wrap(model, device, per_member)
+    optimizer = build_optimizer(cfg, model, wrapper=forward, seed=strategy.optimizer_seed())
     scheduler = build_scheduler(cfg, optimizer, len(data.train))
     scaler = torch.amp.GradScaler(device.type) if cfg.train.precision == "fp16" else None
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
@@ -397,7 +398,7 @@ def _loss_function(model: nn.Module, criterion: nn.Module, autocast: torch.dtype
 
 def _train_epoch(model, optimizer, scheduler, scaler, loader, loss_fn, *, max_grad_norm, progress, epoch, epochs,
                  partial: dict[str, Any] | None = None, should_stop: Callable[[], bool] | None = None,
-                 strategy: SingleProcess | None = None) -> _Epoch:
+                 strategy: Strategy | None = None) -> _Epoch:
     """One epoch (or the rest of one: ``partial`` holds the running sums of its first steps).
     Raises :class:`_StoppedMidEpoch` with those sums when ``should_stop()`` turns true after a step."""
     strategy = strategy or SingleProcess()
@@ -521,7 +522,7 @@ def _sigterm_flag():
 
 
 def _describe_run(cfg: ExperimentConfig, model: nn.Module, data: RunData, device: torch.device,
-                  strategy: SingleProcess) -> str:
+                  strategy: Strategy) -> str:
     """One line saying what is about to train, so a wrong setting shows before an hour is spent."""
     o = cfg.optim
     method = {"sgd": o.base, "sam": f"SAM rho {cfg.sam.rho} on {o.base}", "asam": f"ASAM rho {cfg.asam.rho} on {o.base}",

@@ -7,9 +7,10 @@ weights and batch-norm statistics on every replica, per-rank random streams save
 checkpoint, rank 0 alone on the file system. A sharded strategy (FSDP) would add itself here,
 with its own ``model_state``/``load_model_state``; the loop would not change.
 
-The hooks, in the order the loop meets them: ``check_checkpoint``, ``check_config``, ``device``,
-``shard``, ``check_data``, ``wrap``, ``optimizer_seed``; per step ``stop_requested``; per epoch
-``reduce_epoch``, ``sync_buffers``, ``agree``, ``rank_states``; throughout ``on_main``.
+The hooks, in the order the loop meets them: ``check_checkpoint``, ``bind`` (the run's config,
+checked and kept: the hooks after it read it), ``device``, ``shard``, ``check_data``, ``wrap``,
+``optimizer_seed``; per step ``stop_requested``; per epoch ``reduce_epoch``, ``sync_buffers``,
+``agree``, ``rank_states``; throughout ``on_main``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,12 @@ class SingleProcess:
     rank = 0
     world_size = 1
     is_main = True
+    cfg: ExperimentConfig
+
+    def bind(self, cfg: ExperimentConfig) -> None:
+        """Check ``cfg`` for this launch (before anything is written) and keep it for the hooks."""
+        self.check_config(cfg)
+        self.cfg = cfg
 
     def on_main(self, function: Callable[[], T]) -> T:
         """File-system work: rank 0 runs it, every rank gets its result (or its exception)."""
@@ -59,16 +66,15 @@ class SingleProcess:
         """``(rank, world_size)`` of this process's part of every training batch; None: all of it."""
         return None
 
-    def check_data(self, cfg: ExperimentConfig, train_samples: int) -> None:
+    def check_data(self, train_samples: int) -> None:
         pass
 
-    def wrap(self, cfg: ExperimentConfig, model: nn.Module, device: torch.device,
-             per_member: bool) -> tuple[nn.Module, nn.Module | None]:
+    def wrap(self, model: nn.Module, device: torch.device, per_member: bool) -> tuple[nn.Module, nn.Module | None]:
         """``(model, forward)``: the model to train and save, and the module its training passes
         run through (None: the model itself)."""
         return model, None
 
-    def optimizer_seed(self, cfg: ExperimentConfig) -> int | None:
+    def optimizer_seed(self) -> int | None:
         """Seeds this process's own random stream; returns the optimizer generator's seed
         (None: ``train.seed``)."""
         return None
@@ -151,26 +157,27 @@ class DataParallel(SingleProcess):
     def shard(self) -> tuple[int, int] | None:
         return self.rank, self.world_size
 
-    def check_data(self, cfg: ExperimentConfig, train_samples: int) -> None:
-        if 0 < train_samples % cfg.data.batch_size < self.world_size:
+    def check_data(self, train_samples: int) -> None:
+        batch = self.cfg.data.batch_size
+        if 0 < train_samples % batch < self.world_size:
             raise ConfigError(f"config key data.batch_size: the last batch of every epoch would hold "
-                              f"{train_samples % cfg.data.batch_size} training image(s), fewer than the "
+                              f"{train_samples % batch} training image(s), fewer than the "
                               f"{self.world_size} processes: change data.batch_size or data.train_limit")
 
-    def wrap(self, cfg: ExperimentConfig, model: nn.Module, device: torch.device,
-             per_member: bool) -> tuple[nn.Module, nn.Module | None]:
+    def wrap(self, model: nn.Module, device: torch.device, per_member: bool) -> tuple[nn.Module, nn.Module | None]:
         """The model (batch norm synchronised if asked) and the DistributedDataParallel that runs
         its training passes (rank 0's weights on every rank)."""
         from torch.nn.parallel import DistributedDataParallel
 
-        if cfg.train.sync_batchnorm:
+        if self.cfg.train.sync_batchnorm:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         target = _MemberLogits(model) if per_member else model
         return model, DistributedDataParallel(target, device_ids=[device.index] if device.type == "cuda" else None)
 
-    def optimizer_seed(self, cfg: ExperimentConfig) -> int | None:
+    def optimizer_seed(self) -> int | None:
         """Dropout, Bayesian weight samples and optimizer noise draw from a per-rank stream; the
         optimizer's shared noise stays one draw when the ascent is synchronised."""
+        cfg = self.cfg
         seed = _rank_seed(cfg.train.seed, self.rank)
         torch.manual_seed(seed)
         section = {"sam": cfg.sam, "asam": cfg.asam, "otmdr": cfg.otmdr}.get(cfg.optim.method)
