@@ -50,7 +50,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         if "weights only load failed" not in str(error).lower():
             raise CheckpointError(_unreadable(path, error)) from None
         found = re.search(r"GLOBAL (\S+)", str(error))
-        what = f"it names {found.group(1)}" if found else "an instruction outside tensors and plain values"
+        what = f"it names {found.group(1)}" if found else "a pickle instruction the safe loader does not accept"
         raise CheckpointError(
             f"checkpoint {path} was refused: it holds more than tensors and plain values ({what}), and "
             "unpickling that could run code; otmdr loads only what it writes: use a checkpoint of an otmdr "
