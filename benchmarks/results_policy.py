@@ -139,7 +139,8 @@ def apply(root: Path = RESULTS) -> list[str]:
     root = root.resolve()
     all_files = files(root)
     images = embedded(root, all_files)
-    done, logs = [], {}
+    done: list[str] = []
+    logs: dict[Path, list[Path]] = {}
     for path in all_files:
         name = path.relative_to(root).as_posix()
         if path.name.endswith(".stale") or (path.suffix == ".png" and path.resolve() not in images):
