@@ -133,7 +133,7 @@ def test_landscape_refuses_two_architectures_before_computing(tmp_path, capsys):
 
 
 def test_mce_against_a_hand_computation():
-    from otmdr.eval.robustness import corruption_errors
+    from otmdr.eval.run_robustness import corruption_errors
 
     def result(clean: float, cells: dict[str, list[float]]) -> dict:
         table = {n: {str(s): {"accuracy": a} for s, a in zip((1, 3), accs)} for n, accs in cells.items()}
