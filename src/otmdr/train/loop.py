@@ -227,15 +227,17 @@ def _train_epoch_or_stop(run: _Run, epoch: int, stop_requested: Callable[[], boo
                              progress=cfg.train.progress and run.strategy.is_main, partial=run.partial,
                              should_stop=stop_requested, strategy=run.strategy)
     except _StoppedMidEpoch as stop:
-        ranks = run.strategy.rank_states(run.optimizer, run.device, stop.partial)
+        partial = stop.partial
+        ranks = run.strategy.rank_states(run.optimizer, run.device, partial)
 
         def write_partial() -> None:
-            run.writer.save({**run.state(epoch, ranks), "partial_epoch": stop.partial}, run.checkpoint("last.pt"))
+            run.writer.save({**run.state(epoch, ranks), "partial_epoch": partial}, run.checkpoint("last.pt"))
             run.writer.flush()
 
         run.strategy.on_main(write_partial)
-        raise Preempted(f"preempted (SIGTERM) in epoch {epoch + 1} after step {run.data.train.state_dict()['batch']}: "
-                        f"checkpoint written; continue with: otmdr train --resume {run.run_dir}") from None
+        step = run.data.train.state_dict()["batch"]
+        raise Preempted(f"preempted (SIGTERM) in epoch {epoch + 1} after step {step}: checkpoint written; continue "
+                        f"with: otmdr train --resume {run.run_dir}") from None
     except FloatingPointError as error:
         kept = f"checkpoints/last.pt holds epoch {epoch}" if epoch else "no checkpoint was written"
         raise TrainingError(

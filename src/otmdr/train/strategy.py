@@ -180,10 +180,11 @@ class DataParallel(SingleProcess):
         cfg = self.cfg
         seed = _rank_seed(cfg.train.seed, self.rank)
         torch.manual_seed(seed)
-        section = {"sam": cfg.sam, "asam": cfg.asam, "otmdr": cfg.otmdr}.get(cfg.optim.method)
-        if section is not None and not section.sync_ascent:  # one shared neighbour needs one noise draw
+        synchronised = {"sam": cfg.sam.sync_ascent, "asam": cfg.asam.sync_ascent,
+                        "otmdr": cfg.otmdr.sync_ascent}.get(cfg.optim.method)
+        if synchronised is False:  # a perturbing method with its own neighbour per rank: its own noise
             return seed
-        return None
+        return None  # SGD, or one shared neighbour, which needs one noise draw
 
     def stop_requested(self, flag: bool) -> bool:  # a SIGTERM to any process stops them all at the same step
         return distributed.any_rank(flag)
@@ -233,7 +234,8 @@ class _MemberLogits(nn.Module):
         self.ensemble = ensemble
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.ensemble.member_logits(x)
+        member_logits: Callable[[Tensor], Tensor] = getattr(self.ensemble, "member_logits")  # an Ensemble's
+        return member_logits(x)
 
 
 def _rank_seed(seed: int, rank: int) -> int:
