@@ -122,3 +122,16 @@ def test_folder_source_reads_the_subset_and_refuses_other_images(tmp_path):
     shuffled = ImageData(full.images, full.labels.roll(1), full.classes)
     with pytest.raises(DatasetError, match="labels differ"):
         folder_source(str(tmp_path / "c"), shuffled)("contrast", 1)
+
+
+@pytest.mark.parametrize("old, new", [("shift", "corruption_grid"), ("robustness", "run_robustness")])
+def test_the_old_module_names_work_one_more_release_with_a_warning(old, new):
+    import importlib
+    import sys
+
+    sys.modules.pop(f"otmdr.eval.{old}", None)  # a fresh import warns again
+    with pytest.warns(DeprecationWarning, match=f"otmdr.eval.{old} is renamed otmdr.eval.{new}"):
+        alias = importlib.import_module(f"otmdr.eval.{old}")
+    renamed = importlib.import_module(f"otmdr.eval.{new}")
+    assert alias.__all__ == renamed.__all__
+    assert all(getattr(alias, name) is getattr(renamed, name) for name in renamed.__all__)
