@@ -183,10 +183,6 @@ class OTMDR(Optimizer):
         warnings.warn("OTMDR.steps is deprecated: use step_count (steps taken)", DeprecationWarning, stacklevel=2)
         return self.step_count
 
-    @property
-    def _generator(self) -> torch.Generator:  # TEMPORARY: train/ switches to .generator
-        return self.generator
-
     # ----------------------------------------------------------------- param groups and state
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         for key, value in GROUP_DEFAULTS.items():
