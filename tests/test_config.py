@@ -71,3 +71,12 @@ def test_otmdr_config_prints_every_key_annotated_as_valid_yaml(capsys):
     assert main(["config", "--config", str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"),
                  "--set", "sam.rho=0.3"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["sam"]["rho"] == 0.3
+
+
+def test_renamed_key_asam_eta_is_read_as_adaptive_eta_with_a_warning():
+    with pytest.warns(FutureWarning, match="asam.eta is now asam.adaptive_eta"):
+        config = config_from_dict({"asam": {"eta": 0.2}})
+    assert config.asam.adaptive_eta == 0.2
+    assert config_from_dict({"asam": {"adaptive_eta": 0.3}}).asam.adaptive_eta == 0.3
+    with pytest.raises(ConfigError, match="same setting"):
+        config_from_dict({"asam": {"eta": 0.2, "adaptive_eta": 0.3}})

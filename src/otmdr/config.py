@@ -12,6 +12,7 @@ import difflib
 import math
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,7 +79,7 @@ class SAMConfig:
 @dataclass
 class ASAMConfig:
     rho: float = 0.5  # radius in the |theta|-rescaled space
-    eta: float = 0.01  # T = |theta| + eta
+    adaptive_eta: float = 0.01  # T = |theta| + adaptive_eta (was asam.eta, still read)
     bn_policy: str = "clean"  # ascent | clean | all | none
     sync_ascent: bool = False  # torchrun: all-reduce the ascent gradient (one shared neighbour) instead of per-process ones
 
@@ -202,7 +203,7 @@ CHOICES = {
 }
 POSITIVE = {"data.batch_size", "data.eval_batch_size", "train.epochs", "eval.ece_bins", "otmdr.particles",
             "data.train_limit", "data.test_limit", "train.threads", "optim.max_grad_norm", "bayes.test_samples"}
-NON_NEGATIVE = {"optim.lr", "optim.momentum", "optim.weight_decay", "sam.rho", "asam.rho", "asam.eta",
+NON_NEGATIVE = {"optim.lr", "optim.momentum", "optim.weight_decay", "sam.rho", "asam.rho", "asam.adaptive_eta",
                 "otmdr.noise_std", "otmdr.adaptive_eta", "schedule.warmup_epochs", "schedule.gamma",
                 "train.label_smoothing", "data.crop_padding", "data.cutout", "bayes.kl_weight"}
 
@@ -274,9 +275,29 @@ def _deep_copy(data: Any) -> Any:
     return data
 
 
+#: Keys renamed, old name -> new name: a config (or a saved run's config.yaml) with the old key is
+#: read as the new one, with a warning, for one release.
+RENAMED_KEYS = {"asam.eta": "asam.adaptive_eta"}
+
+
+def _renamed(data: dict[str, Any], prefix: str) -> dict[str, Any]:
+    for old, new in RENAMED_KEYS.items():
+        section, _, key = old.rpartition(".")
+        if prefix != section + "." or key not in data:
+            continue
+        new_key = new.rpartition(".")[2]
+        if new_key in data:
+            raise ConfigError(f"config keys {old} and {new} are the same setting ({old} is its old name): keep {new}")
+        warnings.warn(f"config key {old} is now {new}; the old name is read for one more release", FutureWarning,
+                      stacklevel=2)
+        data = {(new_key if k == key else k): v for k, v in data.items()}
+    return data
+
+
 def _build(cls: type, data: Any, prefix: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"config section {prefix.rstrip('.') or '<top>'} must be a mapping, got {data!r}")
+    data = _renamed(data, prefix)
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for key in data:

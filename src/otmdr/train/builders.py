@@ -146,7 +146,7 @@ def build_optimizer(cfg: ExperimentConfig, model: nn.Module, *, wrapper: nn.Modu
         return SAM(groups, base, rho=cfg.sam.rho, bn_policy=cfg.sam.bn_policy, sync_ascent=cfg.sam.sync_ascent,
                    **common, **kwargs)
     if o.method == "asam":
-        return ASAM(groups, base, rho=cfg.asam.rho, adaptive_eta=cfg.asam.eta, bn_policy=cfg.asam.bn_policy,
+        return ASAM(groups, base, rho=cfg.asam.rho, adaptive_eta=cfg.asam.adaptive_eta, bn_policy=cfg.asam.bn_policy,
                     sync_ascent=cfg.asam.sync_ascent, **common, **kwargs)
     return OTMDR(groups, base, **otmdr_options(cfg.otmdr), **common, **kwargs)
 
