@@ -44,6 +44,13 @@ Results go to ``benchmarks/results/step_speed.md`` and ``.json`` (not written fo
     python benchmarks/step_speed.py                 # full run, writes the results files
     python benchmarks/step_speed.py --quick         # seconds-long smoke run, writes nothing
     python benchmarks/step_speed.py --device cuda
+    python benchmarks/step_speed.py --baseline 48d0e6e --models "digits MLP" --methods SAM "OT-MDR K=1" \
+        "hand SAM" "hand OT-MDR" --pipeline-epochs 0 --output benchmarks/results/step_speed_vs_48d0e6e
+
+``--baseline REV`` adds ``SAM@base`` and ``OT-MDR K=1@base``: ``otmdr.optim`` as it was at the git
+revision REV (it imports nothing outside itself, so it is extracted into a temporary folder and
+imported under another name), timed round-robin with the current code: what a change to the
+optimizer did, apart from the run-to-run drift of a shared machine (about 5% on the MLP).
 """
 
 from __future__ import annotations
@@ -135,11 +142,12 @@ def make_stepper(method: str, model: nn.Module, batch: tuple[Tensor, Tensor]) ->
             loss_fn().backward()
             opt.step()
 
-    elif method in ("SAM", "OT-MDR K=1", "OT-MDR K=2"):
-        if method == "SAM":
-            opt = SAM(model, torch.optim.SGD, rho=SAM_RHO, **SGD_KWARGS)
+    elif method in ("SAM", "OT-MDR K=1", "OT-MDR K=2", "SAM@base", "OT-MDR K=1@base"):
+        package = BASELINE if method.endswith("@base") else sys.modules[__name__]
+        if method.startswith("SAM"):
+            opt = package.SAM(model, torch.optim.SGD, rho=SAM_RHO, **SGD_KWARGS)
         else:
-            opt = OTMDR(model, torch.optim.SGD, rho=OTMDR_RHO, particles=int(method[-1]), **SGD_KWARGS)
+            opt = package.OTMDR(model, torch.optim.SGD, rho=OTMDR_RHO, particles=int(method[9]), **SGD_KWARGS)
 
         def step() -> None:
             opt.step(loss_fn, batch=batch)
@@ -209,6 +217,10 @@ def extra_state_bytes(method: str, opt: Any, model: nn.Module, batch: tuple[Tens
         return 2 * tensor_bytes(model.parameters())  # the centre copy and the merge buffer
     if isinstance(opt, OTMDR):
         return tensor_bytes(opt.scratch.tensors())
+    if method.endswith("@base"):  # the baseline's own bookkeeping: .scratch, or the older ._scratch dicts
+        scratch = getattr(opt, "scratch", None)
+        tensors = scratch.tensors() if scratch is not None else (t for d in opt._scratch.values() for t in d.values())
+        return tensor_bytes(tensors)
     # pytorch-optimizer SAM: old_p lives in the state between first_step and second_step
     F.cross_entropy(model(batch[0]), batch[1]).backward()
     opt.first_step(zero_grad=True)
@@ -272,6 +284,7 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, device: torch.device)
     return result
 
 
+BASELINE: Any = None  # otmdr.optim at --baseline, imported by load_baseline()
 RATIOS = {
     "OT-MDR K=1 / SAM": ("OT-MDR K=1", "SAM"),
     "hand OT-MDR / hand SAM": ("hand OT-MDR", "hand SAM"),
@@ -280,7 +293,28 @@ RATIOS = {
     "SAM / PO-SAM": ("SAM", "PO-SAM"),
     "OT-MDR K=2 / OT-MDR K=1": ("OT-MDR K=2", "OT-MDR K=1"),
     "SAM / SGD": ("SAM", "SGD"),
+    "SAM / SAM@base": ("SAM", "SAM@base"),
+    "OT-MDR K=1 / OT-MDR K=1@base": ("OT-MDR K=1", "OT-MDR K=1@base"),
+    "SAM@base / hand SAM": ("SAM@base", "hand SAM"),
+    "OT-MDR K=1@base / hand OT-MDR": ("OT-MDR K=1@base", "hand OT-MDR"),
 }
+
+
+def load_baseline(revision: str, folder: Path) -> Any:
+    """``otmdr.optim`` at git ``revision``, imported as the package ``baseline_optim``."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*cmd: str) -> str:
+        return subprocess.run(["git", *cmd], cwd=root, capture_output=True, text=True, check=True).stdout
+
+    target = folder / "baseline_optim"
+    target.mkdir()
+    for name in git("ls-tree", "--name-only", f"{revision}:src/otmdr/optim").split():
+        (target / name).write_text(git("show", f"{revision}:src/otmdr/optim/{name}"))
+    sys.path.insert(0, str(folder))
+    import importlib
+
+    return importlib.import_module("baseline_optim")
 
 
 def verdict(result: ModelResult, ratio: str, limit: float) -> str:
@@ -379,7 +413,9 @@ def markdown(env: dict[str, Any], results: list[ModelResult], wall_s: float) -> 
         f"load average before {env['loadavg_before']}; total wall time {wall_s:.0f} s; CPU time used by "
         f"other processes meanwhile {env.get('other_processes_cpu_s', '?')} s "
         f"({100 * env.get('other_processes_share', float('nan')):.0f}% of the machine).  ",
-        f"Inputs: {env['input_data']}; SGD {env['sgd']}; SAM rho {env['sam_rho']}; OT-MDR rho {env['otmdr_rho']}.",
+        f"Inputs: {env['input_data']}; SGD {env['sgd']}; SAM rho {env['sam_rho']}; OT-MDR rho {env['otmdr_rho']}."
+        + (f" `@base`: `otmdr.optim` as of commit {env['baseline']}, imported next to this commit's." if "baseline"
+           in env else ""),
         "",
         "Median wall time of one full training step with its interquartile range (IQR); methods run",
         "round-robin. Extra state: optimizer-owned tensors beyond the base SGD state, in multiples of",
@@ -419,9 +455,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--min-reps", type=int, default=10)
     parser.add_argument("--max-reps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--bootstrap", type=int, default=1000, help="resamples for the ratios' 95% intervals")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="resamples for the ratios' 95%% intervals")
     parser.add_argument("--models", nargs="+", default=[m.label for m in MODELS], choices=[m.label for m in MODELS])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--baseline", metavar="REV", help="also time otmdr.optim as of this git revision "
+                        "(methods SAM@base, OT-MDR K=1@base)")
     parser.add_argument("--pipeline-epochs", type=int, default=30,
                         help="epochs per side for the pipeline-overhead section (0: skip it)")
     parser.add_argument("--output", type=Path, default=RESULTS / "step_speed",
@@ -445,7 +483,14 @@ def main() -> None:
     env["loadavg_before"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
     busy_before, own_before = machine_busy_s(), time.process_time()
     start = time.perf_counter()
-    results = [bench_model(spec, args, device) for spec in MODELS if spec.label in args.models]
+    global BASELINE
+    with tempfile.TemporaryDirectory() as baseline_folder:
+        if args.baseline:
+            BASELINE = load_baseline(args.baseline, Path(baseline_folder))
+            env["baseline"] = subprocess.run(["git", "rev-parse", "--short", args.baseline], capture_output=True,
+                                             text=True, check=True, cwd=Path(__file__).resolve().parent).stdout.strip()
+            args.methods = [*args.methods, "SAM@base", "OT-MDR K=1@base"]
+        results = [bench_model(spec, args, device) for spec in MODELS if spec.label in args.models]
     pipeline = []
     if args.pipeline_epochs and device.type == "cpu":  # a fresh process, one thread (see pipeline_overhead.py)
         from pipeline_overhead import Overhead
