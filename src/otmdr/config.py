@@ -73,7 +73,8 @@ class OptimConfig:
 class SAMConfig:
     rho: float = 0.05  # radius, >= 0 (the measured radius equals it)
     bn_policy: str = "clean"  # ascent | clean | all | none: passes that update batch-norm statistics
-    sync_ascent: bool = False  # torchrun: all-reduce the ascent gradient (one shared neighbour) instead of per-process ones
+    # torchrun: all-reduce the ascent gradient (one shared neighbour) instead of per-process ones
+    sync_ascent: bool = False
 
 
 @dataclass
@@ -81,7 +82,8 @@ class ASAMConfig:
     rho: float = 0.5  # radius in the |theta|-rescaled space
     adaptive_eta: float = 0.01  # T = |theta| + adaptive_eta (was asam.eta, still read)
     bn_policy: str = "clean"  # ascent | clean | all | none
-    sync_ascent: bool = False  # torchrun: all-reduce the ascent gradient (one shared neighbour) instead of per-process ones
+    # torchrun: all-reduce the ascent gradient (one shared neighbour) instead of per-process ones
+    sync_ascent: bool = False
 
 
 @dataclass
@@ -90,7 +92,8 @@ class OTMDRConfig:
     rho: list[float] | None = None  # radius of each ascent step (unset: default [0.02, 0.04], release [0.05, 0.1])
     split: list[float] | None = None  # batch fraction per ascent step (default: equal parts)
     merge: bool = True  # step i moves along the sum of the ascent gradients so far
-    normalize: str | None = None  # merged (default: by the merged direction's norm) | step (release: its own gradient's)
+    # merged (default: by the merged direction's norm) | step (release: by its own gradient's)
+    normalize: str | None = None
     reduce: str = "sum"  # sum | mean, of the merged direction (and the particles unless particle_reduce)
     particle_reduce: str | None = None  # None: as reduce; the release's K > 1 "mode 1.1": reduce sum, this mean
     noise_std: float = 0.0  # Langevin noise std per coordinate after each ascent step

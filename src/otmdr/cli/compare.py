@@ -72,7 +72,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print(comparison_tables(summaries, references, markdown=False))
     print(f"\nbatch-norm statistics: {args.bn_policy}" + (" for every method (--bn-policy)"
                                                           if args.bn_policy != "per-method" else ""))
-    command = "otmdr " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if args.command_line is None else args.command_line
+    command = args.command_line
+    if command is None:
+        command = "otmdr " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     config_text = yaml.safe_dump(config_to_dict(base), sort_keys=False)
     report = write_compare_report(out, summaries, command=command, config_text=config_text,
                                   threads=(max(1, (base.train.threads or os.cpu_count() or 1) // args.jobs)

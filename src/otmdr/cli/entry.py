@@ -19,7 +19,8 @@ def _check_outputs(args: argparse.Namespace) -> None:
     for option in ("json", "plot", "heatmap"):
         value = getattr(args, option, None)
         if value and Path(value).is_dir():
-            raise UsageError(f"--{option} {value} is a folder: name a file, e.g. {Path(value) / ('out.' + ('json' if option == 'json' else 'png'))}")
+            example = Path(value) / ("out." + ("json" if option == "json" else "png"))
+            raise UsageError(f"--{option} {value} is a folder: name a file, e.g. {example}")
 
 
 _DISTRIBUTED_COMMANDS = ("train", "compare")

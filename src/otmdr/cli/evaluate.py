@@ -169,7 +169,8 @@ def cmd_corrupt(args: argparse.Namespace) -> int:
     test = test_subset(load_split(args.dataset, "test", args.data_dir), args.limit)
     where = f"{args.dataset} test split ({len(test)} images" + (f", otmdr test subset --limit {args.limit}"
                                                                  if args.limit else "") + ")"
-    print(f"corrupting the {where}: {len(names)} corruptions x severities 1-5, seed {args.seed} -> {args.out}", flush=True)
+    print(f"corrupting the {where}: {len(names)} corruptions x severities 1-5, seed {args.seed} -> {args.out}",
+          flush=True)
     started = time.perf_counter()
 
     def progress(name: str) -> None:

@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the metrics to this JSON file")
     p.add_argument("--no-temperature-scaling", action="store_true", help="skip fitting T on the validation split")
     p.add_argument("--attack", choices=("fgsm", "pgd", "autoattack"),
-                   help="also report robust accuracy under this attack (autoattack needs: pip install 'otmdr[autoattack]')")
+                   help="also report robust accuracy under this attack "
+                        "(autoattack needs: pip install 'otmdr[autoattack]')")
     p.add_argument("--autoattack-version", choices=("standard", "rand"),
                    help="AutoAttack suite (default: rand for Bayesian networks, standard otherwise)")
     p.add_argument("--eps", default="1/255,2/255,4/255,8/255", help="comma-separated radii on [0,1] pixels")
@@ -62,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=10, help="PGD steps")
     p.add_argument("--eot", type=int, default=1, help="gradient samples per step (expectation over transformation)")
     p.add_argument("--plot", help="write the robust-accuracy curve to this PNG")
-    p.add_argument("--test-limit", type=int, help="evaluate on a fixed random subset of N test images (the same for every run; faster attacks)")
+    p.add_argument("--test-limit", type=int, help="evaluate on a fixed random subset of N test images "
+                   "(the same for every run; faster attacks)")
     p.add_argument("--corruptions", metavar="all|benchmark|NAMES",
                    help="also evaluate under common corruptions: 'all' (the 19 of CIFAR-10-C), 'benchmark' (its 15 "
                         "of the mCE) or comma-separated names; see docs/corruptions.md")

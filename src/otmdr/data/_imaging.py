@@ -347,8 +347,10 @@ def plasma_fractal(rng, mapsize: int = 32, wibbledecay: float = 3) -> np.ndarray
         m[half:mapsize:step, half:mapsize:step] = wibbled_mean(sq)
         dr = m[half:mapsize:step, half:mapsize:step]
         ul = m[0:mapsize:step, 0:mapsize:step]
-        m[0:mapsize:step, half:mapsize:step] = wibbled_mean((dr + np.roll(dr, 1, axis=0)) + (ul + np.roll(ul, -1, axis=1)))
-        m[half:mapsize:step, 0:mapsize:step] = wibbled_mean((dr + np.roll(dr, 1, axis=1)) + (ul + np.roll(ul, -1, axis=0)))
+        m[0:mapsize:step, half:mapsize:step] = wibbled_mean(
+            (dr + np.roll(dr, 1, axis=0)) + (ul + np.roll(ul, -1, axis=1)))
+        m[half:mapsize:step, 0:mapsize:step] = wibbled_mean(
+            (dr + np.roll(dr, 1, axis=1)) + (ul + np.roll(ul, -1, axis=0)))
         step //= 2
         wibble /= wibbledecay
     m -= m.min()

@@ -60,7 +60,8 @@ def load_pickle(data: bytes, path: Path | str, how_to_get: str) -> Any:
     try:
         return _ArrayUnpickler(io.BytesIO(data), encoding="bytes").load()
     except Exception as exc:  # truncated/garbled pickles raise many different types
-        raise corrupt_file_error(path, f"not a readable python pickle ({type(exc).__name__}: {exc})", how_to_get) from None
+        problem = f"not a readable python pickle ({type(exc).__name__}: {exc})"
+        raise corrupt_file_error(path, problem, how_to_get) from None
 
 
 def get_key(d: dict, key: str) -> Any:

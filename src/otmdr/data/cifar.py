@@ -78,7 +78,8 @@ def _batch(spec: DatasetSpec, blob: bytes, where: str, label_key: str) -> tuple[
     data = np.asarray(data)
     labels = np.asarray(labels)
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-        raise corrupt_file_error(where, f"'data' is {data.dtype} {data.shape}, expected uint8 (N, 3072)", spec.how_to_get)
+        raise corrupt_file_error(where, f"'data' is {data.dtype} {data.shape}, expected uint8 (N, 3072)",
+                                 spec.how_to_get)
     if labels.shape != (data.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
         raise corrupt_file_error(where, f"{len(labels)} labels for {data.shape[0]} images", spec.how_to_get)
     if len(labels) and (labels.min() < 0 or labels.max() >= spec.num_classes):
@@ -98,7 +99,8 @@ def load_cifar_split(spec: DatasetSpec, split: str, root: Path, layout: dict, la
     except (KeyError, TypeError, AttributeError, UnicodeDecodeError):
         raise corrupt_file_error(meta_where, f"no readable {names_key!r} list", spec.how_to_get) from None
     if len(classes) != spec.num_classes:
-        raise corrupt_file_error(meta_where, f"{len(classes)} class names, expected {spec.num_classes}", spec.how_to_get)
+        raise corrupt_file_error(meta_where, f"{len(classes)} class names, expected {spec.num_classes}",
+                                 spec.how_to_get)
     data = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
     labels = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
     images = torch.from_numpy(np.ascontiguousarray(data).reshape(-1, 3, 32, 32).copy())

@@ -30,7 +30,8 @@ import warnings
 import zlib
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -69,8 +70,10 @@ SEVERITY_CONSTANTS: dict[str, list] = {
     "fog": [(0.2, 3), (0.5, 3), (0.75, 2.5), (1, 2), (1.5, 1.75)],  # (strength, plasma decay)
     "brightness": [0.05, 0.1, 0.15, 0.2, 0.3],  # added to HSV value
     "contrast": [0.75, 0.5, 0.4, 0.3, 0.15],  # factor about each channel's mean
-    "elastic_transform": [(_IMSIZE * 0, _IMSIZE * 0, _IMSIZE * 0.08), (_IMSIZE * 0.05, _IMSIZE * 0.2, _IMSIZE * 0.07),
-                          (_IMSIZE * 0.08, _IMSIZE * 0.06, _IMSIZE * 0.06), (_IMSIZE * 0.1, _IMSIZE * 0.04, _IMSIZE * 0.05),
+    "elastic_transform": [(_IMSIZE * 0, _IMSIZE * 0, _IMSIZE * 0.08),
+                          (_IMSIZE * 0.05, _IMSIZE * 0.2, _IMSIZE * 0.07),
+                          (_IMSIZE * 0.08, _IMSIZE * 0.06, _IMSIZE * 0.06),
+                          (_IMSIZE * 0.1, _IMSIZE * 0.04, _IMSIZE * 0.05),
                           (_IMSIZE * 0.1, _IMSIZE * 0.03, _IMSIZE * 0.03)],
     # (alpha, sigma, affine jitter) in pixels: severity 1 is a pure affine jitter of up to 2.56 px and
     # the jitter shrinks as the elastic field grows, so the change *falls* with severity (as published)
@@ -299,8 +302,10 @@ def _elastic_transform(img, c, rng):
     pts1 = np.float32([center + square, [center[0] + square, center[1] - square], center - square])
     pts2 = pts1 + rng.uniform(-c[2], c[2], size=pts1.shape).astype(np.float32)
     image = im.warp_affine_cv(image, im.affine_from_points(pts1, pts2))
-    dx = (im.sk_gaussian(rng.uniform(-1, 1, size=shape[:2]), c[1], mode="reflect", truncate=3) * c[0]).astype(np.float32)
-    dy = (im.sk_gaussian(rng.uniform(-1, 1, size=shape[:2]), c[1], mode="reflect", truncate=3) * c[0]).astype(np.float32)
+    dx = (im.sk_gaussian(rng.uniform(-1, 1, size=shape[:2]), c[1], mode="reflect", truncate=3)
+          * c[0]).astype(np.float32)
+    dy = (im.sk_gaussian(rng.uniform(-1, 1, size=shape[:2]), c[1], mode="reflect", truncate=3)
+          * c[0]).astype(np.float32)
     xs, ys, zs = np.meshgrid(np.arange(shape[1]), np.arange(shape[0]), np.arange(shape[2]))
     coords = [np.reshape(ys + dy[..., None], (-1, 1)), np.reshape(xs + dx[..., None], (-1, 1)), np.reshape(zs, (-1, 1))]
     return np.clip(ndimage.map_coordinates(image, coords, order=1, mode="reflect").reshape(shape), 0, 1) * 255

@@ -39,7 +39,8 @@ def read_idx(path: Path, how_to_get: str = "see the dataset's home page") -> np.
     found = len(raw) - header
     if found != expected:
         shape = "x".join(map(str, dims))
-        raise corrupt_file_error(path, f"header declares {shape} = {expected} bytes of data but {found} follow", how_to_get)
+        raise corrupt_file_error(path, f"header declares {shape} = {expected} bytes of data but {found} follow",
+                                 how_to_get)
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
 
 
@@ -78,7 +79,8 @@ def load_idx_split(spec: DatasetSpec, split: str, root: Path, torchvision_name: 
             f"labels; the files do not belong together. Re-obtain them ({spec.how_to_get})."
         )
     if len(labels) and int(labels.max()) >= len(classes):
-        raise corrupt_file_error(lbl_path, f"label {int(labels.max())} out of range 0..{len(classes) - 1}", spec.how_to_get)
+        raise corrupt_file_error(lbl_path, f"label {int(labels.max())} out of range 0..{len(classes) - 1}",
+                                 spec.how_to_get)
     return ImageData(
         images=torch.from_numpy(images.copy()).unsqueeze(1),
         labels=torch.from_numpy(labels.astype(np.int64)),

@@ -24,8 +24,8 @@ from ..data.corruptions import BENCHMARK_CORRUPTIONS, CORRUPTIONS, corrupt
 from .metrics import classification_metrics
 from .predict import predict
 
-__all__ = ["CorruptedSource", "generated_source", "folder_source", "corruption_robustness", "parse_corruptions", "parse_severities",
-           "format_corruption_table"]
+__all__ = ["CorruptedSource", "generated_source", "folder_source", "corruption_robustness", "parse_corruptions",
+           "parse_severities", "format_corruption_table"]
 
 CorruptedSource = Callable[[str, int], tuple[torch.Tensor, torch.Tensor]]
 _KEPT = ("accuracy", "nll", "brier", "ece")
@@ -40,12 +40,14 @@ def parse_corruptions(text: str, available: Sequence[str] = CORRUPTIONS) -> list
     if text.strip() == "benchmark":
         missing = [n for n in BENCHMARK_CORRUPTIONS if n not in available]
         if missing:
-            raise ValueError(f"'benchmark' means the 15 benchmark corruptions; not available here: {', '.join(missing)}")
+            raise ValueError("'benchmark' means the 15 benchmark corruptions; not available here: "
+                             + ", ".join(missing))
         return list(BENCHMARK_CORRUPTIONS)
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in available]
     if unknown or not names:
-        raise ValueError(f"unknown corruption(s) {unknown}: use 'all', 'benchmark' or names from {', '.join(available)}")
+        raise ValueError(f"unknown corruption(s) {unknown}: use 'all', 'benchmark' or names from "
+                         + ", ".join(available))
     return names
 
 

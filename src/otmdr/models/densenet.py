@@ -36,8 +36,8 @@ class Transition(nn.Sequential):
     """BN-ReLU-conv1x1 (compression), 2x2 average pooling."""
 
     def __init__(self, in_planes: int, out_planes: int):
-        super().__init__(nn.BatchNorm2d(in_planes), nn.ReLU(inplace=True), nn.Conv2d(in_planes, out_planes, 1, bias=False),
-                         nn.AvgPool2d(2))
+        super().__init__(nn.BatchNorm2d(in_planes), nn.ReLU(inplace=True),
+                         nn.Conv2d(in_planes, out_planes, 1, bias=False), nn.AvgPool2d(2))
 
 
 class DenseNet(nn.Module):
@@ -68,6 +68,7 @@ class DenseNet(nn.Module):
 
 
 @register_model("densenet121")
-def densenet121(num_classes: int = 10, in_channels: int = 3, growth_rate: int = 32, reduction: float = 0.5) -> nn.Module:
+def densenet121(num_classes: int = 10, in_channels: int = 3, growth_rate: int = 32,
+                reduction: float = 0.5) -> nn.Module:
     """DenseNet-BC-121 (Huang et al. 2017), growth 32, blocks [6, 12, 24, 16], CIFAR 3x3 stem."""
     return DenseNet((6, 12, 24, 16), growth_rate, reduction, num_classes, in_channels)

@@ -128,6 +128,7 @@ def mobilenet(num_classes: int = 10, in_channels: int = 3, width_mult: float = 1
 
 
 @register_model("efficientnet-b0")
-def efficientnet_b0(num_classes: int = 10, in_channels: int = 3, dropout: float = 0.2, drop_path: float = 0.2) -> nn.Module:
+def efficientnet_b0(num_classes: int = 10, in_channels: int = 3, dropout: float = 0.2,
+                    drop_path: float = 0.2) -> nn.Module:
     """EfficientNet-B0 (Tan & Le 2019), MBConv + squeeze-excitation + swish, CIFAR stride-1 stem."""
     return EfficientNet(num_classes, in_channels, dropout, drop_path)

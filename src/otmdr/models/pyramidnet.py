@@ -73,7 +73,8 @@ class PyramidNet(nn.Module):
         super().__init__()
         per_block = 9 if bottleneck else 6
         if depth < per_block + 2 or (depth - 2) % per_block:
-            kind = "9n+2 for bottleneck blocks (e.g. 101, 164, 272)" if bottleneck else "6n+2 for basic blocks (e.g. 110)"
+            kind = ("9n+2 for bottleneck blocks (e.g. 101, 164, 272)" if bottleneck
+                    else "6n+2 for basic blocks (e.g. 110)")
             raise ValueError(f"PyramidNet depth must be {kind}, got {depth}")
         n = (depth - 2) // per_block
         block = PyramidBottleneck if bottleneck else PyramidBasicBlock

@@ -38,7 +38,8 @@ class CifarResNet(nn.Module):
         if (depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2 (20, 32, 44, 56, 110), got {depth}")
         n = (depth - 2) // 6
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(inplace=True))
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16),
+                                  nn.ReLU(inplace=True))
         self.layers, _ = residual_stages(BasicBlock, 16, [(16, n, 1), (32, n, 2), (64, n, 2)])
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(64, num_classes)

@@ -96,7 +96,8 @@ def edge_notes(points: list[dict[str, Any]]) -> list[str]:
             side = "the first" if chosen[0] is mine[0] else "the last" if chosen[0] is mine[-1] else None
         if side:
             notes.append(f"{method}: the chosen point ({chosen[0]['setting']}) is {side} of its grid; "
-                         "the best setting may lie beyond it: extend the grid (finished points are reused with --resume)")
+                         "the best setting may lie beyond it: extend the grid (finished points are reused with "
+                         "--resume)")
     return notes
 
 
@@ -122,7 +123,8 @@ def write_compare_report(out_dir: Path, summaries: dict[str, list[dict[str, Any]
         f"Python {platform.python_version()}, {platform.machine()} "
         f"({threads or torch.get_num_threads()} torch thread(s) per run); "
         f"{first['epochs']} epochs per run"
-        + (f"; {runs} runs, {train_seconds / 60:.{1 if train_seconds < 600 else 0}f} min of training summed over them" if train_seconds else "")
+        + (f"; {runs} runs, {train_seconds / 60:.{1 if train_seconds < 600 else 0}f} min of training summed over "
+           "them" if train_seconds else "")
         + (f"; this invocation took {wall_seconds / 60:.1f} min" if wall_seconds else "")
         + (f" and trained {runs - reused} of the runs ({reused} finished earlier and reused: --resume; "
            "the thread count is this invocation's)" if reused and runs else "")
@@ -135,7 +137,8 @@ def write_compare_report(out_dir: Path, summaries: dict[str, list[dict[str, Any]
     if noise:
         lines += ["", f"Label noise: {100 * noise['rate']:.0f}% {noise['kind']} on the training split (seed "
                       f"{noise['seed']}; realised {100 * noise['train_noisy_fraction']:.2f}% of the training labels), "
-                      + ("validation labels noisy too" if noise.get("val_noisy_fraction") else "validation labels clean")
+                      + ("validation labels noisy too" if noise.get("val_noisy_fraction")
+                         else "validation labels clean")
                       + "; test labels clean."]
     if search:
         lines += ["", "## Hyper-parameter search", "",
@@ -145,7 +148,8 @@ def write_compare_report(out_dir: Path, summaries: dict[str, list[dict[str, Any]
                   search_table(search, select, markdown=True), "",
                   "Chosen: " + "; ".join(f"{p['method']} {p['setting']}" for p in search if p["chosen"]) + ".", "",
                   *[f"Note: {note}  " for note in edge_notes(search)], "",
-                  f"![validation score against radius]({plot_search(search, figures / 'search_radius.png', metric=select).relative_to(out_dir)})"]
+                  "![validation score against radius]("
+                  f"{plot_search(search, figures / 'search_radius.png', metric=select).relative_to(out_dir)})"]
     lines += [
         "",
         "## Test comparison",

@@ -63,7 +63,7 @@ def plot_test_accuracy(summaries: dict[str, list[dict[str, Any]]], path: Path) -
     """Each seed as a dot and the mean with its 95% t interval: no bars, whose truncated axis
     would make a 0.3-point difference look large; the axis spans at least 10 points."""
     fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(summaries), 3.4))
-    for i, (method, runs) in enumerate(summaries.items()):
+    for i, runs in enumerate(summaries.values()):
         values = np.array([100 * r["test"]["accuracy"] for r in runs])
         ax.errorbar(i, values.mean(), yerr=t_half_width(values.tolist()), fmt="s", markersize=7, capsize=6, zorder=2)
         ax.scatter(np.full(len(values), i) + 0.12, values, color="black", s=12, zorder=3)

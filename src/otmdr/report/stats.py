@@ -37,7 +37,7 @@ class PairedDifference:
             return "one seed: no interval"
         if self.low > 0 or self.high < 0:
             word = "better" if (self.low > 0) == self.higher_is_better else "worse"
-            return word + (f" (every seed differs by the same amount)" if self.low == self.high else "")
+            return word + (" (every seed differs by the same amount)" if self.low == self.high else "")
         return f"no difference detectable with {self.n} seeds"
 
 

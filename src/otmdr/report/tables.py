@@ -71,7 +71,8 @@ def format_table(rows: list[dict[str, Any]], *, markdown: bool) -> str:
         return "\n".join(out)
     widths = [max(len(t), *(len(line[i]) for line in cells)) for i, t in enumerate(titles)]
     fmt = "  ".join(f"{{:<{w}}}" if i < 2 else f"{{:>{w}}}" for i, w in enumerate(widths))
-    return "\n".join([fmt.format(*titles), fmt.format(*("-" * w for w in widths))] + [fmt.format(*line) for line in cells])
+    header = [fmt.format(*titles), fmt.format(*("-" * w for w in widths))]
+    return "\n".join(header + [fmt.format(*line) for line in cells])
 
 
 def early_stopped(summaries: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:

@@ -527,11 +527,13 @@ def _describe_run(cfg: ExperimentConfig, model: nn.Module, data: RunData, device
                   strategy: Strategy) -> str:
     """One line saying what is about to train, so a wrong setting shows before an hour is spent."""
     o = cfg.optim
-    method = {"sgd": o.base, "sam": f"SAM rho {cfg.sam.rho} on {o.base}", "asam": f"ASAM rho {cfg.asam.rho} on {o.base}",
+    method = {"sgd": o.base, "sam": f"SAM rho {cfg.sam.rho} on {o.base}",
+              "asam": f"ASAM rho {cfg.asam.rho} on {o.base}",
               "otmdr": f"OT-MDR rho {list(cfg.otmdr.rho)} ({cfg.otmdr.normalize} normalisation) on {o.base}"}[o.method]
     sizes = f"{data.train.num_samples:,} train / {data.val.num_samples if data.val else 0:,} val / " \
             f"{data.test.num_samples:,} test"
-    noise = f", {100 * cfg.data.label_noise:.0f}% {cfg.data.label_noise_kind} label noise" if cfg.data.label_noise else ""
+    noise = (f", {100 * cfg.data.label_noise:.0f}% {cfg.data.label_noise_kind} label noise"
+             if cfg.data.label_noise else "")
     where = f"device {device}"
     if strategy.world_size > 1:
         where = (f"{strategy.world_size} processes ({device.type}), global batch {cfg.data.batch_size} = "

@@ -234,7 +234,7 @@ class _MemberLogits(nn.Module):
         self.ensemble = ensemble
 
     def forward(self, x: Tensor) -> Tensor:
-        member_logits: Callable[[Tensor], Tensor] = getattr(self.ensemble, "member_logits")  # an Ensemble's
+        member_logits: Callable[[Tensor], Tensor] = self.ensemble.member_logits  # type: ignore[assignment]
         return member_logits(x)
 
 

@@ -128,7 +128,7 @@ def plan(study: Study) -> tuple[list[Run], Callable[[dict[str, GridPoint]], list
                 search.append(Run(method, point, first, cfg, study.out / "search" / _slug(f"{method}-{point.label}"),
                                   "search"))
     else:
-        for method, points in study.grid.items():  # configs are checked before training either way
+        for points in study.grid.values():  # configs are checked before training either way
             _config(study, points[0], first, [])
 
     def finals(chosen: dict[str, GridPoint]) -> list[Run]:
