@@ -73,8 +73,7 @@ class OptimConfig:
 class SAMConfig:
     rho: float = 0.05  # radius, >= 0 (the measured radius equals it)
     bn_policy: str = "clean"  # ascent | clean | all | none: passes that update batch-norm statistics
-    # torchrun: all-reduce the ascent gradient (one shared neighbour) instead of per-process ones
-    sync_ascent: bool = False
+    sync_ascent: bool = False  # torchrun: all-reduce the ascent gradient (one shared neighbour), not per process
 
 
 @dataclass
@@ -82,8 +81,7 @@ class ASAMConfig:
     rho: float = 0.5  # radius in the |theta|-rescaled space
     adaptive_eta: float = 0.01  # T = |theta| + adaptive_eta (was asam.eta, still read)
     bn_policy: str = "clean"  # ascent | clean | all | none
-    # torchrun: all-reduce the ascent gradient (one shared neighbour) instead of per-process ones
-    sync_ascent: bool = False
+    sync_ascent: bool = False  # torchrun: all-reduce the ascent gradient (one shared neighbour), not per process
 
 
 @dataclass
@@ -92,8 +90,7 @@ class OTMDRConfig:
     rho: list[float] | None = None  # radius of each ascent step (unset: default [0.02, 0.04], release [0.05, 0.1])
     split: list[float] | None = None  # batch fraction per ascent step (default: equal parts)
     merge: bool = True  # step i moves along the sum of the ascent gradients so far
-    # merged (default: by the merged direction's norm) | step (release: by its own gradient's)
-    normalize: str | None = None
+    normalize: str | None = None  # merged (default: by the merged direction's norm) | step (release: its own's)
     reduce: str = "sum"  # sum | mean, of the merged direction (and the particles unless particle_reduce)
     particle_reduce: str | None = None  # None: as reduce; the release's K > 1 "mode 1.1": reduce sum, this mean
     noise_std: float = 0.0  # Langevin noise std per coordinate after each ascent step
@@ -121,6 +118,7 @@ def otmdr_options(section: OTMDRConfig) -> dict[str, Any]:
     preset is already applied to the section's values)."""
     options = dataclasses.asdict(section)
     del options["preset"]
+    assert section.rho is not None, "the preset fills rho in when the config is read"
     options["rho"] = tuple(section.rho)
     options["split"] = None if section.split is None else tuple(section.split)
     return options
@@ -316,7 +314,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
 
 
 def _coerce(hint: Any, value: Any, key: str) -> Any:
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return _build(hint, value, key + ".")
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
@@ -431,12 +429,12 @@ def describe_config(config: ExperimentConfig) -> str:
     import re
 
     notes: dict[str, str] = {}
-    for section in dataclasses.fields(ExperimentConfig):
-        source = inspect.getsource(typing.get_type_hints(ExperimentConfig)[section.name])
+    for field_ in dataclasses.fields(ExperimentConfig):
+        source = inspect.getsource(typing.get_type_hints(ExperimentConfig)[field_.name])
         for line in source.splitlines():
             match = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.+)$", line)
             if match:
-                notes[f"{section.name}.{match.group(1)}"] = match.group(2).strip()
+                notes[f"{field_.name}.{match.group(1)}"] = match.group(2).strip()
     for key, choices in CHOICES.items():
         shown = " | ".join("null" if c is None else str(c) for c in choices)
         if not all(str(c) in notes.get(key, "") for c in choices if c is not None):

@@ -140,7 +140,7 @@ def build_optimizer(cfg: ExperimentConfig, model: nn.Module, *, wrapper: nn.Modu
     groups = param_groups(cfg, model)
     if o.method == "sgd":
         return base([{k: v for k, v in g.items() if k in ("params",)} for g in groups], **kwargs)
-    common = {"max_grad_norm": o.max_grad_norm, "seed": cfg.train.seed if seed is None else seed,
+    common: dict[str, Any] = {"max_grad_norm": o.max_grad_norm, "seed": cfg.train.seed if seed is None else seed,
               "model": model if wrapper is None else wrapper}
     if o.method == "sam":
         return SAM(groups, base, rho=cfg.sam.rho, bn_policy=cfg.sam.bn_policy, sync_ascent=cfg.sam.sync_ascent,

@@ -167,9 +167,9 @@ def from_rank0(function: Callable[[], T]) -> T:
             outcome = _Raised(error)
     outcome = broadcast_object(outcome)
     if isinstance(outcome, _Raised):
-        error = outcome.error
-        error.otmdr_from_rank0 = True  # type: ignore[attr-defined]  # rank 0 reports it
-        raise error
+        raised = outcome.error
+        raised.otmdr_from_rank0 = True  # type: ignore[attr-defined]  # rank 0 reports it
+        raise raised
     return outcome
 
 

@@ -145,7 +145,7 @@ def _setup(cfg: ExperimentConfig | None, run_dir: Path, *, resume: bool, strateg
     strategy.check_data(data.train.num_samples)
     model = build_model(cfg, data.spec).to(device)
     if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # stubs omit it
     from ..models.bayes import is_bayesian
     from ..models.ensemble import Ensemble
 
@@ -200,7 +200,7 @@ def _run_epochs(run: _Run, stop_requested: Callable[[], bool]) -> None:
     """Train, validate, checkpoint and log each remaining epoch; a stop request (SIGTERM to any
     process) ends the run with a resumable checkpoint and :class:`Preempted`."""
     cfg = run.cfg
-    nominal = nominal_radius(cfg, len(run.model) if run.per_member else 1)
+    nominal = nominal_radius(cfg, len(run.model) if run.per_member else 1)  # type: ignore[arg-type]  # an Ensemble
     for row in run.history:  # warnings of resumed epochs are not shown again
         for kind, warning in _health_warnings(cfg, row, nominal, run.data.spec.num_classes).items():
             run.warned.setdefault(kind, warning)
@@ -382,7 +382,7 @@ def _loss_function(model: nn.Module, criterion: nn.Module, autocast: torch.dtype
             if forward is not None:
                 out = forward(x)
             else:
-                out = model.member_logits(x) if per_member else model(x)
+                out = model.member_logits(x) if per_member else model(x)  # type: ignore[operator]  # an Ensemble
         if per_member:
             out = out.float()
             losses = torch.stack([criterion(member, y) for member in out])
@@ -529,7 +529,8 @@ def _describe_run(cfg: ExperimentConfig, model: nn.Module, data: RunData, device
     o = cfg.optim
     method = {"sgd": o.base, "sam": f"SAM rho {cfg.sam.rho} on {o.base}",
               "asam": f"ASAM rho {cfg.asam.rho} on {o.base}",
-              "otmdr": f"OT-MDR rho {list(cfg.otmdr.rho)} ({cfg.otmdr.normalize} normalisation) on {o.base}"}[o.method]
+              "otmdr": f"OT-MDR rho {list(cfg.otmdr.rho or [])} ({cfg.otmdr.normalize} normalisation) on {o.base}"
+              }[o.method]
     sizes = f"{data.train.num_samples:,} train / {data.val.num_samples if data.val else 0:,} val / " \
             f"{data.test.num_samples:,} test"
     noise = (f", {100 * cfg.data.label_noise:.0f}% {cfg.data.label_noise_kind} label noise"
@@ -550,7 +551,7 @@ def nominal_radius(cfg: ExperimentConfig, norm_groups: int = 1) -> float:
     if cfg.optim.method == "sam":
         return math.sqrt(norm_groups) * cfg.sam.rho
     if cfg.optim.method == "otmdr":
-        return math.sqrt(norm_groups) * float(sum(cfg.otmdr.rho))
+        return math.sqrt(norm_groups) * float(sum(cfg.otmdr.rho or []))
     return 0.0
 
 
@@ -560,7 +561,7 @@ def _health_warnings(cfg: ExperimentConfig, row: dict[str, Any], nominal: float,
     out = {}
     o = cfg.otmdr
     allowed = nominal
-    if nominal and cfg.optim.method == "otmdr" and o.merge and o.normalize == "step":  # nominal 0: rho all 0
+    if nominal and cfg.optim.method == "otmdr" and o.merge and o.normalize == "step" and o.rho:  # nominal 0: rho 0
         allowed = nominal * (o.rho[0] + 2 * sum(o.rho[1:])) / sum(o.rho)  # ||g1 + g2|| / ||g2|| ~ 2 when alike
     noisy = cfg.optim.method == "otmdr" and o.noise_std > 0
     if nominal and not noisy and row["perturbation_norm"] > 1.5 * allowed:

@@ -346,10 +346,10 @@ def select_points(search: list[Run], methods: list[str], metric: str) -> dict[st
     chosen = {}
     for method in methods:
         scored = [(score(r, metric), r) for r in search if r.method == method]
-        scored = [(v, r) for v, r in scored if v is not None]
-        if not scored:
+        valid = [(v, r) for v, r in scored if v is not None]
+        if not valid:
             raise TrainingError(f"every grid point of {method} diverged: nothing to select; try smaller radii or lr")
-        best = max(scored, key=lambda vr: vr[0]) if higher else min(scored, key=lambda vr: vr[0])
+        best = max(valid, key=lambda vr: vr[0]) if higher else min(valid, key=lambda vr: vr[0])
         chosen[method] = best[1].point
     return chosen
 
