@@ -73,7 +73,7 @@ def one_call(make: Callable[[nn.Module], OTMDR], *, micro_batches: int = 1, resu
             model.load_state_dict(model_state)
             opt = make(model)
             opt.load_state_dict(state)
-        result = opt.step(lambda b: F.cross_entropy(model(b[0]), b[1]), batch=(x, y),
+        result = opt.step(lambda b, m=model: F.cross_entropy(m(b[0]), b[1]), batch=(x, y),
                           micro_batches=micro_batches, scaler=grad_scaler)
         if grad_scaler is not None:
             grad_scaler.update()
@@ -86,7 +86,7 @@ def closure_form(make: Callable[[nn.Module], OTMDR]) -> str:
     opt = make(model)
     losses = []
     for x, y in batches():
-        def closure() -> torch.Tensor:
+        def closure(x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
             loss = F.cross_entropy(model(x), y)
             loss.backward()
             return loss
@@ -154,7 +154,8 @@ def cases() -> dict[str, Callable[[], str]]:
             adaptive_eta=0.1, **SGD)),
         "otmdr bn all": lambda: one_call(lambda m: o(m, torch.optim.SGD, bn_policy="all", **SGD)),
         "otmdr bn none": lambda: one_call(lambda m: o(m, torch.optim.SGD, bn_policy="none", **SGD)),
-        "otmdr bn ascent K=2": lambda: one_call(lambda m: o(m, torch.optim.SGD, bn_policy="ascent", particles=2, **SGD)),
+        "otmdr bn ascent K=2": lambda: one_call(lambda m: o(m, torch.optim.SGD, bn_policy="ascent", particles=2,
+                                                            **SGD)),
         "otmdr ascent wd": lambda: one_call(lambda m: o(m, torch.optim.SGD, ascent_weight_decay=True, **SGD)),
         "otmdr clip": lambda: one_call(lambda m: o(m, torch.optim.SGD, max_grad_norm=0.1, **SGD)),
         "otmdr interval 2": lambda: one_call(lambda m: o(m, torch.optim.SGD, ascent_interval=2, **SGD)),

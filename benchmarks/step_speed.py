@@ -143,11 +143,11 @@ def make_stepper(method: str, model: nn.Module, batch: tuple[Tensor, Tensor]) ->
             opt.step()
 
     elif method in ("SAM", "OT-MDR K=1", "OT-MDR K=2", "SAM@base", "OT-MDR K=1@base"):
-        package = BASELINE if method.endswith("@base") else sys.modules[__name__]
+        sam, otmdr = (BASELINE.SAM, BASELINE.OTMDR) if method.endswith("@base") else (SAM, OTMDR)
         if method.startswith("SAM"):
-            opt = package.SAM(model, torch.optim.SGD, rho=SAM_RHO, **SGD_KWARGS)
+            opt = sam(model, torch.optim.SGD, rho=SAM_RHO, **SGD_KWARGS)
         else:
-            opt = package.OTMDR(model, torch.optim.SGD, rho=OTMDR_RHO, particles=int(method[9]), **SGD_KWARGS)
+            opt = otmdr(model, torch.optim.SGD, rho=OTMDR_RHO, particles=int(method[9]), **SGD_KWARGS)
 
         def step() -> None:
             opt.step(loss_fn, batch=batch)
