@@ -118,12 +118,12 @@ class BayesLayer(nn.Module):
         self.weight_eps = self.bias_eps = None
 
     def _pairs(self) -> list[tuple[Tensor, Tensor]]:
-        pairs = [(self.weight_mu, self.weight_rho)]
+        pairs: list[tuple[Tensor, Tensor]] = [(self.weight_mu, self.weight_rho)]
         if self.bias_mu is not None:
             pairs.append((self.bias_mu, self.bias_rho))
         return pairs
 
-    def _apply(self, fn, *args, **kwargs):  # type: ignore[override]
+    def _apply(self, fn, *args, **kwargs):
         super()._apply(fn, *args, **kwargs)
         if self.weight_eps is not None:
             self.weight_eps = fn(self.weight_eps)
@@ -159,6 +159,7 @@ class BayesLayer(nn.Module):
         weight = self.weight_mu + F.softplus(self.weight_rho) * self.weight_eps
         bias = None
         if self.bias_mu is not None:
+            assert self.bias_eps is not None  # drawn together with weight_eps
             bias = self.bias_mu + F.softplus(self.bias_rho) * self.bias_eps
         return weight, bias
 
@@ -211,7 +212,7 @@ class BayesLinear(BayesLayer):
                 f"bias={self.bias_mu is not None}, {self._prior_repr()}")
 
 
-def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
+def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
@@ -360,7 +361,8 @@ def bayes_param_groups(model: nn.Module, scale_group_options: Mapping[str, Any] 
     if "params" in group_options or "perturb" in group_options:
         raise ValueError("bayes_param_groups sets 'params' and 'perturb' itself")
     scale_ids = {id(rho) for layer in bayes_layers(model) for _, rho in layer._pairs()}
-    means, scales = [], []
+    means: list[nn.Parameter] = []
+    scales: list[nn.Parameter] = []
     for p in model.parameters():
         (scales if id(p) in scale_ids else means).append(p)
     groups = []
@@ -387,14 +389,15 @@ def bayesianize(module: nn.Module, **prior_kwargs: Any) -> nn.Module:
 
     def convert(m: nn.Module) -> nn.Module | None:
         if type(m) is nn.Linear:
-            factory = {"device": m.weight.device, "dtype": m.weight.dtype}
-            return BayesLinear(m.in_features, m.out_features, m.bias is not None, **prior_kwargs, **factory)
+            return BayesLinear(m.in_features, m.out_features, m.bias is not None, **prior_kwargs,
+                               device=m.weight.device, dtype=m.weight.dtype)
         if type(m) is nn.Conv2d:
-            factory = {"device": m.weight.device, "dtype": m.weight.dtype}
             if m.padding_mode != "zeros" or isinstance(m.padding, str):
                 raise ValueError(f"bayesianize supports zero padding given as numbers only, got {m}")
-            return BayesConv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding,
-                               m.bias is not None, dilation=m.dilation, groups=m.groups, **prior_kwargs, **factory)
+            # _pair: torch types a Conv2d's kernel_size, stride, padding and dilation as tuple[int, ...]
+            return BayesConv2d(m.in_channels, m.out_channels, _pair(m.kernel_size), _pair(m.stride), _pair(m.padding),
+                               m.bias is not None, dilation=_pair(m.dilation), groups=m.groups, **prior_kwargs,
+                               device=m.weight.device, dtype=m.weight.dtype)
         if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
             raise TypeError(f"bayesianize does not know how to convert {type(m).__name__}")
         return None

@@ -104,7 +104,8 @@ def member_param_groups(ensemble: Ensemble, **options: Any) -> list[dict[str, An
     for key in ("params", "norm_group"):
         if key in options:
             raise ValueError(f"member_param_groups sets {key!r} itself")
-    groups, seen = [], set()
+    groups: list[dict[str, Any]] = []
+    seen: set[int] = set()
     for i, member in enumerate(ensemble.members):
         params = list(member.parameters())
         shared = [p for p in params if id(p) in seen]
