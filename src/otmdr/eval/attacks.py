@@ -10,6 +10,7 @@ running statistics) and restore its mode afterwards.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,9 @@ def format_epsilon(eps: float) -> str:
 class Normalized(nn.Module):
     """``model((x - mean) / std)`` for x in [0, 1]: the normalisation inside the attacked model."""
 
+    mean: Tensor
+    std: Tensor
+
     def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]):
         super().__init__()
         self.model = model
@@ -51,7 +55,7 @@ def _per_sample_norm(t: Tensor) -> Tensor:
 def _input_gradient(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn, samples: int) -> Tensor:
     """Gradient of the loss w.r.t. the input, averaged over ``samples`` forward passes (EOT)."""
     x = x.detach().requires_grad_(True)
-    total = sum(loss_fn(model(x), y) for _ in range(samples)) / samples
+    total = cast(Tensor, sum(loss_fn(model(x), y) for _ in range(samples))) / samples  # samples >= 1
     return torch.autograd.grad(total, x)[0].detach()
 
 
@@ -96,7 +100,7 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, norm: str = "linf
 
 @torch.no_grad()
 def _correct(model: nn.Module, x: Tensor, y: Tensor, samples: int) -> Tensor:
-    probs = sum(torch.softmax(model(x), dim=1) for _ in range(samples)) / samples
+    probs = cast(Tensor, sum(torch.softmax(model(x), dim=1) for _ in range(samples))) / samples  # samples >= 1
     return probs.argmax(dim=1) == y
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -30,12 +31,12 @@ def _params(model: nn.Module) -> list[Tensor]:
 
 
 def _loss(model: nn.Module, batches: Batches, loss_fn: LossFn) -> Tensor:
-    total = sum(loss_fn(model(x), y) * len(y) for x, y in batches)
+    total = cast(Tensor, sum(loss_fn(model(x), y) * len(y) for x, y in batches))  # a Tensor: batches are not empty
     return total / sum(len(y) for _, y in batches)
 
 
 def _dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
-    return sum((x * y).sum() for x, y in zip(a, b))
+    return cast(Tensor, sum((x * y).sum() for x, y in zip(a, b)))  # a Tensor: a and b are not empty
 
 
 def _hvp(model: nn.Module, batches: Batches, loss_fn: LossFn, vector: Sequence[Tensor]) -> list[Tensor]:
