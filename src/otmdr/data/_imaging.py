@@ -69,6 +69,7 @@ def _gaussian_taps(ksize: int, sigma: float) -> np.ndarray:
 def disk_kernel(radius: float, alias_blur: float) -> np.ndarray:
     """The reference's defocus kernel: a 17x17 (or larger) aliased disk, normalised, then smoothed
     by ``cv2.GaussianBlur`` (3x3 or 5x5, border reflect-101), in float32."""
+    ax: np.ndarray
     if radius <= 8:
         ax, ksize = np.arange(-8, 8 + 1), 3
     else:

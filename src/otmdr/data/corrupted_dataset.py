@@ -255,8 +255,8 @@ def write_corrupted(images: np.ndarray | torch.Tensor, labels: np.ndarray | torc
     y = y.astype(np.uint8 if int(y.max()) < 256 else np.int64)  # uint8 as in the official labels.npy
 
     digest = hashlib.sha256(repr(x.shape).encode())
-    digest.update(memoryview(x).cast("B"))
-    digest.update(memoryview(np.ascontiguousarray(y, dtype=np.int64)).cast("B"))
+    digest.update(x.data.cast("B"))  # .data: memoryview(x), which numpy types as a buffer on python >= 3.12 only
+    digest.update(np.ascontiguousarray(y, dtype=np.int64).data.cast("B"))
     settings: dict[str, Any] = {
         "generator": "otmdr", "corruption_version": CORRUPTION_VERSION, "otmdr_version": __version__, "n": n,
         "image_shape": list(x.shape[1:]),

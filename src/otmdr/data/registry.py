@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -62,7 +63,7 @@ _register(DatasetSpec(
     how_to_get="'CIFAR-10 python version' (cifar-10-python.tar.gz) from https://www.cs.toronto.edu/~kriz/cifar.html",
     needs_root=True,
 ))
-_CIFAR100_COMMON = dict(
+_CIFAR100_COMMON: dict[str, Any] = dict(
     in_channels=3, image_size=32, mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762),
     layout="DIR/cifar-100-python/{train, test, meta} (python pickles); DIR may also be the cifar-100-python "
            "folder itself or the cifar-100-python.tar.gz archive",
