@@ -162,8 +162,8 @@ def write_compare_report(out_dir: Path, summaries: dict[str, list[dict[str, Any]
         "Per run (test accuracy %, final model):",
         "",
     ]
-    for method, runs in summaries.items():
-        values = ", ".join(f"seed {r['seed']}: {100 * r['test']['accuracy']:.2f}" for r in runs)
+    for method, method_runs in summaries.items():
+        values = ", ".join(f"seed {r['seed']}: {100 * r['test']['accuracy']:.2f}" for r in method_runs)
         lines.append(f"- {method}: {values}")
     warned = [(m, r["seed"], w) for m, runs in summaries.items() for r in runs for w in r.get("warnings", [])]
     if warned:

@@ -4,7 +4,7 @@ grid search), of robustness evaluations, and of loss landscapes."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import matplotlib
 
@@ -87,7 +87,8 @@ def plot_test_accuracy(summaries: dict[str, list[dict[str, Any]]], path: Path) -
 
 def _pooled_reliability(runs: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     edges = np.array(runs[0]["reliability"]["edges"])
-    count = sum(np.array(r["reliability"]["count"], dtype=float) for r in runs)
+    # an array, not sum()'s start 0: runs is not empty
+    count = cast(np.ndarray, sum(np.array(r["reliability"]["count"], dtype=float) for r in runs))
     conf = sum(np.array(r["reliability"]["confidence"]) * np.array(r["reliability"]["count"]) for r in runs)
     acc = sum(np.array(r["reliability"]["accuracy"]) * np.array(r["reliability"]["count"]) for r in runs)
     safe = np.maximum(count, 1)
@@ -229,15 +230,15 @@ def plot_search(points: list[dict[str, Any]], path: Path, *, metric: str) -> Pat
                            label=f"{method} (no radius)" if i == 0 else None)
             continue
         for name, series, labels in _search_series(method, mine):
-            series = sorted(zip(series, labels), key=lambda pl: pl[0]["radius"])
-            radii = np.array([p["radius"] for p, _ in series])
-            actual = np.array([scale * p["score"] for p, _ in series])
+            labelled = sorted(zip(series, labels), key=lambda pl: pl[0]["radius"])
+            radii = np.array([p["radius"] for p, _ in labelled])
+            actual = np.array([scale * p["score"] for p, _ in labelled])
             scores = np.maximum(actual, bottom)
             line, = ax.plot(radii, scores, marker=MARKERS[drawn % len(MARKERS)], label=name)
             # SAM and OT-MDR points often sit at the same radius and score: one line's labels above
             # its points, the next one's below (offset past the ring of a chosen point)
             below, drawn = drawn % 2 == 1, drawn + 1
-            for (p, text), x, y, a in zip(series, radii, scores, actual):
+            for (p, text), x, y, a in zip(labelled, radii, scores, actual):
                 off_scale = a < bottom
                 if off_scale:
                     ax.scatter([x], [y], marker="v", s=60, color=line.get_color(), zorder=3)

@@ -84,8 +84,8 @@ def paired_table(summaries: dict[str, list[dict[str, Any]]], reference: str,
     for method, runs in summaries.items():
         if method == reference:
             continue
-        pairs = [(test_block(s), ref[s["seed"]]) for s in runs if s["seed"] in ref]
-        pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
+        blocks = [(test_block(s), ref[s["seed"]]) for s in runs if s["seed"] in ref]
+        pairs = [(a, b) for a, b in blocks if a is not None and b is not None]
         row: dict[str, Any] = {"method": method, "seeds": len(pairs)}
         for title, key, scale, higher in PAIRED_METRICS:
             row[title] = paired_difference([scale * a[key] for a, _ in pairs], [scale * b[key] for _, b in pairs],
