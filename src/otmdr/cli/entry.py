@@ -195,6 +195,8 @@ def _exit_at_once(code: int) -> NoReturn:
     written atomically before this point, so skipping the teardown loses nothing.
     """
     for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        if stream is None:  # sys.__stdout__ / __stderr__ without a console
+            continue
         try:
             stream.flush()
         except (AttributeError, OSError, ValueError):

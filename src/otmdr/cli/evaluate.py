@@ -82,8 +82,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if scaled:
         print(f"  temperature {scaled['temperature']:.4f} (fitted on the validation split)")
     for key, value in result.get("diversity", {}).items():
-        shown = ", ".join(f"{v:.4f}" for v in value) if isinstance(value, list) else f"{value:.6g}"
-        print(f"  {key:24s} {shown}")
+        text = ", ".join(f"{v:.4f}" for v in value) if isinstance(value, list) else f"{value:.6g}"
+        print(f"  {key:24s} {text}")
     if args.attack:
         result["attack"] = _attack(args, cfg, model, data, clean=result["test"]["accuracy"])
     if args.corruptions:
@@ -134,7 +134,8 @@ def _corruptions(args: argparse.Namespace, cfg, model, data, baseline=None) -> d
           f"mean ECE {100 * result['mean_corruption_ece']:.2f}%")
     if baseline is not None:
         print(f"  baseline {args.baseline}:", flush=True)
-        base = corruption_evaluation(*baseline, data, **options, echo=lambda line: print(line, flush=True))
+        base_cfg, base_model = baseline
+        base = corruption_evaluation(base_cfg, base_model, data, **options, echo=lambda line: print(line, flush=True))
         result["mce"] = {"baseline": str(args.baseline), **corruption_errors(result, base)}
         _print_mce(result["mce"])
     if args.heatmap:
