@@ -28,8 +28,9 @@ import shlex
 import sys
 import tarfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -80,7 +81,8 @@ def reference_functions(frost_dir: Path | None = None) -> tuple[dict[str, Callab
         from wand.api import library as wand_library
         from wand.image import Image as WandImage
 
-        wand_library.MagickMotionBlurImage.argtypes = (ctypes.c_void_p, ctypes.c_double, ctypes.c_double, ctypes.c_double)
+        wand_library.MagickMotionBlurImage.argtypes = (ctypes.c_void_p, ctypes.c_double, ctypes.c_double,
+                                                       ctypes.c_double)
     except (ImportError, OSError, AttributeError):
         WandImage = None
     from scipy.ndimage import map_coordinates, zoom as scizoom
@@ -122,9 +124,11 @@ def reference_functions(frost_dir: Path | None = None) -> tuple[dict[str, Callab
         return grid / grid.max()
 
     f: dict[str, Callable] = {
-        "gaussian_noise": lambda p, c: np.clip(np.array(p) / 255. + np.random.normal(size=np.array(p).shape, scale=c), 0, 1) * 255,
+        "gaussian_noise": lambda p, c: np.clip(
+            np.array(p) / 255. + np.random.normal(size=np.array(p).shape, scale=c), 0, 1) * 255,
         "shot_noise": lambda p, c: np.clip(np.random.poisson(np.array(p) / 255. * c) / c, 0, 1) * 255,
-        "speckle_noise": lambda p, c: (lambda x: np.clip(x + x * np.random.normal(size=x.shape, scale=c), 0, 1) * 255)(np.array(p) / 255.),
+        "speckle_noise": lambda p, c: (lambda x: np.clip(x + x * np.random.normal(size=x.shape, scale=c), 0, 1) * 255)(
+            np.array(p) / 255.),
         "contrast": lambda p, c: (lambda x, m: np.clip((x - m) * c + m, 0, 1) * 255)(
             np.array(p) / 255., np.mean(np.array(p) / 255., axis=(0, 1), keepdims=True)),
         "jpeg_compression": lambda p, c: (lambda b: (p.save(b, "JPEG", quality=c), Image.open(b))[1])(io.BytesIO()),
@@ -206,11 +210,15 @@ def reference_functions(frost_dir: Path | None = None) -> tuple[dict[str, Callab
                 centre, sq = np.float32((32, 32)) // 2, 32 // 3
                 pts1 = np.float32([centre + sq, [centre[0] + sq, centre[1] - sq], centre - sq])
                 pts2 = pts1 + np.random.uniform(-c[2], c[2], size=pts1.shape).astype(np.float32)
-                img = cv2.warpAffine(img, cv2.getAffineTransform(pts1, pts2), (32, 32), borderMode=cv2.BORDER_REFLECT_101)
-                dx = (gaussian(np.random.uniform(-1, 1, size=(32, 32)), c[1], mode="reflect", truncate=3) * c[0]).astype(np.float32)
-                dy = (gaussian(np.random.uniform(-1, 1, size=(32, 32)), c[1], mode="reflect", truncate=3) * c[0]).astype(np.float32)
+                img = cv2.warpAffine(img, cv2.getAffineTransform(pts1, pts2), (32, 32),
+                                     borderMode=cv2.BORDER_REFLECT_101)
+                dx = (gaussian(np.random.uniform(-1, 1, size=(32, 32)), c[1], mode="reflect", truncate=3)
+                      * c[0]).astype(np.float32)
+                dy = (gaussian(np.random.uniform(-1, 1, size=(32, 32)), c[1], mode="reflect", truncate=3)
+                      * c[0]).astype(np.float32)
                 xs, ys, zs = np.meshgrid(np.arange(32), np.arange(32), np.arange(3))
-                idx = np.reshape(ys + dy[..., None], (-1, 1)), np.reshape(xs + dx[..., None], (-1, 1)), np.reshape(zs, (-1, 1))
+                idx = (np.reshape(ys + dy[..., None], (-1, 1)), np.reshape(xs + dx[..., None], (-1, 1)),
+                       np.reshape(zs, (-1, 1)))
                 return np.clip(map_coordinates(img, idx, order=1, mode="reflect").reshape(img.shape), 0, 1) * 255
 
             f["elastic_transform"] = elastic
@@ -230,8 +238,9 @@ def reference_functions(frost_dir: Path | None = None) -> tuple[dict[str, Callab
                     m /= np.max(m, axis=(0, 1))
                     m *= c[4]
                     ones = np.ones_like(m[..., :1])
-                    color = cv2.cvtColor(np.concatenate((175 / 255. * ones, 238 / 255. * ones, 238 / 255. * ones), axis=2),
-                                         cv2.COLOR_BGR2BGRA)
+                    color = cv2.cvtColor(
+                        np.concatenate((175 / 255. * ones, 238 / 255. * ones, 238 / 255. * ones), axis=2),
+                        cv2.COLOR_BGR2BGRA)
                     x = cv2.cvtColor(x, cv2.COLOR_BGR2BGRA)
                     return cv2.cvtColor(np.clip(x + m * color, 0, 1), cv2.COLOR_BGRA2BGR) * 255
                 m = gaussian(np.where(liquid > c[3], 1, 0).astype(np.float32), sigma=c[4])
@@ -259,7 +268,8 @@ def reference_functions(frost_dir: Path | None = None) -> tuple[dict[str, Callab
                 layer = crop_zoom(layer[..., None], c[2])
                 layer[layer < c[3]] = 0
                 buf = io.BytesIO()
-                Image.fromarray((np.clip(layer.squeeze(), 0, 1) * 255).astype(np.uint8), mode="L").save(buf, format="PNG")
+                Image.fromarray((np.clip(layer.squeeze(), 0, 1) * 255).astype(np.uint8), mode="L").save(
+                    buf, format="PNG")
                 layer = (wand_motion(buf.getvalue(), c[4], c[5], np.random.uniform(-135, -45)) / 255.)[..., None]
                 gray = cv2.cvtColor(x, cv2.COLOR_RGB2GRAY).reshape(32, 32, 1)
                 x = c[6] * x + (1 - c[6]) * np.maximum(x, gray * 1.5 + 0.5)
@@ -332,7 +342,8 @@ def summary(results: dict[str, Any]) -> str:
     """One line: how many corruptions are identical at every severity, and how far the others are."""
     measured = {n: e["severities"] for n, e in results.items() if "not_measured" not in e}
     same = [n for n, rows in measured.items() if all(r["max_abs_diff"] == 0 for r in rows)]
-    rest = [f"{n} (mean {min(r['mean_abs_diff'] for r in rows):.2f}-{max(r['mean_abs_diff'] for r in rows):.2f} levels, "
+    rest = [f"{n} (mean {min(r['mean_abs_diff'] for r in rows):.2f}-"
+            f"{max(r['mean_abs_diff'] for r in rows):.2f} levels, "
             f"max {max(r['max_abs_diff'] for r in rows)})" for n, rows in measured.items() if n not in same]
     return (f"**{len(measured)} of {len(results)} corruptions measured; {len(same)} identical in every value at every "
             f"severity**" + (f"; not identical: {', '.join(rest)}." if rest else "."))
@@ -359,7 +370,8 @@ def write_report(results: dict[str, Any], meta: dict[str, Any], out: Path) -> No
         change = [f"{r['reference_change']:.2f} / {r['ours_change']:.2f}" if "reference_change" in r
                   else f"- / {r['ours_change']:.2f}" for r in (rows[0], rows[-1])]
         lines.append(f"| {name} | " + " | ".join(cells + change) + " |")
-    notes = [f"- {name}: not measured, {entry['not_measured']}" for name, entry in results.items() if "not_measured" in entry]
+    notes = [f"- {name}: not measured, {entry['not_measured']}"
+             for name, entry in results.items() if "not_measured" in entry]
     out.with_suffix(".md").write_text("\n".join(lines + [""] + notes) + "\n")
 
 

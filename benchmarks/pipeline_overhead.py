@@ -163,7 +163,8 @@ def markdown(results: list[Overhead], config: Path) -> str:
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
-        lines.append(f"| {r.method} | {1e3 * r.pipeline_train_s:.1f} | {1e3 * r.hand_train_s:.1f} | {r.train_ratio:.3f} "
+        lines.append(f"| {r.method} | {1e3 * r.pipeline_train_s:.1f} | {1e3 * r.hand_train_s:.1f} "
+                     f"| {r.train_ratio:.3f} "
                      f"| {1e3 * r.pipeline_epoch_s:.1f} | {1e3 * r.hand_epoch_s:.1f} | {r.epoch_ratio:.3f} |")
     return "\n".join(lines)
 

@@ -179,7 +179,8 @@ def report(args: argparse.Namespace, groups: dict[str, list[Path]], out: Path) -
              "Mean ± std over seeds.", "",
              *([names, ""] if names else []),
              "## Corruptions and attacks (accuracy %, higher is better)", "",
-             "| method | seeds | clean | mean corruption acc | relative degradation | corruption NLL | corruption ECE | "
+             "| method | seeds | clean | mean corruption acc | relative degradation | corruption NLL | "
+             "corruption ECE | "
              + " | ".join(f"PGD eps {_eps_label(e)}" for e in eps_keys) + " |",
              "|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(eps_keys)]
     baselines = {m: _baseline(groups, m, groups[m][0], args.baseline_method) for m in groups}
@@ -196,13 +197,15 @@ def report(args: argparse.Namespace, groups: dict[str, list[Path]], out: Path) -
             method, str(len(results)), _mean_std([x["clean"]["accuracy"] for x in c], 100),
             _mean_std([x["mean_corruption_accuracy"] for x in c], 100),
             _mean_std([x["relative_degradation"] for x in c], 100, 1), *mce,
-            _mean_std([x["mean_corruption_nll"] for x in c], 1, 3), _mean_std([x["mean_corruption_ece"] for x in c], 100),
+            _mean_std([x["mean_corruption_nll"] for x in c], 1, 3),
+            _mean_std([x["mean_corruption_ece"] for x in c], 100),
             *[_mean_std([r["attack"]["robust_accuracy"][e] for r in results], 100) for e in eps_keys]]) + " |")
     lines += ["", "Accuracy per corruption (mean over severities and seeds, %):", "",
               "| corruption | " + " | ".join(evals) + " |", "|---|" + "---:|" * len(evals)]
     for name in first_eval["corruptions"]["accuracy_per_corruption"]:
         lines.append(f"| {name} | " + " | ".join(
-            _mean_std([r["corruptions"]["accuracy_per_corruption"][name] for r in rs], 100) for rs in evals.values()) + " |")
+            _mean_std([r["corruptions"]["accuracy_per_corruption"][name] for r in rs], 100)
+            for rs in evals.values()) + " |")
     of_mean = " of the posterior mean" if first_sharp.get("bayesian_posterior_mean") else ""
     lines += ["", f"## Sharpness{of_mean} (lower is flatter)", "",
               "| method | top Hessian eigenvalue | Hessian trace | worst-case sharpness | average sharpness |",
@@ -253,12 +256,14 @@ def _paired_section(evals: dict[str, list[dict[str, Any]]], sharp: dict[str, lis
     for i, a in enumerate(methods):
         for b in methods[:i]:
             if len(evals[a]) != len(evals[b]):
-                lines.append(f"| {a} − {b} | " + " | ".join("not paired: different seed counts" for _ in metrics) + " |")
+                lines.append(f"| {a} − {b} | "
+                             + " | ".join("not paired: different seed counts" for _ in metrics) + " |")
                 continue
             cells = []
             for _, value, higher_is_better in metrics:
                 d = paired_difference([value(e, s) for e, s in zip(evals[a], sharp[a])],
-                                      [value(e, s) for e, s in zip(evals[b], sharp[b])], higher_is_better=higher_is_better)
+                                      [value(e, s) for e, s in zip(evals[b], sharp[b])],
+                                      higher_is_better=higher_is_better)
                 interval = f" [{d.low:+.2f}, {d.high:+.2f}]" if d.low is not None else ""
                 cells.append(f"{d.mean:+.2f}{interval} {d.verdict}")
             lines.append(f"| {a} − {b} | " + " | ".join(cells) + " |")
@@ -309,7 +314,8 @@ def _landscape_section(out: Path) -> list[str]:
     fig.tight_layout()
     fig.savefig(out / "figures" / "landscape_slices.png", dpi=120)
     plt.close(fig)
-    lines = ["", "## Loss landscapes (first seed of each method)", "", "![1-D slices](figures/landscape_slices.png)", ""]
+    lines = ["", "## Loss landscapes (first seed of each method)", "",
+             "![1-D slices](figures/landscape_slices.png)", ""]
     lines += [f"- {method}: ![{method}](landscape/{method}/landscape.png)" for method in found]
     return lines
 

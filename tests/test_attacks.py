@@ -57,7 +57,8 @@ def test_robust_accuracy_drops_with_eps_and_normalisation_is_inside_the_model():
     model, x, y = _linear()
     model = Normalized(model, [0.5], [0.25])
     clean = robust_accuracy(model, [(x, y)], lambda m, a, b: a)
-    attacked = [robust_accuracy(model, [(x, y)], lambda m, a, b, e=e: pgd(m, a, b, e, steps=20)) for e in (0.01, 0.1, 0.3)]
+    attacked = [robust_accuracy(model, [(x, y)], lambda m, a, b, e=e: pgd(m, a, b, e, steps=20))
+                for e in (0.01, 0.1, 0.3)]
     assert clean >= attacked[0] >= attacked[1] >= attacked[2]
     assert attacked[2] < clean
 

@@ -23,7 +23,7 @@ def test_split_bounds_are_disjoint_consecutive_and_sized(n, cuts):
         assert any(round(f * n) <= 1 for f in fractions) or n < len(fractions) * 2
         return
     assert bounds[0][0] == 0
-    for (a, b), (c, _) in zip(bounds, bounds[1:]):
+    for (_, b), (c, _) in zip(bounds, bounds[1:]):
         assert b == c
     for (lo, hi), f in zip(bounds, fractions):
         assert hi > lo and abs((hi - lo) - f * n) <= 1.0 + 1e-9

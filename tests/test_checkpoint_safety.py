@@ -45,7 +45,8 @@ def _malicious(path: Path, marker: Path, *, protocol: int | None = None) -> Path
 
 
 def _otmdr(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "otmdr", *args], capture_output=True, text=True, timeout=300, check=False)
+    return subprocess.run([sys.executable, "-m", "otmdr", *args], capture_output=True, text=True, timeout=300,
+                          check=False)
 
 
 def _assert_refused(result: subprocess.CompletedProcess, marker: Path, path: Path, *, names: bool = True) -> None:

@@ -214,15 +214,18 @@ def test_noise_amplitudes_per_severity_match_their_distributions():
     for severity in range(1, 6):
         sigma = SEVERITY_CONSTANTS["gaussian_noise"][severity - 1]
         # E|N(0, s)| = s sqrt(2/pi), less half a level on average for truncating to uint8
-        assert _change(GREY128, "gaussian_noise", severity) == pytest.approx(255 * sigma * math.sqrt(2 / math.pi), abs=0.8)
+        assert _change(GREY128, "gaussian_noise", severity) == pytest.approx(
+            255 * sigma * math.sqrt(2 / math.pi), abs=0.8)
         s = SEVERITY_CONSTANTS["speckle_noise"][severity - 1]
-        assert _change(GREY128, "speckle_noise", severity) == pytest.approx(255 * x * s * math.sqrt(2 / math.pi), abs=0.8)
+        assert _change(GREY128, "speckle_noise", severity) == pytest.approx(
+            255 * x * s * math.sqrt(2 / math.pi), abs=0.8)
         amount = SEVERITY_CONSTANTS["impulse_noise"][severity - 1]
         hit = (corrupt(GREY128, "impulse_noise", severity) != 128).mean()
         assert hit == pytest.approx(amount, abs=4 * math.sqrt(amount / GREY128.size) + 0.002)
         lam = x * SEVERITY_CONSTANTS["shot_noise"][severity - 1]  # Poisson(lam)/c: std sqrt(lam)/c
         assert _change(GREY128, "shot_noise", severity) == pytest.approx(
-            255 * math.sqrt(lam) / SEVERITY_CONSTANTS["shot_noise"][severity - 1] * math.sqrt(2 / math.pi), rel=0.1, abs=0.8)
+            255 * math.sqrt(lam) / SEVERITY_CONSTANTS["shot_noise"][severity - 1] * math.sqrt(2 / math.pi),
+            rel=0.1, abs=0.8)
 
 
 @pytest.mark.parametrize("name", ["gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise", "defocus_blur",
@@ -352,7 +355,8 @@ def test_fused_multiply_add_rounds_once():
     assert im._fma_f32(a, b, c) == c
     assert np.float32(np.float64(a) * np.float64(b) + np.float64(c)) != c
     rng = np.random.default_rng(0)
-    x = (rng.random((3, 400)) * 2 - 0.5).astype(np.float32) * np.float32(2.0) ** rng.integers(-30, 30, (3, 400)).astype(np.float32)
+    x = ((rng.random((3, 400)) * 2 - 0.5).astype(np.float32)
+         * np.float32(2.0) ** rng.integers(-30, 30, (3, 400)).astype(np.float32))
     got = im._fma_f32(x[0], x[1], x[2])
     for i in range(x.shape[1]):
         exact = Fraction(float(x[0, i])) * Fraction(float(x[1, i])) + Fraction(float(x[2, i]))
@@ -369,5 +373,6 @@ def test_rgb2gray_cv_sums_green_red_blue_with_float32_coefficients():
     exact = r * cr + g * cg + b * cb
     assert np.abs(y - exact).max() <= 2.0**-24 * 2
     plain = im.rgb2gray_cv(x, fused=False)
-    np.testing.assert_array_equal(plain, (x[..., 0] * np.float32(0.299) + x[..., 1] * np.float32(0.587)) + x[..., 2] * np.float32(0.114))
+    np.testing.assert_array_equal(
+        plain, (x[..., 0] * np.float32(0.299) + x[..., 1] * np.float32(0.587)) + x[..., 2] * np.float32(0.114))
     assert (y != plain).any()

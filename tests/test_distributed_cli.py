@@ -230,8 +230,10 @@ def test_compare_trains_each_run_on_both_processes_and_rank0_reports(tmp_path):
 
 
 def _one_lost_peer_line(stderr: str, rank: int) -> bool:
-    lines = [line for line in stderr.splitlines() if not line.startswith(("[W", "Exception raised", "<omitting", "frame #"))]
-    return len(lines) == 1 and lines[0].startswith(f"otmdr [rank {rank}]: error: another process of this torchrun job failed")
+    noise = ("[W", "Exception raised", "<omitting", "frame #")
+    lines = [line for line in stderr.splitlines() if not line.startswith(noise)]
+    return len(lines) == 1 and lines[0].startswith(
+        f"otmdr [rank {rank}]: error: another process of this torchrun job failed")
 
 
 # ---------------------------------------------------------------------------- no processes needed
@@ -253,7 +255,8 @@ def test_sharded_loader_splits_each_global_batch_and_one_process_is_unchanged():
     parts = [build_data(cfg, torch.device("cpu"), shard=(r, 2)).train for r in range(2)]
     assert len(parts[0]) == len(whole)
     for (xw, yw), (x0, y0), (x1, y1) in zip(whole, *parts):
-        assert torch.equal(yw[0::2], y0) and torch.equal(yw[1::2], y1) and torch.equal(xw[1::2], x1)
+        assert torch.equal(yw[0::2], y0) and torch.equal(yw[1::2], y1)
+        assert torch.equal(xw[0::2], x0) and torch.equal(xw[1::2], x1)
 
 
 def test_distributed_config_problems_are_one_line_config_errors():

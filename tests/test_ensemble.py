@@ -131,7 +131,8 @@ def test_members_are_initialised_differently():
 
 @pytest.mark.parametrize("name,members,single", [("resnet18-x3", 3, ["resnet18"] * 3),
                                                  ("resnet10-x5", 5, ["resnet10"] * 5),
-                                                 ("mixed-r18-mbn-effb0", 3, ["resnet18", "mobilenet", "efficientnet-b0"]),
+                                                 ("mixed-r18-mbn-effb0", 3,
+                                                  ["resnet18", "mobilenet", "efficientnet-b0"]),
                                                  ("wrn16-4-x2", 2, ["wrn16-4"] * 2)])
 def test_big_ensembles_on_the_meta_device(name, members, single):
     with torch.device("meta"):

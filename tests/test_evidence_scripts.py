@@ -214,13 +214,15 @@ def test_regimes_select_part_of_a_study_and_refuse_unknown_ones(tmp_path):
     noisy = run("noisy40")
     compares = [line for line in noisy.stdout.splitlines() if line.startswith("compare ")]
     assert noisy.returncode == 0 and len(compares) == 1
-    assert "--set data.label_noise=0.4" in compares[0] and compares[0].endswith(f"{tmp_path}/bnn-fashion-mnist-lenet-noisy40")
+    assert "--set data.label_noise=0.4" in compares[0]
+    assert compares[0].endswith(f"{tmp_path}/bnn-fashion-mnist-lenet-noisy40")
     assert f"robustness_of_selected.sh DATA 2 {tmp_path}/bnn-fashion-mnist-lenet-noisy40" in noisy.stdout
     both = run("clean noisy40")
     assert sum(line.startswith("compare ") for line in both.stdout.splitlines()) == 2
     bad = run("noisy")
     assert bad.returncode == 2 and "compare" not in bad.stdout
-    assert bad.stderr.strip().splitlines() == ["error: REGIMES: unknown regime 'noisy'; use clean, noisy40 or both (\"clean noisy40\")"]
+    assert bad.stderr.strip().splitlines() == [
+        "error: REGIMES: unknown regime 'noisy'; use clean, noisy40 or both (\"clean noisy40\")"]
 
 
 @pytest.mark.parametrize("bad, named", [

@@ -101,7 +101,8 @@ def test_sk_gaussian_is_skimage_gaussian(skimage, sigma):
     from skimage.filters import gaussian
 
     for x in FLOATS:
-        np.testing.assert_array_equal(im.sk_gaussian(x, sigma, channel_axis=True), gaussian(x, sigma=sigma, channel_axis=-1))
+        np.testing.assert_array_equal(im.sk_gaussian(x, sigma, channel_axis=True),
+                                      gaussian(x, sigma=sigma, channel_axis=-1))
         grey = x[..., 0]
         np.testing.assert_array_equal(im.sk_gaussian(grey, sigma, mode="reflect", truncate=3),
                                       gaussian(grey, sigma=sigma, mode="reflect", truncate=3))
@@ -143,7 +144,8 @@ def test_the_plain_float_formula_is_not_cvtColor(cv2):
     """The comparison above can fail: the float32 sum in the textbook order misses some values."""
     v = np.arange(256, dtype=np.float32) / np.float32(255.0)
     triples = np.ascontiguousarray(np.stack(np.meshgrid(v, v, v, indexing="ij"), -1).reshape(4096, 4096, 3))
-    plain = (triples[..., 0] * np.float32(0.299) + triples[..., 1] * np.float32(0.587)) + triples[..., 2] * np.float32(0.114)
+    plain = ((triples[..., 0] * np.float32(0.299) + triples[..., 1] * np.float32(0.587))
+             + triples[..., 2] * np.float32(0.114))
     fused_here = "SSE" not in cv2.ipp.getIppVersion()
     assert (plain != cv2.cvtColor(triples, cv2.COLOR_RGB2GRAY)).any() == fused_here
 
@@ -281,6 +283,7 @@ def test_corruption_matches_the_generator(reference, name):
         ref = np.stack([np.uint8(functions[name](Image.fromarray(img), c)) for img in IMAGES])
         diff = np.abs(ours.astype(int) - ref.astype(int))
         if name == "elastic_transform":  # a few values by more where a sample sits on an edge
-            assert diff.mean() < 0.3 and (diff > 1).mean() < 0.01, (severity, diff.max(), diff.mean(), (diff > 1).mean())
+            assert diff.mean() < 0.3 and (diff > 1).mean() < 0.01, (
+                severity, diff.max(), diff.mean(), (diff > 1).mean())
         else:
             assert diff.max() == 0, (severity, int((diff > 0).sum()), int(diff.max()))

@@ -39,7 +39,8 @@ def q(model, t):
 def test_1d_and_2d_slices_of_a_quadratic_are_the_quadratic():
     model = Quadratic()
     theta = model.theta.detach().clone()
-    d1, d2 = [torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)], [torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=torch.float64)]
+    d1 = [torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)]
+    d2 = [torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=torch.float64)]
     alphas = [-1.0, -0.5, 0.0, 0.5, 1.0]
     line = loss_slice_1d(model, BATCHES, loss_fn, alphas, direction=d1)
     assert line == pytest.approx([q(model, theta + a * d1[0]) for a in alphas])

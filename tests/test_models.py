@@ -19,14 +19,15 @@ BIG = {"wrn28-10", "pyramidnet101", "pyramidnet272", "densenet121"}
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _default_model(name: str) -> nn.Module:
     """Each registered model for 10 classes and 3 channels, built once for the whole module."""
     torch.manual_seed(0)
     return create_model(name)
 
 
-@pytest.mark.parametrize("name,in_channels,size", [("mlp", 1, 28), ("lenet", 1, 28), ("lenet", 3, 32), ("resnet20", 3, 32), ("resnet20", 1, 28)])
+@pytest.mark.parametrize("name,in_channels,size", [("mlp", 1, 28), ("lenet", 1, 28), ("lenet", 3, 32),
+                                                   ("resnet20", 3, 32), ("resnet20", 1, 28)])
 def test_output_shapes(name, in_channels, size):
     kwargs = {"input_size": size} if name in ("mlp", "bayes-mlp") else {}
     model = create_model(name, num_classes=7, in_channels=in_channels, **kwargs)
@@ -71,7 +72,8 @@ def test_mnist_shaped_inputs_reach_the_code_paths_of_the_big_models():
             assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
 
 
-@pytest.mark.parametrize("name", ["resnet10", "preact-resnet18", "wrn16-4", "pyramidnet-small", "mobilenet", "efficientnet-b0"])
+@pytest.mark.parametrize("name", ["resnet10", "preact-resnet18", "wrn16-4", "pyramidnet-small", "mobilenet",
+                                  "efficientnet-b0"])
 def test_every_parameter_gets_a_gradient(name):
     torch.manual_seed(0)
     model = create_model(name, num_classes=5)

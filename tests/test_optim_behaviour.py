@@ -26,7 +26,7 @@ def test_groups_with_perturb_false_never_move_during_ascent():
         before = [p.detach().clone() for p in frozen]
         seen = []
 
-        def loss_fn(b):
+        def loss_fn(b, *, seen=seen, before=before):  # bound now: opt.step calls it within this iteration
             seen.append(all(torch.equal(p, q) for p, q in zip(frozen, before)))
             return F.cross_entropy(model(b[0]), b[1])
 
@@ -45,8 +45,9 @@ def test_rho_scale_per_group():
         first = [p.detach().clone() for p in model[0].parameters()]
         shifts = []
 
-        def loss_fn(b):
-            shifts.append(torch.sqrt(sum(((p.detach() - q) ** 2).sum() for p, q in zip(model[0].parameters(), first))))
+        def loss_fn(b, *, model=model, first=first, shifts=shifts):  # bound now, as above
+            pairs = zip(model[0].parameters(), first)
+            shifts.append(torch.sqrt(sum(((p.detach() - q) ** 2).sum() for p, q in pairs)))
             return F.cross_entropy(model(b[0]), b[1])
 
         opt.step(loss_fn, batch=(x, y))

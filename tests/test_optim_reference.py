@@ -101,7 +101,8 @@ def test_asam_eta_scaling_matches_hand_written_formula():
         torch.testing.assert_close(p, p0 - 0.05 * gf, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("merge,normalize,reduce", list(itertools.product([True, False], ["step", "merged"], ["sum", "mean"])))
+@pytest.mark.parametrize("merge,normalize,reduce",
+                         list(itertools.product([True, False], ["step", "merged"], ["sum", "mean"])))
 def test_two_step_chain_equals_method_md_pseudo_code(merge, normalize, reduce):
     model, hand = tiny_mlp(), tiny_mlp()
     rho = (0.05, 0.1)
@@ -145,7 +146,8 @@ def test_two_particles_equal_reference_with_the_same_random_split(reduce):
         x, y = data(16, seed=step)
         opt.step(ce(model), batch=(x, y))
         perm = torch.randperm(16, generator=generator)
-        g = reference_final_gradient(hand, _params(hand), x, y, rho=(0.05, 0.1), reduce=reduce, particles_perms=(None, perm))
+        g = reference_final_gradient(hand, _params(hand), x, y, rho=(0.05, 0.1), reduce=reduce,
+                                     particles_perms=(None, perm))
         with torch.no_grad():
             for p, gp in zip(hand.parameters(), g):
                 p.sub_(0.1 * gp)

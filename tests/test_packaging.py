@@ -23,8 +23,8 @@ OPTIONAL = sorted({*TRAIN_EXTRA, "skimage", "cv2", "wand", "autoattack", "pytorc
 def _core_only(code: str, cwd: Path) -> subprocess.CompletedProcess:
     """Run ``code`` in a fresh interpreter in which no optional package can be imported."""
     block = f"import sys\nfor _m in {OPTIONAL!r}:\n    sys.modules[_m] = None\n"
-    return subprocess.run([sys.executable, "-c", block + code], capture_output=True, text=True, timeout=120, check=False,
-                          cwd=cwd)
+    return subprocess.run([sys.executable, "-c", block + code], capture_output=True, text=True, timeout=120,
+                          check=False, cwd=cwd)
 
 
 def _cli_core_only(args: list[str], cwd: Path) -> subprocess.CompletedProcess:

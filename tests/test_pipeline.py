@@ -281,7 +281,8 @@ def test_a_kill_between_writes_resumes_to_the_artefacts_of_an_uninterrupted_run(
         train(cfg, part, log=lambda _: None)
     monkeypatch.setattr(checkpoint, "atomic_link", real_link)
     monkeypatch.setattr(checkpoint, "atomic_write_text", real_text)
-    assert torch.load(part / "checkpoints" / "last.pt", weights_only=False)["epoch"] == (1 if where == "after best.pt" else 2)
+    assert (torch.load(part / "checkpoints" / "last.pt", weights_only=False)["epoch"]
+            == (1 if where == "after best.pt" else 2))
     (part / "checkpoints" / ".last.pt.x1y2.tmp").write_bytes(b"\0" * 1000)  # a killed write's leftover
     train(None, prepare_run_dir(part, resume=True), resume=True, log=lambda _: None)
     for name in ("last.pt", "best.pt"):
@@ -289,7 +290,8 @@ def test_a_kill_between_writes_resumes_to_the_artefacts_of_an_uninterrupted_run(
         b = torch.load(part / "checkpoints" / name, weights_only=False)
         assert a["epoch"] == b["epoch"] and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     timing = {"seconds", "images_per_second"}
-    rows = [{k: v for k, v in json.loads(r).items() if k not in timing} for r in (part / "metrics.jsonl").read_text().splitlines()]
+    rows = [{k: v for k, v in json.loads(r).items() if k not in timing}
+            for r in (part / "metrics.jsonl").read_text().splitlines()]
     assert rows == [{k: v for k, v in json.loads(r).items() if k not in timing}
                     for r in (full / "metrics.jsonl").read_text().splitlines()]
     assert not list((part / "checkpoints").glob("*.tmp")) and not list(part.glob(".*.tmp"))

@@ -127,7 +127,8 @@ def test_an_in_norm_parameter_without_gradient_does_not_shift_the_others():
     for with_unused in (False, True):
         model = tiny_mlp()
         params = list(model.parameters())
-        frozen = ([torch.nn.Parameter(torch.full((3,), 7.0, dtype=params[0].dtype))] if with_unused else []) + params[2:]
+        unused = [torch.nn.Parameter(torch.full((3,), 7.0, dtype=params[0].dtype))] if with_unused else []
+        frozen = unused + params[2:]
         opt = OTMDR([{"params": params[:2]}, {"params": frozen, "perturb": False, "in_norm": True}],
                     torch.optim.SGD, rho=(0.05, 0.1), adaptive=True, adaptive_eta=0.01, lr=0.1, model=model)
         opt.step(ce(model), batch=(x, y))

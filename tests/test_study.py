@@ -123,7 +123,8 @@ def test_search_budget_of_its_own_trains_the_finals_anew(tmp_path, monkeypatch):
                   search_overrides=["train.epochs=1"])
     result = run_study(study, log=lambda _: None)
     assert (tmp_path / "s" / "sam-seed0" / "summary.json").is_file()
-    assert yaml.safe_load((tmp_path / "s" / "search" / "sam-rho=0.01" / "config.yaml").read_text())["train"]["epochs"] == 1
+    search_config = (tmp_path / "s" / "search" / "sam-rho=0.01" / "config.yaml").read_text()
+    assert yaml.safe_load(search_config)["train"]["epochs"] == 1
     assert yaml.safe_load((tmp_path / "s" / "sam-seed0" / "config.yaml").read_text())["train"]["epochs"] == 2
     assert len(result["summaries"]["sam"]) == 2
 
@@ -416,8 +417,8 @@ def test_one_batch_norm_policy_for_every_method_unless_per_method(tmp_path):
     for policy, expected in (("clean", {"sam": "clean", "otmdr": "clean"}),
                              ("ascent", {"sam": "ascent", "otmdr": "ascent"}),
                              (None, {"sam": "clean", "otmdr": "ascent"})):  # each method's own (the release's)
-        study = Study(str(DEMO), FAST + ["otmdr.preset=release"], methods, [0], parse_grid(["sam.rho=0.1,0.2"], methods), tmp_path,
-                      bn_policy=policy)
+        study = Study(str(DEMO), FAST + ["otmdr.preset=release"], methods, [0],
+                      parse_grid(["sam.rho=0.1,0.2"], methods), tmp_path, bn_policy=policy)
         search, _ = plan(study)
         for run in search:
             section = getattr(run.config, run.method)

@@ -208,7 +208,8 @@ def plot_accuracy_against_compute(results: dict[tuple[int, int], list[dict[str, 
 
 def _table(titles: list[str], rows: list[list[str]]) -> list[str]:
     aligned = ["---" if i < 3 else "---:" for i in range(len(titles))]
-    return ["| " + " | ".join(titles) + " |", "|" + "|".join(aligned) + "|"] + ["| " + " | ".join(r) + " |" for r in rows]
+    return (["| " + " | ".join(titles) + " |", "|" + "|".join(aligned) + "|"]
+            + ["| " + " | ".join(r) + " |" for r in rows])
 
 
 def render_report(regimes: dict[str, dict[tuple[int, int], list[dict[str, Any]]]], reference: tuple[int, int], *,
