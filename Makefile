@@ -22,6 +22,8 @@ demo: $(STAMP)
 	  --reference sgd,sam --quiet --out runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 test: $(STAMP)
+	$(PY) -m ruff check src tests benchmarks examples
+	$(PY) -m mypy
 	$(PY) -m pytest -q
 
 example: $(STAMP)
