@@ -15,15 +15,17 @@ import io
 import json
 import shutil
 from pathlib import Path
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from ..config import ExperimentConfig, comparable_config, config_from_dict
-from .checkpoint import CheckpointError, CheckpointWriter, atomic_write_text, load_checkpoint
+from .checkpoint import CheckpointError, CheckpointWriter, atomic_write_text, load_checkpoint, validate_checkpoint
 
 if TYPE_CHECKING:
-    from torch import nn
+    import torch
+    from torch import Tensor, nn
 
 __all__ = ["RunDirError", "prepare_run_dir", "load_run", "check_same_run", "remove_leftovers", "write_history",
            "restart_config", "discard_unfinished", "prepare_study_dir", "discard_failed_study"]
@@ -56,7 +58,7 @@ def load_run(path: str | Path, device: str = "auto",
     """A trained model from a checkpoint file, or from a run directory: its final model
     (``which="last"``, what ``summary.json`` reports) or its best on validation (``"best"``)."""
     from ..data import DatasetSpec, get_spec
-    from .builders import build_model, select_device
+    from .builders import build_model, build_optimizer, select_device
 
     path = Path(path)
     if path.is_dir():
@@ -70,6 +72,9 @@ def load_run(path: str | Path, device: str = "auto",
     spec = get_spec(cfg.data.name) if saved is None else DatasetSpec(
         **{**saved, "mean": tuple(saved["mean"]), "std": tuple(saved["std"])})
     model = build_model(cfg, spec)
+    # the whole checkpoint must be sound, not only its weights: a damaged optimizer state means
+    # a damaged file, whose weights are not to be trusted either
+    validate_checkpoint(state, path, model_state=model.state_dict(), optimizer=build_optimizer(cfg, model))
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as error:
@@ -78,15 +83,26 @@ def load_run(path: str | Path, device: str = "auto",
     return cfg, model.to(select_device(device)), state
 
 
-def check_same_run(run_dir: Path, checkpoint: dict[str, Any]) -> None:
+def check_same_run(run_dir: Path, checkpoint: dict[str, Any], *, model_state: Mapping[str, Tensor] | None = None,
+                   optimizer: torch.optim.Optimizer | None = None) -> None:
     """A resumed checkpoint must be this run's: one copied from another run would silently
-    continue that run's config in this folder."""
+    continue that run's config in this folder. Given the built model's state and optimizer, it
+    must also fit them, and the run's ``best.pt`` (read at the run's end) must be intact: all
+    checked before a resume loads anything or writes a file."""
+    last = run_dir / "checkpoints" / "last.pt"
     saved = run_dir / "config.yaml"
-    if not saved.is_file():
-        return
-    if comparable_config(yaml.safe_load(saved.read_text())) != comparable_config(checkpoint["config"]):
-        raise CheckpointError(f"{run_dir / 'checkpoints' / 'last.pt'} belongs to another run than {saved} describes "
+    if saved.is_file() and comparable_config(yaml.safe_load(saved.read_text())) != comparable_config(
+            checkpoint["config"]):
+        raise CheckpointError(f"{last} belongs to another run than {saved} describes "
                               "(a copied checkpoint?): restore this run's checkpoint or start a new run")
+    validate_checkpoint(checkpoint, last, model_state=model_state, optimizer=optimizer)
+    best = run_dir / "checkpoints" / "best.pt"
+    if best.is_file() and not (last.is_file() and best.samefile(last)):
+        try:
+            load_checkpoint(best)
+        except CheckpointError as error:
+            raise CheckpointError(f"{error} (a resume ends by reading it: restore it, or delete it to resume "
+                                  "without the early-stopped model so far)") from None
 
 
 def remove_leftovers(run_dir: Path) -> None:
