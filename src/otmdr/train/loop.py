@@ -169,7 +169,8 @@ def _restore(run: _Run, checkpoint: dict[str, Any]) -> None:
     """Continue where ``checkpoint`` stopped: weights, optimizer, schedule, loader position and
     every random stream, so the resumed run equals the uninterrupted one bit for bit."""
     strategy = run.strategy
-    strategy.on_main(lambda: check_same_run(run.run_dir, checkpoint))
+    strategy.on_main(lambda: check_same_run(run.run_dir, checkpoint, model_state=strategy.model_state(run.model),
+                                            optimizer=run.optimizer))  # before anything is loaded or written
     try:
         strategy.load_model_state(run.model, checkpoint["model"])
     except RuntimeError as error:
