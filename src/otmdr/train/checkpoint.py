@@ -55,7 +55,8 @@ _SEAL = b"otmdr-sha256:"
 _SEAL_LENGTH = len(_SEAL) + 64  # the prefix and the hex digest: the zip comment
 _ZIP_START = b"PK\x03\x04"
 _ZIP_END = b"PK\x05\x06"  # the end-of-central-directory record: 22 bytes, then the comment
-_ADVICE = "use an intact copy or the run's other checkpoint (best.pt / last.pt), or retrain"
+_ADVICE = ("restore it from an intact copy, or use the run's other checkpoint (otmdr eval --checkpoint best; "
+           "to resume from best.pt copy it over last.pt: the epochs after it train again), or retrain")
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
