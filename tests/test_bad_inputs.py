@@ -64,15 +64,15 @@ CASES = [
     ("train --config {demo} --out {new} --set otmdr.normalize=sideways", "otmdr.normalize"),
     ("train --config {demo} --out {new} --set otmdr.reduce=max", "otmdr.reduce"),
     ("train --config {demo} --out {new} --set otmdr.particle_reduce=max", "otmdr.particle_reduce"),
-    ("train --config {demo} --out {new} --set otmdr.particles=0", "otmdr.particles: must be > 0"),
+    ("train --config {demo} --out {new} --set otmdr.particles=0", "otmdr.particles: must be in [1, 1024]"),
     ("train --config {demo} --out {new} --set otmdr.merge=maybe", "otmdr.merge: expected true or false"),
     ("train --config {demo} --out {new} --set otmdr.bn_policy=some", "otmdr.bn_policy"),
     ("train --config {demo} --out {new} --set data.val_fraction=1.0", "data.val_fraction"),
     ("train --config {demo} --out {new} --set data.label_noise=1.0", "data.label_noise"),
     ("train --config {demo} --out {new} --set data.label_noise_kind=asym", "data.label_noise_kind"),
-    ("train --config {demo} --out {new} --set data.batch_size=0", "data.batch_size: must be > 0"),
+    ("train --config {demo} --out {new} --set data.batch_size=0", "data.batch_size: must be >= 1"),
     ("train --config {demo} --out {new} --set data.batch_size=1.5", "data.batch_size: expected an integer"),
-    ("train --config {demo} --out {new} --set train.epochs=0", "train.epochs: must be > 0"),
+    ("train --config {demo} --out {new} --set train.epochs=0", "train.epochs: must be in [1, 100000]"),
     ("train --config {demo} --out {new} --set train.precision=fp8", "train.precision"),
     ("train --config {demo} --out {new} --set train.device=tpu", "train.device"),
     ("train --config {demo} --out {new} --set train.device=cuda", "CUDA is not available"),
@@ -84,7 +84,7 @@ CASES = [
     ("train --config {demo} --out {new} --set optim.base=lion", "optim.base"),
     ("train --config {demo} --out {new} --set schedule.name=linear", "schedule.name"),
     ("train --config {demo} --out {new} --set ensemble.regime=solo", "ensemble.regime"),
-    ("train --config {demo} --out {new} --set eval.ece_bins=0", "eval.ece_bins: must be > 0"),
+    ("train --config {demo} --out {new} --set eval.ece_bins=0", "eval.ece_bins: must be in [1, 1000]"),
     ("train --config {demo} --out {new} --set optim", "must look like section.key=value"),
     ("train --config {demo} --out {new} --set optim=5", "must be a mapping"),
     # data
@@ -100,7 +100,7 @@ CASES = [
     ("train --resume {base}/stale", "nothing to resume"),
     ("train --resume {run} --config {demo}", "drop --config"),
     ("train --resume {run} --epochs 5", "drop --config"),
-    ("train --config {demo} --out {new} --epochs 0", "train.epochs: must be > 0"),
+    ("train --config {demo} --out {new} --epochs 0", "--epochs: must be in [1, 100000]"),
     # evaluation
     ("eval {base}/missing", "does not exist"),
     ("eval {base}/corrupt.pt", "corrupted or not an otmdr checkpoint"),
@@ -112,20 +112,20 @@ CASES = [
     ("eval {run} --attack pgd --eps 1/0", "--eps"),
     ("eval {run} --corruptions sunshine", "--corruptions"),
     ("eval {run} --corruptions all --severities 9", "--corruptions/--severities"),
-    ("eval {run} --test-limit 0", "--test-limit must be at least 1"),
+    ("eval {run} --test-limit 0", "--test-limit: must be >= 1"),
     ("eval {run} --device cuda", "CUDA is not available"),
     ("eval {run} --device nonsense", "is not a device"),
     ("sharpness {base}/missing", "does not exist"),
     ("sharpness {run} --json {base}/folder", "is a folder"),
     ("landscape {base}/corrupt.pt --out {new}", "corrupted"),
-    ("corrupt --dataset digits --out {new} --limit 0", "--limit must be at least 1"),
+    ("corrupt --dataset digits --out {new} --limit 0", "--limit: must be >= 1"),
     ("corrupt --dataset digits --out {new} --corruptions sunshine", "--corruptions"),
     ("corrupt --dataset nonexistent --out {new}", "nonexistent"),
     # comparisons
     ("compare --config {demo} --out {new} --methods bogus", "--methods"),
     ("compare --config {demo} --out {new} --methods sgd,sgd", "listed twice"),
-    ("compare --config {demo} --out {new} --seeds 0", "--seeds must be at least 1"),
-    ("compare --config {demo} --out {new} --jobs 0", "--jobs must be at least 1"),
+    ("compare --config {demo} --out {new} --seeds 0", "--seeds: must be in [1, 1000]"),
+    ("compare --config {demo} --out {new} --jobs 0", "--jobs: must be in [1, 256]"),
     ("compare --config {demo} --out {new} --reference asam", "--reference"),
     ("compare --config {demo} --out {new} --grid sam.rho=", "--grid"),
     ("compare --config {demo} --out {new} --grid sam.rhoo=0.1,0.2", "did you mean sam.rho"),
@@ -135,12 +135,69 @@ CASES = [
     ("compare --config {demo} --out {base}/afile", "is a file, not a folder"),
     ("compare --config {demo} --out {base}/nonempty", "already exists and is not empty"),
     ("compare --config {demo} --out {new} --set sam.rho=inf", "sam.rho"),
+    # absurd numbers (issue 29 rows 6-8): every bound is declared once, next to its config field,
+    # and the options that mirror a key use the same declaration; nothing is created
+    ("train --config {demo} --out {new} --set data.crop_padding=1000000000000", "data.crop_padding: must be in [0, "),
+    ("train --config {demo} --out {new} --set data.cutout=1000000000000", "data.cutout: must be in [0, "),
+    ("train --config {demo} --out {new} --set train.threads=1000000000000", "train.threads: must be in [1, "),
+    ("train --config {demo} --out {new} --set eval.ece_bins=1000000000000", "eval.ece_bins: must be in [1, 1000]"),
+    ("train --config {demo} --out {new} --set model.options={{hidden:[-1]}}", "hidden[0] must be"),
+    ("train --config {demo} --out {new} --set model.options={{hidden:[1000000000000]}}", "hidden[0] must be"),
+    ("train --config {demo} --out {new} --set model.options={{hidden:[16,0]}}", "hidden[1] must be"),
+    ("train --config {demo} --out {new} --set model.name=lenet --set model.options={{\"width\":0}}", "width must be"),
+    ("sharpness {run} --samples 0", "--samples: must be >= 1"),
+    ("sharpness {run} --batch-size 0", "--batch-size: must be >= 1"),
+    ("landscape {run} --out {new} --points 0", "--points: must be in [2, "),
+    ("landscape {run} --out {new} --points 1", "--points: must be in [2, "),
+    ("landscape {run} --out {new} --points 1000000000000", "--points: must be in [2, "),
+    ("landscape {run} --out {new} --samples 0", "--samples: must be >= 1"),
+    ("eval {run} --ece-bins 1000000000000", "--ece-bins: must be in [1, 1000]"),
+    ("eval {run} --ece-bins 0", "--ece-bins: must be in [1, 1000]"),
+    ("eval {run} --ece-bins 1e12", "--ece-bins: expected an integer"),
+    ("compare --config {demo} --out {new} --seeds 1000000000000", "--seeds: must be in [1, "),
+    ("compare --config {demo} --out {new} --jobs 1000000000000", "--jobs: must be in [1, "),
+    ("compare --config {demo} --out {new} --set train.seed=4294967295", "--seeds"),
+    # accepted without complaint before (issue 29)
+    ("train --config {demo} --out {new} --set schedule.milestones=[-1]", "schedule.milestones[0]: must be > 0"),
+    ("train --config {demo} --out {new} --set train.seed=-1", "train.seed: must be in [0, 4294967295]"),
+    ("train --config {demo} --out {new} --seed -1", "--seed: must be in [0, 4294967295]"),
+    ("train --config {demo} --out {new} --set train.seed=100000000000000000000", "train.seed: must be in [0, "),
+    ("train --config {demo} --out {new} --set data.label_noise_seed=-1", "data.label_noise_seed: must be in [0, "),
+    ("train --config {demo} --out {new} --set model.options={{hidden:[0]}}", "hidden[0] must be"),
+    ("train --config {demo} --out {new} --set train.epochs=1000000", "train.epochs: must be in [1, 100000]"),
+    ("train --config {demo} --out {new} --epochs 1000000", "--epochs: must be in [1, 100000]"),
+    ("train --config {demo} --out {new} --set otmdr.particles=1000000", "otmdr.particles: must be in [1, 1024]"),
+    ("train --config {demo} --out {new} --set bayes.test_samples=1000000", "bayes.test_samples: must be in [1, "),
+    ("train --config {demo} --out {new} --set optim.momentum=1.5", "optim.momentum: must be in [0, 1)"),
+    ("train --config {demo} --out {new} --set optim.max_grad_norm=0", "optim.max_grad_norm: must be > 0"),
+    ("sharpness {run} --rho -1", "--rho: must be >= 0"),
+    ("sharpness {run} --rho nan", "--rho: must be a finite number"),
+    ("sharpness {run} --iterations 0", "--iterations: must be in [1, "),
+    ("sharpness {run} --probes 0", "--probes: must be in [1, "),
+    ("landscape {run} --out {new} --span nan", "--span: must be a finite number"),
+    ("landscape {run} --out {new} --span 0", "--span: must be in (0, "),
+    ("eval {run} --attack fgsm --eot 0", "--eot: must be in [1, "),
+    ("eval {run} --attack pgd --eot 0", "--eot: must be in [1, "),
+    ("eval {run} --attack pgd --steps 0", "--steps: must be in [1, "),
+    ("eval {run} --corruptions all --corruption-seed -1", "--corruption-seed: must be in [0, "),
+    ("corrupt --dataset digits --out {new} --seed -1", "--seed: must be in [0, "),
+    ("compare --config {demo} --out {new} --dist-timeout 0", "--dist-timeout: must be > 0"),
 ]
 
 
 def _snapshot(base: Path) -> dict[str, str]:
     return {str(p.relative_to(base)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
             for p in sorted(base.rglob("*")) if p.name != ".lock"}
+
+
+def _exit_status(args: list[str]) -> int:
+    """What the ``otmdr`` command exits with: ``main``'s return value, or the status of the
+    SystemExit that an option refused while parsing raises (argparse exits; the console script
+    exits with ``main``'s value)."""
+    try:
+        return main(args)
+    except SystemExit as stop:
+        return stop.code if isinstance(stop.code, int) else 1
 
 
 def test_there_are_at_least_60_cases():
@@ -152,7 +209,7 @@ def test_bad_input_is_one_clear_line(world, tmp_path, capsys, command, message):
     new = tmp_path / "new-output"
     args = command.format(demo=DEMO, base=world, run=world / "run", new=new).split()
     before = _snapshot(world)
-    assert main(args) == 2
+    assert _exit_status(args) == 2
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1, captured.err

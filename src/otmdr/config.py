@@ -1,8 +1,13 @@
 """Experiment configuration: typed sections, loaded from YAML, overridden by ``--set key=value``.
 
-Every key is checked: an unknown key or a value of the wrong type or outside its choices is a
-:class:`ConfigError` whose message names the key (``optim.lr``) and what was expected, so the CLI
-can print one line instead of a traceback.
+Every key is checked: an unknown key or a value of the wrong type, outside its choices or outside
+its range is a :class:`ConfigError` whose message names the key (``optim.lr``) and what was
+expected, so the CLI can print one line instead of a traceback. A number's range is declared once,
+next to its field (``bounded(...)``, a :class:`Bound` in the field's metadata): the check, ``otmdr
+config`` and the CLI options that mirror a key (``otmdr train --epochs``) all read it there.
+
+YAML is imported where it is used: the CLI's parser reads the bounds here, and ``otmdr --help``
+needs the core dependencies only.
 """
 
 from __future__ import annotations
@@ -15,14 +20,15 @@ import typing
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import yaml
+from typing import TYPE_CHECKING, Any
 
 from .optim.config import PRESETS
 
+if TYPE_CHECKING:
+    import yaml
+
 __all__ = ["ConfigError", "ExperimentConfig", "otmdr_options", "load_config", "describe_config", "comparable_config",
-           "apply_overrides", "config_to_dict", "config_from_dict", "parse_number"]
+           "apply_overrides", "config_to_dict", "config_from_dict", "parse_number", "Bound", "BOUNDS", "SEED"]
 
 METHODS = ("sgd", "sam", "asam", "otmdr")
 
@@ -31,24 +37,86 @@ class ConfigError(ValueError):
     """A configuration problem, with a message that names the key and the fix."""
 
 
+@dataclass(frozen=True)
+class Bound:
+    """The allowed values of a number: ``low <= x <= high``, ``<`` at an end marked open, finite.
+
+    ``why`` says why the upper end is where it is (shown when a value passes it): the upper ends
+    are not limits of the arithmetic but the point past which a value is a typo or a run that
+    would not finish (an array too large to allocate, weeks of compute), refused before any work.
+    """
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    why: str = ""
+
+    def text(self) -> str:
+        """``>= 0``, ``> 0``, ``in [1, 1000]``, ``in [0, 1)``: how ``otmdr config`` and errors show it."""
+        if self.low is not None and self.high is not None:
+            return (f"in {'(' if self.low_open else '['}{_shown(self.low)}, {_shown(self.high)}"
+                    f"{')' if self.high_open else ']'}")
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {_shown(self.low)}"
+        if self.high is not None:
+            return f"{'<' if self.high_open else '<='} {_shown(self.high)}"
+        return "any finite number"
+
+    def problem(self, value: float) -> str | None:
+        """None for an allowed value, else what is wrong: ``must be in [1, 1000], got 0``."""
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"must be a finite number ({self.text()}), got {value!r}"
+        low, high = self.low, self.high
+        if low is not None and (value <= low if self.low_open else value < low):
+            return f"must be {self.text()}, got {value!r}"
+        if high is not None and (value >= high if self.high_open else value > high):
+            return f"must be {self.text()}, got {value!r}" + (f" ({self.why})" if self.why else "")
+        return None
+
+
+def _shown(number: float) -> str:
+    return str(int(number)) if float(number).is_integer() else repr(number)
+
+
+def bounded(default: Any = None, low: float | None = None, high: float | None = None, *, low_open: bool = False,
+            high_open: bool = False, why: str = "", factory: Any = None, like: Bound | None = None) -> Any:
+    """A dataclass field whose value (each item, for a list) must lie in ``Bound(low, high, ...)``
+    (or in ``like``, a Bound shared with other fields and options, such as SEED)."""
+    metadata = {"bound": like or Bound(low, high, low_open, high_open, why)}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+#: Seeds: what numpy and most tools accept, so a seed can be reused elsewhere (torch takes 64 bits).
+SEED = Bound(0, 2**32 - 1, why="the seed range of numpy and most tools")
+_EPOCHS = "past 100000 epochs a run does not finish; train.epochs counts passes over the training split"
+_WIDTH = "a padding or square wider than any image otmdr reads (CIFAR's usual: 4 and 16)"
+_THREADS = "more threads than cores only slow torch down"
+_BINS = "more bins hold too few images each to estimate anything (15 is usual)"
+_SAMPLES = "each is one more pass over the evaluated sets (30 is the release's)"
+_PARTICLES = "each particle is one more set of ascent passes per step (K <= 4 in the paper)"
+
+
 @dataclass
 class DataConfig:
     name: str = "digits"
     dir: str | None = None  # the directory (or archive) holding the dataset; not needed for digits
     cache_dir: str | None = None  # where decoded image folders are cached (default ~/.cache/otmdr)
-    val_fraction: float = 0.1  # of the training set, held out (seeded) for validation
-    train_limit: int | None = None  # use a seeded subset of this many training images
-    test_limit: int | None = None  # evaluate on a fixed random subset of N test images (otmdr.data.test_subset)
-    batch_size: int = 128  # the global batch: under torchrun split over the processes (divisible by their number)
-    eval_batch_size: int = 512
-    crop_padding: int = 0  # random crop with this zero padding
+    val_fraction: float = bounded(0.1, 0, 1, high_open=True)  # of the training set, held out (seeded) for validation
+    train_limit: int | None = bounded(None, 1)  # use a seeded subset of this many training images
+    test_limit: int | None = bounded(None, 1)  # evaluate on a fixed random subset of N test images (data.test_subset)
+    batch_size: int = bounded(128, 1)  # the global batch: under torchrun split over (and divisible by) the processes
+    eval_batch_size: int = bounded(512, 1)
+    crop_padding: int = bounded(0, 0, 128, why=_WIDTH)  # random crop with this zero padding
     flip: bool = False  # random horizontal flip
-    cutout: int = 0  # cutout square size (0: off)
+    cutout: int = bounded(0, 0, 512, why=_WIDTH)  # cutout square size (0: off)
     # synthetic label noise on the training split (otmdr.data.noise): the fraction of wrong labels,
     # drawn once over the training file with its own seed, independent of train.seed
-    label_noise: float = 0.0  # fraction of training labels replaced by a wrong class, in [0, 1)
+    label_noise: float = bounded(0.0, 0, 1, high_open=True)  # fraction of training labels replaced by a wrong class
     label_noise_kind: str = "symmetric"  # symmetric (uniform over the other classes) | pairflip (c -> c+1)
-    label_noise_seed: int = 0  # which labels are wrong: independent of train.seed
+    label_noise_seed: int = bounded(0, like=SEED)  # which labels are wrong: independent of train.seed
     noisy_val: bool = False  # also corrupt the validation labels (a user who only has noisy labels)
 
 
@@ -62,24 +130,24 @@ class ModelConfig:
 class OptimConfig:
     method: str = "otmdr"  # sgd | sam | asam | otmdr
     base: str = "sgd"  # sgd | adam | adamw: the base optimizer of sam/asam/otmdr (and sgd's own)
-    lr: float = 0.1
-    momentum: float = 0.9
+    lr: float = bounded(0.1, 0)
+    momentum: float = bounded(0.9, 0, 1, high_open=True)  # base sgd (1 or more never forgets a gradient)
     nesterov: bool = False  # Nesterov momentum (base sgd)
-    weight_decay: float = 5e-4
-    max_grad_norm: float | None = None
+    weight_decay: float = bounded(5e-4, 0)
+    max_grad_norm: float | None = bounded(None, 0, low_open=True)  # clip the gradient norm to this (null: off)
 
 
 @dataclass
 class SAMConfig:
-    rho: float = 0.05  # radius, >= 0 (the measured radius equals it)
+    rho: float = bounded(0.05, 0)  # radius (the measured radius equals it)
     bn_policy: str = "clean"  # ascent | clean | all | none: passes that update batch-norm statistics
     sync_ascent: bool = False  # torchrun: all-reduce the ascent gradient (one shared neighbour), not per process
 
 
 @dataclass
 class ASAMConfig:
-    rho: float = 0.5  # radius in the |theta|-rescaled space
-    adaptive_eta: float = 0.01  # T = |theta| + adaptive_eta (was asam.eta, still read)
+    rho: float = bounded(0.5, 0)  # radius in the |theta|-rescaled space
+    adaptive_eta: float = bounded(0.01, 0)  # T = |theta| + adaptive_eta (was asam.eta, still read)
     bn_policy: str = "clean"  # ascent | clean | all | none
     sync_ascent: bool = False  # torchrun: all-reduce the ascent gradient (one shared neighbour), not per process
 
@@ -93,10 +161,10 @@ class OTMDRConfig:
     normalize: str | None = None  # merged (default: by the merged direction's norm) | step (release: its own's)
     reduce: str = "sum"  # sum | mean, of the merged direction (and the particles unless particle_reduce)
     particle_reduce: str | None = None  # None: as reduce; the release's K > 1 "mode 1.1": reduce sum, this mean
-    noise_std: float = 0.0  # Langevin noise std per coordinate after each ascent step
+    noise_std: float = bounded(0.0, 0)  # Langevin noise std per coordinate after each ascent step
     adaptive: bool = False  # ASAM-style scaling by |theta| + adaptive_eta
-    adaptive_eta: float = 0.0  # >= 0
-    particles: int = 1  # K particles, each on its own random split (cost grows linearly)
+    adaptive_eta: float = bounded(0.0, 0)  # ASAM-style T = |theta| + adaptive_eta
+    particles: int = bounded(1, 1, 1024, why=_PARTICLES)  # K particles, each on its own random split (cost: linear)
     bn_policy: str | None = None  # clean (default) | ascent (release) | all | none
     # torchrun: all-reduce the ascent gradients too (every process moves to the same neighbour,
     # as one process with the global batch would); false: each process ascends on its own shard
@@ -127,21 +195,21 @@ def otmdr_options(section: OTMDRConfig) -> dict[str, Any]:
 @dataclass
 class ScheduleConfig:
     name: str = "cosine"  # cosine | step | constant
-    warmup_epochs: float = 0.0  # linear warm-up (fractions of an epoch allowed)
-    milestones: list[float] = field(default_factory=list)  # epochs, for "step"
-    gamma: float = 0.1  # step decay factor
+    warmup_epochs: float = bounded(0.0, 0, 100000, why=_EPOCHS)  # linear warm-up (fractions of an epoch allowed)
+    milestones: list[float] = bounded(factory=list, low=0, low_open=True)  # epochs, for "step"
+    gamma: float = bounded(0.1, 0)  # step decay factor
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 10  # > 0
-    label_smoothing: float = 0.0  # in [0, 1)
-    seed: int = 0  # initialisation, data order, validation split, optimizer noise
+    epochs: int = bounded(10, 1, 100000, why=_EPOCHS)
+    label_smoothing: float = bounded(0.0, 0, 1, high_open=True)
+    seed: int = bounded(0, like=SEED)  # initialisation, data order, validation split, optimizer noise
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 uses a GradScaler)
     channels_last: bool = False
     progress: bool = True
-    threads: int | None = None  # torch CPU threads (default: torch's choice)
+    threads: int | None = bounded(None, 1, 1024, why=_THREADS)  # torch CPU threads (default: torch's choice)
     sync_batchnorm: bool = False  # torchrun on CUDA: batch-norm statistics over the global batch (SyncBatchNorm)
 
 
@@ -159,16 +227,16 @@ class EnsembleConfig:
 class BayesConfig:
     """Bayesian (``bayes-*``) models: loss = NLL + kl_weight * KL(q || prior), KL summed over layers."""
 
-    kl_weight: float = 5.0e-6  # the release's beta; 1/N (N = training-set size) is the textbook ELBO
+    kl_weight: float = bounded(5.0e-6, 0)  # the release's beta; 1/N (N = training-set size) is the textbook ELBO
     # whether the sigma gradients count in the ascent norm although only the means move (the
     # release's BNN step: true; ours by default: the norm of the moved means only)
     sigma_in_norm: bool = False
-    test_samples: int = 30  # Monte-Carlo samples of the predictive at evaluation
+    test_samples: int = bounded(30, 1, 1000, why=_SAMPLES)  # Monte-Carlo samples of the predictive at evaluation
 
 
 @dataclass
 class EvalConfig:
-    ece_bins: int = 15  # equal-width confidence bins of the ECE
+    ece_bins: int = bounded(15, 1, 1000, why=_BINS)  # equal-width confidence bins of the ECE
     temperature_scaling: bool = True  # also report metrics after fitting T on the validation split
 
 
@@ -202,11 +270,15 @@ CHOICES = {
     "train.precision": ("fp32", "bf16", "fp16"),
     "ensemble.regime": ("joint", "per-member"),
 }
-POSITIVE = {"data.batch_size", "data.eval_batch_size", "train.epochs", "eval.ece_bins", "otmdr.particles",
-            "data.train_limit", "data.test_limit", "train.threads", "optim.max_grad_norm", "bayes.test_samples"}
-NON_NEGATIVE = {"optim.lr", "optim.momentum", "optim.weight_decay", "sam.rho", "asam.rho", "asam.adaptive_eta",
-                "otmdr.noise_std", "otmdr.adaptive_eta", "schedule.warmup_epochs", "schedule.gamma",
-                "train.label_smoothing", "data.crop_padding", "data.cutout", "bayes.kl_weight"}
+#: Every number's allowed range, ``section.key -> Bound``, read from the fields' ``bounded(...)``
+#: declarations. ``otmdr.rho`` and ``otmdr.split`` are the optimizer's own options, checked by
+#: ``PerturbationConfig`` (with the section named).
+BOUNDS: dict[str, Bound] = {
+    f"{section.name}.{f.name}": f.metadata["bound"]
+    for section in dataclasses.fields(ExperimentConfig)
+    for f in dataclasses.fields(typing.get_type_hints(ExperimentConfig)[section.name])
+    if "bound" in f.metadata
+}
 
 
 def config_from_dict(data: dict[str, Any]) -> ExperimentConfig:
@@ -222,6 +294,8 @@ def config_to_dict(config: ExperimentConfig) -> dict[str, Any]:
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
     """Read a YAML config (or start from the defaults), apply ``key=value`` overrides, validate."""
+    import yaml
+
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -248,6 +322,8 @@ def _yaml_problem(error: yaml.YAMLError) -> str:
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """``["optim.lr=0.05", "otmdr.rho=[0.1,0.2]"]`` applied to nested dicts (values parsed as YAML)."""
+    import yaml
+
     data = _deep_copy(data)
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -374,18 +450,13 @@ def _check_values(config: ExperimentConfig) -> None:
         if flat[key] not in choices:
             shown = ", ".join("null" if c is None else c for c in choices)
             raise ConfigError(f"config key {key}: {flat[key]!r} is not one of {shown}")
-    for key in POSITIVE:
-        if flat[key] is not None and flat[key] <= 0:
-            raise ConfigError(f"config key {key}: must be > 0, got {flat[key]!r}")
-    for key in NON_NEGATIVE:
-        if flat[key] < 0:
-            raise ConfigError(f"config key {key}: must be >= 0, got {flat[key]!r}")
-    if not 0.0 <= config.data.val_fraction < 1.0:
-        raise ConfigError(f"config key data.val_fraction: must be in [0, 1), got {config.data.val_fraction!r}")
-    if not 0.0 <= config.data.label_noise < 1.0:
-        raise ConfigError(f"config key data.label_noise: must be in [0, 1), got {config.data.label_noise!r}")
-    if not 0.0 <= config.train.label_smoothing < 1.0:
-        raise ConfigError(f"config key train.label_smoothing: must be in [0, 1), got {config.train.label_smoothing!r}")
+    for key, bound in BOUNDS.items():
+        values = flat[key] if isinstance(flat[key], list) else [flat[key]]
+        for i, value in enumerate(values):
+            problem = None if value is None else bound.problem(value)
+            if problem:
+                where = f"{key}[{i}]" if isinstance(flat[key], list) else key
+                raise ConfigError(f"config key {where}: {problem}")
     device = config.train.device
     if not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):
         raise ConfigError(f"config key train.device: {device!r} is not auto, cpu, cuda or cuda:N")
@@ -398,9 +469,20 @@ def _check_values(config: ExperimentConfig) -> None:
     from .data import DatasetError, get_spec
 
     try:
-        get_spec(config.data.name)
+        spec = get_spec(config.data.name)
     except DatasetError as error:
         raise ConfigError(f"config key data.name: {error}") from None
+    if config.model.options:  # sizes and names checked now, before a run folder exists
+        from .models import check_model_options
+
+        try:
+            check_model_options(config.model.name, config.model.options, num_classes=spec.num_classes or 10,
+                                in_channels=spec.in_channels or 3)
+        except TypeError as error:  # an option the builder does not take
+            raise ConfigError(f"config key model.options: {config.model.name} does not accept "
+                              f"{config.model.options}: {error}") from None
+        except ValueError as error:  # a size it refuses, named: hidden[0] must be ...
+            raise ConfigError(f"config key model.options: {config.model.name}: {error}") from None
     # the optimizer's own validation (rho, split, ...) with the key named
     from .optim import PerturbationConfig
 
@@ -428,6 +510,8 @@ def describe_config(config: ExperimentConfig) -> str:
     import inspect
     import re
 
+    import yaml
+
     notes: dict[str, str] = {}
     for field_ in dataclasses.fields(ExperimentConfig):
         source = inspect.getsource(typing.get_type_hints(ExperimentConfig)[field_.name])
@@ -439,10 +523,8 @@ def describe_config(config: ExperimentConfig) -> str:
         shown = " | ".join("null" if c is None else str(c) for c in choices)
         if not all(str(c) in notes.get(key, "") for c in choices if c is not None):
             notes[key] = shown + (f"; {notes[key]}" if key in notes else "")
-    for key in POSITIVE:
-        notes.setdefault(key, "> 0")
-    for key in NON_NEGATIVE:
-        notes.setdefault(key, ">= 0")
+    for key, bound in BOUNDS.items():  # the range first: comments say what, the bound how much
+        notes[key] = bound.text() + (f"; {notes[key]}" if key in notes else "")
     lines = []
     for section, values in config_to_dict(config).items():
         lines.append(f"{section}:")

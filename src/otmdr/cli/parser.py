@@ -1,11 +1,19 @@
-"""The argument parser of every command; each command's function lives in its own module."""
+"""The argument parser of every command; each command's function lives in its own module.
+
+A numeric option is parsed by :func:`number` against a :class:`~otmdr.config.Bound`: the one
+declared next to the config field it mirrors (``--epochs`` is ``train.epochs``), or its own,
+declared below. A value outside it is refused while parsing, before anything is read or created,
+in one ``otmdr: error: ...`` line, as every other otmdr error.
+"""
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 from .._version import __version__
+from ..config import BOUNDS, SEED, Bound, parse_number
 from .compare import cmd_compare
 from .evaluate import cmd_corrupt, cmd_eval
 from .geometry import cmd_landscape, cmd_sharpness
@@ -13,13 +21,63 @@ from .info import cmd_config, cmd_datasets, cmd_models
 from .train import cmd_train
 
 
+# The ranges of the options that mirror no config key; the upper ends stop a typo from running for
+# days or from allocating terabytes (Bound.why says which).
+AT_LEAST_1 = Bound(1)
+STEPS = Bound(1, 10000, why="each step is a forward and backward pass over every evaluated image")
+EOT = Bound(1, 1000, why="each sample is one more forward and backward pass per attack step")
+SEEDS = Bound(1, 1000, why="each seed trains every method once more")
+JOBS = Bound(1, 256, why="each job is a process of its own")
+PASSES = Bound(1, 10000, why="each costs two passes over --samples images")
+POINTS = Bound(2, 401, why="points x points losses, each a pass over --samples images: 401 is 160,801 passes")
+SPAN = Bound(0, 100, low_open=True, why="a span of 1 already moves each filter by its own norm")
+SECONDS = Bound(0, low_open=True)
+
+
+def number(kind: type, bound: Bound | str) -> Callable[[str], Any]:
+    """An argparse ``type``: the text as ``kind`` (int or float, which may be written ``8/255``)
+    within ``bound``, a Bound or the config key whose Bound the option shares."""
+    allowed = BOUNDS[bound] if isinstance(bound, str) else bound
+
+    def parse(text: str) -> int | float:
+        try:
+            value: int | float = int(text) if kind is int else parse_number(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got "
+                                             f"{text!r}") from None
+        problem = allowed.problem(value)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its own messages
+    parse.bound = allowed  # type: ignore[attr-defined]  # shown by --help
+    return parse
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every default and every numeric option's range shown in --help."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = super()._get_help_string(action) or ""
+        bound = getattr(action.type, "bound", None)
+        return f"{text} (allowed: {bound.text()})" if isinstance(bound, Bound) else text
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's errors in one line, like every other otmdr error (the usage is in --help)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"otmdr: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="otmdr", description="OT-MDR, SAM and SGD: train, evaluate, compare")
+    parser = OneLineParser(prog="otmdr", description="OT-MDR, SAM and SGD: train, evaluate, compare")
     parser.add_argument("--version", action="version", version=f"otmdr {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def sub(name: str, **kwargs: Any) -> argparse.ArgumentParser:  # every default shown in --help
-        return commands.add_parser(name, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
+        return commands.add_parser(name, formatter_class=_HelpFormatter, **kwargs)
 
     def config_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--config", help="YAML experiment config (see configs/)")
@@ -27,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--data-dir", help="directory (or archive) holding the dataset (= --set data.dir=...)")
 
     def distributed_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--dist-timeout", type=float, default=600.0, metavar="SECONDS",
+        p.add_argument("--dist-timeout", type=number(float, SECONDS), default=600.0, metavar="SECONDS",
                        help="under torchrun (docs/distributed.md): how long a process waits for the others in a "
                             "collective before it stops with an error (a peer that died or hangs)")
 
@@ -40,8 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub("train", help="train one model")
     config_options(p)
     p.add_argument("--method", choices=("sgd", "sam", "asam", "otmdr"), help="= --set optim.method=...")
-    p.add_argument("--epochs", type=int, help="= --set train.epochs=...")
-    p.add_argument("--seed", type=int, help="= --set train.seed=...")
+    p.add_argument("--epochs", type=number(int, "train.epochs"), help="= --set train.epochs=...")
+    p.add_argument("--seed", type=number(int, "train.seed"), help="= --set train.seed=...")
     p.add_argument("--out", help="run directory (default runs/<config>-<method>-s<seed>-<time>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run exactly")
     distributed_options(p)
@@ -50,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub("eval", help="evaluate a run directory or checkpoint on the test split")
     p.add_argument("path", help="run directory or checkpoint file")
     trained_run_options(p)
-    p.add_argument("--ece-bins", type=int, default=None, help="ECE bins (default: the run's eval.ece_bins)")
+    p.add_argument("--ece-bins", type=number(int, "eval.ece_bins"), default=None,
+                   help="ECE bins (default: the run's eval.ece_bins)")
     p.add_argument("--json", help="also write the metrics to this JSON file")
     p.add_argument("--no-temperature-scaling", action="store_true", help="skip fitting T on the validation split")
     p.add_argument("--attack", choices=("fgsm", "pgd", "autoattack"),
@@ -60,10 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="AutoAttack suite (default: rand for Bayesian networks, standard otherwise)")
     p.add_argument("--eps", default="1/255,2/255,4/255,8/255", help="comma-separated radii on [0,1] pixels")
     p.add_argument("--norm", choices=("linf", "l2"), default="linf", help="PGD and AutoAttack threat model")
-    p.add_argument("--steps", type=int, default=10, help="PGD steps")
-    p.add_argument("--eot", type=int, default=1, help="gradient samples per step (expectation over transformation)")
+    p.add_argument("--steps", type=number(int, STEPS), default=10, help="PGD steps")
+    p.add_argument("--eot", type=number(int, EOT), default=1,
+                   help="gradient samples per step (expectation over transformation)")
     p.add_argument("--plot", help="write the robust-accuracy curve to this PNG")
-    p.add_argument("--test-limit", type=int, help="evaluate on a fixed random subset of N test images "
+    p.add_argument("--test-limit", type=number(int, "data.test_limit"),
+                   help="evaluate on a fixed random subset of N test images "
                    "(the same for every run; faster attacks)")
     p.add_argument("--corruptions", metavar="all|benchmark|NAMES",
                    help="also evaluate under common corruptions: 'all' (the 19 of CIFAR-10-C), 'benchmark' (its 15 "
@@ -73,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--severities", default="1-5", help="corruption severities, e.g. 1-5, 3 or 1,3,5")
     p.add_argument("--corrupted-dir", help="read the corrupted test set from this official-layout folder "
                                            "(CIFAR-10-C style, or written by `otmdr corrupt`) instead of generating it")
-    p.add_argument("--corruption-seed", type=int, default=0, help="seed of the on-the-fly corruptions")
+    p.add_argument("--corruption-seed", type=number(int, SEED), default=0, help="seed of the on-the-fly corruptions")
     p.add_argument("--heatmap", help="write the corruption x severity accuracy heat map to this PNG")
     p.set_defaults(func=cmd_eval)
 
@@ -83,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default="sgd,sam,otmdr",
                    help="comma-separated: sgd, sam, asam, otmdr; for ensembles optionally METHOD/joint or "
                         "METHOD/per-member (sgd/per-member = a deep ensemble)")
-    p.add_argument("--seeds", type=int, default=3, help="number of seeds (from train.seed upwards)")
+    p.add_argument("--seeds", type=number(int, SEEDS), default=3, help="number of seeds (from train.seed upwards)")
     p.add_argument("--out", help="output directory (default runs/compare-<config>-<time>)")
     p.add_argument("--resume", action="store_true", help="reuse finished runs in --out and resume stopped ones")
     p.add_argument("--grid", action="append", metavar="[METHOD:]KEY=V1,V2,...",
@@ -100,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batch-norm statistics policy for every method, so that runs differ in the method only "
                         "(default: %(default)s, SAM's and OT-MDR's default; per-method: each method's config, e.g. "
                         "the ascent passes of otmdr.preset=release)")
-    p.add_argument("--jobs", type=int, default=1, help="independent runs trained in parallel processes, the CPU "
+    p.add_argument("--jobs", type=number(int, JOBS), default=1,
+                   help="independent runs trained in parallel processes, the CPU "
                                                        "threads split between them")
     p.add_argument("--quiet", action="store_true", help="no per-epoch lines (they are in each run's train.log)")
     p.add_argument("--command-line", help=argparse.SUPPRESS)
@@ -110,11 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub("sharpness", help="Hessian and rho-ball sharpness of a trained model (eval-mode BN)")
     p.add_argument("path", help="run directory or checkpoint file")
     trained_run_options(p)
-    p.add_argument("--samples", type=int, default=1024, help="a fixed random subset of N training images")
-    p.add_argument("--batch-size", type=int, default=256, help="images per Hessian-vector product")
-    p.add_argument("--rho", type=float, default=0.05, help="radius for worst-case and average sharpness")
-    p.add_argument("--iterations", type=int, default=50, help="power iterations for the top eigenvalue")
-    p.add_argument("--probes", type=int, default=20, help="Hutchinson probes for the trace")
+    p.add_argument("--samples", type=number(int, AT_LEAST_1), default=1024,
+                   help="a fixed random subset of N training images")
+    p.add_argument("--batch-size", type=number(int, AT_LEAST_1), default=256, help="images per Hessian-vector product")
+    p.add_argument("--rho", type=number(float, "sam.rho"), default=0.05,
+                   help="radius for worst-case and average sharpness")
+    p.add_argument("--iterations", type=number(int, PASSES), default=50, help="power iterations for the top eigenvalue")
+    p.add_argument("--probes", type=number(int, PASSES), default=20, help="Hutchinson probes for the trace")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(func=cmd_sharpness)
 
@@ -123,9 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_b", nargs="?", help="second run of the same architecture, for interpolation")
     p.add_argument("--out", required=True, help="folder for landscape.png, interpolation.png, landscape.json")
     trained_run_options(p)
-    p.add_argument("--samples", type=int, default=1024, help="a fixed random subset of N training images")
-    p.add_argument("--span", type=float, default=1.0, help="alpha and beta range [-span, span]")
-    p.add_argument("--points", type=int, default=21, help="grid points per axis")
+    p.add_argument("--samples", type=number(int, AT_LEAST_1), default=1024,
+                   help="a fixed random subset of N training images")
+    p.add_argument("--span", type=number(float, SPAN), default=1.0, help="alpha and beta range [-span, span]")
+    p.add_argument("--points", type=number(int, POINTS), default=21, help="grid points per axis")
     p.set_defaults(func=cmd_landscape)
 
     p = sub("corrupt", help="write a corrupted copy of a test split in the CIFAR-10-C .npy layout")
@@ -134,8 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="new folder for <corruption>.npy files, labels.npy and meta.json")
     p.add_argument("--corruptions", default="all", metavar="all|benchmark|NAMES",
                    help="'all' (the 19 of CIFAR-10-C), 'benchmark' (its 15 of the mCE) or comma-separated names")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random corruptions")
-    p.add_argument("--limit", type=int, help="only the fixed random subset of N test images that "
+    p.add_argument("--seed", type=number(int, SEED), default=0, help="seed of the random corruptions")
+    p.add_argument("--limit", type=number(int, "data.test_limit"),
+                   help="only the fixed random subset of N test images that "
                                              "`otmdr eval --test-limit N` uses")
     p.set_defaults(func=cmd_corrupt)
 

@@ -8,6 +8,24 @@ import torch
 from torch import Tensor, nn
 
 
+#: The widest layer a size option (``hidden``, ``width``) may ask for: a square dense layer of
+#: 16384 units is 268M parameters (1 GiB in float32); a typo such as 10**12 is refused with its
+#: name instead of failing deep in an allocation.
+MAX_WIDTH = 16384
+
+
+def check_sizes(**sizes: int | Sequence[int]) -> None:
+    """Each layer size given as an option is a whole number in [1, MAX_WIDTH]; a ValueError names
+    the option (``hidden[1]``) and the value, so the CLI can print it as one line."""
+    for name, value in sizes.items():
+        items = ([(f"{name}[{i}]", v) for i, v in enumerate(value)] if isinstance(value, (list, tuple))
+                 else [(name, value)])
+        for label, size in items:
+            if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_WIDTH:
+                raise ValueError(f"{label} must be a whole number of units in [1, {MAX_WIDTH}], got {size!r} "
+                                 "(a layer needs at least one unit; a wider one will not fit in memory)")
+
+
 def init_weights(model: nn.Module) -> None:
     """Kaiming-normal (fan-out, ReLU gain) convolutions, unit/zero batch norm, zero biases.
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 __all__ = ["register_model", "register_family", "create_model", "list_models", "count_parameters",
-           "describe_models", "is_known_model", "is_registered"]
+           "describe_models", "is_known_model", "is_registered", "check_model_options"]
 
 Builder = Callable[..., nn.Module]
 _REGISTRY: dict[str, Builder] = {}
@@ -72,6 +72,22 @@ def create_model(name: str, num_classes: int = 10, in_channels: int = 3, **kwarg
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())} "
                          f"(and <model>-x<m> for an ensemble of m of them)")
     return builder(num_classes=num_classes, in_channels=in_channels, **kwargs)
+
+
+def check_model_options(name: str, options: dict[str, Any], num_classes: int = 10, in_channels: int = 3) -> None:
+    """Build the model with ``options`` on the meta device (no memory, no initialisation cost), so
+    an option the builder does not take (TypeError) or a size it refuses (ValueError, e.g.
+    ``hidden[0] must be ...``) is found when a config is read, before a run folder exists. A
+    builder that cannot build on the meta device is left to the real build."""
+    if _builder(name.lower().replace("_", "-")) is None:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
+    try:
+        with torch.device("meta"):
+            create_model(name, num_classes=num_classes, in_channels=in_channels, **options)
+    except (TypeError, ValueError):
+        raise
+    except Exception:  # noqa: BLE001 - not an option's fault: the real build reports what it is
+        return
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ._common import PreActHead, init_weights, residual_stages
+from ._common import PreActHead, check_sizes, init_weights, residual_stages
 from .registry import register_model
 from .resnet_cifar import BasicBlock
 
@@ -21,6 +21,7 @@ class ResNet(nn.Module):
 
     def __init__(self, num_blocks: tuple[int, ...], num_classes: int = 10, in_channels: int = 3, width: int = 64):
         super().__init__()
+        check_sizes(width=width)
         self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width),
                                   nn.ReLU(inplace=True))
         stages = [(width * 2**stage, blocks, 1 if stage == 0 else 2) for stage, blocks in enumerate(num_blocks)]
@@ -60,6 +61,7 @@ class PreActResNet(nn.Module):
 
     def __init__(self, num_blocks: tuple[int, ...], num_classes: int = 10, in_channels: int = 3, width: int = 64):
         super().__init__()
+        check_sizes(width=width)
         self.stem = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
         stages = [(width * 2**stage, blocks, 1 if stage == 0 else 2) for stage, blocks in enumerate(num_blocks)]
         self.layers, in_planes = residual_stages(PreActBlock, width, stages)

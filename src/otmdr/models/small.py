@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from ._common import check_sizes
 from .registry import register_model
 
 
@@ -13,6 +14,7 @@ class MLP(nn.Module):
     def __init__(self, in_features: int, num_classes: int, hidden: tuple[int, ...] = (256, 256),
                  batch_norm: bool = False):
         super().__init__()
+        check_sizes(hidden=tuple(hidden))
         layers: list[nn.Module] = [nn.Flatten()]
         width = in_features
         for h in hidden:
@@ -33,6 +35,7 @@ class LeNet(nn.Module):
 
     def __init__(self, in_channels: int, num_classes: int, width: int = 32):
         super().__init__()
+        check_sizes(width=width)
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
             nn.MaxPool2d(2),
