@@ -39,6 +39,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if not references or any(r not in methods for r in references):
         raise UsageError(f"--reference: {args.reference!r} is not one of --methods {','.join(methods)}")
     base = run_config(args)
+    from ..config import SEED
+
+    if SEED.high is not None and base.train.seed + args.seeds - 1 > SEED.high:
+        raise UsageError(f"--seeds {args.seeds} from train.seed {base.train.seed} reaches seed "
+                         f"{base.train.seed + args.seeds - 1}, past the last seed {int(SEED.high)}: lower train.seed "
+                         "or --seeds")
     stem = Path(args.config).stem if args.config else "default"
     from ..train.distributed import current, from_rank0
 
