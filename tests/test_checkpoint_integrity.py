@@ -167,3 +167,19 @@ def test_the_other_readers_refuse_a_flipped_bit(run, tmp_path, command):
     extra = ["--out", str(tmp_path / "landscape")] if command == "landscape" else ["--samples", "16"]
     _assert_one_line(_otmdr(command, str(victim), *extra), last)
     assert _files(victim) == before and not (tmp_path / "landscape").exists()
+
+
+def test_a_damaged_best_pt_is_refused_by_a_resume_before_it_trains(run, tmp_path):
+    """A resume ends by reading best.pt (the early-stopped model): a damaged one is found at the
+    start, not after the remaining epochs, and nothing is changed."""
+    victim = tmp_path / "victim"
+    shutil.copytree(run, victim)
+    best = victim / "checkpoints" / "best.pt"
+    data = bytearray(best.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    _replace(best, bytes(data))  # last.pt, a hard link to the old best.pt or not, stays intact
+    before = _files(victim)
+    _assert_one_line(_otmdr("train", "--resume", str(victim)), best)
+    _assert_one_line(_otmdr("eval", str(victim), "--checkpoint", "best"), best)
+    assert _files(victim) == before
+    assert _otmdr("eval", str(victim)).returncode == 0  # last.pt itself is intact
