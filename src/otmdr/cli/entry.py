@@ -95,7 +95,12 @@ def missing_extras() -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """``otmdr ARGV``: the exit status (a failed process of a torchrun job exits at once instead)."""
-    args = build_parser().parse_args(argv)  # --help, --version and usage errors need the core only
+    try:
+        args = build_parser().parse_args(argv)  # --help, --version and usage errors need the core only
+    except SystemExit as stop:  # an option refused while parsing (its one line is printed): the status, as for
+        if stop.code in (0, None):  # every other bad input; --help and --version exit as argparse does
+            raise
+        return stop.code if isinstance(stop.code, int) else EXIT_ERROR
     missing = missing_extras()
     if missing:
         print(f"otmdr: error: otmdr {args.command} needs the train extra ({', '.join(missing)} missing): "
