@@ -81,6 +81,9 @@ def check_model_options(name: str, options: dict[str, Any], num_classes: int = 1
     builder that cannot build on the meta device is left to the real build."""
     if _builder(name.lower().replace("_", "-")) is None:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
+    key = repr((name, sorted(options.items(), key=lambda item: str(item[0])), num_classes, in_channels))
+    if key in _CHECKED:  # a config is read many times (a study's runs, resume): a deep net takes a second
+        return
     try:
         with torch.device("meta"):
             create_model(name, num_classes=num_classes, in_channels=in_channels, **options)
@@ -88,6 +91,10 @@ def check_model_options(name: str, options: dict[str, Any], num_classes: int = 1
         raise
     except Exception:  # noqa: BLE001 - not an option's fault: the real build reports what it is
         return
+    _CHECKED.add(key)
+
+
+_CHECKED: set[str] = set()
 
 
 def count_parameters(model: nn.Module) -> int:
