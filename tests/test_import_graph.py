@@ -24,6 +24,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 #: the layers, lowest first: a module may import its own unit and any unit of a lower layer
 LAYERS: list[set[str]] = [
+    {"otmdr._signals"},  # the stop-signal policy and the test-only pause hook (the atomic writer pauses)
     {"otmdr._atomic", "otmdr._lock", "otmdr._version"},  # file-system and version helpers
     {"otmdr.optim", "otmdr.models", "otmdr.data"},  # independent of each other
     {"otmdr.config"},  # an experiment's config, validated against the three registries below it

@@ -41,16 +41,17 @@ def reference(tmp_path_factory) -> Path:
 
 
 def _start_training(run: Path, extra: list[str] | None = None,
-                    pause: tuple[int, int, Path] | None = None) -> subprocess.Popen:
+                    pause: tuple[int, int, Path] | tuple[str, Path] | None = None) -> subprocess.Popen:
     """``otmdr train`` of the SLOW config into ``run`` as a subprocess; with ``pause`` =
-    ``(epoch, step, marker)`` it waits after that step until ``marker`` is deleted."""
+    ``(epoch, step, marker)`` it waits after that step until ``marker`` is deleted, with
+    ``(name, marker)`` at that named point (otmdr._signals.pause_point)."""
     command = [sys.executable, "-m", "otmdr", "train", "--config", str(DEMO), "--out", str(run)]
     for override in SLOW + list(extra or []):
         command += ["--set", override]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("OTMDR_TEST_PAUSE_AT", None)
     if pause is not None:
-        env["OTMDR_TEST_PAUSE_AT"] = f"{pause[0]}:{pause[1]}:{pause[2]}"
+        env["OTMDR_TEST_PAUSE_AT"] = ":".join(str(part) for part in pause)
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
@@ -151,3 +152,32 @@ def test_kill_9_at_a_chosen_point_then_resume_equals_an_uninterrupted_run(tmp_pa
     assert json.loads((run / "summary.json").read_text())["test"] == json.loads(
         (reference / "summary.json").read_text())["test"]
     assert not list(run.rglob("*.tmp"))
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_after_the_config_is_written_leaves_a_resumable_folder(tmp_path, reference, signum):
+    """Issue 29 row 3: a scheduler's requeue signals a run whose config.yaml is written but which
+    has not stepped yet. Before: the --out folder was deleted (exit 143) and --resume then exited
+    2. Now it stays, as after kill -9 at that moment: 143 (130 for Ctrl-C), the resume line, and
+    the resumed run equals an uninterrupted one bit for bit."""
+    run, marker = tmp_path / "mine", tmp_path / "paused"
+    run.mkdir()  # a folder the user made: never deleted
+    process = _start_training(run, pause=("after-config", marker))
+    _wait_for_pause(process, marker)
+    process.send_signal(signum)
+    marker.unlink()
+    _, err = process.communicate(timeout=600)
+    assert process.returncode == 128 + signum, err
+    lines = err.strip().splitlines()
+    kind = "preempted (SIGTERM)" if signum == signal.SIGTERM else "interrupted (SIGINT)"
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0] == f"otmdr: {kind} before training started; continue with: otmdr train --resume {run}"
+    assert (run / "config.yaml").is_file() and not (run / "checkpoints" / "last.pt").exists()
+    _resume(run)
+    a = torch.load(reference / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert _rows(run) == _rows(reference)
+    assert json.loads((run / "summary.json").read_text())["test"] == json.loads(
+        (reference / "summary.json").read_text())["test"]

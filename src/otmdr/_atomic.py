@@ -5,13 +5,16 @@ renamed over the target, so an interrupted write never leaves a half-written fil
 from __future__ import annotations
 
 import errno
+import glob
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["atomic_write", "atomic_link"]
+from ._signals import pause_point
+
+__all__ = ["atomic_write", "atomic_link", "remove_stale_temporaries"]
 
 #: what os.link raises where the filesystem has no hard links (FAT, some network mounts)
 _NO_LINKS = {errno.EPERM, errno.EXDEV, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK}
@@ -34,7 +37,8 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], objec
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # the writer's pid in the name: remove_stale_temporaries tells a killed write from a live one
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
             if hasattr(os, "fchmod"):
@@ -43,6 +47,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], objec
             handle.flush()
             if durable:
                 os.fsync(handle.fileno())
+        pause_point(f"write-{path.name}")  # test-only: a kill lands while the temporary file exists
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -77,3 +82,39 @@ def atomic_link(source: str | os.PathLike[str], path: str | os.PathLike[str]) ->
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def remove_stale_temporaries(path: str | os.PathLike[str]) -> list[Path]:
+    """Remove the temporary files that killed writes of ``path`` left beside it
+    (``.<name>.<pid>.<random>.tmp``, :func:`atomic_write`; never renamed into place, so never
+    needed), for files written outside a run folder, which ``run_dir.remove_leftovers`` cleans
+    under its lock. A temporary file whose writer still lives is another process's write in
+    progress and stays. Returns what was removed."""
+    path = Path(path)
+    removed: list[Path] = []
+    try:
+        candidates = list(path.parent.glob(f".{glob.escape(path.name)}.*.tmp"))
+    except OSError:
+        return removed
+    for leftover in candidates:
+        pid = leftover.name[len(path.name) + 2:].split(".", 1)[0]
+        if pid.isdigit() and _alive(int(pid)):
+            continue
+        try:
+            leftover.unlink()
+            removed.append(leftover)
+        except OSError:  # gone meanwhile, or not ours to remove: the command's own write is unaffected
+            pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid() or os.name == "nt":  # Windows: os.kill(pid, 0) would send CTRL_C_EVENT
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):  # another user's process, or no way to tell: leave it
+        return True
+    return True

@@ -9,6 +9,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from .. import _signals
 from ._common import UsageError, run_config, timestamp
 
 
@@ -21,6 +22,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from ..train.checkpoint import atomic_write_text
     from ..train.grid import parse_grid
     from ..train.run_dir import discard_failed_study, prepare_study_dir
+    from ..train import Preempted
     from ..train.study import Study, plan, run_study
 
     regimes = ("", "joint", "per-member")
@@ -58,15 +60,25 @@ def cmd_compare(args: argparse.Namespace) -> int:
                   select=args.select, bn_policy=None if args.bn_policy == "per-method" else args.bn_policy)
     plan(study)  # builds every config: a bad grid or value fails here, before anything is created
 
+    command = args.command_line
+    if command is None:
+        command = "otmdr " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     fresh = from_rank0(lambda: prepare_study_dir(out, resume=args.resume))
     try:
         result = run_study(study, jobs=args.jobs, echo=not args.quiet)
+    except Preempted as stop:  # a stop request met at a safe point: what was done is kept, resumably
+        raise Preempted(f"{str(stop).split('; continue with')[0]}; finished runs and checkpoints are kept in "
+                        f"{out}; continue with: {_resume_line(command, out)}") from None
     except BaseException:
         if current().is_main:  # rank 0 alone, without a collective: another process may be the one that failed
             discard_failed_study(out, fresh)
         raise
     if not current().is_main:  # rank 0 writes the report; the others only trained with it
         return 0
+    _signals.pause_point("compare-report")  # test-only
+    if _signals.requested() is not None:  # every run finished; the report is written on resume
+        raise Preempted(f"{_signals.stopped_by()} before the report was written; every run is finished in {out}; "
+                        f"continue with: {_resume_line(command, out)}")
     summaries = result["summaries"]
     search = result["points"]
     print()
@@ -78,9 +90,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print(comparison_tables(summaries, references, markdown=False))
     print(f"\nbatch-norm statistics: {args.bn_policy}" + (" for every method (--bn-policy)"
                                                           if args.bn_policy != "per-method" else ""))
-    command = args.command_line
-    if command is None:
-        command = "otmdr " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     config_text = yaml.safe_dump(config_to_dict(base), sort_keys=False)
     report = write_compare_report(out, summaries, command=command, config_text=config_text,
                                   threads=(max(1, (base.train.threads or os.cpu_count() or 1) // args.jobs)
@@ -95,5 +104,18 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if search:
         atomic_write_text(out / "search.json", json.dumps(search, indent=1))
     print(f"\nreport: {report}")
+    if _signals.requested() is not None:  # a signal while the report was written: never forgotten
+        raise Preempted(f"{_signals.stopped_by()} while the report was written, which finished ({report}); "
+                        f"continue with: {_resume_line(command, out)}")
     return 0
+
+
+def _resume_line(command: str, out: Path) -> str:
+    """The command that continues this study: the same one with --resume (and the --out it used)."""
+    words = shlex.split(command)
+    if "--out" not in words and not any(w.startswith("--out=") for w in words):
+        words += ["--out", str(out)]
+    if "--resume" not in words:
+        words.append("--resume")
+    return " ".join(shlex.quote(w) for w in words)
 

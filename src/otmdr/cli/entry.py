@@ -5,25 +5,35 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
 from typing import NoReturn
 
+from .. import _signals
 from ._common import EXIT_ERROR, Interrupted, UsageError
 from .parser import build_parser
 
 
 def _check_outputs(args: argparse.Namespace) -> None:
-    """Output files named by options must be writable files, checked before any work."""
+    """Output files named by options must be writable files, checked before any work; the
+    temporary files a killed earlier write of them left beside them are removed."""
+    from .._atomic import remove_stale_temporaries
+
     for option in ("json", "plot", "heatmap"):
         value = getattr(args, option, None)
         if value and Path(value).is_dir():
             example = Path(value) / ("out." + ("json" if option == "json" else "png"))
             raise UsageError(f"--{option} {value} is a folder: name a file, e.g. {example}")
+        if value:
+            remove_stale_temporaries(value)
 
 
 _DISTRIBUTED_COMMANDS = ("train", "compare")
+#: commands with safe points to stop at: a signal is a stop request they check (otmdr._signals);
+#: the others stop at once on a signal
+_DEFERRING = ("train", "compare")
 
 
 def _torchrun_context(args: argparse.Namespace):
@@ -109,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     from ..train import distributed
 
     try:
-        code = _run(args)
+        with _signals.deferred() if args.command in _DEFERRING else _signals.installed():
+            code = _run(args)
     except BaseException:
         if distributed.current().enabled:  # a bug, not an anticipated error: its traceback, then out
             traceback.print_exc()
@@ -125,6 +136,7 @@ def _run(args: argparse.Namespace) -> int:
     from ..config import ConfigError
     from ..data import DatasetError
     from ..eval.autoattack import MissingDependencyError
+    from ..eval.calibration import CalibrationError
     from .._lock import FolderBusy
     from ..train import CheckpointError, Preempted, RunDirError, TrainingError
     from ..train import distributed
@@ -144,12 +156,15 @@ def _run(args: argparse.Namespace) -> int:
         context = _torchrun_context(args)  # known before joining: a peer lost while joining is reported too
         _join(args, context)
         return args.func(args)
-    except Preempted as error:  # SIGTERM: a resumable checkpoint was written at a step boundary
-        advice = " (rerun the same otmdr compare command with --resume)" if args.command == "compare" else ""
-        report(error, f"otmdr: {error}{advice}")
-        return 143
+    except Preempted as error:  # a stop request met at a safe point: the work is resumable
+        report(error, f"otmdr: {error}")
+        return _signals.exit_status()
+    except _signals.Stopped as stopped:  # SIGTERM to a command without safe points: nothing half-written
+        print(f"otmdr: stopped by {signal.Signals(stopped.signum).name}: a file it was writing keeps its earlier "
+              "content; run the command again", file=sys.stderr)
+        return _signals.exit_status(stopped.signum)
     except (ConfigError, DatasetError, CheckpointError, RunDirError, TrainingError, MissingDependencyError,
-            FolderBusy, UsageError) as error:
+            FolderBusy, UsageError, CalibrationError) as error:
         report(error, f"otmdr: error: {error}")
         return EXIT_ERROR
     except RuntimeError as error:

@@ -13,10 +13,7 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
-import signal
 import statistics
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,9 +24,11 @@ import torch
 import yaml
 from torch import Tensor, nn
 
+from .. import _signals
 from .._lock import folder_lock
 from ..config import ExperimentConfig, config_from_dict, config_to_dict
 from ..eval import AUTOCAST, evaluate_model, evaluate_split
+from ..eval.calibration import CalibrationError
 from ..eval.evaluate import prediction_samples
 from ..models import count_parameters
 from ..optim import OTMDR
@@ -48,8 +47,8 @@ class TrainingError(RuntimeError):
 
 
 class Preempted(Exception):
-    """SIGTERM (a cluster's preemption notice) stopped training at a step boundary after a
-    resumable checkpoint was written; the message says how to continue."""
+    """A stop request (SIGTERM, a cluster's preemption notice, or Ctrl-C: :mod:`otmdr._signals`)
+    stopped the work at a safe point, leaving it resumable; the message says how to continue."""
 
 
 def train(cfg: ExperimentConfig | None, run_dir: str | Path, *, resume: bool = False,
@@ -57,8 +56,9 @@ def train(cfg: ExperimentConfig | None, run_dir: str | Path, *, resume: bool = F
     """Train one run into ``run_dir`` (prepared by :func:`prepare_run_dir`); returns the summary.
 
     With ``resume`` the config saved in the run's last checkpoint is used (``cfg`` is ignored).
-    SIGTERM (in the main thread) stops at the next step boundary after writing a resumable
-    checkpoint and raises :class:`Preempted`.
+    SIGTERM or SIGINT (in the main thread) stops at the next step boundary, or after the epoch's
+    checkpoint when it came during validation, after writing a resumable checkpoint, and raises
+    :class:`Preempted` (``otmdr._signals``: one policy for every command).
 
     Under torchrun every process calls this with the same arguments; only rank 0 reads and
     writes ``run_dir`` and logs, and every process returns rank 0's summary.
@@ -66,11 +66,11 @@ def train(cfg: ExperimentConfig | None, run_dir: str | Path, *, resume: bool = F
     strategy = current_strategy()
     with contextlib.ExitStack() as stack:
         strategy.on_main(lambda: stack.enter_context(folder_lock(run_dir)))
-        preempted = stack.enter_context(_sigterm_flag())
+        stack.enter_context(_signals.deferred())
         writer = stack.enter_context(CheckpointWriter())  # rank 0's writes; idle on the other ranks
         run = _setup(cfg, Path(run_dir), resume=resume, strategy=strategy, writer=writer,
                      log=log if strategy.is_main else _quiet)  # rank 0 reports for the whole run
-        _run_epochs(run, lambda: strategy.stop_requested(preempted[0]))
+        _run_epochs(run, lambda: strategy.stop_requested(_signals.requested() is not None))
         return _finish(run)
 
 
@@ -137,6 +137,7 @@ def _setup(cfg: ExperimentConfig | None, run_dir: Path, *, resume: bool, strateg
     if not resume:
         strategy.on_main(lambda: atomic_write_text(run_dir / "config.yaml",
                                                    yaml.safe_dump(config_to_dict(cfg), sort_keys=False)))
+        strategy.on_main(lambda: _signals.pause_point("after-config"))  # test-only
     if cfg.train.threads is not None:
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
@@ -205,17 +206,18 @@ def _run_epochs(run: _Run, stop_requested: Callable[[], bool]) -> None:
     for row in run.history:  # warnings of resumed epochs are not shown again
         for kind, warning in _health_warnings(cfg, row, nominal, run.data.spec.num_classes).items():
             run.warned.setdefault(kind, warning)
-    if stop_requested():  # SIGTERM while setting up: nothing new to save
-        raise Preempted(f"preempted (SIGTERM) before training started; continue with: otmdr train --resume "
+    if stop_requested():  # a signal while setting up: nothing new to save
+        raise Preempted(f"{_signals.stopped_by()} before training started; continue with: otmdr train --resume "
                         f"{run.run_dir}")
     for epoch in range(run.start_epoch, cfg.train.epochs):
         stats = _train_epoch_or_stop(run, epoch, stop_requested)
         row = _validate(run, epoch, stats)
         _save_epoch(run, epoch, row, stats)
         _log_epoch(run, row, stats, nominal)
-        if stop_requested() and epoch + 1 < cfg.train.epochs:  # SIGTERM during validation or saving
-            run.strategy.on_main(run.writer.flush)
-            raise Preempted(f"preempted (SIGTERM) after epoch {epoch + 1}: checkpoint written; continue "
+        if stop_requested():  # a signal during validation or saving (the last epoch's too: the final
+            run.strategy.on_main(run.writer.flush)  # evaluation can take long; it runs on resume)
+            last = " (the last; the final evaluation runs on resume)" if epoch + 1 == cfg.train.epochs else ""
+            raise Preempted(f"{_signals.stopped_by()} after epoch {epoch + 1}{last}: checkpoint written; continue "
                             f"with: otmdr train --resume {run.run_dir}")
 
 
@@ -237,8 +239,8 @@ def _train_epoch_or_stop(run: _Run, epoch: int, stop_requested: Callable[[], boo
 
         run.strategy.on_main(write_partial)
         step = run.data.train.state_dict()["batch"]
-        raise Preempted(f"preempted (SIGTERM) in epoch {epoch + 1} after step {step}: checkpoint written; continue "
-                        f"with: otmdr train --resume {run.run_dir}") from None
+        raise Preempted(f"{_signals.stopped_by()} in epoch {epoch + 1} after step {step}: checkpoint written; "
+                        f"continue with: otmdr train --resume {run.run_dir}") from None
     except FloatingPointError as error:
         kept = f"checkpoints/last.pt holds epoch {epoch}" if epoch else "no checkpoint was written"
         raise TrainingError(
@@ -302,9 +304,15 @@ def _finish(run: _Run) -> dict[str, Any]:
     """The final and the early-stopped test evaluations, written to ``summary.json``."""
     strategy, cfg, data = run.strategy, run.cfg, run.data
     strategy.on_main(run.writer.flush)  # best.pt is read back below; the run is done when its files are on disk
+    strategy.on_main(lambda: _signals.pause_point("final-evaluation"))  # test-only
     # every process evaluates (the same weights: no process waits on another for minutes, which
     # a collective's timeout would turn into a failure); rank 0's numbers are written and returned
-    summary = _final_evaluation(cfg, run.model, run.optimizer, data, run.history)
+    try:
+        summary = _final_evaluation(cfg, run.model, run.optimizer, data, run.history)
+    except CalibrationError as error:  # e.g. NaN in the validation inputs: the epochs' work is kept
+        raise TrainingError(f"the final evaluation failed: {error}. The checkpoints and metrics are kept in "
+                            f"{run.run_dir}; once fixed, otmdr train --resume {run.run_dir} evaluates it "
+                            "again") from None
     if run.warned:
         summary["warnings"] = list(run.warned.values())
     best_path = run.checkpoint("best.pt")
@@ -414,7 +422,7 @@ def _train_epoch(model, optimizer, scheduler, scaler, loader, loss_fn, *, max_gr
     perturbation = torch.tensor(partial.get("perturbation", 0.0), device=device)
     samples = partial.get("samples", 0)
     started = time.perf_counter() - partial.get("seconds", 0.0)
-    pause = _test_pause_point(epoch)
+    pause = _signals.step_pause(epoch)  # test-only, read once per epoch
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -451,7 +459,7 @@ def _train_epoch(model, optimizer, scheduler, scaler, loader, loss_fn, *, max_gr
         seen += len(part)
         samples += len(y)
         if pause is not None and loader.state_dict()["batch"] == pause[0]:
-            _wait_for_test(pause[1])
+            _signals.wait_for_test(pause[1])
         if should_stop is not None and should_stop() and loader.state_dict()["batch"] < len(loader):
             if bar is not None:
                 bar.close()
@@ -482,46 +490,8 @@ def _check_finite(loss: float, epoch: int, step: int) -> None:
         raise FloatingPointError(f"the training loss became {loss} (epoch {epoch + 1}, step {step + 1})")
 
 
-#: test-only hook (tests/test_preemption.py), read once per epoch; unset it costs nothing
-TEST_PAUSE_VARIABLE = "OTMDR_TEST_PAUSE_AT"
-
-
-def _test_pause_point(epoch: int) -> tuple[int, Path] | None:
-    """``OTMDR_TEST_PAUSE_AT=EPOCH:STEP:MARKER`` (test-only): right after step STEP of epoch
-    EPOCH (both counted from 1), the run creates the file MARKER and waits until it is deleted,
-    so a test's signal lands at a known step instead of after a guessed sleep. Returns
-    ``(STEP, MARKER)`` in that epoch, else None."""
-    value = os.environ.get(TEST_PAUSE_VARIABLE)
-    if not value:
-        return None
-    at_epoch, at_step, marker = value.split(":", 2)
-    return (int(at_step), Path(marker)) if int(at_epoch) == epoch + 1 else None
-
-
-def _wait_for_test(marker: Path) -> None:
-    marker.write_text(str(os.getpid()))
-    while marker.exists():
-        time.sleep(0.01)
-
-
-@contextlib.contextmanager
-def _sigterm_flag():
-    """Turn SIGTERM into a flag (``flag[0]``) that the epoch checks after every step, so that a
-    preempted job writes a resumable checkpoint at the next step boundary instead of dying
-    mid-write. Outside the main thread (where signals cannot be caught) the flag stays False."""
-    flag = [False]
-    if threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
-
-    def handler(signum, frame):
-        flag[0] = True
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield flag
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+#: test-only hook (tests/test_preemption.py): see otmdr._signals.pause_point and step_pause
+TEST_PAUSE_VARIABLE = _signals.TEST_PAUSE_VARIABLE
 
 
 def _describe_run(cfg: ExperimentConfig, model: nn.Module, data: RunData, device: torch.device,

@@ -30,6 +30,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -37,6 +38,7 @@ from typing import Any
 
 import yaml
 
+from .. import _signals
 from .._lock import folder_lock
 from ..config import ConfigError, ExperimentConfig, comparable_config, config_from_dict, config_to_dict, load_config
 from . import distributed
@@ -196,6 +198,8 @@ def _train_one(config: dict[str, Any], run_dir: str, resume: bool, threads: int 
                name: str = "", echo: bool = False) -> tuple[dict | None, str | None]:
     """Train one run (in this process or a worker); its lines go to ``run_dir/train.log`` and,
     with ``echo``, its epoch lines to stdout prefixed by the run's name (which run is where)."""
+    if _STOP is not None and (_STOP.is_set() or _signals.requested() is not None):  # queued, then stopped
+        raise Preempted(f"{_signals.stopped_by()} before {name or run_dir} started")
     cfg = config_from_dict(config)
     if threads is not None:
         cfg.train.threads = threads
@@ -224,16 +228,23 @@ def _train_one(config: dict[str, Any], run_dir: str, resume: bool, threads: int 
 
 
 _PARENT: int | None = None  # in a worker: the study's process
+_STOP: Any = None  # in a worker: the study's stop event (set when the study was asked to stop)
 
 
-def _worker_init(parent: int) -> None:
+def _worker_init(parent: int, stop: Any = None, ready: Any = None) -> None:
     """Workers must not outlive the study (they would go on training into folders a restart
     reuses). When the parent dies the worker gets SIGTERM: from the kernel on Linux
     (PR_SET_PDEATHSIG, which fires when the parent's *thread* ends) and, everywhere, from a
     watchdog thread that polls the parent; training then checkpoints at the next step boundary
-    and the worker exits."""
-    global _PARENT
-    _PARENT = parent
+    and the worker exits. For its whole life a worker treats SIGTERM and SIGINT as a stop request
+    (otmdr._signals), as the study does; once that holds it reports its pid on ``ready``, and
+    only then does a stopping study signal it (a worker still starting would die of the default
+    handler). ``stop``, set by the study, stops the runs a worker takes from the queue after."""
+    global _PARENT, _STOP
+    _PARENT, _STOP = parent, stop
+    _WORKER_SIGNALS.enter_context(_signals.deferred())
+    if ready is not None:
+        ready.put(os.getpid())
     if sys.platform.startswith("linux"):
         try:
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
@@ -246,6 +257,18 @@ def _worker_init(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watchdog, daemon=True, name="otmdr-parent-watchdog").start()
+
+
+_WORKER_SIGNALS = contextlib.ExitStack()  # a worker's stop-request handlers, held until it exits
+
+
+def _stop_requested() -> bool:
+    """Whether this study was asked to stop (a collective under torchrun: every rank decides alike)."""
+    return distributed.any_rank(_signals.requested() is not None)
+
+
+def _stopped(done: int, total: int) -> Preempted:
+    return Preempted(f"{_signals.stopped_by()} with {done} of {total} run(s) of this phase finished")
 
 
 def execute(runs: list[Run], *, jobs: int = 1, log: Callable[[str], None] = print, echo: bool = False) -> None:
@@ -297,14 +320,31 @@ def execute(runs: list[Run], *, jobs: int = 1, log: Callable[[str], None] = prin
     done = 0
     if jobs <= 1:
         for run, resume in pending:
+            _signals.pause_point("compare-run")  # test-only
+            if _stop_requested():  # between runs: a safe point
+                raise _stopped(done, total)
             started = time.perf_counter()
             log(f"  training {run.name} -> {run.run_dir}" + (" (resuming)" if resume else ""))
             result = _train_one(config_to_dict(run.config), str(run.run_dir), resume, threads, run.name, echo)
             done += 1
             finish(done, run, result, started)
+        if _stop_requested():  # during the last run's final evaluation: it finished, the study stops here
+            raise _stopped(done, total)
         return
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"), initializer=_worker_init,
-                             initargs=(os.getpid(),)) as pool:
+    _execute_parallel(pending, jobs=jobs, threads=threads, log=log, echo=echo, finish=finish)
+
+
+def _execute_parallel(pending: list[tuple[Run, bool]], *, jobs: int, threads: int | None, log: Callable[[str], None],
+                      echo: bool, finish: Callable[[int, Run, tuple[dict | None, str | None], float], None]) -> None:
+    """``pending`` in ``jobs`` worker processes. A stop request to the study (SIGTERM, Ctrl-C)
+    reaches every worker: queued runs are cancelled or refuse to start, running ones checkpoint
+    at their next step; then the study raises :class:`Preempted`."""
+    context = get_context("spawn")
+    stop, ready = context.Event(), context.SimpleQueue()
+    total, done, stopping = len(pending), 0, False
+    workers: set[int] = set()
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_worker_init,
+                             initargs=(os.getpid(), stop, ready)) as pool:
         futures = {}
         for run, resume in pending:
             future = pool.submit(_train_one, config_to_dict(run.config), str(run.run_dir), resume, threads, run.name,
@@ -314,11 +354,33 @@ def execute(runs: list[Run], *, jobs: int = 1, log: Callable[[str], None] = prin
             "<run>/train.log")
         remaining = set(futures)
         while remaining:
-            finished, remaining = wait(remaining, return_when=FIRST_COMPLETED)
+            finished, remaining = wait(remaining, timeout=0.1, return_when=FIRST_COMPLETED)
+            if not stopping and _signals.requested() is not None:
+                stopping = True
+                stop.set()  # before the pids are read: a worker ready after this sees the event
+                for future in remaining:
+                    future.cancel()  # those not yet handed to a worker
+                while not ready.empty():
+                    workers.add(ready.get())
+                for pid in workers:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGTERM)
             for future in finished:
                 run, started = futures[future]
+                if future.cancelled():
+                    continue
+                try:
+                    result = future.result()
+                except Preempted:
+                    continue
+                except BrokenProcessPool:
+                    if stopping:  # a worker still starting died of the signal: it held no run
+                        continue
+                    raise
                 done += 1
-                finish(done, run, future.result(), started)
+                finish(done, run, result, started)
+    if stopping:
+        raise _stopped(done, total)
 
 
 def _describe(run: Run) -> str:
