@@ -130,8 +130,11 @@ def _resume_study(out: Path, line: str, *extra: str) -> None:
 
 # -- rows 1 and 2: SIGTERM to otmdr compare ---------------------------------------------------
 
-@pytest.mark.parametrize("point", ["last-epoch", "final-evaluation", "between-runs", "report"])
-def test_sigterm_to_compare_stops_it_with_the_resume_line(tmp_path, reference, point):
+@pytest.mark.parametrize("point, signum", [("last-epoch", signal.SIGTERM), ("final-evaluation", signal.SIGTERM),
+                                           ("between-runs", signal.SIGTERM), ("report", signal.SIGTERM),
+                                           ("last-epoch", signal.SIGINT)],
+                         ids=["last-epoch", "final-evaluation", "between-runs", "report", "last-epoch-SIGINT"])
+def test_a_signal_to_compare_stops_it_with_the_resume_line(tmp_path, reference, point, signum):
     """In a run's last epoch or final evaluation (row 1: the signal was forgotten, the next runs
     trained, exit 0), between runs or before the report (row 2: killed silently): the study stops
     at the next safe point, exits 143 with the resume line, and the resume equals the
@@ -147,12 +150,13 @@ def test_sigterm_to_compare_stops_it_with_the_resume_line(tmp_path, reference, p
         assert (out / RUNS[0] / "summary.json").is_file() and not (out / RUNS[1]).exists()
     running = () if point in ("between-runs", "report") else (RUNS[0],)
     before = _tree(out, skip=running)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(signum)
     _, err, again = _release_until_exit(process, marker)
-    assert not again, f"the study went on after SIGTERM: {err}"
-    assert process.returncode == 143, err
+    assert not again, f"the study went on after the signal: {err}"
+    assert process.returncode == 128 + signum, err
     line = _one_line(err)
-    assert line.startswith("otmdr: preempted (SIGTERM)"), line
+    kind = "preempted (SIGTERM)" if signum == signal.SIGTERM else "interrupted (SIGINT)"
+    assert line.startswith(f"otmdr: {kind}"), line
     assert _tree(out, skip=running) == before  # nothing else touched, no partial artefact
     assert not (out / "report.md").exists() and not list(out.rglob("*.tmp"))
     if running:  # the run that was stopped holds its last epoch's checkpoint
@@ -161,18 +165,22 @@ def test_sigterm_to_compare_stops_it_with_the_resume_line(tmp_path, reference, p
     _same_study(reference, out)
 
 
-def test_sigterm_to_compare_jobs_2_stops_running_and_queued_runs(tmp_path, reference):
-    """Workers are processes: a SIGTERM to the study reaches them, the running runs checkpoint at
-    their next step, the queued ones never start; resuming (also in parallel) equals the
-    uninterrupted study."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_to_compare_jobs_2_stops_running_and_queued_runs(tmp_path, reference, signum):
+    """Workers are processes: a SIGTERM (or SIGINT) to the study alone reaches them, the running
+    runs checkpoint at their next step, the queued ones never start; exit 143 (130); resuming
+    (also in parallel) equals the uninterrupted study."""
     out, marker = tmp_path / "study", tmp_path / "paused"
     process = _start(_compare_args(out, "--jobs", "2"), f"1:3:{marker}")
     _wait_for(process, marker)  # a worker stands after its third step
-    process.send_signal(signal.SIGTERM)
-    _, err, _ = _release_until_exit(process, marker)
-    assert process.returncode == 143, err
+    process.send_signal(signum)
+    # the marker stays: a worker held there goes on only once the study has passed the stop on
+    _, err = process.communicate(timeout=600)
+    marker.unlink(missing_ok=True)
+    assert process.returncode == 128 + signum, err
     line = _one_line(err)
-    assert line.startswith("otmdr: preempted (SIGTERM)"), line
+    kind = "preempted (SIGTERM)" if signum == signal.SIGTERM else "interrupted (SIGINT)"
+    assert line.startswith(f"otmdr: {kind}"), line
     assert not list(out.glob("*/summary.json"))  # every run stopped in its first epoch
     started = [name for name in RUNS if (out / name / "checkpoints" / "last.pt").is_file()]
     assert 1 <= len(started) <= 2 and not (out / RUNS[2]).exists() and not (out / RUNS[3]).exists(), started

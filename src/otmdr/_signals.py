@@ -118,7 +118,8 @@ TEST_PAUSE_VARIABLE = "OTMDR_TEST_PAUSE_AT"
 def pause_point(name: str) -> None:
     """``OTMDR_TEST_PAUSE_AT=NAME:MARKER`` (test-only): at the point called ``name`` the process
     creates the file MARKER (holding its pid) and waits until it is deleted, so a test's signal
-    lands at a known point instead of after a guessed sleep. Named points: ``after-config``
+    lands at a known point instead of after a guessed sleep (a stop request also ends the wait).
+    Named points: ``after-config``
     (train: config.yaml written, nothing trained), ``compare-run`` (compare: before each run),
     ``compare-report`` (compare: every run finished, before the report), ``write-FILE`` (an
     atomic write of FILE: its temporary file written, not yet renamed). ``EPOCH:STEP:MARKER`` is
@@ -142,7 +143,9 @@ def step_pause(epoch: int) -> tuple[int, Path] | None:
 
 
 def wait_for_test(marker: Path) -> None:
-    """Create ``marker`` and wait until the test deletes it."""
+    """Create ``marker`` and wait until the test deletes it, or until a stop request arrives (so a
+    test can hold a process at a point until its signal has surely landed, e.g. one that a
+    ``compare --jobs`` study passes on to its workers)."""
     marker.write_text(str(os.getpid()))
-    while marker.exists():
+    while marker.exists() and _requested is None:
         time.sleep(0.01)
