@@ -145,6 +145,8 @@ CASES = [
     ("train --config {demo} --out {new} --set model.options={{hidden:[1000000000000]}}", "hidden[0] must be"),
     ("train --config {demo} --out {new} --set model.options={{hidden:[16,0]}}", "hidden[1] must be"),
     ("train --config {demo} --out {new} --set model.name=lenet --set model.options={{\"width\":0}}", "width must be"),
+    ("train --config {demo} --out {new} --set model.name=lenet --set model.options={{\"width\":16000}}",
+     "parameters, more than 2,147,483,648"),
     ("sharpness {run} --samples 0", "--samples: must be >= 1"),
     ("sharpness {run} --batch-size 0", "--batch-size: must be >= 1"),
     ("landscape {run} --out {new} --points 0", "--points: must be in [2, "),

@@ -86,15 +86,22 @@ def check_model_options(name: str, options: dict[str, Any], num_classes: int = 1
         return
     try:
         with torch.device("meta"):
-            create_model(name, num_classes=num_classes, in_channels=in_channels, **options)
+            model = create_model(name, num_classes=num_classes, in_channels=in_channels, **options)
     except (TypeError, ValueError):
         raise
     except Exception:  # noqa: BLE001 - not an option's fault: the real build reports what it is
         return
+    size = count_parameters(model)
+    if size > MAX_PARAMETERS:
+        raise ValueError(f"with {options} has {size:,} parameters, more than {MAX_PARAMETERS:,} (8 GiB of float32 "
+                         "weights before gradients and the optimizer's buffers): choose smaller sizes")
     _CHECKED.add(key)
 
 
 _CHECKED: set[str] = set()
+#: The most parameters a model built from options may have: 60 times the largest registered net
+#: (WRN-28-10, 36M), so only a typo in a size (a width of 10**9) reaches it.
+MAX_PARAMETERS = 2**31
 
 
 def count_parameters(model: nn.Module) -> int:
