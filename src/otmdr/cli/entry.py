@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import signal
 import sys
 import traceback
@@ -111,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         if stop.code in (0, None):  # every other bad input; --help and --version exit as argparse does
             raise
         return stop.code if isinstance(stop.code, int) else EXIT_ERROR
+    if argv is not None and getattr(args, "command_line", "") is None:  # called from Python, not a shell:
+        args.command_line = "otmdr " + shlex.join(argv)  # the report and the resume line name these words
     missing = missing_extras()
     if missing:
         print(f"otmdr: error: otmdr {args.command} needs the train extra ({', '.join(missing)} missing): "
