@@ -188,6 +188,26 @@ def test_a_signal_to_compare_jobs_2_stops_running_and_queued_runs(tmp_path, refe
     _same_study(reference, out)
 
 
+def test_sigterm_to_train_during_its_final_evaluation_is_not_forgotten(tmp_path):
+    """The final evaluation has no safe point: it finishes (the run is complete), then the signal
+    still ends the command with 143 and one line instead of a silent exit 0."""
+    run, marker = tmp_path / "run", tmp_path / "paused"
+    args = ["train", "--config", str(DEMO), "--out", str(run), "--set", "train.progress=false"]
+    for override in FAST:
+        args += ["--set", override]
+    process = _start(args, f"final-evaluation:{marker}")
+    _wait_for(process, marker)
+    before = _tree(run)
+    process.send_signal(signal.SIGTERM)
+    _, err, again = _release_until_exit(process, marker)
+    assert process.returncode == 143 and not again, err
+    line = _one_line(err)
+    assert line.startswith("otmdr: preempted (SIGTERM) during the final evaluation") and "complete" in line, line
+    after = _tree(run)
+    assert set(after) - set(before) == {"summary.json"} and not list(run.rglob("*.tmp"))
+    assert all(after[name] == digest for name, digest in before.items())
+
+
 # -- row 9: NaN in the validation inputs ------------------------------------------------------
 
 def test_nan_in_the_validation_inputs_is_one_line_and_keeps_the_checkpoints(tmp_path, monkeypatch, capsys):
