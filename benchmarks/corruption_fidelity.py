@@ -62,6 +62,16 @@ def load_images(archive: Path, n: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------- reference transcription
+def _shown(path: Path | str) -> str:
+    """``path`` relative to the current folder when it lies below it (no machine's absolute path
+    in a committed report), else as given."""
+    resolved = Path(path).resolve()
+    try:
+        return str(resolved.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def reference_functions(frost_dir: Path | None = None) -> tuple[dict[str, Callable[[Image.Image, Any], np.ndarray]],
                                                                  dict[str, str]]:
     """name -> f(PIL image, severity constant) returning the reference's image before ``np.uint8``,
@@ -393,7 +403,7 @@ def main() -> None:
     meta = {"command": "python benchmarks/corruption_fidelity.py " + shlex.join(sys.argv[1:]),
             "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": f"{platform.machine()}, {platform.system()}",
             "images": len(images), "data": Path(args.data).name, "seed": args.seed, "versions": versions(),
-            "frost_photographs": str(frost_dir), "ours_frost_photographs": str(frost_photo_dir())}
+            "frost_photographs": _shown(frost_dir), "ours_frost_photographs": _shown(frost_photo_dir())}
     write_report(measure(images, args.seed, frost_dir), meta, Path(args.out))
     print(f"written: {args.out}.md, {args.out}.json")
 
