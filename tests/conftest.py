@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import importlib
 import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 from types import ModuleType
 
 import pytest
@@ -26,6 +30,29 @@ def require_oracle(module: str, why: str) -> ModuleType:
             pytest.fail(f"oracle {module!r} is required in CI ({why}): {error}", pytrace=False)
         # allow_module_level: a test module may import its oracle at the top (it subclasses it)
         pytest.skip(f"oracle {module!r} is not installed ({why}); `make test` installs it", allow_module_level=True)
+
+
+def start_otmdr(args: list[str], pause: str | None = None) -> subprocess.Popen:
+    """``python -m otmdr ARGS`` as a subprocess whose output the test reads; ``pause`` sets the
+    test-only hook ``OTMDR_TEST_PAUSE_AT`` (otmdr._signals: the command creates the marker file
+    at that point and waits until the test deletes it), so a signal lands at a known point."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("OTMDR_TEST_PAUSE_AT", None)
+    if pause is not None:
+        env["OTMDR_TEST_PAUSE_AT"] = pause
+    return subprocess.Popen([sys.executable, "-m", "otmdr", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+
+
+def wait_for_pause(process: subprocess.Popen, marker: Path) -> None:
+    """Until the command stands at its pause point (it must not end first)."""
+    deadline = time.monotonic() + 600
+    while not marker.exists():
+        if process.poll() is not None:
+            raise AssertionError(f"the command ended (status {process.returncode}) before its pause point: "
+                                 f"{process.stderr.read() if process.stderr else ''}")
+        assert time.monotonic() < deadline, "the command did not reach its pause point in 10 minutes"
+        time.sleep(0.01)
 
 
 def tiny_mlp(seed: int = 0, dtype: torch.dtype = torch.float64, batch_norm: bool = False) -> nn.Module:

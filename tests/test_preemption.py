@@ -15,7 +15,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ import torch
 
 from otmdr.config import load_config
 from otmdr.train import prepare_run_dir, train
+from conftest import start_otmdr, wait_for_pause
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 SLOW = ["train.epochs=3", "data.train_limit=800", "data.batch_size=4", "train.threads=1", "train.progress=false",
@@ -45,26 +45,26 @@ def _start_training(run: Path, extra: list[str] | None = None,
     """``otmdr train`` of the SLOW config into ``run`` as a subprocess; with ``pause`` =
     ``(epoch, step, marker)`` it waits after that step until ``marker`` is deleted, with
     ``(name, marker)`` at that named point (otmdr._signals.pause_point)."""
-    command = [sys.executable, "-m", "otmdr", "train", "--config", str(DEMO), "--out", str(run)]
+    args = ["train", "--config", str(DEMO), "--out", str(run)]
     for override in SLOW + list(extra or []):
-        command += ["--set", override]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("OTMDR_TEST_PAUSE_AT", None)
-    if pause is not None:
-        env["OTMDR_TEST_PAUSE_AT"] = ":".join(str(part) for part in pause)
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        args += ["--set", override]
+    return start_otmdr(args, None if pause is None else ":".join(str(part) for part in pause))
 
 
 def _wait_for_pause(process: subprocess.Popen, marker: Path) -> None:
-    """Until the run stands at its pause point (it must not end first)."""
-    deadline = time.monotonic() + 600
-    while not marker.exists():
-        if process.poll() is not None:
-            raise AssertionError(f"the run ended (status {process.returncode}) before its pause point: "
-                                 f"{process.stderr.read()}")
-        assert time.monotonic() < deadline, "the run did not reach its pause point in 10 minutes"
-        time.sleep(0.01)
+    """Until the run stands at its pause point, which the marker says it is."""
+    wait_for_pause(process, marker)
     assert marker.read_text() == str(process.pid)
+
+
+def _assert_same_as(run: Path, reference: Path) -> None:
+    """The resumed run ends with the uninterrupted run's weights, metrics rows and test summary."""
+    a = torch.load(reference / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert _rows(run) == _rows(reference)
+    assert json.loads((run / "summary.json").read_text())["test"] == json.loads(
+        (reference / "summary.json").read_text())["test"]
 
 
 def _resume(run: Path) -> None:
@@ -101,12 +101,7 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(tmp_path, reference, ep
     if step < STEPS:  # stopped after exactly that step, its running sums kept
         assert saved["loader"]["batch"] == step and saved["partial_epoch"]["samples"] == 4 * step
     _resume(run)
-    a = torch.load(reference / "checkpoints" / "last.pt", weights_only=True)
-    b = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    assert _rows(run) == _rows(reference)
-    assert json.loads((run / "summary.json").read_text())["test"] == json.loads(
-        (reference / "summary.json").read_text())["test"]
+    _assert_same_as(run, reference)
 
 
 def test_one_process_per_run_folder_and_a_killed_one_leaves_no_stale_lock(tmp_path, capsys):
@@ -175,9 +170,4 @@ def test_a_signal_after_the_config_is_written_leaves_a_resumable_folder(tmp_path
     assert lines[0] == f"otmdr: {kind} before training started; continue with: otmdr train --resume {run}"
     assert (run / "config.yaml").is_file() and not (run / "checkpoints" / "last.pt").exists()
     _resume(run)
-    a = torch.load(reference / "checkpoints" / "last.pt", weights_only=True)
-    b = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    assert _rows(run) == _rows(reference)
-    assert json.loads((run / "summary.json").read_text())["test"] == json.loads(
-        (reference / "summary.json").read_text())["test"]
+    _assert_same_as(run, reference)

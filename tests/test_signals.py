@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -19,6 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from conftest import start_otmdr, wait_for_pause
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
@@ -34,26 +35,6 @@ def _compare_args(out: Path, *extra: str) -> list[str]:
     for override in FAST:
         args += ["--set", override]
     return args + list(extra)
-
-
-def _start(args: list[str], pause: str | None = None) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("OTMDR_TEST_PAUSE_AT", None)
-    if pause is not None:
-        env["OTMDR_TEST_PAUSE_AT"] = pause
-    return subprocess.Popen([sys.executable, "-m", "otmdr", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
-
-
-def _wait_for(process: subprocess.Popen, marker: Path) -> None:
-    """Until the command stands at its pause point (it must not end first)."""
-    deadline = time.monotonic() + 600
-    while not marker.exists():
-        if process.poll() is not None:
-            raise AssertionError(f"the command ended (status {process.returncode}) before its pause point: "
-                                 f"{process.stderr.read() if process.stderr else ''}")
-        assert time.monotonic() < deadline, "the command did not reach its pause point in 10 minutes"
-        time.sleep(0.01)
 
 
 def _release_until_exit(process: subprocess.Popen, marker: Path) -> tuple[str, str, bool]:
@@ -123,7 +104,7 @@ def reference(tmp_path_factory) -> Path:
 def _resume_study(out: Path, line: str, *extra: str) -> None:
     """The printed resume line names the same command with --resume; running it finishes the study."""
     assert "continue with: otmdr compare" in line and line.rstrip().endswith("--resume"), line
-    resumed = _start(_compare_args(out, *extra, "--resume"))
+    resumed = start_otmdr(_compare_args(out, *extra, "--resume"))
     _, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, err
 
@@ -142,11 +123,11 @@ def test_a_signal_to_compare_stops_it_with_the_resume_line(tmp_path, reference, 
     out, marker = tmp_path / "study", tmp_path / "paused"
     pause = {"last-epoch": f"2:{STEPS}:{marker}", "final-evaluation": f"final-evaluation:{marker}",
              "between-runs": f"compare-run:{marker}", "report": f"compare-report:{marker}"}[point]
-    process = _start(_compare_args(out), pause)
-    _wait_for(process, marker)
+    process = start_otmdr(_compare_args(out), pause)
+    wait_for_pause(process, marker)
     if point == "between-runs":  # the first pause is before the first run: let it train, stop before the second
         marker.unlink()
-        _wait_for(process, marker)
+        wait_for_pause(process, marker)
         assert (out / RUNS[0] / "summary.json").is_file() and not (out / RUNS[1]).exists()
     running = () if point in ("between-runs", "report") else (RUNS[0],)
     before = _tree(out, skip=running)
@@ -171,8 +152,8 @@ def test_a_signal_to_compare_jobs_2_stops_running_and_queued_runs(tmp_path, refe
     runs checkpoint at their next step, the queued ones never start; exit 143 (130); resuming
     (also in parallel) equals the uninterrupted study."""
     out, marker = tmp_path / "study", tmp_path / "paused"
-    process = _start(_compare_args(out, "--jobs", "2"), f"1:3:{marker}")
-    _wait_for(process, marker)  # a worker stands after its third step
+    process = start_otmdr(_compare_args(out, "--jobs", "2"), f"1:3:{marker}")
+    wait_for_pause(process, marker)  # a worker stands after its third step
     process.send_signal(signum)
     # the marker stays: a worker held there goes on only once the study has passed the stop on
     _, err = process.communicate(timeout=600)
@@ -195,8 +176,8 @@ def test_sigterm_to_train_during_its_final_evaluation_is_not_forgotten(tmp_path)
     args = ["train", "--config", str(DEMO), "--out", str(run), "--set", "train.progress=false"]
     for override in FAST:
         args += ["--set", override]
-    process = _start(args, f"final-evaluation:{marker}")
-    _wait_for(process, marker)
+    process = start_otmdr(args, f"final-evaluation:{marker}")
+    wait_for_pause(process, marker)
     before = _tree(run)
     process.send_signal(signal.SIGTERM)
     _, err, again = _release_until_exit(process, marker)
@@ -277,14 +258,14 @@ def test_a_json_write_killed_leaves_no_leftover_after_the_next_run(tmp_path, tra
     target.write_text('{"old": true}')
     (folder / "notes.txt").write_text("mine")
     args = [command[0], str(trained), *command[1:], "--json", str(target)]
-    process = _start(args, f"write-out.json:{marker}")
-    _wait_for(process, marker)
+    process = start_otmdr(args, f"write-out.json:{marker}")
+    wait_for_pause(process, marker)
     process.kill()
     process.wait(timeout=60)
     marker.unlink()
     assert json.loads(target.read_text()) == {"old": True}
     assert len(list(folder.glob(".out.json.*.tmp"))) == 1  # what the kill left
-    again = _start(args)
+    again = start_otmdr(args)
     _, err = again.communicate(timeout=600)
     assert again.returncode == 0, err
     assert sorted(p.name for p in folder.iterdir()) == ["notes.txt", "out.json"]
@@ -299,8 +280,8 @@ def test_sigterm_to_eval_while_it_writes_json_is_one_line_and_leaves_nothing(tmp
     target, marker = folder / "out.json", tmp_path / "paused"
     target.write_text('{"old": true}')
     before = _tree(folder)
-    process = _start(["eval", str(trained), "--json", str(target)], f"write-out.json:{marker}")
-    _wait_for(process, marker)
+    process = start_otmdr(["eval", str(trained), "--json", str(target)], f"write-out.json:{marker}")
+    wait_for_pause(process, marker)
     process.send_signal(signal.SIGTERM)
     _, err, _ = _release_until_exit(process, marker)
     assert process.returncode == 143, err
