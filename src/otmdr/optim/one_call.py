@@ -61,6 +61,7 @@ def run_step(opt: OTMDR, closure: Callable[..., Any], batch: Any, *, scaler: tor
         final = finals[0] if len(finals) == 1 else torch.stack(finals).sum()
         opt.descend(scaler, loss=final)
     except BaseException:
+        opt.gradient_evaluations += passes.evaluations  # the passes that ran were spent
         if watch is not None:
             watch.stop()
         opt._abandon_step()
@@ -75,11 +76,13 @@ def run_step(opt: OTMDR, closure: Callable[..., Any], batch: Any, *, scaler: tor
     if scaler is not None and start is not None and opt.skipped is not None:
         bn.load_where(opt.skipped, start)  # a skipped step leaves the statistics as they were
     opt.first_pass = False
+    opt.gradient_evaluations += passes.evaluations
     return StepResult(
         loss=first[0],
         perturbed_loss=finals[0] if len(finals) == 1 else torch.stack(finals).mean(),
         perturbation_norm=opt._last_distance,
         outputs=first[1],
+        gradient_evaluations=passes.evaluations,
     )
 
 
@@ -95,7 +98,8 @@ def _run_passes(opt: OTMDR, passes: _Passes) -> tuple[tuple[Tensor, Any], list[T
     for k in range(cfg.particles):
         last = k == cfg.particles - 1
         for i, part in enumerate(passes.ascent_parts(k)):
-            result = passes.run(part, sync=cfg.sync_ascent, update_bn=updates_batchnorm(cfg.bn_policy, k, i))
+            result = passes.run(part, sync=cfg.sync_ascent, update_bn=updates_batchnorm(cfg.bn_policy, k, i),
+                                share=passes.shares[i])
             first = result if first is None else first
             opt.perturb()
         if last and opt._progress.particles_done:
@@ -131,8 +135,12 @@ class _Passes:
         self.bn = bn
         self.micro_batches = micro_batches
         self.count = 0
+        self.evaluations = 0.0  #: passes run so far, in full-batch units (see :class:`StepResult`)
         self.size = None if batch is None else batch_size(batch)
         self.bounds = None if self.size is None else _ascent_bounds(self.size, opt.config.split_fractions)
+        #: the fraction of the batch each ascent step's part holds (a closure's pass counts 1)
+        self.shares = ([1.0] * opt.config.ascent_steps if self.bounds is None or self.size is None
+                       else [(hi - lo) / self.size for lo, hi in self.bounds])
 
     def ascent_parts(self, particle: int) -> list[Any]:
         """The part of the batch each ascent step of ``particle`` uses: consecutive slices of the
@@ -148,12 +156,14 @@ class _Passes:
         order = torch.randperm(n, generator=generator, device=generator.device)  # type: ignore[arg-type]
         return [take(self.batch, order[lo:hi]) for lo, hi in self.bounds]
 
-    def run(self, part: Any, *, sync: bool, update_bn: bool) -> tuple[Tensor, Any]:
+    def run(self, part: Any, *, sync: bool, update_bn: bool, share: float = 1.0) -> tuple[Tensor, Any]:
         """Forward and backward on ``part`` (through the scaler, in micro-batches), inside
         ``no_sync`` unless ``sync``, with the statistics frozen unless ``update_bn``; returns the
-        detached loss and the loss function's other outputs."""
+        detached loss and the loss function's other outputs. ``share``: the fraction of the batch
+        ``part`` holds, counted in :attr:`evaluations` (micro-batches together make the part)."""
         self.opt.first_pass = self.count == 0
         self.count += 1
+        self.evaluations += share
         with (self.no_sync() if not sync and self.no_sync is not None else _NOTHING), \
                 (self.bn.frozen() if self.bn and not update_bn else _NOTHING), \
                 (_NOTHING if torch.is_grad_enabled() else torch.enable_grad()):

@@ -149,6 +149,10 @@ class OTMDR(Optimizer):
         self.model = model
         self.foreach = True if foreach is None else bool(foreach)
         self.step_count = 0  #: steps applied (plain interval steps included); saved in the state dict
+        #: forward+backward passes since construction, in full-batch units (a pass on a part of the
+        #: batch counts its fraction): the compute spent, for equal-compute comparisons; saved in
+        #: the state dict
+        self.gradient_evaluations = 0.0
         self._building = True
         super().__init__(params, dict(GROUP_DEFAULTS))
         if not isinstance(base_optimizer, Optimizer):
@@ -199,9 +203,10 @@ class OTMDR(Optimizer):
             self.base_optimizer.add_param_group(param_group)
 
     def state_dict(self) -> dict[str, Any]:
-        """The base optimizer's state dict plus an ``otmdr`` entry (step count, generator)."""
+        """The base optimizer's state dict plus an ``otmdr`` entry (step count, generator, passes run)."""
         state = self.base_optimizer.state_dict()
-        state["otmdr"] = {"version": 1, "steps": self.step_count, "generator": self.generator.get_state()}
+        state["otmdr"] = {"version": 1, "steps": self.step_count, "generator": self.generator.get_state(),
+                          "gradient_evaluations": self.gradient_evaluations}
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -219,6 +224,7 @@ class OTMDR(Optimizer):
             for key, value in GROUP_DEFAULTS.items():
                 group.setdefault(key, value)
         self.step_count = int(extra["steps"])
+        self.gradient_evaluations = float(extra.get("gradient_evaluations", 0.0))  # absent before it was counted
         try:
             self.generator.set_state(extra["generator"].cpu())
         except RuntimeError:  # e.g. saved on CPU, resumed on CUDA: the generators differ in kind
@@ -425,7 +431,9 @@ class OTMDR(Optimizer):
         backward then adds to it); ``True`` clears it. Returns the norm used."""
         params = self._params_with_grad()
         kept = None if zero_grad else [g.detach().clone() for g in _grads(params)]
+        i = self._progress.ascent
         norm = self.perturb()  # consumes (zeroes) the gradients
+        self.gradient_evaluations += self.config.split_fractions[i]  # the backward on this step's part
         if kept is not None:
             with torch.no_grad():
                 F.copy_(_grads(params), kept)
@@ -434,6 +442,7 @@ class OTMDR(Optimizer):
     def second_step(self, zero_grad: bool = False) -> None:
         """davda54/sam's ``second_step``: back to the centre, base-optimizer step with the gradient
         now in ``.grad`` (taken at the neighbour); ``zero_grad=True`` clears it afterwards."""
+        self.gradient_evaluations += 1.0  # the full-batch pass at the neighbour
         self.descend()
         if zero_grad:
             self._zero_grads()
@@ -441,9 +450,7 @@ class OTMDR(Optimizer):
 
     def passes_per_step(self, closure_form: bool = False) -> float:
         """Forward/backward cost of one step in full-batch passes (SGD = 1, SAM = 2)."""
-        cfg = self.config
-        ascent = float(cfg.ascent_steps) if closure_form else sum(cfg.split_fractions)
-        return (cfg.particles * (1.0 + ascent) + cfg.ascent_interval - 1) / cfg.ascent_interval
+        return passes_per_step(self.config, closure_form)
 
     # ------------------------------------------------------------------------------ internals
     def _begin_step(self) -> None:
@@ -573,6 +580,15 @@ class OTMDR(Optimizer):
             if self._grad_versions.get(p) != version and p.grad is not None and bool(p.grad.any()):
                 return True
         return False
+
+
+def passes_per_step(cfg: PerturbationConfig, closure_form: bool = False) -> float:
+    """The expected forward/backward cost of one step of ``cfg``, in full-batch passes: per
+    particle its ascent parts plus one full pass, every ``ascent_interval``-th step; 1 for the
+    plain steps between (a closure computes the whole batch: each ascent pass counts 1). What
+    :attr:`OTMDR.gradient_evaluations` measures, up to the rounding of the parts' sizes."""
+    ascent = float(cfg.ascent_steps) if closure_form else sum(cfg.split_fractions)
+    return (cfg.particles * (1.0 + ascent) + cfg.ascent_interval - 1) / cfg.ascent_interval
 
 
 def _grads(params: Iterable[Tensor]) -> list[Tensor]:

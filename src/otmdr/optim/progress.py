@@ -13,12 +13,15 @@ __all__ = ["StepResult", "StepProgress"]
 
 
 class StepResult(NamedTuple):
-    """What one step measured; every field is a detached tensor (no host sync was needed)."""
+    """What one step measured: detached tensors (no host sync was needed) and its cost, counted
+    from batch sizes (Python ints), so equal-compute comparisons can use measured numbers."""
 
     loss: Tensor  #: loss of the first pass, at the unperturbed weights (on its part of the batch)
     perturbed_loss: Tensor  #: full-batch loss at the perturbed weights (mean over particles)
     perturbation_norm: Tensor  #: measured ||theta~ - theta|| (mean over particles)
     outputs: Any = None  #: whatever the loss function returned besides the loss, first pass
+    #: forward+backward passes run, in full-batch units (a pass on a part counts its fraction)
+    gradient_evaluations: float = 0.0
 
 
 @dataclass

@@ -34,6 +34,7 @@ from ..models import count_parameters
 from ..optim import OTMDR
 from .builders import RunData, build_data, build_model, build_optimizer, build_scheduler, select_device
 from .checkpoint import CheckpointError, CheckpointWriter, atomic_write_text, load_checkpoint
+from .compute import gradient_evaluations_per_step, machine_info
 from .run_dir import RunDirError, check_same_run, load_run, prepare_run_dir, remove_leftovers, write_history
 from .strategy import SingleProcess, Strategy, current_strategy
 
@@ -188,12 +189,20 @@ def _restore(run: _Run, checkpoint: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(mine["rng"]["cuda"], run.device)
     strategy.restore_own_state(run.optimizer, mine)
     run.start_epoch, run.best, run.history = checkpoint["epoch"], checkpoint["best"], checkpoint["history"]
+    _backfill_compute(run.history, gradient_evaluations_per_step(run.cfg) * len(run.data.train))
     run.partial = mine.get("partial_epoch")
     if strategy.is_main:
         remove_leftovers(run.run_dir)
         if run.history:  # a kill between the checkpoint and the metrics write lost the last rows
             write_history(run.run_dir, run.history)
     run.log(f"resuming {run.run_dir} after epoch {run.start_epoch}")
+
+
+def _backfill_compute(history: list[dict[str, Any]], per_epoch: float) -> None:
+    """Rows of a run saved before gradient evaluations were counted get the predicted cumulative
+    count, so the count continues and every metrics.csv row has the same columns."""
+    for row in history:
+        row.setdefault("gradient_evaluations", per_epoch * row["epoch"])
 
 
 # -- epochs -----------------------------------------------------------------------------------
@@ -256,13 +265,30 @@ def _validate(run: _Run, epoch: int, stats: _Epoch) -> dict[str, Any]:
     row: dict[str, Any] = {"epoch": epoch + 1, "lr": run.optimizer.param_groups[0]["lr"],
                            "train_loss": stats.loss, "train_accuracy": stats.accuracy,
                            "perturbation_norm": stats.perturbation, "seconds": stats.seconds,
-                           "images_per_second": stats.samples / stats.seconds}
+                           "images_per_second": stats.samples / stats.seconds,
+                           # cumulative: the compute spent so far, for equal-compute comparisons
+                           "gradient_evaluations": _evaluations_so_far(run) + stats.gradient_evaluations}
     run.strategy.sync_buffers(run.model)  # every replica now holds rank 0's batch-norm statistics
     if run.data.val is not None:
         val, _ = evaluate_split(run.model, run.data.val, autocast=AUTOCAST[run.cfg.train.precision],
                                 n_bins=run.cfg.eval.ece_bins, samples=run.samples)
         row.update({f"val_{k}": v for k, v in val.items() if k != "ece_bins"})
     return run.strategy.agree(row)  # a BNN's predictive samples differ per rank
+
+
+def _evaluations_so_far(run: _Run) -> float:
+    """The gradient evaluations of the epochs already in the history (resumed ones included)."""
+    return float(run.history[-1]["gradient_evaluations"]) if run.history else 0.0
+
+
+def _compute_summary(run: _Run) -> dict[str, Any]:
+    """What the run cost: measured gradient evaluations and steps, the config's prediction, and
+    the training seconds (validation and checkpoints excluded)."""
+    total = _evaluations_so_far(run)
+    steps = len(run.data.train) * len(run.history)  # AMP's skipped steps included: their passes ran
+    return {"gradient_evaluations": total, "steps": steps, "per_step": total / steps if steps else 0.0,
+            "predicted_per_step": gradient_evaluations_per_step(run.cfg),
+            "train_seconds": sum(row["seconds"] for row in run.history)}
 
 
 def _save_epoch(run: _Run, epoch: int, row: dict[str, Any], stats: _Epoch) -> None:
@@ -313,6 +339,8 @@ def _finish(run: _Run) -> dict[str, Any]:
         raise TrainingError(f"the final evaluation failed: {error}. The checkpoints and metrics are kept in "
                             f"{run.run_dir}; once fixed, otmdr train --resume {run.run_dir} evaluates it "
                             "again") from None
+    summary["compute"] = _compute_summary(run)
+    summary["machine"] = machine_info(run.device)
     if run.warned:
         summary["warnings"] = list(run.warned.values())
     best_path = run.checkpoint("best.pt")
@@ -365,6 +393,7 @@ class _Epoch:
     perturbation: float
     seconds: float
     samples: int
+    gradient_evaluations: float  # full-batch forward+backward passes of the epoch (see train.compute)
 
 
 class _StoppedMidEpoch(Exception):
@@ -421,6 +450,7 @@ def _train_epoch(model, optimizer, scheduler, scaler, loader, loss_fn, *, max_gr
     seen = torch.tensor(partial.get("seen", 0), device=device, dtype=torch.long)
     perturbation = torch.tensor(partial.get("perturbation", 0.0), device=device)
     samples = partial.get("samples", 0)
+    evaluations = float(partial.get("gradient_evaluations", 0.0))  # Python floats: no host sync
     started = time.perf_counter() - partial.get("seconds", 0.0)
     pause = _signals.step_pause(epoch)  # test-only, read once per epoch
     bar = None
@@ -438,6 +468,7 @@ def _train_epoch(model, optimizer, scheduler, scaler, loader, loss_fn, *, max_gr
                 result = optimizer.step(loss_fn, batch=(x, y), scaler=scaler)
                 logits, loss = result.outputs
                 perturbation += result.perturbation_norm.to(device)
+                evaluations += result.gradient_evaluations
             else:
                 optimizer.zero_grad(set_to_none=True)
                 objective, (logits, loss) = loss_fn((x, y))
@@ -450,6 +481,7 @@ def _train_epoch(model, optimizer, scheduler, scaler, loader, loss_fn, *, max_gr
                     scaler.step(optimizer)
                 else:
                     optimizer.step()
+                evaluations += 1.0  # one full pass, even when the scaler skips the step
         if scaler is not None:
             scaler.update()
         scheduler.step()
@@ -465,7 +497,8 @@ def _train_epoch(model, optimizer, scheduler, scaler, loader, loss_fn, *, max_gr
                 bar.close()
             raise _StoppedMidEpoch({"loss_sum": float(loss_sum), "correct": int(correct), "seen": int(seen),
                                     "perturbation": float(perturbation), "samples": samples,
-                                    "seconds": time.perf_counter() - started})
+                                    "seconds": time.perf_counter() - started,
+                                    "gradient_evaluations": evaluations})
         if bar is not None and (step % 10 == 9 or step == len(loader) - 1):
             mean_loss = float(loss_sum / seen)  # the progress bar's sync, every 10 steps
             if strategy.checks_loss_every_bar():
@@ -482,7 +515,7 @@ def _train_epoch(model, optimizer, scheduler, scaler, loader, loss_fn, *, max_gr
     mean_loss = float(loss_sum / seen)
     _check_finite(mean_loss, epoch, len(loader) - 1)
     return _Epoch(mean_loss, float(correct) / float(seen), float(perturbation) / len(loader),
-                  time.perf_counter() - started, samples)
+                  time.perf_counter() - started, samples, evaluations)
 
 
 def _check_finite(loss: float, epoch: int, step: int) -> None:
