@@ -85,9 +85,10 @@ def _tasks(args: argparse.Namespace, groups: dict[str, list[Path]], out: Path) -
 def _find_runs(specs: list[str]) -> dict[str, list[Path]]:
     """``DIR`` or ``DIR=LABEL`` compare folders -> {method label: finished run dirs}, in the
     folders' method order (``LABEL`` prefixes the method names of that folder). The runs are the
-    final runs of each method's chosen setting: after a grid search without a search budget of
-    its own, the first seed's final run is the chosen point's search run (``search/...``, named in
-    ``search.json``), so it is taken from there."""
+    final runs of each method's chosen setting: in a study whose search seed was also an
+    evaluation seed (older studies: seed 0), that seed's final run is the chosen point's search run
+    (``search/...``, named in ``search.json``), so it is taken from there; a search run at a seed
+    apart from the evaluation seeds (the default now) is no evaluation run and is left out."""
     groups: dict[str, list[Path]] = {}
     for spec in specs:
         folder, _, prefix = spec.partition("=")
@@ -97,8 +98,11 @@ def _find_runs(specs: list[str]) -> dict[str, list[Path]]:
             if match:
                 found.setdefault(match.group(1), {})[int(match.group(2))] = summary.parent
         search = Path(folder) / "search.json"
+        summaries = Path(folder) / "summaries.json"
+        evaluated = ({s["seed"] for runs in json.loads(summaries.read_text()).values() for s in runs if s}
+                     if summaries.is_file() else None)
         for point in json.loads(search.read_text()) if search.is_file() else []:
-            if not point.get("chosen"):
+            if not point.get("chosen") or (evaluated is not None and point["seed"] not in evaluated):
                 continue
             run = Path(point["run_dir"])
             if not (run / "summary.json").is_file():  # recorded relative to where compare ran
@@ -110,7 +114,6 @@ def _find_runs(specs: list[str]) -> dict[str, list[Path]]:
             print(f"error: {folder}: no finished runs (*/summary.json, or chosen search runs in search.json): "
                   "name an otmdr compare folder", file=sys.stderr)
             sys.exit(2)
-        summaries = Path(folder) / "summaries.json"
         order = list(json.loads(summaries.read_text())) if summaries.is_file() else []
         names = sorted(found, key=lambda n: order.index(n.replace("-", "/", 1)) if n.replace("-", "/", 1) in order
                        else order.index(n) if n in order else len(order))

@@ -111,7 +111,8 @@ def test_the_evidence_grids_are_valid_studies(tmp_path, script, config):
     search, _ = plan(study)  # builds every config
     sharp = [m for m in methods if not m.startswith("sgd")]
     assert all(len(grid[m]) >= 3 for m in sharp)
-    assert len(search) == sum(len(points) for points in grid.values())
+    assert len(search) == sum(len(points) for points in grid.values() if len(points) > 1)  # one point: no search
+    assert {r.seed for r in search} == {1000}  # a search seed apart from the evaluation seeds
     if script.startswith("ensembles"):  # per-member gets its own, smaller radii
         assert grid["otmdr/per-member"] != grid["otmdr/joint"]
         assert min(r.config.otmdr.rho[0] for r in search if r.method == "otmdr/per-member") < \
@@ -134,8 +135,13 @@ def test_robustness_takes_the_chosen_search_run_as_the_first_seed(tmp_path):
                "run_dir": str(study / "search" / "otmdr-per-member-rho=0.01_0.02")},
               {"method": "otmdr/per-member", "setting": "rho=[1,2]", "seed": 0, "chosen": False,
                "run_dir": str(study / "search" / "otmdr-per-member-rho=1_2")}]
+    (study / "search" / "sam-joint-rho=1-seed1000").mkdir()  # searched apart from the evaluation seeds
+    (study / "search" / "sam-joint-rho=1-seed1000" / "summary.json").write_text("{}")
+    points.append({"method": "sam/joint", "setting": "rho=1", "seed": 1000, "chosen": True,
+                   "run_dir": str(study / "search" / "sam-joint-rho=1-seed1000")})
     (study / "search.json").write_text(json.dumps(points))
-    (study / "summaries.json").write_text(json.dumps({"sgd/joint": [], "otmdr/per-member": []}))
+    (study / "summaries.json").write_text(json.dumps({"sgd/joint": [{"seed": 0}, {"seed": 1}],
+                                                      "otmdr/per-member": [{"seed": s} for s in (0, 1, 2)]}))
     groups = robustness._find_runs([str(study)])
     assert list(groups) == ["sgd-joint", "otmdr-per-member"]
     assert groups["sgd-joint"] == [study / "search" / "sgd-joint-default", study / "sgd-joint-seed1"]

@@ -110,8 +110,11 @@ def test_selection_uses_the_validation_split_only(tmp_path, monkeypatch):
     result = run_study(study, log=lambda _: None)
     assert result["chosen"]["sam"].overrides == ("sam.rho=0.01",)  # validation's choice, not test's
     assert [s["test"]["accuracy"] for s in result["summaries"]["sam"]] == pytest.approx([0.40, 0.401, 0.402])
-    # the first seed's final run is the search run itself: no grid point trains twice
-    assert not (tmp_path / "s" / "sam-seed0").exists() and (tmp_path / "s" / "sam-seed1").is_dir()
+    # the search ran at its own seed (1000 above the first evaluation seed); every evaluation run is fresh
+    assert sorted(p.name for p in (tmp_path / "s" / "search").iterdir()) == ["sam-rho=0.01-seed1000",
+                                                                             "sam-rho=0.1-seed1000"]
+    assert all((tmp_path / "s" / f"sam-seed{seed}").is_dir() for seed in (0, 1, 2))
+    assert result["search_seeds"] == [1000] and result["reused_search_seeds"] == []
     by_nll = run_study(Study(str(DEMO), FAST, ["sam"], [0], parse_grid(["sam.rho=0.01,0.1"], ["sam"]),
                              tmp_path / "n", select="val_nll"), log=lambda _: None)
     assert by_nll["chosen"]["sam"].overrides == ("sam.rho=0.01",)  # lower NLL is better
@@ -123,7 +126,7 @@ def test_search_budget_of_its_own_trains_the_finals_anew(tmp_path, monkeypatch):
                   search_overrides=["train.epochs=1"])
     result = run_study(study, log=lambda _: None)
     assert (tmp_path / "s" / "sam-seed0" / "summary.json").is_file()
-    search_config = (tmp_path / "s" / "search" / "sam-rho=0.01" / "config.yaml").read_text()
+    search_config = (tmp_path / "s" / "search" / "sam-rho=0.01-seed1000" / "config.yaml").read_text()
     assert yaml.safe_load(search_config)["train"]["epochs"] == 1
     assert yaml.safe_load((tmp_path / "s" / "sam-seed0" / "config.yaml").read_text())["train"]["epochs"] == 2
     assert len(result["summaries"]["sam"]) == 2
@@ -144,26 +147,26 @@ def test_an_interrupted_search_resumes_without_redoing_finished_runs(tmp_path):
 
     finished = []
 
-    def kill_after_three(line: str) -> None:
+    def kill_after_two(line: str) -> None:
         if "val acc" in line:
             finished.append(line)
-            if len(finished) == 3:
+            if len(finished) == 2:
                 raise Kill
 
     with pytest.raises(Kill):
-        run_study(make(tmp_path / "part"), log=kill_after_three)
-    stale = tmp_path / "part" / "search" / "otmdr-rho=0.01_0.02"  # killed before its first checkpoint
+        run_study(make(tmp_path / "part"), log=kill_after_two)
+    stale = tmp_path / "part" / "search" / "otmdr-rho=0.01_0.02-seed1000"  # killed before its first checkpoint
     stale.mkdir()
     (stale / "config.yaml").write_text("{}")
     lines: list[str] = []
     with pytest.raises(Exception, match="another config"):
         run_study(make(tmp_path / "part"), log=lines.append)  # a folder of another config is refused
-    cfg = load_config(DEMO, FAST + ["optim.method=otmdr", "train.seed=0", "otmdr.rho=[0.01,0.02]",
+    cfg = load_config(DEMO, FAST + ["optim.method=otmdr", "train.seed=1000", "otmdr.rho=[0.01,0.02]",
                                     "train.progress=false"])
     (stale / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg)))
     lines.clear()
     resumed = run_study(make(tmp_path / "part"), log=lines.append)
-    assert "  3 run(s) finished earlier, reused" in lines
+    assert "  2 run(s) finished earlier, reused" in lines
     assert resumed["chosen"] == whole["chosen"]
     for method in methods:
         assert [s["test"]["accuracy"] for s in resumed["summaries"][method]] == \
@@ -184,7 +187,7 @@ def test_an_extended_grid_resumes_and_sets_the_old_choices_final_runs_aside(tmp_
     extended = run_study(make("sam.rho=0.1,0.05,0.01"), log=lines.append)
     assert extended["chosen"]["sam"].overrides == ("sam.rho=0.01",)
     assert "  2 run(s) finished earlier, reused" in lines  # the two earlier search runs
-    assert (extended["runs"], extended["reused"]) == (4, 2)  # 3 search runs + seed 1's new final run
+    assert (extended["runs"], extended["reused"]) == (5, 2)  # 3 search runs + the new final runs of seeds 0, 1
     aside = tmp_path / "s" / "superseded" / "sam-seed1"
     assert any("moved to" in line and str(aside) in line for line in lines)
     assert yaml.safe_load((aside / "config.yaml").read_text())["sam"]["rho"] == 0.05
@@ -223,13 +226,13 @@ def test_parallel_jobs_give_the_same_study(tmp_path):
                                tmp_path / "b"), jobs=2, log=lines.append)
     assert sum("in 2 parallel processes, 1 thread(s) each" in line for line in lines) == 2  # search and finals
     assert parallel["chosen"] == serial["chosen"]
-    assert (parallel["runs"], parallel["reused"]) == (serial["runs"], serial["reused"]) == (5, 0)
+    assert (parallel["runs"], parallel["reused"]) == (serial["runs"], serial["reused"]) == (6, 0)
     assert _without_timing(parallel["summaries"]) == _without_timing(serial["summaries"])
     assert [{k: v for k, v in p.items() if k != "run_dir"} for p in parallel["points"]] == \
         [{k: v for k, v in p.items() if k != "run_dir"} for p in serial["points"]]
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*")
                    if p.name in ("summary.json", "metrics.jsonl"))
-    assert len(files) == 2 * 5 and files == sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*")
+    assert len(files) == 2 * 6 and files == sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*")
                                                    if p.name in ("summary.json", "metrics.jsonl"))
     for name in files:
         a, b = ((tmp_path / side / name).read_text() for side in "ab")
@@ -238,7 +241,7 @@ def test_parallel_jobs_give_the_same_study(tmp_path):
         else:
             a, b = json.loads(a), json.loads(b)
         assert _without_timing(a) == _without_timing(b), name
-    assert (tmp_path / "b" / "search" / "sam-rho=0.05" / "train.log").read_text().count("epoch ") == 2
+    assert (tmp_path / "b" / "search" / "sam-rho=0.05-seed1000" / "train.log").read_text().count("epoch ") == 2
 
 
 # ------------------------------------------------------------------------------- paired statistics
@@ -345,13 +348,15 @@ def test_cli_search_report_shows_grid_radius_plot_and_paired_verdicts(tmp_path, 
     assert "## Hyper-parameter search" in report and "rho=0.05" in report and "Label noise: 20% symmetric" in report
     assert (out / "figures" / "search_radius.png").stat().st_size > 10_000
     search = json.loads((out / "search.json").read_text())
-    assert sum(p["chosen"] for p in search) == 2 and all(p["radius"] is not None for p in search)
+    assert sum(p["chosen"] for p in search) == 1 and all(p["radius"] is not None for p in search)
+    assert {p["seed"] for p in search} == {1000} and "search seed(s) 1000" in report
+    assert "Evaluation seeds: 0, 1 (2)" in report and "none of them a search run" in report
     summaries = json.loads((out / "summaries.json").read_text())
     assert all(s["early_stopped"]["epoch"] in (1, 2) for runs in summaries.values() for s in runs)
     assert summaries["sam"][0]["label_noise"]["rate"] == 0.2
     assert "reused" not in report.splitlines()[3]
     assert main(args + ["--resume"]) == 0  # everything reused: the report says so
-    assert "trained 0 of the runs (5 finished earlier and reused" in (out / "report.md").read_text()
+    assert "trained 0 of the runs (6 finished earlier and reused" in (out / "report.md").read_text()
 
 
 def test_the_make_demo_command_is_a_valid_study(tmp_path, monkeypatch):
@@ -448,3 +453,77 @@ def test_figures_name_each_methods_radius_and_reference_levels(tmp_path, monkeyp
         ("otmdr (rho, noise_std=0)", ["[0.1,0.2]", "[0.2,0.4]"]),
         ("otmdr (rho, noise_std=1e-3)", ["[0.1,0.2]", "[0.2,0.4]"])]
     assert [name for name, _, _ in plots._search_series("sgd", [points[0]])] == ["sgd"]
+
+
+# ------------------------------------------------------- search seeds apart from evaluation seeds
+#: SAM's true per-seed edge over SGD (points): small and not consistent
+SAM_EDGE = {0: -0.3, 1: 0.3, 2: 0.2, 3: 0.25, 4: 0.15}
+#: a lucky (seed, radius) pair: its run is better on validation *and* test, as a lucky
+#: initialisation is; the luck makes that radius win a search at that seed
+LUCK = {(0, 0.1): 0.9, (1000, 0.05): 0.9, (1001, 0.1): 0.5}
+
+
+def _lucky_train(cfg, run_dir, *, resume=False, log=print):
+    seed, rho = cfg.train.seed, cfg.sam.rho if cfg.optim.method == "sam" else None
+    luck = LUCK.get((seed, rho), 0.0)
+    test = 0.80 + ((SAM_EDGE.get(seed, 0.0) + luck) / 100 if rho is not None else 0.0)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg)))
+    summary = {"method": cfg.optim.method, "seed": seed, "perturbation_norm": rho or 0.0,
+               "test": {"accuracy": test, "nll": 0.5, "ece": 0.1, "brier": 0.2, "ece_bins": 15},
+               "history": [{"epoch": 1, "val_accuracy": 0.5 + luck / 100}]}
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    return summary
+
+
+def test_a_search_seed_reused_for_evaluation_would_flip_the_verdict(tmp_path, monkeypatch):
+    """The luck that wins a search stays with its run: evaluated at the search's seed, a method with
+    no real edge reads as "better"; with the search at its own seed (the default) it does not."""
+    monkeypatch.setattr(study_module, "train", _lucky_train)
+    grid = parse_grid(["sam.rho=0.05,0.1"], ["sgd", "sam"])
+
+    def verdict(out, **seeds):
+        result = run_study(Study(str(DEMO), FAST, ["sgd", "sam"], [0, 1, 2, 3, 4], grid, tmp_path / out, **seeds),
+                           log=lambda _: None)
+        return result, paired_table(result["summaries"], "sgd")[0]["accuracy (pp)"]
+
+    reused, biased = verdict("reused", search_seeds=[0])
+    assert reused["reused_search_seeds"] == [0] and reused["chosen"]["sam"].overrides == ("sam.rho=0.1",)
+    assert biased.verdict.startswith("better") and biased.mean == pytest.approx(0.3)
+    apart, fair = verdict("apart")
+    assert apart["search_seeds"] == [1000] and apart["reused_search_seeds"] == []
+    assert apart["chosen"]["sam"].overrides == ("sam.rho=0.05",)  # seed 1000's lucky point
+    assert fair.mean == pytest.approx(0.12) and fair.verdict == "equivalent within ±0.50"  # no luck carried over
+
+
+def test_search_scores_average_over_search_seeds_and_flag_close_calls(tmp_path, monkeypatch):
+    monkeypatch.setattr(study_module, "train", _lucky_train)
+    grid = parse_grid(["sam.rho=0.05,0.1"], ["sam"])
+    result = run_study(Study(str(DEMO), FAST, ["sam"], [0], grid, tmp_path / "s", search_seed_count=3),
+                       log=lambda _: None)
+    assert result["search_seeds"] == [1000, 1001, 1002]
+    points = {p["setting"]: p for p in result["points"]}
+    assert points["rho=0.05"]["seed_scores"] == pytest.approx([0.509, 0.5, 0.5])
+    assert points["rho=0.05"]["score"] == pytest.approx(0.503) and points["rho=0.05"]["chosen"]
+    # 0.13 points apart on average, 0.9 and -0.5 at two of the seeds: within noise
+    notes = study_module.close_calls(result["points"], "val_accuracy")
+    assert len(notes) == 1 and "less than one standard error" in notes[0] and "rho=0.05" in notes[0]
+    assert len(list((tmp_path / "s" / "search").iterdir())) == 6
+
+
+def test_equal_compute_scales_epochs_and_schedule_to_the_most_expensive_method(tmp_path):
+    methods = ["sgd", "sgd@compute", "sam"]
+    study = Study(str(DEMO), FAST + ["schedule.name=step", "schedule.milestones=[1]"], methods, [0],
+                  parse_grid([], methods), tmp_path / "s")
+    _, finals = study_module.plan(study)
+    runs = {r.method: r.config for r in finals({m: GridPoint(m) for m in methods})}
+    assert (runs["sgd"].train.epochs, runs["sgd@compute"].train.epochs, runs["sam"].train.epochs) == (2, 4, 2)
+    assert runs["sgd@compute"].schedule.milestones == [2.0] and runs["sgd"].schedule.milestones == [1.0]
+    result = run_study(study, log=lambda _: None)
+    spent = {m: runs_[0]["compute"]["gradient_evaluations"] for m, runs_ in result["summaries"].items()}
+    assert spent["sgd@compute"] == spent["sam"] == 2 * spent["sgd"] > 0  # measured, not only planned
+    everyone = Study(str(DEMO), FAST, ["sgd", "sam"], [0], parse_grid([], ["sgd", "sam"]), tmp_path / "t",
+                     budget="compute")
+    _, finals = study_module.plan(everyone)
+    assert [r.config.train.epochs for r in finals({m: GridPoint(m) for m in ["sgd", "sam"]})] == [4, 2]
+    with pytest.raises(ConfigError, match="budget 'fast' is not one of"):
+        study_module.plan(Study(str(DEMO), FAST, ["sgd"], [0], parse_grid([], ["sgd"]), tmp_path / "u", budget="fast"))

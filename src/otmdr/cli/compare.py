@@ -23,14 +23,21 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from ..train.grid import parse_grid
     from ..train.run_dir import discard_failed_study, prepare_study_dir
     from ..train import Preempted
-    from ..train.study import Study, plan, run_study
+    from ..report.stats import parse_margins
+    from ..train.study import Study, close_calls, plan, run_study, split_method
 
     regimes = ("", "joint", "per-member")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m.partition("/")[0] not in METHODS or m.partition("/")[2] not in regimes]
+    unknown = [m for m in methods if split_method(m)[0] not in METHODS or split_method(m)[1] not in regimes
+               or split_method(m)[2] not in ("", "compute")]
     if unknown or not methods:
         raise UsageError(f"--methods: unknown method(s) {unknown}; choose from {', '.join(METHODS)}, "
-                          "optionally with an ensemble regime: METHOD/joint or METHOD/per-member")
+                          "optionally with an ensemble regime (METHOD/joint, METHOD/per-member) and an equal-compute "
+                          "budget (METHOD@compute)")
+    try:
+        margins = parse_margins(args.margin)
+    except ValueError as error:
+        raise UsageError(f"--margin: {error}") from None
     if len(set(methods)) != len(methods):
         raise UsageError(f"--methods: a method is listed twice ({args.methods})")
     if args.seeds < 1:
@@ -57,7 +64,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     study = Study(config_path=args.config, overrides=overrides, methods=methods,
                   seeds=list(range(base.train.seed, base.train.seed + args.seeds)),
                   grid=parse_grid(args.grid or [], methods), out=out, search_overrides=list(args.search_set or []),
-                  select=args.select, bn_policy=None if args.bn_policy == "per-method" else args.bn_policy)
+                  select=args.select, bn_policy=None if args.bn_policy == "per-method" else args.bn_policy,
+                  search_seed_count=args.search_seeds, budget=args.budget)
     plan(study)  # builds every config: a bad grid or value fails here, before anything is created
 
     command = args.command_line
@@ -81,13 +89,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
                         f"continue with: {_resume_line(command, out)}")
     summaries = result["summaries"]
     search = result["points"]
+    notes = close_calls(search, study.select) if search else []
     print()
     if search:
+        print(f"search seed(s): {', '.join(map(str, result['search_seeds']))}; evaluation seeds: "
+              f"{', '.join(map(str, result['seeds']))}")
         print(search_table(search, study.select, markdown=False))
-        for note in edge_notes(search):
+        for note in edge_notes(search) + notes:
             print(f"note: {note}")
         print()
-    print(comparison_tables(summaries, references, markdown=False))
+    print(comparison_tables(summaries, references, markdown=False, margins=margins))
     print(f"\nbatch-norm statistics: {args.bn_policy}" + (" for every method (--bn-policy)"
                                                           if args.bn_policy != "per-method" else ""))
     config_text = yaml.safe_dump(config_to_dict(base), sort_keys=False)
@@ -97,12 +108,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
                                   references=references, search=search,
                                   select=study.select, wall_seconds=result["seconds"],
                                   train_seconds=result["train_seconds"], runs=result["runs"],
-                                  reused=result["reused"],
+                                  reused=result["reused"], search_seeds=result["search_seeds"],
+                                  reused_search_seeds=result["reused_search_seeds"], close_calls=notes,
+                                  margins=margins, budget=args.budget,
                                   bn_policy="each method's own (per-method)" if args.bn_policy == "per-method"
                                   else f"{args.bn_policy} for every method (--bn-policy)")
     atomic_write_text(out / "summaries.json", json.dumps(summaries, indent=1))
     if search:
-        atomic_write_text(out / "search.json", json.dumps(search, indent=1))
+        atomic_write_text(out / "search.json", json.dumps(result["search_runs"], indent=1))
     print(f"\nreport: {report}")
     if _signals.requested() is not None:  # a signal while the report was written: never forgotten
         raise Preempted(f"{_signals.stopped_by()} while the report was written, which finished ({report}); "

@@ -27,6 +27,7 @@ AT_LEAST_1 = Bound(1)
 STEPS = Bound(1, 10000, why="each step is a forward and backward pass over every evaluated image")
 EOT = Bound(1, 1000, why="each sample is one more forward and backward pass per attack step")
 SEEDS = Bound(1, 1000, why="each seed trains every method once more")
+SEARCH_SEEDS = Bound(1, 20, why="each search seed trains every grid point once more")
 JOBS = Bound(1, 256, why="each job is a process of its own")
 PASSES = Bound(1, 10000, why="each costs two passes over --samples images")
 POINTS = Bound(2, 401, why="points x points losses, each a pass over --samples images: 401 is 160,801 passes")
@@ -143,8 +144,22 @@ def build_parser() -> argparse.ArgumentParser:
     config_options(p)
     p.add_argument("--methods", default="sgd,sam,otmdr",
                    help="comma-separated: sgd, sam, asam, otmdr; for ensembles optionally METHOD/joint or "
-                        "METHOD/per-member (sgd/per-member = a deep ensemble)")
-    p.add_argument("--seeds", type=number(int, SEEDS), default=3, help="number of seeds (from train.seed upwards)")
+                        "METHOD/per-member (sgd/per-member = a deep ensemble); METHOD@compute trains that method "
+                        "at the most expensive method's gradient evaluations (e.g. sgd@compute: SGD at 2x epochs "
+                        "against SAM)")
+    p.add_argument("--seeds", type=number(int, SEEDS), default=3,
+                   help="number of evaluation seeds (from train.seed upwards)")
+    p.add_argument("--search-seeds", type=number(int, SEARCH_SEEDS), default=1,
+                   help="seeds every grid point trains at, its validation score averaged over them; they are "
+                        "train.seed+1000 upwards, never an evaluation seed, so no evaluation run carries the luck "
+                        "that won the search (default: %(default)s)")
+    p.add_argument("--budget", default="epochs", choices=("epochs", "compute"),
+                   help="epochs: every method trains train.epochs; compute: each method's epochs (and schedule) "
+                        "scaled to the most expensive method's gradient evaluations (default: %(default)s)")
+    p.add_argument("--margin", default="0.5", metavar="M | accuracy=M,nll=M,ece=M",
+                   help="equivalence margin of the two one-sided tests (TOST), in the metric's units: a number "
+                        "sets accuracy's (percentage points; NLL 0.02 and ECE 0.5 points unless named) "
+                        "(default: %(default)s)")
     p.add_argument("--out", help="output directory (default runs/compare-<config>-<time>)")
     p.add_argument("--resume", action="store_true", help="reuse finished runs in --out and resume stopped ones")
     p.add_argument("--grid", action="append", metavar="[METHOD:]KEY=V1,V2,...",

@@ -12,8 +12,9 @@ from typing import Any
 import torch
 
 from .._atomic import atomic_write_text
+from ..train.compute import cpu_model
 from .plots import plot_learning_curves, plot_reliability, plot_search, plot_test_accuracy
-from .stats import CI_METHOD, format_paired, paired_table
+from .stats import CI_METHOD, adjust_family, describe_tests, format_paired, paired_table
 from .tables import aggregate, early_stopped, format_table
 
 __all__ = ["write_compare_report", "comparison_tables", "search_table", "edge_notes", "bayesian_method_names"]
@@ -29,34 +30,51 @@ def bayesian_method_names(test_samples: int | None) -> str | None:
             "OT-MDR on the means; the sigmas are trained, never perturbed.")
 
 
-def comparison_tables(summaries: dict[str, list[dict[str, Any]]], references: list[str], *, markdown: bool) -> str:
+def comparison_tables(summaries: dict[str, list[dict[str, Any]]], references: list[str], *, markdown: bool,
+                      margins: dict[str, float] | None = None) -> str:
     """The final-model table, the early-stopped table and the paired differences against each of
-    ``references`` for both, as one block of text (terminal) or Markdown."""
+    ``references`` for both, as one block of text (terminal) or Markdown. Every paired test of
+    the block (difference and equivalence, every metric, pair and model) is one family for
+    Holm's correction: a reader scanning the block for a "better" is making all of them."""
     heading = (lambda t: f"**{t}**") if markdown else (lambda t: t)
     stopped = early_stopped(summaries)
+    reference = references[0] if references else None
     blocks = [heading("Final model (last epoch), mean ± std over seeds"), "",
-              format_table(aggregate(summaries), markdown=markdown)]
+              format_table(aggregate(summaries, reference), markdown=markdown)]
     if stopped:
         epochs = "; ".join(f"{m}: " + ", ".join(str(s["early_stopped"]["epoch"]) for s in runs)
                            for m, runs in summaries.items() if m in stopped)
         blocks += ["", heading("Early-stopped model (checkpoint of the best validation accuracy)"), "",
-                   format_table(aggregate(stopped), markdown=markdown), "", f"Best validation epoch per seed: {epochs}"]
-    for reference in references if len(summaries) > 1 else []:
+                   format_table(aggregate(stopped, reference), markdown=markdown), "",
+                   f"Best validation epoch per seed: {epochs}"]
+    titles, tables = [], []
+    for ref in references if len(summaries) > 1 else []:
         for title, runs in (("final model", summaries), ("early-stopped model", stopped)):
-            if reference not in runs:
-                continue
-            blocks += ["", heading(f"Paired differences against {reference}, {title} (method − {reference}; "
-                                   f"{CI_METHOD})"), "",
-                       format_paired(paired_table(runs, reference), markdown=markdown)]
+            if ref in runs:
+                titles.append(f"Paired differences against {ref}, {title} (method − {ref})")
+                tables.append(paired_table(runs, ref, margins=margins))
+    if tables:
+        tables, family = adjust_family(tables)
+        blocks += ["", f"Paired tests: {CI_METHOD}. {describe_tests(margins, family)}"]
+        for title, rows in zip(titles, tables):
+            blocks += ["", heading(title), "", format_paired(rows, markdown=markdown)]
     return "\n".join(blocks)
 
 
 def search_table(points: list[dict[str, Any]], metric: str, *, markdown: bool) -> str:
-    """Every grid point: method, setting, validation score, measured radius, and which was chosen."""
+    """Every grid point: method, setting, validation score (mean over the search seeds ± its
+    standard error, where known), measured radius, and which was chosen."""
     scale, unit = (100.0, " (%)") if metric in ("val_accuracy", "val_ece") else (1.0, "")
+    digits = 2 if scale == 100.0 else 4
+
+    def shown(p: dict[str, Any]) -> str:
+        if p["score"] is None:
+            return "diverged"
+        se = p.get("standard_error")
+        return f"{scale * p['score']:.{digits}f}" + (f" ± {scale * se:.{digits}f}" if se is not None else "")
+
     titles = ["method", "setting", f"{metric}{unit}", "radius ‖θ~−θ‖", "chosen"]
-    cells = [[p["method"], p["setting"], "diverged" if p["score"] is None else f"{scale * p['score']:.2f}"
-              if scale == 100.0 else f"{p['score']:.4f}", f"{p['radius']:.3f}" if p["radius"] is not None else "n/a",
+    cells = [[p["method"], p["setting"], shown(p), f"{p['radius']:.3f}" if p["radius"] is not None else "n/a",
               "yes" if p["chosen"] else ""] for p in points]
     if markdown:
         out = ["| " + " | ".join(titles) + " |", "|---|---|---:|---:|---|"]
@@ -101,12 +119,26 @@ def edge_notes(points: list[dict[str, Any]]) -> list[str]:
     return notes
 
 
+def _seed_list(seeds: list[int]) -> str:
+    """0-9 for a run of consecutive seeds, else the list."""
+    if len(seeds) > 2 and seeds == list(range(seeds[0], seeds[-1] + 1)):
+        return f"{seeds[0]}-{seeds[-1]}"
+    return ", ".join(map(str, seeds))
+
+
+def _cpu(summary: dict[str, Any]) -> str:
+    """The CPU the runs trained on (results are bit-exact on one CPU model, not across models)."""
+    return summary.get("machine", {}).get("cpu") or cpu_model()
+
+
 def write_compare_report(out_dir: Path, summaries: dict[str, list[dict[str, Any]]], *, command: str,
                          config_text: str, threads: int | None = None, references: list[str] | None = None,
                          search: list[dict[str, Any]] | None = None, select: str = "val_accuracy",
                          wall_seconds: float | None = None, bn_policy: str | None = None,
                          train_seconds: float | None = None, runs: int | None = None,
-                         reused: int = 0) -> Path:
+                         reused: int = 0, search_seeds: list[int] | None = None,
+                         reused_search_seeds: list[int] | None = None, close_calls: list[str] | None = None,
+                         margins: dict[str, float] | None = None, budget: str = "epochs") -> Path:
     figures = out_dir / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     references = references or [next(iter(summaries))]
@@ -120,7 +152,7 @@ def write_compare_report(out_dir: Path, summaries: dict[str, list[dict[str, Any]
         "",
         f"Command: `{command}`  ",
         f"Date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}; torch {torch.__version__}, "
-        f"Python {platform.python_version()}, {platform.machine()} "
+        f"Python {platform.python_version()}, {platform.machine()}, CPU {_cpu(first)} "
         f"({threads or torch.get_num_threads()} torch thread(s) per run); "
         f"{first['epochs']} epochs per run"
         + (f"; {runs} runs, {train_seconds / 60:.{1 if train_seconds < 600 else 0}f} min of training summed over "
@@ -140,14 +172,30 @@ def write_compare_report(out_dir: Path, summaries: dict[str, list[dict[str, Any]
                       + ("validation labels noisy too" if noise.get("val_noisy_fraction")
                          else "validation labels clean")
                       + "; test labels clean."]
+    seeds = sorted({r["seed"] for runs in summaries.values() for r in runs})
+    lines += ["", f"Evaluation seeds: {_seed_list(seeds)} ({len(seeds)}); each method's test numbers come from "
+                  "these runs" + (", every one trained after the search, none of them a search run."
+                                  if search and not reused_search_seeds else ".")]
+    if budget == "compute" or any("@compute" in m for m in summaries):
+        lines += ["", "Equal compute: " + ("every method's" if budget == "compute" else "the `@compute` methods'")
+                  + " epochs (and schedule) were scaled so that its gradient evaluations match the most expensive "
+                  "method's; the epochs and `grad. evals` columns show what each spent."]
     if search:
+        searched = search_seeds or sorted({p["seed"] for p in search if "seed" in p})
         lines += ["", "## Hyper-parameter search", "",
-                  f"Every grid point trained once at seed {search[0]['seed']} and was scored by `{select}` at its "
-                  "last epoch on the **validation split**; the test split played no part in the choice. The chosen "
-                  "point of each method then trained over every seed.", "",
-                  search_table(search, select, markdown=True), "",
+                  f"Every grid point trained at search seed(s) {_seed_list(searched)} and was scored by `{select}` "
+                  "at its last epoch on the **validation split**" + (", averaged over the search seeds" if
+                                                                      len(searched) > 1 else "")
+                  + "; the test split played no part in the choice. The chosen point of each method then trained "
+                  "over every evaluation seed.", ""]
+        if reused_search_seeds:
+            lines += [f"**Warning:** seed(s) {_seed_list(reused_search_seeds)} searched *and* evaluated: their final "
+                      "runs are the search runs that won, so they carry the search's luck (a selection bias that "
+                      "favours the searched methods). Search at seeds apart from the evaluation seeds (the default) "
+                      "for a verdict a reviewer can trust.", ""]
+        lines += [search_table(search, select, markdown=True), "",
                   "Chosen: " + "; ".join(f"{p['method']} {p['setting']}" for p in search if p["chosen"]) + ".", "",
-                  *[f"Note: {note}  " for note in edge_notes(search)], "",
+                  *[f"Note: {note}  " for note in edge_notes(search) + (close_calls or [])], "",
                   "![validation score against radius]("
                   f"{plot_search(search, figures / 'search_radius.png', metric=select).relative_to(out_dir)})"]
     lines += [
@@ -157,7 +205,7 @@ def write_compare_report(out_dir: Path, summaries: dict[str, list[dict[str, Any]
         f"Test metrics (ECE with {bins} equal-width bins; TS = temperature scaling fitted on the validation "
         "split; radius = measured perturbation norm ‖θ~−θ‖, mean over the last epoch).",
         "",
-        comparison_tables(summaries, references, markdown=True),
+        comparison_tables(summaries, references, markdown=True, margins=margins),
         "",
         "Per run (test accuracy %, final model):",
         "",

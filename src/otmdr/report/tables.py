@@ -8,7 +8,10 @@ from typing import Any
 
 from ..eval.attacks import format_epsilon  # re-exported: report formats what eval measured
 
-__all__ = ["aggregate", "format_table", "early_stopped", "format_epsilon", "COLUMNS"]
+__all__ = ["aggregate", "format_table", "early_stopped", "format_epsilon", "COLUMNS", "COMPUTE", "WALL"]
+
+COMPUTE = "grad. evals (× ref)"
+WALL = "train time (× ref)"
 
 
 #: (title, function of a run summary, digits, scale)
@@ -20,6 +23,11 @@ COLUMNS: list[tuple[str, Any, int, float]] = [
     ("ECE after TS (%)", lambda s: s.get("test_temperature_scaled", {}).get("ece"), 2, 100.0),
     ("s / epoch (median)", lambda s: s["seconds_per_epoch"], 2, 1.0),
     ("passes / step", lambda s: s["passes_per_step"], 1, 1.0),
+    ("epochs", lambda s: s["epochs"], 0, 1.0),
+    # the compute each run spent: gradient evaluations (full-batch forward+backward equivalents)
+    # and training wall-clock, as ratios to the reference method's mean (filled in by aggregate)
+    (COMPUTE, lambda s: s.get("compute", {}).get("gradient_evaluations"), 2, 1.0),
+    (WALL, lambda s: s.get("compute", {}).get("train_seconds"), 2, 1.0),
     ("radius ‖θ~−θ‖", lambda s: s["perturbation_norm"], 3, 1.0),
     # ensembles only (columns with no value in any row are left out of the table)
     ("disagreement", lambda s: s.get("diversity", {}).get("pairwise_disagreement"), 4, 1.0),
@@ -33,13 +41,22 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def aggregate(summaries: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """One row per method: mean and std of every column over its seeds."""
+def aggregate(summaries: dict[str, list[dict[str, Any]]], reference: str | None = None) -> list[dict[str, Any]]:
+    """One row per method: mean and std of every column over its seeds; the compute columns as
+    ratios to ``reference``'s mean (default: the first method), so "what did each side spend"
+    is read next to every accuracy."""
+    reference = reference if reference in summaries else next(iter(summaries), None)
     rows = []
     for method, runs in summaries.items():
         row: dict[str, Any] = {"method": method, "seeds": len(runs)}
         for title, get, _, scale in COLUMNS:
             values = [get(s) for s in runs]
+            if title in (COMPUTE, WALL) and reference is not None:
+                base = [get(s) for s in summaries[reference]]
+                if None in base or not base or not statistics.fmean(base):
+                    values = [None]
+                else:
+                    scale = 1.0 / statistics.fmean(base)
             if any(v is None for v in values) or not values:
                 row[title] = None
             else:

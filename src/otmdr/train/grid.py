@@ -49,7 +49,8 @@ def _split_values(text: str) -> list[str]:
 
 
 def _method_name(method: str) -> str:
-    return method.partition("/")[0]
+    """``sam/joint@compute`` -> ``sam``: the optimizer whose config section a compared method reads."""
+    return method.partition("@")[0].partition("/")[0]
 
 
 def parse_grid(specs: list[str], methods: list[str]) -> dict[str, list[GridPoint]]:

@@ -341,6 +341,9 @@ def _finish(run: _Run) -> dict[str, Any]:
                             "again") from None
     summary["compute"] = _compute_summary(run)
     summary["machine"] = machine_info(run.device)
+    # how many examples each score rests on (a study's search judges its close calls by them)
+    summary["data_sizes"] = {name: split.num_samples for name, split in
+                             (("train", data.train), ("val", data.val), ("test", data.test)) if split is not None}
     if run.warned:
         summary["warnings"] = list(run.warned.values())
     best_path = run.checkpoint("best.pt")

@@ -2,12 +2,19 @@
 
 Plan, then run:
 
-1. **Search** (only with a grid): every grid point of every method trains once, at the first
-   seed, and is scored on the **validation split only** (``select``: a ``val_*`` metric of the
-   final epoch). The test split plays no part in the choice.
-2. **Final runs**: each method's chosen point trains over all seeds and is evaluated on the test
-   split. Without a search budget of its own (``search_overrides``), the search run of the chosen
-   point *is* the first seed's final run: a grid point costs one training run and nothing more.
+1. **Search** (only with a grid): every grid point of every method trains at the **search seeds**
+   and is scored on the **validation split only** (``select``: a ``val_*`` metric of the final
+   epoch, averaged over the search seeds). The test split plays no part in the choice. The search
+   seeds are apart from the evaluation seeds by default (``train.seed + 1000`` upwards, past any
+   evaluation seed): a point that won the search partly by the luck of its seed would otherwise
+   carry that luck into the comparison, and only for the searched methods.
+2. **Final runs**: each method's chosen point trains over all evaluation seeds, fresh runs, and is
+   evaluated on the test split. A search seed that is also an evaluation seed (only when given
+   explicitly) reuses its search run there, and the report says so.
+
+``budget="compute"`` (or a method named ``METHOD@compute``) scales a method's epochs, and its
+schedule with them, so that its gradient evaluations match the most expensive method's: SGD at
+twice the epochs against SAM, the comparison a user paying for the extra passes needs.
 
 Every run has a fixed folder under ``out``; a finished run (``summary.json``) is reused, a
 stopped one resumes from its last checkpoint, and one killed before its first checkpoint starts
@@ -25,6 +32,7 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import sys
 import threading
 import time
@@ -40,16 +48,39 @@ import yaml
 
 from .. import _signals
 from .._lock import folder_lock
-from ..config import ConfigError, ExperimentConfig, comparable_config, config_from_dict, config_to_dict, load_config
+from ..config import (
+    SEED,
+    ConfigError,
+    ExperimentConfig,
+    comparable_config,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+)
 from . import distributed
+from .compute import gradient_evaluations_per_step
 from .grid import GridPoint
 from .loop import Preempted, TrainingError, train
 from .run_dir import RunDirError, prepare_run_dir
 
-__all__ = ["Run", "Study", "plan", "run_study", "select_points", "SELECT_METRICS"]
+__all__ = ["Run", "Study", "plan", "run_study", "select_points", "search_points", "close_calls", "SELECT_METRICS",
+           "SEARCH_SEED_OFFSET", "BUDGETS", "split_method"]
 
 #: validation metrics a search may select on, and whether higher is better
 SELECT_METRICS = {"val_accuracy": True, "val_nll": False, "val_brier": False, "val_ece": False}
+#: default search seeds start this far above train.seed: past every evaluation seed (--seeds <= 1000)
+SEARCH_SEED_OFFSET = 1000
+#: "epochs": every method trains train.epochs; "compute": each method's epochs scaled so that its
+#: gradient evaluations match the most expensive method's
+BUDGETS = ("epochs", "compute")
+
+
+def split_method(method: str) -> tuple[str, str, str]:
+    """``otmdr/joint@compute`` -> (``otmdr``, ``joint``, ``compute``): the optimizer, the ensemble
+    regime and the budget a compared method names (empty strings where absent)."""
+    head, _, budget = method.partition("@")
+    name, _, regime = head.partition("/")
+    return name, regime, budget
 
 
 @dataclass
@@ -90,10 +121,25 @@ class Study:
     #: each method's own (``sam.bn_policy``, ``otmdr.bn_policy``: "clean" by default, "ascent" with
     #: ``otmdr.preset=release``)
     bn_policy: str | None = None
+    #: the seeds every grid point trains at (None: ``search_seed_count`` seeds from
+    #: ``seeds[0] + SEARCH_SEED_OFFSET``, never an evaluation seed)
+    search_seeds: list[int] | None = None
+    search_seed_count: int = 1
+    budget: str = "epochs"  #: one of BUDGETS, for every method (``METHOD@compute`` for one)
 
     @property
     def searching(self) -> bool:
         return any(len(points) > 1 for points in self.grid.values())
+
+    @property
+    def seeds_for_search(self) -> list[int]:
+        if self.search_seeds is not None:
+            return list(self.search_seeds)
+        first = self.seeds[0] + SEARCH_SEED_OFFSET
+        return list(range(first, first + self.search_seed_count))
+
+    def budget_of(self, method: str) -> str:
+        return split_method(method)[2] or self.budget
 
 
 def _slug(text: str) -> str:
@@ -101,17 +147,42 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.=_+-]+", "_", text).strip("_") or "default"
 
 
-def _config(study: Study, point: GridPoint, seed: int, extra: list[str]) -> ExperimentConfig:
-    name, _, regime = point.method.partition("/")
+def _config(study: Study, point: GridPoint, seed: int, extra: list[str], budget: float | None = None
+            ) -> ExperimentConfig:
+    """The run's config; with ``budget`` (gradient evaluations per training example, i.e. per
+    epoch-equivalent of the most expensive method), its epochs and schedule scaled to spend it."""
+    name, regime, _ = split_method(point.method)
     fixed = [f"optim.method={name}", f"train.seed={seed}", "train.progress=false"]
     if study.bn_policy is not None:
         fixed += [f"{section}.bn_policy={study.bn_policy}" for section in ("sam", "asam", "otmdr")]
     fixed += [f"ensemble.regime={regime}"] if regime else []
+    where = f"grid point {point.method} [{point.label}]" if point.overrides else f"method {point.method}"
     try:
-        return load_config(study.config_path, study.overrides + fixed + list(point.overrides) + extra)
+        cfg = load_config(study.config_path, study.overrides + fixed + list(point.overrides) + extra)
     except ConfigError as error:
-        where = f"grid point {point.method} [{point.label}]" if point.overrides else f"method {point.method}"
         raise ConfigError(f"{where}: {error}") from None
+    if budget is not None and study.budget_of(point.method) == "compute":
+        factor = budget / gradient_evaluations_per_step(cfg) / cfg.train.epochs
+        epochs = max(1, round(cfg.train.epochs * factor))
+        scale = epochs / cfg.train.epochs  # the schedule follows the epochs actually trained
+        try:
+            cfg = load_config(study.config_path, study.overrides + fixed + list(point.overrides) + extra + [
+                f"train.epochs={epochs}", f"schedule.warmup_epochs={cfg.schedule.warmup_epochs * scale}",
+                f"schedule.milestones={[m * scale for m in cfg.schedule.milestones]}"])
+        except ConfigError as error:
+            raise ConfigError(f"{where} at equal compute ({epochs} epochs): {error}") from None
+    return cfg
+
+
+def _compute_budget(study: Study, extra: list[str]) -> float | None:
+    """Gradient evaluations per training example that every ``compute``-budget run spends: the
+    most expensive grid point of any method at ``train.epochs`` (None when no method needs it).
+    Fixed by the plan, not by the search's outcome, so every folder's config is known up front."""
+    if all(study.budget_of(m) != "compute" for m in study.methods):
+        return None
+    seed = study.seeds[0]
+    configs = [_config(study, point, seed, extra) for points in study.grid.values() for point in points]
+    return max(gradient_evaluations_per_step(cfg) * cfg.train.epochs for cfg in configs)
 
 
 def plan(study: Study) -> tuple[list[Run], Callable[[dict[str, GridPoint]], list[Run]]]:
@@ -121,28 +192,39 @@ def plan(study: Study) -> tuple[list[Run], Callable[[dict[str, GridPoint]], list
         raise ConfigError(f"--select: {study.select!r} is not one of {', '.join(SELECT_METRICS)}")
     if not study.searching and study.search_overrides:
         raise ConfigError("--search-set applies to the grid search only: give a --grid with at least two values")
-    first = study.seeds[0]
+    unknown = {b for b in (study.budget, *(study.budget_of(m) for m in study.methods)) if b not in BUDGETS}
+    if unknown:
+        raise ConfigError(f"budget {sorted(unknown)[0]!r} is not one of {', '.join(BUDGETS)} "
+                          "(--budget, or METHOD@compute in --methods)")
+    search_seeds = study.seeds_for_search
+    if not search_seeds or len(set(search_seeds)) != len(search_seeds):
+        raise ConfigError(f"search seeds {search_seeds}: give at least one, none twice")
+    if SEED.high is not None and max(search_seeds) > SEED.high:
+        raise ConfigError(f"search seed {max(search_seeds)} is past the last seed {int(SEED.high)}: lower train.seed")
+    budget = _compute_budget(study, [])
+    search_budget = _compute_budget(study, study.search_overrides) if study.search_overrides else budget
     search: list[Run] = []
     if study.searching:
         for method, points in study.grid.items():
-            for point in points:
-                cfg = _config(study, point, first, study.search_overrides)
-                search.append(Run(method, point, first, cfg, study.out / "search" / _slug(f"{method}-{point.label}"),
-                                  "search"))
+            for point in points if len(points) > 1 else []:  # a method without a grid has nothing to choose
+                for seed in search_seeds:
+                    cfg = _config(study, point, seed, study.search_overrides, search_budget)
+                    folder = study.out / "search" / _slug(f"{method}-{point.label}-seed{seed}")
+                    search.append(Run(method, point, seed, cfg, folder, "search"))
     else:
         for points in study.grid.values():  # configs are checked before training either way
-            _config(study, points[0], first, [])
+            _config(study, points[0], study.seeds[0], [], budget)
 
     def finals(chosen: dict[str, GridPoint]) -> list[Run]:
         runs = []
         for method in study.methods:
             for seed in study.seeds:
                 reused = [r for r in search if r.method == method and r.point == chosen[method] and r.seed == seed]
-                if reused and not study.search_overrides:
+                if reused and not study.search_overrides:  # a search seed given as an evaluation seed too
                     runs.append(reused[0])
                     continue
-                cfg = _config(study, chosen[method], seed, [])
-                others = [comparable_config(config_to_dict(_config(study, point, seed, [])))
+                cfg = _config(study, chosen[method], seed, [], budget)
+                others = [comparable_config(config_to_dict(_config(study, point, seed, [], budget)))
                           for point in study.grid[method] if point != chosen[method]]
                 runs.append(Run(method, chosen[method], seed, cfg, study.out / f"{_slug(method)}-seed{seed}", "final",
                                 superseded=others))
@@ -402,18 +484,87 @@ def score(run: Run, metric: str) -> float | None:
     return None if value is None or not math.isfinite(value) else float(value)
 
 
+def search_points(search: list[Run], metric: str) -> list[dict[str, Any]]:
+    """One row per grid point: its validation score averaged over the search seeds (None if it
+    diverged at any of them), each seed's score, the mean measured radius, and the standard
+    error of the score (over the seeds with two or more; with one, the binomial error of an
+    accuracy on the validation split when its size is known, else None)."""
+    rows: dict[tuple[str, GridPoint], dict[str, Any]] = {}
+    for run in search:
+        row = rows.setdefault((run.method, run.point), {
+            "method": run.method, "setting": run.point.label, "point": run.point, "seeds": [], "scores": [],
+            "radii": [], "val_examples": None})
+        row["seeds"].append(run.seed)
+        row["scores"].append(score(run, metric))
+        if run.summary is not None:
+            row["radii"].append(run.summary["perturbation_norm"])
+            row["val_examples"] = run.summary.get("data_sizes", {}).get("val")
+    out = []
+    for row in rows.values():
+        scores = row.pop("scores")
+        finite = [v for v in scores if v is not None]
+        mean = se = None
+        if len(finite) == len(scores):  # a point that diverged at any search seed is out
+            mean = statistics.fmean(finite)
+            if len(finite) > 1:
+                se = statistics.stdev(finite) / math.sqrt(len(finite))
+            elif metric == "val_accuracy" and row["val_examples"]:
+                se = math.sqrt(max(mean * (1 - mean), 0.0) / row["val_examples"])
+        radii = row.pop("radii")
+        out.append({**row, "score": mean, "seed_scores": scores, "standard_error": se,
+                    "radius": sum(radii) / len(radii) if radii else None})
+    return out
+
+
 def select_points(search: list[Run], methods: list[str], metric: str) -> dict[str, GridPoint]:
-    """Each method's best grid point by validation ``metric`` (ties: the first in grid order)."""
+    """Each method's best grid point by validation ``metric``, averaged over the search seeds
+    (ties: the first in grid order)."""
     higher = SELECT_METRICS[metric]
     chosen = {}
+    points = search_points(search, metric)
     for method in methods:
-        scored = [(score(r, metric), r) for r in search if r.method == method]
-        valid = [(v, r) for v, r in scored if v is not None]
+        if not any(p["method"] == method for p in points):  # nothing searched: its one point
+            continue
+        valid = [p for p in points if p["method"] == method and p["score"] is not None]
         if not valid:
             raise TrainingError(f"every grid point of {method} diverged: nothing to select; try smaller radii or lr")
-        best = max(valid, key=lambda vr: vr[0]) if higher else min(valid, key=lambda vr: vr[0])
-        chosen[method] = best[1].point
+        best = max(valid, key=lambda p: p["score"]) if higher else min(valid, key=lambda p: p["score"])
+        chosen[method] = best["point"]
     return chosen
+
+
+def close_calls(points: list[dict[str, Any]], metric: str) -> list[str]:
+    """Methods whose best and second-best grid points differ by less than one standard error of
+    the validation score: the choice between them is within noise (more search seeds, or a
+    larger validation split, would be needed to tell them apart)."""
+    higher = SELECT_METRICS[metric]
+    notes = []
+    for method in dict.fromkeys(p["method"] for p in points):
+        ranked = sorted((p for p in points if p["method"] == method and p["score"] is not None),
+                        key=lambda p: p["score"], reverse=higher)
+        if len(ranked) < 2:
+            continue
+        best, second = ranked[:2]
+        gap = abs(best["score"] - second["score"])
+        se = _gap_error(best, second)
+        if se is not None and gap < se:
+            scale = 100.0 if metric in ("val_accuracy", "val_ece") else 1.0
+            notes.append(f"{method}: the chosen point ({best['setting']}) beats the next ({second['setting']}) by "
+                         f"{scale * gap:.{2 if scale == 100.0 else 4}f} on {metric}, less than one standard error "
+                         f"({scale * se:.{2 if scale == 100.0 else 4}f}): the choice is within noise; average the "
+                         "search over more seeds (--search-seeds 3)")
+    return notes
+
+
+def _gap_error(a: dict[str, Any], b: dict[str, Any]) -> float | None:
+    """Standard error of the difference of two points' scores: paired over the search seeds
+    when there are two or more, else from the two points' own errors."""
+    if len(a["seed_scores"]) > 1 and a["seeds"] == b["seeds"]:
+        gaps = [x - y for x, y in zip(a["seed_scores"], b["seed_scores"])]
+        return statistics.stdev(gaps) / math.sqrt(len(gaps))
+    if a["standard_error"] is None or b["standard_error"] is None:
+        return None
+    return math.hypot(a["standard_error"], b["standard_error"])
 
 
 def run_study(study: Study, *, jobs: int = 1, log: Callable[[str], None] = print, echo: bool = False) -> dict[str, Any]:
@@ -429,11 +580,14 @@ def run_study(study: Study, *, jobs: int = 1, log: Callable[[str], None] = print
 def _run(study: Study, search: list[Run], finals, *, jobs: int, log: Callable[[str], None],
          echo: bool) -> dict[str, Any]:
     started = time.perf_counter()
+    search_seeds = study.seeds_for_search if search else []
     if search:
-        log(f"search: {len(search)} grid point(s) at seed {study.seeds[0]}, selected on {study.select} "
+        seeds = ", ".join(map(str, search_seeds))
+        log(f"search: {len(search)} run(s), every grid point at search seed(s) {seeds}, selected on {study.select} "
             "(validation split)")
         execute(search, jobs=jobs, log=log, echo=echo)
-        chosen = select_points(search, study.methods, study.select)
+        chosen = {method: points[0] for method, points in study.grid.items()}
+        chosen.update(select_points(search, study.methods, study.select))
         for method, point in chosen.items():
             log(f"  chosen for {method}: {point.label}")
     else:
@@ -446,9 +600,13 @@ def _run(study: Study, search: list[Run], finals, *, jobs: int, log: Callable[[s
         summaries.setdefault(run.method, []).append(run.summary)
     unique = {run.run_dir: run for run in search + runs if run.summary is not None}
     trained = sum(sum(row.get("seconds", 0.0) for row in run.summary.get("history", [])) for run in unique.values())
-    points = [{"method": r.method, "setting": r.point.label, "seed": r.seed, "score": score(r, study.select),
-               "radius": r.summary["perturbation_norm"] if r.summary else None,
-               "chosen": r.point == chosen[r.method], "run_dir": str(r.run_dir), "error": r.error} for r in search]
-    return {"summaries": summaries, "chosen": chosen, "search": search, "points": points,
+    records = [{"method": r.method, "setting": r.point.label, "seed": r.seed, "score": score(r, study.select),
+                "radius": r.summary["perturbation_norm"] if r.summary else None,
+                "chosen": r.point == chosen[r.method], "run_dir": str(r.run_dir), "error": r.error} for r in search]
+    points = [{key: value for key, value in p.items() if key != "point"} | {"chosen": p["point"] == chosen[p["method"]]}
+              for p in search_points(search, study.select)]
+    return {"summaries": summaries, "chosen": chosen, "search": search, "points": points, "search_runs": records,
+            "search_seeds": search_seeds, "seeds": list(study.seeds),
+            "reused_search_seeds": sorted(set(search_seeds) & set(study.seeds)) if not study.search_overrides else [],
             "seconds": time.perf_counter() - started, "train_seconds": trained, "runs": len(unique),
             "reused": sum(run.reused for run in unique.values())}
