@@ -119,7 +119,7 @@ def test_the_evidence_grids_are_valid_studies(tmp_path, script, config):
             min(r.config.otmdr.rho[0] for r in search if r.method == "otmdr/joint")
         assert {r.config.ensemble.regime for r in search if r.method == "otmdr/per-member"} == {"per-member"}
     else:
-        assert {r.config.otmdr.noise_std for r in search if r.method == "otmdr"} == {0.0, 1e-4, 1e-3}
+        assert {r.config.otmdr.noise_std for r in search if r.method == "otmdr"} == {0.0, 1e-3, 3e-3}
 
 
 def test_robustness_takes_the_chosen_search_run_as_the_first_seed(tmp_path):
