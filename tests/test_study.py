@@ -411,8 +411,19 @@ def test_a_choice_at_the_edge_of_the_grid_is_flagged():
             point["chosen"] = point is two_keys[index]
         notes = edge_notes(two_keys)
         assert (f"is at the {edge} radius of its grid" in notes[0]) if edge else notes == [], (index, notes)
-    same_radius = [{"method": "sam", "setting": f"m={m}", "radius": 0.1, "chosen": m == 0} for m in range(3)]
-    assert edge_notes(same_radius) == []  # the grid does not move the radius: no edge to extend
+    # a grid that does not move the radius (SGD's learning rate, weight decay) is read key by key
+    sgd = [{"method": "sgd", "setting": f"lr={lr} weight_decay={wd}", "radius": 0.0, "chosen": False}
+           for lr in (0.025, 0.05, 0.1) for wd in (5e-4, 5e-3)]
+    for index, edge in ((0, "at the smallest lr of its grid"), (5, "at the largest lr of its grid"), (2, None),
+                        (3, None)):  # two weight decays: no interior to speak of
+        for point in sgd:
+            point["chosen"] = point is sgd[index]
+        notes = edge_notes(sgd)
+        assert (edge in notes[0]) if edge else notes == [], (index, notes)
+    for point in sgd:
+        point["chosen"] = False
+    sgd.append({"method": "sgd", "setting": "lr=0.025 weight_decay=2e-2", "radius": 0.0, "chosen": True})
+    assert "at the smallest lr and the largest weight_decay of its grid" in edge_notes(sgd)[0]
 
 
 def test_one_batch_norm_policy_for_every_method_unless_per_method(tmp_path):

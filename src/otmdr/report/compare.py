@@ -99,9 +99,11 @@ def _radius_edge(radius: float, radii: list[float], tolerance: float = 0.05) -> 
 def edge_notes(points: list[dict[str, Any]]) -> list[str]:
     """A method whose chosen point is the first or last of its grid (3 points or more) may do
     better beyond it: say so, since the comparison then understates that method. With a measured
-    radius for every point the edge is the smallest or largest radius, radii within 5% counting as
-    one (a grid extended with --resume lists its new values last, wherever they fall; a two-key grid
-    such as rho x noise puts several points at one radius); otherwise the grid's order as given."""
+    radius that varies over the grid the edge is the smallest or largest radius, radii within 5%
+    counting as one (a grid extended with --resume lists its new values last, wherever they fall; a
+    two-key grid such as rho x noise puts several points at one radius). A grid that does not move
+    the radius (SGD's learning rate and weight decay) is read key by key: a numeric value that is
+    the smallest or largest of 3 or more of its key. Without radii, the grid's order as given."""
     notes = []
     for method in dict.fromkeys(p["method"] for p in points):
         mine = [p for p in points if p["method"] == method]
@@ -109,7 +111,10 @@ def edge_notes(points: list[dict[str, Any]]) -> list[str]:
         if len(mine) < 3 or not chosen:
             continue
         if all(isinstance(p.get("radius"), (int, float)) for p in mine):
-            side = _radius_edge(chosen[0]["radius"], [p["radius"] for p in mine])
+            radii = [p["radius"] for p in mine]
+            side = _radius_edge(chosen[0]["radius"], radii)
+            if side is None and math.isclose(min(radii), max(radii), rel_tol=0.05):
+                side = _key_edge(chosen[0], mine)
         else:
             side = "the first" if chosen[0] is mine[0] else "the last" if chosen[0] is mine[-1] else None
         if side:
@@ -117,6 +122,29 @@ def edge_notes(points: list[dict[str, Any]]) -> list[str]:
                          "the best setting may lie beyond it: extend the grid (finished points are reused with "
                          "--resume)")
     return notes
+
+
+def _key_edge(chosen: dict[str, Any], points: list[dict[str, Any]]) -> str | None:
+    """"at the smallest lr" (and so on) for each numeric key of the chosen setting whose value is an
+    extreme of 3 or more values of that key in the grid; None if none is."""
+    def numbers(setting: str) -> dict[str, float]:
+        out = {}
+        for token in setting.split():
+            key, _, value = token.partition("=")
+            try:
+                out[key] = float(value)
+            except ValueError:
+                continue
+        return out
+
+    values: dict[str, set[float]] = {}
+    for point in points:
+        for key, value in numbers(point["setting"]).items():
+            values.setdefault(key, set()).add(value)
+    edges = [f"{'smallest' if value == min(values[key]) else 'largest'} {key}"
+             for key, value in numbers(chosen["setting"]).items()
+             if len(values[key]) >= 3 and value in (min(values[key]), max(values[key]))]
+    return "at the " + " and the ".join(edges) if edges else None
 
 
 def _seed_list(seeds: list[int]) -> str:
