@@ -370,7 +370,9 @@ def _final_evaluation(cfg, model, optimizer, data, history) -> dict[str, Any]:
         summary["regime"] = cfg.ensemble.regime
     if data.label_noise is not None:
         summary["label_noise"] = data.label_noise
-    summary.update(evaluate_model(cfg, model, data))
+    # a BNN's test split is evaluated twice, with independent weight draws (test_second_pass,
+    # monte_carlo): its Monte-Carlo error, at twice its test-time cost; deterministic models once
+    summary.update(evaluate_model(cfg, model, data, second_pass=True))
     summary["history"] = history
     return summary
 
@@ -381,10 +383,18 @@ def _early_stopped_evaluation(run: _Run, best: dict[str, Any] | None) -> dict[st
     if run.data.val is None or best is None:
         return None
     run.strategy.load_model_state(run.model, best["model"])
-    test, _ = evaluate_split(run.model, run.data.test, autocast=AUTOCAST[run.cfg.train.precision],
-                             n_bins=run.cfg.eval.ece_bins, samples=run.samples)
+    autocast, n_bins = AUTOCAST[run.cfg.train.precision], run.cfg.eval.ece_bins
+    test, _ = evaluate_split(run.model, run.data.test, autocast=autocast, n_bins=n_bins, samples=run.samples)
     row = best["history"][-1]
-    return {"epoch": best["epoch"], "val_accuracy": row.get("val_accuracy"), "test": test}
+    result = {"epoch": best["epoch"], "val_accuracy": row.get("val_accuracy"), "test": test}
+    if run.samples > 1:  # a BNN: a second, independent set of weight draws (twice the test-time cost)
+        from ..eval.evaluate import evaluate_second_pass, monte_carlo_difference, second_pass_seed
+
+        second = evaluate_second_pass(run.model, run.data.test, autocast=autocast, n_bins=n_bins,
+                                      samples=run.samples, seed=second_pass_seed(run.cfg, "early_stopped"))
+        result["test_second_pass"] = second
+        result["monte_carlo"] = monte_carlo_difference(test, second, run.samples)
+    return result
 
 
 # -- one epoch's steps ------------------------------------------------------------------------

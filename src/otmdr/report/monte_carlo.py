@@ -1,0 +1,122 @@
+"""Does a report's verdict survive a second Monte-Carlo pass?
+
+A Bayesian network's test metrics are Monte-Carlo estimates: the predictive is the mean over
+``bayes.test_samples`` weight draws, and a second set of draws gives slightly different numbers.
+Training records such a second pass (``summary.json``'s ``test_second_pass``, and
+``early_stopped.test_second_pass``; see :func:`otmdr.eval.evaluate.evaluate_second_pass`).
+:func:`monte_carlo_note` recomputes every paired comparison of a report on the second pass and
+names each raw verdict that changes: a verdict that depends on which weights were drawn is not a
+finding about the methods, and more samples are needed before it is read as one.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from typing import Any
+
+from .stats import PAIRED_METRICS, PairedDifference, paired_table
+from .tables import early_stopped
+
+__all__ = ["monte_carlo_note"]
+
+_Block = Callable[[dict[str, Any]], "dict[str, Any] | None"]
+
+#: the short name a line prints for each metric title of PAIRED_METRICS
+_SHORT = {title: title.split(" (")[0] for title, *_ in PAIRED_METRICS}
+
+
+def _final_second(s: dict[str, Any]) -> dict[str, Any] | None:
+    return s.get("test_second_pass")
+
+
+def _stopped_second(s: dict[str, Any]) -> dict[str, Any] | None:
+    return (s.get("early_stopped") or {}).get("test_second_pass")
+
+
+def _paired_first(second: _Block) -> _Block:
+    """The first pass, on the runs that also have a second one (both passes on the same seeds)."""
+    return lambda s: s["test"] if second(s) is not None else None
+
+
+def _samples(runs: dict[str, list[dict[str, Any]]]) -> str:
+    counts = sorted({int(s.get("monte_carlo", {}).get("samples") or s.get("test_samples") or 0)
+                     for group in runs.values() for s in group if _final_second(s) is not None} - {0})
+    return "/".join(str(c) for c in counts) if counts else "the"
+
+
+def _verdict(d: PairedDifference | None) -> str | None:
+    return None if d is None else d.verdict
+
+
+def _flips(runs: dict[str, list[dict[str, Any]]], references: list[str], model: str, second: _Block,
+           margins: dict[str, float] | None, samples: str) -> tuple[list[str], int]:
+    lines, compared = [], 0
+    for reference in references:
+        if reference not in runs or len(runs) < 2:
+            continue
+        first_rows = paired_table(runs, reference, test_block=_paired_first(second), margins=margins)
+        second_rows = paired_table(runs, reference, test_block=second, margins=margins)
+        for a, b in zip(first_rows, second_rows):
+            for title, *_ in PAIRED_METRICS:
+                before, after = _verdict(a[title]), _verdict(b[title])
+                if before is None or after is None:
+                    continue
+                compared += 1
+                if before != after:
+                    lines.append(f"{a['method']} − {reference} {_SHORT[title]} ({model}): {before} with the first "
+                                 f"{samples} samples, {after} with a second {samples}: Monte Carlo error matters at "
+                                 "this sample count; raise bayes.test_samples")
+    return lines, compared
+
+
+def _mean_abs(pairs: list[tuple[dict[str, Any], dict[str, Any]]], key: str, scale: float) -> float:
+    return statistics.fmean(scale * abs(b[key] - a[key]) for a, b in pairs)
+
+
+def _error_text(pairs: list[tuple[dict[str, Any], dict[str, Any]]]) -> str:
+    return ", ".join(f"{_SHORT[title]} {_mean_abs(pairs, key, scale):.{4 if scale == 1 else 2}f}"
+                     f"{' pp' if scale != 1 else ''}" for title, key, scale, _ in PAIRED_METRICS)
+
+
+def monte_carlo_note(summaries: dict[str, list[dict[str, Any]]], references: list[str],
+                     margins: dict[str, float] | None = None) -> list[str]:
+    """Lines on the Monte-Carlo error of a report's Bayesian runs (``summaries``: method -> run
+    summaries, as ``otmdr compare`` reads them; ``references`` and ``margins`` as the report's
+    paired tables use them).
+
+    Every paired comparison (each reference, each other method, final and early-stopped model,
+    accuracy/NLL/ECE) is computed on the first pass and again on the second; each raw verdict
+    (:attr:`~otmdr.report.stats.PairedDifference.verdict`) that differs gets one line::
+
+        otmdr − sgd accuracy (final): better with the first 30 samples, inconclusive with 3 seeds
+        with a second 30: Monte Carlo error matters at this sample count; raise bayes.test_samples
+
+    Both passes use the same seeds: those of the runs that have a second pass (all of them when
+    every run was trained with it; then the first pass is exactly the report's table). The last
+    line is the Monte-Carlo error itself: the mean over runs of |second − first| of accuracy, NLL
+    and ECE (accuracy and ECE in percentage points), and how many verdicts changed. An empty list
+    when no run has a second pass (deterministic models, or runs trained before it was recorded).
+    """
+    final = [(s["test"], s["test_second_pass"]) for runs in summaries.values() for s in runs
+             if _final_second(s) is not None]
+    stopped_pairs = [(s["early_stopped"]["test"], s["early_stopped"]["test_second_pass"])
+                     for runs in summaries.values() for s in runs if _stopped_second(s) is not None]
+    if not final and not stopped_pairs:
+        return []
+    samples = _samples(summaries)
+    lines, compared = _flips(summaries, references, "final", _final_second, margins, samples)
+    stopped = early_stopped(summaries)
+    more, also = _flips(stopped, references, "early-stopped", _stopped_second, margins, samples)
+    lines += more
+    compared += also
+    parts = []
+    if final:
+        parts.append(f"final model over {len(final)} runs: {_error_text(final)}")
+    if stopped_pairs:
+        parts.append(f"early-stopped model over {len(stopped_pairs)} runs: {_error_text(stopped_pairs)}")
+    changed = (f"{len(lines)} of {compared} paired verdicts change with a second pass" if compared
+               else "no paired verdicts to check")
+    lines.append(f"Monte Carlo error at {samples} weight samples per pass (mean |second pass − first pass|): "
+                 f"{'; '.join(parts)}; {changed}.")
+    return lines
