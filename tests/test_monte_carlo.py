@@ -127,3 +127,18 @@ def test_monte_carlo_note_reads_the_early_stopped_second_pass_too():
 def test_monte_carlo_note_is_empty_without_a_second_pass():
     summaries = {m: [_run(s, _block(0.8 + 0.01 * s), None, samples=1) for s in range(3)] for m in ("sgd", "otmdr")}
     assert monte_carlo_note(summaries, ["sgd"]) == []
+
+
+def test_a_bayesian_compare_report_states_the_monte_carlo_error(tmp_path):
+    from otmdr.cli import main
+
+    out = tmp_path / "study"
+    args = ["compare", "--config", str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"),
+            "--methods", "sgd,sam", "--seeds", "2", "--out", str(out), "--quiet"]
+    for override in ("model.name=bayes-mlp", "model.options={hidden: [16]}", "train.epochs=1", "train.threads=1",
+                     "bayes.test_samples=4", "optim.base=adam", "optim.lr=1e-3"):
+        args += ["--set", override]
+    assert main(args) == 0
+    report = (out / "report.md").read_text()
+    assert "**Monte Carlo error of the predictive**" in report
+    assert "Monte Carlo error at 4 weight samples per pass" in report

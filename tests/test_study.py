@@ -351,6 +351,10 @@ def test_cli_search_report_shows_grid_radius_plot_and_paired_verdicts(tmp_path, 
     assert sum(p["chosen"] for p in search) == 1 and all(p["radius"] is not None for p in search)
     assert {p["seed"] for p in search} == {1000} and "search seed(s) 1000" in report
     assert "Evaluation seeds: 0, 1 (2)" in report and "none of them a search run" in report
+    chosen = next(p["setting"] for p in search if p["chosen"])
+    assert f"- sam: `optim.method=sam sam.{chosen}`" in report and "- sgd: `optim.method=sgd`" in report
+    assert "**Bottom line** (test accuracy, verdicts after Holm's correction over the 12 tests above)" in report
+    assert "sam vs sgd: " in report and "at 2.00x sgd's gradient evaluations" in report
     summaries = json.loads((out / "summaries.json").read_text())
     assert all(s["early_stopped"]["epoch"] in (1, 2) for runs in summaries.values() for s in runs)
     assert summaries["sam"][0]["label_noise"]["rate"] == 0.2
@@ -538,3 +542,28 @@ def test_equal_compute_scales_epochs_and_schedule_to_the_most_expensive_method(t
     assert [r.config.train.epochs for r in finals({m: GridPoint(m) for m in ["sgd", "sam"]})] == [4, 2]
     with pytest.raises(ConfigError, match="budget 'fast' is not one of"):
         study_module.plan(Study(str(DEMO), FAST, ["sgd"], [0], parse_grid([], ["sgd"]), tmp_path / "u", budget="fast"))
+
+
+def _run(method, seed, accuracy, ece=0.05, evaluations=100.0):
+    return {"method": method, "seed": seed, "test": {"accuracy": accuracy, "nll": 0.5, "ece": ece},
+            "compute": {"gradient_evaluations": evaluations}}
+
+
+def test_the_bottom_line_states_each_pair_once_with_holm_and_compute():
+    from otmdr.report.compare import bottom_line, paired_family
+
+    summaries = {"sgd": [_run("sgd", s, 0.80 + 0.001 * s) for s in range(5)],
+                 "sam": [_run("sam", s, 0.90 + 0.001 * s + 0.0002 * (s % 2), evaluations=200.0) for s in range(5)],
+                 "otmdr": [_run("otmdr", s, 0.90 + 0.0012 * s, evaluations=200.0) for s in range(5)]}
+    family, size = paired_family(summaries, ["sgd", "sam"])
+    assert size == 2 * 2 * 3 * 2  # 2 references x 2 other methods x 3 metrics x (difference, equivalence)
+    text = bottom_line(summaries, family, size, markdown=False)
+    assert text.count("sam vs sgd") == 1 and "sgd vs sam" not in text  # the reverse pair is not repeated
+    assert "sam vs sgd: better (+10.01 points" in text and "at 2.00x sgd's gradient evaluations" in text
+    assert "otmdr vs sam: equivalent within ±0.50" in text and "at 1.00x sam's" in text
+    assert "ECE is high" not in text  # no label noise
+    noisy = {m: [{**r, "label_noise": {"rate": 0.4}, "test": {**r["test"], "ece": 0.35}} for r in runs]
+             for m, runs in summaries.items()}
+    family, size = paired_family(noisy, ["sgd"])
+    assert "ECE is high for every method (35-35%) because 40% of the training labels are wrong" in \
+        bottom_line(noisy, family, size, markdown=False)

@@ -110,7 +110,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                                   train_seconds=result["train_seconds"], runs=result["runs"],
                                   reused=result["reused"], search_seeds=result["search_seeds"],
                                   reused_search_seeds=result["reused_search_seeds"], close_calls=notes,
-                                  margins=margins, budget=args.budget,
+                                  margins=margins, budget=args.budget, settings=result["settings"],
                                   bn_policy="each method's own (per-method)" if args.bn_policy == "per-method"
                                   else f"{args.bn_policy} for every method (--bn-policy)")
     atomic_write_text(out / "summaries.json", json.dumps(summaries, indent=1))

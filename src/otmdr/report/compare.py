@@ -13,11 +13,13 @@ import torch
 
 from .._atomic import atomic_write_text
 from ..train.compute import cpu_model
+from .monte_carlo import monte_carlo_note
 from .plots import plot_learning_curves, plot_reliability, plot_search, plot_test_accuracy
 from .stats import CI_METHOD, adjust_family, describe_tests, format_paired, paired_table
 from .tables import aggregate, early_stopped, format_table
 
-__all__ = ["write_compare_report", "comparison_tables", "search_table", "edge_notes", "bayesian_method_names"]
+__all__ = ["write_compare_report", "comparison_tables", "paired_family", "bottom_line", "search_table", "edge_notes",
+           "bayesian_method_names"]
 
 
 def bayesian_method_names(test_samples: int | None) -> str | None:
@@ -30,12 +32,28 @@ def bayesian_method_names(test_samples: int | None) -> str | None:
             "OT-MDR on the means; the sigmas are trained, never perturbed.")
 
 
+def paired_family(summaries: dict[str, list[dict[str, Any]]], references: list[str],
+                  margins: dict[str, float] | None = None) -> tuple[list[tuple[str, str, list[dict[str, Any]]]], int]:
+    """Every paired table of a report, ``(reference, model, rows)`` with model "final model" or
+    "early-stopped model", Holm-adjusted as one family (a reader scanning the report for a
+    "better" makes all of its tests), and the family's size."""
+    stopped = early_stopped(summaries)
+    keys, tables = [], []
+    for ref in references if len(summaries) > 1 else []:
+        for model, runs in (("final model", summaries), ("early-stopped model", stopped)):
+            if ref in runs:
+                keys.append((ref, model))
+                tables.append(paired_table(runs, ref, margins=margins))
+    if not tables:
+        return [], 0
+    adjusted, family = adjust_family(tables)
+    return [(ref, model, rows) for (ref, model), rows in zip(keys, adjusted)], family
+
+
 def comparison_tables(summaries: dict[str, list[dict[str, Any]]], references: list[str], *, markdown: bool,
                       margins: dict[str, float] | None = None) -> str:
-    """The final-model table, the early-stopped table and the paired differences against each of
-    ``references`` for both, as one block of text (terminal) or Markdown. Every paired test of
-    the block (difference and equivalence, every metric, pair and model) is one family for
-    Holm's correction: a reader scanning the block for a "better" is making all of them."""
+    """The final-model table, the early-stopped table, the paired differences against each of
+    ``references`` for both, and the bottom line, as one block of text (terminal) or Markdown."""
     heading = (lambda t: f"**{t}**") if markdown else (lambda t: t)
     stopped = early_stopped(summaries)
     reference = references[0] if references else None
@@ -47,18 +65,66 @@ def comparison_tables(summaries: dict[str, list[dict[str, Any]]], references: li
         blocks += ["", heading("Early-stopped model (checkpoint of the best validation accuracy)"), "",
                    format_table(aggregate(stopped, reference), markdown=markdown), "",
                    f"Best validation epoch per seed: {epochs}"]
-    titles, tables = [], []
-    for ref in references if len(summaries) > 1 else []:
-        for title, runs in (("final model", summaries), ("early-stopped model", stopped)):
-            if ref in runs:
-                titles.append(f"Paired differences against {ref}, {title} (method − {ref})")
-                tables.append(paired_table(runs, ref, margins=margins))
-    if tables:
-        tables, family = adjust_family(tables)
-        blocks += ["", f"Paired tests: {CI_METHOD}. {describe_tests(margins, family)}"]
-        for title, rows in zip(titles, tables):
-            blocks += ["", heading(title), "", format_paired(rows, markdown=markdown)]
+    family, size = paired_family(summaries, references, margins)
+    if family:
+        blocks += ["", f"Paired tests: {CI_METHOD}. {describe_tests(margins, size)}"]
+        for ref, model, rows in family:
+            blocks += ["", heading(f"Paired differences against {ref}, {model} (method − {ref})"), "",
+                       format_paired(rows, markdown=markdown)]
+        blocks += ["", bottom_line(summaries, family, size, markdown=markdown)]
+    noted = monte_carlo_note(summaries, references, margins)
+    if noted:  # Bayesian networks: does a second set of weight samples change any verdict?
+        blocks += ["", heading("Monte Carlo error of the predictive"), "",
+                   *[f"- {line}" if markdown else f"  {line}" for line in noted]]
     return "\n".join(blocks)
+
+
+def _compute_ratio(summaries: dict[str, list[dict[str, Any]]], method: str, ref: str) -> str:
+    """"at 2.00x sgd's gradient evaluations" (empty when a run did not count them)."""
+    def spent(name: str) -> float | None:
+        values = [s.get("compute", {}).get("gradient_evaluations") for s in summaries[name]]
+        return None if None in values or not values else sum(values) / len(values)
+
+    mine, theirs = spent(method), spent(ref)
+    return f" at {mine / theirs:.2f}x {ref}'s gradient evaluations" if mine and theirs else ""
+
+
+def bottom_line(summaries: dict[str, list[dict[str, Any]]], family: list[tuple[str, str, list[dict[str, Any]]]],
+                size: int, *, markdown: bool) -> str:
+    """One paragraph a reader can act on: each pair's test-accuracy verdict after Holm's
+    correction (the raw one where it differs), at what compute, final and early-stopped; each pair
+    once (the reverse of a pair already stated is skipped); and, under label noise, why ECE is high."""
+    said: set[tuple[str, str, str]] = set()
+    parts = []
+    for ref, model, rows in family:
+        clauses = []
+        for row in rows:
+            d = row.get("accuracy (pp)")
+            if d is None or (row["method"], ref, model) in said or (ref, row["method"], model) in said:
+                continue
+            said.add((row["method"], ref, model))
+            verdict = d.holm_verdict or d.verdict
+            raw = f"; raw: {d.verdict}" if d.holm_verdict and d.holm_verdict != d.verdict else ""
+            interval = f" [{d.low:+.2f}, {d.high:+.2f}]" if d.low is not None and d.high is not None else ""
+            clauses.append(f"{row['method']} vs {ref}: {verdict} ({d.mean:+.2f} points{interval}{raw})"
+                           + _compute_ratio(summaries, row["method"], ref))
+        if clauses:
+            parts.append(f"{model}: " + "; ".join(clauses))
+    text = (("**Bottom line**" if markdown else "Bottom line") + f" (test accuracy, verdicts after Holm's correction "
+            f"over the {size} tests above): " + ". ".join(parts) + ".")
+    first = next(iter(summaries.values()))[0]
+    noise = first.get("label_noise")
+    tests = [s["test"] for runs in summaries.values() for s in runs if "ece" in s.get("test", {})]
+    # ECE above the error rate cannot come from overconfidence alone (|acc - conf| <= 1 - acc there)
+    if noise and tests and all(t["ece"] > max(0.1, 1 - t["accuracy"]) for t in tests):
+        eces = [t["ece"] for t in tests]
+        text += (f" ECE is high for every method ({100 * min(eces):.0f}-{100 * max(eces):.0f}%) because "
+                 f"{100 * noise['rate']:.0f}% of the training labels are wrong: fitted to them, a network gives the "
+                 "labelled class only part of its probability, so on the clean test labels it is underconfident "
+                 "(every run's ECE exceeds its error rate, which overconfidence alone cannot do). That is a "
+                 "property of the noisy labels, not of a method; recalibrating on clean validation labels "
+                 "(temperature scaling) addresses it.")
+    return text
 
 
 def search_table(points: list[dict[str, Any]], metric: str, *, markdown: bool) -> str:
@@ -166,7 +232,8 @@ def write_compare_report(out_dir: Path, summaries: dict[str, list[dict[str, Any]
                          train_seconds: float | None = None, runs: int | None = None,
                          reused: int = 0, search_seeds: list[int] | None = None,
                          reused_search_seeds: list[int] | None = None, close_calls: list[str] | None = None,
-                         margins: dict[str, float] | None = None, budget: str = "epochs") -> Path:
+                         margins: dict[str, float] | None = None, budget: str = "epochs",
+                         settings: dict[str, list[str]] | None = None) -> Path:
     figures = out_dir / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     references = references or [next(iter(summaries))]
@@ -255,6 +322,9 @@ def write_compare_report(out_dir: Path, summaries: dict[str, list[dict[str, Any]
         "",
         "<details><summary>configuration</summary>",
         "",
+        *(["Each method ran this configuration with:", "",
+           *[f"- {method}: `{' '.join(overrides)}`" for method, overrides in settings.items()], ""]
+          if settings else []),
         "```yaml",
         config_text.rstrip(),
         "```",

@@ -605,7 +605,15 @@ def _run(study: Study, search: list[Run], finals, *, jobs: int, log: Callable[[s
                 "chosen": r.point == chosen[r.method], "run_dir": str(r.run_dir), "error": r.error} for r in search]
     points = [{key: value for key, value in p.items() if key != "point"} | {"chosen": p["point"] == chosen[p["method"]]}
               for p in search_points(search, study.select)]
+    settings = {}  # what each method ran, beyond the shared config: its chosen point and its epochs
+    for run in runs:
+        if run.method not in settings:
+            name, regime, _ = split_method(run.method)
+            epochs = [f"train.epochs={run.config.train.epochs}"] if study.budget_of(run.method) == "compute" else []
+            settings[run.method] = [f"optim.method={name}", *([f"ensemble.regime={regime}"] if regime else []),
+                                    *run.point.overrides, *epochs]
     return {"summaries": summaries, "chosen": chosen, "search": search, "points": points, "search_runs": records,
+            "settings": settings,
             "search_seeds": search_seeds, "seeds": list(study.seeds),
             "reused_search_seeds": sorted(set(search_seeds) & set(study.seeds)) if not study.search_overrides else [],
             "seconds": time.perf_counter() - started, "train_seconds": trained, "runs": len(unique),
