@@ -18,9 +18,10 @@ def _check_eval_options(args: argparse.Namespace) -> None:
 
     if args.attack:
         try:
-            parse_epsilons(args.eps)
+            epsilons = parse_epsilons(args.eps)
         except ValueError as error:
             raise UsageError(f"--eps: {error}") from None
+        _check_epsilons(args.eps, epsilons, linf=args.attack == "fgsm" or args.norm == "linf")
     if args.baseline and not args.corruptions:
         raise UsageError("--baseline needs --corruptions: the mCE compares corruption errors with the baseline's")
     if args.corruptions:
@@ -37,6 +38,49 @@ def _check_eval_options(args: argparse.Namespace) -> None:
             parse_severities(args.severities)
         except ValueError as error:
             raise UsageError(f"--corruptions/--severities: {error}") from None
+
+
+def _check_epsilons(text: str, epsilons: list[float], *, linf: bool) -> None:
+    """Radii are on [0, 1] pixels: a negative or non-finite one is refused, and so is an L-inf
+    radius above 1 (every image is within 1 of every other, so 8 means 8/255 written the 0-255
+    way). An L2 radius is a norm over all pixels, where 2 is an ordinary value."""
+    import math
+
+    written = [t.strip() for t in text.split(",")]
+    for shown, eps in zip(written, epsilons):
+        if not math.isfinite(eps) or eps < 0:
+            raise UsageError(f"--eps {shown}: a radius must be a finite number >= 0, e.g. --eps 8/255")
+    above = [(shown, eps) for shown, eps in zip(written, epsilons) if eps > 1]
+    if linf and above:
+        shown, eps = above[0]
+        fixed = ",".join(f"{t}/255" if e > 1 else t for t, e in zip(written, epsilons))
+        raise UsageError(f"--eps {shown} is above 1 on [0, 1] pixels: did you mean {shown}/255 = {eps / 255:.4f}? "
+                         f"write --eps {fixed}")
+
+
+def refuse_existing(args: argparse.Namespace, targets: list[tuple[str, Path | str | None]]) -> None:
+    """Results are never overwritten silently: an output that exists already is refused before any
+    work (``targets``: the option as shown, e.g. ``--json``, and the file it names, if any)."""
+    for option, target in targets:
+        if target and Path(target).exists() and not getattr(args, "force", False):
+            fix = ("pass --force to replace it" if hasattr(args, "force") else "remove it")
+            raise UsageError(f"{option}: {target} already exists: {fix} or choose another path (otmdr does not "
+                              "overwrite results)")
+
+
+def checkpoint_record(args: argparse.Namespace) -> dict[str, str]:
+    """The checkpoint file a command read (``args.path``: a run directory or a checkpoint) and the
+    SHA-256 of its bytes, so a result says which weights it is of."""
+    import hashlib
+
+    path = Path(args.path)
+    if path.is_dir():
+        path = path / "checkpoints" / f"{args.checkpoint}.pt"
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return {"path": str(path), "sha256": digest.hexdigest()}
 
 
 def _load_baseline(args: argparse.Namespace, cfg):
@@ -62,10 +106,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ..train.checkpoint import atomic_write_text
 
     _check_eval_options(args)
+    refuse_existing(args, [("--json", args.json), ("--plot", args.plot if args.attack else None),
+                           ("--heatmap", args.heatmap if args.corruptions else None)])
     cfg, model, data = load_trained(args)
     baseline = _load_baseline(args, cfg) if args.baseline else None
-    result = {"path": str(args.path), **evaluate_model(cfg, model, data, n_bins=args.ece_bins,
-                                                       temperature_scaling=not args.no_temperature_scaling)}
+    result = {"path": str(args.path), "checkpoint": checkpoint_record(args),
+              **evaluate_model(cfg, model, data, n_bins=args.ece_bins,
+                               temperature_scaling=not args.no_temperature_scaling)}
     split = (f"a fixed random subset of {len(data.test.labels)} test images (--test-limit)" if cfg.data.test_limit
              else f"the test split ({len(data.test.labels)} images)")
     print(f"{args.path}: {cfg.data.name}, {split}, model {cfg.model.name}")
@@ -147,11 +194,34 @@ def _corruptions(args: argparse.Namespace, cfg, model, data, baseline=None) -> d
 
 
 def _print_mce(mce: dict[str, Any]) -> None:
+    """The CE table and the (relative) mCE; a ratio the baseline cannot support is n/a, with why."""
+    from ..eval.run_robustness import MIN_BASELINE_DEGRADATION
+
+    def percent(value: float | None, width: int) -> str:
+        return f"{'n/a' if value is None else f'{100 * value:.1f}':>{width}s}"
+
     width = max(len(name) for name in mce["ce"])
     print(f"  {'corruption':{width}s}      CE  relative CE   (%, baseline = 100)")
     for name, ce in mce["ce"].items():
-        print(f"  {name:{width}s}  {100 * ce:6.1f}  {100 * mce['relative_ce'][name]:11.1f}")
-    print(f"  mCE {100 * mce['mce']:.1f}%, relative mCE {100 * mce['relative_mce']:.1f}% against {mce['baseline']} "
+        print(f"  {name:{width}s}  {percent(ce, 6)}  {percent(mce['relative_ce'][name], 11)}")
+    floor = f"{100 * mce.get('min_baseline_degradation', MIN_BASELINE_DEGRADATION):g} point"
+    missing_ce, missing_rel = mce.get("ce_not_available", {}), mce.get("relative_ce_not_available", {})
+    if missing_ce:
+        print(f"  CE n/a for {', '.join(missing_ce)}: the baseline makes no error there (a ratio over zero)")
+    if missing_rel and len(missing_rel) < len(mce["ce"]):
+        print(f"  relative CE n/a for {', '.join(missing_rel)}: the baseline's error rises by less than {floor} "
+              "there (mean over the severities), so the ratio of degradations would divide by noise")
+    total = len(mce["ce"])
+
+    def mean(key: str) -> str:
+        value, names = mce[key], mce.get(f"{key}_corruptions", list(mce["ce"]))
+        if value is None:
+            why = (f"the baseline's error rises by less than {floor} under every corruption" if key == "relative_mce"
+                   else "the baseline makes no error under any corruption")
+            return f"n/a ({why})"
+        return f"{100 * value:.1f}%" + (f" over {len(names)} of {total} corruptions" if len(names) < total else "")
+
+    print(f"  mCE {mean('mce')}, relative mCE {mean('relative_mce')} against {mce['baseline']} "
           f"(its mean corruption accuracy {100 * mce['baseline_mean_corruption_accuracy']:.2f}%, clean "
           f"{100 * mce['baseline_clean_accuracy']:.2f}%)")
 

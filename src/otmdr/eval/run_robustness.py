@@ -136,6 +136,12 @@ def corruption_evaluation(cfg, model: torch.nn.Module, data, *, corruptions: str
     return result
 
 
+#: the baseline's error must rise by at least this much under a corruption (mean over the
+#: severities) for that corruption's relative CE to be defined: below it the ratio divides by the
+#: noise of a few images (0.2 points gave 1900 %), and at 0 by nothing
+MIN_BASELINE_DEGRADATION = 0.01
+
+
 def corruption_errors(result: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:
     """The corruption errors of Hendrycks & Dietterich (2019) of ``result`` against ``baseline``
     (two :func:`corruption_evaluation` results on the same corruptions and severities).
@@ -143,22 +149,50 @@ def corruption_errors(result: dict[str, Any], baseline: dict[str, Any]) -> dict[
     Per corruption c, with E the error (1 - accuracy) and severities s:
     ``CE_c = sum_s E_s,c / sum_s E_s,c(baseline)`` and
     ``relative CE_c = sum_s (E_s,c - E_clean) / sum_s (E_s,c(baseline) - E_clean(baseline))``;
-    mCE and relative mCE are their means over the corruptions. A zero denominator gives NaN.
+    mCE and relative mCE are their means over the corruptions.
+
+    A ratio whose denominator is (near) zero is not a number to report: a CE is None when the
+    baseline makes no error under that corruption, and a relative CE is None when the baseline's
+    error rises by less than :data:`MIN_BASELINE_DEGRADATION` on average over the severities (its
+    degradation is noise, or the corruption helps it). The reasons are in ``ce_not_available`` and
+    ``relative_ce_not_available``; the (relative) mCE is the mean over the corruptions where it is
+    defined, named in ``mce_corruptions``/``relative_mce_corruptions``, and None where none is.
+    The result is valid JSON (no NaN).
     """
     if list(result["corruptions"]) != list(baseline["corruptions"]) or result["severities"] != baseline["severities"]:
         raise ValueError("the baseline was evaluated on other corruptions or severities")
     clean, clean_base = 1 - result["clean"]["accuracy"], 1 - baseline["clean"]["accuracy"]
-
-    def ratio(a: float, b: float) -> float:
-        return a / b if b != 0 else float("nan")
-
-    ce, rel = {}, {}
+    severities = result["severities"]
+    ce: dict[str, float | None] = {}
+    rel: dict[str, float | None] = {}
+    ce_missing: dict[str, str] = {}
+    rel_missing: dict[str, str] = {}
     for name, row in result["corruptions"].items():
-        errors = [1 - row[str(s)]["accuracy"] for s in result["severities"]]
-        base = [1 - baseline["corruptions"][name][str(s)]["accuracy"] for s in result["severities"]]
-        ce[name] = ratio(sum(errors), sum(base))
-        rel[name] = ratio(sum(e - clean for e in errors), sum(b - clean_base for b in base))
-    return {"ce": ce, "mce": float(np.mean(list(ce.values()))), "relative_ce": rel,
-            "relative_mce": float(np.mean(list(rel.values()))),
+        errors = [1 - row[str(s)]["accuracy"] for s in severities]
+        base = [1 - baseline["corruptions"][name][str(s)]["accuracy"] for s in severities]
+        if sum(base) > 0:
+            ce[name] = sum(errors) / sum(base)
+        else:
+            ce[name] = None
+            ce_missing[name] = "the baseline makes no error under it"
+        degradation = sum(b - clean_base for b in base)
+        if degradation / len(severities) >= MIN_BASELINE_DEGRADATION:
+            rel[name] = sum(e - clean for e in errors) / degradation
+        else:
+            rel[name] = None
+            rel_missing[name] = (f"the baseline's error rises by {100 * degradation / len(severities):.2f} points "
+                                 f"on average over the severities, less than {100 * MIN_BASELINE_DEGRADATION:g}: "
+                                 "a ratio of noise")
+
+    def mean(values: dict[str, float | None]) -> tuple[float | None, list[str]]:
+        defined = [k for k, v in values.items() if v is not None]
+        return (float(np.mean([values[k] for k in defined])) if defined else None), defined
+
+    mce, mce_names = mean(ce)
+    relative_mce, rel_names = mean(rel)
+    return {"ce": ce, "mce": mce, "relative_ce": rel, "relative_mce": relative_mce,
+            "mce_corruptions": mce_names, "relative_mce_corruptions": rel_names,
+            "ce_not_available": ce_missing, "relative_ce_not_available": rel_missing,
+            "min_baseline_degradation": MIN_BASELINE_DEGRADATION,
             "baseline_mean_corruption_accuracy": baseline["mean_corruption_accuracy"],
             "baseline_clean_accuracy": baseline["clean"]["accuracy"]}
