@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from ._common import UsageError, load_trained
+from .evaluate import refuse_existing
 
 
 def cmd_sharpness(args: argparse.Namespace) -> int:
@@ -17,6 +18,7 @@ def cmd_sharpness(args: argparse.Namespace) -> int:
     from ..models.bayes import is_bayesian, posterior_mean
     from ..train.checkpoint import atomic_write_text
 
+    refuse_existing(args, [("--json", args.json)])
     _, model, data = load_trained(args)
     # passes over the subset: 2 per power iteration and per probe (a Hessian-vector product reads
     # the batches twice), 27 for the rest (set-up, worst-case and average sharpness); measured
@@ -32,6 +34,9 @@ def cmd_sharpness(args: argparse.Namespace) -> int:
             "worst_case_sharpness": worst_case_sharpness(model, batches, F.cross_entropy, rho=args.rho),
             "average_sharpness": average_sharpness(model, batches, F.cross_entropy, rho=args.rho),
         }
+    # the power iteration stops once it converges, before --iterations: the passes it skipped are
+    # done too, so the bar ends at 100 % (it stopped at 60 % before)
+    batches.bar.update(max(0, batches.bar.total - batches.bar.n))
     batches.close()
     for key, value in result.items():
         print(f"  {key:24s} {value}")
@@ -51,6 +56,11 @@ def cmd_landscape(args: argparse.Namespace) -> int:
     from ..train.checkpoint import atomic_write_text
 
     args.path = args.run_a
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder: name a folder for landscape.png and landscape.json")
+    written = ["landscape.png", "landscape.json"] + (["interpolation.png"] if args.run_b else [])
+    refuse_existing(args, [(f"--out {out}", out / name) for name in written])
     cfg, model, data = load_trained(args)
     other = None
     if args.run_b:  # checked before the grid is computed
@@ -65,11 +75,10 @@ def cmd_landscape(args: argparse.Namespace) -> int:
                             2 * (args.points * (args.points + 1) + (args.points if args.run_b else 0)),
                             "landscape")  # 2 iterations per loss: the losses, then the sample count
     n = sum(len(y) for _, y in list.__iter__(batches))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     result = {"run": str(args.run_a), "samples": n,
               **landscape_evaluation(model, batches, F.cross_entropy, points=args.points, span=args.span, other=other)}
     batches.close()
+    out.mkdir(parents=True, exist_ok=True)  # after the computation: a failed one leaves no folder behind
     plot_landscape(result, out / "landscape.png",
                    title=f"{cfg.model.name} ({cfg.optim.method}), filter-normalised directions, {n} training images")
     if other is not None:
