@@ -34,17 +34,29 @@ from otmdr.report.compare import bayesian_method_names
 from otmdr.report.plots import plot_corruption_heatmaps, plot_robust_accuracy
 
 
+def _what(command: list[str]) -> str:
+    """``eval RUN``, ``sharpness RUN``, ``landscape RUN [OTHER]``: the otmdr command of ``command``
+    (python -m otmdr.cli ...) and the run(s) it reads, for the progress lines."""
+    words = []
+    for word in command[3:]:
+        if word.startswith("--"):
+            break
+        words.append(word)
+    return shlex.join(words)
+
+
 def _run(command: list[str], log: Path) -> None:
     """Run one otmdr command with one torch thread, its output in ``log``; raise on failure."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     started = time.perf_counter()
+    print(f"  started: {_what(command)} (log {log})", flush=True)
     with open(log, "w") as handle:
         handle.write("$ otmdr " + shlex.join(command[3:]) + "\n")  # command = python -m otmdr.cli ...
         handle.flush()
         code = subprocess.call(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
     if code:
         raise RuntimeError(f"`{shlex.join(command)}` failed (exit {code}); see {log}")
-    print(f"  done in {time.perf_counter() - started:5.0f}s: {shlex.join(command[:3])}", flush=True)
+    print(f"  done in {time.perf_counter() - started:5.0f}s: {_what(command)}", flush=True)
 
 
 def _tasks(args: argparse.Namespace, groups: dict[str, list[Path]], out: Path) -> list[tuple[list[str], Path, Path]]:
