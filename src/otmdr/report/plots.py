@@ -216,6 +216,7 @@ def plot_search(points: list[dict[str, Any]], path: Path, *, metric: str) -> Pat
     span = max(kept) - min(kept)
     bottom, top = min(kept) - 0.15 * span - 0.5, max(kept) + 0.15 * span + 0.5
     drawn = 0  # lines drawn so far
+    below_axis = False  # a point drawn as ▼ at the bottom edge
     references = 0  # reference levels drawn so far
     for method in methods:
         mine = [p for p in points if p["method"] == method and p["score"] is not None]
@@ -234,14 +235,18 @@ def plot_search(points: list[dict[str, Any]], path: Path, *, metric: str) -> Pat
             radii = np.array([p["radius"] for p, _ in labelled])
             actual = np.array([scale * p["score"] for p, _ in labelled])
             scores = np.maximum(actual, bottom)
-            line, = ax.plot(radii, scores, marker=MARKERS[drawn % len(MARKERS)], label=name)
+            # the line's marker only on the points within the axis: one below it is the ▼ alone
+            # (its marker, cut in half at the edge under the ▼, matched nothing in the legend)
+            on_axis = [i for i, a in enumerate(actual) if a >= bottom]
+            line, = ax.plot(radii, scores, marker=MARKERS[drawn % len(MARKERS)], markevery=on_axis, label=name)
             # SAM and OT-MDR points often sit at the same radius and score: one line's labels above
             # its points, the next one's below (offset past the ring of a chosen point)
             below, drawn = drawn % 2 == 1, drawn + 1
             for (p, text), x, y, a in zip(labelled, radii, scores, actual):
                 off_scale = a < bottom
                 if off_scale:
-                    ax.scatter([x], [y], marker="v", s=60, color=line.get_color(), zorder=3)
+                    ax.scatter([x], [y], marker="v", s=60, color=line.get_color(), zorder=3, clip_on=False)
+                    below_axis = True
                 ax.annotate(text + (f" ({a:.1f})" if off_scale else ""), (x, y), textcoords="offset points",
                             xytext=(5, -5 if below else 5), va="top" if below else "bottom",
                             fontsize=6, color=line.get_color())
@@ -262,6 +267,8 @@ def plot_search(points: list[dict[str, Any]], path: Path, *, metric: str) -> Pat
     ax.set_title("grid search: validation score against radius\n(ringed: chosen; ▼ below the axis, value in brackets)",
                  fontsize=9)
     ax.grid(alpha=0.3)
+    if below_axis:  # the ▼ in the legend as drawn (an empty scatter: a legend entry, no point)
+        ax.scatter([], [], marker="v", s=60, color="gray", label="below the axis (value in brackets)")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
     fig.tight_layout()
