@@ -168,7 +168,15 @@ class _Passes:
                 (self.bn.frozen() if self.bn and not update_bn else _NOTHING), \
                 (_NOTHING if torch.is_grad_enabled() else torch.enable_grad()):
             if self.batch is None:
-                return split_output(self.closure())[0].detach(), None
+                try:
+                    out = self.closure()
+                except TypeError:
+                    if _needs_an_argument(self.closure):  # never called: the loss function of a batch
+                        raise TypeError("step(loss_fn) called without batch=...: pass the batch, "
+                                        "opt.step(loss_fn, batch=(x, y)), or give a closure that takes no "
+                                        "argument") from None
+                    raise  # the closure's own TypeError
+                return split_output(out)[0].detach(), None
             size = 1 if self.micro_batches == 1 else batch_size(part)  # no batch walk on the plain path
             if size < 2:
                 loss, extra = split_output(self.closure(part))
@@ -187,6 +195,20 @@ class _Passes:
 
     def _backward(self, loss: Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()  # type: ignore[no-untyped-call]
+
+
+def _needs_an_argument(function: Callable[..., Any]) -> bool:
+    """Whether ``function()`` fails for want of an argument (a loss function of the batch given
+    without ``batch=``), not inside its body."""
+    import inspect
+
+    try:
+        inspect.signature(function).bind()
+    except TypeError:
+        return True
+    except ValueError:  # no signature to read (some builtins): not ours to judge
+        return False
+    return False
 
 
 def _ascent_bounds(n: int, split: tuple[float, ...]) -> list[tuple[int, int]]:
