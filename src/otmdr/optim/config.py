@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from .batchnorm import BN_POLICIES
 
-__all__ = ["PRESETS", "Preset", "PerturbationConfig", "preset_options"]
+__all__ = ["PRESETS", "Preset", "PerturbationConfig", "preset_options", "sam_equivalent"]
 
 NORMALIZATIONS = ("step", "merged")
 REDUCTIONS = ("sum", "mean")
@@ -185,3 +185,13 @@ def _check_number(name: str, value: object, *, minimum: float, strict: bool = Fa
 def _check_int(name: str, value: object) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def sam_equivalent(config: PerturbationConfig) -> str | None:
+    """``"SAM"`` or ``"ASAM"`` when ``config`` is exactly that method: one ascent step on the whole
+    batch, no noise, one particle (with one step, merging and either normalisation are the same
+    thing); None for a genuine OT-MDR configuration. OT-MDR refuses the first two under its own
+    name (a one-entry ``rho`` silently running SAM misreports what was compared)."""
+    if config.ascent_steps != 1 or config.noise_std > 0 or config.particles > 1 or config.split_fractions[0] < 1.0:
+        return None
+    return "ASAM" if config.adaptive else "SAM"

@@ -50,7 +50,7 @@ from torch.optim import Optimizer
 
 from . import functional as F
 from .batchnorm import BatchNormState
-from .config import PerturbationConfig, preset_options
+from .config import PerturbationConfig, preset_options, sam_equivalent
 from .one_call import run_step
 from .plan import AscentPlan, Scratch, build_plan, plan_key
 from .progress import StepProgress, StepResult
@@ -135,6 +135,8 @@ class OTMDR(Optimizer):
             max_grad_norm=max_grad_norm, ascent_interval=ascent_interval, sync_ascent=sync_ascent,
             check_finite=check_finite, eps=eps,
         )
+        if type(self) is OTMDR:  # SAM and ASAM are subclasses that mean their one step
+            _refuse_sam(self.config)
         if isinstance(params, nn.Module):
             model = params if model is None else model
             params = params.parameters()
@@ -589,6 +591,20 @@ def passes_per_step(cfg: PerturbationConfig, closure_form: bool = False) -> floa
     :attr:`OTMDR.gradient_evaluations` measures, up to the rounding of the parts' sizes."""
     ascent = float(cfg.ascent_steps) if closure_form else sum(cfg.split_fractions)
     return (cfg.particles * (1.0 + ascent) + cfg.ascent_interval - 1) / cfg.ascent_interval
+
+
+def _refuse_sam(cfg: PerturbationConfig) -> None:
+    """OT-MDR configured as exactly SAM (ASAM) would run that method under OT-MDR's name."""
+    same = sam_equivalent(cfg)
+    if same is None:
+        return
+    r = cfg.rho[0]
+    options = f", adaptive_eta={cfg.adaptive_eta:g}" if same == "ASAM" else ""
+    options += f", bn_policy={cfg.bn_policy!r}" if cfg.bn_policy != "clean" else ""
+    raise ValueError(f"rho={cfg.rho} has one entry: OT-MDR with one ascent step on the whole batch is {same}; use "
+                     f"{same}(params, base, rho={r:g}{options}), or give one radius per ascent step, e.g. "
+                     f"rho=({r / 2:g}, {r:g}) (one step differs from {same} only with noise_std > 0, particles > 1 or "
+                     "a split below 1)")
 
 
 def _grads(params: Iterable[Tensor]) -> list[Tensor]:
