@@ -22,13 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .optim.config import PRESETS
+from .optim.config import PRESETS, PerturbationConfig
 
 if TYPE_CHECKING:
     import yaml
 
 __all__ = ["ConfigError", "ExperimentConfig", "otmdr_options", "load_config", "describe_config", "comparable_config",
-           "apply_overrides", "config_to_dict", "config_from_dict", "parse_number", "Bound", "BOUNDS", "SEED"]
+           "apply_overrides", "config_to_dict", "config_from_dict", "parse_number", "Bound", "BOUNDS", "SEED",
+           "resolve_factory", "import_plugins", "PLUGINS_ENV"]
 
 METHODS = ("sgd", "sam", "asam", "otmdr")
 
@@ -101,7 +102,9 @@ _PARTICLES = "each particle is one more set of ascent passes per step (K <= 4 in
 
 @dataclass
 class DataConfig:
-    name: str = "digits"
+    name: str = "digits"  # a registered dataset (otmdr datasets); with data.factory, set to the factory's path
+    factory: str | None = None  # "module:function" returning your own splits (docs/your-model.md)
+    options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of data.factory
     dir: str | None = None  # the directory (or archive) holding the dataset; not needed for digits
     cache_dir: str | None = None  # where decoded image folders are cached (default ~/.cache/otmdr)
     val_fraction: float = bounded(0.1, 0, 1, high_open=True)  # of the training set, held out (seeded) for validation
@@ -122,8 +125,9 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "mlp"
-    options: dict[str, Any] = field(default_factory=dict)  # passed to the model builder
+    name: str = "mlp"  # a registered model (otmdr models); with model.factory, set to the factory's path
+    factory: str | None = None  # "module:function" building your own model (docs/your-model.md)
+    options: dict[str, Any] = field(default_factory=dict)  # passed to the model builder (or model.factory)
 
 
 @dataclass
@@ -282,8 +286,18 @@ BOUNDS: dict[str, Bound] = {
 
 
 def config_from_dict(data: dict[str, Any]) -> ExperimentConfig:
-    """Build and validate a config from nested dicts (as read from YAML)."""
+    """Build and validate a config from nested dicts (as read from YAML).
+
+    The plugin modules of ``$OTMDR_IMPORT`` (``--import``) are imported first, so a model or
+    dataset they register is known here, in worker processes too. A config with a factory
+    (``model.factory``, ``data.factory``) records the factory's path as ``model.name`` /
+    ``data.name``: summaries and reports name what ran."""
+    import_plugins()
     config = _build(ExperimentConfig, data or {}, "")
+    if config.model.factory is not None:
+        config.model.name = config.model.factory
+    if config.data.factory is not None:
+        config.data.name = config.data.factory
     _check_values(config)
     return config
 
@@ -309,7 +323,109 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(error)}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
-    return config_from_dict(apply_overrides(data, overrides or []))
+    config = config_from_dict(apply_overrides(data, overrides or []))
+    _refuse_one_step(config)
+    return config
+
+
+def _refuse_one_step(config: ExperimentConfig) -> None:
+    """A new config (not a saved run's, which stays readable) whose ``otmdr`` section is SAM or
+    ASAM under OT-MDR's name: one ascent step on the whole batch, no noise, one particle."""
+    from .optim.config import sam_equivalent
+
+    section = config.otmdr
+    same = sam_equivalent(PerturbationConfig(**otmdr_options(section)))
+    if same is None:
+        return
+    rho = section.rho[0] if section.rho else 0.0
+    pair = f"[{rho / 2:g},{rho:g}]"
+    instead = (f"method asam with asam.rho={rho:g} asam.adaptive_eta={section.adaptive_eta:g}" if same == "ASAM"
+               else f"method sam with sam.rho={rho:g}")
+    grid = f"otmdr.rho={pair},[{rho:g},{2 * rho:g}]"
+    raise ConfigError(f"config key otmdr.rho: {section.rho} has one entry, and OT-MDR with one ascent step is "
+                      f"{same}: use {instead} (--method / --methods {same.lower()}), or give one radius per ascent "
+                      f"step: otmdr.rho={pair} (in a --grid, bracket each value: {grid})")
+
+
+#: The environment variable listing plugin modules (comma-separated) that every otmdr process
+#: imports before it reads a config: ``--import`` adds to it, so worker processes inherit it.
+PLUGINS_ENV = "OTMDR_IMPORT"
+
+
+def _importable_here() -> None:
+    """The current folder on ``sys.path`` (last, shadowing nothing), as ``python -m`` has it: a
+    user's module beside their config is found by the ``otmdr`` command and its workers too."""
+    import os
+    import sys
+
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.append(cwd)
+
+
+def _import(module: str, what: str) -> types.ModuleType:
+    """Import ``module`` or raise a one-line ConfigError that names ``what`` asked for it."""
+    import importlib
+
+    _importable_here()
+    if not module or not all(part.isidentifier() for part in module.split(".")):
+        raise ConfigError(f"{what}: {module!r} is not a module name (dotted Python names, e.g. mypkg.models)")
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as error:
+        if error.name and module != error.name and not module.startswith(error.name + "."):
+            where = _user_frame(error)  # the module exists; something it imports does not
+            raise ConfigError(f"{what}: importing {module} failed{where}: {error}: install it") from None
+        raise ConfigError(f"{what}: cannot import {module} ({error}): run otmdr from the folder that holds it or "
+                          "add that folder to PYTHONPATH") from None
+    except Exception as error:  # noqa: BLE001 - the user's module failed: say where, in one line
+        first = (str(error).strip().splitlines() or [""])[0]
+        raise ConfigError(f"{what}: importing {module} raised {type(error).__name__}"
+                          f"{': ' + first if first else ''}{_user_frame(error)}: fix the module") from None
+
+
+def _user_frame(error: BaseException) -> str:
+    """`` (at path.py:12)``: the innermost frame of ``error`` outside importlib, or empty."""
+    import traceback
+
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if "importlib" not in f.filename]
+    return f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+
+
+def import_plugins(modules: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """Import ``modules`` and those named in ``$OTMDR_IMPORT`` (comma-separated), e.g. modules
+    whose ``register_model`` / ``register_dataset`` decorators add models and datasets; returns
+    the names imported. A module that cannot be imported is a one-line ConfigError."""
+    import os
+
+    names = [m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(",") if m.strip()]
+    names += [m for m in modules if m not in names]
+    for name in names:
+        _import(name, f"--import {name}")
+    return names
+
+
+def resolve_factory(key: str, path: str) -> Any:
+    """The callable a factory key names, ``"package.module:function"`` (``function`` may be a
+    dotted attribute path, ``module:Class.build``). ``key`` (``model.factory``) is named in
+    every error: not ``module:function``, not importable, no such attribute, not callable."""
+    module, colon, attribute = path.partition(":")
+    if not colon or not module.strip() or not attribute.strip():
+        raise ConfigError(f"config key {key}: {path!r} must look like module:function (e.g. mypkg.models:build), "
+                          "the module importable from the current folder or PYTHONPATH")
+    target: Any = _import(module.strip(), f"config key {key}")
+    for part in attribute.strip().split("."):
+        if not hasattr(target, part):
+            public = sorted(n for n in dir(target) if not n.startswith("_") and callable(getattr(target, n, None)))
+            close = difflib.get_close_matches(part, public, n=1)
+            hint = f"; did you mean {module.strip()}:{close[0]}?" if close else (
+                f"; it defines {', '.join(public[:8])}" if public else "")
+            raise ConfigError(f"config key {key}: {module.strip()} has no attribute {part!r}{hint}")
+        target = getattr(target, part)
+    if not callable(target):
+        raise ConfigError(f"config key {key}: {path} is a {type(target).__name__}, not a function: name the function "
+                          "that builds it")
+    return target
 
 
 def _yaml_problem(error: yaml.YAMLError) -> str:
@@ -463,33 +579,76 @@ def _check_values(config: ExperimentConfig) -> None:
     from .models import list_models
     from .models.registry import is_known_model
 
-    if not is_known_model(config.model.name):
+    if config.model.factory is not None:
+        _check_factory("model.factory", config.model.factory, config.model.options, "model.options",
+                       given=("num_classes", "in_channels", "image_size"))
+    elif not is_known_model(config.model.name):
         raise ConfigError(f"config key model.name: unknown model {config.model.name!r}; known models: "
-                          f"{', '.join(list_models())} (otmdr models lists them)")
-    from .data import DatasetError, get_spec
+                          f"{', '.join(list_models())} (otmdr models lists them; a model that a plugin module "
+                          "registers needs --import MODULE, and your own builder model.factory=module:function)")
+    from .data import DatasetError, DatasetSpec, get_spec, registered_loader
 
-    try:
-        spec = get_spec(config.data.name)
-    except DatasetError as error:
-        raise ConfigError(f"config key data.name: {error}") from None
-    if config.model.options:  # sizes and names checked now, before a run folder exists
+    spec: DatasetSpec | None = None
+    if config.data.factory is not None:
+        _check_factory("data.factory", config.data.factory, config.data.options, "data.options", given=())
+    else:
+        if config.data.options and registered_loader(config.data.name) is None:
+            raise ConfigError(f"config key data.options: {config.data.options} is passed to data.factory (or a "
+                              "registered dataset's loader), which is not set: set data.factory=module:function "
+                              "or remove data.options")
+        try:
+            spec = get_spec(config.data.name)
+        except DatasetError as error:
+            raise ConfigError(f"config key data.name: {error}") from None
+    if config.model.options and config.model.factory is None:  # sizes and names checked now, before a run folder
         from .models import check_model_options
 
         try:
-            check_model_options(config.model.name, config.model.options, num_classes=spec.num_classes or 10,
-                                in_channels=spec.in_channels or 3)
+            check_model_options(config.model.name, config.model.options,
+                                num_classes=(spec.num_classes if spec else 0) or 10,
+                                in_channels=(spec.in_channels if spec else 0) or 3)
         except TypeError as error:  # an option the builder does not take
             raise ConfigError(f"config key model.options: {config.model.name} does not accept "
                               f"{config.model.options}: {error}") from None
         except ValueError as error:  # a size it refuses, named: hidden[0] must be ...
             raise ConfigError(f"config key model.options: {config.model.name}: {error}") from None
     # the optimizer's own validation (rho, split, ...) with the key named
-    from .optim import PerturbationConfig
-
     try:
         PerturbationConfig(**otmdr_options(config.otmdr))
     except ValueError as error:
         raise ConfigError(f"config section otmdr: {error}") from None
+
+
+def _check_factory(key: str, path: str, options: dict[str, Any], options_key: str, given: tuple[str, ...]) -> None:
+    """The factory is importable and callable, and takes every key of ``options`` (read from its
+    signature: nothing is called here); ``given`` are the arguments otmdr passes itself."""
+    import inspect
+
+    factory = resolve_factory(key, path)
+    try:
+        parameters = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # a builtin or an extension: its call will tell
+        return
+    taken = [o for o in options if o in given]
+    if taken:
+        raise ConfigError(f"config key {options_key}: {', '.join(map(str, taken))} come(s) from the data, not from "
+                          f"{options_key}: remove {'them' if len(taken) > 1 else 'it'}")
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    names = [n for n, p in parameters.items()
+             if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+    unknown = [str(o) for o in options if o not in names]
+    if unknown:
+        takes = ", ".join(n for n in names if n not in given) or "no options"
+        raise ConfigError(f"config key {options_key}: {path} takes no argument {', '.join(map(repr, unknown))} "
+                          f"(it takes: {takes})")
+    needed = [n for n, p in parameters.items() if p.default is inspect.Parameter.empty
+              and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+              and n not in given and n not in options]
+    if needed:
+        passed = f"otmdr passes {', '.join(given)}; " if given else ""
+        raise ConfigError(f"config key {key}: {path} needs argument(s) {', '.join(needed)}, which nothing gives: "
+                          f"{passed}set {options_key}={{{needed[0]}: ...}} or give {needed[0]} a default")
 
 
 def comparable_config(data: dict[str, Any]) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from .. import _signals
+from ..config import PLUGINS_ENV
 from ._common import EXIT_ERROR, Interrupted, UsageError
 from .parser import build_parser
 
@@ -121,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     from ..train import distributed
 
+    plugins = list(dict.fromkeys(getattr(args, "imports", []) + getattr(args, "imports_here", [])))
+    before = os.environ.get(PLUGINS_ENV)
+    if plugins:  # in the environment, so worker processes (compare --jobs) import them as well
+        os.environ[PLUGINS_ENV] = ",".join(dict.fromkeys([m for m in (before or "").split(",") if m] + plugins))
     try:
         with _signals.deferred() if args.command in _DEFERRING else _signals.installed():
             code = _run(args)
@@ -129,6 +134,12 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             _exit_at_once(1)
         raise
+    finally:
+        if plugins:  # main() called from Python: the caller's environment as it was
+            if before is None:
+                os.environ.pop(PLUGINS_ENV, None)
+            else:
+                os.environ[PLUGINS_ENV] = before
     if distributed.current().enabled:
         _leave() if code == 0 else _exit_at_once(code)
     return code
@@ -136,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     """The command, with every anticipated problem turned into one line and an exit status."""
-    from ..config import ConfigError
+    from ..config import ConfigError, import_plugins
     from ..data import DatasetError
     from ..eval.autoattack import MissingDependencyError
     from ..eval.calibration import CalibrationError
@@ -155,6 +166,7 @@ def _run(args: argparse.Namespace) -> int:
             print(text.replace("otmdr:", f"otmdr [rank {context.rank}]:", 1), file=sys.stderr)
 
     try:
+        import_plugins()  # --import and $OTMDR_IMPORT, before the command reads anything
         _check_outputs(args)
         context = _torchrun_context(args)  # known before joining: a peer lost while joining is reported too
         _join(args, context)

@@ -75,6 +75,7 @@ class OneLineParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="otmdr", description="OT-MDR, SAM and SGD: train, evaluate, compare")
     parser.add_argument("--version", action="version", version=f"otmdr {__version__}")
+    parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE", help=IMPORT_HELP)
     commands = parser.add_subparsers(dest="command", required=True)
 
     def sub(name: str, **kwargs: Any) -> argparse.ArgumentParser:  # every default shown in --help
@@ -226,5 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub("models", help="list the registered models").set_defaults(func=cmd_models)
     sub("datasets", help="list the datasets and their expected layout").set_defaults(func=cmd_datasets)
+    for command in commands.choices.values():  # global, and accepted after the command's name too
+        command.add_argument("--import", dest="imports_here", action="append", default=[], metavar="MODULE",
+                             help=IMPORT_HELP)
     return parser
+
+
+IMPORT_HELP = ("import this Python module first (repeatable), e.g. one whose register_model / register_dataset "
+               "decorators add your models and datasets; found from the current folder or PYTHONPATH; give it "
+               "again to commands that read the run later (docs/your-model.md)")
 

@@ -24,7 +24,8 @@ writes our own copy of a clean test set with :func:`otmdr.data.corruptions.corru
 
 from ._types import DatasetError, DatasetSpec, ImageData
 from .loader import BatchLoader, subset, test_subset, train_val_split
-from .registry import get_spec, list_datasets, load_split, resolve_spec
+from .registry import (dataset_from_factory, get_spec, list_datasets, load_split, register_dataset,
+                       registered_loader, resolve_spec)
 from .transforms import Augment, to_float
 from .corrupted_dataset import list_corruptions, load_corrupted, write_corrupted
 
@@ -36,6 +37,9 @@ __all__ = [
     "get_spec",
     "load_split",
     "resolve_spec",
+    "register_dataset",
+    "registered_loader",
+    "dataset_from_factory",
     "train_val_split",
     "subset",
     "test_subset",

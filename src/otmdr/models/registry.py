@@ -6,6 +6,7 @@ Models know nothing about optimizers or datasets; each builder takes ``num_class
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -13,7 +14,7 @@ import torch
 from torch import nn
 
 __all__ = ["register_model", "register_family", "create_model", "list_models", "count_parameters",
-           "describe_models", "is_known_model", "is_registered", "check_model_options"]
+           "describe_models", "is_known_model", "is_registered", "check_model_options", "model_from_factory"]
 
 Builder = Callable[..., nn.Module]
 _REGISTRY: dict[str, Builder] = {}
@@ -133,3 +134,53 @@ def describe_models() -> list[tuple[str, int, str]]:
             model = create_model(name, num_classes=10, in_channels=3)
         rows.append((name, count_parameters(model), describe_model(name)))
     return rows
+
+
+#: what otmdr passes a model factory itself, from the data (each only if the factory names it)
+FACTORY_ARGUMENTS = ("num_classes", "in_channels", "image_size")
+
+
+def model_from_factory(factory: Callable[..., Any], name: str, *, num_classes: int, in_channels: int,
+                       image_size: int, options: dict[str, Any] | None = None) -> nn.Module:
+    """Build a model with a user's factory (``model.factory``) and check what it returned.
+
+    ``factory`` gets those of ``num_classes``, ``in_channels`` and ``image_size`` its signature
+    names (all three if it takes ``**kwargs``) and ``options`` as keywords. It must return an
+    ``nn.Module`` with trainable parameters that maps a float batch ``(N, in_channels,
+    image_size, image_size)`` to logits ``(N, num_classes)``: checked on a batch of 2 zeros, in
+    eval mode, without gradients. Raises TypeError or ValueError with a one-line message naming
+    ``name`` (the factory's path) and what was expected.
+    """
+    options = dict(options or {})
+    given = {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size}
+    try:
+        parameters = inspect.signature(factory).parameters
+        open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+        given = {k: v for k, v in given.items() if open_ended or k in parameters}
+    except (TypeError, ValueError):  # no signature to read (a builtin): pass everything
+        pass
+    model = factory(**given, **options)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{name} returned {type(model).__name__}, expected a torch.nn.Module (the model itself, "
+                        "built for the given num_classes and in_channels)")
+    weights = [p for p in model.parameters() if p.requires_grad]
+    if not weights:
+        raise ValueError(f"{name} returned a {type(model).__name__} without trainable parameters: nothing to train")
+    x = torch.zeros(2, in_channels, image_size, image_size, dtype=weights[0].dtype, device=weights[0].device)
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except Exception as error:  # noqa: BLE001 - a shape mismatch, typically: one line naming the input
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ValueError(f"{name}: the model fails on a batch of shape {tuple(x.shape)} (N, channels, height, "
+                         f"width) of the data: {type(error).__name__}: {first[:300]}") from None
+    finally:
+        model.train(training)
+    if not isinstance(out, torch.Tensor) or not out.is_floating_point() or tuple(out.shape) != (2, num_classes):
+        shown = (f"a {out.dtype} tensor of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor)
+                 else f"a {type(out).__name__}")
+        raise ValueError(f"{name}: the model maps a batch of shape {tuple(x.shape)} to {shown}, expected float logits "
+                         f"of shape (2, {num_classes}): one score per class ({num_classes} classes in the data)")
+    return model

@@ -9,12 +9,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import ConfigError, ExperimentConfig, otmdr_options
-from ..data import (Augment, BatchLoader, DatasetSpec, ImageData, get_spec, load_split, resolve_spec, subset,
-                    test_subset, train_val_split)
+from ..config import ConfigError, ExperimentConfig, otmdr_options, resolve_factory
+from ..data import (Augment, BatchLoader, DatasetSpec, ImageData, dataset_from_factory, get_spec,
+                    load_split, registered_loader, resolve_spec, subset, test_subset, train_val_split)
 from ..data.noise import noisy_labels
-from ..models import create_model
-from ..optim import ASAM, OTMDR, SAM
+from ..models import create_model, model_from_factory
+from ..optim import ASAM, OTMDR, SAM, PerturbationConfig
+from ..optim.config import sam_equivalent
 
 __all__ = ["select_device", "RunData", "build_data", "build_model", "build_optimizer", "build_scheduler"]
 
@@ -54,10 +55,16 @@ def build_data(cfg: ExperimentConfig, device: torch.device, shard: tuple[int, in
     every global training batch (validation and test are never sharded: every process
     evaluates the whole split, see docs/distributed.md)."""
     d = cfg.data
-    spec = get_spec(d.name)
-    full = load_split(d.name, "train", d.dir, cache_dir=d.cache_dir)
-    test = load_split(d.name, "test", d.dir, cache_dir=d.cache_dir)
-    spec = resolve_spec(spec, full)  # image folders: classes, channels and size come from the data
+    given_val: ImageData | None = None
+    plugin = registered_loader(d.name) if d.factory is None else None
+    if d.factory is not None or plugin is not None:  # the user's own splits (docs/your-model.md), checked
+        factory = plugin or resolve_factory("data.factory", d.factory or "")
+        spec, full, given_val, test = dataset_from_factory(factory(**d.options), d.factory or d.name)
+    else:
+        spec = get_spec(d.name)
+        full = load_split(d.name, "train", d.dir, cache_dir=d.cache_dir)
+        test = load_split(d.name, "test", d.dir, cache_dir=d.cache_dir)
+        spec = resolve_spec(spec, full)  # image folders: classes, channels and size come from the data
     seed = cfg.train.seed
     clean = full.labels
     noisy = clean
@@ -68,10 +75,18 @@ def build_data(cfg: ExperimentConfig, device: torch.device, shard: tuple[int, in
         order = torch.randperm(len(clean), generator=torch.Generator().manual_seed(10_000 + seed))
         kept = order[: d.train_limit]
     test = test_subset(test, d.test_limit)
-    val = None
-    if d.val_fraction > 0:
+    val = val_clean = None
+    if given_val is not None:  # the factory's own validation split: nothing is held out of train
+        train_idx, val_clean = kept, given_val.labels
+        val_labels = val_clean
+        if d.noisy_val and d.label_noise > 0:  # its own draw (another seed): the split is another file
+            val_labels = noisy_labels(val_clean, d.label_noise, d.label_noise_kind, spec.num_classes,
+                                      d.label_noise_seed + 1)
+        val = _with_labels(given_val, val_labels)
+    elif d.val_fraction > 0:
         train_idx, val_idx = train_val_split(len(kept), d.val_fraction, seed)
         train_idx, val_idx = kept[train_idx], kept[val_idx]
+        val_clean = clean[val_idx]
         val = _with_labels(subset(full, val_idx), (noisy if d.noisy_val else clean)[val_idx])
     else:
         train_idx = kept
@@ -80,7 +95,8 @@ def build_data(cfg: ExperimentConfig, device: torch.device, shard: tuple[int, in
     if d.label_noise > 0:
         noise = {"rate": d.label_noise, "kind": d.label_noise_kind, "seed": d.label_noise_seed,
                  "train_noisy_fraction": float((noisy[train_idx] != clean[train_idx]).float().mean()),
-                 "val_noisy_fraction": float((val.labels != clean[val_idx]).float().mean()) if val else None}
+                 "val_noisy_fraction": None if val is None or val_clean is None else float(
+                     (val.labels != val_clean.to(val.labels.device)).float().mean())}
     augment = None
     if d.crop_padding or d.flip or d.cutout:
         augment = Augment(crop_padding=d.crop_padding, flip=d.flip, cutout=d.cutout)
@@ -100,6 +116,13 @@ def _with_labels(data: ImageData, labels: torch.Tensor) -> ImageData:
 
 def build_model(cfg: ExperimentConfig, spec: DatasetSpec) -> nn.Module:
     options = dict(cfg.model.options)
+    if cfg.model.factory is not None:  # the user's own builder (docs/your-model.md), its result checked
+        factory = resolve_factory("model.factory", cfg.model.factory)
+        try:
+            return model_from_factory(factory, cfg.model.factory, num_classes=spec.num_classes,
+                                      in_channels=spec.in_channels, image_size=spec.image_size, options=options)
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"config key model.factory: {error}") from None
     name = cfg.model.name.lower().replace("_", "-")
     if name.split("-x")[0] in ("mlp", "bayes-mlp"):  # flattening models need the image size
         options.setdefault("input_size", spec.image_size)
@@ -148,7 +171,13 @@ def build_optimizer(cfg: ExperimentConfig, model: nn.Module, *, wrapper: nn.Modu
     if o.method == "asam":
         return ASAM(groups, base, rho=cfg.asam.rho, adaptive_eta=cfg.asam.adaptive_eta, bn_policy=cfg.asam.bn_policy,
                     sync_ascent=cfg.asam.sync_ascent, **common, **kwargs)
-    return OTMDR(groups, base, **otmdr_options(cfg.otmdr), **common, **kwargs)
+    options = otmdr_options(cfg.otmdr)
+    same = sam_equivalent(PerturbationConfig(**options))
+    if same is not None:  # a run saved before one-step OT-MDR was refused: it ran SAM (ASAM), so build that
+        return SAM(groups, base, rho=options["rho"][0], adaptive=options["adaptive"],
+                   adaptive_eta=options["adaptive_eta"], bn_policy=options["bn_policy"],
+                   sync_ascent=options["sync_ascent"], **common, **kwargs)
+    return OTMDR(groups, base, **options, **common, **kwargs)
 
 
 def build_scheduler(cfg: ExperimentConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
