@@ -146,10 +146,12 @@ def _baseline(groups: dict[str, list[Path]], method: str, run: Path, baseline_me
     return (same or candidates or [None])[0]
 
 
-def _mce(result: dict[str, Any], key: str, is_baseline: bool) -> float:
-    """A run's mCE (or relative mCE) from its eval.json; the baseline's own is 1 by definition
-    (NaN for an eval.json written without --baseline)."""
-    return 1.0 if is_baseline else result["corruptions"].get("mce", {}).get(key, float("nan"))
+def _mce(result: dict[str, Any], key: str, is_baseline: bool) -> float | None:
+    """A run's mCE (or relative mCE) from its eval.json; the baseline's own is 1 by definition;
+    None where eval.json has none (written without --baseline, or n/a: the baseline's error barely
+    rose under the corruptions, so the ratio would be noise)."""
+    value = 1.0 if is_baseline else result["corruptions"].get("mce", {}).get(key)
+    return None if value is None or value != value else value
 
 
 def _key(method: str, run: Path) -> str:
@@ -157,7 +159,9 @@ def _key(method: str, run: Path) -> str:
     return f"{method.split(' ')[0]}-{run.name}" if " " in method else run.name
 
 
-def _mean_std(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
+def _mean_std(values: list[float | None], scale: float = 1.0, digits: int = 2) -> str:
+    if any(v is None for v in values):
+        return "n/a"
     a = scale * np.asarray(values, dtype=float)
     return f"{a.mean():.{digits}f} ± {a.std(ddof=1) if len(a) > 1 else 0.0:.{digits}f}"
 

@@ -45,6 +45,13 @@ if [ ${#studies[@]} -eq 0 ]; then
     studies+=("$EVIDENCE_DIR/$name")
   done
 fi
+# the matched-radius comparisons of a study too (SAM at OT-MDR's radius and the reverse): is a
+# robustness gap between the methods one of radius or of method?
+for study in "${studies[@]}"; do
+  for matched in "$study-matched-sam" "$study-matched-otmdr"; do
+    [ -d "$matched" ] && studies+=("$matched")
+  done
+done
 CORRUPTED="$EVIDENCE_DIR/fashion-mnist-c$LIMIT"
 "$OTMDR" corrupt --dataset fashion-mnist --data-dir "$DATA" --limit "$LIMIT" ${CORRUPT[@]+"${CORRUPT[@]}"} --out "$CORRUPTED"
 done_studies=()
