@@ -70,7 +70,7 @@ def _tasks(args: argparse.Namespace, groups: dict[str, list[Path]], out: Path) -
         evaluation = [*otmdr, "eval", str(run), *data, "--no-temperature-scaling", "--test-limit", str(args.test_limit),
                       "--corruptions", args.corruptions, "--severities", args.severities,
                       "--attack", "pgd", "--eps", args.eps, "--steps", str(args.pgd_steps), "--eot", str(args.eot),
-                      "--json", str(where / "eval.json")]
+                      "--json", str(where / "eval.json"), "--force"]  # run only while its JSON is missing
         if args.corrupted_dir:
             evaluation += ["--corrupted-dir", args.corrupted_dir]
         baseline = _baseline(groups, method, run, args.baseline_method)
@@ -79,7 +79,7 @@ def _tasks(args: argparse.Namespace, groups: dict[str, list[Path]], out: Path) -
         tasks.append((evaluation, where / "eval.log", where / "eval.json"))
         sharpness = [*otmdr, "sharpness", str(run), *data, "--samples", str(args.sharpness_samples),
                      "--iterations", str(args.sharpness_iterations), "--probes", str(args.sharpness_probes),
-                     "--json", str(where / "sharpness.json")]
+                     "--json", str(where / "sharpness.json"), "--force"]
         tasks.append((sharpness, where / "sharpness.log", where / "sharpness.json"))
     if args.landscape:
         first = {method: group[0] for method, group in groups.items()}
@@ -88,7 +88,7 @@ def _tasks(args: argparse.Namespace, groups: dict[str, list[Path]], out: Path) -
             target = out / "landscape" / method.replace(" ", "-")
             command = [*otmdr, "landscape", str(run), *([str(reference)] if run != reference else []), *data,
                        "--out", str(target), "--samples", str(args.landscape_samples), "--points",
-                       str(args.landscape_points)]
+                       str(args.landscape_points), "--force"]  # a killed run may have left its figure
             target.mkdir(parents=True, exist_ok=True)
             tasks.append((command, target / "landscape.log", target / "landscape.json"))
     return [t for t in tasks if not t[2].is_file()]

@@ -26,7 +26,7 @@ TINY = ["data.name=digits", "data.train_limit=256", "data.val_fraction=0", "data
     (["optim.method=sgd"], 1.0),
     (["optim.method=sam"], 2.0),
     (["optim.method=asam"], 2.0),
-    (["optim.method=otmdr", "otmdr.rho=[0.05]"], 2.0),
+    (["optim.method=otmdr", "otmdr.rho=[0.05]", "otmdr.noise_std=0.01"], 2.0),  # one noisy step (no noise: SAM)
     (["optim.method=otmdr", "otmdr.rho=[0.05,0.1]"], 2.0),
     (["optim.method=otmdr", "otmdr.particles=2"], 4.0),
     (["optim.method=otmdr", "otmdr.split=[0.25,0.5]"], 1.75),

@@ -114,8 +114,10 @@ def test_an_existing_result_is_never_overwritten_silently(run, tmp_path, capsys,
     target.write_text('{"mine": true}')
     before = _tree(tmp_path)
     line = _refused(capsys, [a.format(run=run, target=target, folder=folder) for a in command])
-    assert str(target) in line and "already exists" in line and ("remove it" in line or "--force" in line), line
+    assert str(target) in line and "already exists" in line and "pass --force to replace it" in line, line
     assert _tree(tmp_path) == before
+    assert main([a.format(run=run, target=target, folder=folder) for a in command] + ["--force"]) == 0
+    assert "mine" not in json.loads(target.read_text())  # asked for: replaced
 
 
 def test_eval_json_records_the_checkpoint_and_its_sha256(run, tmp_path):

@@ -150,8 +150,8 @@ def test_presets_fill_only_what_is_not_given():
     assert (release.rho, release.normalize, release.bn_policy) == ((0.05, 0.1), "step", "ascent")
     changed = {f for f in default.__dataclass_fields__ if getattr(default, f) != getattr(release, f)}
     assert changed == {"rho", "normalize", "bn_policy"}
-    mixed = OTMDR(tiny_mlp(), torch.optim.SGD, preset="release", normalize="merged", rho=0.1, lr=0.1).config
-    assert (mixed.rho, mixed.normalize, mixed.bn_policy) == ((0.1,), "merged", "ascent")
+    mixed = OTMDR(tiny_mlp(), torch.optim.SGD, preset="release", normalize="merged", rho=(0.05, 0.1), lr=0.1).config
+    assert (mixed.rho, mixed.normalize, mixed.bn_policy) == ((0.05, 0.1), "merged", "ascent")
     with pytest.raises(ValueError, match="unknown preset 'paper': choose one of default, release"):
         OTMDR(tiny_mlp(), torch.optim.SGD, preset="paper", lr=0.1)
     with pytest.raises(ValueError, match="preset is an OT-MDR option"):

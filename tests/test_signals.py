@@ -257,7 +257,7 @@ def test_a_json_write_killed_leaves_no_leftover_after_the_next_run(tmp_path, tra
     target, marker = folder / "out.json", tmp_path / "paused"
     target.write_text('{"old": true}')
     (folder / "notes.txt").write_text("mine")
-    args = [command[0], str(trained), *command[1:], "--json", str(target)]
+    args = [command[0], str(trained), *command[1:], "--json", str(target), "--force"]  # replacing is asked for
     process = start_otmdr(args, f"write-out.json:{marker}")
     wait_for_pause(process, marker)
     process.kill()
@@ -280,7 +280,7 @@ def test_sigterm_to_eval_while_it_writes_json_is_one_line_and_leaves_nothing(tmp
     target, marker = folder / "out.json", tmp_path / "paused"
     target.write_text('{"old": true}')
     before = _tree(folder)
-    process = start_otmdr(["eval", str(trained), "--json", str(target)], f"write-out.json:{marker}")
+    process = start_otmdr(["eval", str(trained), "--json", str(target), "--force"], f"write-out.json:{marker}")
     wait_for_pause(process, marker)
     process.send_signal(signal.SIGTERM)
     _, err, _ = _release_until_exit(process, marker)

@@ -138,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
                                            "(CIFAR-10-C style, or written by `otmdr corrupt`) instead of generating it")
     p.add_argument("--corruption-seed", type=number(int, SEED), default=0, help="seed of the on-the-fly corruptions")
     p.add_argument("--heatmap", help="write the corruption x severity accuracy heat map to this PNG")
+    p.add_argument("--force", action="store_true", help="replace existing result files (never done silently)")
     p.set_defaults(func=cmd_eval)
 
     p = sub("compare", help="train several methods x seeds (after an optional grid search on "
@@ -196,12 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=number(int, PASSES), default=50, help="power iterations for the top eigenvalue")
     p.add_argument("--probes", type=number(int, PASSES), default=20, help="Hutchinson probes for the trace")
     p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--force", action="store_true", help="replace existing result files (never done silently)")
     p.set_defaults(func=cmd_sharpness)
 
     p = sub("landscape", help="loss-landscape slices around a run (and the line to another)")
     p.add_argument("run_a", help="run directory or checkpoint")
     p.add_argument("run_b", nargs="?", help="second run of the same architecture, for interpolation")
     p.add_argument("--out", required=True, help="folder for landscape.png, interpolation.png, landscape.json")
+    p.add_argument("--force", action="store_true", help="replace existing result files (never done silently)")
     trained_run_options(p)
     p.add_argument("--samples", type=number(int, AT_LEAST_1), default=1024,
                    help="a fixed random subset of N training images")
