@@ -31,6 +31,7 @@ LAYERS: list[set[str]] = [
     {"otmdr.eval"},  # metrics, robustness, sharpness of a model; evaluating a config's run
     {"otmdr.train"},  # builders, the loop, run folders, checkpoints, studies, distributed strategies
     {"otmdr.report"},  # tables, statistics and figures of what training and evaluation wrote
+    {"otmdr.study"},  # the compare protocol and report for the user's own training function
     {"otmdr.cli"},  # parses, calls the layers below, prints
     {"otmdr", "otmdr.__main__"},  # the package's facade and ``python -m otmdr``
 ]

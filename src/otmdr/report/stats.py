@@ -200,9 +200,10 @@ def paired_table(summaries: dict[str, list[dict[str, Any]]], reference: str,
         pairs = [(a, b) for a, b in blocks if a is not None and b is not None]
         row: dict[str, Any] = {"method": method, "seeds": len(pairs)}
         for title, key, scale, higher in PAIRED_METRICS:
+            measured = pairs and all(a.get(key) is not None and b.get(key) is not None for a, b in pairs)
             row[title] = paired_difference([scale * a[key] for a, _ in pairs], [scale * b[key] for _, b in pairs],
                                            higher_is_better=higher, margin=margin_of[title],
-                                           digits=PAIRED_DIGITS[title]) if pairs else None
+                                           digits=PAIRED_DIGITS[title]) if measured else None  # n/a: not measured
         rows.append(row)
     return rows
 

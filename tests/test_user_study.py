@@ -1,0 +1,103 @@
+"""The Python study API: the user's own training function through search, seeds, statistics, report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from otmdr.study import StudyError, compare
+
+CALLS: list[tuple[str, float | None, int]] = []
+
+
+def fake_train(config: dict, seed: int) -> dict:
+    """Validation prefers rho 0.05; SAM is 1 point better than SGD on test, with a little seed noise;
+    a SAM step costs two gradient evaluations."""
+    CALLS.append((config["method"], config.get("rho"), seed))
+    rho = config.get("rho")
+    val = 0.80 + (0.05 if rho == 0.05 else 0.0)
+    test = 0.80 + (0.01 if config["method"] == "sam" else 0.0) + 0.001 * (seed % 3)
+    return {"val_accuracy": val, "test_accuracy": test, "test_nll": 0.5, "radius": rho or 0.0,
+            "gradient_evaluations": 200.0 if config["method"] == "sam" else 100.0}
+
+
+def test_a_users_training_function_gets_the_search_the_seeds_and_the_report(tmp_path):
+    CALLS.clear()
+    lines: list[str] = []
+    result = compare(fake_train, methods={"sgd": {"method": "sgd"}, "sam": {"method": "sam", "rho": 0.1}},
+                     grid={"sam": {"rho": [0.02, 0.05, 0.1]}}, seeds=4, out=tmp_path / "s", log=lines.append)
+    assert result.chosen["sam"] == {"method": "sam", "rho": 0.05}  # validation's choice
+    searched = [(m, r, s) for m, r, s in CALLS if s >= 1000]
+    assert sorted(searched) == [("sam", 0.02, 1000), ("sam", 0.05, 1000), ("sam", 0.1, 1000)]  # SGD: no grid
+    assert sorted(s for m, _, s in CALLS if m == "sgd") == [0, 1, 2, 3]
+    report = (tmp_path / "s" / "report.md").read_text()
+    assert "| sam | rho=0.05 |" in report and "Evaluation seeds: 0, 1, 2, 3" in report
+    assert "sam vs sgd: better" in report and "(+1.00 points" in report
+    assert "at 2.00x sgd's gradient evaluations" in report
+    assert "NLL" in report and (tmp_path / "s" / "figures" / "test_accuracy.png").stat().st_size > 5000
+    assert "| sam | 4 |" in report  # the paired table
+    CALLS.clear()
+    again = compare(fake_train, methods={"sgd": {"method": "sgd"}, "sam": {"method": "sam", "rho": 0.1}},
+                    grid={"sam": {"rho": [0.02, 0.05, 0.1]}}, seeds=4, out=tmp_path / "s", log=lines.append)
+    assert CALLS == [] and again.chosen == result.chosen  # resumed: every result reused
+
+
+def test_parallel_jobs_give_the_same_study(tmp_path):
+    kwargs = dict(methods=["sgd", "sam"], grid={"sam": {"rho": [0.02, 0.05]}}, seeds=2, log=lambda _: None)
+    serial = compare(fake_train, out=tmp_path / "a", **kwargs)
+    parallel = compare(fake_train, out=tmp_path / "b", jobs=2, **kwargs)
+    assert parallel.summaries == serial.summaries and parallel.chosen == serial.chosen
+
+
+def test_a_changed_config_in_an_existing_folder_is_refused(tmp_path):
+    compare(fake_train, methods=["sgd"], seeds=1, out=tmp_path, log=lambda _: None)
+    with pytest.raises(StudyError, match="holds a run of another config"):
+        compare(fake_train, methods={"sgd": {"method": "sgd", "lr": 0.1}}, seeds=1, out=tmp_path, log=lambda _: None)
+    assert json.loads((tmp_path / "sgd-seed0" / "result.json").read_text())["config"] == {"method": "sgd"}
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(methods=[]), "at least one method"),
+    (dict(methods=["sgd"], grid={"sam": {"rho": [0.1, 0.2]}}), "not in methods"),
+    (dict(methods=["sam"], grid={"sam": {"rho": [0.1, 0.1]}}), "a value is repeated"),
+    (dict(methods=["sgd"], references=["sam"]), "each must be one of methods"),
+    (dict(methods=["sgd"], margin="accuracy=-1"), "margin"),
+    (dict(methods=["sgd"], jobs=0), "jobs must be at least 1"),
+])
+def test_bad_studies_are_one_clear_error(tmp_path, kwargs, message):
+    with pytest.raises(StudyError, match=message):
+        compare(fake_train, out=tmp_path / "x", log=lambda _: None, **kwargs)
+    assert not (tmp_path / "x").exists()
+
+
+def test_what_train_returns_is_checked(tmp_path):
+    with pytest.raises(StudyError, match="returned no test_accuracy"):
+        compare(lambda c, s: {"val_accuracy": 0.5}, methods=["sgd"], seeds=1, out=tmp_path / "a", log=lambda _: None)
+    with pytest.raises(StudyError, match="expected a dict of metrics"):
+        compare(lambda c, s: 0.5, methods=["sgd"], seeds=1, out=tmp_path / "b", log=lambda _: None)
+    with pytest.raises(StudyError, match="needs a train function defined at a module's top level"):
+        compare(lambda c, s: {}, methods=["sgd"], seeds=1, jobs=2, out=tmp_path / "c", log=lambda _: None)
+
+
+def test_the_lightning_example_runs_the_study_end_to_end(tmp_path):
+    """examples/lightning_study.py: a LightningModule trained by SGD, SAM and OT-MDR through the
+    Python study API; its report has the search, the paired verdicts and the compute column."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import require_oracle
+
+    require_oracle("lightning", "the Lightning example of the study API")
+    example = Path(__file__).resolve().parents[1] / "examples" / "lightning_study.py"
+    done = subprocess.run([sys.executable, str(example), "--seeds", "2", "--epochs", "3", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = (tmp_path / "report.md").read_text()
+    assert "| otmdr | rho=[0.05,0.1] |" in report and "chosen for" not in report
+    assert "**Bottom line**" in report and "otmdr vs sam:" in report and "grad. evals (× ref)" in report
+    summaries = json.loads((tmp_path / "summaries.json").read_text())
+    ratio = summaries["otmdr"][0]["compute"]["gradient_evaluations"] / summaries["sgd"][0]["compute"][
+        "gradient_evaluations"]
+    assert ratio == 2.0  # OT-MDR's two ascent steps on halves of the batch, then the full final pass
