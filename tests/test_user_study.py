@@ -101,3 +101,20 @@ def test_the_lightning_example_runs_the_study_end_to_end(tmp_path):
     ratio = summaries["otmdr"][0]["compute"]["gradient_evaluations"] / summaries["sgd"][0]["compute"][
         "gradient_evaluations"]
     assert ratio == 2.0  # OT-MDR's two ascent steps on halves of the batch, then the full final pass
+
+
+def test_the_guide_example_of_the_study_api_runs(tmp_path):
+    """docs/your-model.md's mystudy.py, run as a user would (python mystudy.py), smaller."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "your-model.md").read_text()
+    code = re.search(r"```python\n# mystudy.py\n(.*?)```", text, re.S).group(1)
+    code = code.replace("range(20)", "range(2)").replace("seeds=3", "seeds=2")  # a check of the example, not evidence
+    (tmp_path / "mystudy.py").write_text(code)
+    done = subprocess.run([sys.executable, "mystudy.py"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = (tmp_path / "runs" / "mystudy" / "report.md").read_text()
+    assert "## Hyper-parameter search" in report and "otmdr vs sam:" in report and "**Bottom line**" in report
