@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ConfigError", "ExperimentConfig", "otmdr_options", "load_config", "describe_config", "comparable_config",
            "apply_overrides", "config_to_dict", "config_from_dict", "parse_number", "Bound", "BOUNDS", "SEED",
-           "resolve_factory", "import_plugins", "PLUGINS_ENV"]
+           "resolve_factory", "import_plugins", "PLUGINS_ENV", "LOGGERS", "check_loggers"]
 
 METHODS = ("sgd", "sam", "asam", "otmdr")
 
@@ -215,6 +215,9 @@ class TrainConfig:
     progress: bool = True
     threads: int | None = bounded(None, 1, 1024, why=_THREADS)  # torch CPU threads (default: torch's choice)
     sync_batchnorm: bool = False  # torchrun on CUDA: batch-norm statistics over the global batch (SyncBatchNorm)
+    # where every epoch's metrics also stream (rank 0): RUN/tensorboard/, RUN/wandb/ (offline unless WANDB_MODE
+    # says otherwise), each an extra (pip install 'otmdr[tensorboard]'); csv is RUN/metrics.csv, always written
+    loggers: list[str] = field(default_factory=list)  # csv | tensorboard | wandb: stream the metrics to these too
 
 
 @dataclass
@@ -274,6 +277,8 @@ CHOICES = {
     "train.precision": ("fp32", "bf16", "fp16"),
     "ensemble.regime": ("joint", "per-member"),
 }
+#: ``train.loggers``: each logger and the package it needs, which is also its extra (``otmdr[tensorboard]``)
+LOGGERS: dict[str, str | None] = {"csv": None, "tensorboard": "tensorboard", "wandb": "wandb"}
 #: Every number's allowed range, ``section.key -> Bound``, read from the fields' ``bounded(...)``
 #: declarations. ``otmdr.rho`` and ``otmdr.split`` are the optimizer's own options, checked by
 #: ``PerturbationConfig`` (with the section named).
@@ -325,7 +330,26 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
     config = config_from_dict(apply_overrides(data, overrides or []))
     _refuse_one_step(config)
+    check_loggers(config.train.loggers)  # a new run's (a saved run's config stays readable without them)
     return config
+
+
+def check_loggers(kinds: list[str]) -> None:
+    """Every logger of ``train.loggers`` can be imported here, or a one-line ConfigError naming the extra
+    (before any run folder is made: ``otmdr train`` and ``otmdr compare`` check it when they read the config)."""
+    import importlib.util
+
+    for kind in kinds:
+        package = LOGGERS.get(kind)
+        if package is None:
+            continue
+        try:
+            found = importlib.util.find_spec(package) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            raise ConfigError(f"config key train.loggers: {kind} needs the {package} package, which is not installed: "
+                              f"pip install 'otmdr[{package}]'")
 
 
 def _refuse_one_step(config: ExperimentConfig) -> None:
@@ -573,6 +597,9 @@ def _check_values(config: ExperimentConfig) -> None:
             if problem:
                 where = f"{key}[{i}]" if isinstance(flat[key], list) else key
                 raise ConfigError(f"config key {where}: {problem}")
+    for kind in config.train.loggers:
+        if kind not in LOGGERS:
+            raise ConfigError(f"config key train.loggers: {kind!r} is not one of {', '.join(LOGGERS)}")
     device = config.train.device
     if not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):
         raise ConfigError(f"config key train.device: {device!r} is not auto, cpu, cuda or cuda:N")
@@ -654,11 +681,11 @@ def _check_factory(key: str, path: str, options: dict[str, Any], options_key: st
 def comparable_config(data: dict[str, Any]) -> dict[str, Any]:
     """What decides a run's result, for checking that a saved run is the run asked for: the config
     read through the current schema (keys added since take their defaults), without the thread
-    and progress settings and without the sections of the other methods (an OT-MDR run does not
+    and progress settings, the loggers and without the sections of the other methods (an OT-MDR run does not
     read ``sam.rho``)."""
     resolved = config_to_dict(config_from_dict(data))
     unused = {s for s in ("sam", "asam", "otmdr") if s != resolved["optim"]["method"]}
-    resolved["train"] = {k: v for k, v in resolved["train"].items() if k not in ("threads", "progress")}
+    resolved["train"] = {k: v for k, v in resolved["train"].items() if k not in ("threads", "progress", "loggers")}
     resolved["otmdr"].pop("preset")  # already applied to the values it sets
     return {section: values for section, values in resolved.items() if section not in unused}
 

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from .. import _signals
 from .._lock import folder_lock
-from ..config import ExperimentConfig, config_from_dict, config_to_dict
+from ..config import ExperimentConfig, check_loggers, config_from_dict, config_to_dict
 from ..eval import AUTOCAST, evaluate_model, evaluate_split
 from ..eval.calibration import CalibrationError
 from ..eval.evaluate import prediction_samples
@@ -35,6 +35,7 @@ from ..optim import OTMDR
 from .builders import RunData, build_data, build_model, build_optimizer, build_scheduler, select_device
 from .checkpoint import CheckpointError, CheckpointWriter, atomic_write_text, load_checkpoint
 from .compute import gradient_evaluations_per_step, machine_info
+from .loggers import STEP_EVERY, Loggers, open_loggers
 from .run_dir import RunDirError, check_same_run, load_run, prepare_run_dir, remove_leftovers, write_history
 from .strategy import SingleProcess, Strategy, current_strategy
 
@@ -63,6 +64,9 @@ def train(cfg: ExperimentConfig | None, run_dir: str | Path, *, resume: bool = F
 
     Under torchrun every process calls this with the same arguments; only rank 0 reads and
     writes ``run_dir`` and logs, and every process returns rank 0's summary.
+
+    ``cfg.train.loggers`` (:mod:`otmdr.train.loggers`) also streams the metrics to TensorBoard or
+    Weights & Biases in ``run_dir``; a missing package is a ConfigError before anything is written.
     """
     strategy = current_strategy()
     with contextlib.ExitStack() as stack:
@@ -71,6 +75,8 @@ def train(cfg: ExperimentConfig | None, run_dir: str | Path, *, resume: bool = F
         writer = stack.enter_context(CheckpointWriter())  # rank 0's writes; idle on the other ranks
         run = _setup(cfg, Path(run_dir), resume=resume, strategy=strategy, writer=writer,
                      log=log if strategy.is_main else _quiet)  # rank 0 reports for the whole run
+        if strategy.is_main and run.cfg.train.loggers:
+            run.loggers = stack.enter_context(_open_loggers(run))
         _run_epochs(run, lambda: strategy.stop_requested(_signals.requested() is not None))
         return _finish(run)
 
@@ -102,6 +108,7 @@ class _Run:
     history: list[dict[str, Any]] = field(default_factory=list)
     partial: dict[str, Any] | None = None  # the running sums of an epoch stopped part-way
     warned: dict[str, str] = field(default_factory=dict)  # kind -> its first warning
+    loggers: Loggers = field(default_factory=Loggers)  # train.loggers (rank 0's; none elsewhere)
 
     def checkpoint(self, name: str) -> Path:
         return self.run_dir / "checkpoints" / name
@@ -135,6 +142,8 @@ def _setup(cfg: ExperimentConfig | None, run_dir: Path, *, resume: bool, strateg
     if cfg is None:
         raise TypeError("train() needs a config unless it resumes a run")
     strategy.bind(cfg)
+    loggers = cfg.train.loggers
+    strategy.on_main(lambda: check_loggers(loggers))  # a missing package: before anything is written
     if not resume:
         strategy.on_main(lambda: atomic_write_text(run_dir / "config.yaml",
                                                    yaml.safe_dump(config_to_dict(cfg), sort_keys=False)))
@@ -198,6 +207,22 @@ def _restore(run: _Run, checkpoint: dict[str, Any]) -> None:
     run.log(f"resuming {run.run_dir} after epoch {run.start_epoch}")
 
 
+def _open_loggers(run: _Run) -> Loggers:
+    """``train.loggers`` in the run folder, from the step the run continues at. What an earlier,
+    interrupted process logged from there on is dropped (TensorBoard's purge_step), never doubled;
+    a resume after a whole epoch logs that epoch's row again (its process may have been killed
+    between the checkpoint and the log) in place of the earlier copy."""
+    steps = len(run.data.train)
+    kinds = [kind for kind in run.cfg.train.loggers if kind != "csv"]  # csv: metrics.csv, written anyway
+    again = run.history[-1] if run.history and not run.partial else None
+    start = run.start_epoch * steps + (run.data.train.state_dict()["batch"] if run.partial else 0)
+    loggers = open_loggers(kinds, run.run_dir, start_step=start if again else start + 1, name=run.run_dir.name,
+                           config=config_to_dict(run.cfg))
+    if again is not None:
+        loggers.log(start, again)
+    return loggers
+
+
 def _backfill_compute(history: list[dict[str, Any]], per_epoch: float) -> None:
     """Rows of a run saved before gradient evaluations were counted get the predicted cumulative
     count, so the count continues and every metrics.csv row has the same columns."""
@@ -223,6 +248,9 @@ def _run_epochs(run: _Run, stop_requested: Callable[[], bool]) -> None:
         row = _validate(run, epoch, stats)
         _save_epoch(run, epoch, row, stats)
         _log_epoch(run, row, stats, nominal)
+        if run.loggers:  # after the checkpoint: a resume continues after this epoch's step
+            run.loggers.log((epoch + 1) * len(run.data.train), row)
+            run.loggers.flush()
         if stop_requested():  # a signal during validation or saving (the last epoch's too: the final
             run.strategy.on_main(run.writer.flush)  # evaluation can take long; it runs on resume)
             last = " (the last; the final evaluation runs on resume)" if epoch + 1 == cfg.train.epochs else ""
@@ -237,7 +265,8 @@ def _train_epoch_or_stop(run: _Run, epoch: int, stop_requested: Callable[[], boo
         stats = _train_epoch(run.model, run.optimizer, run.scheduler, run.scaler, run.data.train, run.loss_fn,
                              max_grad_norm=cfg.optim.max_grad_norm, epoch=epoch, epochs=cfg.train.epochs,
                              progress=cfg.train.progress and run.strategy.is_main, partial=run.partial,
-                             should_stop=stop_requested, strategy=run.strategy)
+                             should_stop=stop_requested, strategy=run.strategy,
+                             on_step=_step_logger(run, epoch) if run.loggers else None)
     except _StoppedMidEpoch as stop:
         partial = stop.partial
         ranks = run.strategy.rank_states(run.optimizer, run.device, partial)
@@ -258,6 +287,17 @@ def _train_epoch_or_stop(run: _Run, epoch: int, stop_requested: Callable[[], boo
         ) from None
     run.partial = None
     return stats
+
+
+def _step_logger(run: _Run, epoch: int) -> Callable[[int, Tensor], None]:
+    """Logs the training loss of every STEP_EVERY-th step (``batch``: the steps of the epoch done)."""
+    first = epoch * len(run.data.train)
+
+    def on_step(batch: int, loss: Tensor) -> None:
+        if (first + batch) % STEP_EVERY == 0:
+            run.loggers.log(first + batch, {"train_loss_step": float(loss)})
+
+    return on_step
 
 
 def _validate(run: _Run, epoch: int, stats: _Epoch) -> dict[str, Any]:
@@ -314,9 +354,11 @@ def _save_epoch(run: _Run, epoch: int, row: dict[str, Any], stats: _Epoch) -> No
 
 def _log_epoch(run: _Run, row: dict[str, Any], stats: _Epoch, nominal: float) -> None:
     cfg = run.cfg
-    val_text = f" val acc {row['val_accuracy']:.4f} nll {row['val_nll']:.4f}" if run.data.val is not None else ""
+    # accuracy in percent, as every table shows it (metrics.csv and summary.json keep fractions)
+    val_text = (f" val acc {100 * row['val_accuracy']:.2f}% nll {row['val_nll']:.4f}" if run.data.val is not None
+                else "")
     radius_text = f" radius {stats.perturbation:.3f} (nominal {nominal:.3f})" if nominal else ""
-    run.log(f"epoch {row['epoch']}/{cfg.train.epochs}: train loss {stats.loss:.4f} acc {stats.accuracy:.4f}"
+    run.log(f"epoch {row['epoch']}/{cfg.train.epochs}: train loss {stats.loss:.4f} acc {100 * stats.accuracy:.2f}%"
             f"{val_text}{radius_text} ({stats.seconds:.1f}s, {row['images_per_second']:.0f} img/s)")
     for kind, warning in _health_warnings(cfg, row, nominal, run.data.spec.num_classes).items():
         if kind not in run.warned:  # each kind once: the first epoch it shows
@@ -351,6 +393,10 @@ def _finish(run: _Run) -> dict[str, Any]:
     if data.val is not None:
         best_state = strategy.on_main(lambda: load_checkpoint(best_path) if best_path.is_file() else None)
     summary["early_stopped"] = _early_stopped_evaluation(run, best_state)
+    if run.loggers:  # the test metrics, at the last step
+        run.loggers.log(len(run.data.train) * len(run.history), {f"test_{k}": v for k, v in summary["test"].items()
+                                                                    if k != "ece_bins"})
+        run.loggers.flush()
     strategy.on_main(lambda: atomic_write_text(run.run_dir / "summary.json", json.dumps(summary, indent=2)))
     return strategy.agree(summary)
 
@@ -451,9 +497,10 @@ def _loss_function(model: nn.Module, criterion: nn.Module, autocast: torch.dtype
 
 def _train_epoch(model, optimizer, scheduler, scaler, loader, loss_fn, *, max_grad_norm, progress, epoch, epochs,
                  partial: dict[str, Any] | None = None, should_stop: Callable[[], bool] | None = None,
-                 strategy: Strategy | None = None) -> _Epoch:
+                 strategy: Strategy | None = None, on_step: Callable[[int, Tensor], None] | None = None) -> _Epoch:
     """One epoch (or the rest of one: ``partial`` holds the running sums of its first steps).
-    Raises :class:`_StoppedMidEpoch` with those sums when ``should_stop()`` turns true after a step."""
+    Raises :class:`_StoppedMidEpoch` with those sums when ``should_stop()`` turns true after a step.
+    ``on_step(steps_done, loss)`` follows every step (the steps of the epoch done, resumed ones included)."""
     strategy = strategy or SingleProcess()
     model.train()
     device = next(model.parameters()).device
@@ -503,6 +550,8 @@ def _train_epoch(model, optimizer, scheduler, scaler, loader, loss_fn, *, max_gr
         correct += (logits.argmax(dim=1) == part).sum()
         seen += len(part)
         samples += len(y)
+        if on_step is not None:
+            on_step(loader.state_dict()["batch"], loss)
         if pause is not None and loader.state_dict()["batch"] == pause[0]:
             _signals.wait_for_test(pause[1])
         if should_stop is not None and should_stop() and loader.state_dict()["batch"] < len(loader):
