@@ -208,7 +208,8 @@ def test_wandb_writes_an_offline_run_in_the_run_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     run = prepare_run_dir(tmp_path / "run", resume=False)
     train(_cfg("train.loggers=[wandb]", "train.epochs=1"), run, log=lambda _: None)
-    assert list((run / "wandb").glob("offline-run-*"))
+    run_id = (run / "wandb" / "otmdr-run-id").read_text().strip()
+    assert [p.name.rpartition("-")[2] for p in (run / "wandb").glob("offline-run-*")] == [run_id]  # wandb sync
 
 
 def _lightning_block() -> str:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -171,7 +172,7 @@ class _WandB(_Logger):
         where = folder / "wandb"
         where.mkdir(exist_ok=True)
         id_file = where / "otmdr-run-id"
-        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
         id_file.write_text(run_id + "\n")
         self._run = wandb.init(dir=str(folder), id=run_id, name=name, config=config, resume="allow",
                                mode=os.environ.get("WANDB_MODE", "offline"))
