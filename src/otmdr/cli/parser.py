@@ -9,6 +9,8 @@ in one ``otmdr: error: ...`` line, as every other otmdr error.
 from __future__ import annotations
 
 import argparse
+import difflib
+import re
 from collections.abc import Callable
 from typing import Any, NoReturn
 
@@ -56,19 +58,67 @@ def number(kind: type, bound: Bound | str) -> Callable[[str], Any]:
     return parse
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Every default and every numeric option's range shown in --help."""
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every default shown once in --help, and every numeric option's range. An option whose help
+    already names its default (``%(default)s``, or in words: "default runs/<config>-...") gets no
+    second one; one without a default (None), a flag and an empty list get none at all."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        text = super()._get_help_string(action) or ""
+        text = action.help or ""
+        default = action.default
+        if ("default" not in text.lower() and action.option_strings and default is not argparse.SUPPRESS
+                and default is not None and default != [] and not isinstance(default, bool)):
+            text += " (default: %(default)s)"
         bound = getattr(action.type, "bound", None)
         return f"{text} (allowed: {bound.text()})" if isinstance(bound, Bound) else text
 
 
+def _suggest(word: str, choices: list[str]) -> str:
+    """`` (did you mean X?)`` for the closest of ``choices``, or nothing."""
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
 class OneLineParser(argparse.ArgumentParser):
-    """argparse's errors in one line, like every other otmdr error (the usage is in --help)."""
+    """argparse's errors in one line, like every other otmdr error (the usage is in --help), with a
+    did-you-mean for a misspelt option, command or choice. Options are never abbreviated
+    (``allow_abbrev=False``): ``otmdr compare --seed 3`` meant ``--seeds 3`` silently, three
+    evaluation seeds where the user asked for ``train.seed=3``; now it is refused with
+    "did you mean --seeds?"."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> Any:
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            self.error(self._unrecognized(parsed, extras))
+        return parsed
+
+    def _unrecognized(self, parsed: argparse.Namespace, extras: list[str]) -> str:
+        """Name the first unknown option of the command and the option it most likely meant."""
+        command = self
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction) and getattr(parsed, action.dest or "", None):
+                command = action.choices[getattr(parsed, action.dest)]
+        options = [option for action in command._actions for option in action.option_strings
+                   if action.help is not argparse.SUPPRESS]
+        unknown = next((extra for extra in extras if extra.startswith("-")), None)
+        if unknown is None:
+            return f"{command.prog}: unrecognized arguments: {' '.join(extras)}"
+        name = unknown.split("=", 1)[0]
+        return (f"{command.prog}: unrecognized option {name}{_suggest(name, options)}; `{command.prog} --help` "
+                "lists them")
 
     def error(self, message: str) -> NoReturn:
+        choice = re.search(r"invalid choice: '?([^'(]*?)'? \(choose from (.*)\)$", message)
+        if choice:
+            options = [c.strip().strip("'\"") for c in choice.group(2).split(",")]
+            message += _suggest(choice.group(1), options)
+            if message.startswith("argument command:"):  # a misspelt command
+                message = (f"unknown command {choice.group(1)!r}{_suggest(choice.group(1), options)}; "
+                           f"`{self.prog} --help` lists them")
         self.exit(2, f"otmdr: error: {message}\n")
 
 
@@ -176,8 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "(default: the first listed)")
     p.add_argument("--bn-policy", default="clean", choices=("clean", "ascent", "all", "none", "per-method"),
                    help="batch-norm statistics policy for every method, so that runs differ in the method only "
-                        "(default: %(default)s, SAM's and OT-MDR's default; per-method: each method's config, e.g. "
-                        "the ascent passes of otmdr.preset=release)")
+                        "(default: %(default)s, what SAM and OT-MDR use unless configured; per-method: each "
+                        "method's config, e.g. the ascent passes of otmdr.preset=release)")
     p.add_argument("--jobs", type=number(int, JOBS), default=1,
                    help="independent runs trained in parallel processes, the CPU "
                                                        "threads split between them")
