@@ -62,28 +62,70 @@ def cmd_landscape(args: argparse.Namespace) -> int:
     written = ["landscape.png", "landscape.json"] + (["interpolation.png"] if args.run_b else [])
     refuse_existing(args, [(f"--out {out}", out / name) for name in written])
     cfg, model, data = load_trained(args)
-    other = None
+    other = other_cfg = None
     if args.run_b:  # checked before the grid is computed
         from ..train import load_run
 
-        _, other, _ = load_run(args.run_b, device=args.device, which=args.checkpoint)
+        other_cfg, other, _ = load_run(args.run_b, device=args.device, which=args.checkpoint)
         mine, theirs = model.state_dict(), other.state_dict()
         if mine.keys() != theirs.keys() or any(mine[k].shape != theirs[k].shape for k in mine):
             raise UsageError(f"{args.run_a} and {args.run_b} are different architectures; interpolation needs two "
                               "runs of the same model")
+    surfaces = 2 if args.run_b else 1  # RUN_B's surface too, drawn beside RUN_A's
     batches = PassProgress(fixed_training_subset(data, args.samples, 512),
-                            2 * (args.points * (args.points + 1) + (args.points if args.run_b else 0)),
+                            2 * (surfaces * args.points * (args.points + 1) + (args.points if args.run_b else 0)),
                             "landscape")  # 2 iterations per loss: the losses, then the sample count
     n = sum(len(y) for _, y in list.__iter__(batches))
     result = {"run": str(args.run_a), "samples": n,
               **landscape_evaluation(model, batches, F.cross_entropy, points=args.points, span=args.span, other=other)}
     batches.close()
     out.mkdir(parents=True, exist_ok=True)  # after the computation: a failed one leaves no folder behind
-    plot_landscape(result, out / "landscape.png",
-                   title=f"{cfg.model.name} ({cfg.optim.method}), filter-normalised directions, {n} training images")
+    title = f"{cfg.model.name}, filter-normalised directions, {n} training images"
+    if other_cfg is not None:
+        result["other"] = {"run": str(args.run_b), **result["other"]}
+        _plot_side_by_side(result, out / "landscape.png", title=title, labels=(
+            f"{Path(args.run_a).name} ({cfg.optim.method})", f"{Path(args.run_b).name} ({other_cfg.optim.method})"))
+    else:
+        plot_landscape(result, out / "landscape.png", title=title.replace(",", f" ({cfg.optim.method}),", 1))
     if other is not None:
         plot_interpolation(result, out / "interpolation.png", start=Path(args.run_a).name, end=Path(args.run_b).name)
     atomic_write_text(out / "landscape.json", json.dumps(result))
     print(f"written: {out / 'landscape.png'}" + (f", {out / 'interpolation.png'}" if args.run_b else ""))
     return 0
 
+
+
+def _plot_side_by_side(result: dict, path: Path, *, title: str, labels: tuple[str, str]) -> Path:
+    """RUN_A and RUN_B side by side, one column each: the 1-D slice, the 2-D contour and the surface,
+    on one loss scale (shared limits and contour levels), so the flatter of the two shows."""
+    import matplotlib.pyplot as plt  # the Agg backend: otmdr.report.plots, imported by the command, chose it
+    import numpy as np
+
+    alphas = np.asarray(result["alphas"])
+    runs = [(labels[0], result), (labels[1], result["other"])]
+    surfaces = [np.asarray(run["surface_2d"]) for _, run in runs]
+    low = min(float(s.min()) for s in surfaces)
+    high = max(float(s.max()) for s in surfaces)
+    levels = np.linspace(low, high, 16) if high > low else 15
+    grid_a, grid_b = np.meshgrid(alphas, alphas, indexing="ij")
+    fig = plt.figure(figsize=(9, 10))
+    for column, ((label, run), surface) in enumerate(zip(runs, surfaces)):
+        ax = fig.add_subplot(3, 2, 1 + column)
+        ax.plot(alphas, run["slice_1d"])
+        ax.set(xlabel="alpha", ylabel="training loss", title=f"{label}: 1-D slice", ylim=(low, high)
+               if high > low else None)
+        ax = fig.add_subplot(3, 2, 3 + column)
+        contour = ax.contour(grid_a, grid_b, surface, levels=levels)
+        ax.clabel(contour, fontsize=6)
+        ax.set(xlabel="alpha", ylabel="beta", title=f"{label}: 2-D slice")
+        ax = fig.add_subplot(3, 2, 5 + column, projection="3d")
+        ax.plot_surface(grid_a, grid_b, surface, cmap="viridis", vmin=low, vmax=high)
+        ax.set(xlabel="alpha", ylabel="beta", zlabel="training loss")
+        if high > low:
+            ax.set_zlim(low, high)
+        ax.set_title(f"{label}: surface")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -118,8 +118,10 @@ def landscape_evaluation(model: nn.Module, batches: Batches, loss_fn: LossFn, *,
                          other: nn.Module | None = None) -> dict:
     """What ``otmdr landscape`` reports: the 1-D slice and the 2-D surface at ``points`` alphas in
     [-span, span] around the model, and, given a second trained model of the same architecture,
-    the line from this one (alpha 0) to it (alpha 1) over [-0.25, 1.25]. A Bayesian network is
-    taken at its posterior means, since a slice is defined for one set of weights."""
+    its own slice and surface (``other``: the same random directions, each filter-normalised to
+    that model's weights, on the same batches, so the two surfaces compare side by side) and the
+    line from this one (alpha 0) to it (alpha 1) over [-0.25, 1.25]. A Bayesian network is taken
+    at its posterior means, since a slice is defined for one set of weights."""
     from ..models.bayes import posterior_mean
 
     alphas = torch.linspace(-span, span, points, dtype=torch.float64).tolist()
@@ -128,6 +130,9 @@ def landscape_evaluation(model: nn.Module, batches: Batches, loss_fn: LossFn, *,
         result["slice_1d"] = loss_slice_1d(model, batches, loss_fn, alphas)
         result["surface_2d"] = loss_surface_2d(model, batches, loss_fn, alphas, alphas).tolist()
     if other is not None:
+        with posterior_mean(other):
+            result["other"] = {"slice_1d": loss_slice_1d(other, batches, loss_fn, alphas),
+                               "surface_2d": loss_surface_2d(other, batches, loss_fn, alphas, alphas).tolist()}
         steps = torch.linspace(-0.25, 1.25, points, dtype=torch.float64).tolist()
         start = {k: v.detach().clone() for k, v in model.state_dict().items()}
         with posterior_mean(model):
