@@ -318,13 +318,17 @@ def _worker_init(parent: int, stop: Any = None, ready: Any = None) -> None:
     reuses). When the parent dies the worker gets SIGTERM: from the kernel on Linux
     (PR_SET_PDEATHSIG, which fires when the parent's *thread* ends) and, everywhere, from a
     watchdog thread that polls the parent; training then checkpoints at the next step boundary
-    and the worker exits. For its whole life a worker treats SIGTERM and SIGINT as a stop request
-    (otmdr._signals), as the study does; once that holds it reports its pid on ``ready``, and
+    and the worker exits. It starts with SIGTERM and SIGINT ignored and blocked
+    (:func:`_workers_ignore_signals`: a Ctrl-C to the process group while it imports is pending, no
+    traceback); from here on it treats them as a stop request (otmdr._signals), as the study does,
+    a pending one included; once that holds it reports its pid on ``ready``, and
     only then does a stopping study signal it (a worker still starting would die of the default
     handler). ``stop``, set by the study, stops the runs a worker takes from the queue after."""
     global _PARENT, _STOP
     _PARENT, _STOP = parent, stop
     _WORKER_SIGNALS.enter_context(_signals.deferred())
+    if hasattr(signal, "pthread_sigmask"):  # blocked since the spawn: one that came meanwhile is a stop request now
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     if ready is not None:
         ready.put(os.getpid())
     if sys.platform.startswith("linux"):
@@ -428,10 +432,12 @@ def _execute_parallel(pending: list[tuple[Run, bool]], *, jobs: int, threads: in
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_worker_init,
                              initargs=(os.getpid(), stop, ready)) as pool:
         futures = {}
-        for run, resume in pending:
-            future = pool.submit(_train_one, config_to_dict(run.config), str(run.run_dir), resume, threads, run.name,
-                                 echo)
-            futures[future] = (run, time.perf_counter())
+        with _workers_ignore_signals():  # the workers start (submit spawns them) deaf to Ctrl-C until _worker_init
+            for run, resume in pending:
+                future = pool.submit(_train_one, config_to_dict(run.config), str(run.run_dir), resume, threads,
+                                     run.name, echo)
+                futures[future] = (run, time.perf_counter())
+        _signals.pause_point("compare-workers")  # test-only: the workers are starting (importing)
         log(f"  {total} run(s) in {jobs} parallel processes, {threads} thread(s) each; per-epoch logs in "
             "<run>/train.log")
         remaining = set(futures)
@@ -440,8 +446,10 @@ def _execute_parallel(pending: list[tuple[Run, bool]], *, jobs: int, threads: in
             if not stopping and _signals.requested() is not None:
                 stopping = True
                 stop.set()  # before the pids are read: a worker ready after this sees the event
-                for future in remaining:
-                    future.cancel()  # those not yet handed to a worker
+                # no future.cancel(): queued runs may already sit in a worker's call queue, where a cancel
+                # does nothing, and a cancelled future crashes the pool's manager thread if a worker then
+                # dies (Python 3.11: InvalidStateError in terminate_broken; the study waited forever). Every
+                # queued run reaches a worker that sees ``stop`` and refuses it at once (_train_one).
                 while not ready.empty():
                     workers.add(ready.get())
                 for pid in workers:
@@ -463,6 +471,30 @@ def _execute_parallel(pending: list[tuple[Run, bool]], *, jobs: int, threads: in
                 finish(done, run, result, started)
     if stopping:
         raise _stopped(done, total)
+
+
+@contextlib.contextmanager
+def _workers_ignore_signals() -> Any:
+    """Worker processes spawned within start with SIGINT and SIGTERM ignored and blocked (both
+    survive exec), until :func:`_worker_init` installs the stop-request handlers and unblocks them:
+    a Ctrl-C, which the terminal sends to the whole process group, would otherwise kill a worker
+    still importing torch (a traceback each, a broken pool); now it stays pending and becomes the
+    worker's stop request, so it starts no run. This process loses no signal either: blocked
+    meanwhile (pending), it is handled when the mask is restored."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield  # signals reach the main thread only; Windows has neither process groups nor these calls
+        return
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()  # started now: starting it unblocks (and so loses) a pending signal
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)  # None: not set from Python
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # a signal that came meanwhile is handled now
 
 
 def _describe(run: Run) -> str:
