@@ -556,7 +556,11 @@ def test_the_bottom_line_states_each_pair_once_with_holm_and_compute():
                  "sam": [_run("sam", s, 0.90 + 0.001 * s + 0.0002 * (s % 2), evaluations=200.0) for s in range(5)],
                  "otmdr": [_run("otmdr", s, 0.90 + 0.0012 * s, evaluations=200.0) for s in range(5)]}
     family, size = paired_family(summaries, ["sgd", "sam"])
-    assert size == 2 * 2 * 3 * 2  # 2 references x 2 other methods x 3 metrics x (difference, equivalence)
+    assert size == 3 * 3 * 2  # 3 distinct pairs (sam − sgd is sgd − sam) x 3 metrics x (difference, equivalence)
+    against_sgd = {row["method"]: row["accuracy (pp)"] for row in family[0][2]}
+    against_sam = {row["method"]: row["accuracy (pp)"] for row in family[1][2]}
+    assert against_sam["sgd"].mean == pytest.approx(-against_sgd["sam"].mean)
+    assert against_sam["sgd"].holm_p_difference == against_sgd["sam"].holm_p_difference is not None
     text = bottom_line(summaries, family, size, markdown=False)
     assert text.count("sam vs sgd") == 1 and "sgd vs sam" not in text  # the reverse pair is not repeated
     assert "sam vs sgd: better (+10.01 points" in text and "at 2.00x sgd's gradient evaluations" in text

@@ -3,6 +3,7 @@ paired differences against a reference method, the grid search, the plots, and h
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import platform
 from datetime import datetime, timezone
@@ -15,7 +16,7 @@ from .._atomic import atomic_write_text
 from ..train.compute import cpu_model
 from .monte_carlo import monte_carlo_note
 from .plots import plot_learning_curves, plot_reliability, plot_search, plot_test_accuracy
-from .stats import CI_METHOD, adjust_family, describe_tests, format_paired, paired_table
+from .stats import CI_METHOD, PairedDifference, adjust_family, describe_tests, format_paired, paired_table
 from .tables import aggregate, early_stopped, format_table
 
 __all__ = ["write_compare_report", "comparison_tables", "paired_family", "bottom_line", "search_table", "edge_notes",
@@ -36,7 +37,7 @@ def paired_family(summaries: dict[str, list[dict[str, Any]]], references: list[s
                   margins: dict[str, float] | None = None) -> tuple[list[tuple[str, str, list[dict[str, Any]]]], int]:
     """Every paired table of a report, ``(reference, model, rows)`` with model "final model" or
     "early-stopped model", Holm-adjusted as one family (a reader scanning the report for a
-    "better" makes all of its tests), and the family's size."""
+    "better" makes all of its tests, each distinct pair once), and the family's size."""
     stopped = early_stopped(summaries)
     keys, tables = [], []
     for ref in references if len(summaries) > 1 else []:
@@ -46,8 +47,26 @@ def paired_family(summaries: dict[str, list[dict[str, Any]]], references: list[s
                 tables.append(paired_table(runs, ref, margins=margins))
     if not tables:
         return [], 0
-    adjusted, family = adjust_family(tables)
-    return [(ref, model, rows) for (ref, model), rows in zip(keys, adjusted)], family
+    # a pair shown against both of its methods (sam − sgd and sgd − sam) is one hypothesis: it
+    # enters the family once, and its reverse takes the same adjusted p-values
+    first: dict[tuple[frozenset[str], str], tuple[int, int]] = {}
+    unique = []
+    for t, ((ref, model), rows) in enumerate(zip(keys, tables)):
+        for r, row in enumerate(rows):
+            if first.setdefault((frozenset((row["method"], ref)), model), (t, r)) == (t, r):
+                unique.append(row)
+    (adjusted_unique,), family = adjust_family([unique])
+    by_slot = dict(zip(first.values(), adjusted_unique))
+    out = []
+    for (ref, model), rows in zip(keys, tables):
+        adjusted_rows = []
+        for row in rows:
+            source = by_slot[first[(frozenset((row["method"], ref)), model)]]
+            adjusted_rows.append({key: dataclasses.replace(value, holm_p_difference=source[key].holm_p_difference,
+                                                           holm_p_equivalence=source[key].holm_p_equivalence)
+                                  if isinstance(value, PairedDifference) else value for key, value in row.items()})
+        out.append((ref, model, adjusted_rows))
+    return out, family
 
 
 def comparison_tables(summaries: dict[str, list[dict[str, Any]]], references: list[str], *, markdown: bool,
