@@ -82,9 +82,13 @@ def _same_study(a: Path, b: Path) -> None:
         sa, sb = (json.loads((s / name / "summary.json").read_text()) for s in (a, b))
         assert sa["test"] == sb["test"] and sa["early_stopped"] == sb["early_stopped"]
 
-    def strip(summaries: dict) -> dict:  # without the timings
-        return {m: [{k: v for k, v in r.items() if k not in ("history", "seconds_per_epoch")} for r in runs]
-                for m, runs in summaries.items()}
+    def strip(summaries: dict) -> dict:  # without the timings (the compute block's wall-clock included)
+        def run(r: dict) -> dict:
+            kept = {k: v for k, v in r.items() if k not in ("history", "seconds_per_epoch")}
+            kept["compute"] = {k: v for k, v in r["compute"].items() if k != "train_seconds"}
+            return kept
+
+        return {m: [run(r) for r in runs] for m, runs in summaries.items()}
 
     assert strip(json.loads((a / "summaries.json").read_text())) == strip(
         json.loads((b / "summaries.json").read_text()))

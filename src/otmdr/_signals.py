@@ -121,7 +121,7 @@ def pause_point(name: str) -> None:
     lands at a known point instead of after a guessed sleep (a stop request also ends the wait).
     Named points: ``after-config``
     (train: config.yaml written, nothing trained), ``compare-run`` (compare: before each run),
-    ``compare-report`` (compare: every run finished, before the report), ``write-FILE`` (an
+    ``compare-workers`` (compare --jobs: the workers submitted, still starting), ``compare-report`` (compare: every run finished, before the report), ``write-FILE`` (an
     atomic write of FILE: its temporary file written, not yet renamed). ``EPOCH:STEP:MARKER`` is
     the training loop's own (:func:`step_pause`)."""
     value = os.environ.get(TEST_PAUSE_VARIABLE)
