@@ -6,7 +6,11 @@ can rebuild the report or extend the study without retraining what is done: copy
 ``benchmarks/results/<name>/runs/*`` back into the study folder and rerun the same
 ``otmdr compare ... --resume`` (finished runs are recognised by their summary.json and config.yaml).
 The copy then follows benchmarks/results/README.md's policy (``benchmarks/results_policy.py``):
-the logs are packed into ``<name>/logs.tar.xz`` and figures the report does not embed are dropped.
+the logs are packed into ``<name>/logs.tar.xz`` and figures the report does not embed are dropped;
+a large study's ``runs/`` (over 2 MB) is packed into ``<name>/runs-*.tar.xz`` and a ``summaries.json``
+over 1 MB into ``<name>/summaries.json.tar.xz``: unpack them first (``for a in runs-*.tar.xz; do
+tar -xJf "$a"; done`` in ``<name>/``) to copy ``runs/*`` back. Collecting into a packed study again
+merges the new files into its archives.
 
     python benchmarks/collect_report.py runs/evidence/fashion-mnist-mlp-noisy40 fashion-mnist-mlp-noisy40
 """

@@ -1,7 +1,7 @@
 """What benchmarks/results may hold (the policy in benchmarks/results/README.md), checked or applied.
 
     python benchmarks/results_policy.py            # list what breaks the policy; exit 1 if anything
-    python benchmarks/results_policy.py --apply    # fix it: pack logs, drop unembedded figures and leftovers
+    python benchmarks/results_policy.py --apply    # fix it: pack logs and large studies, drop leftovers
 
 Committed per study: its reports (``*.md``), summary JSON (``summaries.json``, ``search.json``, the
 robustness JSON), each run's config, metrics and summary (``config.yaml``, ``metrics.csv``,
@@ -10,7 +10,16 @@ figures, and its logs packed in one ``logs.tar.xz`` per report folder (the neare
 logs that holds a ``*.md`` report): ``tar -xJf logs.tar.xz`` in that folder puts them back. Never:
 loose ``*.log``, leftovers (``*.stale``), checkpoints, figures no report embeds, files over 1 MB.
 
-``--apply`` is idempotent and deterministic: packing the same logs again gives the same bytes
+Large studies: a ``runs/`` folder holding more than 2 MB of loose run files is packed, beside it, into
+``runs-final.tar.xz`` (the runs directly under ``runs/``) and ``runs-<folder>.tar.xz`` for runs nested
+one folder down (``runs-search.tar.xz`` for ``runs/search/*``, ``runs-superseded.tar.xz``, ...); one
+that would pass 1 MB compressed is split into ``runs-<group>-1.tar.xz``, ``-2``, ... at run
+boundaries (equal numbers of runs, as few parts as fit). A ``summaries.json`` over 1 MB is packed
+into ``summaries.json.tar.xz`` beside it. Members keep their paths relative to that folder, so
+``tar -xJf ARCHIVE`` there puts ``runs/...`` or ``summaries.json`` back; loose files found beside an
+archive (unpacked to read or resume, or added later) are merged into it by the next ``--apply``.
+
+``--apply`` is idempotent and deterministic: packing the same files again gives the same bytes
 (sorted members, no time stamps, owner or mode of this machine), so an unchanged study stays
 unchanged in git; logs added later to a packed folder are merged into its archive.
 """
@@ -27,6 +36,11 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ARCHIVE = "logs.tar.xz"
+SUMMARIES = "summaries.json"
+SUMMARIES_ARCHIVE = "summaries.json.tar.xz"
+RUN_FILES = (".json", ".yaml", ".csv")  # what a runs-*.tar.xz holds
+RUNS_THRESHOLD = 2_000_000  # loose run files under one runs/ folder above this are packed
+_RUNS_ARCHIVE = re.compile(r"runs-[A-Za-z0-9_.=+-]+\.tar\.xz")
 ALLOWED = (".md", ".json", ".yaml", ".csv", ".png", ".tar.xz")
 MAX_BYTES = 1_000_000
 _IMAGE = re.compile(r"!\[[^\]]*\]\(([^)\s]+)\)|<img[^>]*\bsrc=\"([^\"]+)\"")
@@ -67,6 +81,53 @@ def report_folder(root: Path, path: Path, all_files: list[Path]) -> Path:
     return folder
 
 
+def _loose_runs(root: Path, all_files: list[Path]) -> dict[Path, list[Path]]:
+    """The run files (``*.json``, ``*.yaml``, ``*.csv``) under each ``runs/`` folder, by the folder
+    holding that ``runs/`` (the outermost ``runs`` in a path)."""
+    found: dict[Path, list[Path]] = {}
+    for path in all_files:
+        parts = path.relative_to(root).parts
+        if "runs" in parts[:-1] and path.name.endswith(RUN_FILES):
+            at = parts.index("runs")
+            found.setdefault(root.joinpath(*parts[:at]), []).append(path)
+    return found
+
+
+def _runs_archives(folder: Path) -> list[Path]:
+    return sorted(path for path in folder.glob("runs-*.tar.xz") if _RUNS_ARCHIVE.fullmatch(path.name))
+
+
+def _read_archive(path: Path) -> dict[str, bytes]:
+    contents: dict[str, bytes] = {}
+    with tarfile.open(path, "r:xz") as archive:
+        for member in archive.getmembers():
+            handle = archive.extractfile(member)
+            if member.isfile() and handle is not None:
+                contents[member.name] = handle.read()
+    return contents
+
+
+def _archive_bytes(contents: dict[str, bytes]) -> bytes:
+    """``contents`` as a .tar.xz, deterministically: sorted members, mode 0644, time 0, no owner."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:xz", format=tarfile.PAX_FORMAT, preset=9) as archive:
+        for name in sorted(contents):
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.mtime = len(contents[name]), 0o644, 0
+            archive.addfile(info, io.BytesIO(contents[name]))
+    return buffer.getvalue()
+
+
+def _write(target: Path, data: bytes) -> None:
+    temporary = target.with_name(target.name + ".tmp")
+    temporary.write_bytes(data)
+    temporary.replace(target)
+
+
+def _sized(total: int) -> str:
+    return f"{total / 1e6:.1f} MB"
+
+
 def violations(root: Path = RESULTS) -> list[str]:
     """What under ``root`` breaks the policy, one line each (empty when it holds)."""
     root = root.resolve()
@@ -86,8 +147,19 @@ def violations(root: Path = RESULTS) -> list[str]:
             problems.append(f"{name}: a figure no report embeds: delete it (or embed it in the report)")
         elif path.name.endswith(".tar.xz"):
             problems += [f"{name}: {problem}" for problem in _archive_problems(root, path, all_files)]
+        elif path.name == SUMMARIES and (path.parent / SUMMARIES_ARCHIVE).is_file():
+            problems.append(f"{name}: beside {SUMMARIES_ARCHIVE}: merge it with --apply")
         if path.is_file() and path.stat().st_size > MAX_BYTES:
-            problems.append(f"{name}: {path.stat().st_size / 1e6:.1f} MB, over the 1 MB a results file may take")
+            hint = f": pack it with --apply (into {SUMMARIES_ARCHIVE})" if path.name == SUMMARIES else ""
+            problems.append(f"{name}: {_sized(path.stat().st_size)}, over the 1 MB a results file may take{hint}")
+    for folder, loose in sorted(_loose_runs(root, all_files).items()):
+        total = sum(path.stat().st_size for path in loose)
+        where = (folder / "runs").relative_to(root).as_posix()
+        if total > RUNS_THRESHOLD:
+            problems.append(f"{where}: {_sized(total)} of loose run files, over the {_sized(RUNS_THRESHOLD)} a runs "
+                            "folder may hold unpacked: pack it with --apply (into runs-*.tar.xz)")
+        elif _runs_archives(folder):
+            problems.append(f"{where}: {len(loose)} loose run files beside runs-*.tar.xz: merge them with --apply")
     for image in sorted(images):
         if image.is_relative_to(root) and not image.is_file():
             problems.append(f"{image.relative_to(root).as_posix()}: embedded by a report but missing")
@@ -95,43 +167,85 @@ def violations(root: Path = RESULTS) -> list[str]:
 
 
 def _archive_problems(root: Path, path: Path, all_files: list[Path]) -> list[str]:
-    if path.name != ARCHIVE:
-        return [f"archives are named {ARCHIVE}"]
-    if report_folder(root, path, all_files) != path.parent and path.parent.parent != root:
-        return ["not in a report folder (a folder holding a *.md report, or a study's top folder)"]
+    if path.name == ARCHIVE:
+        if report_folder(root, path, all_files) != path.parent and path.parent.parent != root:
+            return ["not in a report folder (a folder holding a *.md report, or a study's top folder)"]
+        wanted, what = (lambda name: name.endswith(".log")), "only logs"
+    elif path.name == SUMMARIES_ARCHIVE:
+        wanted, what = (lambda name: name == SUMMARIES), f"only {SUMMARIES}"
+    elif _RUNS_ARCHIVE.fullmatch(path.name):
+        wanted, what = (lambda name: name.startswith("runs/") and name.endswith(RUN_FILES)), "only runs/*/ files"
+    else:
+        return [f"archives are named {ARCHIVE}, runs-<group>.tar.xz or {SUMMARIES_ARCHIVE}"]
     try:
         with tarfile.open(path, "r:xz") as archive:
             members = archive.getmembers()
     except (tarfile.TarError, EOFError, OSError) as error:
         return [f"unreadable ({error})"]
-    bad = [m.name for m in members if not (m.isfile() and m.name.endswith(".log") and not m.name.startswith("/")
+    bad = [m.name for m in members if not (m.isfile() and wanted(m.name) and not m.name.startswith("/")
                                           and ".." not in Path(m.name).parts)]
-    return [f"holds {', '.join(bad[:3])}: only logs at relative paths belong there"] if bad else []
+    return [f"holds {', '.join(bad[:3])}: {what} at relative paths belong there"] if bad else []
 
 
 def _pack(folder: Path, logs: list[Path]) -> None:
     """Add ``logs`` to ``folder/logs.tar.xz`` (created or merged), deterministically; delete them."""
-    contents: dict[str, bytes] = {}
     target = folder / ARCHIVE
-    if target.is_file():
-        with tarfile.open(target, "r:xz") as archive:
-            for member in archive.getmembers():
-                handle = archive.extractfile(member)
-                if member.isfile() and handle is not None:
-                    contents[member.name] = handle.read()
+    contents = _read_archive(target) if target.is_file() else {}
     for log in logs:
         contents[log.relative_to(folder).as_posix()] = log.read_bytes()
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:xz", format=tarfile.PAX_FORMAT, preset=9) as archive:
-        for name in sorted(contents):
-            info = tarfile.TarInfo(name)
-            info.size, info.mode, info.mtime = len(contents[name]), 0o644, 0
-            archive.addfile(info, io.BytesIO(contents[name]))
-    temporary = target.with_name(target.name + ".tmp")
-    temporary.write_bytes(buffer.getvalue())
-    temporary.replace(target)
+    _write(target, _archive_bytes(contents))
     for log in logs:
         log.unlink()
+
+
+def _group(name: str) -> str:
+    """A run file's archive group: ``final`` for ``runs/RUN/FILE``, ``X`` for ``runs/X/RUN/FILE``."""
+    parts = name.split("/")
+    return parts[1] if len(parts) >= 4 else "final"
+
+
+def _split(group: str, contents: dict[str, bytes]) -> dict[str, bytes]:
+    """``contents`` (one group) as ``runs-<group>.tar.xz``, or split at run folders into as few
+    ``runs-<group>-<i>.tar.xz`` of equal numbers of runs as each stay within MAX_BYTES."""
+    whole = _archive_bytes(contents)
+    if len(whole) <= MAX_BYTES:
+        return {f"runs-{group}.tar.xz": whole}
+    runs = sorted({name.rsplit("/", 1)[0] for name in contents})
+    parts = -(-len(whole) // MAX_BYTES)
+    while True:
+        chunks = [set(runs[i * len(runs) // parts:(i + 1) * len(runs) // parts]) for i in range(parts)]
+        blobs = [_archive_bytes({n: c for n, c in contents.items() if n.rsplit("/", 1)[0] in chunk})
+                 for chunk in chunks]
+        if all(len(blob) <= MAX_BYTES for blob in blobs) or parts >= len(runs):
+            return {f"runs-{group}-{i + 1}.tar.xz": blob for i, blob in enumerate(blobs)}
+        parts += 1
+
+
+def _pack_runs(folder: Path, loose: list[Path]) -> dict[str, bytes]:
+    """Merge ``loose`` (run files under ``folder/runs``) with ``folder``'s runs-*.tar.xz into freshly
+    split archives; delete the loose files and archives no longer produced."""
+    old = _runs_archives(folder)
+    contents: dict[str, bytes] = {}
+    for archive in old:
+        contents.update(_read_archive(archive))
+    for path in loose:
+        contents[path.relative_to(folder).as_posix()] = path.read_bytes()
+    groups: dict[str, dict[str, bytes]] = {}
+    for name, data in contents.items():
+        groups.setdefault(_group(name), {})[name] = data
+    written: dict[str, bytes] = {}
+    for group, members in sorted(groups.items()):
+        written.update(_split(group, members))
+    for name, data in written.items():
+        target = folder / name
+        if not target.is_file() or target.read_bytes() != data:
+            _write(target, data)
+    for archive in old:
+        if archive.name not in written:
+            archive.unlink()
+    for path in loose:
+        path.unlink()
+    return written
 
 
 def apply(root: Path = RESULTS) -> list[str]:
@@ -148,9 +262,20 @@ def apply(root: Path = RESULTS) -> list[str]:
             done.append(f"deleted {name}")
         elif path.suffix == ".log":
             logs.setdefault(report_folder(root, path, all_files), []).append(path)
+        elif path.name == SUMMARIES and (path.stat().st_size > MAX_BYTES
+                                         or (path.parent / SUMMARIES_ARCHIVE).is_file()):
+            _write(path.parent / SUMMARIES_ARCHIVE, _archive_bytes({SUMMARIES: path.read_bytes()}))
+            path.unlink()
+            done.append(f"packed {name} into {SUMMARIES_ARCHIVE}")
     for folder, group in sorted(logs.items()):
         _pack(folder, sorted(group))
         done.append(f"packed {len(group)} logs into {(folder / ARCHIVE).relative_to(root).as_posix()}")
+    for folder, loose in sorted(_loose_runs(root, all_files).items()):
+        if sum(path.stat().st_size for path in loose) > RUNS_THRESHOLD or _runs_archives(folder):
+            written = _pack_runs(folder, sorted(loose))
+            into = ", ".join(f"{name} ({_sized(len(data))})" for name, data in sorted(written.items()))
+            where = (folder / "runs").relative_to(root).as_posix()
+            done.append(f"packed {len(loose)} run files of {where} into {into}")
     for folder in sorted({p.parent for p in all_files if not p.exists()}, key=lambda p: -len(p.parts)):
         while folder != root and folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()  # folders left empty
@@ -161,7 +286,8 @@ def apply(root: Path = RESULTS) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("root", nargs="?", default=str(RESULTS), help="the results folder (default: %(default)s)")
-    parser.add_argument("--apply", action="store_true", help="pack logs, delete unembedded figures and leftovers")
+    parser.add_argument("--apply", action="store_true",
+                        help="pack logs, large runs folders and summaries; delete unembedded figures, leftovers")
     args = parser.parse_args(argv)
     root = Path(args.root)
     if not root.is_dir():

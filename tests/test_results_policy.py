@@ -6,6 +6,7 @@ kind, so that it is shown to fail when it should, and ``--apply`` to fix them.""
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 import tarfile
@@ -102,3 +103,117 @@ def test_the_command_line_exits_1_listing_the_problems(tmp_path):
     result = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "--apply"], capture_output=True, text=True,
                             check=False)
     assert result.returncode == 0 and "packed 1 logs" in result.stdout
+
+
+def _large_study(root: Path) -> Path:
+    """A study whose runs/ (final runs and a search folder) holds 4 runs of made-up files."""
+    study = _study(root)
+    for run in ("sam-seed0", "search/sam-rho=0.1-seed1000", "search/sam-rho=0.2-seed1000"):
+        (study / "runs" / run).mkdir(parents=True)
+        (study / "runs" / run / "config.yaml").write_text(f"run: {run}\n")
+        (study / "runs" / run / "summary.json").write_text('{"history": [' + ", ".join(map(str, range(300))) + "]}")
+        (study / "runs" / run / "metrics.csv").write_text("epoch,loss\n" + "".join(f"{i},{1 / (i + 1)}\n"
+                                                                                  for i in range(100)))
+    return study
+
+
+def _loose(study: Path) -> dict[str, bytes]:
+    return {path.relative_to(study).as_posix(): path.read_bytes()
+            for path in sorted((study / "runs").rglob("*")) if path.is_file()}
+
+
+def _unpack(study: Path, pattern: str) -> None:
+    for archive in sorted(study.glob(pattern)):
+        subprocess.run(["tar", "-xJf", archive.name], cwd=study, check=True)  # what the README tells a reader
+
+
+def test_an_oversized_runs_folder_is_flagged_then_packed_and_unpacks_to_the_same_bytes(tmp_path, monkeypatch):
+    policy = _policy()
+    monkeypatch.setattr(policy, "RUNS_THRESHOLD", 2_000)
+    study = _large_study(tmp_path)
+    before = _loose(study)
+    problems = "\n".join(policy.violations(tmp_path))
+    assert "study/runs: 0.0 MB of loose run files, over the 0.0 MB" in problems and "pack it with --apply" in problems
+    done = policy.apply(tmp_path)
+    assert done == ["packed 12 run files of study/runs into runs-final.tar.xz "
+                    f"({(study / 'runs-final.tar.xz').stat().st_size / 1e6:.1f} MB), runs-search.tar.xz "
+                    f"({(study / 'runs-search.tar.xz').stat().st_size / 1e6:.1f} MB)"]
+    assert not (study / "runs").exists() and policy.violations(tmp_path) == []
+    with tarfile.open(study / "runs-search.tar.xz", "r:xz") as archive:
+        assert all(name.startswith("runs/search/") for name in archive.getnames())
+        assert all(m.mtime == 0 and m.mode == 0o644 and not m.uname for m in archive.getmembers())
+    _unpack(study, "runs-*.tar.xz")
+    assert _loose(study) == before  # every run's config, summary and metrics back, byte for byte
+
+
+def test_packing_runs_is_deterministic_and_merges_runs_added_later(tmp_path, monkeypatch):
+    policy = _policy()
+    monkeypatch.setattr(policy, "RUNS_THRESHOLD", 2_000)
+    first, second = _large_study(tmp_path / "a"), _large_study(tmp_path / "b")
+    for path in (second / "runs").rglob("*.csv"):  # another machine: other times and modes
+        path.chmod(0o600)
+        os.utime(path, (1e9, 1e9))
+    policy.apply(tmp_path / "a")
+    policy.apply(tmp_path / "b")
+    packed = {p.name: p.read_bytes() for p in sorted(first.glob("*.tar.xz"))}
+    assert packed == {p.name: p.read_bytes() for p in sorted(second.glob("*.tar.xz"))}
+    _unpack(first, "runs-*.tar.xz")  # unpacked to resume, then packed again: the same bytes
+    policy.apply(tmp_path / "a")
+    assert {p.name: p.read_bytes() for p in sorted(first.glob("*.tar.xz"))} == packed and not (first / "runs").exists()
+    (first / "runs" / "sgd-seed1").mkdir(parents=True)  # a run added later, under the threshold
+    (first / "runs" / "sgd-seed1" / "summary.json").write_text("{}")
+    assert "study/runs: 1 loose run files beside runs-*.tar.xz" in "\n".join(policy.violations(tmp_path / "a"))
+    policy.apply(tmp_path / "a")
+    with tarfile.open(first / "runs-final.tar.xz", "r:xz") as archive:
+        names = archive.getnames()
+    assert "runs/sgd-seed1/summary.json" in names and "runs/sam-seed0/summary.json" in names
+    assert policy.violations(tmp_path / "a") == []
+
+
+def test_a_runs_archive_over_the_limit_is_split_at_runs(tmp_path, monkeypatch):
+    policy = _policy()
+    monkeypatch.setattr(policy, "RUNS_THRESHOLD", 2_000)
+    monkeypatch.setattr(policy, "MAX_BYTES", 3_000)
+    study = _study(tmp_path)
+    for seed in range(4):  # incompressible: 4 runs of 800 bytes cannot fit one 3,000-byte archive
+        (study / "runs" / "search" / f"sam-seed{seed}").mkdir(parents=True)
+        (study / "runs" / "search" / f"sam-seed{seed}" / "summary.json").write_bytes(os.urandom(800))
+    before = _loose(study)
+    policy.apply(tmp_path)
+    parts = sorted(path.name for path in study.glob("runs-search*.tar.xz"))
+    assert parts == ["runs-search-1.tar.xz", "runs-search-2.tar.xz"], parts
+    assert all((study / name).stat().st_size <= 3_000 for name in parts)
+    with tarfile.open(study / parts[0], "r:xz") as archive:  # a run's files stay together, in order
+        assert archive.getnames() == ["runs/search/sam-seed0/summary.json", "runs/search/sam-seed1/summary.json"]
+    _unpack(study, "runs-*.tar.xz")
+    assert _loose(study) == before
+
+
+def test_a_large_summaries_json_is_packed_beside_the_report(tmp_path):
+    policy = _policy()
+    study = _study(tmp_path)
+    text = '{"runs": [' + ", ".join(f'{{"seed": {i}, "loss": {1 / (i + 1)}}}' for i in range(40_000)) + "]}"
+    (study / "summaries.json").write_text(text)
+    problems = "\n".join(policy.violations(tmp_path))
+    assert "study/summaries.json: 1.9 MB, over the 1 MB" in problems and "summaries.json.tar.xz" in problems
+    assert policy.apply(tmp_path) == ["packed study/summaries.json into summaries.json.tar.xz"]
+    assert not (study / "summaries.json").exists() and (study / "report.md").exists()
+    assert policy.violations(tmp_path) == []
+    packed = (study / "summaries.json.tar.xz").read_bytes()
+    _unpack(study, "summaries.json.tar.xz")
+    assert (study / "summaries.json").read_text() == text
+    assert "summaries.json: beside summaries.json.tar.xz" in "\n".join(policy.violations(tmp_path))
+    policy.apply(tmp_path)
+    assert (study / "summaries.json.tar.xz").read_bytes() == packed
+
+
+def test_an_archive_holding_other_files_is_flagged(tmp_path):
+    policy = _policy()
+    study = _study(tmp_path)
+    with tarfile.open(study / "runs-final.tar.xz", "w:xz") as archive:
+        archive.add(study / "report.md", arcname="runs/sgd-seed0/last.pt")
+    with tarfile.open(study / "other.tar.xz", "w:xz") as archive:
+        archive.add(study / "report.md", arcname="report.md")
+    problems = "\n".join(policy.violations(tmp_path))
+    assert "runs-final.tar.xz: holds runs/sgd-seed0/last.pt: only runs/*/ files" in problems
+    assert "other.tar.xz: archives are named logs.tar.xz, runs-<group>.tar.xz or summaries.json.tar.xz" in problems
