@@ -119,10 +119,10 @@ def pause_point(name: str) -> None:
     """``OTMDR_TEST_PAUSE_AT=NAME:MARKER`` (test-only): at the point called ``name`` the process
     creates the file MARKER (holding its pid) and waits until it is deleted, so a test's signal
     lands at a known point instead of after a guessed sleep (a stop request also ends the wait).
-    Named points: ``after-config``
-    (train: config.yaml written, nothing trained), ``compare-run`` (compare: before each run),
-    ``compare-workers`` (compare --jobs: the workers submitted, still starting), ``compare-report`` (compare: every run finished, before the report), ``write-FILE`` (an
-    atomic write of FILE: its temporary file written, not yet renamed). ``EPOCH:STEP:MARKER`` is
+    Named points: ``after-config`` (train: config.yaml written, nothing trained), ``compare-run``
+    (compare: before each run), ``compare-workers`` (compare --jobs: the workers submitted, still
+    starting), ``compare-report`` (compare: every run finished, before the report), ``write-FILE``
+    (an atomic write of FILE: its temporary file written, not yet renamed). ``EPOCH:STEP:MARKER`` is
     the training loop's own (:func:`step_pause`)."""
     value = os.environ.get(TEST_PAUSE_VARIABLE)
     if not value:
