@@ -192,11 +192,15 @@ def ascent_move_(
     return norm
 
 
-def add_noise_(params: list[Tensor], std: float, generator: torch.Generator, *, foreach: bool = True) -> None:
+def add_noise_(params: list[Tensor], std: float, generator: torch.Generator, *, foreach: bool = True,
+               into: list[Tensor] | None = None, first: bool = False) -> None:
     """Add N(0, std^2) noise to every tensor (the Langevin term), drawn in one call from ``generator``.
 
     The noise is one flat vector in parameter order, so the foreach and per-tensor paths (and a
-    reference written by hand) see the same numbers for the same generator state.
+    reference written by hand) see the same numbers for the same generator state. ``into`` (one
+    buffer per tensor) keeps the noise added so far: set to this draw when ``first``, else added
+    to, so that the caller can tell the noise from the ascent move (``params`` get exactly the
+    same arithmetic either way).
     """
     if std == 0.0 or not params:
         return
@@ -206,3 +210,13 @@ def add_noise_(params: list[Tensor], std: float, generator: torch.Generator, *, 
     chunks = torch.split(flat, [p.numel() for p in params])
     noise = [c.view(p.shape).to(p.device) for c, p in zip(chunks, params)]
     add_(params, noise, alpha=std, foreach=foreach)
+    if into is not None:
+        if first:
+            copy_(into, noise, foreach=foreach)
+            if foreach:
+                torch._foreach_mul_(into, std)
+            else:
+                for t in into:
+                    t.mul_(std)
+        else:
+            add_(into, noise, alpha=std, foreach=foreach)

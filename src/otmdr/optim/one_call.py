@@ -83,6 +83,8 @@ def run_step(opt: OTMDR, closure: Callable[..., Any], batch: Any, *, scaler: tor
         perturbation_norm=opt._last_distance,
         outputs=first[1],
         gradient_evaluations=passes.evaluations,
+        move_norm=opt._last_move,
+        noise_norm=opt._last_noise,
     )
 
 

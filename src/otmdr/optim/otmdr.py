@@ -177,6 +177,10 @@ class OTMDR(Optimizer):
         self._progress = StepProgress()
         self._plan: AscentPlan | None = None  # cached by _ascent_plan()
         self._last_distance = torch.zeros(())
+        self._last_move = self._last_distance  # the move and the noise parts of it (see StepResult)
+        self._last_noise = torch.zeros(())
+        self._no_noise = self._last_noise  # the shared zero a noise-free step reports as its noise
+        self._noise_total: tuple[AscentPlan, list[Tensor]] | None = None  # the particle's summed noise
         self._bn_cache: tuple[nn.Module | None, BatchNormState] | None = None
         self._warned_no_model = False
         self._no_sync_cache: tuple[nn.Module | None, Callable[[], Any] | None] | None = None
@@ -264,7 +268,8 @@ class OTMDR(Optimizer):
         if cfg.ascent_weight_decay:
             self._add_weight_decay(plan.params, grads)
         norm = self._move(plan, grads, i)
-        F.add_noise_(plan.params, cfg.noise_std, self.generator, foreach=self.foreach)
+        noise = self._noise_buffers(plan) if cfg.noise_std else None
+        F.add_noise_(plan.params, cfg.noise_std, self.generator, foreach=self.foreach, into=noise, first=i == 0)
         progress.add_norm(norm)
         progress.ascent += 1
         if progress.ascent == cfg.ascent_steps:  # measure ||theta~ - theta|| in the spent gradients
@@ -272,6 +277,10 @@ class OTMDR(Optimizer):
                 F.copy_(grads, plan.params, foreach=self.foreach)
                 F.add_(grads, plan.centre, alpha=-1.0, foreach=self.foreach)
             progress.distance = F.global_norm(grads, foreach=self.foreach)
+            if noise is not None:  # theta~ - theta = move + xi: measure both parts
+                progress.noise = F.global_norm(noise, foreach=self.foreach)
+                F.add_(grads, noise, alpha=-1.0, foreach=self.foreach)
+                progress.move = F.global_norm(grads, foreach=self.foreach)
         self._zero_grads()
         return norm
 
@@ -294,19 +303,38 @@ class OTMDR(Optimizer):
                  for part, norm_only in zip(plan.parts, plan.norm_only)]
         return norms[0] if len(norms) == 1 else torch.stack([n.to(norms[0].device) for n in norms])
 
+    def _noise_buffers(self, plan: AscentPlan) -> list[Tensor]:
+        """The buffers that sum the noise of the particle's ascent chain (one per moved tensor),
+        looked up once per plan."""
+        cached = self._noise_total
+        if cached is None or cached[0] is not plan:
+            cached = self._noise_total = (plan, self.scratch.get("noise", plan.params))
+        return cached[1]
+
     @torch.no_grad()
     def restore(self) -> Tensor:
         """Put the weights back at the centre; returns the measured ||theta~ - theta||."""
         progress = self._progress
         plan = progress.plan
         params = plan.params if plan is not None else []
+        noisy = bool(self.config.noise_std)
         if progress.ascent == 0 or plan is None or not params:
             distance = torch.zeros((), device=params[0].device if params else None)
+            move, noise = (distance, torch.zeros_like(distance)) if noisy else (None, None)
         else:
             measured = progress.distance  # None: restored before the last ascent step, measure here
             distance = F.distance(params, plan.centre, foreach=self.foreach) if measured is None else measured
+            move, noise = progress.move, progress.noise
+            if noisy and (move is None or noise is None):
+                total = self._noise_buffers(plan)
+                noise = F.global_norm(total, foreach=self.foreach)
+                move = F.global_norm([p - c - x for p, c, x in zip(params, plan.centre, total)], foreach=self.foreach)
             F.copy_(params, plan.centre, foreach=self.foreach)
-        progress.distance = None
+        if noisy:
+            assert move is not None and noise is not None
+            progress.moves.append(move)
+            progress.noises.append(noise)
+        progress.distance = progress.move = progress.noise = None
         progress.distances.append(distance)
         progress.ascent = 0
         return distance
@@ -356,8 +384,15 @@ class OTMDR(Optimizer):
         self.step_count += 1
         distances = progress.distances
         self._progress = StepProgress()
-        self._last_distance = (distances[0] if len(distances) == 1
-                               else torch.stack([d.to(distances[-1].device) for d in distances]).mean())
+        self._last_distance = _mean(distances)
+        if progress.moves:  # with noise: its parts, measured apart
+            self._last_move, self._last_noise = _mean(progress.moves), _mean(progress.noises)
+        else:  # without: the distance is the move
+            self._last_move = self._last_distance
+            zero = self._no_noise
+            if zero.device != self._last_distance.device or zero.dtype != self._last_distance.dtype:
+                zero = self._no_noise = torch.zeros_like(self._last_distance)
+            self._last_noise = zero
 
     def _scaled_base_step(self, scaler: torch.amp.GradScaler, params: list[Tensor], grads: list[Tensor]) -> None:
         """``scaler.step``, skipped if any ascent or the final gradient is non-finite: the final
@@ -605,6 +640,11 @@ def _refuse_sam(cfg: PerturbationConfig) -> None:
                      f"{same}(params, base, rho={r:g}{options}), or give one radius per ascent step, e.g. "
                      f"rho=({r / 2:g}, {r:g}) (one step differs from {same} only with noise_std > 0, particles > 1 or "
                      "a split below 1)")
+
+
+def _mean(values: list[Tensor]) -> Tensor:
+    """The mean over a step's particles (the one value as it is)."""
+    return values[0] if len(values) == 1 else torch.stack([v.to(values[-1].device) for v in values]).mean()
 
 
 def _grads(params: Iterable[Tensor]) -> list[Tensor]:

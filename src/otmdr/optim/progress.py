@@ -22,6 +22,12 @@ class StepResult(NamedTuple):
     outputs: Any = None  #: whatever the loss function returned besides the loss, first pass
     #: forward+backward passes run, in full-batch units (a pass on a part counts its fraction)
     gradient_evaluations: float = 0.0
+    #: the deterministic part of the perturbation, ||theta~ - theta - xi|| with xi the Langevin
+    #: noise the ascent added (mean over particles): ``perturbation_norm`` itself without noise.
+    #: None only in a result built by hand; the optimizer always fills it
+    move_norm: Tensor | None = None
+    #: ||xi||, the noise part (mean over particles); 0 without noise (a shared zero: do not modify)
+    noise_norm: Tensor | None = None
 
 
 @dataclass
@@ -36,6 +42,12 @@ class StepProgress:
     norms: list[Tensor] = field(default_factory=list)  #: the same norms, to say which pass failed
     distance: Tensor | None = None  #: ||theta~ - theta|| of the current particle, once measured
     distances: list[Tensor] = field(default_factory=list)  #: one per particle, at restore
+    #: with noise only: ||theta~ - theta - xi|| and ||xi|| of the current particle, once measured,
+    #: and one of each per particle, at restore (without noise the distance is the move)
+    move: Tensor | None = None
+    noise: Tensor | None = None
+    moves: list[Tensor] = field(default_factory=list)
+    noises: list[Tensor] = field(default_factory=list)
     particle_params: list[Tensor] = field(default_factory=list)  #: where the particle sum goes
     particles_loaded: bool = False  #: the particle sum is already in ``.grad`` (one-call form)
 
