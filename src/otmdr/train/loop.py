@@ -199,6 +199,7 @@ def _restore(run: _Run, checkpoint: dict[str, Any]) -> None:
     strategy.restore_own_state(run.optimizer, mine)
     run.start_epoch, run.best, run.history = checkpoint["epoch"], checkpoint["best"], checkpoint["history"]
     _backfill_compute(run.history, gradient_evaluations_per_step(run.cfg) * len(run.data.train))
+    _backfill_radius_parts(run.history, _noisy(run.cfg))
     run.partial = mine.get("partial_epoch")
     if strategy.is_main:
         remove_leftovers(run.run_dir)
@@ -228,6 +229,20 @@ def _backfill_compute(history: list[dict[str, Any]], per_epoch: float) -> None:
     count, so the count continues and every metrics.csv row has the same columns."""
     for row in history:
         row.setdefault("gradient_evaluations", per_epoch * row["epoch"])
+
+
+def _backfill_radius_parts(history: list[dict[str, Any]], noisy: bool) -> None:
+    """Rows of a run saved before the radius was recorded in parts get them: without noise the
+    radius is the ascent move and the noise 0; with noise the parts are unknown (None)."""
+    for row in history:
+        if "perturbation_move_norm" not in row:
+            row["perturbation_move_norm"] = None if noisy else row["perturbation_norm"]
+            row["perturbation_noise_norm"] = None if noisy else 0.0
+
+
+def _noisy(cfg: ExperimentConfig) -> bool:
+    """Whether the run's perturbation holds OT-MDR's Langevin noise (the Bayesian configs)."""
+    return cfg.optim.method == "otmdr" and cfg.otmdr.noise_std > 0
 
 
 # -- epochs -----------------------------------------------------------------------------------
@@ -304,7 +319,11 @@ def _validate(run: _Run, epoch: int, stats: _Epoch) -> dict[str, Any]:
     """The epoch's metrics row: training statistics, then validation metrics (rank 0's decide)."""
     row: dict[str, Any] = {"epoch": epoch + 1, "lr": run.optimizer.param_groups[0]["lr"],
                            "train_loss": stats.loss, "train_accuracy": stats.accuracy,
-                           "perturbation_norm": stats.perturbation, "seconds": stats.seconds,
+                           "perturbation_norm": stats.perturbation,
+                           # its parts, the ascent move and OT-MDR's Langevin noise (None: unknown, an
+                           # epoch resumed from a checkpoint that did not record them)
+                           "perturbation_move_norm": stats.move, "perturbation_noise_norm": stats.noise,
+                           "seconds": stats.seconds,
                            "images_per_second": stats.samples / stats.seconds,
                            # cumulative: the compute spent so far, for equal-compute comparisons
                            "gradient_evaluations": _evaluations_so_far(run) + stats.gradient_evaluations}
@@ -411,6 +430,9 @@ def _final_evaluation(cfg, model, optimizer, data, history) -> dict[str, Any]:
         "seconds_per_epoch": statistics.median(r["seconds"] for r in history) if history else 0.0,
         "passes_per_step": optimizer.passes_per_step() if isinstance(optimizer, OTMDR) else 1.0,
         "perturbation_norm": history[-1]["perturbation_norm"] if history else 0.0,
+        # the last epoch's ascent move and Langevin noise, the two parts of that radius
+        "perturbation_move_norm": history[-1].get("perturbation_move_norm") if history else 0.0,
+        "perturbation_noise_norm": history[-1].get("perturbation_noise_norm") if history else 0.0,
     }
     if isinstance(model, Ensemble):
         summary["regime"] = cfg.ensemble.regime
@@ -453,6 +475,8 @@ class _Epoch:
     seconds: float
     samples: int
     gradient_evaluations: float  # full-batch forward+backward passes of the epoch (see train.compute)
+    move: float | None = 0.0  # the perturbation's parts (means, as ``perturbation``): the ascent move
+    noise: float | None = 0.0  # and the Langevin noise; None: unknown (an older checkpoint's partial epoch)
 
 
 class _StoppedMidEpoch(Exception):
@@ -509,6 +533,12 @@ def _train_epoch(model, optimizer, scheduler, scaler, loader, loss_fn, *, max_gr
     correct = torch.tensor(partial.get("correct", 0), device=device, dtype=torch.long)
     seen = torch.tensor(partial.get("seen", 0), device=device, dtype=torch.long)
     perturbation = torch.tensor(partial.get("perturbation", 0.0), device=device)
+    # its parts are summed only with noise (without, the move is the radius and the noise 0); an
+    # older checkpoint's partial epoch did not record them: that epoch's parts are unknown
+    noisy = isinstance(optimizer, OTMDR) and optimizer.config.noise_std > 0
+    parts_known = not (noisy and partial and "perturbation_move" not in partial)
+    move = torch.tensor(partial.get("perturbation_move", 0.0), device=device)
+    noise = torch.tensor(partial.get("perturbation_noise", 0.0), device=device)
     samples = partial.get("samples", 0)
     evaluations = float(partial.get("gradient_evaluations", 0.0))  # Python floats: no host sync
     started = time.perf_counter() - partial.get("seconds", 0.0)
@@ -528,6 +558,10 @@ def _train_epoch(model, optimizer, scheduler, scaler, loader, loss_fn, *, max_gr
                 result = optimizer.step(loss_fn, batch=(x, y), scaler=scaler)
                 logits, loss = result.outputs
                 perturbation += result.perturbation_norm.to(device)
+                if noisy:
+                    assert result.move_norm is not None and result.noise_norm is not None
+                    move += result.move_norm.to(device)
+                    noise += result.noise_norm.to(device)
                 evaluations += result.gradient_evaluations
             else:
                 optimizer.zero_grad(set_to_none=True)
@@ -557,10 +591,13 @@ def _train_epoch(model, optimizer, scheduler, scaler, loader, loss_fn, *, max_gr
         if should_stop is not None and should_stop() and loader.state_dict()["batch"] < len(loader):
             if bar is not None:
                 bar.close()
-            raise _StoppedMidEpoch({"loss_sum": float(loss_sum), "correct": int(correct), "seen": int(seen),
-                                    "perturbation": float(perturbation), "samples": samples,
-                                    "seconds": time.perf_counter() - started,
-                                    "gradient_evaluations": evaluations})
+            sums = {"loss_sum": float(loss_sum), "correct": int(correct), "seen": int(seen),
+                    "perturbation": float(perturbation), "samples": samples,
+                    "seconds": time.perf_counter() - started, "gradient_evaluations": evaluations}
+            if parts_known:
+                sums.update(perturbation_move=float(move) if noisy else sums["perturbation"],
+                            perturbation_noise=float(noise) if noisy else 0.0)
+            raise _StoppedMidEpoch(sums)
         if bar is not None and (step % 10 == 9 or step == len(loader) - 1):
             mean_loss = float(loss_sum / seen)  # the progress bar's sync, every 10 steps
             if strategy.checks_loss_every_bar():
@@ -574,10 +611,18 @@ def _train_epoch(model, optimizer, scheduler, scaler, loader, loss_fn, *, max_gr
         bar.close()
     loss_sum, correct, seen, perturbation, samples = strategy.reduce_epoch(loss_sum, correct, seen, perturbation,
                                                                            samples)
+    radius_mean = float(perturbation) / len(loader)
+    move_mean: float | None = radius_mean
+    noise_mean: float | None = 0.0
+    if noisy:  # the processes' means, as the radius's (each sum in the radius's place)
+        move = strategy.reduce_epoch(loss_sum, correct, seen, move, 0)[3]
+        noise = strategy.reduce_epoch(loss_sum, correct, seen, noise, 0)[3]
+        move_mean, noise_mean = ((float(move) / len(loader), float(noise) / len(loader)) if parts_known
+                                 else (None, None))
     mean_loss = float(loss_sum / seen)
     _check_finite(mean_loss, epoch, len(loader) - 1)
-    return _Epoch(mean_loss, float(correct) / float(seen), float(perturbation) / len(loader),
-                  time.perf_counter() - started, samples, evaluations)
+    return _Epoch(mean_loss, float(correct) / float(seen), radius_mean,
+                  time.perf_counter() - started, samples, evaluations, move_mean, noise_mean)
 
 
 def _check_finite(loss: float, epoch: int, step: int) -> None:
@@ -623,15 +668,20 @@ def nominal_radius(cfg: ExperimentConfig, norm_groups: int = 1) -> float:
 
 def _health_warnings(cfg: ExperimentConfig, row: dict[str, Any], nominal: float, classes: int) -> dict[str, str]:
     """What a user must see while training: a radius far above its nominal size (the release's
-    normalisation divides by ||g2||, which can blow up) and training accuracy stuck at chance."""
+    normalisation divides by ||g2||, which can blow up) and training accuracy stuck at chance.
+    With OT-MDR's Langevin noise the radius holds the noise, which has no nominal size: the
+    ascent move alone (the radius without the noise) is checked then, where the row records it."""
     out = {}
     o = cfg.otmdr
     allowed = nominal
     if nominal and cfg.optim.method == "otmdr" and o.merge and o.normalize == "step" and o.rho:  # nominal 0: rho 0
         allowed = nominal * (o.rho[0] + 2 * sum(o.rho[1:])) / sum(o.rho)  # ||g1 + g2|| / ||g2|| ~ 2 when alike
-    noisy = cfg.optim.method == "otmdr" and o.noise_std > 0
-    if nominal and not noisy and row["perturbation_norm"] > 1.5 * allowed:
-        out["radius"] = (f"the measured radius {row['perturbation_norm']:.3f} is far above the nominal {nominal:.3f} "
+    noisy = _noisy(cfg)
+    measured = row.get("perturbation_move_norm") if noisy else row["perturbation_norm"]
+    if nominal and measured is not None and measured > 1.5 * allowed:
+        what = (f"the measured ascent move {measured:.3f} (the radius without the Langevin noise)" if noisy
+                else f"the measured radius {measured:.3f}")
+        out["radius"] = (f"{what} is far above the nominal {nominal:.3f} "
                          f"(epoch {row['epoch']}): try otmdr.normalize=merged, smaller rho, or label smoothing")
     if row["epoch"] >= 2 and row["train_accuracy"] <= 1.5 / classes:
         out["chance"] = (f"training accuracy {100 * row['train_accuracy']:.1f}% is at chance after {row['epoch']} "
