@@ -31,11 +31,13 @@ COLUMNS: list[tuple[str, Any, int, float]] = [
     (WALL, lambda s: s.get("compute", {}).get("train_seconds"), 2, 1.0),
     # the measured ||theta~ - theta|| of the last epoch: with OT-MDR's Langevin noise (otmdr.noise_std,
     # on in the Bayesian configs) it holds the noise too, which in a large network dwarfs the ascent
-    # move (5.499 against SAM's 0.005 in a Bayesian study): the title says so. The two parts get
-    # columns of their own once the run summaries record them apart (keys below; not recorded yet)
+    # move (5.499 against SAM's 0.005 in a Bayesian study): the title says so, and runs with noise
+    # get the two parts in columns of their own (n/a for a method without noise; left out of a
+    # study without any)
     (RADIUS, lambda s: s["perturbation_norm"], 3, 1.0),
-    ("ascent radius (no noise)", lambda s: s.get("perturbation_move_norm"), 3, 1.0),
-    ("noise ‖ξ‖", lambda s: s.get("perturbation_noise_norm"), 3, 1.0),
+    ("ascent radius (no noise)", lambda s: s.get("perturbation_move_norm") if s.get("perturbation_noise_norm")
+     else None, 3, 1.0),
+    ("noise ‖ξ‖", lambda s: s.get("perturbation_noise_norm") or None, 3, 1.0),
     # ensembles only (columns with no value in any row are left out of the table)
     ("disagreement", lambda s: s.get("diversity", {}).get("pairwise_disagreement"), 4, 1.0),
     ("double fault", lambda s: s.get("diversity", {}).get("double_fault"), 4, 1.0),
