@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/otmdr compare --config configs/demo-label-noise.yaml --methods sgd,sam,otmdr --seeds 5 \
 	  --grid sam.rho=0.05,0.1,0.2,0.5 --grid 'otmdr.rho=[0.025,0.05],[0.05,0.1],[0.1,0.2],[0.25,0.5]' \
+	  --grid sgd:optim.lr=0.01,0.025,0.05,0.1 --grid sgd:optim.weight_decay=5e-4,5e-3,2e-2,5e-2 \
 	  --reference sgd,sam --quiet --out runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 test: $(STAMP)
