@@ -55,6 +55,25 @@ def wait_for_pause(process: subprocess.Popen, marker: Path) -> None:
         time.sleep(0.01)
 
 
+def train_stopped_at(cfg, folder: Path, line_prefix: str) -> Path:
+    """Train ``cfg`` in a new run folder and stop it as a crash would, in-process, when the log
+    prints a line starting with ``line_prefix`` (e.g. "epoch 1/2": right after that epoch's
+    checkpoint); returns the folder, ready for ``train(None, ..., resume=True)``."""
+    from otmdr.train import prepare_run_dir, train
+
+    class Stop(Exception):
+        pass
+
+    def stop(line: str) -> None:
+        if line.startswith(line_prefix):
+            raise Stop
+
+    run = prepare_run_dir(folder, resume=False)
+    with pytest.raises(Stop):
+        train(cfg, run, log=stop)
+    return run
+
+
 def tiny_mlp(seed: int = 0, dtype: torch.dtype = torch.float64, batch_norm: bool = False) -> nn.Module:
     torch.manual_seed(seed)
     layers: list[nn.Module] = [nn.Linear(6, 12)]

@@ -15,6 +15,7 @@ from otmdr.optim import OTMDR, SAM
 from otmdr.optim.otmdr import passes_per_step
 from otmdr.train import compute, prepare_run_dir, train
 from otmdr.train.compute import gradient_evaluations_per_step, machine_info
+from conftest import train_stopped_at
 
 # 256 training images in 4 batches of 64: every part of the splits below is a whole number of images
 TINY = ["data.name=digits", "data.train_limit=256", "data.val_fraction=0", "data.test_limit=128",
@@ -115,16 +116,7 @@ def test_a_resumed_run_ends_with_the_uninterrupted_count(tmp_path):
                                     "otmdr.split=[0.3,0.3]"])
     full = train(cfg, prepare_run_dir(tmp_path / "full", resume=False), log=lambda _: None)
 
-    class Stop(Exception):
-        pass
-
-    def stop_after_one(line: str) -> None:
-        if line.startswith("epoch 1/2"):
-            raise Stop
-
-    part = prepare_run_dir(tmp_path / "part", resume=False)
-    with pytest.raises(Stop):
-        train(cfg, part, log=stop_after_one)
+    part = train_stopped_at(cfg, tmp_path / "part", "epoch 1/2")
     resumed = train(None, prepare_run_dir(part, resume=True), resume=True, log=lambda _: None)
     assert resumed["compute"]["gradient_evaluations"] == full["compute"]["gradient_evaluations"]
     assert resumed["compute"]["steps"] == full["compute"]["steps"] == 8

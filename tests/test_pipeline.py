@@ -12,6 +12,7 @@ import torch
 from otmdr.cli import main
 from otmdr.config import load_config
 from otmdr.train import RunDirError, load_run, prepare_run_dir, train
+from conftest import train_stopped_at
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 FAST = ["train.epochs=3", "train.progress=false", "model.options={hidden: [32]}"]
@@ -41,16 +42,7 @@ def test_resume_continues_exactly(tmp_path):
     full = prepare_run_dir(tmp_path / "full", resume=False)
     train(cfg, full, log=lambda _: None)
 
-    class Stop(Exception):
-        pass
-
-    def stop_after_two(line: str) -> None:
-        if line.startswith("epoch 2/4"):
-            raise Stop
-
-    part = prepare_run_dir(tmp_path / "part", resume=False)
-    with pytest.raises(Stop):
-        train(cfg, part, log=stop_after_two)
+    part = train_stopped_at(cfg, tmp_path / "part", "epoch 2/4")
     assert not (part / "summary.json").exists()
     train(None, prepare_run_dir(part, resume=True), resume=True, log=lambda _: None)
     a = torch.load(full / "checkpoints" / "last.pt", weights_only=False)["model"]
