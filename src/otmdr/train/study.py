@@ -149,8 +149,8 @@ def _slug(text: str) -> str:
 
 def _config(study: Study, point: GridPoint, seed: int, extra: list[str], budget: float | None = None
             ) -> ExperimentConfig:
-    """The run's config; with ``budget`` (gradient evaluations per training example, i.e. per
-    epoch-equivalent of the most expensive method), its epochs and schedule scaled to spend it."""
+    """The run's config; with ``budget`` (SGD-epoch equivalents: the most expensive method's
+    gradient evaluations per step times its epochs), its epochs and schedule scaled to spend it."""
     name, regime, _ = split_method(point.method)
     fixed = [f"optim.method={name}", f"train.seed={seed}", "train.progress=false"]
     if study.bn_policy is not None:
@@ -162,8 +162,7 @@ def _config(study: Study, point: GridPoint, seed: int, extra: list[str], budget:
     except ConfigError as error:
         raise ConfigError(f"{where}: {error}") from None
     if budget is not None and study.budget_of(point.method) == "compute":
-        factor = budget / gradient_evaluations_per_step(cfg) / cfg.train.epochs
-        epochs = max(1, round(cfg.train.epochs * factor))
+        epochs = max(1, round(budget / gradient_evaluations_per_step(cfg)))
         scale = epochs / cfg.train.epochs  # the schedule follows the epochs actually trained
         try:
             cfg = load_config(study.config_path, study.overrides + fixed + list(point.overrides) + extra + [
@@ -175,8 +174,8 @@ def _config(study: Study, point: GridPoint, seed: int, extra: list[str], budget:
 
 
 def _compute_budget(study: Study, extra: list[str]) -> float | None:
-    """Gradient evaluations per training example that every ``compute``-budget run spends: the
-    most expensive grid point of any method at ``train.epochs`` (None when no method needs it).
+    """The SGD-epoch equivalents every ``compute``-budget run spends: those of the most expensive
+    grid point of any method at ``train.epochs`` (None when no method needs it).
     Fixed by the plan, not by the search's outcome, so every folder's config is known up front."""
     if all(study.budget_of(m) != "compute" for m in study.methods):
         return None
