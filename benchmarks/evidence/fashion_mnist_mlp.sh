@@ -15,7 +15,7 @@ OTMDR=${OTMDR:-.venv/bin/otmdr}
 PYTHON=${PYTHON:-.venv/bin/python}
 EVIDENCE_DIR=${EVIDENCE_DIR:-runs/evidence}
 GRID=(--grid sam.rho=0.02,0.05,0.1,0.2,0.5 --grid 'otmdr.rho=[0.005,0.01],[0.01,0.02],[0.025,0.05],[0.05,0.1],[0.1,0.2]'
-      --grid sgd:optim.lr=0.025,0.05,0.1,0.2 --grid sgd@compute:optim.lr=0.025,0.05,0.1,0.2)
+      --grid sgd:optim.lr=0.025,0.05,0.1,0.2,0.4 --grid sgd@compute:optim.lr=0.025,0.05,0.1,0.2,0.4)
 for regime in ${REGIMES:-noisy40 clean}; do  # (the label-noise run first: the regime where flat minima are expected to matter)
   noise=(); [ "$regime" = noisy40 ] && noise=(--set data.label_noise=0.4)
   out="$EVIDENCE_DIR/fashion-mnist-mlp-$regime"
