@@ -224,11 +224,13 @@ def plot_search(points: list[dict[str, Any]], path: Path, *, metric: str) -> Pat
             continue
         if max(p["radius"] for p in mine) == 0:  # no perturbation: a reference level, named in the
             # legend (a label on the plot would collide with the points near the right edge)
+            # one line, its chosen setting: a level per learning rate, unlabelled, reads as noise
             style = REFERENCE_STYLES[references % len(REFERENCE_STYLES)]
             references += 1
-            for i, p in enumerate(mine):
-                ax.axhline(max(scale * p["score"], bottom), linestyle=style, color="gray", linewidth=1,
-                           label=f"{method} (no radius)" if i == 0 else None)
+            shown = [p for p in mine if p.get("chosen")] or mine[:1]
+            setting = f", {shown[0]['setting']}" if len(mine) > 1 and shown[0].get("setting") else ""
+            ax.axhline(max(scale * shown[0]["score"], bottom), linestyle=style, color="gray", linewidth=1,
+                       label=f"{method} (no radius{setting})")
             continue
         for name, series, labels in _search_series(method, mine):
             labelled = sorted(zip(series, labels), key=lambda pl: pl[0]["radius"])
