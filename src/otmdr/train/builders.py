@@ -124,7 +124,8 @@ def build_model(cfg: ExperimentConfig, spec: DatasetSpec) -> nn.Module:
         except (TypeError, ValueError) as error:
             raise ConfigError(f"config key model.factory: {error}") from None
     name = cfg.model.name.lower().replace("_", "-")
-    if name.split("-x")[0] in ("mlp", "bayes-mlp"):  # flattening models need the image size
+    # flattening models need the image size, and ViTs (their grid of position embeddings)
+    if name.split("-x")[0] in ("mlp", "bayes-mlp") or name.startswith("vit-"):
         options.setdefault("input_size", spec.image_size)
     try:
         return create_model(cfg.model.name, num_classes=spec.num_classes, in_channels=spec.in_channels, **options)
