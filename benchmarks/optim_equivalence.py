@@ -55,7 +55,7 @@ def groups(model: nn.Module, **second: Any) -> list[dict[str, Any]]:
 
 #: bookkeeping in the state dict that no arithmetic reads: left out, so that digests made before
 #: it existed still compare (the optimizer's numbers are what must stay bit-identical)
-BOOKKEEPING = ("gradient_evaluations",)
+BOOKKEEPING = ("gradient_evaluations", "full_steps", "kind")
 
 
 def _without_bookkeeping(obj: Any) -> Any:

@@ -13,6 +13,8 @@ __all__ = ["PRESETS", "Preset", "PerturbationConfig", "preset_options", "sam_equ
 
 NORMALIZATIONS = ("step", "merged")
 REDUCTIONS = ("sum", "mean")
+#: which ascent steps move along the base optimizer's momentum instead of a gradient pass
+MOMENTUM_ASCENTS = ("none", "first", "all")
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,7 @@ def preset_options(preset: str, **given: object) -> dict[str, object]:
     return {name: getattr(PRESETS[preset], name) if value is None else value for name, value in given.items()}
 
 
-def _as_float_tuple(name: str, value: float | Sequence[float]) -> tuple[float, ...]:
+def as_float_tuple(name: str, value: float | Sequence[float]) -> tuple[float, ...]:
     values = (value,) if isinstance(value, (int, float)) else tuple(value)
     if not values:
         raise ValueError(f"{name} must hold at least one value, got an empty sequence")
@@ -73,7 +75,19 @@ class PerturbationConfig:
     ascent_weight_decay: add the group's weight decay to the ascent gradient (default: no; weight
         decay stays in the base optimizer, as in common PyTorch SAM code).
     max_grad_norm: clip the final gradient (after unscaling) to this norm.
-    ascent_interval: perturb every k-th step only; the others are plain base-optimizer steps.
+    ascent_interval: perturb every k-th step only; the others are plain base-optimizer steps
+        (Composer's SAM ``interval``).
+    reuse: with ``ascent_interval`` k > 1, the steps between add the stored component of the last
+        perturbed gradient orthogonal to its clean gradient, scaled to the plain gradient's norm
+        times ``reuse_alpha`` (LookSAM, Liu et al. 2022), instead of plain steps.
+    phase_start: plain steps until this fraction of ``OTMDR.total_steps`` ("SAM in the late phase").
+    trigger: AE-SAM's adaptive trigger (Jiang et al. 2023): the sharpness-aware step only when the
+        first pass's squared gradient norm is at least mean + c * std of its running statistics
+        (decay ``trigger_decay``); c moves linearly from ``trigger[0]`` at the first step to
+        ``trigger[1]`` at the last. None: off.
+    momentum_ascent: MSAM (Becker et al. 2024): ``"first"`` or ``"all"`` ascent steps move against
+        the base optimizer's normalised momentum (no gradient pass for them) instead of along a
+        gradient; ``"none"``: off.
     sync_ascent: under DDP, all-reduce the ascent gradients too (default: per-replica ascent
         under ``no_sync()``, one all-reduce of the final gradient).
     check_finite: raise on a non-finite gradient (one host sync per step; with a GradScaler the
@@ -95,17 +109,23 @@ class PerturbationConfig:
     ascent_weight_decay: bool = False
     max_grad_norm: float | None = None
     ascent_interval: int = 1
+    reuse: bool = False
+    reuse_alpha: float = 0.7
+    phase_start: float = 0.0
+    trigger: tuple[float, ...] | None = None
+    trigger_decay: float = 0.9
+    momentum_ascent: str = "none"
     sync_ascent: bool = False
     check_finite: bool = True
     eps: float = 1e-12
 
     def __post_init__(self) -> None:
-        rho = _as_float_tuple("rho", self.rho)
+        rho = as_float_tuple("rho", self.rho)
         if any(r < 0 for r in rho):
             raise ValueError(f"rho must be non-negative, got {self.rho!r}")
         object.__setattr__(self, "rho", rho)
 
-        split = (1.0 / len(rho),) * len(rho) if self.split is None else _as_float_tuple("split", self.split)
+        split = (1.0 / len(rho),) * len(rho) if self.split is None else as_float_tuple("split", self.split)
         if len(split) != len(rho):
             raise ValueError(
                 f"split needs one fraction per ascent step: rho has {len(rho)} steps, split {split!r}"
@@ -119,7 +139,7 @@ class PerturbationConfig:
             )
         object.__setattr__(self, "split", split)
 
-        for name in ("merge", "adaptive", "ascent_weight_decay", "sync_ascent", "check_finite"):
+        for name in ("merge", "adaptive", "ascent_weight_decay", "sync_ascent", "check_finite", "reuse"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         _check_choice("normalize", self.normalize, NORMALIZATIONS)
@@ -134,6 +154,32 @@ class PerturbationConfig:
         _check_int("ascent_interval", self.ascent_interval)
         if self.max_grad_norm is not None:
             _check_number("max_grad_norm", self.max_grad_norm, minimum=0.0, strict=True)
+        self._check_efficiency()
+
+    def _check_efficiency(self) -> None:
+        """The options that skip passes (docs/optimizer.md, "Cheaper steps")."""
+        if self.reuse and self.ascent_interval < 2:
+            raise ValueError("reuse=True stores a component at every k-th step and reuses it in between: "
+                             "give ascent_interval=k >= 2 (LookSAM used 5)")
+        _check_number("reuse_alpha", self.reuse_alpha, minimum=0.0)
+        _check_number("phase_start", self.phase_start, minimum=0.0)
+        if self.phase_start >= 1.0:
+            raise ValueError(f"phase_start must be below 1 (a fraction of the steps), got {self.phase_start!r}")
+        _check_number("trigger_decay", self.trigger_decay, minimum=0.0, strict=True)
+        if self.trigger_decay >= 1.0:
+            raise ValueError(f"trigger_decay must lie in (0, 1), got {self.trigger_decay!r}")
+        if self.trigger is not None:
+            trigger = as_float_tuple("trigger", self.trigger)
+            if len(trigger) > 2:
+                raise ValueError(f"trigger takes c, or (c at the first step, c at the last), got {self.trigger!r}")
+            object.__setattr__(self, "trigger", trigger)
+        _check_choice("momentum_ascent", self.momentum_ascent, MOMENTUM_ASCENTS)
+        if self.momentum_ascent != "none" and (self.reuse or self.trigger is not None):
+            raise ValueError(f"momentum_ascent={self.momentum_ascent!r} takes no clean gradient pass, which "
+                             f"{'reuse' if self.reuse else 'trigger'} needs: choose one of them")
+        if self.momentum_ascent == "all" and self.particles > 1 and not self.noise_std:
+            raise ValueError("momentum_ascent='all' without noise gives every particle the same neighbour: "
+                             "use particles=1, or noise_std > 0, or momentum_ascent='first'")
 
     @property
     def split_fractions(self) -> tuple[float, ...]:
@@ -167,7 +213,24 @@ class PerturbationConfig:
 
     @property
     def uses_direction_buffer(self) -> bool:
-        return self.merge and len(self.rho) > 1
+        return self.merge and self.gradient_ascent_steps > 1
+
+    @property
+    def momentum_steps(self) -> int:
+        """Leading ascent steps that move along the momentum (no gradient pass)."""
+        return {"none": 0, "first": 1, "all": self.ascent_steps}[self.momentum_ascent]
+
+    @property
+    def gradient_ascent_steps(self) -> int:
+        """Ascent steps that take a gradient pass."""
+        return self.ascent_steps - self.momentum_steps
+
+    @property
+    def skips_passes(self) -> bool:
+        """Whether some steps are decided by :func:`OTMDR.step` (plain, reused, triggered or
+        momentum steps): the pass-by-pass primitives cannot apply these options."""
+        return (self.reuse or self.phase_start > 0 or self.trigger is not None
+                or self.momentum_ascent != "none")
 
 
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:

@@ -18,8 +18,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from . import functional as F
 from .batching import batch_size, split_bounds, take
 from .batchnorm import BatchNormState
+from .efficiency import FULL, PLAIN, REUSE, scheduled_kind
 from .progress import StepResult
 
 if TYPE_CHECKING:
@@ -54,10 +56,11 @@ def run_step(opt: OTMDR, closure: Callable[..., Any], batch: Any, *, scaler: tor
     passes = _Passes(opt, closure, batch, scaler=scaler, model=model, bn=bn, micro_batches=micro_batches)
     start = bn.save() if bn and (scaler is not None or cfg.check_finite) else None
     opt._begin_step()
+    opt._in_step = True
     try:
         if watch is not None:
             watch.start()
-        first, finals = _run_passes(opt, passes)
+        first, finals, kind = _run_passes(opt, passes)
         final = finals[0] if len(finals) == 1 else torch.stack(finals).sum()
         opt.descend(scaler, loss=final)
     except BaseException:
@@ -68,6 +71,8 @@ def run_step(opt: OTMDR, closure: Callable[..., Any], batch: Any, *, scaler: tor
         if start is not None:
             bn.load(start)
         raise
+    finally:
+        opt._in_step = False
     if watch is not None and watch.stop():
         warnings.warn(
             f"{type(opt).__name__} was built without model=... but the loss runs batch norm in training "
@@ -85,42 +90,95 @@ def run_step(opt: OTMDR, closure: Callable[..., Any], batch: Any, *, scaler: tor
         gradient_evaluations=passes.evaluations,
         move_norm=opt._last_move,
         noise_norm=opt._last_noise,
+        kind=kind,
     )
 
 
-def _run_passes(opt: OTMDR, passes: _Passes) -> tuple[tuple[Tensor, Any], list[Tensor]]:
+def _run_passes(opt: OTMDR, passes: _Passes) -> tuple[tuple[Tensor, Any], list[Tensor], str]:
     """The passes of one step in order, with the primitives between them; returns the first
-    pass's (loss, outputs) and each particle's final-pass loss."""
+    pass's (loss, outputs), each particle's final-pass loss and the step's kind (full, plain or
+    reuse: docs/optimizer.md, "Cheaper steps")."""
     cfg = opt.config
-    if opt.step_count % cfg.ascent_interval != 0:  # a plain base-optimizer step
+    kind = scheduled_kind(cfg, opt.step_count, opt.total_steps)
+    momentum = opt.momentum_directions() if kind == FULL and cfg.momentum_steps else None
+    if kind != FULL or (cfg.momentum_steps and momentum is None):  # a plain base-optimizer step
         plain = passes.run(passes.batch, sync=True, update_bn=cfg.bn_policy != "none")
-        return plain, [plain[0]]
+        if kind == REUSE:
+            opt.add_reused_component()
+        return plain, [plain[0]], PLAIN if kind == FULL else kind
+    #: the first pass's gradient outlives the ascent (trigger, reuse): all-reduce it under DDP
+    shared_first = cfg.trigger is not None or cfg.reuse
+    first_pass = cfg.momentum_steps if cfg.momentum_steps < cfg.ascent_steps else None
     first: tuple[Tensor, Any] | None = None
     finals = []
     for k in range(cfg.particles):
         last = k == cfg.particles - 1
         for i, part in enumerate(passes.ascent_parts(k)):
-            result = passes.run(part, sync=cfg.sync_ascent, update_bn=updates_batchnorm(cfg.bn_policy, k, i),
+            if i < cfg.momentum_steps:
+                assert momentum is not None
+                opt.momentum_ascent(momentum)
+                continue
+            update_bn = updates_batchnorm(cfg.bn_policy, k, i, first_pass=first_pass)
+            result = passes.run(part, sync=cfg.sync_ascent or (shared_first and first is None), update_bn=update_bn,
                                 share=passes.shares[i])
+            if first is None and cfg.trigger is not None and not _triggered(opt, passes):
+                _complete_plain(opt, passes)
+                return result, [result[0]], PLAIN
             first = result if first is None else first
             opt.perturb()
         if last and opt._progress.particles_done:
             opt._load_particle_gradients()
-        finals.append(passes.run(passes.batch, sync=last, update_bn=updates_batchnorm(cfg.bn_policy, k, None))[0])
+        update_bn = updates_batchnorm(cfg.bn_policy, k, None, first_pass=first_pass)
+        finals.append(passes.run(passes.batch, sync=last, update_bn=update_bn)[0])
+        first = (finals[0], None) if first is None else first  # every ascent step moved along the momentum
         if not last:
             opt.next_particle()
-    assert first is not None  # every particle takes at least one ascent step
-    return first, finals
+    assert first is not None
+    return first, finals, FULL
 
 
-def updates_batchnorm(policy: str, particle: int, ascent: int | None) -> bool:
+def _triggered(opt: OTMDR, passes: _Passes) -> bool:
+    """AE-SAM: whether this step perturbs, from the first pass's squared gradient norm (the
+    gradient unscaled when a GradScaler scaled it). One host sync."""
+    assert opt.trigger is not None
+    norm = float(F.global_norm(_gradients(opt), foreach=opt.foreach))
+    if passes.scaler is not None and passes.scaler.is_enabled():
+        norm /= float(passes.scaler.get_scale())
+    return opt.trigger.observe(norm * norm, opt.trigger.threshold(opt.step_count, opt.total_steps))
+
+
+def _gradients(opt: OTMDR) -> list[Tensor]:
+    return [g for p in opt._params_with_grad() if (g := p.grad) is not None]
+
+
+def _complete_plain(opt: OTMDR, passes: _Passes) -> None:
+    """A step the trigger declined, after its first pass on a part of the batch: the rest of the
+    batch at the same weights, so that ``.grad`` is the whole batch's gradient (weighted by the
+    parts' sizes) for a plain step."""
+    share = passes.shares[0]
+    if passes.size is None or share >= 1.0:
+        return
+    assert passes.bounds is not None
+    grads = _gradients(opt)
+    if opt.foreach:
+        torch._foreach_mul_(grads, share)
+    else:
+        for g in grads:
+            g.mul_(share)
+    rest = take(passes.batch, slice(passes.bounds[0][1], passes.size))
+    passes.run(rest, sync=True, update_bn=False, share=1.0 - share, weight=1.0 - share)
+
+
+def updates_batchnorm(policy: str, particle: int, ascent: int | None, *, first_pass: int | None = 0) -> bool:
     """Whether a pass updates the running statistics under ``policy`` (``ascent`` None: the
-    particle's final pass)."""
+    particle's final pass). ``first_pass``: the ascent step whose pass is the step's first (the
+    steps before it moved along the momentum without a pass), None when no ascent step runs a
+    pass: particle 0's final pass is then the first, and updates under "clean" and "ascent"."""
     if policy in ("all", "none"):
         return policy == "all"
     if ascent is None:
-        return False
-    return policy == "ascent" or (particle == 0 and ascent == 0)
+        return particle == 0 and first_pass is None
+    return policy == "ascent" or (particle == 0 and ascent == first_pass)
 
 
 class _Passes:
@@ -158,11 +216,13 @@ class _Passes:
         order = torch.randperm(n, generator=generator, device=generator.device)  # type: ignore[arg-type]
         return [take(self.batch, order[lo:hi]) for lo, hi in self.bounds]
 
-    def run(self, part: Any, *, sync: bool, update_bn: bool, share: float = 1.0) -> tuple[Tensor, Any]:
+    def run(self, part: Any, *, sync: bool, update_bn: bool, share: float = 1.0,
+            weight: float = 1.0) -> tuple[Tensor, Any]:
         """Forward and backward on ``part`` (through the scaler, in micro-batches), inside
         ``no_sync`` unless ``sync``, with the statistics frozen unless ``update_bn``; returns the
         detached loss and the loss function's other outputs. ``share``: the fraction of the batch
-        ``part`` holds, counted in :attr:`evaluations` (micro-batches together make the part)."""
+        ``part`` holds, counted in :attr:`evaluations` (micro-batches together make the part);
+        ``weight`` multiplies the loss before backward."""
         self.opt.first_pass = self.count == 0
         self.count += 1
         self.evaluations += share
@@ -182,14 +242,14 @@ class _Passes:
             size = 1 if self.micro_batches == 1 else batch_size(part)  # no batch walk on the plain path
             if size < 2:
                 loss, extra = split_output(self.closure(part))
-                self._backward(loss)
+                self._backward(loss if weight == 1.0 else loss * weight)
                 return loss.detach(), extra
             total: Tensor | None = None
             extras = []
             for lo, hi in _chunks(size, self.micro_batches):
                 loss, extra = split_output(self.closure(take(part, slice(lo, hi))))
                 weighted = loss * ((hi - lo) / size)  # the mean over the part, accumulated
-                self._backward(weighted)
+                self._backward(weighted if weight == 1.0 else weighted * weight)
                 total = weighted.detach() if total is None else total + weighted.detach()
                 extras.append(extra)
             assert total is not None

@@ -50,7 +50,8 @@ from torch.optim import Optimizer
 
 from . import functional as F
 from .batchnorm import BatchNormState
-from .config import PerturbationConfig, preset_options, sam_equivalent
+from .config import PerturbationConfig, as_float_tuple, preset_options, sam_equivalent
+from .efficiency import Trigger, check_momentum_base, momentum_buffers, orthogonal_component_, reuse_scale
 from .one_call import run_step
 from .plan import AscentPlan, Scratch, build_plan, plan_key
 from .progress import StepProgress, StepResult
@@ -119,6 +120,13 @@ class OTMDR(Optimizer):
         ascent_weight_decay: bool = False,
         max_grad_norm: float | None = None,
         ascent_interval: int = 1,
+        reuse: bool = False,
+        reuse_alpha: float = 0.7,
+        phase_start: float = 0.0,
+        trigger: float | tuple[float, ...] | None = None,
+        trigger_decay: float = 0.9,
+        momentum_ascent: str = "none",
+        total_steps: int | None = None,
         sync_ascent: bool = False,
         check_finite: bool = True,
         eps: float = 1e-12,
@@ -132,8 +140,10 @@ class OTMDR(Optimizer):
             split=split, merge=merge, reduce=reduce, particle_reduce=particle_reduce,
             noise_std=noise_std, adaptive=adaptive, adaptive_eta=adaptive_eta, particles=particles,
             ascent_weight_decay=ascent_weight_decay,
-            max_grad_norm=max_grad_norm, ascent_interval=ascent_interval, sync_ascent=sync_ascent,
-            check_finite=check_finite, eps=eps,
+            max_grad_norm=max_grad_norm, ascent_interval=ascent_interval, reuse=reuse, reuse_alpha=reuse_alpha,
+            phase_start=phase_start, trigger=None if trigger is None else as_float_tuple("trigger", trigger),
+            trigger_decay=trigger_decay, momentum_ascent=momentum_ascent,
+            sync_ascent=sync_ascent, check_finite=check_finite, eps=eps,
         )
         if type(self) is OTMDR:  # SAM and ASAM are subclasses that mean their one step
             _refuse_sam(self.config)
@@ -151,6 +161,9 @@ class OTMDR(Optimizer):
         self.model = model
         self.foreach = True if foreach is None else bool(foreach)
         self.step_count = 0  #: steps applied (plain interval steps included); saved in the state dict
+        self.full_steps = 0  #: steps that perturbed (the others were plain or reused); saved in the state dict
+        #: the run's length in steps, which ``phase_start`` and a moving ``trigger`` need (the loop sets it)
+        self.total_steps = total_steps
         #: forward+backward passes since construction, in full-batch units (a pass on a part of the
         #: batch counts its fraction): the compute spent, for equal-compute comparisons; saved in
         #: the state dict
@@ -165,6 +178,8 @@ class OTMDR(Optimizer):
         self.state = base_optimizer.state
         self.defaults.update(base_optimizer.defaults)
         self._building = False
+        if self.config.momentum_ascent != "none":
+            check_momentum_base(base_optimizer)
 
         first = next(p for g in self.param_groups for p in g["params"])
         #: the optimizer's own random numbers (noise, particle splits); saved in the state dict
@@ -185,6 +200,10 @@ class OTMDR(Optimizer):
         self._warned_no_model = False
         self._no_sync_cache: tuple[nn.Module | None, Callable[[], Any] | None] | None = None
         self._grad_versions: dict[Tensor, int] = {}  # .grad versions our last closure-form step left
+        cfg = self.config
+        self.trigger = None if cfg.trigger is None else Trigger(cfg.trigger, cfg.trigger_decay)  #: AE-SAM's statistics
+        self._reuse: dict[Tensor, Tensor] = {}  # LookSAM's stored component, by parameter (saved)
+        self._in_step = False  # step() is driving the primitives (options that skip passes are applied there)
 
     @property
     def steps(self) -> int:
@@ -212,7 +231,12 @@ class OTMDR(Optimizer):
         """The base optimizer's state dict plus an ``otmdr`` entry (step count, generator, passes run)."""
         state = self.base_optimizer.state_dict()
         state["otmdr"] = {"version": 1, "steps": self.step_count, "generator": self.generator.get_state(),
-                          "gradient_evaluations": self.gradient_evaluations}
+                          "gradient_evaluations": self.gradient_evaluations, "full_steps": self.full_steps}
+        if self.trigger is not None:
+            state["otmdr"]["trigger"] = self.trigger.state_dict()
+        if self._reuse:
+            index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+            state["otmdr"]["reuse"] = {index[p]: c.clone() for p, c in self._reuse.items()}
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -231,6 +255,11 @@ class OTMDR(Optimizer):
                 group.setdefault(key, value)
         self.step_count = int(extra["steps"])
         self.gradient_evaluations = float(extra.get("gradient_evaluations", 0.0))  # absent before it was counted
+        self.full_steps = int(extra.get("full_steps", self.step_count))
+        if self.trigger is not None and "trigger" in extra:
+            self.trigger.load_state_dict(extra["trigger"])
+        params = [p for g in self.param_groups for p in g["params"]]
+        self._reuse = {params[int(i)]: c.to(params[int(i)]) for i, c in extra.get("reuse", {}).items()}
         try:
             self.generator.set_state(extra["generator"].cpu())
         except RuntimeError:  # e.g. saved on CPU, resumed on CUDA: the generators differ in kind
@@ -252,22 +281,54 @@ class OTMDR(Optimizer):
         ``.grad`` of the optimizer is zero afterwards, ready for the next pass.
         """
         cfg = self.config
+        if cfg.skips_passes and not self._in_step:
+            raise RuntimeError("reuse, phase_start, trigger and momentum_ascent decide which passes a step runs, "
+                               "so only step() applies them: use opt.step(loss_fn, batch=...) or opt.step(closure)")
+        plan = self._begin_ascent_step()
+        i = self._progress.ascent
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in plan.params]
+        if i == 0 and cfg.reuse and self._progress.particles_done == 0:  # LookSAM's clean gradient
+            F.copy_(self.scratch.get("clean", plan.params), grads, foreach=self.foreach)
+        if cfg.ascent_weight_decay:
+            self._add_weight_decay(plan.params, grads)
+        norm = self._ascend(plan, grads, merge=True)
+        self._zero_grads()
+        return norm
+
+    @torch.no_grad()
+    def momentum_ascent(self, buffers: list[Tensor]) -> Tensor:
+        """The next ascent step against the base optimizer's momentum ``buffers`` (one per moved
+        tensor) instead of a gradient (MSAM): no pass, outside the merged direction, its own norm.
+        Called by :meth:`step`; returns the norm used."""
+        plan = self._begin_ascent_step()
+        direction = self.scratch.get("momentum", plan.params)
+        F.copy_(direction, buffers, foreach=self.foreach)
+        torch._foreach_neg_(direction) if self.foreach else [d.neg_() for d in direction]
+        return self._ascend(plan, direction, merge=False)
+
+    def _begin_ascent_step(self) -> AscentPlan:
+        """The plan of the particle's next ascent step; the centre saved at its first."""
         progress = self._progress
         i = progress.ascent
-        if i >= cfg.ascent_steps:
+        if i >= self.config.ascent_steps:
             raise RuntimeError(
-                f"perturb() called {i + 1} times in one particle but rho has {cfg.ascent_steps} ascent "
+                f"perturb() called {i + 1} times in one particle but rho has {self.config.ascent_steps} ascent "
                 "step(s): call descend() (or next_particle()) after the final pass"
             )
         if i == 0:
             progress.plan = self._ascent_plan()
             F.copy_(progress.plan.centre, progress.plan.params, foreach=self.foreach)
-        plan = progress.plan
-        assert plan is not None
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in plan.params]
-        if cfg.ascent_weight_decay:
-            self._add_weight_decay(plan.params, grads)
-        norm = self._move(plan, grads, i)
+        assert progress.plan is not None
+        progress.perturbed = True
+        return progress.plan
+
+    def _ascend(self, plan: AscentPlan, grads: list[Tensor], *, merge: bool) -> Tensor:
+        """Move ``plan``'s tensors by ascent step ``progress.ascent`` along ``grads`` (consumed),
+        add the noise, and after the last step measure the radius."""
+        cfg = self.config
+        progress = self._progress
+        i = progress.ascent
+        norm = self._move(plan, grads, i, merge=merge)
         noise = self._noise_buffers(plan) if cfg.noise_std else None
         F.add_noise_(plan.params, cfg.noise_std, self.generator, foreach=self.foreach, into=noise, first=i == 0)
         progress.add_norm(norm)
@@ -281,25 +342,26 @@ class OTMDR(Optimizer):
                 progress.noise = F.global_norm(noise, foreach=self.foreach)
                 F.add_(grads, noise, alpha=-1.0, foreach=self.foreach)
                 progress.move = F.global_norm(grads, foreach=self.foreach)
-        self._zero_grads()
         return norm
 
-    def _move(self, plan: AscentPlan, grads: list[Tensor], i: int) -> Tensor:
-        """Ascent step ``i`` of every norm group; the norm (a vector with several groups)."""
+    def _move(self, plan: AscentPlan, grads: list[Tensor], i: int, *, merge: bool = True) -> Tensor:
+        """Ascent step ``i`` of every norm group; the norm (a vector with several groups).
+        ``merge=False``: a momentum step, outside the merged direction of the gradient steps."""
         cfg = self.config
-        directions = plan.directions
-        weight = 1.0 / (i + 1) if (directions is not None and cfg.reduce == "mean") else 1.0
+        directions = plan.directions if merge else None
+        j = i - cfg.momentum_steps  # the index among the gradient steps, which the merge counts
+        weight = 1.0 / (j + 1) if (directions is not None and cfg.reduce == "mean") else 1.0
 
         def move(part: slice, norm_extra: list[Tensor] | None = None) -> Tensor:
             return F.ascent_move_(
-                plan.params[part], grads[part], None if directions is None else directions[part], first=i == 0,
+                plan.params[part], grads[part], None if directions is None else directions[part], first=j == 0,
                 rho=cfg.rho[i], weight=weight, normalize=cfg.normalize, adaptive=cfg.adaptive,
                 adaptive_eta=cfg.adaptive_eta, rho_scales=None if plan.rho_scales is None else plan.rho_scales[part],
                 norm_extra=norm_extra, eps=cfg.eps, foreach=self.foreach)
 
         if plan.single_norm:
             return move(slice(None))
-        norms = [move(part, self._norm_extra(norm_only, i, directions is not None))
+        norms = [move(part, self._norm_extra(norm_only, j, directions is not None))
                  for part, norm_only in zip(plan.parts, plan.norm_only)]
         return norms[0] if len(norms) == 1 else torch.stack([n.to(norms[0].device) for n in norms])
 
@@ -372,6 +434,10 @@ class OTMDR(Optimizer):
         n_particles = progress.particles_done + 1
         if cfg.particle_reduction == "mean" and n_particles > 1 and grads:
             torch._foreach_mul_(grads, 1.0 / n_particles)
+        if progress.perturbed:
+            self.full_steps += 1
+            if cfg.reuse and progress.plan is not None:
+                self._store_reuse(progress.plan.params)
         self.restore()
         if scaler is not None:
             self._scaled_base_step(scaler, params, grads)
@@ -393,6 +459,45 @@ class OTMDR(Optimizer):
             if zero.device != self._last_distance.device or zero.dtype != self._last_distance.dtype:
                 zero = self._no_noise = torch.zeros_like(self._last_distance)
             self._last_noise = zero
+
+    @torch.no_grad()
+    def _store_reuse(self, params: list[Tensor]) -> None:
+        """LookSAM, at a perturbed step: keep the part of the final (perturbed) gradient that the
+        clean gradient of the first pass does not explain. A non-finite result (a step a scaler
+        skips) keeps the previous component."""
+        component = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+        orthogonal_component_(component, self.scratch.get("clean", params), foreach=self.foreach)
+        finite = torch.isfinite(F.global_norm(component, foreach=self.foreach))
+        for p, c in zip(params, component):
+            old = self._reuse.get(p)
+            self._reuse[p] = c if old is None else torch.where(finite.to(c.device), c, old)
+
+    @torch.no_grad()
+    def add_reused_component(self) -> None:
+        """LookSAM, between perturbed steps: ``.grad += alpha ||g|| / ||g_v|| * g_v`` with the
+        stored g_v (nothing before the first perturbed step). Called by :meth:`step`."""
+        params = [p for p in self._reuse if p.grad is not None]
+        if not params:
+            return
+        grads, stored = _grads(params), [self._reuse[p] for p in params]
+        scale = reuse_scale(grads, stored, self.config.reuse_alpha, self.config.eps, foreach=self.foreach)
+        F.add_(grads, [c * scale.to(c.device) for c in stored], foreach=self.foreach)
+
+    def momentum_directions(self) -> list[Tensor] | None:
+        """The base optimizer's momentum of each tensor the ascent moves, or None before there
+        is any (then the step is plain). Gives every perturbed parameter a ``.grad`` (zero) first,
+        so that the ascent plan includes it before any backward of the step. Used by :meth:`step`."""
+        params = [p for g in self.param_groups if g["perturb"] for p in g["params"] if p.requires_grad]
+        if momentum_buffers(self.base_optimizer, params) is None:
+            if any(self.base_optimizer.state.get(p) for p in params):
+                raise RuntimeError(
+                    f"momentum_ascent found no momentum in {type(self.base_optimizer).__name__}'s state "
+                    "('momentum_buffer' or 'exp_avg'): use a base optimizer with momentum, or momentum_ascent='none'")
+            return None
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        return momentum_buffers(self.base_optimizer, self._ascent_plan().params)
 
     def _scaled_base_step(self, scaler: torch.amp.GradScaler, params: list[Tensor], grads: list[Tensor]) -> None:
         """``scaler.step``, skipped if any ascent or the final gradient is non-finite: the final
@@ -620,12 +725,17 @@ class OTMDR(Optimizer):
 
 
 def passes_per_step(cfg: PerturbationConfig, closure_form: bool = False) -> float:
-    """The expected forward/backward cost of one step of ``cfg``, in full-batch passes: per
-    particle its ascent parts plus one full pass, every ``ascent_interval``-th step; 1 for the
-    plain steps between (a closure computes the whole batch: each ascent pass counts 1). What
-    :attr:`OTMDR.gradient_evaluations` measures, up to the rounding of the parts' sizes."""
-    ascent = float(cfg.ascent_steps) if closure_form else sum(cfg.split_fractions)
-    return (cfg.particles * (1.0 + ascent) + cfg.ascent_interval - 1) / cfg.ascent_interval
+    """The expected forward/backward cost of one step of ``cfg``, in full-batch passes, averaged
+    over a run: a perturbed step costs, per particle, its gradient ascent passes (on their parts
+    of the batch; a closure's pass counts 1; momentum steps none) plus one full pass; a plain or
+    reused step 1. Every ``ascent_interval``-th step perturbs, and none before ``phase_start``.
+    With a ``trigger`` this is the cost if every candidate step fires (an upper bound: the
+    measured :attr:`OTMDR.gradient_evaluations` says what it cost). What the optimizer measures,
+    up to the rounding of the parts' sizes."""
+    gradient_steps = cfg.split_fractions[cfg.momentum_steps:]
+    ascent = float(len(gradient_steps)) if closure_form else sum(gradient_steps)
+    per_step = (cfg.particles * (1.0 + ascent) + cfg.ascent_interval - 1) / cfg.ascent_interval
+    return cfg.phase_start + (1.0 - cfg.phase_start) * per_step
 
 
 def _refuse_sam(cfg: PerturbationConfig) -> None:

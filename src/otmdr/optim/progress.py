@@ -28,6 +28,8 @@ class StepResult(NamedTuple):
     move_norm: Tensor | None = None
     #: ||xi||, the noise part (mean over particles); 0 without noise (a shared zero: do not modify)
     noise_norm: Tensor | None = None
+    #: "full" (perturbed), "plain" (one pass, base step) or "reuse" (LookSAM's reused component)
+    kind: str = "full"
 
 
 @dataclass
@@ -50,6 +52,7 @@ class StepProgress:
     noises: list[Tensor] = field(default_factory=list)
     particle_params: list[Tensor] = field(default_factory=list)  #: where the particle sum goes
     particles_loaded: bool = False  #: the particle sum is already in ``.grad`` (one-call form)
+    perturbed: bool = False  #: some ascent step moved the weights (a full step, not a plain one)
 
     def add_norm(self, norm: Tensor) -> None:
         total = norm if norm.dim() == 0 else norm.sum()  # non-finite iff some norm is (norms are >= 0)
