@@ -27,9 +27,9 @@ from .optim.config import PRESETS, PerturbationConfig
 if TYPE_CHECKING:
     import yaml
 
-__all__ = ["ConfigError", "ExperimentConfig", "otmdr_options", "load_config", "describe_config", "comparable_config",
-           "apply_overrides", "config_to_dict", "config_from_dict", "parse_number", "Bound", "BOUNDS", "SEED",
-           "resolve_factory", "import_plugins", "PLUGINS_ENV", "LOGGERS", "check_loggers"]
+__all__ = ["ConfigError", "ExperimentConfig", "otmdr_options", "efficiency_options", "load_config", "describe_config",
+           "comparable_config", "apply_overrides", "config_to_dict", "config_from_dict", "parse_number", "Bound",
+           "BOUNDS", "SEED", "resolve_factory", "import_plugins", "PLUGINS_ENV", "LOGGERS", "check_loggers"]
 
 METHODS = ("sgd", "sam", "asam", "otmdr")
 
@@ -197,6 +197,28 @@ def otmdr_options(section: OTMDRConfig) -> dict[str, Any]:
 
 
 @dataclass
+class EfficiencyConfig:
+    """Cheaper sharpness-aware steps (methods sam, asam, otmdr; sgd takes none of these keys)."""
+
+    interval: int = bounded(1, 1)  # the sharpness-aware step every k-th step only (1: every step)
+    reuse: bool = False  # with interval > 1, the steps between are LookSAM steps (plain gradient + stored component)
+    reuse_alpha: float = bounded(0.7, 0)  # LookSAM's alpha: weight of the stored component in a reuse step
+    phase_start: float = bounded(0.0, 0, 1, high_open=True)  # plain steps until this fraction of the steps (0: off)
+    trigger: list[float] | None = bounded(None)  # AE-SAM thresholds c: [c] or [c_first, c_last] (null: off)
+    trigger_decay: float = bounded(0.9, 0, 1, low_open=True, high_open=True)  # AE-SAM: decay of the norm statistics
+    momentum_ascent: str = "none"  # none | first | all: ascent steps along the momentum buffer (MSAM)
+
+
+def efficiency_options(section: EfficiencyConfig) -> dict[str, Any]:
+    """The ``efficiency`` config section as keyword arguments of :class:`otmdr.optim.OTMDR`
+    (and SAM, ASAM): ``interval`` is ``ascent_interval``, ``trigger`` a tuple (or None)."""
+    return {"ascent_interval": section.interval, "reuse": section.reuse, "reuse_alpha": section.reuse_alpha,
+            "phase_start": section.phase_start,
+            "trigger": None if section.trigger is None else tuple(section.trigger),
+            "trigger_decay": section.trigger_decay, "momentum_ascent": section.momentum_ascent}
+
+
+@dataclass
 class ScheduleConfig:
     name: str = "cosine"  # cosine | step | constant
     warmup_epochs: float = bounded(0.0, 0, 100000, why=_EPOCHS)  # linear warm-up (fractions of an epoch allowed)
@@ -255,6 +277,7 @@ class ExperimentConfig:
     sam: SAMConfig = field(default_factory=SAMConfig)
     asam: ASAMConfig = field(default_factory=ASAMConfig)
     otmdr: OTMDRConfig = field(default_factory=OTMDRConfig)
+    efficiency: EfficiencyConfig = field(default_factory=EfficiencyConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -276,6 +299,7 @@ CHOICES = {
     "schedule.name": ("cosine", "step", "constant"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "ensemble.regime": ("joint", "per-member"),
+    "efficiency.momentum_ascent": ("none", "first", "all"),
 }
 #: ``train.loggers``: each logger and the package it needs, which is also its extra (``otmdr[tensorboard]``)
 LOGGERS: dict[str, str | None] = {"csv": None, "tensorboard": "tensorboard", "wandb": "wandb"}
@@ -644,6 +668,50 @@ def _check_values(config: ExperimentConfig) -> None:
         PerturbationConfig(**otmdr_options(config.otmdr))
     except ValueError as error:
         raise ConfigError(f"config section otmdr: {error}") from None
+    _check_efficiency(config)
+
+
+def _check_efficiency(config: ExperimentConfig) -> None:
+    """The ``efficiency`` keys that depend on each other or on the method (their ranges and choices
+    are checked with every other key's)."""
+    section, defaults = config.efficiency, EfficiencyConfig()
+    if config.optim.method == "sgd":
+        for f in dataclasses.fields(EfficiencyConfig):
+            value = getattr(section, f.name)
+            if value != getattr(defaults, f.name):
+                shown = _yaml_text(value)
+                raise ConfigError(f"config key efficiency.{f.name}: {shown} applies to methods sam, asam and otmdr "
+                                  "only, not to optim.method=sgd: remove it, or choose one of those methods (otmdr "
+                                  "compare: name a variant, METHOD+VARIANT such as sam+interval, or give the key "
+                                  "to one method with --grid METHOD:KEY=...)")
+    if section.trigger is not None and len(section.trigger) not in (1, 2):
+        raise ConfigError(f"config key efficiency.trigger: {_yaml_text(section.trigger)} must hold one threshold "
+                          "[c] or two, [c_first, c_last] (null: off)")
+    if section.reuse and section.interval < 2:
+        raise ConfigError("config key efficiency.reuse: true needs efficiency.interval >= 2 (the steps between "
+                          "two sharpness-aware steps reuse its component): set efficiency.interval=5, say, or "
+                          "efficiency.reuse=false")
+    if config.optim.method == "sgd":
+        return
+    # the optimizer's own validation of the combinations (with the method's ascent steps), the section named
+    method = config.optim.method
+    steps = (otmdr_options(config.otmdr) if method == "otmdr"
+             else {"rho": (getattr(config, method).rho,), "split": (1.0,)})
+    try:
+        PerturbationConfig(**steps, **efficiency_options(section))
+    except ValueError as error:
+        raise ConfigError(f"config section efficiency: {error}") from None
+
+
+def _yaml_text(value: Any) -> str:
+    """A config value as it is written in YAML and ``--set``: ``true``, ``[-1.0, 1.0]``, ``null``."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ", ".join(_yaml_text(v) for v in value) + "]"
+    return str(value)
 
 
 def _check_factory(key: str, path: str, options: dict[str, Any], options_key: str, given: tuple[str, ...]) -> None:

@@ -24,16 +24,22 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from ..train.run_dir import discard_failed_study, prepare_study_dir
     from ..train import Preempted
     from ..report.stats import parse_margins
-    from ..train.study import Study, close_calls, plan, run_study, split_method
+    from ..train.study import VARIANTS, Study, close_calls, method_variant, plan, run_study, split_method
 
     regimes = ("", "joint", "per-member")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if split_method(m)[0] not in METHODS or split_method(m)[1] not in regimes
-               or split_method(m)[2] not in ("", "compute")]
+               or split_method(m)[2] not in ("", "compute")
+               or ("+" in m.partition("@")[0].partition("/")[0] and method_variant(m) not in VARIANTS)]
     if unknown or not methods:
-        raise UsageError(f"--methods: unknown method(s) {unknown}; choose from {', '.join(METHODS)}, "
-                          "optionally with an ensemble regime (METHOD/joint, METHOD/per-member) and an equal-compute "
-                          "budget (METHOD@compute)")
+        raise UsageError(f"--methods: unknown method(s) {unknown}; choose from {', '.join(METHODS)}, optionally "
+                          f"with an efficient variant (METHOD+VARIANT, VARIANT one of {', '.join(VARIANTS)}; "
+                          "not for sgd), an ensemble regime (METHOD/joint, METHOD/per-member) and an equal-compute "
+                          "budget (METHOD@compute), in that order: otmdr+reuse/joint@compute")
+    plain = [m for m in methods if split_method(m)[0] == "sgd" and method_variant(m)]
+    if plain:
+        raise UsageError(f"--methods: {plain[0]}: plain SGD has no sharpness-aware step to make cheaper; the "
+                          f"variants (+{', +'.join(VARIANTS)}) apply to sam, asam and otmdr")
     try:
         margins = parse_margins(args.margin)
     except ValueError as error:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import ConfigError, ExperimentConfig, otmdr_options, resolve_factory
+from ..config import ConfigError, ExperimentConfig, efficiency_options, otmdr_options, resolve_factory
 from ..data import (Augment, BatchLoader, DatasetSpec, ImageData, dataset_from_factory, get_spec,
                     load_split, registered_loader, resolve_spec, subset, test_subset, train_val_split)
 from ..data.noise import noisy_labels
@@ -165,7 +165,8 @@ def build_optimizer(cfg: ExperimentConfig, model: nn.Module, *, wrapper: nn.Modu
     if o.method == "sgd":
         return base([{k: v for k, v in g.items() if k in ("params",)} for g in groups], **kwargs)
     common: dict[str, Any] = {"max_grad_norm": o.max_grad_norm, "seed": cfg.train.seed if seed is None else seed,
-              "model": model if wrapper is None else wrapper}
+              "model": model if wrapper is None else wrapper,
+              **efficiency_options(cfg.efficiency)}  # every sharpness-aware method's (SAM, ASAM, OT-MDR)
     if o.method == "sam":
         return SAM(groups, base, rho=cfg.sam.rho, bn_policy=cfg.sam.bn_policy, sync_ascent=cfg.sam.sync_ascent,
                    **common, **kwargs)

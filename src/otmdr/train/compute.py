@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..config import ExperimentConfig, otmdr_options
+from ..config import ExperimentConfig, efficiency_options, otmdr_options
 from ..optim import PerturbationConfig
 from ..optim.otmdr import passes_per_step
 
@@ -26,13 +26,15 @@ __all__ = ["gradient_evaluations_per_step", "cpu_model", "machine_info"]
 
 def gradient_evaluations_per_step(cfg: ExperimentConfig) -> float:
     """The expected gradient evaluations of one training step of the method ``cfg`` selects
-    (the mean over steps where ``ascent_interval`` makes some steps plain)."""
+    (the mean over the run's steps where the ``efficiency`` section makes some of them cheaper:
+    plain or reusing steps between sharpness-aware ones, a late start, momentum ascent)."""
     method = cfg.optim.method
     if method == "sgd":
         return 1.0
+    efficiency = efficiency_options(cfg.efficiency)
     if method in ("sam", "asam"):  # one ascent step on the whole batch, then the full pass
-        return passes_per_step(PerturbationConfig(rho=(getattr(cfg, method).rho,), split=(1.0,)))
-    return passes_per_step(PerturbationConfig(**otmdr_options(cfg.otmdr)))
+        return passes_per_step(PerturbationConfig(rho=(getattr(cfg, method).rho,), split=(1.0,), **efficiency))
+    return passes_per_step(PerturbationConfig(**otmdr_options(cfg.otmdr), **efficiency))
 
 
 def cpu_model() -> str:

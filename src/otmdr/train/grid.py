@@ -1,9 +1,11 @@
 """Hyper-parameter grids of a comparison: ``--grid [METHOD:]section.key=v1,v2,...``.
 
-A key of the ``sam``, ``asam`` or ``otmdr`` section applies to that method only; any other key
+A key of the ``sam``, ``asam`` or ``otmdr`` section applies to that method only, a key of the
+``efficiency`` section to every sharpness-aware method (not to ``sgd``); any other key
 (``optim.lr``, ``train.label_smoothing``, ...) applies to every compared method, or to one
-method with the ``METHOD:`` prefix. Several keys for one method form their Cartesian product.
-Values are YAML, separated by commas outside brackets: ``otmdr.rho=[0.01,0.02],[0.05,0.1]``.
+method with the ``METHOD:`` prefix (``otmdr+reuse:efficiency.interval=2,5,10``: that variant
+only). Several keys for one method form their Cartesian product. Values are YAML, separated by
+commas outside brackets: ``otmdr.rho=[0.01,0.02],[0.05,0.1]``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ __all__ = ["GridPoint", "parse_grid", "METHOD_SECTIONS"]
 
 #: config sections read by one method only
 METHOD_SECTIONS = ("sam", "asam", "otmdr")
+#: config sections read by every sharpness-aware method, and by sgd never
+PERTURBING_SECTIONS = ("efficiency",)
 #: keys a grid may not vary: the comparison itself sets them
 RESERVED = {"optim.method": "--methods", "train.seed": "--seeds", "ensemble.regime": "--methods METHOD/REGIME"}
 
@@ -49,7 +53,12 @@ def _split_values(text: str) -> list[str]:
 
 
 def _method_name(method: str) -> str:
-    """``sam/joint@compute`` -> ``sam``: the optimizer whose config section a compared method reads."""
+    """``sam+reuse/joint@compute`` -> ``sam``: the optimizer whose config section a compared method reads."""
+    return _variant_name(method).partition("+")[0]
+
+
+def _variant_name(method: str) -> str:
+    """``sam+reuse/joint@compute`` -> ``sam+reuse``: the method and its variant, without regime and budget."""
     return method.partition("@")[0].partition("/")[0]
 
 
@@ -82,7 +91,10 @@ def parse_grid(specs: list[str], methods: list[str]) -> dict[str, list[GridPoint
             raise ConfigError(f"{where}: a value is repeated")
         if colon:
             target = target.strip()
-            chosen = [m for m in methods if m == target] or [m for m in methods if _method_name(m) == target]
+            # exactly that method first; else that method (and variant) under any regime or budget;
+            # else, for a plain name, its variants too (``otmdr:`` with --methods otmdr+reuse)
+            chosen = ([m for m in methods if m == target] or [m for m in methods if _variant_name(m) == target]
+                      or [m for m in methods if _method_name(m) == target])
             if not chosen:
                 raise ConfigError(f"{where}: method {target!r} is not compared (--methods {','.join(methods)})")
         elif section in METHOD_SECTIONS:
@@ -90,12 +102,20 @@ def parse_grid(specs: list[str], methods: list[str]) -> dict[str, list[GridPoint
             if not chosen:
                 raise ConfigError(f"{where}: {key} is read by method {section} only, which is not in --methods "
                                   f"{','.join(methods)}")
+        elif section in PERTURBING_SECTIONS:
+            chosen = [m for m in methods if _method_name(m) != "sgd"]
+            if not chosen:
+                raise ConfigError(f"{where}: {key} is read by methods sam, asam and otmdr only, none of which is in "
+                                  f"--methods {','.join(methods)}")
         else:
             chosen = list(methods)
         for method in chosen:
             if section in METHOD_SECTIONS and _method_name(method) != section:
                 raise ConfigError(f"{where}: {key} does not apply to method {method} (only {section} reads the "
                                   f"{section} section)")
+            if section in PERTURBING_SECTIONS and _method_name(method) == "sgd":
+                raise ConfigError(f"{where}: {key} does not apply to method {method} (the {section} section is "
+                                  "read by sam, asam and otmdr only)")
             if key in axes[method]:
                 raise ConfigError(f"{where}: {key} is given twice for method {method}")
             axes[method][key] = values

@@ -163,6 +163,8 @@ def _setup(cfg: ExperimentConfig | None, run_dir: Path, *, resume: bool, strateg
     per_member = cfg.ensemble.regime == "per-member" and isinstance(model, Ensemble)
     model, forward = strategy.wrap(model, device, per_member)
     optimizer = build_optimizer(cfg, model, wrapper=forward, seed=strategy.optimizer_seed())
+    if isinstance(optimizer, OTMDR):  # SAM and ASAM too: a late phase or a moving trigger reads the run's length
+        optimizer.total_steps = cfg.train.epochs * len(data.train)
     scheduler = build_scheduler(cfg, optimizer, len(data.train))
     scaler = torch.amp.GradScaler(device.type) if cfg.train.precision == "fp16" else None
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
@@ -345,9 +347,15 @@ def _compute_summary(run: _Run) -> dict[str, Any]:
     the training seconds (validation and checkpoints excluded)."""
     total = _evaluations_so_far(run)
     steps = len(run.data.train) * len(run.history)  # AMP's skipped steps included: their passes ran
-    return {"gradient_evaluations": total, "steps": steps, "per_step": total / steps if steps else 0.0,
-            "predicted_per_step": gradient_evaluations_per_step(run.cfg),
-            "train_seconds": sum(row["seconds"] for row in run.history)}
+    compute = {"gradient_evaluations": total, "steps": steps, "per_step": total / steps if steps else 0.0,
+               "predicted_per_step": gradient_evaluations_per_step(run.cfg),
+               "train_seconds": sum(row["seconds"] for row in run.history)}
+    full_steps = getattr(run.optimizer, "full_steps", None)
+    if full_steps is not None:  # the steps that took the sharpness-aware step (efficiency.*: not all of them)
+        counted = getattr(run.optimizer, "step_count", 0)
+        compute["full_steps"] = int(full_steps)
+        compute["full_step_fraction"] = full_steps / counted if counted else 0.0
+    return compute
 
 
 def _save_epoch(run: _Run, epoch: int, row: dict[str, Any], stats: _Epoch) -> None:

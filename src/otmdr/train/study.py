@@ -64,7 +64,8 @@ from .loop import Preempted, TrainingError, train
 from .run_dir import RunDirError, prepare_run_dir
 
 __all__ = ["Run", "Study", "plan", "run_study", "select_points", "search_points", "close_calls", "SELECT_METRICS",
-           "SEARCH_SEED_OFFSET", "BUDGETS", "split_method"]
+           "SEARCH_SEED_OFFSET", "BUDGETS", "split_method", "method_variant", "VARIANTS",
+           "variant_overrides"]
 
 #: validation metrics a search may select on, and whether higher is better
 SELECT_METRICS = {"val_accuracy": True, "val_nll": False, "val_brier": False, "val_ece": False}
@@ -75,12 +76,49 @@ SEARCH_SEED_OFFSET = 1000
 BUDGETS = ("epochs", "compute")
 
 
+#: ``METHOD+VARIANT`` in a comparison's methods (``sam+reuse``, ``otmdr+late/joint@compute``): the
+#: efficient variant's config overrides, applied after the study's own and before the grid point's
+#: (so a grid can tune the variant's knob: ``--grid otmdr+reuse:efficiency.interval=2,5,10``).
+#: Methods sam, asam and otmdr only: plain SGD has no sharpness-aware step to make cheaper.
+VARIANTS: dict[str, list[str]] = {
+    "interval": ["efficiency.interval=5"],  # the sharpness-aware step every 5th step, plain steps between
+    "reuse": ["efficiency.interval=5", "efficiency.reuse=true"],  # LookSAM: reusing steps between
+    "late": ["efficiency.phase_start=0.8"],  # plain steps for the first 80% of the steps
+    "trigger": ["efficiency.trigger=[-1.0,1.0]"],  # AE-SAM's adaptive trigger, c from -1 to 1
+    "momentum": ["efficiency.momentum_ascent=all"],  # MSAM: every ascent step along the momentum buffer
+    "momentum1": ["efficiency.momentum_ascent=first"],  # the first ascent step along the momentum buffer
+}
+
+
 def split_method(method: str) -> tuple[str, str, str]:
-    """``otmdr/joint@compute`` -> (``otmdr``, ``joint``, ``compute``): the optimizer, the ensemble
-    regime and the budget a compared method names (empty strings where absent)."""
+    """``otmdr+reuse/joint@compute`` -> (``otmdr``, ``joint``, ``compute``): the optimizer, the
+    ensemble regime and the budget a compared method names (empty strings where absent). The
+    variant (``reuse``) is :func:`method_variant`'s."""
     head, _, budget = method.partition("@")
-    name, _, regime = head.partition("/")
+    head, _, regime = head.partition("/")
+    name = head.partition("+")[0]
     return name, regime, budget
+
+
+def method_variant(method: str) -> str:
+    """``otmdr+reuse/joint@compute`` -> ``reuse``: the efficient variant a compared method names
+    (a key of :data:`VARIANTS`; empty when none)."""
+    return method.partition("@")[0].partition("/")[0].partition("+")[2]
+
+
+def variant_overrides(method: str) -> list[str]:
+    """The config overrides of the variant ``method`` names (none without one). A variant that
+    is not in :data:`VARIANTS`, or one given to plain SGD, is a one-line ConfigError."""
+    variant = method_variant(method)
+    if "+" not in method.partition("@")[0].partition("/")[0]:
+        return []
+    if variant not in VARIANTS:
+        raise ConfigError(f"method {method}: {variant!r} is not a variant; choose from {', '.join(VARIANTS)} "
+                          f"(METHOD+VARIANT, e.g. sam+reuse)")
+    if split_method(method)[0] == "sgd":
+        raise ConfigError(f"method {method}: plain SGD has no sharpness-aware step to make cheaper; the variants "
+                          "(+" + ", +".join(VARIANTS) + ") apply to sam, asam and otmdr")
+    return list(VARIANTS[variant])
 
 
 @dataclass
@@ -142,6 +180,12 @@ class Study:
         return split_method(method)[2] or self.budget
 
 
+def _not_overridden(overrides: list[str], later: tuple[str, ...] | list[str]) -> list[str]:
+    """``overrides`` without those whose key ``later`` sets again (a grid point tuning a variant's knob)."""
+    keys = {o.partition("=")[0].strip() for o in later}
+    return [o for o in overrides if o.partition("=")[0].strip() not in keys]
+
+
 def _slug(text: str) -> str:
     text = text.replace("/", "-").replace("[", "").replace("]", "").replace(",", "_").replace(" ", "_")
     return re.sub(r"[^A-Za-z0-9.=_+-]+", "_", text).strip("_") or "default"
@@ -156,6 +200,7 @@ def _config(study: Study, point: GridPoint, seed: int, extra: list[str], budget:
     if study.bn_policy is not None:
         fixed += [f"{section}.bn_policy={study.bn_policy}" for section in ("sam", "asam", "otmdr")]
     fixed += [f"ensemble.regime={regime}"] if regime else []
+    fixed += variant_overrides(point.method)  # before the grid point's: a grid may tune the variant's knob
     where = f"grid point {point.method} [{point.label}]" if point.overrides else f"method {point.method}"
     try:
         cfg = load_config(study.config_path, study.overrides + fixed + list(point.overrides) + extra)
@@ -195,6 +240,8 @@ def plan(study: Study) -> tuple[list[Run], Callable[[dict[str, GridPoint]], list
     if unknown:
         raise ConfigError(f"budget {sorted(unknown)[0]!r} is not one of {', '.join(BUDGETS)} "
                           "(--budget, or METHOD@compute in --methods)")
+    for method in study.methods:  # an unknown variant, or one given to sgd: one line, before any config
+        variant_overrides(method)
     search_seeds = study.seeds_for_search
     if not search_seeds or len(set(search_seeds)) != len(search_seeds):
         raise ConfigError(f"search seeds {search_seeds}: give at least one, none twice")
@@ -642,6 +689,7 @@ def _run(study: Study, search: list[Run], finals, *, jobs: int, log: Callable[[s
             name, regime, _ = split_method(run.method)
             epochs = [f"train.epochs={run.config.train.epochs}"] if study.budget_of(run.method) == "compute" else []
             settings[run.method] = [f"optim.method={name}", *([f"ensemble.regime={regime}"] if regime else []),
+                                    *_not_overridden(variant_overrides(run.method), run.point.overrides),
                                     *run.point.overrides, *epochs]
     return {"summaries": summaries, "chosen": chosen, "search": search, "points": points, "search_runs": records,
             "settings": settings,
