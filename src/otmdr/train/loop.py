@@ -329,6 +329,8 @@ def _validate(run: _Run, epoch: int, stats: _Epoch) -> dict[str, Any]:
                            "images_per_second": stats.samples / stats.seconds,
                            # cumulative: the compute spent so far, for equal-compute comparisons
                            "gradient_evaluations": _evaluations_so_far(run) + stats.gradient_evaluations}
+    if stats.full_steps is not None:  # a cheaper variant: how many of the epoch's steps perturbed
+        row["full_steps"] = stats.full_steps
     run.strategy.sync_buffers(run.model)  # every replica now holds rank 0's batch-norm statistics
     if run.data.val is not None:
         val, _ = evaluate_split(run.model, run.data.val, autocast=AUTOCAST[run.cfg.train.precision],
@@ -485,6 +487,7 @@ class _Epoch:
     gradient_evaluations: float  # full-batch forward+backward passes of the epoch (see train.compute)
     move: float | None = 0.0  # the perturbation's parts (means, as ``perturbation``): the ascent move
     noise: float | None = 0.0  # and the Langevin noise; None: unknown (an older checkpoint's partial epoch)
+    full_steps: int | None = None  # steps that perturbed, when some steps do not (the radius is their mean)
 
 
 class _StoppedMidEpoch(Exception):
@@ -549,6 +552,7 @@ def _train_epoch(model, optimizer, scheduler, scaler, loader, loss_fn, *, max_gr
     noise = torch.tensor(partial.get("perturbation_noise", 0.0), device=device)
     samples = partial.get("samples", 0)
     evaluations = float(partial.get("gradient_evaluations", 0.0))  # Python floats: no host sync
+    full_steps = int(partial.get("full_steps", 0))  # steps that perturbed (StepResult.kind: a Python str)
     started = time.perf_counter() - partial.get("seconds", 0.0)
     pause = _signals.step_pause(epoch)  # test-only, read once per epoch
     bar = None
@@ -557,6 +561,9 @@ def _train_epoch(model, optimizer, scheduler, scaler, loader, loss_fn, *, max_gr
 
         bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True)
     perturbing = isinstance(optimizer, OTMDR)
+    #: some steps do not perturb (docs/optimizer.md, "Cheaper steps"): the radius is the mean over
+    #: those that do, the size of the neighbourhood the method trained against
+    skipping = isinstance(optimizer, OTMDR) and (optimizer.config.ascent_interval > 1 or optimizer.config.skips_passes)
     from ..models.bayes import fixed_sample, is_bayesian
 
     one_sample = fixed_sample if is_bayesian(model) else (lambda _: contextlib.nullcontext())
@@ -571,6 +578,7 @@ def _train_epoch(model, optimizer, scheduler, scaler, loader, loss_fn, *, max_gr
                     move += result.move_norm.to(device)
                     noise += result.noise_norm.to(device)
                 evaluations += result.gradient_evaluations
+                full_steps += result.kind == "full"
             else:
                 optimizer.zero_grad(set_to_none=True)
                 objective, (logits, loss) = loss_fn((x, y))
@@ -601,7 +609,8 @@ def _train_epoch(model, optimizer, scheduler, scaler, loader, loss_fn, *, max_gr
                 bar.close()
             sums = {"loss_sum": float(loss_sum), "correct": int(correct), "seen": int(seen),
                     "perturbation": float(perturbation), "samples": samples,
-                    "seconds": time.perf_counter() - started, "gradient_evaluations": evaluations}
+                    "seconds": time.perf_counter() - started, "gradient_evaluations": evaluations,
+                    "full_steps": full_steps}
             if parts_known:
                 sums.update(perturbation_move=float(move) if noisy else sums["perturbation"],
                             perturbation_noise=float(noise) if noisy else 0.0)
@@ -611,7 +620,8 @@ def _train_epoch(model, optimizer, scheduler, scaler, loader, loss_fn, *, max_gr
             if strategy.checks_loss_every_bar():
                 _check_finite(mean_loss, epoch, step)
             elapsed = time.perf_counter() - started
-            radius = {"radius": f"{float(perturbation) / (step + 1):.3f}"} if perturbing else {}
+            radius = ({"radius": f"{float(perturbation) / max(1, full_steps if skipping else step + 1):.3f}"}
+                      if perturbing else {})
             bar.set_postfix(loss=f"{mean_loss:.4f}", acc=f"{float(correct) / float(seen):.3f}", **radius,
                             img_s=f"{samples / elapsed:.0f}", refresh=False)
             bar.update(step + 1 - bar.n)
@@ -619,18 +629,20 @@ def _train_epoch(model, optimizer, scheduler, scaler, loader, loss_fn, *, max_gr
         bar.close()
     loss_sum, correct, seen, perturbation, samples = strategy.reduce_epoch(loss_sum, correct, seen, perturbation,
                                                                            samples)
-    radius_mean = float(perturbation) / len(loader)
+    steps = max(1, full_steps) if skipping else len(loader)  # every process took the same kinds of step
+    radius_mean = float(perturbation) / steps
     move_mean: float | None = radius_mean
     noise_mean: float | None = 0.0
     if noisy:  # the processes' means, as the radius's (each sum in the radius's place)
         move = strategy.reduce_epoch(loss_sum, correct, seen, move, 0)[3]
         noise = strategy.reduce_epoch(loss_sum, correct, seen, noise, 0)[3]
-        move_mean, noise_mean = ((float(move) / len(loader), float(noise) / len(loader)) if parts_known
+        move_mean, noise_mean = ((float(move) / steps, float(noise) / steps) if parts_known
                                  else (None, None))
     mean_loss = float(loss_sum / seen)
     _check_finite(mean_loss, epoch, len(loader) - 1)
     return _Epoch(mean_loss, float(correct) / float(seen), radius_mean,
-                  time.perf_counter() - started, samples, evaluations, move_mean, noise_mean)
+                  time.perf_counter() - started, samples, evaluations, move_mean, noise_mean,
+                  full_steps if skipping else None)
 
 
 def _check_finite(loss: float, epoch: int, step: int) -> None:
