@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Sharpness-aware gains at near-SGD cost (issue 25): tuned SGD (1x and 2x compute), SAM, full
+# OT-MDR and every cheaper variant (METHOD+VARIANT, docs/optimizer.md "Cheaper steps"), each
+# variant's own knob and radius searched on validation at search seeds apart from the evaluation
+# seeds; paired intervals and TOST verdicts (+-0.5 points) against full OT-MDR, SGD and SAM; the
+# report's compute columns and its accuracy-against-compute figure.
+#   benchmarks/evidence/efficiency.sh digits [JOBS]                  noisy digits, 40 epochs, 10 seeds
+#   benchmarks/evidence/efficiency.sh fmnist-noisy DATA_DIR [JOBS]   Fashion-MNIST MLP, 40% noise, 5 seeds
+#   benchmarks/evidence/efficiency.sh fmnist-clean DATA_DIR [JOBS]   the same, clean labels
+# On Fashion-MNIST the baselines' settings are fixed at the ones the issue-24 search chose
+# (benchmarks/results/fashion-mnist-mlp-noisy40-rerun: SGD lr 0.2, at 2x lr 0.4, SAM rho 0.2, OT-MDR
+# rho (0.05, 0.1)); only the variants search (their knob, and the radius where the variant changes
+# what a radius means). Resumable: rerun the same command after a kill.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+REGIME=${1:?usage: $0 digits|fmnist-noisy|fmnist-clean [DATA_DIR] [JOBS]}
+OTMDR=${OTMDR:-.venv/bin/otmdr}
+PYTHON=${PYTHON:-.venv/bin/python}
+EVIDENCE_DIR=${EVIDENCE_DIR:-runs/evidence}
+VARIANTS=otmdr+interval,otmdr+reuse,otmdr+late,otmdr+trigger,otmdr+momentum,otmdr+momentum1
+KNOBS=(--grid otmdr+interval:efficiency.interval=2,5 --grid otmdr+reuse:efficiency.interval=2,5
+       --grid otmdr+late:efficiency.phase_start=0.5,0.8 --grid 'otmdr+trigger:efficiency.trigger=[-1.0,1.0],[0.0,2.0]')
+case "$REGIME" in
+  digits)
+    JOBS=${2:-2}
+    SGD_GRID=(optim.lr=0.01,0.025,0.05,0.1 optim.weight_decay=5e-4,5e-3,2e-2,5e-2)
+    RHO='[0.05,0.1],[0.1,0.2],[0.25,0.5]'
+    GRID=(--grid sam.rho=0.02,0.05,0.1,0.2,0.5,1.0
+          --grid 'otmdr.rho=[0.01,0.02],[0.025,0.05],[0.05,0.1],[0.1,0.2],[0.25,0.5],[0.5,1.0]'
+          "${KNOBS[@]}" --grid sam+momentum:sam.rho=0.1,0.3,0.5,1.0 --grid sam+reuse:efficiency.interval=2,5
+          --grid sam+reuse:sam.rho=0.1,0.2,0.5 --grid 'otmdr+momentum:otmdr.rho=[0.05,0.1],[0.1,0.2],[0.25,0.5],[0.5,1.0]'
+          --grid "otmdr+momentum1:otmdr.rho=$RHO")
+    for method in otmdr+interval otmdr+reuse otmdr+late otmdr+trigger; do GRID+=(--grid "$method:otmdr.rho=$RHO"); done
+    for method in sgd sgd@compute; do
+      for key in "${SGD_GRID[@]}"; do GRID+=(--grid "$method:$key"); done
+    done
+    ARGS=(--config configs/demo-label-noise.yaml --methods "sgd,sgd@compute,sam,otmdr,$VARIANTS,sam+reuse,sam+momentum"
+          --seeds 10 --search-seeds 3 --set train.epochs=40)
+    NAME=efficiency-digits-mlp-noisy40 ;;
+  fmnist-noisy|fmnist-clean)
+    DATA=${2:?usage: $0 $REGIME DATA_DIR [JOBS]}
+    JOBS=${3:-2}
+    GRID=(--grid sgd:optim.lr=0.2 --grid sgd@compute:optim.lr=0.4 --grid sam.rho=0.2 --grid 'otmdr.rho=[0.05,0.1]'
+          "${KNOBS[@]}" --grid 'otmdr+momentum:otmdr.rho=[0.05,0.1],[0.25,0.5]'
+          --grid 'otmdr+momentum1:otmdr.rho=[0.05,0.1],[0.25,0.5]')
+    for method in otmdr+interval otmdr+reuse otmdr+late otmdr+trigger; do GRID+=(--grid "$method:otmdr.rho=[0.05,0.1]"); done
+    noise=(); [ "$REGIME" = fmnist-noisy ] && noise=(--set data.label_noise=0.4)
+    ARGS=(--config configs/fashion-mnist-mlp.yaml --data-dir "$DATA" --methods "sgd,sgd@compute,sam,otmdr,$VARIANTS"
+          --seeds 5 --set otmdr.normalize=merged ${noise[@]+"${noise[@]}"})
+    NAME=efficiency-fashion-mnist-mlp-${REGIME#fmnist-} ;;
+  *) echo "unknown regime $REGIME: digits, fmnist-noisy or fmnist-clean" >&2; exit 2 ;;
+esac
+"$OTMDR" compare "${ARGS[@]}" "${GRID[@]}" --reference otmdr,sgd,sam --jobs "$JOBS" --resume --quiet \
+  --out "$EVIDENCE_DIR/$NAME"
+echo "Commit with: $PYTHON benchmarks/collect_report.py $EVIDENCE_DIR/$NAME $NAME"
