@@ -15,12 +15,13 @@ import torch
 from .._atomic import atomic_write_text
 from ..train.compute import cpu_model
 from .monte_carlo import monte_carlo_note
-from .plots import plot_learning_curves, plot_reliability, plot_search, plot_test_accuracy
+from .plots import (mean_compute, plot_accuracy_vs_compute, plot_learning_curves, plot_reliability, plot_search,
+                    plot_test_accuracy)
 from .stats import CI_METHOD, PairedDifference, adjust_family, describe_tests, format_paired, paired_table
 from .tables import aggregate, early_stopped, format_table
 
 __all__ = ["write_compare_report", "comparison_tables", "paired_family", "bottom_line", "search_table", "edge_notes",
-           "bayesian_method_names"]
+           "bayesian_method_names", "compute_reference"]
 
 
 def bayesian_method_names(test_samples: int | None) -> str | None:
@@ -232,6 +233,20 @@ def _key_edge(chosen: dict[str, Any], points: list[dict[str, Any]]) -> str | Non
     return "at the " + " and the ".join(edges) if edges else None
 
 
+def compute_reference(summaries: dict[str, list[dict[str, Any]]], references: list[str]) -> str | None:
+    """The reference of the accuracy-against-compute figure: the report's first reference, else (it
+    spent nothing) the method that spent the fewest gradient evaluations; None, and no figure, when
+    a method's runs did not count them or the methods' means differ by 1% or less (the tables say it all)."""
+    spent = {method: mean_compute(runs)[0] for method, runs in summaries.items()}
+    known = {method: value for method, value in spent.items() if value is not None}
+    if len(known) < 2 or len(known) < len(spent) or not any(known.values()):
+        return None
+    reference = (references[0] if references and known.get(references[0])
+                 else min((m for m in known if known[m]), key=lambda m: known[m]))
+    ratios = [value / known[reference] for value in known.values()]
+    return reference if max(ratios) - min(ratios) > 0.01 * max(ratios) else None
+
+
 def _seed_list(seeds: list[int]) -> str:
     """0-9 for a run of consecutive seeds, else the list."""
     if len(seeds) > 2 and seeds == list(range(seeds[0], seeds[-1] + 1)):
@@ -259,6 +274,11 @@ def write_compare_report(out_dir: Path, summaries: dict[str, list[dict[str, Any]
     curves = plot_learning_curves(summaries, figures / "learning_curves.png")
     accuracy = plot_test_accuracy(summaries, figures / "test_accuracy.png")
     calibration = plot_reliability(summaries, figures / "reliability.png")
+    compute_ref = compute_reference(summaries, references)
+    spending = (plot_accuracy_vs_compute(summaries, figures / "accuracy_vs_compute.png", reference=compute_ref)
+                if compute_ref else None)
+    if spending is None:  # an earlier report's figure in this folder would outlive the link to it
+        (figures / "accuracy_vs_compute.png").unlink(missing_ok=True)
     first = next(iter(summaries.values()))[0]
     bins = first["test"]["ece_bins"]
     lines = [
@@ -337,6 +357,12 @@ def write_compare_report(out_dir: Path, summaries: dict[str, list[dict[str, Any]
         "",
         f"![test accuracy]({accuracy.relative_to(out_dir)})",
         "",
+        *([f"Test accuracy against compute: x is each method's gradient evaluations (left) and training "
+           f"wall-clock (right), means over seeds as multiples of {compute_ref}'s; y is the test accuracy of the "
+           "final model (filled)" + (" and of the early-stopped model (hollow)" if early_stopped(summaries) else "")
+           + ", the mean with its 95% t interval over seeds (not paired: the paired intervals are in the tables "
+           "above).", "",
+           f"![test accuracy against compute]({spending.relative_to(out_dir)})", ""] if spending else []),
         f"![reliability diagrams]({calibration.relative_to(out_dir)})",
         "",
         "<details><summary>configuration</summary>",

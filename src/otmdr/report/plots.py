@@ -3,6 +3,7 @@ grid search), of robustness evaluations, and of loss landscapes."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -11,12 +12,14 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.transforms import offset_copy  # noqa: E402
 
 from .stats import t_half_width  # noqa: E402
-from .tables import format_epsilon  # noqa: E402
+from .tables import early_stopped, format_epsilon  # noqa: E402
 
 __all__ = ["plot_learning_curves", "plot_test_accuracy", "plot_reliability", "plot_corruption_heatmaps",
-           "plot_robust_accuracy", "plot_search", "plot_landscape", "plot_interpolation"]
+           "plot_robust_accuracy", "plot_search", "plot_landscape", "plot_interpolation", "mean_compute",
+           "compute_ratios", "plot_accuracy_vs_compute"]
 
 
 def _mean_curve(runs: list[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
@@ -80,6 +83,160 @@ def plot_test_accuracy(summaries: dict[str, list[dict[str, Any]]], path: Path) -
     ax.set_title("mean with 95% t interval; dots: seeds", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def mean_compute(runs: list[dict[str, Any]]) -> tuple[float | None, float | None]:
+    """A method's mean over seeds of its runs' gradient evaluations and of their training seconds
+    (``compute.train_seconds``, else the sum of the history's ``seconds``: the same number, which
+    the study API's results may give only one way); None where a run lacks it."""
+    evaluations = [r.get("compute", {}).get("gradient_evaluations") for r in runs]
+    seconds = []
+    for r in runs:
+        spent = r.get("compute", {}).get("train_seconds")
+        if spent is None and r.get("history") and all("seconds" in row for row in r["history"]):
+            spent = sum(row["seconds"] for row in r["history"])
+        seconds.append(spent)
+    return (None if not runs or None in evaluations else float(np.mean(evaluations)),
+            None if not runs or None in seconds else float(np.mean(seconds)))
+
+
+def compute_ratios(summaries: dict[str, list[dict[str, Any]]],
+                   reference: str) -> dict[str, tuple[float | None, float | None]]:
+    """Each method's (gradient evaluations, training time) as ratios of means over seeds to
+    ``reference``'s: mean(method) / mean(reference), None where either side lacks the number (or the
+    reference spent none)."""
+    base_evaluations, base_seconds = mean_compute(summaries[reference])
+    out = {}
+    for method, runs in summaries.items():
+        evaluations, seconds = mean_compute(runs)
+        out[method] = (evaluations / base_evaluations if evaluations is not None and base_evaluations else None,
+                       seconds / base_seconds if seconds is not None and base_seconds else None)
+    return out
+
+
+#: a point drawn ``shift`` points right of (x, y) (data coordinates), its error bar ``half`` above and below (data)
+_Mark = tuple[float, float, float, float]
+
+
+def _place_labels(ax: Any, labels: list[tuple[float, float, str, Any]], marks: Sequence[_Mark] = (),
+                  reach: float = 0.0, fontsize: float = 7) -> None:
+    """Each label (x, y, text, colour) next to its point, at the first of a few places (right of
+    it, left, then above or below on either side, further out) whose estimated box lies inside
+    the axes and overlaps no label placed before and no mark (a marker with its error bar); where
+    none is free, the one that covers the least: methods of equal compute and accuracy otherwise
+    print over each other. ``reach``: how far (points) a label's own marks extend either side of
+    its x. Call it once the figure's layout is final."""
+    to_pixels = ax.figure.dpi / 72.0
+    frame = ax.get_window_extent()
+    side = reach + 6  # points from x to the label's near edge
+    candidates = [(side, 0, "left", "center"), (-side, 0, "right", "center"), (side, 6, "left", "bottom"),
+                  (side, -6, "left", "top"), (-side, 6, "right", "bottom"), (-side, -6, "right", "top"),
+                  (side, 14, "left", "bottom"), (side, -14, "left", "top"), (-side, 14, "right", "bottom"),
+                  (-side, -14, "right", "top"), (side, 24, "left", "bottom"), (side, -24, "left", "top"),
+                  (-side, 24, "right", "bottom"), (-side, -24, "right", "top")]
+    taken: list[tuple[float, float, float, float]] = []
+    for mx, my, shift, half in marks:  # the marker (size 7: 3.5 points each side) and its caps (4 points)
+        cx, cy = ax.transData.transform((mx, my))
+        cx += shift * to_pixels
+        top = ax.transData.transform((mx, my + half))[1]
+        reach_y = max(top - cy, 3.5 * to_pixels)
+        taken.append((cx - 4.5 * to_pixels, cy - reach_y, cx + 4.5 * to_pixels, cy + reach_y))
+
+    def cost(box: tuple[float, float, float, float]) -> tuple[bool, float]:
+        """(outside the axes, the area it covers of the labels and marks placed before)"""
+        covered = sum(max(0.0, min(box[2], t[2]) - max(box[0], t[0])) * max(0.0, min(box[3], t[3]) - max(box[1], t[1]))
+                      for t in taken)
+        return not (frame.x0 <= box[0] and box[2] <= frame.x1 and frame.y0 <= box[1] and box[3] <= frame.y1), covered
+
+    for x, y, text, color in sorted(labels, key=lambda p: (p[0], -p[1])):
+        px, py = ax.transData.transform((x, y))
+        width, height = 0.6 * fontsize * len(text) * to_pixels, 1.2 * fontsize * to_pixels
+        boxes = []
+        for dx, dy, ha, va in candidates:
+            left = px + dx * to_pixels - (width if ha == "right" else 0.0)
+            bottom = py + dy * to_pixels - {"top": height, "center": height / 2, "bottom": 0.0}[va]
+            boxes.append((left, bottom, left + width, bottom + height))
+        chosen = min(range(len(boxes)), key=lambda i: cost(boxes[i]))  # the first of the best
+        dx, dy, ha, va = candidates[chosen]
+        taken.append(boxes[chosen])
+        ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), ha=ha, va=va, fontsize=fontsize,
+                    color=color)
+
+
+def plot_accuracy_vs_compute(summaries: dict[str, list[dict[str, Any]]], path: Path, *, reference: str,
+                             guides: Sequence[float] = ()) -> Path:
+    """Test accuracy against the compute each method spent, as ratios to ``reference`` (see
+    :func:`compute_ratios`): gradient evaluations (left) and training wall-clock (right). Per method
+    the final model (filled) and, where the runs have one, the early-stopped model (hollow, dashed
+    interval) at the same x, drawn a few points left and right of it so that neither hides the
+    other; each the mean over seeds with its 95% t interval over seeds (unpaired: the paired
+    differences are the report's tables). ``guides``: x values to mark with a dotted vertical line
+    (a compute target, say), none by default. A method without a number is left out of that panel."""
+    ratios = compute_ratios(summaries, reference)
+    stopped = early_stopped(summaries)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, axes = plt.subplots(1, 2, figsize=(10.0, 4.0), sharey=True)
+    titles = (f"gradient evaluations (× {reference}, mean over seeds)",
+              f"training wall-clock (× {reference}, mean over seeds)")
+    apart = 3.5 if stopped else 0.0  # points each side of x: final model left, early-stopped right
+    placed: list[tuple[list[tuple[float, float, str, Any]], list[_Mark]]] = []
+    for panel, (ax, title) in enumerate(zip(axes, titles)):
+        labels: list[tuple[float, float, str, Any]] = []
+        marks: list[_Mark] = []
+        left = offset_copy(ax.transData, fig=fig, x=-apart, units="points")
+        right = offset_copy(ax.transData, fig=fig, x=apart, units="points")
+        for i, (method, runs) in enumerate(summaries.items()):
+            x = ratios[method][panel]
+            if x is None:
+                continue
+            color = colors[i % len(colors)]
+            final = [100 * r["test"]["accuracy"] for r in runs]
+            ax.errorbar(x, np.mean(final), yerr=t_half_width(final), fmt="o", color=color, markersize=7,
+                        capsize=4, zorder=3, transform=left)
+            labels.append((x, float(np.mean(final)), method, color))
+            marks.append((x, float(np.mean(final)), -apart, t_half_width(final)))
+            if method in stopped:
+                early = [100 * r["test"]["accuracy"] for r in stopped[method]]
+                bars = ax.errorbar(x, np.mean(early), yerr=t_half_width(early), fmt="o", color=color,
+                                   markerfacecolor="white", markeredgecolor=color, markersize=7, capsize=4,
+                                   zorder=4, transform=right)
+                bars[2][0].set_linestyle("--")
+                marks.append((x, float(np.mean(early)), apart, t_half_width(early)))
+        for guide in guides:
+            ax.axvline(guide, color="gray", linestyle=":", linewidth=1)
+            ax.annotate(f"{guide:g}x", (guide, 1.0), xycoords=("data", "axes fraction"), textcoords="offset points",
+                        xytext=(2, -2), ha="left", va="top", fontsize=7, color="gray")
+        if not labels:
+            ax.text(0.5, 0.5, "not recorded", transform=ax.transAxes, ha="center", va="center", color="gray")
+        xs = [label[0] for label in labels] + list(guides)
+        if xs:  # room on both sides for the labels (one method alone: around it)
+            low, high = min(xs), max(xs)
+            pad = 0.2 * (high - low) if high > low else 0.1 * max(abs(high), 1.0)
+            ax.set_xlim(low - pad, high + pad)
+        ax.set_xlabel(title)
+        ax.grid(alpha=0.3)
+        placed.append((labels, marks))
+    ends = [float(np.mean(v)) + sign * t_half_width(v) for v in
+            ([100 * r["test"]["accuracy"] for r in runs] for runs in [*summaries.values(), *stopped.values()])
+            for sign in (-1, 1)]
+    low, high = min(ends), max(ends)  # every interval whole
+    pad = max(0.3, 0.1 * (high - low))
+    axes[0].set_ylim(low - pad, high + pad)
+    axes[0].set_ylabel("test accuracy (%)")
+    handles = [matplotlib.lines.Line2D([], [], marker="o", color="black", linestyle="-", label="final model"),
+               matplotlib.lines.Line2D([], [], marker="o", color="black", markerfacecolor="white", linestyle="--",
+                                       label="early-stopped model")]
+    axes[0].legend(handles=handles if stopped else handles[:1], fontsize=8, loc="best")
+    seeds = {len(runs) for runs in summaries.values()}
+    fig.suptitle("test accuracy against compute: " + ("one seed" if seeds == {1} else
+                 "mean with 95% t interval over seeds (not paired)"), fontsize=10)
+    fig.tight_layout()
+    fig.canvas.draw()  # the final layout and limits, for the labels' overlap test
+    for ax, (labels, marks) in zip(axes, placed):
+        _place_labels(ax, labels, marks, reach=apart + 4)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
