@@ -25,8 +25,8 @@ case "$REGIME" in
     JOBS=${2:-2}
     SGD_GRID=(optim.lr=0.01,0.025,0.05,0.1 optim.weight_decay=5e-4,5e-3,2e-2,5e-2)
     RHO='[0.05,0.1],[0.1,0.2],[0.25,0.5]'
-    GRID=(--grid sam.rho=0.02,0.05,0.1,0.2,0.5,1.0
-          --grid 'otmdr.rho=[0.01,0.02],[0.025,0.05],[0.05,0.1],[0.1,0.2],[0.25,0.5],[0.5,1.0]'
+    GRID=(--grid sam:sam.rho=0.02,0.05,0.1,0.2,0.5,1.0
+          --grid 'otmdr:otmdr.rho=[0.01,0.02],[0.025,0.05],[0.05,0.1],[0.1,0.2],[0.25,0.5],[0.5,1.0]'
           "${KNOBS[@]}" --grid sam+momentum:sam.rho=0.1,0.3,0.5,1.0 --grid sam+reuse:efficiency.interval=2,5
           --grid sam+reuse:sam.rho=0.1,0.2,0.5 --grid 'otmdr+momentum:otmdr.rho=[0.05,0.1],[0.1,0.2],[0.25,0.5],[0.5,1.0]'
           --grid "otmdr+momentum1:otmdr.rho=$RHO")
@@ -40,7 +40,7 @@ case "$REGIME" in
   fmnist-noisy|fmnist-clean)
     DATA=${2:?usage: $0 $REGIME DATA_DIR [JOBS]}
     JOBS=${3:-2}
-    GRID=(--grid sgd:optim.lr=0.2 --grid sgd@compute:optim.lr=0.4 --grid sam.rho=0.2 --grid 'otmdr.rho=[0.05,0.1]'
+    GRID=(--grid sgd:optim.lr=0.2 --grid sgd@compute:optim.lr=0.4 --grid sam:sam.rho=0.2 --grid 'otmdr:otmdr.rho=[0.05,0.1]'
           "${KNOBS[@]}" --grid 'otmdr+momentum:otmdr.rho=[0.05,0.1],[0.25,0.5]'
           --grid 'otmdr+momentum1:otmdr.rho=[0.05,0.1],[0.25,0.5]')
     for method in otmdr+interval otmdr+reuse otmdr+late otmdr+trigger; do GRID+=(--grid "$method:otmdr.rho=[0.05,0.1]"); done
