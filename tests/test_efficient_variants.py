@@ -179,6 +179,9 @@ def test_msam_equals_the_hand_written_momentum_ascent():
     _assert_same_weights(model, twin)
     assert [r.kind for r in results] == ["plain"] + ["full"] * 5
     assert all(r.gradient_evaluations == 1.0 for r in results)
+    with_logits = opt.step(lambda b: (lambda logits: (F.cross_entropy(logits, b[1]), logits))(model(b[0])),
+                           batch=data())
+    assert with_logits.outputs is not None and with_logits.outputs.shape == (16, 4)  # the only pass's outputs
     assert float(results[-1].perturbation_norm) == pytest.approx(0.3)
 
 

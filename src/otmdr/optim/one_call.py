@@ -129,8 +129,9 @@ def _run_passes(opt: OTMDR, passes: _Passes) -> tuple[tuple[Tensor, Any], list[T
         if last and opt._progress.particles_done:
             opt._load_particle_gradients()
         update_bn = updates_batchnorm(cfg.bn_policy, k, None, first_pass=first_pass)
-        finals.append(passes.run(passes.batch, sync=last, update_bn=update_bn)[0])
-        first = (finals[0], None) if first is None else first  # every ascent step moved along the momentum
+        final = passes.run(passes.batch, sync=last, update_bn=update_bn)
+        finals.append(final[0])
+        first = final if first is None else first  # every ascent step moved along the momentum: the only pass
         if not last:
             opt.next_particle()
     assert first is not None
