@@ -32,7 +32,7 @@ def _value(args: list[str], flag: str) -> str:
     return args[args.index(flag) + 1]
 
 
-@pytest.mark.parametrize("regime", ["digits", "fmnist-noisy", "fmnist-clean"])
+@pytest.mark.parametrize("regime", ["digits", "fmnist-noisy", "fmnist-clean", "ensembles-digits", "bnn-digits"])
 def test_every_regime_is_a_valid_study_with_the_variants_knobs_searched(tmp_path, regime):
     args = _arguments(tmp_path, regime, *(["DATA"] if regime != "digits" else []))
     assert args[0] == "compare"
@@ -55,6 +55,10 @@ def test_every_regime_is_a_valid_study_with_the_variants_knobs_searched(tmp_path
                for (m, _), c in configs.items() if "+" not in m)  # the baselines are full methods
     if regime == "digits":
         assert len(grid["sam"]) == 6 and len(grid["sam+momentum"]) == 4  # MSAM's larger radii searched apart
+    elif regime.endswith("-digits"):
+        model = "mlp-x3" if regime.startswith("ensembles") else "bayes-mlp"
+        assert {c.model.name for c in configs.values()} == {model}
+        assert len(grid["sgd"]) == 4 and len(grid["otmdr"]) == 4
     else:  # the baselines at the settings the issue-24 search chose: nothing of theirs is searched
         assert all(len(grid[m]) == 1 for m in ("sgd", "sgd@compute", "sam", "otmdr"))
         assert ("--set", "data.label_noise=0.4") in zip(args, args[1:]) or regime == "fmnist-clean"

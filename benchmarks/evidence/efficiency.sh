@@ -7,6 +7,8 @@
 #   benchmarks/evidence/efficiency.sh digits [JOBS]                  noisy digits, 40 epochs, 10 seeds
 #   benchmarks/evidence/efficiency.sh fmnist-noisy DATA_DIR [JOBS]   Fashion-MNIST MLP, 40% noise, 5 seeds
 #   benchmarks/evidence/efficiency.sh fmnist-clean DATA_DIR [JOBS]   the same, clean labels
+#   benchmarks/evidence/efficiency.sh ensembles-digits [JOBS]        noisy digits, 3-MLP ensemble (joint), 5 seeds
+#   benchmarks/evidence/efficiency.sh bnn-digits [JOBS]              noisy digits, Bayesian MLP, 5 seeds
 # On Fashion-MNIST the baselines' settings are fixed at the ones the issue-24 search chose
 # (benchmarks/results/fashion-mnist-mlp-noisy40-rerun: SGD lr 0.2, at 2x lr 0.4, SAM rho 0.2, OT-MDR
 # rho (0.05, 0.1)); only the variants search (their knob, and the radius where the variant changes
@@ -48,7 +50,19 @@ case "$REGIME" in
     ARGS=(--config configs/fashion-mnist-mlp.yaml --data-dir "$DATA" --methods "sgd,sgd@compute,sam,otmdr,$VARIANTS"
           --seeds 5 --set otmdr.normalize=merged ${noise[@]+"${noise[@]}"})
     NAME=efficiency-fashion-mnist-mlp-${REGIME#fmnist-} ;;
-  *) echo "unknown regime $REGIME: digits, fmnist-noisy or fmnist-clean" >&2; exit 2 ;;
+  ensembles-digits|bnn-digits)
+    JOBS=${2:-2}
+    RHO='[0.05,0.1],[0.1,0.2]'
+    GRID=(--grid sgd:optim.lr=0.01,0.025,0.05,0.1 --grid sgd@compute:optim.lr=0.01,0.025,0.05,0.1
+          --grid sam:sam.rho=0.05,0.1,0.2,0.5 --grid 'otmdr:otmdr.rho=[0.025,0.05],[0.05,0.1],[0.1,0.2],[0.25,0.5]'
+          "${KNOBS[@]}" --grid 'otmdr+momentum:otmdr.rho=[0.05,0.1],[0.1,0.2],[0.25,0.5]'
+          --grid "otmdr+momentum1:otmdr.rho=$RHO")
+    for method in otmdr+interval otmdr+reuse otmdr+late otmdr+trigger; do GRID+=(--grid "$method:otmdr.rho=$RHO"); done
+    model=mlp-x3; [ "$REGIME" = bnn-digits ] && model=bayes-mlp
+    ARGS=(--config configs/demo-label-noise.yaml --methods "sgd,sgd@compute,sam,otmdr,$VARIANTS"
+          --seeds 5 --set train.epochs=40 --set "model.name=$model")
+    NAME=efficiency-digits-$model-noisy40 ;;
+  *) echo "unknown regime $REGIME: digits, fmnist-noisy, fmnist-clean, ensembles-digits or bnn-digits" >&2; exit 2 ;;
 esac
 "$OTMDR" compare "${ARGS[@]}" "${GRID[@]}" --reference otmdr,sgd,sam --jobs "$JOBS" --resume --quiet \
   --out "$EVIDENCE_DIR/$NAME"
