@@ -178,6 +178,8 @@ def plot_accuracy_vs_compute(summaries: dict[str, list[dict[str, Any]]], path: P
     ratios = compute_ratios(summaries, reference)
     stopped = early_stopped(summaries)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    if len(summaries) > len(colors):  # one colour per method: a study of the variants has a dozen
+        colors = [plt.get_cmap("tab20")(i) for i in range(20)]
     fig, axes = plt.subplots(1, 2, figsize=(10.0, 4.0), sharey=True)
     titles = (f"gradient evaluations (× {reference}, mean over seeds)",
               f"training wall-clock (× {reference}, mean over seeds)")
