@@ -1,7 +1,8 @@
-"""Wall time per training step and extra optimizer memory: SGD, SAM, OT-MDR and pytorch-optimizer's SAM.
+"""Wall time per training step and extra optimizer memory: SGD, SAM, OT-MDR, their cheaper variants and
+pytorch-optimizer's SAM.
 
-Measures, in one run, the median wall time of one full training step (all forward/backward
-passes, the ascent moves and the base SGD update) for
+Measures, in one run, the wall time of a training step (all forward/backward passes, the ascent
+moves and the base SGD update) for
 
 * ``SGD``         plain ``torch.optim.SGD`` (momentum 0.9): one forward/backward pass;
 * ``SAM``         ``otmdr.SAM`` (rho 0.05), one-call ``opt.step(loss_fn, batch=...)``;
@@ -15,25 +16,56 @@ passes, the ascent moves and the base SGD update) for
 * ``hand SAM`` / ``hand OT-MDR``  the same passes and moves written inline with no option, check
                   or measurement: the floor each optimizer's bookkeeping is measured against (and
                   their ratio, the cost of OT-MDR's third pass, which bookkeeping cannot remove),
+* the cheaper variants of docs/optimizer.md, "Cheaper steps", named as ``otmdr compare``'s
+  METHOD+VARIANT (``OT-MDR`` is K=1; each with the radius above):
+  ``OT-MDR+interval`` (``ascent_interval=5``), ``OT-MDR+reuse`` (and ``reuse=True``: LookSAM),
+  ``OT-MDR+late`` (``phase_start=0.8``), ``OT-MDR+trigger`` (``trigger=(-1.0, 1.0)``: AE-SAM),
+  ``OT-MDR+momentum`` (``momentum_ascent="all"``: MSAM), ``OT-MDR+momentum1`` (``"first"``),
+  ``SAM+reuse`` and ``SAM+momentum`` (MSAM); ``--methods`` also takes ``SAM+interval``,
+  ``SAM+late`` and ``SAM+trigger``,
 
 on three models: the digits MLP of ``examples/digits_compare.py`` (1x8x8 inputs), otmdr's LeNet
 at MNIST shape (1x28x28) and ResNet-20 at CIFAR shape (3x32x32), all at batch 128. Inputs and
 labels are random synthetic tensors (one fixed batch per model): step time does not depend on
 the data. Every method trains its own copy of the same initial model.
 
-Method: a few warm-up steps per method, then rounds in which the methods run round-robin (the
-order rotates every round) so that machine drift affects all of them alike; the figure is the
-median over rounds, and ratios carry a 95% bootstrap interval (resampling whole rounds). Rounds
-repeat until a time budget per model is spent (``--budget``, with ``--min-reps``/``--max-reps``),
-so the default run takes about 4-5 minutes on 2 CPU cores. The CPU time other processes used
-during the run is reported: on a shared machine the figures are only as good as that is small.
-With ``--device cuda`` every timed step is bracketed by ``torch.cuda.synchronize()``.
+Method: a few warm-up repetitions per method, then rounds in which the methods run round-robin
+(the order rotates every round) so that machine drift affects all of them alike; the figure is
+the median over rounds, and ratios carry a 95% bootstrap interval (resampling whole rounds). For
+SGD, SAM, OT-MDR, PO-SAM and the hand steps a repetition is one step. A variant alternates cheap
+and full steps, so the median of single steps would be the cheap step's time: its repetition is a
+whole cycle and its figure the mean time per step in it (the median over rounds of these means):
+
+* ``+interval``, ``+reuse``: 5 consecutive steps (one full step and four plain or reusing ones,
+  wherever the block starts);
+* ``+late``, ``+trigger``: a whole simulated run of ``--run-steps`` steps (10; ``--quick`` 5) with
+  ``total_steps`` set to it: ``opt.step_count`` is set back to 0 at the start of each repetition,
+  so the option's own schedule runs (late phase: ceil(0.8 N) plain steps, then full ones; trigger:
+  c moves from -1 to 1 over the run) while the weights, momentum and the trigger's statistics
+  carry on. This times the real schedule rather than weighting separately timed plain and full
+  steps 0.8/0.2; a run of 10 instead of thousands changes nothing but the number of phase
+  changes, which cost nothing (the optimizer's buffers persist through plain steps). The
+  trigger's share of full steps on one fixed random batch is not what it would be in training:
+  the table reports the share measured, and the time belongs to that share;
+* ``+momentum``, ``+momentum1``: one step (every step is alike once the momentum exists).
+
+Each method's gradient evaluations per step (``StepResult.gradient_evaluations`` averaged over
+the timed steps; the known value for SGD 1, PO-SAM and the hand steps 2) and share of full
+(perturbed) steps (``StepResult.kind``) are reported next to its time. Rounds repeat until a time
+budget per model is spent (``--budget``, default 600 s, with ``--min-reps``/``--max-reps``), so the
+default run (15 methods) takes about 11-12 minutes on 2 CPU cores, about 40-80 rounds on LeNet and
+ResNet-20 (it was 240 s and 4-5 minutes for the first 7 methods; ``--budget 240`` still bounds it
+there, with fewer rounds). The CPU time other processes used during the run is reported: on a
+shared machine the figures are only as good as that is small. With ``--device cuda`` every timed
+repetition is bracketed by ``torch.cuda.synchronize()``.
 
 Extra memory is what the optimizer keeps beyond the base optimizer's own state (SGD momentum
 is excluded everywhere): for otmdr's optimizers the persistent scratch tensors in
-``opt.scratch`` (centre copy, merge direction, particle gradient sum); for pytorch-optimizer's
-SAM the per-parameter ``old_p`` copies, measured right after ``first_step`` (its peak). Both are
-reported in multiples of the parameter bytes. Transient temporaries inside a step are not counted.
+``opt.scratch`` (centre copy, merge direction, particle gradient sum; LookSAM's clean gradient,
+MSAM's momentum direction) and, with ``reuse``, the stored LookSAM component; for
+pytorch-optimizer's SAM the per-parameter ``old_p`` copies, measured right after ``first_step``
+(its peak). Both are reported in multiples of the parameter bytes. Transient temporaries inside a
+step are not counted.
 
 A last section (``benchmarks/pipeline_overhead.py``) times whole ``otmdr train`` epochs of the
 digits MLP (``configs/demo.yaml``) against a minimal hand-written loop with the same model, data
@@ -44,6 +76,7 @@ Results go to ``benchmarks/results/step_speed.md`` and ``.json`` (not written fo
     python benchmarks/step_speed.py                 # full run, writes the results files
     python benchmarks/step_speed.py --quick         # seconds-long smoke run, writes nothing
     python benchmarks/step_speed.py --device cuda
+    python benchmarks/step_speed.py --methods SGD SAM "OT-MDR K=1" OT-MDR+reuse OT-MDR+late --run-steps 50
     python benchmarks/step_speed.py --baseline 48d0e6e --models "digits MLP" --methods SAM "OT-MDR K=1" \
         "hand SAM" "hand OT-MDR" --pipeline-epochs 0 --output benchmarks/results/step_speed_vs_48d0e6e
 
@@ -81,7 +114,23 @@ from torch import Tensor, nn
 from otmdr import OTMDR, SAM
 from otmdr.models import count_parameters, create_model
 
-METHODS = ("SGD", "SAM", "OT-MDR K=1", "OT-MDR K=2", "PO-SAM", "hand SAM", "hand OT-MDR")
+#: a cheaper variant of SAM or OT-MDR (K=1), as ``otmdr compare`` names it: its options and its
+#: repetition (steps in a row, or RUN: a simulated run of ``--run-steps`` steps; see the docstring)
+RUN = 0
+VARIANTS: dict[str, tuple[dict[str, Any], int]] = {
+    "interval": (dict(ascent_interval=5), 5),
+    "reuse": (dict(ascent_interval=5, reuse=True), 5),
+    "late": (dict(phase_start=0.8), RUN),
+    "trigger": (dict(trigger=(-1.0, 1.0)), RUN),
+    "momentum": (dict(momentum_ascent="all"), 1),
+    "momentum1": (dict(momentum_ascent="first"), 1),  # SAM's one ascent step: the same as "all"
+}
+VARIANT_METHODS = tuple(f"OT-MDR+{v}" for v in VARIANTS) + ("SAM+reuse", "SAM+momentum")
+METHODS = ("SGD", "SAM", "OT-MDR K=1", "OT-MDR K=2", "PO-SAM", "hand SAM", "hand OT-MDR", *VARIANT_METHODS)
+CHOICES = (*METHODS, *(f"SAM+{v}" for v in VARIANTS if f"SAM+{v}" not in METHODS and v != "momentum1"))
+#: gradient evaluations per step of the methods whose step returns no StepResult
+KNOWN_EVALUATIONS = {"SGD": 1.0, "PO-SAM": 2.0, "hand SAM": 2.0, "hand OT-MDR": 2.0,
+                     "SAM@base": 2.0, "OT-MDR K=1@base": 2.0}  # the baselines: where their StepResult has none
 SGD_KWARGS = dict(lr=0.01, momentum=0.9, weight_decay=5e-4)
 SAM_RHO = 0.05
 OTMDR_RHO = (0.05, 0.1)
@@ -107,11 +156,14 @@ MODELS = (
 @dataclass
 class MethodResult:
     method: str
-    median_ms: float
+    median_ms: float  # per step: the median over repetitions of a repetition's mean time per step
     q25_ms: float
     q75_ms: float
     extra_state_bytes: int
     extra_state_x_params: float
+    steps_per_rep: int = 1
+    gradient_evaluations_per_step: float = 0.0  # measured over the timed steps (known for SGD, PO-SAM, hand)
+    full_step_share: float = 0.0  # timed steps that perturbed
 
 
 @dataclass
@@ -128,49 +180,72 @@ class ModelResult:
 
 
 # ------------------------------------------------------------------------------------ methods
-def make_stepper(method: str, model: nn.Module, batch: tuple[Tensor, Tensor]) -> tuple[Callable[[], None], Any]:
-    """A zero-argument function running one full training step of ``method``, and its optimizer."""
+Cost = tuple[float, int]  # gradient evaluations (full-batch passes) and full (perturbed) steps
+
+
+def make_stepper(method: str, model: nn.Module, batch: tuple[Tensor, Tensor],
+                 run_steps: int = 10) -> tuple[Callable[[], Cost], Any, int]:
+    """A zero-argument function running one repetition of ``method`` and returning its cost, its
+    optimizer, and the steps in a repetition (1; a variant's cycle: see the module docstring)."""
 
     def loss_fn(b: tuple[Tensor, Tensor] = batch) -> Tensor:
         return F.cross_entropy(model(b[0]), b[1])
 
+    steps = 1
     if method == "SGD":
         opt: Any = torch.optim.SGD(model.parameters(), **SGD_KWARGS)
 
-        def step() -> None:
+        def step() -> Cost:
             opt.zero_grad()
             loss_fn().backward()
             opt.step()
+            return KNOWN_EVALUATIONS[method], 0
 
-    elif method in ("SAM", "OT-MDR K=1", "OT-MDR K=2", "SAM@base", "OT-MDR K=1@base"):
+    elif method in ("SAM", "OT-MDR K=1", "OT-MDR K=2", "SAM@base", "OT-MDR K=1@base") or "+" in method:
+        base, _, variant = method.partition("+")
+        options, steps = VARIANTS[variant] if variant else ({}, 1)
+        if steps == RUN:
+            steps, options = run_steps, {**options, "total_steps": run_steps}
         sam, otmdr = (BASELINE.SAM, BASELINE.OTMDR) if method.endswith("@base") else (SAM, OTMDR)
-        if method.startswith("SAM"):
-            opt = sam(model, torch.optim.SGD, rho=SAM_RHO, **SGD_KWARGS)
+        if base.startswith("SAM"):
+            opt = sam(model, torch.optim.SGD, rho=SAM_RHO, **options, **SGD_KWARGS)
         else:
-            opt = otmdr(model, torch.optim.SGD, rho=OTMDR_RHO, particles=int(method[9]), **SGD_KWARGS)
+            particles = int(base[9]) if base.startswith("OT-MDR K=") else 1
+            opt = otmdr(model, torch.optim.SGD, rho=OTMDR_RHO, particles=particles, **options, **SGD_KWARGS)
 
-        def step() -> None:
-            opt.step(loss_fn, batch=batch)
+        def one() -> Cost:
+            result = opt.step(loss_fn, batch=batch)
+            evaluations = getattr(result, "gradient_evaluations", None) or KNOWN_EVALUATIONS[method]  # older @base
+            return float(evaluations), int(getattr(result, "kind", "full") == "full")
+
+        def cycle() -> Cost:
+            if "total_steps" in options:  # a simulated run: the option's schedule from its start
+                opt.step_count = 0
+            costs = [one() for _ in range(steps)]
+            return sum(c[0] for c in costs), sum(c[1] for c in costs)
+
+        step = one if steps == 1 else cycle
 
     elif method == "PO-SAM":
         opt = PoSAM(model.parameters(), torch.optim.SGD, rho=SAM_RHO, **SGD_KWARGS)
 
-        def step() -> None:  # its second_step zeroes the gradients for the next step
+        def step() -> Cost:  # its second_step zeroes the gradients for the next step
             loss_fn().backward()
             opt.first_step(zero_grad=True)
             loss_fn().backward()
             opt.second_step(zero_grad=True)
+            return KNOWN_EVALUATIONS[method], 1
 
     elif method in ("hand SAM", "hand OT-MDR"):
         opt = torch.optim.SGD(model.parameters(), **SGD_KWARGS)
         step = _hand_step(method, model, opt, loss_fn, batch)
     else:
         raise ValueError(f"unknown method {method!r}")
-    return step, opt
+    return step, opt, steps
 
 
 def _hand_step(method: str, model: nn.Module, opt: torch.optim.Optimizer, loss_fn: Callable[..., Tensor],
-               batch: tuple[Tensor, Tensor]) -> Callable[[], None]:
+               batch: tuple[Tensor, Tensor]) -> Callable[[], Cost]:
     """The floor: the same passes and moves written inline, with no option, check or measurement.
 
     ``hand SAM``: one ascent step on the whole batch. ``hand OT-MDR``: the release's K=1 step,
@@ -185,7 +260,7 @@ def _hand_step(method: str, model: nn.Module, opt: torch.optim.Optimizer, loss_f
     ascent = [(batch, SAM_RHO)] if method == "hand SAM" else [
         ((batch[0][:half], batch[1][:half]), OTMDR_RHO[0]), ((batch[0][half:], batch[1][half:]), OTMDR_RHO[1])]
 
-    def step() -> None:
+    def step() -> Cost:
         with torch.no_grad():
             torch._foreach_copy_(centre, params)
         for i, (part, rho) in enumerate(ascent):
@@ -201,6 +276,7 @@ def _hand_step(method: str, model: nn.Module, opt: torch.optim.Optimizer, loss_f
         with torch.no_grad():
             torch._foreach_copy_(params, centre)
         opt.step()
+        return KNOWN_EVALUATIONS[method], 1
 
     return step
 
@@ -215,8 +291,8 @@ def extra_state_bytes(method: str, opt: Any, model: nn.Module, batch: tuple[Tens
         return 0
     if method.startswith("hand"):
         return 2 * tensor_bytes(model.parameters())  # the centre copy and the merge buffer
-    if isinstance(opt, OTMDR):
-        return tensor_bytes(opt.scratch.tensors())
+    if isinstance(opt, OTMDR):  # with reuse, LookSAM's stored component too (a parameter-sized buffer)
+        return tensor_bytes(opt.scratch.tensors()) + tensor_bytes(opt._reuse.values())
     if method.endswith("@base"):  # the baseline's own bookkeeping: .scratch, or the older ._scratch dicts
         scratch = getattr(opt, "scratch", None)
         tensors = scratch.tensors() if scratch is not None else (t for d in opt._scratch.values() for t in d.values())
@@ -231,14 +307,15 @@ def extra_state_bytes(method: str, opt: Any, model: nn.Module, batch: tuple[Tens
 
 
 # ------------------------------------------------------------------------------------- timing
-def timed(step: Callable[[], None], device: torch.device) -> float:
+def timed(step: Callable[[], Cost], device: torch.device) -> tuple[float, Cost]:
+    """Seconds one repetition took, and what it cost."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
-    step()
+    cost = step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, cost
 
 
 def bench_model(spec: ModelSpec, args: argparse.Namespace, device: torch.device) -> ModelResult:
@@ -248,13 +325,15 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, device: torch.device)
     batch = (torch.randn(args.batch_size, *spec.input_shape, device=device),
              torch.randint(0, 10, (args.batch_size,), device=device))
     models = {m: copy.deepcopy(base) for m in args.methods}
-    steppers = {m: make_stepper(m, models[m], batch) for m in args.methods}
+    steppers = {m: make_stepper(m, models[m], batch, args.run_steps) for m in args.methods}
 
     for _ in range(args.warmup):
         for m in args.methods:
             steppers[m][0]()
     # Rounds until this model's share of the budget is spent (at least --min-reps, at most --max-reps).
-    times: dict[str, list[float]] = {m: [] for m in args.methods}
+    times: dict[str, list[float]] = {m: [] for m in args.methods}  # per step: a repetition's mean
+    evaluations = dict.fromkeys(args.methods, 0.0)
+    full_steps = dict.fromkeys(args.methods, 0)
     n = len(args.methods)
     budget_s = args.budget * spec.budget_share
     start = time.perf_counter()
@@ -262,7 +341,10 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, device: torch.device)
     while reps < args.max_reps and (reps < args.min_reps or time.perf_counter() - start < budget_s):
         for j in range(n):
             m = args.methods[(reps + j) % n]  # rotate the order: no method always runs first
-            times[m].append(timed(steppers[m][0], device))
+            seconds, (evals, full) = timed(steppers[m][0], device)
+            times[m].append(seconds / steppers[m][2])
+            evaluations[m] += evals
+            full_steps[m] += full
         reps += 1
     print(f"{spec.label}: {reps} rounds of all methods in {time.perf_counter() - start:.1f} s", flush=True)
 
@@ -271,11 +353,13 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, device: torch.device)
     for m in args.methods:
         q = statistics.quantiles(times[m], n=4, method="inclusive") if reps > 1 else [times[m][0]] * 3
         extra = extra_state_bytes(m, steppers[m][1], models[m], batch)
-        result.methods[m] = MethodResult(m, 1e3 * q[1], 1e3 * q[0], 1e3 * q[2], extra, extra / param_bytes)
+        timed_steps = reps * steppers[m][2]
+        result.methods[m] = MethodResult(m, 1e3 * q[1], 1e3 * q[0], 1e3 * q[2], extra, extra / param_bytes,
+                                         steppers[m][2], evaluations[m] / timed_steps, full_steps[m] / timed_steps)
     samples = {m: np.asarray(t) for m, t in times.items()}
     rng = np.random.default_rng(0)
     rounds = rng.integers(0, reps, size=(args.bootstrap, reps))  # resample whole rounds: keeps pairing
-    for name, (a, b) in RATIOS.items():
+    for name, (a, b) in {**RATIOS, **variant_ratios(args.methods)}.items():
         if a in samples and b in samples:
             result.ratios[name] = float(np.median(samples[a]) / np.median(samples[b]))
             boot = np.median(samples[a][rounds], axis=1) / np.median(samples[b][rounds], axis=1)
@@ -298,6 +382,17 @@ RATIOS = {
     "SAM@base / hand SAM": ("SAM@base", "hand SAM"),
     "OT-MDR K=1@base / hand OT-MDR": ("OT-MDR K=1@base", "hand OT-MDR"),
 }
+
+
+def full_method(variant: str) -> str:
+    """The method a variant makes cheaper: ``OT-MDR+reuse`` -> ``OT-MDR K=1``, ``SAM+reuse`` -> ``SAM``."""
+    base = variant.partition("+")[0]
+    return "OT-MDR K=1" if base == "OT-MDR" else base
+
+
+def variant_ratios(methods: Any) -> dict[str, tuple[str, str]]:
+    """Each variant's step time against SGD's and against its full method's."""
+    return {f"{v} / {b}": (v, b) for v in methods if "+" in v for b in ("SGD", full_method(v))}
 
 
 def load_baseline(revision: str, folder: Path) -> Any:
@@ -396,6 +491,7 @@ def environment(args: argparse.Namespace, device: torch.device) -> dict[str, Any
         "sam_rho": SAM_RHO,
         "otmdr_rho": OTMDR_RHO,
         "budget_s": args.budget,
+        "run_steps": args.run_steps,
     }
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
@@ -413,16 +509,24 @@ def markdown(env: dict[str, Any], results: list[ModelResult], wall_s: float) -> 
         f"load average before {env['loadavg_before']}; total wall time {wall_s:.0f} s; CPU time used by "
         f"other processes meanwhile {env.get('other_processes_cpu_s', '?')} s "
         f"({100 * env.get('other_processes_share', float('nan')):.0f}% of the machine).  ",
-        f"Inputs: {env['input_data']}; SGD {env['sgd']}; SAM rho {env['sam_rho']}; OT-MDR rho {env['otmdr_rho']}."
+        f"Inputs: {env['input_data']}; SGD {env['sgd']}; SAM rho {env['sam_rho']}; OT-MDR rho {env['otmdr_rho']}; "
+        f"simulated runs of {env['run_steps']} steps (+late, +trigger)."
         + (f" `@base`: `otmdr.optim` as of commit {env['baseline']}, imported next to this commit's." if "baseline"
            in env else ""),
         "",
-        "Median wall time of one full training step with its interquartile range (IQR); methods run",
-        "round-robin. Extra state: optimizer-owned tensors beyond the base SGD state, in multiples of",
-        "the parameter bytes (otmdr: `opt.scratch`; pytorch-optimizer SAM: `old_p` after `first_step`).",
+        "Median wall time of one training step with its interquartile range (IQR); methods run",
+        "round-robin. A repetition is one step, or for a cheaper variant a whole cycle of `steps / rep`",
+        "steps (5 in a row; late phase and trigger: a simulated run with `total_steps` that long), timed",
+        "as one: its figures are the median and IQR over repetitions of the cycle's mean time per step.",
+        "Grad. evals / step: full-batch forward/backward passes per step, measured over the timed steps",
+        "(`StepResult.gradient_evaluations`; SGD, PO-SAM and the hand steps: their known 1, 2, 2); full",
+        "steps: the share that perturbed. Extra state: optimizer-owned tensors beyond the base SGD state,",
+        "in multiples of the parameter bytes (otmdr: `opt.scratch` and a reusing variant's stored",
+        "component; pytorch-optimizer SAM: `old_p` after `first_step`).",
         "",
-        "| model | params | method | median ms / step | IQR ms | x SGD | extra state (x params) |",
-        "|---|---:|---|---:|---|---:|---:|",
+        "| model | params | method | steps / rep | median ms / step | IQR ms | x SGD | grad. evals / step | "
+        "full steps | extra state (x params) |",
+        "|---|---:|---|---:|---:|---|---:|---:|---:|---:|",
     ]
     for res in results:
         sgd = res.methods.get("SGD")
@@ -430,15 +534,29 @@ def markdown(env: dict[str, Any], results: list[ModelResult], wall_s: float) -> 
             rel = f"{r.median_ms / sgd.median_ms:.2f}" if sgd else "-"
             lines.append(
                 f"| {res.model} (batch {res.batch_size}, {res.repetitions} reps) | {res.parameters:,} | {m} | "
-                f"{r.median_ms:.2f} | {r.q25_ms:.2f}-{r.q75_ms:.2f} | {rel} | {r.extra_state_x_params:.2f} |"
+                f"{r.steps_per_rep} | {r.median_ms:.2f} | {r.q25_ms:.2f}-{r.q75_ms:.2f} | {rel} | "
+                f"{r.gradient_evaluations_per_step:.2f} | {r.full_step_share:.2f} | {r.extra_state_x_params:.2f} |"
             )
     names = [n for n in RATIOS if any(n in res.ratios for res in results)]
     lines += ["", "Ratios of median step times (95% bootstrap interval over repetitions in brackets):", "",
-              "| model | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
-    for res in results:
+              "| model | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)] if names else []
+    for res in results if names else []:
         cells = [f"{res.ratios[n]:.3f} ({res.ratio_ci95[n][0]:.3f}-{res.ratio_ci95[n][1]:.3f})" if n in res.ratios
                  else "-" for n in names]
         lines.append(f"| {res.model} | " + " | ".join(cells) + " |")
+    variants = [(res, m) for res in results for m in res.methods if "+" in m]
+    if variants:
+        lines += ["", "Cheaper variants: ratios of median step times (95% bootstrap interval over repetitions in",
+                  "brackets) to SGD and to the full method they make cheaper (OT-MDR K=1 or SAM), next to the",
+                  "measured gradient evaluations per step and share of full steps:", "",
+                  "| model | method | x SGD | full method | x full method | grad. evals / step | full steps |",
+                  "|---|---|---:|---|---:|---:|---:|"]
+        for res, m in variants:
+            cells = [f"{res.ratios[n]:.3f} ({res.ratio_ci95[n][0]:.3f}-{res.ratio_ci95[n][1]:.3f})"
+                     if (n := f"{m} / {b}") in res.ratios else "-" for b in ("SGD", full_method(m))]
+            r = res.methods[m]
+            lines.append(f"| {res.model} | {m} | {cells[0]} | {full_method(m)} | {cells[1]} | "
+                         f"{r.gradient_evaluations_per_step:.2f} | {r.full_step_share:.2f} |")
     lines += ["", "Targets (stated, not asserted):", ""]
     for res in results:
         lines += [f"- {res.model}: {t}" for t in targets(res)]
@@ -450,14 +568,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, = cores)")
     parser.add_argument("--quick", action="store_true", help="tiny smoke run (batch 16, 2 reps); writes no results")
-    parser.add_argument("--budget", type=float, default=240.0, help="seconds of timed repetitions over all models")
+    parser.add_argument("--budget", type=float, default=600.0, help="seconds of timed repetitions over all models")
     parser.add_argument("--warmup", type=int, default=3, help="warm-up steps per method and model")
     parser.add_argument("--min-reps", type=int, default=10)
     parser.add_argument("--max-reps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--bootstrap", type=int, default=1000, help="resamples for the ratios' 95%% intervals")
     parser.add_argument("--models", nargs="+", default=[m.label for m in MODELS], choices=[m.label for m in MODELS])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=CHOICES)
+    parser.add_argument("--run-steps", type=int, default=None, help="steps of the simulated run that is one "
+                        "repetition of a +late or +trigger variant (total_steps; a multiple of 5 keeps 0.8 exact; "
+                        "default 10, --quick 5)")
     parser.add_argument("--baseline", metavar="REV", help="also time otmdr.optim as of this git revision "
                         "(methods SAM@base, OT-MDR K=1@base)")
     parser.add_argument("--pipeline-epochs", type=int, default=30,
@@ -465,6 +586,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--output", type=Path, default=RESULTS / "step_speed",
                         help="results path without suffix (.md and .json are written)")
     args = parser.parse_args()
+    if args.run_steps is None:
+        args.run_steps = 5 if args.quick else 10
+    if args.run_steps < 1:
+        parser.error("--run-steps must be at least 1")
     if args.quick:
         args.batch_size, args.warmup, args.min_reps, args.max_reps, args.budget = 16, 1, 2, 2, 0.0
         args.pipeline_epochs = 0
