@@ -7,7 +7,7 @@
 #   benchmarks/evidence/efficiency.sh digits [JOBS]                  noisy digits, 40 epochs, 10 seeds
 #   benchmarks/evidence/efficiency.sh digits-budget [JOBS]           the same, every variant's knob held to at most
 #                                                                     1.3x SGD's gradient evaluations (the issue's
-#                                                                     goal), 20 seeds, compared with full OT-MDR only
+#                                                                     goal), 40 seeds, compared with full OT-MDR only
 #   benchmarks/evidence/efficiency.sh fmnist-noisy DATA_DIR [JOBS]   Fashion-MNIST MLP, 40% noise, 5 seeds
 #   benchmarks/evidence/efficiency.sh fmnist-clean DATA_DIR [JOBS]   the same, clean labels
 #   benchmarks/evidence/efficiency.sh ensembles-digits [JOBS]        noisy digits, 3-MLP ensemble (joint), 5 seeds
@@ -45,19 +45,19 @@ case "$REGIME" in
   digits-budget)
     JOBS=${2:-2}
     SGD_GRID=(optim.lr=0.01,0.025,0.05,0.1 optim.weight_decay=5e-4,5e-3,2e-2,5e-2)
-    RHO='[0.05,0.1],[0.1,0.2],[0.25,0.5]'
+    RHO='[0.05,0.1],[0.1,0.2],[0.25,0.5],[0.5,1.0]'
     GRID=(--grid 'otmdr:otmdr.rho=[0.01,0.02],[0.025,0.05],[0.05,0.1],[0.1,0.2],[0.25,0.5],[0.5,1.0]'
           --grid otmdr+interval:efficiency.interval=5,10 --grid otmdr+reuse:efficiency.interval=5,10
           --grid otmdr+late:efficiency.phase_start=0.8,0.9 --grid 'otmdr+trigger:efficiency.trigger=[0.0,2.0],[1.0,3.0]'
-          --grid 'otmdr+momentum:otmdr.rho=[0.05,0.1],[0.1,0.2],[0.25,0.5],[0.5,1.0]'
-          --grid sam+momentum:sam.rho=0.1,0.3,0.5,1.0,2.0)
+          --grid 'otmdr+momentum:otmdr.rho=[0.05,0.1],[0.1,0.2],[0.25,0.5],[0.5,1.0],[1.0,2.0]'
+          --grid sam+momentum:sam.rho=0.1,0.3,0.5,1.0,2.0,4.0)
     for method in otmdr+interval otmdr+reuse otmdr+late otmdr+trigger; do GRID+=(--grid "$method:otmdr.rho=$RHO"); done
     for method in sgd sgd@compute; do
       for key in "${SGD_GRID[@]}"; do GRID+=(--grid "$method:$key"); done
     done
     ARGS=(--config configs/demo-label-noise.yaml
           --methods sgd,sgd@compute,otmdr,otmdr+interval,otmdr+reuse,otmdr+late,otmdr+trigger,otmdr+momentum,sam+momentum
-          --seeds 20 --search-seeds 3 --set train.epochs=40)
+          --seeds 40 --search-seeds 3 --set train.epochs=40)
     REFERENCE=otmdr
     NAME=efficiency-digits-mlp-noisy40-budget ;;
   fmnist-noisy|fmnist-clean)
