@@ -82,21 +82,25 @@ class Trigger:
 
 
 @torch.no_grad()
-def orthogonal_component_(perturbed: list[Tensor], clean: Sequence[Tensor], *, foreach: bool = True) -> None:
+def orthogonal_component_(perturbed: list[Tensor], clean: Sequence[Tensor], *, foreach: bool = True,
+                          shard_sum: F.ShardSum | None = None) -> None:
     """LookSAM's g_v: ``perturbed -= (<perturbed, clean> / ||clean||^2) clean`` in place, the part
-    of the perturbed gradient that the clean gradient does not explain."""
+    of the perturbed gradient that the clean gradient does not explain (``shard_sum``: the tensors
+    are one rank's shards, the dot product and the norm are summed over the ranks)."""
     dot = sum((a.double() * b.double()).sum() for a, b in zip(perturbed, clean))
-    squared = F.global_norm(clean, foreach=foreach).double() ** 2
+    if shard_sum is not None:
+        dot = shard_sum(torch.as_tensor(dot, dtype=torch.float64))
+    squared = F.global_norm(clean, foreach=foreach, shard_sum=shard_sum).double() ** 2
     coefficient = torch.nan_to_num(dot / squared, nan=0.0, posinf=0.0, neginf=0.0)
     F.add_(perturbed, clean, alpha=-float(coefficient), foreach=foreach)
 
 
 def reuse_scale(grads: Sequence[Tensor], component: Sequence[Tensor], alpha: float, eps: float, *,
-                foreach: bool = True) -> Tensor:
+                foreach: bool = True, shard_sum: F.ShardSum | None = None) -> Tensor:
     """``alpha * ||g|| / ||g_v||``: the stored component is added at the plain gradient's scale
     (0 while none is stored, or if either norm is not finite)."""
-    norm = F.global_norm(component, foreach=foreach)
-    return F.step_scale(alpha, 1.0, norm, eps) * F.global_norm(grads, foreach=foreach).to(norm)
+    norm = F.global_norm(component, foreach=foreach, shard_sum=shard_sum)
+    return F.step_scale(alpha, 1.0, norm, eps) * F.global_norm(grads, foreach=foreach, shard_sum=shard_sum).to(norm)
 
 
 #: base-optimizer state keys that hold a momentum (SGD; the Adam family's first moment)

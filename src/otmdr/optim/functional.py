@@ -13,14 +13,21 @@ All the arithmetic of SAM / ASAM / OT-MDR lives here so that the Optimizer class
 operation over all tensors) and a per-tensor path (a plain loop: a readable reference and a
 cross-check in the tests). No kernel synchronises with the host: norms and scales stay on the
 device as 0-dim tensors.
+
+Sharded parameters (FSDP2): the kernels receive each rank's local shards (:mod:`.sharding`); the
+elementwise arithmetic is then exact as it stands, and every norm takes ``shard_sum``, which sums a
+rank's partial squared norm over the other shards' ranks (None: the tensors are whole).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
+
+#: sums a rank's partial result (a squared norm, a dot product) over the ranks holding the other shards
+ShardSum = Callable[[Tensor], Tensor]
 
 __all__ = [
     "global_norm", "distance", "copy_", "add_", "zero_", "merge_", "adaptive_scaling", "ascent_norm",
@@ -28,13 +35,16 @@ __all__ = [
 ]
 
 
-def global_norm(tensors: Sequence[Tensor], *, foreach: bool = True) -> Tensor:
+def global_norm(tensors: Sequence[Tensor], *, foreach: bool = True, shard_sum: ShardSum | None = None) -> Tensor:
     """L2 norm of all tensors taken as one vector, as a 0-dim tensor (no host sync).
 
-    Half-precision inputs are reduced in float32 (an fp16 norm overflows at 65504).
+    Half-precision inputs are reduced in float32 (an fp16 norm overflows at 65504). With
+    ``shard_sum`` the tensors are one rank's shards: its squared norm is summed over the ranks (one
+    collective), so that every rank returns the norm of the whole vector.
     """
     if not tensors:
-        return torch.zeros((), dtype=torch.float32)
+        zero = torch.zeros((), dtype=torch.float32)
+        return zero if shard_sum is None else shard_sum(zero).sqrt_()  # the other ranks still sum
     dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
     if foreach:
         norms = list(torch._foreach_norm(list(tensors), 2, dtype=dtype))
@@ -44,18 +54,21 @@ def global_norm(tensors: Sequence[Tensor], *, foreach: bool = True) -> Tensor:
     if any(n.device != device for n in norms):  # parameters spread over devices
         norms = [n.to(device) for n in norms]
     total: Tensor = torch.linalg.vector_norm(torch.stack(norms))
+    if shard_sum is not None:
+        total = shard_sum(total * total).sqrt_()
     return total
 
 
-def distance(params: Sequence[Tensor], centre: Sequence[Tensor], *, foreach: bool = True) -> Tensor:
+def distance(params: Sequence[Tensor], centre: Sequence[Tensor], *, foreach: bool = True,
+             shard_sum: ShardSum | None = None) -> Tensor:
     """||params - centre|| over all tensors: the measured perturbation radius."""
     if not params:
-        return torch.zeros((), dtype=torch.float32)
+        return global_norm([], shard_sum=shard_sum)
     if foreach:
         diffs = list(torch._foreach_sub(list(params), list(centre)))
     else:
         diffs = [p - c for p, c in zip(params, centre)]
-    return global_norm(diffs, foreach=foreach)
+    return global_norm(diffs, foreach=foreach, shard_sum=shard_sum)
 
 
 def copy_(dst: list[Tensor], src: Sequence[Tensor], *, foreach: bool = True) -> None:
@@ -102,18 +115,19 @@ def adaptive_scaling(params: Sequence[Tensor], eta: float, *, foreach: bool = Tr
 
 
 def ascent_norm(source: Sequence[Tensor], *, scaling: Sequence[Tensor] | None = None,
-                extra: Sequence[Tensor] | None = None, foreach: bool = True) -> Tensor:
+                extra: Sequence[Tensor] | None = None, foreach: bool = True,
+                shard_sum: ShardSum | None = None) -> Tensor:
     """The norm an ascent step divides by: ``||T * source||`` (``||source||`` without ASAM's
     ``scaling`` T), combined in quadrature with ``||extra||`` (gradients of parameters that count
     in the norm but do not move)."""
     if scaling is None:
-        norm = global_norm(source, foreach=foreach)
+        norm = global_norm(source, foreach=foreach, shard_sum=shard_sum)
     elif foreach:
-        norm = global_norm(torch._foreach_mul(list(scaling), list(source)), foreach=True)
+        norm = global_norm(torch._foreach_mul(list(scaling), list(source)), foreach=True, shard_sum=shard_sum)
     else:
-        norm = global_norm([t * s for t, s in zip(scaling, source)], foreach=False)
+        norm = global_norm([t * s for t, s in zip(scaling, source)], foreach=False, shard_sum=shard_sum)
     if extra:
-        other = global_norm(extra, foreach=foreach).to(norm)
+        other = global_norm(extra, foreach=foreach, shard_sum=shard_sum).to(norm)
         norm = torch.sqrt(norm * norm + other * other)
     return norm
 
@@ -168,6 +182,7 @@ def ascent_move_(
     norm_extra: Sequence[Tensor] | None = None,
     eps: float = 1e-12,
     foreach: bool = True,
+    shard_sum: ShardSum | None = None,
 ) -> Tensor:
     """One normalised ascent step of ``params``; returns the norm used (0-dim).
 
@@ -178,13 +193,14 @@ def ascent_move_(
     norm of this step's own gradient (the release: step 2 moves along g1 + g2 divided by ||g2||),
     ``"merged"`` by the norm of the merged direction, so that every step has length ``rho``.
     ``adaptive`` is ASAM's T = |theta| + eta: the move is ``rho * T^2 d / ||T n||``.
+    ``shard_sum``: the tensors are one rank's shards (see :func:`global_norm`).
     """
     if directions is not None:
         merge_(directions, grads, first=first, foreach=foreach)
     merged = directions is not None and normalize == "merged"
     scaling = adaptive_scaling(params, adaptive_eta, foreach=foreach) if adaptive else None
     source = directions if merged and directions is not None else grads
-    norm = ascent_norm(source, scaling=scaling, extra=norm_extra, foreach=foreach)
+    norm = ascent_norm(source, scaling=scaling, extra=norm_extra, foreach=foreach, shard_sum=shard_sum)
     if merged and weight != 1.0:  # x * 1.0 == x: skip the kernel (the release's sum)
         norm = norm * weight
     scale = step_scale(rho, weight, norm, eps)
@@ -193,7 +209,8 @@ def ascent_move_(
 
 
 def add_noise_(params: list[Tensor], std: float, generator: torch.Generator, *, foreach: bool = True,
-               into: list[Tensor] | None = None, first: bool = False) -> None:
+               into: list[Tensor] | None = None, first: bool = False,
+               layout: Sequence[tuple[torch.Size, tuple[slice, ...]]] | None = None) -> None:
     """Add N(0, std^2) noise to every tensor (the Langevin term), drawn in one call from ``generator``.
 
     The noise is one flat vector in parameter order, so the foreach and per-tensor paths (and a
@@ -201,14 +218,23 @@ def add_noise_(params: list[Tensor], std: float, generator: torch.Generator, *, 
     buffer per tensor) keeps the noise added so far: set to this draw when ``first``, else added
     to, so that the caller can tell the noise from the ascent move (``params`` get exactly the
     same arithmetic either way).
+
+    ``layout`` (sharded parameters: each tensor's global shape and the index of the local shard
+    ``params`` holds) draws the noise of the whole parameters, as one process would, and keeps
+    each rank's part: the same noise as unsharded for the same generator state, at the cost of a
+    temporary vector of every moved parameter's full size on every rank (freed on return).
     """
     if std == 0.0 or not params:
         return
     dtype = params[0].dtype if all(p.dtype == params[0].dtype for p in params) else torch.float32
-    total = sum(p.numel() for p in params)
-    flat = torch.randn(total, generator=generator, device=generator.device, dtype=dtype)
-    chunks = torch.split(flat, [p.numel() for p in params])
-    noise = [c.view(p.shape).to(p.device) for c, p in zip(chunks, params)]
+    shapes = [p.shape for p in params] if layout is None else [shape for shape, _ in layout]
+    sizes = [shape.numel() for shape in shapes]
+    flat = torch.randn(sum(sizes), generator=generator, device=generator.device, dtype=dtype)
+    chunks = torch.split(flat, sizes)
+    if layout is None:
+        noise = [c.view(p.shape).to(p.device) for c, p in zip(chunks, params)]
+    else:  # the rank's shard of each parameter's noise
+        noise = [c.view(shape)[index].to(p.device) for c, (shape, index), p in zip(chunks, layout, params)]
     add_(params, noise, alpha=std, foreach=foreach)
     if into is not None:
         if first:

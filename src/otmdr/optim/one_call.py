@@ -23,6 +23,7 @@ from .batching import batch_size, split_bounds, take
 from .batchnorm import BatchNormState
 from .efficiency import FULL, PLAIN, REUSE, scheduled_kind
 from .progress import StepResult
+from .sharding import local
 
 if TYPE_CHECKING:
     from .otmdr import OTMDR
@@ -142,14 +143,14 @@ def _triggered(opt: OTMDR, passes: _Passes) -> bool:
     """AE-SAM: whether this step perturbs, from the first pass's squared gradient norm (the
     gradient unscaled when a GradScaler scaled it). One host sync."""
     assert opt.trigger is not None
-    norm = float(F.global_norm(_gradients(opt), foreach=opt.foreach))
+    norm = float(F.global_norm(_gradients(opt), foreach=opt.foreach, shard_sum=opt._shard_sum))
     if passes.scaler is not None and passes.scaler.is_enabled():
         norm /= float(passes.scaler.get_scale())
     return opt.trigger.observe(norm * norm, opt.trigger.threshold(opt.step_count, opt.total_steps))
 
 
 def _gradients(opt: OTMDR) -> list[Tensor]:
-    return [g for p in opt._params_with_grad() if (g := p.grad) is not None]
+    return [local(g) for p in opt._params_with_grad() if (g := p.grad) is not None]
 
 
 def _complete_plain(opt: OTMDR, passes: _Passes) -> None:

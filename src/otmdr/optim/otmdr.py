@@ -55,6 +55,7 @@ from .efficiency import Trigger, check_momentum_base, momentum_buffers, orthogon
 from .one_call import run_step
 from .plan import AscentPlan, Scratch, build_plan, plan_key
 from .progress import StepProgress, StepResult
+from .sharding import Sharding, find_sharding, local
 
 __all__ = ["OTMDR", "StepResult", "GROUP_DEFAULTS"]
 
@@ -181,7 +182,12 @@ class OTMDR(Optimizer):
         if self.config.momentum_ascent != "none":
             check_momentum_base(base_optimizer)
 
-        first = next(p for g in self.param_groups for p in g["params"])
+        every = [p for g in self.param_groups for p in g["params"]]
+        #: how the parameters are sharded (FSDP2's DTensors), None when they are whole; the kernels
+        #: then move each rank's local shards and every norm is summed over the ranks
+        self.sharding: Sharding | None = find_sharding(every)
+        self._shard_sum = None if self.sharding is None else self.sharding.sum
+        first = every[0]
         #: the optimizer's own random numbers (noise, particle splits); saved in the state dict
         self.generator = torch.Generator(device=first.device)
         self.generator.manual_seed(torch.initial_seed() if seed is None else int(seed))
@@ -259,7 +265,7 @@ class OTMDR(Optimizer):
         if self.trigger is not None and "trigger" in extra:
             self.trigger.load_state_dict(extra["trigger"])
         params = [p for g in self.param_groups for p in g["params"]]
-        self._reuse = {params[int(i)]: c.to(params[int(i)]) for i, c in extra.get("reuse", {}).items()}
+        self._reuse = {params[int(i)]: c.to(local(params[int(i)])) for i, c in extra.get("reuse", {}).items()}
         try:
             self.generator.set_state(extra["generator"].cpu())
         except RuntimeError:  # e.g. saved on CPU, resumed on CUDA: the generators differ in kind
@@ -286,7 +292,8 @@ class OTMDR(Optimizer):
                                "so only step() applies them: use opt.step(loss_fn, batch=...) or opt.step(closure)")
         plan = self._begin_ascent_step()
         i = self._progress.ascent
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in plan.params]
+        grads = [local(p.grad) if p.grad is not None else torch.zeros_like(t)
+                 for p, t in zip(plan.params, plan.tensors)]
         if i == 0 and cfg.reuse and self._progress.particles_done == 0:  # LookSAM's clean gradient
             F.copy_(self.scratch.get("clean", plan.params), grads, foreach=self.foreach)
         if cfg.ascent_weight_decay:
@@ -302,7 +309,7 @@ class OTMDR(Optimizer):
         Called by :meth:`step`; returns the norm used."""
         plan = self._begin_ascent_step()
         direction = self.scratch.get("momentum", plan.params)
-        F.copy_(direction, buffers, foreach=self.foreach)
+        F.copy_(direction, [local(b) for b in buffers], foreach=self.foreach)
         torch._foreach_neg_(direction) if self.foreach else [d.neg_() for d in direction]
         return self._ascend(plan, direction, merge=False)
 
@@ -317,7 +324,7 @@ class OTMDR(Optimizer):
             )
         if i == 0:
             progress.plan = self._ascent_plan()
-            F.copy_(progress.plan.centre, progress.plan.params, foreach=self.foreach)
+            F.copy_(progress.plan.centre, progress.plan.tensors, foreach=self.foreach)
         assert progress.plan is not None
         progress.perturbed = True
         return progress.plan
@@ -330,18 +337,19 @@ class OTMDR(Optimizer):
         i = progress.ascent
         norm = self._move(plan, grads, i, merge=merge)
         noise = self._noise_buffers(plan) if cfg.noise_std else None
-        F.add_noise_(plan.params, cfg.noise_std, self.generator, foreach=self.foreach, into=noise, first=i == 0)
+        F.add_noise_(plan.tensors, cfg.noise_std, self.generator, foreach=self.foreach, into=noise, first=i == 0,
+                     layout=plan.layout)
         progress.add_norm(norm)
         progress.ascent += 1
         if progress.ascent == cfg.ascent_steps:  # measure ||theta~ - theta|| in the spent gradients
             if cfg.ascent_steps > 1 or cfg.noise_std:  # else the move itself is still in ``grads``
-                F.copy_(grads, plan.params, foreach=self.foreach)
+                F.copy_(grads, plan.tensors, foreach=self.foreach)
                 F.add_(grads, plan.centre, alpha=-1.0, foreach=self.foreach)
-            progress.distance = F.global_norm(grads, foreach=self.foreach)
+            progress.distance = F.global_norm(grads, foreach=self.foreach, shard_sum=self._shard_sum)
             if noise is not None:  # theta~ - theta = move + xi: measure both parts
-                progress.noise = F.global_norm(noise, foreach=self.foreach)
+                progress.noise = F.global_norm(noise, foreach=self.foreach, shard_sum=self._shard_sum)
                 F.add_(grads, noise, alpha=-1.0, foreach=self.foreach)
-                progress.move = F.global_norm(grads, foreach=self.foreach)
+                progress.move = F.global_norm(grads, foreach=self.foreach, shard_sum=self._shard_sum)
         return norm
 
     def _move(self, plan: AscentPlan, grads: list[Tensor], i: int, *, merge: bool = True) -> Tensor:
@@ -354,10 +362,10 @@ class OTMDR(Optimizer):
 
         def move(part: slice, norm_extra: list[Tensor] | None = None) -> Tensor:
             return F.ascent_move_(
-                plan.params[part], grads[part], None if directions is None else directions[part], first=j == 0,
+                plan.tensors[part], grads[part], None if directions is None else directions[part], first=j == 0,
                 rho=cfg.rho[i], weight=weight, normalize=cfg.normalize, adaptive=cfg.adaptive,
                 adaptive_eta=cfg.adaptive_eta, rho_scales=None if plan.rho_scales is None else plan.rho_scales[part],
-                norm_extra=norm_extra, eps=cfg.eps, foreach=self.foreach)
+                norm_extra=norm_extra, eps=cfg.eps, foreach=self.foreach, shard_sum=self._shard_sum)
 
         if plan.single_norm:
             return move(slice(None))
@@ -378,19 +386,22 @@ class OTMDR(Optimizer):
         """Put the weights back at the centre; returns the measured ||theta~ - theta||."""
         progress = self._progress
         plan = progress.plan
-        params = plan.params if plan is not None else []
+        params = plan.tensors if plan is not None else []
         noisy = bool(self.config.noise_std)
         if progress.ascent == 0 or plan is None or not params:
             distance = torch.zeros((), device=params[0].device if params else None)
             move, noise = (distance, torch.zeros_like(distance)) if noisy else (None, None)
         else:
             measured = progress.distance  # None: restored before the last ascent step, measure here
-            distance = F.distance(params, plan.centre, foreach=self.foreach) if measured is None else measured
+            shard_sum = self._shard_sum
+            distance = (F.distance(params, plan.centre, foreach=self.foreach, shard_sum=shard_sum)
+                        if measured is None else measured)
             move, noise = progress.move, progress.noise
             if noisy and (move is None or noise is None):
                 total = self._noise_buffers(plan)
-                noise = F.global_norm(total, foreach=self.foreach)
-                move = F.global_norm([p - c - x for p, c, x in zip(params, plan.centre, total)], foreach=self.foreach)
+                noise = F.global_norm(total, foreach=self.foreach, shard_sum=shard_sum)
+                move = F.global_norm([p - c - x for p, c, x in zip(params, plan.centre, total)], foreach=self.foreach,
+                                     shard_sum=shard_sum)
             F.copy_(params, plan.centre, foreach=self.foreach)
         if noisy:
             assert move is not None and noise is not None
@@ -465,9 +476,11 @@ class OTMDR(Optimizer):
         """LookSAM, at a perturbed step: keep the part of the final (perturbed) gradient that the
         clean gradient of the first pass does not explain. A non-finite result (a step a scaler
         skips) keeps the previous component."""
-        component = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
-        orthogonal_component_(component, self.scratch.get("clean", params), foreach=self.foreach)
-        finite = torch.isfinite(F.global_norm(component, foreach=self.foreach))
+        component = [local(p.grad).detach().clone() if p.grad is not None else torch.zeros_like(local(p))
+                     for p in params]
+        orthogonal_component_(component, self.scratch.get("clean", params), foreach=self.foreach,
+                              shard_sum=self._shard_sum)
+        finite = torch.isfinite(F.global_norm(component, foreach=self.foreach, shard_sum=self._shard_sum))
         for p, c in zip(params, component):
             old = self._reuse.get(p)
             self._reuse[p] = c if old is None else torch.where(finite.to(c.device), c, old)
@@ -480,7 +493,8 @@ class OTMDR(Optimizer):
         if not params:
             return
         grads, stored = _grads(params), [self._reuse[p] for p in params]
-        scale = reuse_scale(grads, stored, self.config.reuse_alpha, self.config.eps, foreach=self.foreach)
+        scale = reuse_scale(grads, stored, self.config.reuse_alpha, self.config.eps, foreach=self.foreach,
+                            shard_sum=self._shard_sum)
         F.add_(grads, [c * scale.to(c.device) for c in stored], foreach=self.foreach)
 
     def momentum_directions(self) -> list[Tensor] | None:
@@ -502,11 +516,13 @@ class OTMDR(Optimizer):
     def _scaled_base_step(self, scaler: torch.amp.GradScaler, params: list[Tensor], grads: list[Tensor]) -> None:
         """``scaler.step``, skipped if any ascent or the final gradient is non-finite: the final
         gradient is poisoned so that the scaler sees it, without a host sync here."""
-        final = F.global_norm(grads, foreach=self.foreach)
+        final = F.global_norm(grads, foreach=self.foreach, shard_sum=self._shard_sum)
         total = self._progress.norm_total
         bad = self._agree(~torch.isfinite(final if total is None else final + total.to(final)))
-        if grads:
-            grads[0].add_(torch.where(bad, float("nan"), 0.0).to(grads[0]))
+        # poison a gradient that holds a number (a rank's shard of a small tensor can be empty)
+        target = next((g for g in grads if g.numel()), None)
+        if target is not None:
+            target.add_(torch.where(bad, float("nan"), 0.0).to(target))
         self.skipped = bad
         if self.config.max_grad_norm is not None:
             scaler.unscale_(self.base_optimizer)
@@ -607,10 +623,11 @@ class OTMDR(Optimizer):
 
     def _ascent_plan(self) -> AscentPlan:
         """The cached :class:`AscentPlan`, rebuilt when the groups or the gradients present change."""
-        key = plan_key(self.config, self.param_groups)
+        key = plan_key(self.config, self.param_groups, sharded=self.sharding is not None)
         if self._plan is None or self._plan.key != key:
             self._plan = build_plan(key, self.param_groups, self.scratch,
-                                    merge_buffer=self.config.uses_direction_buffer)
+                                    merge_buffer=self.config.uses_direction_buffer, sharding=self.sharding,
+                                    noise=bool(self.config.noise_std))
         return self._plan
 
     def _norm_extra(self, norm_only: list[Tensor], i: int, merged: bool) -> list[Tensor] | None:
@@ -627,7 +644,7 @@ class OTMDR(Optimizer):
             F.merge_(buffers, grads, first=i == 0, foreach=self.foreach)
             grads = buffers
         if cfg.adaptive:  # params and grads stay aligned: both skip the same gradient-less tensors
-            grads = [g * (p.detach().abs() + cfg.adaptive_eta) for g, p in zip(grads, params)]
+            grads = [g * (local(p).detach().abs() + cfg.adaptive_eta) for g, p in zip(grads, params)]
         return grads
 
     def _add_weight_decay(self, params: list[Tensor], grads: list[Tensor]) -> None:
@@ -636,7 +653,7 @@ class OTMDR(Optimizer):
         for p, grad in zip(params, grads):
             if decay[p]:
                 by_decay.setdefault(decay[p], ([], []))[0].append(grad)
-                by_decay[decay[p]][1].append(p)
+                by_decay[decay[p]][1].append(local(p))
         for value, (grad_list, param_list) in by_decay.items():
             F.add_(grad_list, param_list, alpha=value, foreach=self.foreach)
 
@@ -665,7 +682,10 @@ class OTMDR(Optimizer):
         return cached[1]
 
     def _distributed_flags(self) -> bool:
-        """Whether the replicas' non-finite flags must be combined: DDP with local ascent passes."""
+        """Whether the replicas' non-finite flags must be combined: DDP with local ascent passes,
+        or sharded parameters (each rank checks its own loss and shards)."""
+        if self.sharding is not None:
+            return self.sharding.size > 1
         if self.config.sync_ascent or self._no_sync(self.model) is None:
             return False
         import torch.distributed as dist
@@ -678,6 +698,8 @@ class OTMDR(Optimizer):
         every replica skips, or raises at, the same step and the replicas stay identical."""
         if not self._distributed_flags():
             return flags
+        if self.sharding is not None:
+            return self.sharding.any(flags)
         import torch.distributed as dist
 
         agreed = flags.to(torch.uint8)
@@ -685,7 +707,7 @@ class OTMDR(Optimizer):
         return agreed.bool()
 
     def _raise_if_nonfinite(self, grads: list[Tensor], loss: Tensor | None) -> None:
-        final = F.global_norm(grads, foreach=self.foreach) if loss is None else loss.detach()
+        final = F.global_norm(grads, foreach=self.foreach, shard_sum=self._shard_sum) if loss is None else loss.detach()
         total = self._progress.norm_total
         total = final if total is None else final + total.to(final)
         if self._distributed_flags():
@@ -713,13 +735,13 @@ class OTMDR(Optimizer):
         return self._bn_cache[1]
 
     def _gradient_versions(self) -> dict[Tensor, int]:
-        return {p: g._version for p in self._params_with_grad() if (g := p.grad) is not None}
+        return {p: local(g)._version for p in self._params_with_grad() if (g := p.grad) is not None}
 
     def _fresh_gradients(self) -> bool:
         """Whether some ``.grad`` was written since the last step (a backward the user ran before
         ``step(closure)``); the final gradient our own step leaves behind does not count."""
         for p, version in self._gradient_versions().items():
-            if self._grad_versions.get(p) != version and p.grad is not None and bool(p.grad.any()):
+            if self._grad_versions.get(p) != version and p.grad is not None and bool(local(p.grad).any()):
                 return True
         return False
 
@@ -758,8 +780,9 @@ def _mean(values: list[Tensor]) -> Tensor:
 
 
 def _grads(params: Iterable[Tensor]) -> list[Tensor]:
-    """The ``.grad`` of each parameter (those without one skipped)."""
-    return [g for p in params if (g := p.grad) is not None]
+    """The ``.grad`` of each parameter (those without one skipped); of a sharded parameter, the
+    local shard of its gradient."""
+    return [local(g) for p in params if (g := p.grad) is not None]
 
 
 def _check_base_kwargs(name: str, base: Callable[..., Optimizer], kwargs: dict[str, Any]) -> None:

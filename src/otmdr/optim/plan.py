@@ -5,6 +5,9 @@ the arithmetic on small models, so both are done once: :func:`build_plan` turns 
 into flat tensor lists (each norm group a contiguous slice), cached while the groups, their
 options and the set of parameters holding a gradient stay the same; :class:`Scratch` allocates
 each parameter-sized buffer once and hands back the same tensors every step.
+
+Sharded parameters (DTensors, FSDP2): the plan also holds each moved parameter's local shard,
+which the kernels move, and every buffer is the size of the local shard (:mod:`.sharding`).
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from .sharding import NoiseLayout, Sharding, local
+
 __all__ = ["AscentPlan", "Scratch", "plan_key", "build_plan"]
 
 
@@ -22,12 +27,16 @@ class AscentPlan(NamedTuple):
     """The tensors of one ascent, fixed while the param groups do not change."""
 
     key: Hashable  #: what the plan was built for (see :func:`plan_key`)
-    params: list[Tensor]  #: the tensors that move, each norm group a contiguous slice
+    params: list[Tensor]  #: the parameters that move, each norm group a contiguous slice
     parts: list[slice]  #: one slice of ``params`` per norm group
     norm_only: list[list[Tensor]]  #: per norm group: ``in_norm`` parameters that do not move
     rho_scales: list[float] | None  #: per-tensor radius factors (None: all 1)
     centre: list[Tensor]  #: the saved centre, one buffer per moved tensor
     directions: list[Tensor] | None  #: the merge buffer (None without a merge)
+    #: what the kernels move: ``params`` itself, or with sharded parameters their local shards
+    tensors: list[Tensor]
+    #: sharded parameters: each one's global shape and local index, for the noise (None: unsharded)
+    layout: NoiseLayout | None = None
 
     @property
     def single_norm(self) -> bool:
@@ -46,8 +55,9 @@ class Scratch:
         out = []
         for p in params:
             buffer = store.get(p)
-            if buffer is None or buffer.shape != p.shape or buffer.device != p.device:
-                buffer = store[p] = torch.empty_like(p, memory_format=torch.preserve_format)
+            t = local(p)  # a sharded parameter's buffer is the size of its local shard
+            if buffer is None or buffer.shape != t.shape or buffer.device != t.device:
+                buffer = store[p] = torch.empty_like(t, memory_format=torch.preserve_format)
             out.append(buffer)
         return out
 
@@ -57,22 +67,27 @@ class Scratch:
             yield from store.values()
 
 
-def plan_key(config: Hashable, param_groups: Sequence[dict[str, Any]]) -> Hashable:
+def plan_key(config: Hashable, param_groups: Sequence[dict[str, Any]], *, sharded: bool = False) -> Hashable:
     """Everything a plan depends on: the config, each group's options and device/dtype, and the
-    ids of its parameters that hold a gradient."""
-    return (config, *(
+    ids of its parameters that hold a gradient (``sharded``: and of their local shards, which
+    FSDP may replace, e.g. after ``model.to(...)``)."""
+    key = (config, *(
         (group["perturb"], group["in_norm"], group["norm_group"], group["rho_scale"],
          tuple(id(p) for p in group["params"] if p.grad is not None),
          (group["params"][0].device, group["params"][0].dtype) if group["params"] else None)
         for group in param_groups
     ))
+    if sharded:
+        key += (tuple(id(local(p)) for group in param_groups for p in group["params"]),)
+    return key
 
 
 def build_plan(key: Hashable, param_groups: Sequence[dict[str, Any]], scratch: Scratch, *,
-               merge_buffer: bool) -> AscentPlan:
+               merge_buffer: bool, sharding: Sharding | None = None, noise: bool = False) -> AscentPlan:
     """The plan for ``param_groups``: moved tensors (``perturb`` groups holding a gradient) by
     norm group, with their radius factors, the ``in_norm`` tensors of each norm group, and the
-    centre (and merge) buffers from ``scratch``."""
+    centre (and merge) buffers from ``scratch``; with a ``sharding``, the local shards too (and
+    where they lie, for the ``noise``)."""
     by_norm_group: dict[Any, tuple[list[Tensor], list[float], list[Tensor]]] = {}
     for group in param_groups:
         if group["perturb"] or group["in_norm"]:
@@ -103,4 +118,6 @@ def build_plan(key: Hashable, param_groups: Sequence[dict[str, Any]], scratch: S
         rho_scales=None if all(x == 1.0 for x in scales) else scales,
         centre=scratch.get("centre", moved),
         directions=scratch.get("direction", moved) if merge_buffer else None,
+        tensors=moved if sharding is None else [local(p) for p in moved],
+        layout=None if sharding is None or not noise else sharding.noise_layout(moved),
     )
