@@ -127,9 +127,13 @@ def run(kind: str, options: dict[str, Any], model: nn.Module, rank: int) -> dict
             scaler.update()
         radii.append(float(result.perturbation_norm))
         kinds.append(result.kind)
-    params = [p.full_tensor() if hasattr(p, "full_tensor") else p.detach() for p in model.parameters()]
-    return {"params": [p.detach().clone() for p in params], "buffers": [b.clone() for b in model.buffers()],
+    return {"params": full_parameters(model), "buffers": [b.clone() for b in model.buffers()],
             "radii": radii, "kinds": kinds, "full_steps": opt.full_steps}
+
+
+def full_parameters(model: nn.Module) -> list[torch.Tensor]:
+    """Every parameter whole (the test's comparison only: a collective for each sharded one)."""
+    return [(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for p in model.parameters()]
 
 
 def compare(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
@@ -195,26 +199,29 @@ def _worker(rank: int, store: str, out: str) -> None:
     except Exception:  # noqa: BLE001
         results["bf16"] = {"error": traceback.format_exc()}
 
-    # a non-finite input on rank 1 only: both ranks raise at the same step (none steps, none hangs)
-    try:
-        model = sharded(mlp(torch.float64, False))
-        opt = OTMDR(model, torch.optim.SGD, lr=0.1, seed=0)
-        before = [p.full_tensor() for p in model.parameters()]
-        x, y = shard_of(data(32, seed=9), rank)
-        if rank == 1:
-            x[0, 0] = float("nan")
+    # a non-finite input on rank 1 only: both ranks raise at the same step (none steps, none hangs);
+    # DDP with sync_ascent too (each rank checks its own final loss: the flags must be OR-ed there as well)
+    for name, wrap, sync_ascent in (("non-finite", sharded, False), ("non-finite ddp sync_ascent", DDP, True)):
         try:
-            opt.step(lambda b: F.cross_entropy(model(b[0]), b[1]), batch=(x, y))
-            raised = False
-        except FloatingPointError:
-            raised = True
-        flags = torch.tensor([float(raised)], dtype=torch.float64)
-        gathered = [torch.zeros_like(flags) for _ in range(WORLD)]
-        dist.all_gather(gathered, flags)
-        unchanged = all(torch.equal(p.full_tensor(), q) for p, q in zip(model.parameters(), before))
-        results["non-finite"] = {"raised": [bool(g.item()) for g in gathered], "unchanged": unchanged}
-    except Exception:  # noqa: BLE001
-        results["non-finite"] = {"error": traceback.format_exc()}
+            model = wrap(mlp(torch.float64, False))
+            # the ascent passes use the first half, the final pass the whole batch
+            opt = OTMDR(model, torch.optim.SGD, lr=0.1, seed=0, sync_ascent=sync_ascent, split=(0.25, 0.25))
+            before = full_parameters(model)
+            x, y = shard_of(data(32, seed=9), rank)
+            if rank == 1:
+                x[-1, 0] = float("nan")  # in the second half: only the final pass sees it
+            try:
+                opt.step(lambda b: F.cross_entropy(model(b[0]), b[1]), batch=(x, y))
+                raised = False
+            except FloatingPointError:
+                raised = True
+            flags = torch.tensor([float(raised)], dtype=torch.float64)
+            gathered = [torch.zeros_like(flags) for _ in range(WORLD)]
+            dist.all_gather(gathered, flags)
+            unchanged = all(torch.equal(p, q) for p, q in zip(full_parameters(model), before))
+            results[name] = {"raised": [bool(g.item()) for g in gathered], "unchanged": unchanged}
+        except Exception:  # noqa: BLE001
+            results[name] = {"error": traceback.format_exc()}
 
     if rank == 0:
         if os.environ.get("OTMDR_FSDP_DUMP"):
@@ -297,7 +304,10 @@ def test_bf16_mixed_precision_runs_and_learns(measured):
     assert result["losses"][-1] < result["losses"][0]
 
 
-def test_a_non_finite_gradient_on_one_rank_stops_both(measured):
-    result = _ok(measured, "non-finite")
+@pytest.mark.parametrize("name", ["non-finite", "non-finite ddp sync_ascent"])
+def test_a_non_finite_gradient_on_one_rank_stops_both(measured, name):
+    """A NaN in rank 1's second half, which only the final pass sees: rank 0's final loss is finite,
+    rank 1's is not; both ranks raise at that step and neither moves."""
+    result = _ok(measured, name)
     assert result["raised"] == [True, True]
     assert result["unchanged"]

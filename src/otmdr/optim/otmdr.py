@@ -682,20 +682,22 @@ class OTMDR(Optimizer):
         return cached[1]
 
     def _distributed_flags(self) -> bool:
-        """Whether the replicas' non-finite flags must be combined: DDP with local ascent passes,
-        or sharded parameters (each rank checks its own loss and shards)."""
+        """Whether the replicas' non-finite flags must be combined: under DDP (a local ascent
+        gradient, and with ``sync_ascent`` too the final loss the check reads, are seen by one
+        replica only) and with sharded parameters (each rank checks its own loss and shards)."""
         if self.sharding is not None:
             return self.sharding.size > 1
-        if self.config.sync_ascent or self._no_sync(self.model) is None:
+        if self._no_sync(self.model) is None:
             return False
         import torch.distributed as dist
 
         return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
     def _agree(self, flags: Tensor) -> Tensor:
-        """Under DDP with local ascent passes, a non-finite ascent gradient is seen by one replica
-        only: the flags are OR-ed over the replicas (one tiny all-reduce, no host sync) so that
-        every replica skips, or raises at, the same step and the replicas stay identical."""
+        """Under DDP a non-finite ascent gradient (local ascent passes) or final loss is seen by
+        one replica only: the flags are OR-ed over the replicas (one tiny all-reduce, no host
+        sync) so that every replica skips, or raises at, the same step and the replicas stay
+        identical. With sharded parameters, over the device mesh."""
         if not self._distributed_flags():
             return flags
         if self.sharding is not None:
