@@ -211,7 +211,7 @@ def _worker(rank: int, store: str, out: str) -> None:
             if rank == 1:
                 x[-1, 0] = float("nan")  # in the second half: only the final pass sees it
             try:
-                opt.step(lambda b: F.cross_entropy(model(b[0]), b[1]), batch=(x, y))
+                opt.step(lambda b, model=model: F.cross_entropy(model(b[0]), b[1]), batch=(x, y))
                 raised = False
             except FloatingPointError:
                 raised = True
