@@ -223,6 +223,23 @@ def _worker(rank: int, store: str, out: str) -> None:
         except Exception:  # noqa: BLE001
             results[name] = {"error": traceback.format_exc()}
 
+    # gradient sync turned off (FSDP would then add the ascent gradients to the final one): refused
+    try:
+        model = sharded(mlp(torch.float64, False))
+        opt = OTMDR(model, torch.optim.SGD, lr=0.1, seed=0)
+        model.set_requires_gradient_sync(False)
+        x, y = shard_of(data(32, seed=9), rank)
+        try:
+            opt.step(lambda b: F.cross_entropy(model(b[0]), b[1]), batch=(x, y))
+            message = ""
+        except RuntimeError as error:
+            message = str(error)
+        model.set_requires_gradient_sync(True)
+        kind = opt.step(lambda b: F.cross_entropy(model(b[0]), b[1]), batch=(x, y)).kind
+        results["gradient sync off"] = {"message": message, "then": kind}
+    except Exception:  # noqa: BLE001
+        results["gradient sync off"] = {"error": traceback.format_exc()}
+
     if rank == 0:
         if os.environ.get("OTMDR_FSDP_DUMP"):
             print(json.dumps({k: {a: b for a, b in v.items()} for k, v in results.items()}, indent=None), flush=True)
@@ -311,3 +328,9 @@ def test_a_non_finite_gradient_on_one_rank_stops_both(measured, name):
     result = _ok(measured, name)
     assert result["raised"] == [True, True]
     assert result["unchanged"]
+
+
+def test_gradient_sync_turned_off_is_refused(measured):
+    result = _ok(measured, "gradient sync off")
+    assert "set_requires_gradient_sync(True)" in result["message"]
+    assert result["then"] == "full"

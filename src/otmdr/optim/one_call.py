@@ -54,6 +54,8 @@ def run_step(opt: OTMDR, closure: Callable[..., Any], batch: Any, *, scaler: tor
             "costs one extra pass: drop that backward or use first_step()/second_step(). With Lightning's "
             "accumulate_grad_batches > 1 the earlier micro-batches are lost: use accumulate_grad_batches=1 "
             "and opt.step(loss_fn, batch=..., micro_batches=k) in manual optimization", stacklevel=4)
+    if opt.sharding is not None and model is not None:
+        _check_fsdp_gradient_sync(model)
     passes = _Passes(opt, closure, batch, scaler=scaler, model=model, bn=bn, micro_batches=micro_batches)
     start = bn.save() if bn and (scaler is not None or cfg.check_finite) else None
     opt._begin_step()
@@ -137,6 +139,24 @@ def _run_passes(opt: OTMDR, passes: _Passes) -> tuple[tuple[Tensor, Any], list[T
             opt.next_particle()
     assert first is not None
     return first, finals, FULL
+
+
+def _check_fsdp_gradient_sync(model: nn.Module) -> None:
+    """Under FSDP every pass must reduce-scatter its gradient: with gradient sync off, FSDP leaves
+    the sharded ``.grad`` alone and keeps the whole gradient until the next synchronised
+    backward, which would add the ascent gradients to the final one (and the ascent steps would
+    find no gradient). Refuse instead, naming the fix."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for name, module in model.named_modules():
+        if isinstance(module, FSDPModule):
+            group = getattr(module._get_fsdp_state(), "_fsdp_param_group", None)
+            if group is not None and not getattr(group, "reduce_grads", True):
+                raise RuntimeError(
+                    f"FSDP gradient sync is off for {name or 'the model'} (set_requires_gradient_sync(False)): every "
+                    "pass of a sharpness-aware step must reduce-scatter its gradient under FSDP, or the ascent "
+                    "gradients would end up in the final one; call model.set_requires_gradient_sync(True) before "
+                    "step()")
 
 
 def _triggered(opt: OTMDR, passes: _Passes) -> bool:
