@@ -113,13 +113,20 @@ def build(kind: str, model: nn.Module, options: dict[str, Any]) -> OTMDR:
     return cls(model, base, lr=lr, seed=0, **base_options, **options)
 
 
-def run(kind: str, options: dict[str, Any], model: nn.Module, rank: int) -> dict[str, Any]:
-    """STEPS steps on the rank's shards; the full parameters and buffers, the radii and kinds."""
+def run(kind: str, options: dict[str, Any], model: nn.Module, rank: int,
+        resume_at: int | None = None) -> dict[str, Any]:
+    """STEPS steps on the rank's shards; the full parameters and buffers, the radii and kinds.
+    ``resume_at``: a new optimizer loads the state dict of the first one before that step."""
     dtype = options.get("dtype", torch.float64)
     opt = build(kind, model, options)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8) if options.get("scaler") else None
-    radii, kinds = [], []
+    radii, kinds, saved_types = [], [], []
     for step in range(STEPS):
+        if step == resume_at:
+            state = opt.state_dict()
+            saved_types = sorted({type(c).__name__ for c in state["otmdr"].get("reuse", {}).values()})
+            opt = build(kind, model, options)
+            opt.load_state_dict(state)
         x, y = shard_of(data(32, seed=100 + step, dtype=dtype), rank)
         result = opt.step(lambda b: F.cross_entropy(model(b[0]), b[1]), batch=(x, y), scaler=scaler,
                           micro_batches=options.get("micro_batches", 1))
@@ -128,7 +135,7 @@ def run(kind: str, options: dict[str, Any], model: nn.Module, rank: int) -> dict
         radii.append(float(result.perturbation_norm))
         kinds.append(result.kind)
     return {"params": full_parameters(model), "buffers": [b.clone() for b in model.buffers()],
-            "radii": radii, "kinds": kinds, "full_steps": opt.full_steps}
+            "radii": radii, "kinds": kinds, "full_steps": opt.full_steps, "saved": saved_types}
 
 
 def full_parameters(model: nn.Module) -> list[torch.Tensor]:
@@ -171,6 +178,19 @@ def _worker(rank: int, store: str, out: str) -> None:
         except Exception:  # noqa: BLE001 - reported to the test, which fails with it
             results[name] = {"error": traceback.format_exc()}
 
+    # resume between a full step and a reused one: the stored component is saved and loaded as
+    # DTensors (each rank its shard) and the run continues as the uninterrupted one
+    try:
+        options = CASES["otmdr reuse"][1]
+        dtype = torch.float64
+        initial = [p.detach().clone() for p in mlp(dtype, False).parameters()]
+        resumed = run("OTMDR", options, sharded(mlp(dtype, False)), rank, resume_at=1)
+        whole = run("OTMDR", options, sharded(mlp(dtype, False)), rank)
+        resumed["initial"] = initial
+        results["otmdr reuse resumed"] = {**compare(resumed, whole), "saved": resumed["saved"]}
+    except Exception:  # noqa: BLE001
+        results["otmdr reuse resumed"] = {"error": traceback.format_exc()}
+
     # test 1 and 4: SAM under FSDP against single-process SAM on the whole global batch
     try:
         fsdp = run("SAM", {"rho": 0.05}, sharded(mlp(torch.float64, False)), rank)
@@ -201,25 +221,35 @@ def _worker(rank: int, store: str, out: str) -> None:
 
     # a non-finite input on rank 1 only: both ranks raise at the same step (none steps, none hangs);
     # DDP with sync_ascent too (each rank checks its own final loss: the flags must be OR-ed there as well)
-    for name, wrap, sync_ascent in (("non-finite", sharded, False), ("non-finite ddp sync_ascent", DDP, True)):
+    # with a GradScaler both skip the step and back off alike
+    for name, wrap, sync_ascent, scaled in (("non-finite", sharded, False, False),
+                                            ("non-finite ddp sync_ascent", DDP, True, False),
+                                            ("non-finite scaler", sharded, False, True)):
         try:
-            model = wrap(mlp(torch.float64, False))
+            dtype = torch.float32 if scaled else torch.float64
+            model = wrap(mlp(dtype, False))
             # the ascent passes use the first half, the final pass the whole batch
             opt = OTMDR(model, torch.optim.SGD, lr=0.1, seed=0, sync_ascent=sync_ascent, split=(0.25, 0.25))
+            scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8) if scaled else None
             before = full_parameters(model)
-            x, y = shard_of(data(32, seed=9), rank)
+            x, y = shard_of(data(32, seed=9, dtype=dtype), rank)
             if rank == 1:
                 x[-1, 0] = float("nan")  # in the second half: only the final pass sees it
             try:
-                opt.step(lambda b, model=model: F.cross_entropy(model(b[0]), b[1]), batch=(x, y))
-                raised = False
+                opt.step(lambda b, model=model: F.cross_entropy(model(b[0]), b[1]), batch=(x, y), scaler=scaler)
+                outcome = 2.0 if opt.skipped is not None and bool(opt.skipped) else 0.0
             except FloatingPointError:
-                raised = True
-            flags = torch.tensor([float(raised)], dtype=torch.float64)
+                outcome = 1.0
+            scale = 0.0
+            if scaler is not None:
+                scaler.update()
+                scale = float(scaler.get_scale())
+            flags = torch.tensor([outcome, scale], dtype=torch.float64)
             gathered = [torch.zeros_like(flags) for _ in range(WORLD)]
             dist.all_gather(gathered, flags)
             unchanged = all(torch.equal(p, q) for p, q in zip(full_parameters(model), before))
-            results[name] = {"raised": [bool(g.item()) for g in gathered], "unchanged": unchanged}
+            results[name] = {"outcome": [["stepped", "raised", "skipped"][int(g[0])] for g in gathered],
+                             "scales": [float(g[1]) for g in gathered], "unchanged": unchanged}
         except Exception:  # noqa: BLE001
             results[name] = {"error": traceback.format_exc()}
 
@@ -321,16 +351,28 @@ def test_bf16_mixed_precision_runs_and_learns(measured):
     assert result["losses"][-1] < result["losses"][0]
 
 
-@pytest.mark.parametrize("name", ["non-finite", "non-finite ddp sync_ascent"])
-def test_a_non_finite_gradient_on_one_rank_stops_both(measured, name):
+@pytest.mark.parametrize("name,outcome", [("non-finite", "raised"), ("non-finite ddp sync_ascent", "raised"),
+                                          ("non-finite scaler", "skipped")])
+def test_a_non_finite_gradient_on_one_rank_stops_both(measured, name, outcome):
     """A NaN in rank 1's second half, which only the final pass sees: rank 0's final loss is finite,
-    rank 1's is not; both ranks raise at that step and neither moves."""
+    rank 1's is not; both ranks raise at that step (with a GradScaler: skip it and back off to the
+    same scale) and neither moves."""
     result = _ok(measured, name)
-    assert result["raised"] == [True, True]
+    assert result["outcome"] == [outcome, outcome]
     assert result["unchanged"]
+    assert result["scales"][0] == result["scales"][1]
 
 
 def test_gradient_sync_turned_off_is_refused(measured):
     result = _ok(measured, "gradient sync off")
     assert "set_requires_gradient_sync(True)" in result["message"]
     assert result["then"] == "full"
+
+
+def test_resume_under_fsdp_continues_exactly(measured):
+    """LookSAM's stored component is in the state dict as DTensors and a resumed run equals the
+    uninterrupted one bit for bit."""
+    result = _ok(measured, "otmdr reuse resumed")
+    assert result["saved"] == ["DTensor"]
+    assert result["params"] == 0.0
+    assert result["kinds_fsdp"] == ["full", "reuse", "full", "reuse"]

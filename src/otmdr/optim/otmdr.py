@@ -55,7 +55,7 @@ from .efficiency import Trigger, check_momentum_base, momentum_buffers, orthogon
 from .one_call import run_step
 from .plan import AscentPlan, Scratch, build_plan, plan_key
 from .progress import StepProgress, StepResult
-from .sharding import Sharding, find_sharding, local
+from .sharding import Sharding, find_sharding, like, local
 
 __all__ = ["OTMDR", "StepResult", "GROUP_DEFAULTS"]
 
@@ -242,7 +242,8 @@ class OTMDR(Optimizer):
             state["otmdr"]["trigger"] = self.trigger.state_dict()
         if self._reuse:
             index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
-            state["otmdr"]["reuse"] = {index[p]: c.clone() for p, c in self._reuse.items()}
+            # a sharded parameter's component as a DTensor like it (its shard), for sharded checkpoints
+            state["otmdr"]["reuse"] = {index[p]: like(p, c.clone()) for p, c in self._reuse.items()}
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -265,7 +266,7 @@ class OTMDR(Optimizer):
         if self.trigger is not None and "trigger" in extra:
             self.trigger.load_state_dict(extra["trigger"])
         params = [p for g in self.param_groups for p in g["params"]]
-        self._reuse = {params[int(i)]: c.to(local(params[int(i)])) for i, c in extra.get("reuse", {}).items()}
+        self._reuse = {params[int(i)]: local(c).to(local(params[int(i)])) for i, c in extra.get("reuse", {}).items()}
         try:
             self.generator.set_state(extra["generator"].cpu())
         except RuntimeError:  # e.g. saved on CPU, resumed on CUDA: the generators differ in kind

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["Sharding", "NoiseLayout", "local", "is_sharded", "find_sharding"]
+__all__ = ["Sharding", "NoiseLayout", "local", "like", "is_sharded", "find_sharding"]
 
 #: per moved tensor: its global shape and the index of the local shard in it (noise draws)
 NoiseLayout = list[tuple[torch.Size, tuple[slice, ...]]]
@@ -47,6 +47,17 @@ def local(t: Tensor) -> Tensor:
         shard: Tensor = t._local_tensor  # type: ignore[attr-defined]
         return shard
     return t
+
+
+def like(param: Tensor, shard: Tensor) -> Tensor:
+    """``shard`` (a local tensor shaped as ``param``'s local shard) as a DTensor laid out as
+    ``param``, or ``shard`` itself when ``param`` is an ordinary tensor (no communication)."""
+    if not is_sharded(param):
+        return shard
+    dtensor: Any = _dtensor_type()
+    whole: Tensor = dtensor.from_local(shard, param.device_mesh, param.placements,  # type: ignore[attr-defined]
+                                       run_check=False, shape=param.shape, stride=param.stride())
+    return whole
 
 
 class Sharding:
