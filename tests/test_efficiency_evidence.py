@@ -81,7 +81,7 @@ def test_the_budget_regime_holds_every_variant_to_the_goal(tmp_path):
     for run in search:
         if "+" in run.method and "trigger" not in run.method:
             assert gradient_evaluations_per_step(run.config) <= 1.3, (run.method, run.point.label)
-    assert _value(args, "--reference") == "otmdr" and _value(args, "--seeds") == "40"
+    assert _value(args, "--reference") == "otmdr" and _value(args, "--seeds") == "80"
 
 
 def test_an_unknown_regime_is_refused(tmp_path):

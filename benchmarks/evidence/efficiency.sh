@@ -7,7 +7,7 @@
 #   benchmarks/evidence/efficiency.sh digits [JOBS]                  noisy digits, 40 epochs, 10 seeds
 #   benchmarks/evidence/efficiency.sh digits-budget [JOBS]           the same, every variant's knob held to at most
 #                                                                     1.3x SGD's gradient evaluations (the issue's
-#                                                                     goal), 40 seeds, compared with full OT-MDR only
+#                                                                     goal), 80 seeds, compared with full OT-MDR only
 #   benchmarks/evidence/efficiency.sh fmnist-noisy DATA_DIR [JOBS]   Fashion-MNIST MLP, 40% noise, 5 seeds
 #   benchmarks/evidence/efficiency.sh fmnist-clean DATA_DIR [JOBS]   the same, clean labels
 #   benchmarks/evidence/efficiency.sh ensembles-digits [JOBS]        noisy digits, 3-MLP ensemble (joint), 5 seeds
@@ -57,7 +57,7 @@ case "$REGIME" in
     done
     ARGS=(--config configs/demo-label-noise.yaml
           --methods sgd,sgd@compute,otmdr,otmdr+interval,otmdr+reuse,otmdr+late,otmdr+trigger,otmdr+momentum,sam+momentum
-          --seeds 40 --search-seeds 3 --set train.epochs=40)
+          --seeds 80 --search-seeds 3 --set train.epochs=40)
     REFERENCE=otmdr
     NAME=efficiency-digits-mlp-noisy40-budget ;;
   fmnist-noisy|fmnist-clean)
