@@ -89,7 +89,8 @@ class PerturbationConfig:
         the base optimizer's normalised momentum (no gradient pass for them) instead of along a
         gradient; ``"none"``: off.
     sync_ascent: under DDP, all-reduce the ascent gradients too (default: per-replica ascent
-        under ``no_sync()``, one all-reduce of the final gradient).
+        under ``no_sync()``, one all-reduce of the final gradient). Under FSDP every pass is
+        reduce-scattered whatever this says (docs/distributed.md, "FSDP2").
     check_finite: raise on a non-finite gradient (one host sync per step; with a GradScaler the
         step is skipped instead and no sync is added).
     eps: added to every norm before dividing (use ~1e-8 when parameters are fp16).

@@ -3,7 +3,8 @@
 ``OTMDR.step(loss_fn, batch=...)`` (and ``step(closure)``) delegate here. This module owns what
 the step arithmetic need not know about: slicing the batch for each ascent step (a fresh random
 order for every particle after the first), micro-batches, which pass may update batch-norm
-statistics, DDP's ``no_sync`` for the local passes, the one-time check for batch norm the
+statistics, DDP's ``no_sync`` for the local passes (FSDP synchronises every pass: see
+:func:`_check_fsdp_gradient_sync`), the one-time check for batch norm the
 optimizer cannot reach, and putting weights and statistics back when a pass raises. The
 arithmetic is the optimizer's primitives: ``perturb``, ``next_particle``, ``descend``.
 """

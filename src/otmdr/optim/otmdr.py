@@ -90,7 +90,10 @@ class OTMDR(Optimizer):
         base_optimizer: an Optimizer class (built with the same groups and ``**base_kwargs``) or
             an already built Optimizer instance (then ``params`` must be None).
         model: the module whose batch-norm statistics follow ``bn_policy`` and whose ``no_sync``
-            is used under DDP. Without it, running statistics are updated in every pass.
+            is used under DDP. Without it, running statistics are updated in every pass. Under
+            FSDP2 (parameters sharded as DTensors by ``fully_shard``; build the optimizer after it)
+            the step moves each process's shards and sums its norms over the processes (see
+            :attr:`sharding` and docs/distributed.md, "FSDP2").
         seed: seed of the optimizer's own :attr:`generator` (noise, particle splits). Default:
             ``torch.initial_seed()``, so ``torch.manual_seed`` makes runs reproducible.
         foreach: use the fused ``torch._foreach_*`` kernels (default) or a per-tensor loop.
