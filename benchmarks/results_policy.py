@@ -15,7 +15,10 @@ Large studies: a ``runs/`` folder holding more than 2 MB of loose run files is p
 one folder down (``runs-search.tar.xz`` for ``runs/search/*``, ``runs-superseded.tar.xz``, ...); one
 that would pass 1 MB compressed is split into ``runs-<group>-1.tar.xz``, ``-2``, ... at run
 boundaries (equal numbers of runs, as few parts as fit). A ``summaries.json`` over 1 MB is packed
-into ``summaries.json.tar.xz`` beside it. Members keep their paths relative to that folder, so
+into ``summaries.json.tar.xz`` beside it; one whose archive would pass 1 MB is split at run
+boundaries into ``summaries-1.json.tar.xz``, ``-2``, ... (each ``summaries-<i>.json`` the same
+methods-to-runs dictionary for its share of the runs, in order): ``--merge-summaries FOLDER``
+writes ``summaries.json`` back from them. Members keep their paths relative to that folder, so
 ``tar -xJf ARCHIVE`` there puts ``runs/...`` or ``summaries.json`` back; loose files found beside an
 archive (unpacked to read or resume, or added later) are merged into it by the next ``--apply``.
 
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import re
 import subprocess
 import sys
@@ -38,6 +42,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 ARCHIVE = "logs.tar.xz"
 SUMMARIES = "summaries.json"
 SUMMARIES_ARCHIVE = "summaries.json.tar.xz"
+_SUMMARIES_PART = re.compile(r"summaries-([0-9]+)\.json\.tar\.xz")
 RUN_FILES = (".json", ".yaml", ".csv")  # what a runs-*.tar.xz holds
 RUNS_THRESHOLD = 2_000_000  # loose run files under one runs/ folder above this are packed
 _RUNS_ARCHIVE = re.compile(r"runs-[A-Za-z0-9_.=+-]+\.tar\.xz")
@@ -124,6 +129,57 @@ def _write(target: Path, data: bytes) -> None:
     temporary.replace(target)
 
 
+def _summaries_archives(folder: Path) -> list[Path]:
+    """The archives ``summaries.json`` is packed in: the one, or its parts in order."""
+    parts = [path for path in folder.glob("summaries-*.json.tar.xz") if _SUMMARIES_PART.fullmatch(path.name)]
+    whole = folder / SUMMARIES_ARCHIVE
+    return ([whole] if whole.is_file() else []) + sorted(parts, key=lambda p: int(p.name.split("-")[1].split(".")[0]))
+
+
+def _pack_summaries(path: Path) -> list[str]:
+    """``path`` (a summaries.json) into one archive, or split at run boundaries into as few
+    ``summaries-<i>.json.tar.xz`` as keep each within MAX_BYTES; replaces the earlier archives."""
+    for old in _summaries_archives(path.parent):
+        old.unlink()
+    whole = _archive_bytes({SUMMARIES: path.read_bytes()})
+    written = {SUMMARIES_ARCHIVE: whole}
+    if len(whole) > MAX_BYTES:
+        data = json.loads(path.read_text())
+        runs = [(method, run) for method, method_runs in data.items() for run in method_runs]
+        parts = -(-len(whole) // MAX_BYTES)
+        while True:
+            written = {}
+            for i in range(parts):
+                chunk: dict[str, list] = {}
+                for method, run in runs[i * len(runs) // parts:(i + 1) * len(runs) // parts]:
+                    chunk.setdefault(method, []).append(run)
+                member = f"summaries-{i + 1}.json"
+                written[member + ".tar.xz"] = _archive_bytes({member: json.dumps(chunk, indent=1).encode()})
+            if all(len(blob) <= MAX_BYTES for blob in written.values()) or parts >= len(runs):
+                break
+            parts += 1
+    for name, blob in written.items():
+        _write(path.parent / name, blob)
+    path.unlink()
+    return sorted(written, key=lambda name: (len(name), name))
+
+
+def merge_summaries(folder: Path) -> Path:
+    """Write ``folder/summaries.json`` back from its ``summaries-<i>.json.tar.xz`` parts (or its
+    one archive): each method's runs concatenated in part order."""
+    archives = _summaries_archives(folder)
+    if not archives:
+        raise FileNotFoundError(f"{folder} holds no {SUMMARIES_ARCHIVE} or summaries-<i>.json.tar.xz")
+    merged: dict[str, list] = {}
+    for archive in archives:
+        for text in _read_archive(archive).values():
+            for method, runs in json.loads(text).items():
+                merged.setdefault(method, []).extend(runs)
+    target = folder / SUMMARIES
+    target.write_text(json.dumps(merged, indent=1))
+    return target
+
+
 def _sized(total: int) -> str:
     return f"{total / 1e6:.1f} MB"
 
@@ -147,7 +203,7 @@ def violations(root: Path = RESULTS) -> list[str]:
             problems.append(f"{name}: a figure no report embeds: delete it (or embed it in the report)")
         elif path.name.endswith(".tar.xz"):
             problems += [f"{name}: {problem}" for problem in _archive_problems(root, path, all_files)]
-        elif path.name == SUMMARIES and (path.parent / SUMMARIES_ARCHIVE).is_file():
+        elif path.name == SUMMARIES and _summaries_archives(path.parent):
             problems.append(f"{name}: beside {SUMMARIES_ARCHIVE}: merge it with --apply")
         if path.is_file() and path.stat().st_size > MAX_BYTES:
             hint = f": pack it with --apply (into {SUMMARIES_ARCHIVE})" if path.name == SUMMARIES else ""
@@ -173,10 +229,12 @@ def _archive_problems(root: Path, path: Path, all_files: list[Path]) -> list[str
         wanted, what = (lambda name: name.endswith(".log")), "only logs"
     elif path.name == SUMMARIES_ARCHIVE:
         wanted, what = (lambda name: name == SUMMARIES), f"only {SUMMARIES}"
+    elif part := _SUMMARIES_PART.fullmatch(path.name):
+        wanted, what = (lambda name: name == f"summaries-{part.group(1)}.json"), f"only summaries-{part.group(1)}.json"
     elif _RUNS_ARCHIVE.fullmatch(path.name):
         wanted, what = (lambda name: name.startswith("runs/") and name.endswith(RUN_FILES)), "only runs/*/ files"
     else:
-        return [f"archives are named {ARCHIVE}, runs-<group>.tar.xz or {SUMMARIES_ARCHIVE}"]
+        return [f"archives are named {ARCHIVE}, runs-<group>.tar.xz, {SUMMARIES_ARCHIVE} or summaries-<i>.json.tar.xz"]
     try:
         with tarfile.open(path, "r:xz") as archive:
             members = archive.getmembers()
@@ -262,11 +320,9 @@ def apply(root: Path = RESULTS) -> list[str]:
             done.append(f"deleted {name}")
         elif path.suffix == ".log":
             logs.setdefault(report_folder(root, path, all_files), []).append(path)
-        elif path.name == SUMMARIES and (path.stat().st_size > MAX_BYTES
-                                         or (path.parent / SUMMARIES_ARCHIVE).is_file()):
-            _write(path.parent / SUMMARIES_ARCHIVE, _archive_bytes({SUMMARIES: path.read_bytes()}))
-            path.unlink()
-            done.append(f"packed {name} into {SUMMARIES_ARCHIVE}")
+        elif path.name == SUMMARIES and (path.stat().st_size > MAX_BYTES or _summaries_archives(path.parent)):
+            written = _pack_summaries(path)
+            done.append(f"packed {name} into {', '.join(written)}")
     for folder, group in sorted(logs.items()):
         _pack(folder, sorted(group))
         done.append(f"packed {len(group)} logs into {(folder / ARCHIVE).relative_to(root).as_posix()}")
@@ -288,7 +344,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("root", nargs="?", default=str(RESULTS), help="the results folder (default: %(default)s)")
     parser.add_argument("--apply", action="store_true",
                         help="pack logs, large runs folders and summaries; delete unembedded figures, leftovers")
+    parser.add_argument("--merge-summaries", metavar="FOLDER",
+                        help="write FOLDER/summaries.json back from its packed summaries archives, and stop")
     args = parser.parse_args(argv)
+    if args.merge_summaries:
+        try:
+            print(merge_summaries(Path(args.merge_summaries)))
+        except FileNotFoundError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        return 0
     root = Path(args.root)
     if not root.is_dir():
         print(f"error: {root} is not a folder: name the results folder", file=sys.stderr)

@@ -207,6 +207,29 @@ def test_a_large_summaries_json_is_packed_beside_the_report(tmp_path):
     assert (study / "summaries.json.tar.xz").read_bytes() == packed
 
 
+def test_summaries_too_large_for_one_archive_are_split_and_merge_back(tmp_path):
+    import json
+    import random
+
+    policy = _policy()
+    study = _study(tmp_path)
+    rng = random.Random(0)  # random digits: xz cannot shrink them below 1 MB
+    data = {method: [{"seed": i, "curve": [rng.random() for _ in range(40)]} for i in range(2_000)]
+            for method in ("sgd", "otmdr+momentum")}
+    (study / "summaries.json").write_text(json.dumps(data, indent=1))
+    done = policy.apply(tmp_path)
+    parts = sorted(p.name for p in study.glob("summaries-*.json.tar.xz"))
+    assert len(parts) >= 2 and not (study / "summaries.json.tar.xz").exists()
+    assert done == [f"packed study/summaries.json into {', '.join(sorted(parts, key=lambda n: (len(n), n)))}"]
+    assert all((study / name).stat().st_size <= 1_000_000 for name in parts)
+    assert policy.violations(tmp_path) == []
+    assert policy.main(["--merge-summaries", str(study)]) == 0
+    assert json.loads((study / "summaries.json").read_text()) == data
+    before = {name: (study / name).read_bytes() for name in parts}
+    policy.apply(tmp_path)  # idempotent: the merged file packs into the same bytes
+    assert {name: (study / name).read_bytes() for name in parts} == before
+
+
 def test_an_archive_holding_other_files_is_flagged(tmp_path):
     policy = _policy()
     study = _study(tmp_path)
@@ -216,4 +239,4 @@ def test_an_archive_holding_other_files_is_flagged(tmp_path):
         archive.add(study / "report.md", arcname="report.md")
     problems = "\n".join(policy.violations(tmp_path))
     assert "runs-final.tar.xz: holds runs/sgd-seed0/last.pt: only runs/*/ files" in problems
-    assert "other.tar.xz: archives are named logs.tar.xz, runs-<group>.tar.xz or summaries.json.tar.xz" in problems
+    assert "other.tar.xz: archives are named logs.tar.xz, runs-<group>.tar.xz, summaries.json.tar.xz or summaries-<i>.json.tar.xz" in problems
