@@ -386,3 +386,33 @@ def test_ddp_replicas_stay_identical(tmp_path, options):
     result = json.loads(out.read_text())
     assert result["identical"]
     assert "full" in result["kinds"] and len(set(result["kinds"])) == 2
+
+
+@pytest.mark.parametrize("options", [o for o in VARIANTS.values() if o.get("momentum_ascent") != "all"],
+                         ids=[k for k, o in VARIANTS.items() if o.get("momentum_ascent") != "all"])
+def test_particles_with_every_variant_cost_what_is_predicted(options):
+    """K = 2 particles: a full step costs 2 x (ascent parts + 1), plain and reused steps 1."""
+    steps = 10
+    model = tiny_mlp()
+    opt = OTMDR(model, torch.optim.SGD, rho=(0.05, 0.1), particles=2, total_steps=steps, lr=LR, momentum=MOMENTUM,
+                **options)
+    results = _run(opt, model, _batches(steps))
+    full = 2 * (1.0 + (0.5 if options.get("momentum_ascent") == "first" else 1.0))
+    assert all(r.gradient_evaluations == (full if r.kind == "full" else 1.0) for r in results)
+    assert opt.full_steps == sum(r.kind == "full" for r in results) > 0
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("momentum_ascent", ["first", "all"])
+def test_batchnorm_statistics_come_from_the_steps_first_pass(momentum_ascent):
+    """bn_policy="clean" updates the running statistics once per step, in the first pass that
+    runs: with momentum ascent that pass is at the perturbed weights (the ascent part's, or with
+    "all" the final pass's), never twice."""
+    model = tiny_mlp(batch_norm=True)
+    opt = OTMDR(model, torch.optim.SGD, rho=(0.05, 0.1), momentum_ascent=momentum_ascent, lr=LR, momentum=MOMENTUM,
+                model=model)
+    bn = model[1]
+    for t, batch in enumerate(_batches(4)):
+        before = bn.num_batches_tracked.item()
+        opt.step(ce(model), batch=batch)
+        assert bn.num_batches_tracked.item() == before + 1, t
