@@ -237,6 +237,9 @@ class TrainConfig:
     progress: bool = True
     threads: int | None = bounded(None, 1, 1024, why=_THREADS)  # torch CPU threads (default: torch's choice)
     sync_batchnorm: bool = False  # torchrun on CUDA: batch-norm statistics over the global batch (SyncBatchNorm)
+    # under torchrun: ddp replicates the model (DistributedDataParallel), fsdp shards parameters, gradients and
+    # optimizer state over the processes (FSDP2, docs/distributed.md); fsdp without torchrun is refused
+    strategy: str = "ddp"  # ddp | fsdp: how the processes of a torchrun launch share the model
     # where every epoch's metrics also stream (rank 0): RUN/tensorboard/, RUN/wandb/ (offline unless WANDB_MODE
     # says otherwise), each an extra (pip install 'otmdr[tensorboard]'); csv is RUN/metrics.csv, always written
     loggers: list[str] = field(default_factory=list)  # csv | tensorboard | wandb: stream the metrics to these too
@@ -298,6 +301,7 @@ CHOICES = {
     "otmdr.particle_reduce": (None, "sum", "mean"),
     "schedule.name": ("cosine", "step", "constant"),
     "train.precision": ("fp32", "bf16", "fp16"),
+    "train.strategy": ("ddp", "fsdp"),
     "ensemble.regime": ("joint", "per-member"),
     "efficiency.momentum_ascent": ("none", "first", "all"),
 }

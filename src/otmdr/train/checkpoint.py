@@ -20,6 +20,19 @@ one (written before checksums existed, or re-saved with plain ``torch.save``) st
 for its structure only. Then :func:`validate_checkpoint`, the one structural check every reader
 goes through, refuses missing entries, entries of the wrong kind and states that do not fit the
 model and optimizer, with one line, before a resume changes any file of its run.
+
+Sharded checkpoints (``train.strategy: fsdp``, docs/distributed.md): the parameters and the
+optimizer's per-parameter state are sharded over the processes, so no process holds them whole.
+They are written by every process together with ``torch.distributed.checkpoint`` (DCP) into a
+folder beside the file, ``checkpoints/state-EEEE-BBBBB.dcp/`` (EEEE epochs done, BBBBB steps of
+the next; first written as ``.state-....partial`` and renamed once every process has written its
+part), and the file (``last.pt``, ``best.pt``) holds everything else as usual plus a ``sharded``
+entry naming that folder and where the optimizer's sharded tensors go. The file is written after
+the folder and is what makes it current: a kill in between leaves the earlier file, still naming
+its own folder, and the new folder is removed on resume. :func:`load_checkpoint` reads the model's
+tensors back from the folder, whole, in one process (``otmdr eval`` and the other readers); a
+resume loads them sharded instead (:mod:`otmdr.train.strategy`). DCP's files carry no checksum:
+the file's SHA-256 covers the file alone, the folder is checked for the tensors it must hold.
 """
 
 from __future__ import annotations
@@ -44,7 +57,8 @@ from ..config import ConfigError, config_from_dict
 from ..data import DatasetSpec
 
 __all__ = ["CheckpointError", "CheckpointWriter", "save_checkpoint", "load_checkpoint", "validate_checkpoint",
-           "atomic_write_text"]
+           "atomic_write_text", "sharded_name", "split_optimizer_state", "join_optimizer_state", "sharded_folder",
+           "load_sharded_model", "remove_sharded"]
 
 
 class CheckpointError(RuntimeError):
@@ -114,9 +128,14 @@ def _check_seal(handle: IO[bytes], path: Path) -> None:
                           f"with a zip's end record: cut short?); {_ADVICE}")
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", *,
+                    sharded_model: bool = True) -> dict[str, Any]:
     """The checkpoint at ``path``, its checksum verified and its structure validated
-    (:func:`validate_checkpoint`); :class:`CheckpointError` otherwise."""
+    (:func:`validate_checkpoint`); :class:`CheckpointError` otherwise.
+
+    A sharded checkpoint's model is read whole from its folder into ``"model"`` (in this process
+    alone), unless ``sharded_model`` is false: then the state has no ``"model"`` entry (a resume
+    under FSDP loads it sharded, every process its part)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -141,9 +160,17 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         ) from None
     except Exception as error:  # truncated zip, wrong format, ...
         raise CheckpointError(_unreadable(path, error)) from None
-    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+    if not isinstance(state, dict) or ("model" not in state and "sharded" not in state) or "config" not in state:
         raise CheckpointError(f"checkpoint {path} is not an otmdr checkpoint (no model/config entries)")
     validate_checkpoint(state, path)
+    if sharded_model and "sharded" in state and "model" not in state:
+        try:
+            state["model"] = {name: tensor.to(map_location)
+                              for name, tensor in load_sharded_model(sharded_folder(state, path)).items()}
+        except Exception as error:  # a shard file cut short or damaged: DCP's own error, in one line
+            raise CheckpointError(f"checkpoint {path}: its sharded folder {sharded_folder(state, path)} cannot be "
+                                  f"read ({type(error).__name__}: {str(error).strip().splitlines()[0][:200]}); "
+                                  f"{_ADVICE}") from None
     return state
 
 
@@ -170,8 +197,11 @@ def validate_checkpoint(state: Any, path: str | Path, *, model_state: Mapping[st
     ``model_state`` and ``optimizer`` also that the saved tensors fit them (names and shapes), so
     that loading them cannot fail part-way."""
     problem = _structure_problem(state)
+    if problem is None:
+        problem = _sharded_problem(state, Path(path))
     if problem is None and model_state is not None:
-        problem = _model_problem(state["model"], model_state)
+        saved = state["model"] if "model" in state else _sharded_shapes(sharded_folder(state, path))
+        problem = _model_problem(saved, model_state)
     if problem is None and optimizer is not None:
         problem = _optimizer_fit_problem(state["optimizer"], optimizer)
     if problem is not None:
@@ -189,7 +219,7 @@ def _is_number(value: Any) -> bool:
 def _structure_problem(state: Any) -> str | None:
     if not isinstance(state, dict):
         return "it holds no mapping of entries"
-    missing = [key for key in _REQUIRED if key not in state]
+    missing = [key for key in _REQUIRED if key not in state and not (key == "model" and "sharded" in state)]
     if missing:
         return f"it has no {', '.join(missing)} entr{'y' if len(missing) == 1 else 'ies'}"
     if not isinstance(state["config"], dict):
@@ -198,8 +228,10 @@ def _structure_problem(state: Any) -> str | None:
         cfg = config_from_dict(state["config"])
     except ConfigError as error:
         return f"its config is not valid ({error})"
-    model = state["model"]
-    if not isinstance(model, Mapping) or not model or not all(
+    model = state.get("model")
+    if "sharded" in state and model is None:
+        pass  # the model is in the sharded folder (checked by _sharded_problem)
+    elif not isinstance(model, Mapping) or not model or not all(
             isinstance(k, str) and isinstance(v, Tensor) for k, v in model.items()):
         return "its model entry is not a mapping of names to tensors"
     epoch = state["epoch"]
@@ -346,6 +378,145 @@ def _optimizer_fit_problem(saved: dict[str, Any], optimizer: torch.optim.Optimiz
     return None
 
 
+# -- sharded checkpoints (FSDP) ----------------------------------------------------------------
+
+_SHARDED_NAME = re.compile(r"state-\d{4,}-\d{5,}\.dcp")
+
+
+def sharded_name(epoch: int, batch: int) -> str:
+    """The folder of a sharded checkpoint after ``epoch`` epochs and ``batch`` steps of the next."""
+    return f"state-{epoch:04d}-{batch:05d}.dcp"
+
+
+def sharded_folder(state: dict[str, Any], path: str | Path) -> Path:
+    """The folder holding the sharded tensors of the checkpoint ``state`` read from ``path``."""
+    return Path(path).parent / state["sharded"]["folder"]
+
+
+def _path_key(path: list[Any]) -> str:
+    return ".".join(str(part) for part in path)
+
+
+def split_optimizer_state(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Tensor], list[list[Any]]]:
+    """An optimizer's state dict under FSDP as ``(skeleton, tensors, layout)``: the skeleton is the
+    state dict without its sharded tensors (DTensors; plain values and tensors stay, for the
+    checkpoint file), ``tensors`` those tensors by key (for DCP), and ``layout`` one
+    ``[path, parameter index]`` per tensor: where it goes back and which parameter it is laid out
+    as (the base optimizer's per-parameter state, OT-MDR's stored LookSAM component)."""
+    from ..optim.sharding import is_sharded
+
+    tensors: dict[str, Tensor] = {}
+    layout: list[list[Any]] = []
+
+    def walk(value: Any, path: list[Any]) -> Any:
+        if not isinstance(value, dict):
+            return value
+        kept = {}
+        for key, item in value.items():
+            if isinstance(item, Tensor) and is_sharded(item):
+                record(item, path + [key])
+            else:
+                kept[key] = walk(item, path + [key])
+        return kept
+
+    def record(tensor: Tensor, path: list[Any]) -> None:
+        if len(path) == 3 and path[0] == "state" and _is_int(path[1]):
+            index = path[1]
+        elif len(path) == 3 and path[:2] == ["otmdr", "reuse"] and _is_int(path[2]):
+            index = path[2]
+        else:
+            raise CheckpointError(f"the optimizer state holds a sharded tensor at {_path_key(path)}, which a "
+                                  "sharded checkpoint cannot place (only per-parameter state is sharded)")
+        tensors[_path_key(path)] = tensor
+        layout.append([list(path), int(index)])
+
+    skeleton = walk(state, [])
+    return skeleton, tensors, layout
+
+
+def join_optimizer_state(skeleton: dict[str, Any], tensors: dict[str, Tensor],
+                         layout: list[list[Any]]) -> dict[str, Any]:
+    """The optimizer state dict that :func:`split_optimizer_state` split (a copy of the dicts)."""
+    def copy(value: Any) -> Any:
+        return {key: copy(item) for key, item in value.items()} if isinstance(value, dict) else value
+
+    state = copy(skeleton)
+    for path, _ in layout:
+        target = state
+        for part in path[:-1]:
+            target = target.setdefault(part, {})
+        target[path[-1]] = tensors[_path_key(path)]
+    return state
+
+
+def _sharded_metadata(folder: Path) -> dict[str, Any]:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    metadata: dict[str, Any] = FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    return metadata
+
+
+def _sharded_shapes(folder: Path) -> dict[str, Tensor]:
+    """The model's tensors of a sharded checkpoint as empty meta tensors of their global shapes."""
+    return {key[len("model."):]: torch.empty(tuple(meta.size), device="meta")
+            for key, meta in _sharded_metadata(folder).items() if key.startswith("model.") and hasattr(meta, "size")}
+
+
+def _sharded_problem(state: dict[str, Any], path: Path) -> str | None:
+    """A sharded checkpoint's ``sharded`` entry and its folder: the folder must exist and hold the
+    model's tensors and every optimizer tensor the layout names."""
+    sharded = state.get("sharded")
+    if sharded is None:
+        return None
+    if not isinstance(sharded, dict) or not isinstance(sharded.get("folder"), str) \
+            or not _SHARDED_NAME.fullmatch(sharded["folder"]) or not isinstance(sharded.get("layout"), list) \
+            or not all(isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], list)
+                       and _is_int(entry[1]) for entry in sharded["layout"]):
+        return "its sharded entry is not a sharded checkpoint's description (a folder and an optimizer layout)"
+    folder = sharded_folder(state, path)
+    try:
+        metadata = _sharded_metadata(folder)
+    except Exception:  # missing, or its .metadata unreadable
+        return (f"its sharded folder {folder} (the weights and the optimizer state) is missing or unreadable: "
+                "a sharded checkpoint is the file and that folder together")
+    if not any(key.startswith("model.") for key in metadata):
+        return f"its sharded folder {folder} holds no model tensors"
+    lost = [_path_key(p) for p, _ in sharded["layout"] if f"optimizer.{_path_key(p)}" not in metadata]
+    if lost:
+        return f"its sharded folder {folder} lacks the optimizer tensor {lost[0]}"
+    return None
+
+
+def load_sharded_model(folder: Path) -> dict[str, Tensor]:
+    """The model's tensors of a sharded checkpoint, whole, read in this process alone."""
+    import torch.distributed.checkpoint as dcp
+
+    template = {key[len("model."):]: torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
+                for key, meta in _sharded_metadata(folder).items() if key.startswith("model.")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # DCP's "assuming the intent is to load in a single process"
+        dcp.load({"model": template}, checkpoint_id=str(folder), no_dist=True)
+    return template
+
+
+def remove_sharded(checkpoints: Path, names: set[str] | None = None, *, keep: set[str] | None = None) -> None:
+    """Remove sharded folders: those ``names``, or (``keep`` given) every folder and every partial
+    folder of an interrupted write except those kept (a resume's leftovers; nothing is writing)."""
+    import shutil
+
+    if names is not None:
+        for name in names:
+            shutil.rmtree(checkpoints / name, ignore_errors=True)
+        return
+    if keep is None or not checkpoints.is_dir():
+        return
+    for child in checkpoints.iterdir():
+        stale = _SHARDED_NAME.fullmatch(child.name) and child.name not in keep
+        partial = child.name.startswith(".state-") and child.name.endswith(".partial")
+        if child.is_dir() and (stale or partial):
+            shutil.rmtree(child, ignore_errors=True)
+
+
 class CheckpointWriter:
     """Writes a run's checkpoints and files in order on one background thread, so that the fsync
     making each checkpoint durable overlaps the next epoch instead of stalling training (on a
@@ -390,6 +561,10 @@ class CheckpointWriter:
     def save(self, state: dict[str, Any], path: str | Path) -> None:
         data = _serialise(state)  # the snapshot; its checksum is computed on the writer's thread
         self._submit(lambda: atomic_write(path, lambda handle: _write_sealed(handle, data)))
+
+    def call(self, job: Callable[[], None]) -> None:
+        """Run ``job`` on the writer's thread after everything queued before it."""
+        self._submit(job)
 
     def link(self, source: str | Path, path: str | Path) -> None:
         self._submit(lambda: atomic_link(source, path))

@@ -27,7 +27,8 @@ from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["Context", "DistributedError", "current", "launched", "init", "device_for", "shard",
+__all__ = ["Context", "DistributedError", "current", "launched", "torchrun_launched", "init", "ensure_group",
+           "device_for", "shard",
            "from_rank0", "gather_to_rank0", "broadcast_object", "any_rank", "sum_across", "sync_buffers"]
 
 T = TypeVar("T")
@@ -81,6 +82,32 @@ def launched(environ: dict[str, str] | None = None) -> Context:
         raise DistributedError(f"inconsistent launch environment: RANK={rank}, WORLD_SIZE={world}, "
                                f"LOCAL_RANK={local}")
     return Context(rank, world, local)
+
+
+def torchrun_launched(environ: dict[str, str] | None = None) -> bool:
+    """Whether torchrun started this process (its environment names a world), of any size: a
+    launch of one process is otherwise the ordinary single-process run."""
+    environ = dict(os.environ if environ is None else environ)
+    return bool(environ.get("WORLD_SIZE")) and bool(environ.get("RANK"))
+
+
+def _backend() -> str:
+    import torch.distributed as dist
+
+    return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
+
+
+def ensure_group() -> None:
+    """A process group, also for a torchrun launch of one process (which :func:`init` leaves
+    without one): FSDP shards over a device mesh, which needs one. A group of one process talks to
+    no one (an in-memory store)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    if current().enabled:
+        raise DistributedError("the process group was not initialised (otmdr.train.distributed.init)")
+    dist.init_process_group(_backend(), store=dist.HashStore(), rank=0, world_size=1)
 
 
 def init(timeout: float) -> Context:

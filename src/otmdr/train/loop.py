@@ -33,11 +33,12 @@ from ..eval.evaluate import prediction_samples
 from ..models import count_parameters
 from ..optim import OTMDR
 from .builders import RunData, build_data, build_model, build_optimizer, build_scheduler, select_device
-from .checkpoint import CheckpointError, CheckpointWriter, atomic_write_text, load_checkpoint
+from .checkpoint import (CheckpointError, CheckpointWriter, atomic_write_text, load_checkpoint, remove_sharded,
+                         sharded_name)
 from .compute import gradient_evaluations_per_step, machine_info
 from .loggers import STEP_EVERY, Loggers, open_loggers
 from .run_dir import RunDirError, check_same_run, load_run, prepare_run_dir, remove_leftovers, write_history
-from .strategy import SingleProcess, Strategy, current_strategy
+from .strategy import SingleProcess, Strategy, current_strategy, strategy_for
 
 __all__ = ["TrainingError", "Preempted", "train", "nominal_radius",
            # moved; re-exported for one release (import them from otmdr.train, otmdr.eval)
@@ -77,7 +78,7 @@ def train(cfg: ExperimentConfig | None, run_dir: str | Path, *, resume: bool = F
                      log=log if strategy.is_main else _quiet)  # rank 0 reports for the whole run
         if strategy.is_main and run.cfg.train.loggers:
             run.loggers = stack.enter_context(_open_loggers(run))
-        _run_epochs(run, lambda: strategy.stop_requested(_signals.requested() is not None))
+        _run_epochs(run, lambda: run.strategy.stop_requested(_signals.requested() is not None))
         return _finish(run)
 
 
@@ -109,15 +110,21 @@ class _Run:
     partial: dict[str, Any] | None = None  # the running sums of an epoch stopped part-way
     warned: dict[str, str] = field(default_factory=dict)  # kind -> its first warning
     loggers: Loggers = field(default_factory=Loggers)  # train.loggers (rank 0's; none elsewhere)
+    #: the sharded folders the checkpoint files name (train.strategy=fsdp; rank 0's record)
+    sharded: dict[str, str | None] = field(default_factory=lambda: {"last": None, "best": None})
 
     def checkpoint(self, name: str) -> Path:
         return self.run_dir / "checkpoints" / name
 
-    def state(self, epoch: int, ranks: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-        """The checkpoint after ``epoch`` epochs: everything an exact resume needs."""
-        return self.strategy.checkpoint_extra(ranks) | {
+    def state(self, epoch: int, ranks: list[dict[str, Any]] | None = None,
+              sharded: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The checkpoint after ``epoch`` epochs: everything an exact resume needs. ``sharded``:
+        the entries naming the sharded folder that holds the model and the optimizer's tensors
+        (``Strategy.save_sharded``), in place of them."""
+        tensors = sharded if sharded is not None else {
+            "model": self.strategy.model_state(self.model), "optimizer": self.optimizer.state_dict()}
+        return self.strategy.checkpoint_extra(ranks) | tensors | {
             "config": config_to_dict(self.cfg), "epoch": epoch, "best": self.best, "history": self.history,
-            "model": self.strategy.model_state(self.model), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "loader": self.data.train.state_dict(),
@@ -136,11 +143,14 @@ def _setup(cfg: ExperimentConfig | None, run_dir: Path, *, resume: bool, strateg
     checkpoint = None
     if resume:
         last = run_dir / "checkpoints" / "last.pt"
-        checkpoint = strategy.on_main(lambda: load_checkpoint(last))
+        # a sharded checkpoint's model stays in its folder: every process loads its shards (_restore)
+        checkpoint = strategy.on_main(lambda: load_checkpoint(last, sharded_model=False))
         cfg = config_from_dict(checkpoint["config"])
-        strategy.check_checkpoint(checkpoint, last)
     if cfg is None:
         raise TypeError("train() needs a config unless it resumes a run")
+    strategy = strategy_for(cfg)  # train.strategy: replicas or shards, under torchrun
+    if checkpoint is not None:
+        strategy.check_checkpoint(checkpoint, last)
     strategy.bind(cfg)
     loggers = cfg.train.loggers
     strategy.on_main(lambda: check_loggers(loggers))  # a missing package: before anything is written
@@ -184,12 +194,15 @@ def _restore(run: _Run, checkpoint: dict[str, Any]) -> None:
     strategy = run.strategy
     strategy.on_main(lambda: check_same_run(run.run_dir, checkpoint, model_state=strategy.model_state(run.model),
                                             optimizer=run.optimizer))  # before anything is loaded or written
-    try:
-        strategy.load_model_state(run.model, checkpoint["model"])
-    except RuntimeError as error:
-        raise CheckpointError(f"{run.checkpoint('last.pt')} does not fit model {run.cfg.model.name!r}: "
-                              f"{str(error).splitlines()[0]}") from None
-    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    if "sharded" in checkpoint:  # every process reads its shards of the model and the optimizer state
+        strategy.load_sharded(run.model, run.optimizer, run.checkpoint(""), checkpoint)
+    else:
+        try:
+            strategy.load_model_state(run.model, checkpoint["model"])
+        except RuntimeError as error:
+            raise CheckpointError(f"{run.checkpoint('last.pt')} does not fit model {run.cfg.model.name!r}: "
+                                  f"{str(error).splitlines()[0]}") from None
+        run.optimizer.load_state_dict(checkpoint["optimizer"])
     run.scheduler.load_state_dict(checkpoint["scheduler"])
     if run.scaler is not None and checkpoint.get("scaler"):
         run.scaler.load_state_dict(checkpoint["scaler"])
@@ -205,9 +218,36 @@ def _restore(run: _Run, checkpoint: dict[str, Any]) -> None:
     run.partial = mine.get("partial_epoch")
     if strategy.is_main:
         remove_leftovers(run.run_dir)
+        if "sharded" in checkpoint:
+            _keep_sharded(run, checkpoint)
         if run.history:  # a kill between the checkpoint and the metrics write lost the last rows
             write_history(run.run_dir, run.history)
     run.log(f"resuming {run.run_dir} after epoch {run.start_epoch}")
+
+
+def _keep_sharded(run: _Run, checkpoint: dict[str, Any]) -> None:
+    """Rank 0 on resume: record the sharded folders that last.pt and best.pt name, and remove any
+    other (a write a kill interrupted before its checkpoint file named it)."""
+    run.sharded["last"] = checkpoint["sharded"]["folder"]
+    best = run.checkpoint("best.pt")
+    if best.is_file():
+        run.sharded["best"] = load_checkpoint(best, sharded_model=False).get("sharded", {}).get("folder")
+    remove_sharded(run.checkpoint(""), keep={name for name in run.sharded.values() if name})
+
+
+def _named_sharded(run: _Run, sharded: dict[str, Any] | None, *, best: bool) -> None:
+    """Rank 0, with the checkpoint files just queued: last.pt (and best.pt) now name ``sharded``'s
+    folder; the folders no file names any more are removed once those files are written."""
+    if sharded is None:
+        return
+    before = {name for name in run.sharded.values() if name}
+    run.sharded["last"] = sharded["sharded"]["folder"]
+    if best:
+        run.sharded["best"] = run.sharded["last"]
+    dropped = before - set(run.sharded.values())
+    if dropped:
+        checkpoints = run.checkpoint("")
+        run.writer.call(lambda: remove_sharded(checkpoints, dropped))
 
 
 def _open_loggers(run: _Run) -> Loggers:
@@ -287,13 +327,16 @@ def _train_epoch_or_stop(run: _Run, epoch: int, stop_requested: Callable[[], boo
     except _StoppedMidEpoch as stop:
         partial = stop.partial
         ranks = run.strategy.rank_states(run.optimizer, run.device, partial)
+        step = run.data.train.state_dict()["batch"]
+        sharded = run.strategy.save_sharded(run.model, run.optimizer, run.checkpoint(""), sharded_name(epoch, step))
 
         def write_partial() -> None:
-            run.writer.save({**run.state(epoch, ranks), "partial_epoch": partial}, run.checkpoint("last.pt"))
+            run.writer.save({**run.state(epoch, ranks, sharded), "partial_epoch": partial},
+                            run.checkpoint("last.pt"))
+            _named_sharded(run, sharded, best=False)
             run.writer.flush()
 
         run.strategy.on_main(write_partial)
-        step = run.data.train.state_dict()["batch"]
         raise Preempted(f"{_signals.stopped_by()} in epoch {epoch + 1} after step {step}: checkpoint written; "
                         f"continue with: otmdr train --resume {run.run_dir}") from None
     except FloatingPointError as error:
@@ -367,15 +410,18 @@ def _save_epoch(run: _Run, epoch: int, row: dict[str, Any], stats: _Epoch) -> No
     improved = score > run.best
     run.best = max(run.best, score)
     ranks = run.strategy.rank_states(run.optimizer, run.device)
+    # a sharded model: every process writes its part first, rank 0's checkpoint file then names it
+    sharded = run.strategy.save_sharded(run.model, run.optimizer, run.checkpoint(""), sharded_name(epoch + 1, 0))
 
     # best.pt before last.pt: a kill between the two repeats this epoch on resume, which
     # rewrites the same best.pt, instead of leaving a stale one behind
     def write() -> None:
         if improved:  # the same state twice: last.pt becomes a link to the new best.pt, not a second write
-            run.writer.save(run.state(epoch + 1, ranks), run.checkpoint("best.pt"))
+            run.writer.save(run.state(epoch + 1, ranks, sharded), run.checkpoint("best.pt"))
             run.writer.link(run.checkpoint("best.pt"), run.checkpoint("last.pt"))
         else:
-            run.writer.save(run.state(epoch + 1, ranks), run.checkpoint("last.pt"))
+            run.writer.save(run.state(epoch + 1, ranks, sharded), run.checkpoint("last.pt"))
+        _named_sharded(run, sharded, best=improved)
         write_history(run.run_dir, run.history, run.writer)
 
     run.strategy.on_main(write)
@@ -415,12 +461,15 @@ def _finish(run: _Run) -> dict[str, Any]:
     # how many examples each score rests on (a study's search judges its close calls by them)
     summary["data_sizes"] = {name: split.num_samples for name, split in
                              (("train", data.train), ("val", data.val), ("test", data.test)) if split is not None}
+    if strategy.summary() is not None:  # torchrun: {strategy: ddp | fsdp, world_size}
+        summary["distributed"] = strategy.summary()
     if run.warned:
         summary["warnings"] = list(run.warned.values())
     best_path = run.checkpoint("best.pt")
     best_state = None
     if data.val is not None:
-        best_state = strategy.on_main(lambda: load_checkpoint(best_path) if best_path.is_file() else None)
+        best_state = strategy.on_main(lambda: load_checkpoint(best_path, sharded_model=False)
+                                      if best_path.is_file() else None)
     summary["early_stopped"] = _early_stopped_evaluation(run, best_state)
     if run.loggers:  # the test metrics, at the last step
         run.loggers.log(len(run.data.train) * len(run.history), {f"test_{k}": v for k, v in summary["test"].items()
@@ -460,7 +509,10 @@ def _early_stopped_evaluation(run: _Run, best: dict[str, Any] | None) -> dict[st
     standard defence against label noise, so every comparison also reports it. Loads into the model."""
     if run.data.val is None or best is None:
         return None
-    run.strategy.load_model_state(run.model, best["model"])
+    if "sharded" in best:  # every process reads its shards of best.pt's folder
+        run.strategy.load_sharded(run.model, None, run.checkpoint(""), best)
+    else:
+        run.strategy.load_model_state(run.model, best["model"])
     autocast, n_bins = AUTOCAST[run.cfg.train.precision], run.cfg.eval.ece_bins
     test, _ = evaluate_split(run.model, run.data.test, autocast=autocast, n_bins=n_bins, samples=run.samples)
     row = best["history"][-1]
@@ -670,6 +722,8 @@ def _describe_run(cfg: ExperimentConfig, model: nn.Module, data: RunData, device
     if strategy.world_size > 1:
         where = (f"{strategy.world_size} processes ({device.type}), global batch {cfg.data.batch_size} = "
                  f"{strategy.world_size} x {cfg.data.batch_size // strategy.world_size}")
+    if cfg.train.strategy == "fsdp":
+        where = f"{where}, parameters sharded (FSDP)" if strategy.world_size > 1 else f"{where}, FSDP on one process"
     return (f"training {cfg.model.name} ({count_parameters(model):,} parameters) with {method}, lr {o.lr}, "
             f"{cfg.train.epochs} epochs, on {cfg.data.name} ({sizes}{noise}), {where}, {cfg.train.precision}")
 

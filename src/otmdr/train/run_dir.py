@@ -99,7 +99,7 @@ def check_same_run(run_dir: Path, checkpoint: dict[str, Any], *, model_state: Ma
     best = run_dir / "checkpoints" / "best.pt"
     if best.is_file() and not (last.is_file() and best.samefile(last)):
         try:
-            load_checkpoint(best)
+            load_checkpoint(best, sharded_model=False)  # its file and, if sharded, its folder's metadata
         except CheckpointError as error:
             raise CheckpointError(f"{error} (a resume ends by reading it: restore it, or delete it to resume "
                                   "without the early-stopped model so far)") from None

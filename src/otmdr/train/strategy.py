@@ -4,18 +4,22 @@ points instead of branching on the launch.
 :class:`SingleProcess` is the ordinary run: every hook is the identity. :class:`DataParallel` is
 a torchrun launch with DistributedDataParallel (docs/distributed.md): sharded batches, rank 0's
 weights and batch-norm statistics on every replica, per-rank random streams saved with the
-checkpoint, rank 0 alone on the file system. A sharded strategy (FSDP) would add itself here,
-with its own ``model_state``/``load_model_state``; the loop would not change.
+checkpoint, rank 0 alone on the file system. :class:`FullyShard` is a torchrun launch with FSDP2
+(``train.strategy: fsdp``): the same, with the parameters, gradients and optimizer state sharded
+over the processes, and sharded checkpoints (``save_sharded``/``load_sharded``) written by every
+process. :func:`strategy_for` picks one from the launch and the run's config.
 
 The hooks, in the order the loop meets them: ``check_checkpoint``, ``bind`` (the run's config,
 checked and kept: the hooks after it read it), ``device``, ``shard``, ``check_data``, ``wrap``,
 ``optimizer_seed``; per step ``stop_requested``; per epoch ``reduce_epoch``, ``sync_buffers``,
-``agree``, ``rank_states``; throughout ``on_main``.
+``agree``, ``rank_states``, ``save_sharded`` (every process, before rank 0 writes the file);
+throughout ``on_main``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -23,9 +27,9 @@ from torch import Tensor, nn
 
 from ..config import ConfigError, ExperimentConfig
 from . import distributed
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, join_optimizer_state, remove_sharded, split_optimizer_state
 
-__all__ = ["Strategy", "SingleProcess", "DataParallel", "current_strategy"]
+__all__ = ["Strategy", "SingleProcess", "DataParallel", "FullyShard", "current_strategy", "strategy_for"]
 
 T = TypeVar("T")
 
@@ -120,6 +124,21 @@ class SingleProcess:
 
     def load_model_state(self, model: nn.Module, state: dict[str, Any]) -> None:
         model.load_state_dict(state)
+
+    def summary(self) -> dict[str, Any] | None:
+        """How the run was distributed, for ``summary.json`` (None: one process)."""
+        return None
+
+    def save_sharded(self, model: nn.Module, optimizer: torch.optim.Optimizer, checkpoints: Path,
+                     name: str) -> dict[str, Any] | None:
+        """Write the sharded part of a checkpoint (every process); returns the checkpoint file's
+        entries that name it (``sharded``, ``optimizer``), or None: the file holds everything."""
+        return None
+
+    def load_sharded(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, checkpoints: Path,
+                     checkpoint: dict[str, Any]) -> None:
+        raise CheckpointError(f"{checkpoints} holds a sharded checkpoint (train.strategy=fsdp): resume it with "
+                              "torchrun and train.strategy=fsdp")
 
 
 Strategy = SingleProcess
@@ -224,6 +243,115 @@ class DataParallel(SingleProcess):
         if mine.get("optimizer_generator") is not None:
             optimizer.generator.set_state(mine["optimizer_generator"])  # type: ignore[attr-defined]
 
+    def summary(self) -> dict[str, Any] | None:
+        return {"strategy": "ddp", "world_size": self.world_size}
+
+
+class FullyShard(DataParallel):
+    """``world_size`` processes of a torchrun launch training one model sharded with FSDP2
+    (``fully_shard`` per unit of :func:`otmdr.models.units.fsdp_units`, then the root).
+
+    As :class:`DataParallel` for everything but the model: the batches are sharded the same way,
+    rank 0 alone writes files, each process keeps its own random streams. Differences:
+
+    * no wrapper: the optimizer runs its passes through the sharded model itself, and every pass
+      reduce-scatters its gradient, so the ascent is global (one shared neighbour, as DDP's
+      ``sync_ascent``) and the optimizer's generator has the same seed on every process;
+    * FSDP does not broadcast buffers: each process updates its batch-norm running statistics from
+      its own shard during an epoch, and rank 0's are broadcast at its end (``sync_buffers``) and
+      before every checkpoint, as DDP's ``broadcast_buffers`` leaves them (rank 0's);
+    * checkpoints are sharded (``save_sharded``): the parameters and the optimizer's per-parameter
+      state go through ``torch.distributed.checkpoint`` into a folder every process writes its part
+      of (a file system shared by the nodes), the rest into rank 0's checkpoint file as before.
+
+    A launch of one process (``torchrun --nproc_per_node 1``) shards over a mesh of one process.
+    """
+
+    def __init__(self, context: distributed.Context):
+        super().__init__(context)
+        self.mesh: Any = None
+
+    def wrap(self, model: nn.Module, device: torch.device, per_member: bool) -> tuple[nn.Module, nn.Module | None]:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+        from ..models.units import fsdp_units
+
+        distributed.ensure_group()  # a torchrun launch of one process has none yet
+        if self.cfg.train.sync_batchnorm:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.mesh = init_device_mesh(device.type, (self.world_size,))
+        for unit in fsdp_units(model):
+            fully_shard(unit, mesh=self.mesh)
+        fully_shard(model, mesh=self.mesh)
+        if per_member:  # the per-member loss runs member_logits, not forward: FSDP must gather for it too
+            register_fsdp_forward_method(model, "member_logits")
+        return model, None
+
+    def optimizer_seed(self) -> int | None:
+        """Dropout and Bayesian weight samples draw from a per-rank stream; the optimizer's noise is
+        one draw for the whole model (the ascent is global under FSDP): ``train.seed`` everywhere."""
+        torch.manual_seed(_rank_seed(self.cfg.train.seed, self.rank))
+        return None
+
+    def sync_buffers(self, model: nn.Module) -> None:
+        distributed.sync_buffers(model)
+
+    def model_state(self, model: nn.Module) -> dict[str, Any]:
+        """The model's state dict of sharded tensors (global shapes; no communication): for checks."""
+        return model.state_dict()
+
+    def load_model_state(self, model: nn.Module, state: dict[str, Any]) -> None:
+        raise CheckpointError("a sharded model loads from a sharded checkpoint (load_sharded)")
+
+    def summary(self) -> dict[str, Any] | None:
+        return {"strategy": "fsdp", "world_size": self.world_size}
+
+    def save_sharded(self, model: nn.Module, optimizer: torch.optim.Optimizer, checkpoints: Path,
+                     name: str) -> dict[str, Any] | None:
+        """Every process writes its shards of the model and the optimizer state into
+        ``checkpoints/.NAME.partial``, which rank 0 renames to ``checkpoints/NAME`` once all have
+        written; returns the checkpoint file's ``sharded`` and ``optimizer`` entries."""
+        import torch.distributed.checkpoint as dcp
+
+        self.sync_buffers(model)  # the saved (replicated) buffers are rank 0's, whichever process writes them
+        target, partial = checkpoints / name, checkpoints / f".{name}.partial"
+
+        def prepare() -> None:  # leftovers of a write a kill interrupted (never named by a checkpoint file)
+            remove_sharded(checkpoints, {target.name, partial.name})
+            partial.mkdir(parents=True)
+
+        distributed.from_rank0(prepare)
+        skeleton, tensors, layout = split_optimizer_state(optimizer.state_dict())
+        dcp.save({"model": model.state_dict(), "optimizer": tensors}, checkpoint_id=str(partial))
+
+        def publish() -> None:  # dcp.save returned: every process's part and the metadata are written
+            partial.rename(target)
+            _fsync_directory(checkpoints)  # the rename itself survives a power loss
+
+        distributed.from_rank0(publish)
+        return {"sharded": {"folder": name, "layout": layout}, "optimizer": skeleton}
+
+    def load_sharded(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, checkpoints: Path,
+                     checkpoint: dict[str, Any]) -> None:
+        """Every process reads its shards of the checkpoint's folder into the model (and the
+        optimizer, whose other entries are in the file); the same world size as the writer's."""
+        import torch.distributed.checkpoint as dcp
+
+        sharded = checkpoint["sharded"]
+        model_state = model.state_dict()
+        state: dict[str, Any] = {"model": model_state}
+        tensors: dict[str, Tensor] = {}
+        if optimizer is not None:
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            tensors = {".".join(str(part) for part in path): torch.zeros_like(params[index])
+                       for path, index in sharded["layout"]}
+            state["optimizer"] = tensors
+        dcp.load(state, checkpoint_id=str(checkpoints / sharded["folder"]))
+        model.load_state_dict(model_state)
+        if optimizer is not None:
+            optimizer.load_state_dict(join_optimizer_state(checkpoint["optimizer"], tensors, sharded["layout"]))
+
 
 class _MemberLogits(nn.Module):
     """``forward`` = the ensemble's ``member_logits``: DDP only synchronises what runs through
@@ -238,6 +366,21 @@ class _MemberLogits(nn.Module):
         return member_logits(x)
 
 
+def _fsync_directory(folder: Path) -> None:
+    import os
+
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. a platform without directory descriptors
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
 def _rank_seed(seed: int, rank: int) -> int:
     """A process's own seed in a distributed run; reproducible, and different on every rank."""
     from ..data.loader import derive_seed
@@ -246,6 +389,19 @@ def _rank_seed(seed: int, rank: int) -> int:
 
 
 def current_strategy() -> SingleProcess:
-    """The strategy of this process's launch (:func:`otmdr.train.distributed.init` ran)."""
+    """The strategy of this process's launch (:func:`otmdr.train.distributed.init` ran), before
+    a run's config is known: what every strategy shares (rank, file-system work)."""
     context = distributed.current()
+    return DataParallel(context) if context.enabled else SingleProcess()
+
+
+def strategy_for(cfg: ExperimentConfig) -> SingleProcess:
+    """The strategy of this launch for the run ``cfg``: ``train.strategy`` under torchrun."""
+    context = distributed.current()
+    if cfg.train.strategy == "fsdp":
+        if not context.enabled and not distributed.torchrun_launched():
+            raise ConfigError("config key train.strategy: fsdp shards the model over the processes of a torchrun "
+                              "launch, and this is one process without torchrun: launch it with torchrun "
+                              "--nproc_per_node N -m otmdr ... (docs/distributed.md), or set train.strategy=ddp")
+        return FullyShard(context)
     return DataParallel(context) if context.enabled else SingleProcess()
