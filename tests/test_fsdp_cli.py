@@ -197,13 +197,19 @@ def test_a_sharded_checkpoint_loads_whole_in_one_process_and_evaluates_the_same(
     assert json.loads((run / "summary.json").read_text())["test"] == single["test"]
 
 
-def test_a_sharded_checkpoint_without_its_folder_is_refused_in_one_line(fsdp_run, tmp_path):
+def test_a_sharded_checkpoint_with_a_damaged_or_missing_folder_is_refused_in_one_line(fsdp_run, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(fsdp_run / "run", copy)
-    folder = torch.load(copy / "checkpoints" / "last.pt", weights_only=True)["sharded"]["folder"]
-    shutil.rmtree(copy / "checkpoints" / folder)
-    with pytest.raises(CheckpointError, match=f"sharded folder .*{folder}.* is missing or unreadable"):
-        load_checkpoint(copy / "checkpoints" / "last.pt")
+    last = copy / "checkpoints" / "last.pt"
+    folder = copy / "checkpoints" / torch.load(last, weights_only=True)["sharded"]["folder"]
+    shard = sorted(folder.glob("*.distcp"))[-1]
+    shard.write_bytes(shard.read_bytes()[:100])  # a shard file cut short
+    with pytest.raises(CheckpointError, match=f"sharded checkpoint {folder} cannot be read") as refused:
+        load_checkpoint(last)
+    assert "\n" not in str(refused.value)
+    shutil.rmtree(folder)
+    with pytest.raises(CheckpointError, match=f"sharded folder {folder} .* is missing or unreadable"):
+        load_checkpoint(last)
 
 
 def test_sigterm_mid_epoch_then_resume_equals_the_uninterrupted_run(fsdp_run, tmp_path):

@@ -58,7 +58,7 @@ from ..data import DatasetSpec
 
 __all__ = ["CheckpointError", "CheckpointWriter", "save_checkpoint", "load_checkpoint", "validate_checkpoint",
            "atomic_write_text", "sharded_name", "split_optimizer_state", "join_optimizer_state", "sharded_folder",
-           "load_sharded_model", "remove_sharded"]
+           "load_sharded_model", "remove_sharded", "sharded_read_error"]
 
 
 class CheckpointError(RuntimeError):
@@ -164,14 +164,26 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
         raise CheckpointError(f"checkpoint {path} is not an otmdr checkpoint (no model/config entries)")
     validate_checkpoint(state, path)
     if sharded_model and "sharded" in state and "model" not in state:
+        from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
         try:
             state["model"] = {name: tensor.to(map_location)
                               for name, tensor in load_sharded_model(sharded_folder(state, path)).items()}
-        except Exception as error:  # a shard file cut short or damaged: DCP's own error, in one line
-            raise CheckpointError(f"checkpoint {path}: its sharded folder {sharded_folder(state, path)} cannot be "
-                                  f"read ({type(error).__name__}: {str(error).strip().splitlines()[0][:200]}); "
-                                  f"{_ADVICE}") from None
+        except (Exception, CheckpointException) as error:  # a shard file cut short or damaged: one line
+            raise sharded_read_error(sharded_folder(state, path), error) from None
     return state
+
+
+def sharded_read_error(folder: Path, error: BaseException) -> CheckpointError:
+    """One line for a sharded folder that DCP could not read (a shard file cut short, damaged or
+    missing), naming the first process's failure when DCP gathered them."""
+    failures = getattr(error, "failures", None)  # DCP's CheckpointException: rank -> (exception, its frames)
+    if isinstance(failures, dict) and failures:
+        raised = [f[0] if isinstance(f, tuple) else f for _, f in sorted(failures.items())]
+        raised = [e for e in raised if isinstance(e, BaseException)] or [error]
+        error = next((e for e in raised if str(e).strip()), raised[0])  # one that says why, if any does
+    text = str(error).strip().splitlines()[0][:200] if str(error).strip() else "unreadable"
+    return CheckpointError(f"sharded checkpoint {folder} cannot be read ({type(error).__name__}: {text}); {_ADVICE}")
 
 
 def _unreadable(path: Path, error: BaseException) -> str:

@@ -27,7 +27,8 @@ from torch import Tensor, nn
 
 from ..config import ConfigError, ExperimentConfig
 from . import distributed
-from .checkpoint import CheckpointError, join_optimizer_state, remove_sharded, split_optimizer_state
+from .checkpoint import (CheckpointError, join_optimizer_state, remove_sharded, sharded_read_error,
+                         split_optimizer_state)
 
 __all__ = ["Strategy", "SingleProcess", "DataParallel", "FullyShard", "current_strategy", "strategy_for"]
 
@@ -275,8 +276,13 @@ class FullyShard(DataParallel):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
+        from ..models.bayes import is_bayesian
         from ..models.units import fsdp_units
 
+        if is_bayesian(model):  # every rank finds it: rank 0 reports it, before any collective
+            raise ConfigError(f"config key train.strategy: fsdp does not train Bayesian models ({self.cfg.model.name}) "
+                              "yet: their weight samples and KL term read the parameters outside the forward pass, "
+                              "where FSDP holds only each process's shard; use train.strategy=ddp")
         distributed.ensure_group()  # a torchrun launch of one process has none yet
         if self.cfg.train.sync_batchnorm:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -337,6 +343,7 @@ class FullyShard(DataParallel):
         """Every process reads its shards of the checkpoint's folder into the model (and the
         optimizer, whose other entries are in the file); the same world size as the writer's."""
         import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
         sharded = checkpoint["sharded"]
         model_state = model.state_dict()
@@ -347,7 +354,13 @@ class FullyShard(DataParallel):
             tensors = {".".join(str(part) for part in path): torch.zeros_like(params[index])
                        for path, index in sharded["layout"]}
             state["optimizer"] = tensors
-        dcp.load(state, checkpoint_id=str(checkpoints / sharded["folder"]))
+        folder = checkpoints / sharded["folder"]
+        try:
+            dcp.load(state, checkpoint_id=str(folder))
+        except (Exception, CheckpointException) as error:  # DCP gathers every process's failure: all raise it
+            failure = sharded_read_error(folder, error)
+            failure.otmdr_from_rank0 = True  # type: ignore[attr-defined]  # rank 0 reports it for all
+            raise failure from None
         model.load_state_dict(model_state)
         if optimizer is not None:
             optimizer.load_state_dict(join_optimizer_state(checkpoint["optimizer"], tensors, sharded["layout"]))
