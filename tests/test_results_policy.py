@@ -239,4 +239,5 @@ def test_an_archive_holding_other_files_is_flagged(tmp_path):
         archive.add(study / "report.md", arcname="report.md")
     problems = "\n".join(policy.violations(tmp_path))
     assert "runs-final.tar.xz: holds runs/sgd-seed0/last.pt: only runs/*/ files" in problems
-    assert "other.tar.xz: archives are named logs.tar.xz, runs-<group>.tar.xz, summaries.json.tar.xz or summaries-<i>.json.tar.xz" in problems
+    assert ("other.tar.xz: archives are named logs.tar.xz, runs-<group>.tar.xz, summaries.json.tar.xz or "
+            "summaries-<i>.json.tar.xz") in problems
