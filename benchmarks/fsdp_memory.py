@@ -65,7 +65,6 @@ import platform
 import resource
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -79,6 +78,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import Tensor
 
+from benchmark_env import git_revision, machine_busy_s
 from otmdr import OTMDR, SAM
 from otmdr.models import count_parameters, create_model
 from otmdr.models.vit import wrap_units
@@ -249,34 +249,10 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
                                     if ddp and r["strategy"] == "FSDP" else None)
 
 
-def machine_busy_s() -> float | None:
-    """CPU seconds all processes have used since boot (Linux ``/proc/stat``), None elsewhere."""
-    try:
-        with open("/proc/stat") as f:
-            ticks = [int(v) for v in f.readline().split()[1:9]]
-        return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def own_cpu_s() -> float:
     """CPU seconds this process and its finished children (the spawned ranks) have used."""
     me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
-
-
-def git_revision() -> str:
-    """The commit measured, with "+dirty" when tracked files under src/ have uncommitted changes."""
-    root = Path(__file__).resolve().parent.parent
-
-    def git(*cmd: str) -> str:
-        return subprocess.run(["git", *cmd], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-
-    try:
-        dirty = git("status", "--porcelain", "--untracked-files=no", "--", "src")
-        return git("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def environment(args: argparse.Namespace) -> dict[str, Any]:

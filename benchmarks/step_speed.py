@@ -111,6 +111,7 @@ import torch.nn.functional as F
 from pytorch_optimizer import SAM as PoSAM
 from torch import Tensor, nn
 
+from benchmark_env import git_revision, machine_busy_s
 from otmdr import OTMDR, SAM
 from otmdr.models import count_parameters, create_model
 
@@ -444,30 +445,6 @@ def targets(result: ModelResult) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------ reports
-def machine_busy_s() -> float | None:
-    """CPU seconds all processes have used since boot (Linux ``/proc/stat``), None elsewhere."""
-    try:
-        with open("/proc/stat") as f:
-            ticks = [int(v) for v in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
-        return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def git_revision() -> str:
-    """The commit measured, with "+dirty" when tracked files under src/ have uncommitted changes."""
-    root = Path(__file__).resolve().parent.parent
-
-    def git(*cmd: str) -> str:
-        return subprocess.run(["git", *cmd], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-
-    try:
-        dirty = git("status", "--porcelain", "--untracked-files=no", "--", "src")
-        return git("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def environment(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     try:
