@@ -72,6 +72,9 @@ def _worker(rank: int, world: int, port: int, argv: list[str], out: str, hook: d
             return original(self, *args, **kwargs)
 
         OTMDR.step = step
+        if hook["what"] == "unshared":  # this process does not see the folders rank 0 makes (another node's disk)
+            is_dir = Path.is_dir
+            Path.is_dir = lambda self: not self.name.endswith(".partial") and is_dir(self)  # type: ignore[method-assign]
     evaluate = loop._final_evaluation
 
     def final_evaluation(cfg, model, optimizer, data, history):  # each rank's shards and buffers
@@ -221,8 +224,13 @@ def test_sigterm_mid_epoch_then_resume_equals_the_uninterrupted_run(fsdp_run, tm
     assert f"otmdr train --resume {run}" in stopped[0][1] and stopped[1][1] == ""  # rank 0 speaks for all
     last = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert "partial_epoch" in last and last["sharded"]["folder"] == "state-0001-00002.dcp"
+    # what a kill between a sharded folder and the checkpoint file naming it leaves: removed on resume
+    for stray in ("state-0001-00003.dcp", ".state-0001-00004.dcp.partial"):
+        (run / "checkpoints" / stray).mkdir()
     resumed = _launch(tmp_path / "resume", ["train", "--resume", str(run)])
     assert [rc for rc, _ in resumed] == [0, 0], resumed
+    assert not (run / "checkpoints" / "state-0001-00003.dcp").exists()
+    assert not (run / "checkpoints" / ".state-0001-00004.dcp.partial").exists()
     reference = fsdp_run / "run"
     a, b = _weights(reference), _weights(run)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -249,6 +257,14 @@ def test_a_failing_rank_ends_the_whole_job_with_a_message(tmp_path):
     assert rc1 != 0 and "injected failure" in err1
     assert rc0 == 2 and "otmdr [rank 0]: error: another process of this torchrun job failed" in err0
     assert "Traceback" not in err0
+
+
+def test_a_run_folder_that_not_every_process_sees_stops_at_the_first_checkpoint_in_one_line(tmp_path):
+    results = _launch(tmp_path / "procs", _train_argv(tmp_path / "run", ["train.epochs=1"]),
+                      {"rank": 1, "step": 0, "what": "unshared"})
+    assert [rc for rc, _ in results] == [2, 2], results
+    assert "is not on a file system every process sees" in results[0][1] and results[1][1] == ""
+    assert not (tmp_path / "run").exists()  # nothing was checkpointed: the fresh run leaves nothing
 
 
 def test_vit_mini_trains_under_fsdp_and_one_process_runs_on_a_mesh_of_one(tmp_path):
@@ -303,6 +319,15 @@ def test_fsdp_without_torchrun_is_refused_in_one_line_and_leaves_nothing(tmp_pat
     assert len(err) == 1 and err[0].startswith("otmdr: error: config key train.strategy: fsdp") and \
         "torchrun" in err[0], err
     assert not run.exists()
+
+
+def test_channels_last_is_refused_under_fsdp_in_one_line():
+    from otmdr.config import ConfigError, load_config
+    from otmdr.train.distributed import Context
+    from otmdr.train.strategy import FullyShard
+
+    with pytest.raises(ConfigError, match="train.channels_last: FSDP shards contiguous parameters only"):
+        FullyShard(Context(0, 2, 0)).check_config(load_config(None, TINY + ["train.channels_last=true"]))
 
 
 @pytest.mark.parametrize("name,options,expected", [

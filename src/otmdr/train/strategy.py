@@ -272,6 +272,13 @@ class FullyShard(DataParallel):
         super().__init__(context)
         self.mesh: Any = None
 
+    def check_config(self, cfg: ExperimentConfig) -> None:
+        super().check_config(cfg)
+        if cfg.train.channels_last:
+            raise ConfigError("config key train.channels_last: FSDP shards contiguous parameters only (PyTorch "
+                              "refuses channels-last convolution weights): set train.channels_last=false with "
+                              "train.strategy=fsdp")
+
     def wrap(self, model: nn.Module, device: torch.device, per_member: bool) -> tuple[nn.Module, nn.Module | None]:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
@@ -328,6 +335,12 @@ class FullyShard(DataParallel):
             partial.mkdir(parents=True)
 
         distributed.from_rank0(prepare)
+        if distributed.any_rank(not partial.is_dir()):  # else each node would write its shards on its own disk
+            unshared = CheckpointError(f"{checkpoints} is not on a file system every process sees: under "
+                                       "train.strategy=fsdp every process writes its shards into the run folder, so "
+                                       "put --out on a file system every node shares")
+            unshared.otmdr_from_rank0 = True  # type: ignore[attr-defined]  # every process raises it: rank 0 says it
+            raise unshared
         skeleton, tensors, layout = split_optimizer_state(optimizer.state_dict())
         dcp.save({"model": model.state_dict(), "optimizer": tensors}, checkpoint_id=str(partial))
 
