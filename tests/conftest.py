@@ -128,6 +128,33 @@ def reference_final_gradient(model, theta0, x, y, *, rho, merge=True, normalize=
     return total
 
 
+def join_gloo_group(rank: int, world: int, store: str, timeout_s: float = 300) -> None:
+    """A spawned test process joins a gloo group robustly on a loaded 2-core machine: loopback
+    only (no hostname lookup), one thread per process (2 processes x 2 threads oversubscribe), and
+    a bounded wait instead of gloo's 30-minute default, so a lost peer fails the test instead of
+    hanging CI."""
+    import datetime
+
+    import torch.distributed as dist
+
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def leave_gloo_group() -> None:
+    """End a spawned test process once every rank is past its collectives: a barrier, then
+    ``os._exit(0)`` without gloo's C++ teardown, which aborted a rank about once in 12 runs under
+    load (tests/test_ddp.py); everything the test reads is on disk by then."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op thread: on the 2-core test machines two threads competing with another

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import sys
@@ -15,7 +14,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import data, tiny_mlp  # noqa: E402
+from conftest import data, join_gloo_group, leave_gloo_group, tiny_mlp  # noqa: E402
 
 from otmdr import OTMDR  # noqa: E402
 
@@ -26,10 +25,7 @@ def _worker(rank: int, world: int, store: str, out: str, sync_ascent: bool) -> N
     # Robust on a loaded 2-core CI machine: loopback only (no hostname lookup), one thread per
     # process (2 processes x 2 threads oversubscribe), and a bounded wait instead of gloo's
     # 30-minute default, so a lost peer fails the test instead of hanging CI.
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=300))
+    join_gloo_group(rank, world, store)
     torch.manual_seed(0)
     model = DDP(tiny_mlp(dtype=torch.float32, batch_norm=True))
     reductions = []
@@ -56,16 +52,7 @@ def _worker(rank: int, world: int, store: str, out: str, sync_ascent: bool) -> N
                 "reductions_per_step": len(reductions) / STEPS,
                 "first_loss": losses[0], "last_loss": losses[-1],
             }, f)
-    # both ranks finish their collectives before either tears gloo down: without this, a rank
-    # that exits while its peer is still in the all-gather aborted ("terminate called without an
-    # active exception", SIGABRT) about once in 12 runs on the loaded 2-core machine. Even after
-    # the barrier, freeing gloo's process group (with the comm hook's futures) still aborted rank 0
-    # 2 times in 12 runs of this file under load: once both ranks are past the barrier everything
-    # this test reads is on disk, so each leaves without C++ teardown, as the CLI's failing ranks do.
-    dist.barrier()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave_gloo_group()  # why: its docstring (a rank that tore gloo down aborted 1 run in 12 under load)
 
 
 @pytest.mark.parametrize("sync_ascent,passes_reduced", [(False, 1), (True, 3)])

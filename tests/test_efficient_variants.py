@@ -5,11 +5,8 @@ cost accounting, exact resume, DDP and GradScaler behaviour, and the refusals.""
 from __future__ import annotations
 
 import copy
-import datetime
 import json
 import math
-import os
-import sys
 
 import pytest
 import torch
@@ -18,7 +15,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from conftest import ce, data, grad_at, norm, tiny_mlp
+from conftest import ce, data, grad_at, join_gloo_group, leave_gloo_group, norm, tiny_mlp
 from otmdr import OTMDR, SAM
 from otmdr.optim.otmdr import passes_per_step
 
@@ -353,10 +350,7 @@ def test_momentum_ascent_works_with_adam():
 
 # ------------------------------------------------------------------------------ DDP
 def _ddp_worker(rank: int, world: int, store: str, out: str, options: dict) -> None:
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=300))
+    join_gloo_group(rank, world, store)
     torch.manual_seed(0)
     model = DDP(tiny_mlp(dtype=torch.float32, batch_norm=True))
     opt = OTMDR(model, torch.optim.SGD, lr=0.1, momentum=0.9, seed=rank, total_steps=8, **options)
@@ -370,10 +364,7 @@ def _ddp_worker(rank: int, world: int, store: str, out: str, options: dict) -> N
     if rank == 0:
         with open(out, "w") as f:
             json.dump({"identical": all(torch.equal(gathered[0], g) for g in gathered[1:]), "kinds": kinds}, f)
-    dist.barrier()  # see tests/test_ddp.py: leave without gloo's C++ teardown
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave_gloo_group()
 
 
 @pytest.mark.parametrize("options", [dict(ascent_interval=2, reuse=True), dict(trigger=(-1.0, 1.0)),

@@ -21,7 +21,6 @@ drawn for the wrong shard or a leaked ascent gradient moves weights by 1e-3 or m
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import sys
@@ -36,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import data  # noqa: E402
+from conftest import data, join_gloo_group, leave_gloo_group  # noqa: E402
 
 from otmdr import ASAM, OTMDR, SAM  # noqa: E402
 
@@ -158,10 +157,7 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 def _worker(rank: int, store: str, out: str) -> None:
     # as tests/test_ddp.py: loopback only, one thread per process, a bounded wait, and a barrier
     # then os._exit(0) instead of gloo's teardown
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=120))
+    join_gloo_group(rank, WORLD, store, timeout_s=120)
     from torch.distributed.fsdp import MixedPrecisionPolicy
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -275,10 +271,7 @@ def _worker(rank: int, store: str, out: str) -> None:
             print(json.dumps({k: {a: b for a, b in v.items()} for k, v in results.items()}, indent=None), flush=True)
         with open(out, "w") as f:
             json.dump(results, f)
-    dist.barrier()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave_gloo_group()
 
 
 @pytest.fixture(scope="module")
