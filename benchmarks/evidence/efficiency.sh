@@ -67,7 +67,7 @@ case "$REGIME" in
     JOBS=${3:-2}
     GRID=(--grid sgd:optim.lr=0.2 --grid sgd@compute:optim.lr=0.4 --grid sam:sam.rho=0.2 --grid 'otmdr:otmdr.rho=[0.05,0.1]'
           --grid otmdr+interval:efficiency.interval=2,5 --grid otmdr+reuse:efficiency.interval=2,5
-          --grid 'otmdr+momentum:otmdr.rho=[0.05,0.1],[0.25,0.5]'
+          --grid 'otmdr+momentum:otmdr.rho=[0.05,0.1],[0.25,0.5],[0.5,1.0],[1.0,2.0]'
           --grid 'otmdr+momentum1:otmdr.rho=[0.05,0.1],[0.25,0.5]')
     for method in otmdr+interval otmdr+reuse; do GRID+=(--grid "$method:otmdr.rho=[0.05,0.1]"); done
     noise=(); [ "$REGIME" = fmnist-noisy ] && noise=(--set data.label_noise=0.4)
