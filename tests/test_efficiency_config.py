@@ -249,3 +249,18 @@ def test_the_loop_gives_the_optimizer_the_run_length(tmp_path):
     assert compute["steps"] == 18
     assert compute["full_steps"] == 9 and compute["full_step_fraction"] == pytest.approx(0.5)
     assert compute["gradient_evaluations"] == pytest.approx(18 + 9)
+
+
+def test_the_runs_first_line_names_the_cheaper_steps(tmp_path):
+    """A wrong efficiency setting must show before an hour is spent, like every other choice."""
+    from otmdr.config import load_config
+    from otmdr.train.loop import _cheaper_steps
+
+    cfg = load_config(None, ["optim.method=otmdr", "efficiency.interval=5", "efficiency.reuse=true",
+                             "efficiency.phase_start=0.2"])
+    assert _cheaper_steps(cfg) == " (LookSAM reuse between every 5th step; plain steps until 20% of training)"
+    assert _cheaper_steps(load_config(None, ["optim.method=sam"])) == ""
+    assert _cheaper_steps(load_config(None, ["optim.method=sam", "efficiency.momentum_ascent=all"])) == \
+        " (all ascent steps along the momentum)"
+    assert _cheaper_steps(load_config(None, ["optim.method=sam", "efficiency.trigger=[0.0,2.0]"])) == \
+        " (AE-SAM trigger c [0.0, 2.0])"

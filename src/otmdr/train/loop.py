@@ -714,6 +714,8 @@ def _describe_run(cfg: ExperimentConfig, model: nn.Module, data: RunData, device
               "asam": f"ASAM rho {cfg.asam.rho} on {o.base}",
               "otmdr": f"OT-MDR rho {list(cfg.otmdr.rho or [])} ({cfg.otmdr.normalize} normalisation) on {o.base}"
               }[o.method]
+    if o.method != "sgd":
+        method += _cheaper_steps(cfg)
     sizes = f"{data.train.num_samples:,} train / {data.val.num_samples if data.val else 0:,} val / " \
             f"{data.test.num_samples:,} test"
     noise = (f", {100 * cfg.data.label_noise:.0f}% {cfg.data.label_noise_kind} label noise"
@@ -726,6 +728,21 @@ def _describe_run(cfg: ExperimentConfig, model: nn.Module, data: RunData, device
         where = f"{where}, parameters sharded (FSDP)" if strategy.world_size > 1 else f"{where}, FSDP on one process"
     return (f"training {cfg.model.name} ({count_parameters(model):,} parameters) with {method}, lr {o.lr}, "
             f"{cfg.train.epochs} epochs, on {cfg.data.name} ({sizes}{noise}), {where}, {cfg.train.precision}")
+
+
+def _cheaper_steps(cfg: ExperimentConfig) -> str:
+    """The ``efficiency`` options in force, as words for the run's first line ("" when none)."""
+    e = cfg.efficiency
+    parts = []
+    if e.interval > 1:
+        parts.append(f"{'LookSAM reuse' if e.reuse else 'plain steps'} between every {e.interval}th step")
+    if e.phase_start:
+        parts.append(f"plain steps until {100 * e.phase_start:g}% of training")
+    if e.trigger is not None:
+        parts.append(f"AE-SAM trigger c {list(e.trigger)}")
+    if e.momentum_ascent != "none":
+        parts.append(f"{e.momentum_ascent} ascent step{'s' if e.momentum_ascent == 'all' else ''} along the momentum")
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 def nominal_radius(cfg: ExperimentConfig, norm_groups: int = 1) -> float:
