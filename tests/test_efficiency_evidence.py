@@ -87,6 +87,23 @@ def test_the_budget_regime_holds_every_variant_to_the_goal(tmp_path):
     assert _value(args, "--reference") == "otmdr" and _value(args, "--seeds") == "80"
 
 
+def test_the_fashion_mnist_budget_regime_fixes_every_variant_within_the_goal(tmp_path):
+    from otmdr.train.compute import gradient_evaluations_per_step
+
+    args = _arguments(tmp_path, "fmnist-noisy-budget", "DATA")
+    methods = _value(args, "--methods").split(",")
+    grid = parse_grid([args[i + 1] for i, a in enumerate(args) if a == "--grid"], methods)
+    overrides = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+    study = Study(config_path=str(ROOT / _value(args, "--config")), overrides=overrides, methods=methods,
+                  seeds=[0], grid=grid, out=tmp_path / "study")
+    search, finals = plan(study)
+    assert search == [] and all(len(points) == 1 for points in grid.values())  # nothing searched: fixed settings
+    runs = finals({m: points[0] for m, points in grid.items()})
+    for run in runs:
+        if "+" in run.method:
+            assert gradient_evaluations_per_step(run.config) <= 1.3, run.method
+
+
 def test_an_unknown_regime_is_refused(tmp_path):
     env = dict(os.environ, OTMDR="false")
     result = subprocess.run(["bash", str(ROOT / "benchmarks/evidence/efficiency.sh"), "cifar"], env=env,
