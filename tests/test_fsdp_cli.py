@@ -11,11 +11,9 @@ images, an MLP or vit-mini).
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import shutil
 import signal
-import socket
 import sys
 from pathlib import Path
 
@@ -28,6 +26,7 @@ from otmdr.models import create_model
 from otmdr.models.units import fsdp_units
 from otmdr.train import CheckpointError, load_checkpoint, load_run
 from otmdr.train.builders import build_data
+from torchrun_launch import forkserver, launch, metric_rows, train_argv
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32" or not torch.distributed.is_available(),
                                 reason="POSIX signals and torch.distributed")
@@ -40,14 +39,7 @@ TINY = ["data.name=digits", "data.train_limit=256", "data.val_fraction=0.25", "d
 # a sharded tensor of the optimizer state: what a resume must restore
 RANDOM = ["data.crop_padding=1", "otmdr.noise_std=0.001", "efficiency.interval=2", "efficiency.reuse=true"]
 VIT = ["model.name=vit-mini", "model.options={patch_size: 4}"]
-TIMING = {"seconds", "images_per_second"}
-JOIN_SECONDS = 240  # a lost peer must end the job well before this; a hang fails the test
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, argv: list[str], out: str, hook: dict | None) -> None:
@@ -94,58 +86,25 @@ def _worker(rank: int, world: int, port: int, argv: list[str], out: str, hook: d
     (Path(out) / f"rc{rank}").write_text(str(code))
 
 
-_CONTEXT = None
-
-
-def _processes():
-    """Fresh processes (never a fork of this threaded pytest process) that start in milliseconds:
-    forked from a forkserver that imported torch and otmdr once, before any thread existed."""
-    global _CONTEXT
-    if _CONTEXT is None:
-        _CONTEXT = multiprocessing.get_context("forkserver")
-        # what a launch would import otherwise, seconds each on a loaded machine: FSDP and DCP, the digits
-        # dataset scikit-learn, a compare report matplotlib
-        _CONTEXT.set_forkserver_preload(["torch", "torch.distributed", "torch.distributed.fsdp",
-                                         "torch.distributed.checkpoint", "torch.distributed.tensor",
-                                         "torch.nn.parallel", "torch._dynamo", "sklearn.datasets",
-                                         "sklearn.model_selection", "otmdr.cli", "otmdr.train.loop",
-                                         "otmdr.train.study", "otmdr.data", "otmdr.report.plots"])
-    return _CONTEXT
+# what a launch would import otherwise, seconds each on a loaded machine: FSDP and DCP, the
+# digits dataset scikit-learn, a compare report matplotlib
+PRELOAD = ["torch", "torch.distributed", "torch.distributed.fsdp", "torch.distributed.checkpoint",
+           "torch.distributed.tensor", "torch.nn.parallel", "torch._dynamo", "sklearn.datasets",
+           "sklearn.model_selection", "otmdr.cli", "otmdr.train.loop", "otmdr.train.study", "otmdr.data",
+           "otmdr.report.plots"]
 
 
 def _launch(tmp: Path, argv: list[str], hook: dict | None = None, world: int = 2) -> list[tuple[int, str]]:
     """``world`` processes of ``otmdr ARGV``; each one's (exit status, stderr)."""
-    tmp.mkdir(parents=True, exist_ok=True)
-    context = _processes()
-    port = _free_port()
-    processes = [context.Process(target=_worker, args=(rank, world, port, argv, str(tmp), hook))
-                 for rank in range(world)]
-    for p in processes:
-        p.start()
-    for p in processes:
-        p.join(JOIN_SECONDS)
-    alive = [p for p in processes if p.is_alive()]
-    for p in alive:
-        p.kill()
-    assert not alive, "a process hung instead of exiting"
-    results = []
-    for rank in range(world):
-        rc = tmp / f"rc{rank}"
-        results.append((int(rc.read_text()) if rc.is_file() else processes[rank].exitcode,
-                        (tmp / f"stderr{rank}").read_text()))
-    return results
+    return launch(forkserver(PRELOAD), _worker, tmp, argv, hook, world)
 
 
 def _train_argv(run: Path, extra: list[str]) -> list[str]:
-    argv = ["train", "--out", str(run)]
-    for item in TINY + extra:
-        argv += ["--set", item]
-    return argv
+    return train_argv(run, TINY + extra)
 
 
 def _rows(run: Path) -> list[dict]:
-    return [{k: v for k, v in json.loads(line).items() if k not in TIMING}
-            for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return metric_rows(run)
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
