@@ -2,7 +2,7 @@
 2 processes (gloo on CPU), the way torchrun runs them: every process calls the CLI entry point with
 torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*).
 
-Robust on a loaded 2-core CI machine as tests/test_distributed_cli.py (whose launcher this copies):
+Robust on a loaded 2-core CI machine as tests/test_distributed_cli.py (the same launcher, tests/torchrun_launch.py):
 fresh processes forked from a forkserver that imported torch and otmdr once, loopback only, one
 thread per process, a bounded --dist-timeout and a bounded join, tiny runs (digits, 192 training
 images, an MLP or vit-mini).
