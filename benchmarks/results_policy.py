@@ -43,6 +43,7 @@ ARCHIVE = "logs.tar.xz"
 SUMMARIES = "summaries.json"
 SUMMARIES_ARCHIVE = "summaries.json.tar.xz"
 _SUMMARIES_PART = re.compile(r"summaries-([0-9]+)\.json\.tar\.xz")
+_SUMMARIES_PART_FILE = re.compile(r"summaries-[0-9]+\.json")  # a part unpacked beside its archive
 RUN_FILES = (".json", ".yaml", ".csv")  # what a runs-*.tar.xz holds
 RUNS_THRESHOLD = 2_000_000  # loose run files under one runs/ folder above this are packed
 _RUNS_ARCHIVE = re.compile(r"runs-[A-Za-z0-9_.=+-]+\.tar\.xz")
@@ -205,6 +206,8 @@ def violations(root: Path = RESULTS) -> list[str]:
             problems += [f"{name}: {problem}" for problem in _archive_problems(root, path, all_files)]
         elif path.name == SUMMARIES and _summaries_archives(path.parent):
             problems.append(f"{name}: beside {SUMMARIES_ARCHIVE}: merge it with --apply")
+        elif _SUMMARIES_PART_FILE.fullmatch(path.name):
+            problems.append(f"{name}: an unpacked summaries part: pack it back with --apply")
         if path.is_file() and path.stat().st_size > MAX_BYTES:
             hint = f": pack it with --apply (into {SUMMARIES_ARCHIVE})" if path.name == SUMMARIES else ""
             problems.append(f"{name}: {_sized(path.stat().st_size)}, over the 1 MB a results file may take{hint}")
@@ -323,6 +326,10 @@ def apply(root: Path = RESULTS) -> list[str]:
         elif path.name == SUMMARIES and (path.stat().st_size > MAX_BYTES or _summaries_archives(path.parent)):
             written = _pack_summaries(path)
             done.append(f"packed {name} into {', '.join(written)}")
+        elif _SUMMARIES_PART_FILE.fullmatch(path.name):  # unpacked to read: back into its archive
+            _write(path.with_name(path.name + ".tar.xz"), _archive_bytes({path.name: path.read_bytes()}))
+            path.unlink()
+            done.append(f"packed {name} into {path.name}.tar.xz")
     for folder, group in sorted(logs.items()):
         _pack(folder, sorted(group))
         done.append(f"packed {len(group)} logs into {(folder / ARCHIVE).relative_to(root).as_posix()}")

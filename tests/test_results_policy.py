@@ -228,6 +228,12 @@ def test_summaries_too_large_for_one_archive_are_split_and_merge_back(tmp_path):
     before = {name: (study / name).read_bytes() for name in parts}
     policy.apply(tmp_path)  # idempotent: the merged file packs into the same bytes
     assert {name: (study / name).read_bytes() for name in parts} == before
+    assert not (study / "summaries.json").exists()  # packed again by that apply
+    _unpack(study, "summaries-*.json.tar.xz")  # the parts unpacked to read: flagged, then packed back as they were
+    assert "an unpacked summaries part" in "\n".join(policy.violations(tmp_path))
+    policy.apply(tmp_path)
+    assert policy.violations(tmp_path) == [] and not list(study.glob("summaries-*.json"))
+    assert {name: (study / name).read_bytes() for name in parts} == before
 
 
 def test_an_archive_holding_other_files_is_flagged(tmp_path):
