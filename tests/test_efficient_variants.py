@@ -233,6 +233,35 @@ def test_measured_cost_matches_the_prediction(options):
     assert predicted < 2.0 or "trigger" in options
 
 
+def test_looksam_keeps_two_buffers_and_never_writes_into_a_loaded_state():
+    """The stored component is built in the clean gradient's buffer and the two trade places:
+    after the first perturbed step no step allocates a parameter-sized tensor for it (the same
+    two storages per parameter all run long), and a loaded state dict is copied, not overwritten."""
+    model = tiny_mlp()
+    opt = OTMDR(model, torch.optim.SGD, rho=(0.05, 0.1), ascent_interval=2, reuse=True, lr=LR, momentum=MOMENTUM)
+
+    def storages():
+        clean = opt.scratch.get("clean", list(opt._reuse))
+        return {t.data_ptr() for t in [*opt._reuse.values(), *clean]}
+
+    batches = _batches(12)
+    _run(opt, model, batches[:3])
+    held = storages()
+    assert len(held) == 2 * len(opt._reuse) == 2 * len(list(model.parameters()))
+    for batch in batches[3:]:
+        _run(opt, model, [batch])
+        assert storages() == held
+    saved = opt.state_dict()
+    kept = copy.deepcopy(saved)
+    twin = tiny_mlp()
+    twin.load_state_dict(model.state_dict())
+    opt_twin = OTMDR(twin, torch.optim.SGD, rho=(0.05, 0.1), ascent_interval=2, reuse=True, lr=LR, momentum=MOMENTUM)
+    opt_twin.load_state_dict(saved)
+    _run(opt_twin, twin, _batches(4))
+    for i, c in kept["otmdr"]["reuse"].items():
+        assert torch.equal(saved["otmdr"]["reuse"][i], c)
+
+
 @pytest.mark.parametrize("options", VARIANTS.values(), ids=VARIANTS.keys())
 def test_resume_is_bit_exact(options):
     """Everything a variant carries between steps (stored component, trigger statistics, the

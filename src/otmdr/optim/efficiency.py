@@ -82,17 +82,19 @@ class Trigger:
 
 
 @torch.no_grad()
-def orthogonal_component_(perturbed: list[Tensor], clean: Sequence[Tensor], *, foreach: bool = True,
+def orthogonal_component_(clean: list[Tensor], perturbed: Sequence[Tensor], *, foreach: bool = True,
                           shard_sum: F.ShardSum | None = None) -> None:
-    """LookSAM's g_v: ``perturbed -= (<perturbed, clean> / ||clean||^2) clean`` in place, the part
-    of the perturbed gradient that the clean gradient does not explain (``shard_sum``: the tensors
-    are one rank's shards, the dot product and the norm are summed over the ranks)."""
+    """LookSAM's g_v, written over ``clean`` (the first pass's gradient, spent by then, so that
+    storing g_v allocates nothing): ``perturbed - (<perturbed, clean> / ||clean||^2) clean``, the
+    part of the perturbed gradient that the clean gradient does not explain (``shard_sum``: the
+    tensors are one rank's shards, the dot product and the norm are summed over the ranks)."""
     dot = sum((a.double() * b.double()).sum() for a, b in zip(perturbed, clean))
     if shard_sum is not None:
         dot = shard_sum(torch.as_tensor(dot, dtype=torch.float64))
     squared = F.global_norm(clean, foreach=foreach, shard_sum=shard_sum).double() ** 2
     coefficient = torch.nan_to_num(dot / squared, nan=0.0, posinf=0.0, neginf=0.0)
-    F.add_(perturbed, clean, alpha=-float(coefficient), foreach=foreach)
+    F.mul_(clean, -float(coefficient), foreach=foreach)
+    F.add_(clean, perturbed, foreach=foreach)
 
 
 def reuse_scale(grads: Sequence[Tensor], component: Sequence[Tensor], alpha: float, eps: float, *,

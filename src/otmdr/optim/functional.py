@@ -89,6 +89,15 @@ def add_(dst: list[Tensor], src: Sequence[Tensor], *, alpha: float = 1.0, foreac
             d.add_(s, alpha=alpha)
 
 
+def mul_(tensors: list[Tensor], factor: float | Tensor, *, foreach: bool = True) -> None:
+    """``tensors[i] *= factor`` for every tensor (a tensor factor: one value, no host sync)."""
+    if foreach:
+        torch._foreach_mul_(tensors, factor)
+    else:
+        for t in tensors:
+            t.mul_(factor)
+
+
 def zero_(tensors: list[Tensor], *, foreach: bool = True) -> None:
     """Zero every tensor in place (the gradients between passes)."""
     if not tensors:

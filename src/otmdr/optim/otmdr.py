@@ -269,7 +269,9 @@ class OTMDR(Optimizer):
         if self.trigger is not None and "trigger" in extra:
             self.trigger.load_state_dict(extra["trigger"])
         params = [p for g in self.param_groups for p in g["params"]]
-        self._reuse = {params[int(i)]: local(c).to(local(params[int(i)])) for i, c in extra.get("reuse", {}).items()}
+        # copied: the stored component becomes a working buffer, never the caller's tensor
+        self._reuse = {params[int(i)]: local(c).to(local(params[int(i)]), copy=True)
+                       for i, c in extra.get("reuse", {}).items()}
         try:
             self.generator.set_state(extra["generator"].cpu())
         except RuntimeError:  # e.g. saved on CPU, resumed on CUDA: the generators differ in kind
@@ -478,28 +480,30 @@ class OTMDR(Optimizer):
     @torch.no_grad()
     def _store_reuse(self, params: list[Tensor]) -> None:
         """LookSAM, at a perturbed step: keep the part of the final (perturbed) gradient that the
-        clean gradient of the first pass does not explain. A non-finite result (a step a scaler
-        skips) keeps the previous component."""
-        component = [local(p.grad).detach().clone() if p.grad is not None else torch.zeros_like(local(p))
-                     for p in params]
-        orthogonal_component_(component, self.scratch.get("clean", params), foreach=self.foreach,
-                              shard_sum=self._shard_sum)
-        finite = torch.isfinite(F.global_norm(component, foreach=self.foreach, shard_sum=self._shard_sum))
-        for p, c in zip(params, component):
-            old = self._reuse.get(p)
-            self._reuse[p] = c if old is None else torch.where(finite.to(c.device), c, old)
+        clean gradient of the first pass does not explain. It is built in the clean gradient's
+        buffer, which then trades places with the stored one: no allocation after the first. A
+        non-finite result (a step a scaler skips) keeps the previous component."""
+        component = self.scratch.get("clean", params)
+        perturbed = [local(p.grad) if p.grad is not None else torch.zeros_like(c) for p, c in zip(params, component)]
+        orthogonal_component_(component, perturbed, foreach=self.foreach, shard_sum=self._shard_sum)
+        if bool(torch.isfinite(F.global_norm(component, foreach=self.foreach, shard_sum=self._shard_sum))):
+            self.scratch.trade("clean", params, self._reuse)
 
     @torch.no_grad()
     def add_reused_component(self) -> None:
         """LookSAM, between perturbed steps: ``.grad += alpha ||g|| / ||g_v|| * g_v`` with the
-        stored g_v (nothing before the first perturbed step). Called by :meth:`step`."""
+        stored g_v (nothing before the first perturbed step), scaled in the clean gradient's
+        buffer, which a step without ascent leaves free. Called by :meth:`step`."""
         params = [p for p in self._reuse if p.grad is not None]
         if not params:
             return
         grads, stored = _grads(params), [self._reuse[p] for p in params]
         scale = reuse_scale(grads, stored, self.config.reuse_alpha, self.config.eps, foreach=self.foreach,
                             shard_sum=self._shard_sum)
-        F.add_(grads, [c * scale.to(c.device) for c in stored], foreach=self.foreach)
+        scaled = self.scratch.get("clean", params)
+        F.copy_(scaled, stored, foreach=self.foreach)
+        F.mul_(scaled, scale.to(scaled[0].device), foreach=self.foreach)
+        F.add_(grads, scaled, foreach=self.foreach)
 
     def momentum_directions(self) -> list[Tensor] | None:
         """The base optimizer's momentum of each tensor the ascent moves, or None before there

@@ -61,6 +61,17 @@ class Scratch:
             out.append(buffer)
         return out
 
+    def trade(self, name: str, params: Sequence[Tensor], kept: dict[Tensor, Tensor]) -> None:
+        """Swap each parameter's ``name`` buffer with its tensor in ``kept``: the buffer's content
+        is kept, the old kept tensor becomes the buffer (allocated anew at the next :meth:`get`
+        when there was none)."""
+        store = self._stores.setdefault(name, {})
+        for p in params:
+            old = kept.get(p)
+            kept[p] = store.pop(p)
+            if old is not None:
+                store[p] = old
+
     def tensors(self) -> Iterator[Tensor]:
         """Every buffer held (what the optimizer costs in memory beyond the base optimizer)."""
         for store in self._stores.values():
