@@ -37,10 +37,29 @@ def test_a_users_training_function_gets_the_search_the_seeds_and_the_report(tmp_
     assert "at 2.00x sgd's gradient evaluations" in report
     assert "NLL" in report and (tmp_path / "s" / "figures" / "test_accuracy.png").stat().st_size > 5000
     assert "| sam | 4 |" in report  # the paired table
+    assert "(figures/accuracy_vs_compute.png)" in report  # SAM spent twice SGD's gradient evaluations
+    assert (tmp_path / "s" / "figures" / "accuracy_vs_compute.png").stat().st_size > 5000
     CALLS.clear()
     again = compare(fake_train, methods={"sgd": {"method": "sgd"}, "sam": {"method": "sam", "rho": 0.1}},
                     grid={"sam": {"rho": [0.02, 0.05, 0.1]}}, seeds=4, out=tmp_path / "s", log=lines.append)
     assert CALLS == [] and again.chosen == result.chosen  # resumed: every result reused
+
+
+def _same_cost(config: dict, seed: int) -> dict:
+    return {**fake_train(config, seed), "gradient_evaluations": 100.0}
+
+
+def test_the_compute_figure_only_when_the_methods_spent_differently(tmp_path):
+    """A cheaper variant is judged against what it spent: the figure of accuracy against compute
+    is drawn when the gradient evaluations differ, and left out (a stale one removed) when not."""
+    out = tmp_path / "s"
+    compare(fake_train, methods=["sgd", "sam"], seeds=2, out=out, log=lambda _: None)
+    assert (out / "figures" / "accuracy_vs_compute.png").exists()
+    compare(_same_cost, methods=["sgd", "sam"], seeds=2, out=tmp_path / "t", log=lambda _: None)
+    (tmp_path / "t" / "figures" / "accuracy_vs_compute.png").write_bytes(b"stale")
+    compare(_same_cost, methods=["sgd", "sam"], seeds=2, out=tmp_path / "t", log=lambda _: None)
+    assert not (tmp_path / "t" / "figures" / "accuracy_vs_compute.png").exists()
+    assert "accuracy_vs_compute" not in (tmp_path / "t" / "report.md").read_text()
 
 
 def test_parallel_jobs_give_the_same_study(tmp_path):

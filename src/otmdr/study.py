@@ -39,8 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from ._atomic import atomic_write_text
-from .report.compare import comparison_tables, edge_notes, search_table
-from .report.plots import plot_search, plot_test_accuracy
+from .report.compare import comparison_tables, compute_reference, edge_notes, search_table
+from .report.plots import plot_accuracy_vs_compute, plot_search, plot_test_accuracy
 from .report.stats import parse_margins
 
 __all__ = ["compare", "StudyError", "StudyResult", "SEARCH_SEED_OFFSET"]
@@ -264,6 +264,11 @@ def _write_report(out: Path, summaries: dict[str, list[dict[str, Any]]], rows: l
     figures = out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     accuracy = plot_test_accuracy(summaries, figures / "test_accuracy.png")
+    compute_ref = compute_reference(summaries, references)  # None when the methods spent about the same
+    spending = (plot_accuracy_vs_compute(summaries, figures / "accuracy_vs_compute.png", reference=compute_ref)
+                if compute_ref else None)
+    if spending is None:  # a figure from an earlier call into this folder would outlive its link
+        (figures / "accuracy_vs_compute.png").unlink(missing_ok=True)
     lines = [f"# Comparison of {', '.join(summaries)} with {title}", "",
              f"Evaluation seeds: {', '.join(map(str, evaluation))}; every evaluation run trained after the search, "
              "none of them a search run."]
@@ -280,7 +285,10 @@ def _write_report(out: Path, summaries: dict[str, list[dict[str, Any]]], rows: l
               "", "Per run (test accuracy %):", ""]
     lines += [f"- {m}: " + ", ".join(f"seed {r['seed']}: {100 * r['test']['accuracy']:.2f}" for r in runs)
               for m, runs in summaries.items()]
-    lines += ["", f"![test accuracy]({accuracy.relative_to(out)})", "", "Each method's config:", ""]
+    lines += ["", f"![test accuracy]({accuracy.relative_to(out)})"]
+    if spending is not None:
+        lines += ["", f"![test accuracy against compute, as ratios to {compute_ref}]({spending.relative_to(out)})"]
+    lines += ["", "Each method's config:", ""]
     lines += [f"- {m}: `{json.dumps(config, sort_keys=True)}`" for m, (_, config) in chosen.items()]
     path = out / "report.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
