@@ -37,6 +37,7 @@ def test_a_users_training_function_gets_the_search_the_seeds_and_the_report(tmp_
     assert "at 2.00x sgd's gradient evaluations" in report
     assert "NLL" in report and (tmp_path / "s" / "figures" / "test_accuracy.png").stat().st_size > 5000
     assert "| sam | 4 |" in report  # the paired table
+    assert "within noise" not in report  # one search seed, scores apart: no close call
     assert "(figures/accuracy_vs_compute.png)" in report  # SAM spent twice SGD's gradient evaluations
     assert (tmp_path / "s" / "figures" / "accuracy_vs_compute.png").stat().st_size > 5000
     CALLS.clear()
@@ -60,6 +61,23 @@ def test_the_compute_figure_only_when_the_methods_spent_differently(tmp_path):
     compare(_same_cost, methods=["sgd", "sam"], seeds=2, out=tmp_path / "t", log=lambda _: None)
     assert not (tmp_path / "t" / "figures" / "accuracy_vs_compute.png").exists()
     assert "accuracy_vs_compute" not in (tmp_path / "t" / "report.md").read_text()
+
+
+def _noisy_validation(config: dict, seed: int) -> dict:
+    """rho 0.02 leads rho 0.05 on validation by 0.5 points on average over search seeds 1000-1002,
+    with a paired standard error of 1.15 points: a choice within noise."""
+    rho = config.get("rho") or 0.0
+    val = 0.80 + 0.01 * ((seed * round(rho * 100)) % 5) + (0.015 if rho == 0.05 else 0.0)
+    return {**fake_train(config, seed), "val_accuracy": val}
+
+
+def test_a_choice_within_noise_is_flagged_as_in_otmdr_compare(tmp_path):
+    result = compare(_noisy_validation, methods=["sgd", "sam"], grid={"sam": {"rho": [0.02, 0.05]}}, seeds=2,
+                     search_seeds=3, out=tmp_path / "s", log=lambda _: None)
+    assert result.chosen["sam"]["rho"] == 0.02
+    report = (tmp_path / "s" / "report.md").read_text()
+    assert "sam: the chosen point (rho=0.02) beats the next (rho=0.05) by 0.50 on val_accuracy" in report
+    assert "less than one standard error (1.15)" in report and "(search_seeds=3)" in report
 
 
 def test_parallel_jobs_give_the_same_study(tmp_path):

@@ -41,6 +41,7 @@ from typing import Any
 from ._atomic import atomic_write_text
 from .report.compare import comparison_tables, compute_reference, edge_notes, search_table
 from .report.plots import plot_accuracy_vs_compute, plot_search, plot_test_accuracy
+from .train.study import close_calls
 from .report.stats import parse_margins
 
 __all__ = ["compare", "StudyError", "StudyResult", "SEARCH_SEED_OFFSET"]
@@ -234,7 +235,8 @@ def compare(train: Callable[[dict, int], Mapping[str, Any]], *,
             radii = [r["metrics"]["radius"] for r in records
                      if r["method"] == m and r["setting"] == label and "radius" in r["metrics"]]
             rows.append({"method": m, "setting": label, "config": config, "score": mean, "standard_error": se,
-                         "seeds": searched, "radius": statistics.fmean(radii) if radii else None})
+                         "seeds": searched, "seed_scores": scores,
+                         "radius": statistics.fmean(radii) if radii else None})
         valid = [r for r in rows if r["method"] == m and r["score"] is not None]
         if not valid:
             raise StudyError(f"every grid point of {m} returned a non-finite {select}: nothing to choose")
@@ -252,7 +254,9 @@ def compare(train: Callable[[dict, int], Mapping[str, Any]], *,
     summaries: dict[str, list[dict[str, Any]]] = {}
     for record in finals:
         summaries.setdefault(record["method"], []).append(_summary(record))
-    report = _write_report(out, summaries, rows, chosen, references, margins, select, searched, evaluation, title)
+    notes = edge_notes(rows) + close_calls(rows, select, higher=higher, more_seeds="search_seeds=3")
+    report = _write_report(out, summaries, rows, chosen, references, margins, select, searched, evaluation, title,
+                           notes)
     log(f"report: {report}")
     return StudyResult(chosen={m: config for m, (_, config) in chosen.items()}, summaries=summaries,
                        search=[{k: v for k, v in r.items() if k != "config"} for r in rows], report=report)
@@ -260,7 +264,7 @@ def compare(train: Callable[[dict, int], Mapping[str, Any]], *,
 
 def _write_report(out: Path, summaries: dict[str, list[dict[str, Any]]], rows: list[dict[str, Any]],
                   chosen: dict[str, tuple[str, dict]], references: list[str], margins: dict[str, float], select: str,
-                  searched: list[int], evaluation: list[int], title: str) -> Path:
+                  searched: list[int], evaluation: list[int], title: str, notes: list[str]) -> Path:
     figures = out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     accuracy = plot_test_accuracy(summaries, figures / "test_accuracy.png")
@@ -277,7 +281,7 @@ def _write_report(out: Path, summaries: dict[str, list[dict[str, Any]]], rows: l
                   f"Every grid point trained at search seed(s) {', '.join(map(str, searched))} and was scored by "
                   f"`{select}` on the validation split (the mean over the search seeds); the test split played no "
                   "part in the choice.", "", search_table(rows, select, markdown=True), "",
-                  *[f"Note: {note}  " for note in edge_notes(rows)]]
+                  *[f"Note: {note}  " for note in notes]]
         if any(r["radius"] is not None for r in rows):
             lines += ["", f"![validation score against radius]"
                           f"({plot_search(rows, figures / 'search_radius.png', metric=select).relative_to(out)})"]

@@ -611,11 +611,14 @@ def select_points(search: list[Run], methods: list[str], metric: str) -> dict[st
     return chosen
 
 
-def close_calls(points: list[dict[str, Any]], metric: str) -> list[str]:
+def close_calls(points: list[dict[str, Any]], metric: str, *, higher: bool | None = None,
+                more_seeds: str = "--search-seeds 3") -> list[str]:
     """Methods whose best and second-best grid points differ by less than one standard error of
     the validation score: the choice between them is within noise (more search seeds, or a
-    larger validation split, would be needed to tell them apart)."""
-    higher = SELECT_METRICS[metric]
+    larger validation split, would be needed to tell them apart). ``higher``: whether a higher
+    score is better (default: what :data:`SELECT_METRICS` says of ``metric``); ``more_seeds``: how
+    the caller asks for more search seeds."""
+    higher = SELECT_METRICS[metric] if higher is None else higher
     notes = []
     for method in dict.fromkeys(p["method"] for p in points):
         ranked = sorted((p for p in points if p["method"] == method and p["score"] is not None),
@@ -626,11 +629,11 @@ def close_calls(points: list[dict[str, Any]], metric: str) -> list[str]:
         gap = abs(best["score"] - second["score"])
         se = _gap_error(best, second)
         if se is not None and gap < se:
-            scale = 100.0 if metric in ("val_accuracy", "val_ece") else 1.0
+            scale = 100.0 if metric.endswith(("accuracy", "ece")) else 1.0  # fractions, shown in points
             notes.append(f"{method}: the chosen point ({best['setting']}) beats the next ({second['setting']}) by "
                          f"{scale * gap:.{2 if scale == 100.0 else 4}f} on {metric}, less than one standard error "
                          f"({scale * se:.{2 if scale == 100.0 else 4}f}): the choice is within noise; average the "
-                         "search over more seeds (--search-seeds 3)")
+                         f"search over more seeds ({more_seeds})")
     return notes
 
 
