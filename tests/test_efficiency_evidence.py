@@ -5,27 +5,39 @@ stand-in that records its arguments."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from otmdr.config import config_to_dict
 from otmdr.train.grid import parse_grid
 from otmdr.train.study import Study, plan
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _arguments(tmp_path: Path, *script_args: str) -> list[str]:
+def _arguments(tmp_path: Path, *script_args: str, script: str = "efficiency.sh", **env_extra: str) -> list[str]:
     record = tmp_path / "args"
     fake = tmp_path / "otmdr"
     fake.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" > {record}\n')
     fake.chmod(0o755)
-    env = dict(os.environ, OTMDR=str(fake), EVIDENCE_DIR=str(tmp_path / "runs"))
-    subprocess.run(["bash", str(ROOT / "benchmarks/evidence/efficiency.sh"), *script_args], env=env, check=True,
+    env = dict(os.environ, OTMDR=str(fake), PYTHON=sys.executable, EVIDENCE_DIR=str(tmp_path / "runs"))
+    env.update(env_extra)
+    subprocess.run(["bash", str(ROOT / "benchmarks/evidence" / script), *script_args], env=env, check=True,
                    capture_output=True, text=True)
     return record.read_text().splitlines()
+
+
+def _study(tmp_path: Path, args: list[str], seeds: list[int]) -> Study:
+    methods = _value(args, "--methods").split(",")
+    grid = parse_grid([args[i + 1] for i, a in enumerate(args) if a == "--grid"], methods)
+    overrides = [args[i + 1] for i, a in enumerate(args) if a == "--set"] + [f"data.dir={_value(args, '--data-dir')}"]
+    return Study(config_path=str(ROOT / _value(args, "--config")), overrides=overrides, methods=methods, seeds=seeds,
+                 grid=grid, out=Path(_value(args, "--out")))
 
 
 def _value(args: list[str], flag: str) -> str:
@@ -109,3 +121,48 @@ def test_an_unknown_regime_is_refused(tmp_path):
     result = subprocess.run(["bash", str(ROOT / "benchmarks/evidence/efficiency.sh"), "cifar"], env=env,
                             capture_output=True, text=True)
     assert result.returncode == 2 and "unknown regime cifar" in result.stderr
+
+
+def test_the_cifar10_regime_reuses_the_noisy_resnet_study_at_its_chosen_settings(tmp_path):
+    """cifar10-noisy: the baselines are the issue-24 noisy ResNet-20 study's runs (its folder
+    hard-linked, the same configs at the values its search chose, so --resume reuses them), the
+    variants' knobs and momentum ascent's larger radii searched on top."""
+    from otmdr.train.compute import gradient_evaluations_per_step
+
+    # (its PYTHON runs the matched-radius step after the study: nothing to run here)
+    resnet = _arguments(tmp_path, "DATA", script="cifar10_resnet20.sh", REGIMES="noisy40", PYTHON="true")
+    base = _study(tmp_path, resnet, [0, 1, 2, 3, 4])
+    picked = {"sgd": "lr=0.05", "sgd@compute": "lr=0.1", "sam": "rho=0.01", "otmdr": "rho=[0.0025,0.005]"}
+    search, base_finals = plan(base)
+    chosen = {m: next(p for p in points if p.label == picked[m]) for m, points in base.grid.items()}
+    study_dir = tmp_path / "runs" / "cifar10-resnet20-noisy40"
+    study_dir.mkdir(parents=True, exist_ok=True)
+    (study_dir / "search.json").write_text(json.dumps(
+        [{"method": r.method, "setting": r.point.label, "chosen": r.point == chosen[r.method]} for r in search]))
+    args = _arguments(tmp_path, "cifar10-noisy", "DATA")
+    study = _study(tmp_path, args, [0, 1, 2, 3, 4])
+    assert study.out.name == "efficiency-cifar10-resnet20-noisy40" and _value(args, "--reference") == "otmdr,sgd,sam"
+    copied = study.out / "search.json"
+    assert copied.is_file() and copied.stat().st_ino == (study_dir / "search.json").stat().st_ino  # hard-linked
+    grid = study.grid
+    assert [p.overrides for p in grid["otmdr+momentum"]] == [
+        ("otmdr.rho=[0.0025,0.005]",), ("otmdr.rho=[0.0125,0.025]",), ("otmdr.rho=[0.05,0.1]",)]
+    assert sorted(p.label for p in grid["otmdr+reuse"]) == ["interval=2 rho=[0.0025,0.005]",
+                                                            "interval=5 rho=[0.0025,0.005]"]
+    mine, finals = plan(study)
+    assert {r.method for r in mine} == {"otmdr+reuse", "otmdr+momentum"}  # the baselines search nothing
+    runs = finals({m: points[0] for m, points in grid.items()})
+    theirs = {r.run_dir.name: config_to_dict(r.config) for r in base_finals(chosen)}
+    baselines = [r for r in runs if "+" not in r.method]
+    assert len(baselines) == 20 and all(theirs[r.run_dir.name] == config_to_dict(r.config) for r in baselines)
+    for run in runs:
+        if run.method == "otmdr+interval" or run.method == "otmdr+momentum":
+            assert gradient_evaluations_per_step(run.config) <= 1.3, run.method
+
+
+def test_the_cifar10_regime_needs_the_resnet_study_first(tmp_path):
+    env = dict(os.environ, OTMDR="false", PYTHON=sys.executable, EVIDENCE_DIR=str(tmp_path))
+    result = subprocess.run(["bash", str(ROOT / "benchmarks/evidence/efficiency.sh"), "cifar10-noisy", "DATA"], env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "cifar10-resnet20-noisy40/search.json does not exist" in result.stderr
+    assert not (tmp_path / "efficiency-cifar10-resnet20-noisy40").exists()

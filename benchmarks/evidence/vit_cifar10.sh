@@ -71,9 +71,7 @@ for regime in ${REGIMES:-noisy40 clean}; do  # (the label-noise run first: the r
           --jobs "$JOBS" --resume --quiet --out "$EVIDENCE_DIR/$name")
   # (sgd@compute waits for the second stage: "@compute" matches the dearest method in the call)
   "$OTMDR" compare --methods sgd "${BASE_GRID[@]:0:2}" --reference sgd "${common[@]}"
-  lr=$("$PYTHON" -c 'import json, sys
-chosen = [r["setting"] for r in json.load(open(sys.argv[1])) if r["method"] == "sgd" and r["chosen"]]
-print(chosen[0].removeprefix("lr="))' "$EVIDENCE_DIR/$name/search.json")
+  lr=$("$PYTHON" benchmarks/evidence/chosen.py "$EVIDENCE_DIR/$name" sgd optim.lr)
   echo "$name: the base alone chose lr $lr; SAM and OT-MDR wrap AdamW at it"
   "$OTMDR" compare --methods sgd,sgd@compute,sam,otmdr "${BASE_GRID[@]}" "${RHO_GRID[@]}" --set "optim.lr=$lr" \
     --reference sgd,sam "${common[@]}"
