@@ -6,7 +6,7 @@ interpolation and boundary modes, the same random draws per image (in the same o
 generator with the reference's stream reproduces its images), and its final conversion to uint8
 (``np.uint8`` of the clipped float image: truncation, not rounding). The library calls it makes
 (scikit-image, OpenCV, ImageMagick) are rebuilt on numpy and scipy in :mod:`otmdr.data._imaging`.
-``frost`` blends the generator's own frost photographs, shipped in ``otmdr/data/frost`` (Apache-2.0,
+``frost`` blends the generator's own frost photographs, shipped in ``otmdr/assets/frost`` (Apache-2.0,
 with their LICENSE and NOTICE; ``$OTMDR_FROST_DIR`` names another folder holding them, see
 :func:`frost_photo_dir`); a procedural ice texture stands in only when they are missing.
 docs/corruptions.md lists, per corruption, whether it is identical to the reference, with the
@@ -184,14 +184,14 @@ _FROST_SCALE = 0.2  # cv2.resize(frost, (0, 0), fx=0.2, fy=0.2) for the 32x32 im
 
 
 def _shipped_frost_dir() -> Path:
-    return Path(str(resources.files(__package__).joinpath("frost")))
+    return Path(str(resources.files("otmdr").joinpath("assets", "frost")))
 
 
 def frost_photo_dir() -> Path | None:
     """The folder whose frost photographs ``frost`` blends, or None for the procedural fallback.
 
     ``$OTMDR_FROST_DIR`` when set (it must hold frost1.png ... frost5.jpg, else a DatasetError
-    names what is missing); otherwise the copies shipped in the package (``otmdr/data/frost``,
+    names what is missing); otherwise the copies shipped in the package (``otmdr/assets/frost``,
     Apache-2.0, see the NOTICE there). Only when those are absent too (a copy of otmdr stripped of
     its package data) does ``frost`` fall back to a procedural ice texture, with a warning.
     """
