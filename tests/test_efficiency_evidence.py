@@ -129,14 +129,15 @@ def test_the_cifar10_regime_reuses_the_noisy_resnet_study_at_its_chosen_settings
     variants' knobs and momentum ascent's larger radii searched on top."""
     from otmdr.train.compute import gradient_evaluations_per_step
 
-    # (its PYTHON runs the matched-radius step after the study: nothing to run here)
-    resnet = _arguments(tmp_path, "DATA", script="cifar10_resnet20.sh", REGIMES="noisy40", PYTHON="true")
+    study_dir = tmp_path / "runs" / "cifar10-resnet20-noisy40"
+    study_dir.mkdir(parents=True)
+    (study_dir / "search.json").write_text(json.dumps([{"method": "sgd", "setting": "lr=0.05", "chosen": True}]))
+    resnet = _arguments(tmp_path, "DATA", script="cifar10_resnet20.sh", REGIMES="noisy40", MATCHED="0")  # last call
     base = _study(tmp_path, resnet, [0, 1, 2, 3, 4])
+    assert ("--set", "optim.lr=0.05") in zip(resnet, resnet[1:])  # SAM and OT-MDR at the rate SGD's search chose
     picked = {"sgd": "lr=0.05", "sgd@compute": "lr=0.1", "sam": "rho=0.01", "otmdr": "rho=[0.0025,0.005]"}
     search, base_finals = plan(base)
     chosen = {m: next(p for p in points if p.label == picked[m]) for m, points in base.grid.items()}
-    study_dir = tmp_path / "runs" / "cifar10-resnet20-noisy40"
-    study_dir.mkdir(parents=True, exist_ok=True)
     (study_dir / "search.json").write_text(json.dumps(
         [{"method": r.method, "setting": r.point.label, "chosen": r.point == chosen[r.method]} for r in search]))
     args = _arguments(tmp_path, "cifar10-noisy", "DATA")

@@ -119,7 +119,8 @@ print(",".join(json.dumps([round(f * r, 10) for r in rho], separators=(",", ":")
           --grid "otmdr+momentum:otmdr.rho=$momentum_rho")
     ARGS=(--config configs/cifar10-resnet20-study.yaml --data-dir "$DATA"
           --methods sgd,sgd@compute,sam,otmdr,otmdr+interval,otmdr+reuse,otmdr+momentum --seeds 5
-          --set data.label_noise=0.4 --set data.crop_padding=0 --set data.flip=false --set train.epochs=40)
+          --set data.label_noise=0.4 --set data.crop_padding=0 --set data.flip=false --set train.epochs=40
+          --set "optim.lr=$sgd_lr")  # (that study trains SAM and OT-MDR at SGD's chosen rate)
     NAME=efficiency-cifar10-resnet20-noisy40
     [ -d "$EVIDENCE_DIR/$NAME" ] || cp -al "$STUDY" "$EVIDENCE_DIR/$NAME" ;;
   ensembles-digits|bnn-digits)
