@@ -239,6 +239,11 @@ def test_radius_warning_thresholds():
     sgd = _cfg("optim.method=sgd")
     assert nominal_radius(sgd) == 0 and _health_warnings(sgd, {**row, "train_accuracy": 0.1, "epoch": 1}, 0, 10) == {}
     assert "chance" in _health_warnings(sgd, {**row, "train_accuracy": 0.1, "epoch": 2}, 0, 10)
+    warm = _cfg("optim.method=sgd", "schedule.warmup_epochs=2")  # the learning rate peaks at the end of epoch 2
+    assert _health_warnings(warm, {**row, "train_accuracy": 0.15, "epoch": 2}, 0, 10) == {}
+    assert "chance" in _health_warnings(warm, {**row, "train_accuracy": 0.15, "epoch": 3}, 0, 10)
+    fraction = _cfg("optim.method=sgd", "schedule.warmup_epochs=0.5")
+    assert "chance" in _health_warnings(fraction, {**row, "train_accuracy": 0.1, "epoch": 2}, 0, 10)
 
 
 @pytest.mark.parametrize("where", ["after last.pt", "after best.pt"])
