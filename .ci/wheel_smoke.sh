@@ -21,11 +21,13 @@ sdist=$(ls "$work"/dist/otmdr-*.tar.gz)
 echo "wheel smoke: built $(basename "$wheel") ($(du -k "$wheel" | cut -f1) KiB), $(basename "$sdist") ($(du -k "$sdist" | cut -f1) KiB)"
 "$BUILD_PY" - "$wheel" <<'EOF'
 import subprocess, sys, zipfile
-tracked = subprocess.run(["git", "ls-files", "src/otmdr"], capture_output=True, text=True, check=True).stdout.split()
-wanted = {path.removeprefix("src/") for path in tracked}
+def tracked(folder):
+    return subprocess.run(["git", "ls-files", folder], capture_output=True, text=True, check=True).stdout.split()
+# the package's files, and the repository's assets/ as otmdr/assets/ (pyproject's package-dir)
+wanted = {path.removeprefix("src/") for path in tracked("src/otmdr")} | {"otmdr/" + p for p in tracked("assets")}
 have = set(zipfile.ZipFile(sys.argv[1]).namelist())
 missing = sorted(wanted - have)
-assert not missing, f"the wheel lacks package files: {missing} (add them to [tool.setuptools.package-data])"
+assert not missing, f"the wheel lacks package files: {missing} (add them to [tool.setuptools] packages or package-data)"
 data = sorted(p for p in wanted if not p.endswith(".py"))
 print(f"wheel smoke: the wheel holds all {len(wanted)} package files git tracks, data included: {data}")
 EOF

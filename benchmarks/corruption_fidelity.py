@@ -8,7 +8,7 @@ the same legacy ``np.random`` stream (the reference's global state, reseeded per
 severity; ours through a Generator-shaped wrapper around the same RandomState), so random
 corruptions are compared pixel by pixel, not only in distribution. The reference's frost reads the
 generator's photographs with ``cv2.imread`` from ``--frost-dir`` (the published files; ours reads
-the copies shipped in ``otmdr/assets/frost``).
+the copies shipped in ``assets/frost``).
 
     PYTHONPATH=src python benchmarks/corruption_fidelity.py --data ../shared/datasets/cifar10-jpeg.tar.gz \\
         --images 200 --frost-dir ../shared/datasets/cifar-c-frost --out benchmarks/results/corruption_fidelity

@@ -225,7 +225,7 @@ def test_resize_at_the_frost_scale_is_cv2_resize(cv2):
 
 def test_frost_photographs_decode_as_cv2_imread_does(cv2):
     folder = corruptions_module.frost_photo_dir()
-    assert folder is not None, "the frost photographs are not shipped in otmdr/assets/frost"
+    assert folder is not None, "the frost photographs are not shipped in assets/frost"
     for index, name in enumerate(FROST_FILES):
         bgr = cv2.imread(str(folder / name))
         ours = corruptions_module._frost_photo(str(folder), index)

@@ -6,9 +6,10 @@ interpolation and boundary modes, the same random draws per image (in the same o
 generator with the reference's stream reproduces its images), and its final conversion to uint8
 (``np.uint8`` of the clipped float image: truncation, not rounding). The library calls it makes
 (scikit-image, OpenCV, ImageMagick) are rebuilt on numpy and scipy in :mod:`otmdr.data._imaging`.
-``frost`` blends the generator's own frost photographs, shipped in ``otmdr/assets/frost`` (Apache-2.0,
-with their LICENSE and NOTICE; ``$OTMDR_FROST_DIR`` names another folder holding them, see
-:func:`frost_photo_dir`); a procedural ice texture stands in only when they are missing.
+``frost`` blends the generator's own frost photographs, shipped in ``otmdr/assets/frost`` (the
+repository's ``assets/frost``; Apache-2.0, with their LICENSE and NOTICE; ``$OTMDR_FROST_DIR``
+names another folder holding them, see :func:`frost_photo_dir`); a procedural ice texture stands in
+only when they are missing.
 docs/corruptions.md lists, per corruption, whether it is identical to the reference, with the
 measured difference: all but ``elastic_transform`` (0.12-0.18 levels on average, OpenCV 5's warp)
 are identical value for value.
@@ -184,7 +185,11 @@ _FROST_SCALE = 0.2  # cv2.resize(frost, (0, 0), fx=0.2, fy=0.2) for the 32x32 im
 
 
 def _shipped_frost_dir() -> Path:
-    return Path(str(resources.files("otmdr").joinpath("assets", "frost")))
+    """``otmdr/assets/frost`` in an installed package (the wheel maps the repository's ``assets/``
+    there); in a source checkout (editable install, ``PYTHONPATH=src``) the repository's ``assets/frost``."""
+    installed = Path(str(resources.files("otmdr").joinpath("assets", "frost")))
+    checkout = Path(__file__).resolve().parents[3] / "assets" / "frost"
+    return installed if installed.is_dir() or not checkout.is_dir() else checkout
 
 
 def frost_photo_dir() -> Path | None:
