@@ -44,7 +44,7 @@ def _value(args: list[str], flag: str) -> str:
     return args[args.index(flag) + 1]
 
 
-REGIMES = ["digits", "fmnist-noisy", "fmnist-clean", "ensembles-digits", "bnn-digits"]
+REGIMES = ["digits", "fmnist-noisy", "ensembles-digits", "bnn-digits"]  # (fmnist-clean, cifar10-noisy: below)
 
 
 @pytest.mark.parametrize("regime", REGIMES)
@@ -79,7 +79,7 @@ def test_every_regime_is_a_valid_study_with_the_variants_knobs_searched(tmp_path
         assert len(grid["sgd"]) == 4 and len(grid["otmdr"]) == 4
     else:  # the baselines at the settings the issue-24 search chose: nothing of theirs is searched
         assert all(len(grid[m]) == 1 for m in ("sgd", "sgd@compute", "sam", "otmdr"))
-        assert ("--set", "data.label_noise=0.4") in zip(args, args[1:]) or regime == "fmnist-clean"
+        assert ("--set", "data.label_noise=0.4") in zip(args, args[1:])
 
 
 def test_the_budget_regime_holds_every_variant_to_the_goal(tmp_path):
@@ -123,47 +123,66 @@ def test_an_unknown_regime_is_refused(tmp_path):
     assert result.returncode == 2 and "unknown regime cifar" in result.stderr
 
 
-def test_the_cifar10_regime_reuses_the_noisy_resnet_study_at_its_chosen_settings(tmp_path):
-    """cifar10-noisy: the baselines are the issue-24 noisy ResNet-20 study's runs (its folder
-    hard-linked, the same configs at the values its search chose, so --resume reuses them), the
-    variants' knobs and momentum ascent's larger radii searched on top."""
+# regimes whose baselines are an issue-24 study's runs: (regime, that study's script, its
+# environment, its folder, the settings its search chose, the variants this regime searches)
+REUSING = [
+    ("cifar10-noisy", "cifar10_resnet20.sh", {"REGIMES": "noisy40"}, "cifar10-resnet20-noisy40",
+     {"sgd": "lr=0.05", "sgd@compute": "lr=0.1", "sam": "rho=0.01", "otmdr": "rho=[0.0025,0.005]"},
+     {"otmdr+reuse": 2, "otmdr+momentum": 3}),
+    ("fmnist-clean", "fashion_mnist_mlp.sh", {"REGIMES": "clean"}, "fashion-mnist-mlp-clean",
+     {"sgd": "lr=0.1", "sgd@compute": "lr=0.2", "sam": "rho=0.1", "otmdr": "rho=[0.01,0.02]"},
+     {"otmdr+interval": 2, "otmdr+reuse": 2, "otmdr+momentum": 4, "otmdr+momentum1": 2}),
+]
+
+
+@pytest.mark.parametrize("regime, script, env, folder, picked, searched", REUSING, ids=[r[0] for r in REUSING])
+def test_a_reusing_regime_takes_the_studys_runs_at_its_chosen_settings(tmp_path, regime, script, env, folder, picked,
+                                                                        searched):
+    """The baselines are the issue-24 study's runs (its folder hard-linked, the same configs at the
+    values its search chose, so --resume reuses them), the variants' knobs and momentum ascent's
+    larger radii (multiples of OT-MDR's chosen one) searched on top."""
     from otmdr.train.compute import gradient_evaluations_per_step
 
-    study_dir = tmp_path / "runs" / "cifar10-resnet20-noisy40"
+    study_dir = tmp_path / "runs" / folder
     study_dir.mkdir(parents=True)
-    (study_dir / "search.json").write_text(json.dumps([{"method": "sgd", "setting": "lr=0.05", "chosen": True}]))
-    resnet = _arguments(tmp_path, "DATA", script="cifar10_resnet20.sh", REGIMES="noisy40", MATCHED="0")  # last call
-    base = _study(tmp_path, resnet, [0, 1, 2, 3, 4])
-    assert ("--set", "optim.lr=0.05") in zip(resnet, resnet[1:])  # SAM and OT-MDR at the rate SGD's search chose
-    picked = {"sgd": "lr=0.05", "sgd@compute": "lr=0.1", "sam": "rho=0.01", "otmdr": "rho=[0.0025,0.005]"}
+    (study_dir / "search.json").write_text(json.dumps([{"method": "sgd", "setting": picked["sgd"], "chosen": True}]))
+    theirs_args = _arguments(tmp_path, "DATA", script=script, MATCHED="0", **env)  # the study's last compare
+    base = _study(tmp_path, theirs_args, [0, 1, 2, 3, 4])
     search, base_finals = plan(base)
     chosen = {m: next(p for p in points if p.label == picked[m]) for m, points in base.grid.items()}
     (study_dir / "search.json").write_text(json.dumps(
         [{"method": r.method, "setting": r.point.label, "chosen": r.point == chosen[r.method]} for r in search]))
-    args = _arguments(tmp_path, "cifar10-noisy", "DATA")
+    args = _arguments(tmp_path, regime, "DATA")
     study = _study(tmp_path, args, [0, 1, 2, 3, 4])
-    assert study.out.name == "efficiency-cifar10-resnet20-noisy40" and _value(args, "--reference") == "otmdr,sgd,sam"
+    assert study.out.name == f"efficiency-{folder}"
+    assert _value(args, "--reference") == "otmdr,sgd,sam"
     copied = study.out / "search.json"
     assert copied.is_file() and copied.stat().st_ino == (study_dir / "search.json").stat().st_ino  # hard-linked
-    grid = study.grid
-    assert [p.overrides for p in grid["otmdr+momentum"]] == [
-        ("otmdr.rho=[0.0025,0.005]",), ("otmdr.rho=[0.0125,0.025]",), ("otmdr.rho=[0.05,0.1]",)]
-    assert sorted(p.label for p in grid["otmdr+reuse"]) == ["interval=2 rho=[0.0025,0.005]",
-                                                            "interval=5 rho=[0.0025,0.005]"]
+    rho = json.loads(picked["otmdr"].removeprefix("rho="))
+    radii = [json.loads(p.overrides[0].removeprefix("otmdr.rho=")) for p in study.grid["otmdr+momentum"]]
+    assert [round(r[0] / rho[0], 6) for r in radii] == ([1, 5, 20] if regime == "cifar10-noisy" else [1, 5, 10, 20])
+    assert all(r[1] / r[0] == pytest.approx(2) for r in radii)  # OT-MDR's two radii scaled together
+    assert all(p.overrides[-1] == f"otmdr.rho={json.dumps(rho, separators=(',', ':'))}"
+               for p in study.grid["otmdr+reuse"])  # LookSAM at OT-MDR's chosen radius
     mine, finals = plan(study)
-    assert {r.method for r in mine} == {"otmdr+reuse", "otmdr+momentum"}  # the baselines search nothing
-    runs = finals({m: points[0] for m, points in grid.items()})
+    assert {m: sum(r.method == m for r in mine) for m in searched} == searched
+    assert {r.method for r in mine} == set(searched)  # the baselines search nothing
+    runs = finals({m: points[0] for m, points in study.grid.items()})
     theirs = {r.run_dir.name: config_to_dict(r.config) for r in base_finals(chosen)}
     baselines = [r for r in runs if "+" not in r.method]
     assert len(baselines) == 20 and all(theirs[r.run_dir.name] == config_to_dict(r.config) for r in baselines)
-    for run in runs:
-        if run.method == "otmdr+interval" or run.method == "otmdr+momentum":
-            assert gradient_evaluations_per_step(run.config) <= 1.3, run.method
+    if regime == "cifar10-noisy":
+        assert ("--set", "optim.lr=0.05") in zip(theirs_args, theirs_args[1:])  # SAM, OT-MDR at SGD's chosen rate
+        for run in runs:
+            if run.method in ("otmdr+interval", "otmdr+momentum"):
+                assert gradient_evaluations_per_step(run.config) <= 1.3, run.method
 
 
-def test_the_cifar10_regime_needs_the_resnet_study_first(tmp_path):
+@pytest.mark.parametrize("regime, folder", [("cifar10-noisy", "cifar10-resnet20-noisy40"),
+                                            ("fmnist-clean", "fashion-mnist-mlp-clean")])
+def test_a_reusing_regime_needs_its_study_first(tmp_path, regime, folder):
     env = dict(os.environ, OTMDR="false", PYTHON=sys.executable, EVIDENCE_DIR=str(tmp_path))
-    result = subprocess.run(["bash", str(ROOT / "benchmarks/evidence/efficiency.sh"), "cifar10-noisy", "DATA"], env=env,
+    result = subprocess.run(["bash", str(ROOT / "benchmarks/evidence/efficiency.sh"), regime, "DATA"], env=env,
                             capture_output=True, text=True)
-    assert result.returncode == 2 and "cifar10-resnet20-noisy40/search.json does not exist" in result.stderr
-    assert not (tmp_path / "efficiency-cifar10-resnet20-noisy40").exists()
+    assert result.returncode == 2 and f"{folder}/search.json does not exist" in result.stderr
+    assert not any(tmp_path.glob("efficiency-*"))

@@ -19,9 +19,9 @@
 #        argument, whose four methods it reuses at the settings that study chose (below)
 #   benchmarks/evidence/efficiency.sh ensembles-digits [JOBS]        noisy digits, 3-MLP ensemble (joint), 5 seeds
 #   benchmarks/evidence/efficiency.sh bnn-digits [JOBS]              noisy digits, Bayesian MLP, 5 seeds
-# On Fashion-MNIST the baselines' settings are fixed at the ones the issue-24 search chose
+# On noisy Fashion-MNIST the baselines' settings are fixed at the ones the issue-24 search chose
 # (benchmarks/results/fashion-mnist-mlp-noisy40-rerun: SGD lr 0.2, at 2x lr 0.4, SAM rho 0.2, OT-MDR
-# rho (0.05, 0.1)); only the variants search (their knob, and the radius where the variant changes
+# rho (0.05, 0.1)), on clean labels read from that study's clean twin; only the variants search (their knob, and the radius where the variant changes
 # what a radius means). Resumable: rerun the same command after a kill.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -32,6 +32,13 @@ EVIDENCE_DIR=${EVIDENCE_DIR:-runs/evidence}
 VARIANTS=otmdr+interval,otmdr+reuse,otmdr+late,otmdr+trigger,otmdr+momentum,otmdr+momentum1
 KNOBS=(--grid otmdr+interval:efficiency.interval=2,5 --grid otmdr+reuse:efficiency.interval=2,5
        --grid otmdr+late:efficiency.phase_start=0.5,0.8 --grid 'otmdr+trigger:efficiency.trigger=[-1.0,1.0],[0.0,2.0]')
+FMNIST_VARIANTS=otmdr+interval,otmdr+reuse,otmdr+momentum,otmdr+momentum1
+# the value the search of the study in $STUDY chose for METHOD's KEY (regimes that reuse a study)
+pick() { "$PYTHON" benchmarks/evidence/chosen.py "$STUDY" "$1" "$2"; }
+# OT-MDR's radius pair RHO ("[a,b]") times each FACTOR, as a grid's values: "[a,b],[5a,5b],..."
+scaled() { "$PYTHON" -c 'import json, sys
+rho = json.loads(sys.argv[1])
+print(",".join(json.dumps([round(float(f) * r, 10) for r in rho], separators=(",", ":")) for f in sys.argv[2:]))' "$@"; }
 case "$REGIME" in
   digits)
     JOBS=${2:-2}
@@ -67,7 +74,7 @@ case "$REGIME" in
           --seeds 80 --search-seeds 3 --set train.epochs=40)
     REFERENCE=otmdr
     NAME=efficiency-digits-mlp-noisy40-budget ;;
-  fmnist-noisy|fmnist-clean)
+  fmnist-noisy)
     # the variants that kept OT-MDR's accuracy on the digits (80 seeds) at 1.0-1.5x SGD's cost: the
     # late phase and the trigger lost 1.8-5.4 points there, and each Fashion-MNIST run costs minutes
     DATA=${2:?usage: $0 $REGIME DATA_DIR [JOBS]}
@@ -77,11 +84,30 @@ case "$REGIME" in
           --grid 'otmdr+momentum:otmdr.rho=[0.05,0.1],[0.25,0.5],[0.5,1.0],[1.0,2.0]'
           --grid 'otmdr+momentum1:otmdr.rho=[0.05,0.1],[0.25,0.5]')
     for method in otmdr+interval otmdr+reuse; do GRID+=(--grid "$method:otmdr.rho=[0.05,0.1]"); done
-    noise=(); [ "$REGIME" = fmnist-noisy ] && noise=(--set data.label_noise=0.4)
-    ARGS=(--config configs/fashion-mnist-mlp.yaml --data-dir "$DATA"
-          --methods "sgd,sgd@compute,sam,otmdr,otmdr+interval,otmdr+reuse,otmdr+momentum,otmdr+momentum1"
-          --seeds 5 --set otmdr.normalize=merged ${noise[@]+"${noise[@]}"})
-    NAME=efficiency-fashion-mnist-mlp-${REGIME#fmnist-} ;;
+    ARGS=(--config configs/fashion-mnist-mlp.yaml --data-dir "$DATA" --methods "sgd,sgd@compute,sam,otmdr,$FMNIST_VARIANTS"
+          --seeds 5 --set otmdr.normalize=merged --set data.label_noise=0.4)
+    NAME=efficiency-fashion-mnist-mlp-noisy ;;
+  fmnist-clean)
+    # the noisy regime's variants and knobs on clean labels, its baselines the clean Fashion-MNIST
+    # study of issue 24 (fashion_mnist_mlp.sh, REGIMES=clean), hard-linked and reused at the settings
+    # its search chose, as the cifar10-noisy regime below; momentum ascent at 1, 5, 10 and 20 times
+    # OT-MDR's chosen radius (1 and 5 on the first step only), as on the noisy labels. Run it after
+    # that study with the same DATA_DIR argument (data.dir is compared as written).
+    DATA=${2:?usage: $0 $REGIME DATA_DIR [JOBS]}
+    JOBS=${3:-2}
+    STUDY=$EVIDENCE_DIR/fashion-mnist-mlp-clean
+    sgd_lr=$(pick sgd optim.lr); compute_lr=$(pick sgd@compute optim.lr); sam_rho=$(pick sam sam.rho)
+    rho=$(pick otmdr otmdr.rho)
+    momentum_rho=$(scaled "$rho" 1 5 10 20); first_step_rho=$(scaled "$rho" 1 5)
+    GRID=(--grid "sgd:optim.lr=$sgd_lr" --grid "sgd@compute:optim.lr=$compute_lr" --grid "sam:sam.rho=$sam_rho"
+          --grid "otmdr:otmdr.rho=$rho" --grid otmdr+interval:efficiency.interval=2,5
+          --grid otmdr+reuse:efficiency.interval=2,5 --grid "otmdr+interval:otmdr.rho=$rho"
+          --grid "otmdr+reuse:otmdr.rho=$rho" --grid "otmdr+momentum:otmdr.rho=$momentum_rho"
+          --grid "otmdr+momentum1:otmdr.rho=$first_step_rho")
+    ARGS=(--config configs/fashion-mnist-mlp.yaml --data-dir "$DATA" --methods "sgd,sgd@compute,sam,otmdr,$FMNIST_VARIANTS"
+          --seeds 5 --set otmdr.normalize=merged)
+    NAME=efficiency-fashion-mnist-mlp-clean
+    [ -d "$EVIDENCE_DIR/$NAME" ] || cp -al "$STUDY" "$EVIDENCE_DIR/$NAME" ;;
   fmnist-noisy-budget)
     DATA=${2:?usage: $0 $REGIME DATA_DIR [JOBS]}
     JOBS=${3:-2}
@@ -107,12 +133,9 @@ case "$REGIME" in
     DATA=${2:?usage: $0 $REGIME CIFAR_TAR [JOBS]}
     JOBS=${3:-2}
     STUDY=$EVIDENCE_DIR/cifar10-resnet20-noisy40
-    pick() { "$PYTHON" benchmarks/evidence/chosen.py "$STUDY" "$1" "$2"; }
     sgd_lr=$(pick sgd optim.lr); compute_lr=$(pick sgd@compute optim.lr); sam_rho=$(pick sam sam.rho)
     rho=$(pick otmdr otmdr.rho)
-    momentum_rho=$("$PYTHON" -c 'import json, sys
-rho = json.loads(sys.argv[1])
-print(",".join(json.dumps([round(f * r, 10) for r in rho], separators=(",", ":")) for f in (1, 5, 20)))' "$rho")
+    momentum_rho=$(scaled "$rho" 1 5 20)
     GRID=(--grid "sgd:optim.lr=$sgd_lr" --grid "sgd@compute:optim.lr=$compute_lr" --grid "sam:sam.rho=$sam_rho"
           --grid "otmdr:otmdr.rho=$rho" --grid otmdr+reuse:efficiency.interval=2,5 --grid "otmdr+reuse:otmdr.rho=$rho"
           --grid otmdr+interval:efficiency.interval=5 --grid "otmdr+interval:otmdr.rho=$rho"

@@ -4,8 +4,8 @@
 # validation split at a search seed apart from the evaluation seeds (SGD's learning rate too;
 # SAM's and OT-MDR's radius, 5 values each), `sgd@compute` is SGD at the gradient evaluations of
 # the most expensive method (twice the epochs), the chosen settings train over 5 evaluation seeds;
-# then the matched-radius runs (first 3 seeds). OT-MDR with its current default normalisation
-# (merged). Resumable: rerun the same command after a kill.
+# then the matched-radius runs (first 3 seeds; MATCHED=0 leaves them out). OT-MDR with its current
+# default normalisation (merged). Resumable: rerun the same command after a kill.
 #   benchmarks/evidence/fashion_mnist_mlp.sh DATA_DIR [JOBS]      (REGIMES="noisy40 clean" by default)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -22,6 +22,6 @@ for regime in ${REGIMES:-noisy40 clean}; do  # (the label-noise run first: the r
   "$OTMDR" compare --config configs/fashion-mnist-mlp.yaml --data-dir "$DATA" --methods sgd,sgd@compute,sam,otmdr \
     --seeds 5 "${GRID[@]}" --set otmdr.normalize=merged ${noise[@]+"${noise[@]}"} --reference sgd,sam \
     --jobs "$JOBS" --resume --quiet --out "$out"
-  "$PYTHON" benchmarks/evidence/matched_radius.py "$out" --jobs "$JOBS" --seeds 3 --otmdr "$OTMDR"
+  [ "${MATCHED:-1}" = 0 ] || "$PYTHON" benchmarks/evidence/matched_radius.py "$out" --jobs "$JOBS" --seeds 3 --otmdr "$OTMDR"
   echo "Commit with: $PYTHON benchmarks/collect_report.py $out fashion-mnist-mlp-$regime (and -matched-sam, -matched-otmdr)"
 done
