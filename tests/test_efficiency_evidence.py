@@ -108,12 +108,22 @@ def test_the_fashion_mnist_budget_regime_fixes_every_variant_within_the_goal(tmp
     overrides = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
     study = Study(config_path=str(ROOT / _value(args, "--config")), overrides=overrides, methods=methods,
                   seeds=[0], grid=grid, out=tmp_path / "study")
+    assert Path(_value(args, "--out")).name == "efficiency-fashion-mnist-mlp-noisy-budget"
     search, finals = plan(study)
     assert search == [] and all(len(points) == 1 for points in grid.values())  # nothing searched: fixed settings
     runs = finals({m: points[0] for m, points in grid.items()})
     for run in runs:
         if "+" in run.method:
             assert gradient_evaluations_per_step(run.config) <= 1.3, run.method
+
+
+def test_the_fashion_mnist_budget_regime_starts_from_the_noisy_studys_runs(tmp_path):
+    noisy = tmp_path / "runs" / "efficiency-fashion-mnist-mlp-noisy" / "runs" / "sgd-seed0"
+    noisy.mkdir(parents=True)
+    (noisy / "summary.json").write_text("{}")
+    _arguments(tmp_path, "fmnist-noisy-budget", "DATA")
+    copied = tmp_path / "runs" / "efficiency-fashion-mnist-mlp-noisy-budget" / "runs" / "sgd-seed0" / "summary.json"
+    assert copied.stat().st_ino == (noisy / "summary.json").stat().st_ino  # hard-linked: reused, not retrained
 
 
 def test_an_unknown_regime_is_refused(tmp_path):

@@ -522,6 +522,7 @@ def test_search_scores_average_over_search_seeds_and_flag_close_calls(tmp_path, 
     # 0.13 points apart on average, 0.9 and -0.5 at two of the seeds: within noise
     notes = study_module.close_calls(result["points"], "val_accuracy")
     assert len(notes) == 1 and "less than one standard error" in notes[0] and "rho=0.05" in notes[0]
+    assert notes[0].endswith("(--search-seeds 6)")  # more seeds than the 3 it already averaged
     assert len(list((tmp_path / "s" / "search").iterdir())) == 6
 
 

@@ -13,7 +13,8 @@
 #   benchmarks/evidence/efficiency.sh fmnist-noisy-budget DATA_DIR [JOBS]
 #        the noisy study's variants held to at most 1.3x SGD's gradient evaluations: interval and
 #        LookSAM at k = 5, momentum ascent at the radius fmnist-noisy's search chose ([0.5, 1.0]);
-#        run it after fmnist-noisy into a copy of its folder, so that the shared runs are reused
+#        run it after fmnist-noisy: it starts from a hard-linked copy of that folder, so that the
+#        shared runs are reused, not retrained
 #   benchmarks/evidence/efficiency.sh cifar10-noisy CIFAR_TAR [JOBS]  CIFAR-10 ResNet-20, 40% noise, where SGD
 #        memorises: run after benchmarks/evidence/cifar10_resnet20.sh (noisy40) with the same CIFAR_TAR
 #        argument, whose four methods it reuses at the settings that study chose (below)
@@ -119,7 +120,10 @@ case "$REGIME" in
           --methods "sgd,sgd@compute,sam,otmdr,otmdr+interval,otmdr+reuse,otmdr+momentum"
           --seeds 5 --set otmdr.normalize=merged --set data.label_noise=0.4)
     REFERENCE=otmdr
-    NAME=efficiency-fashion-mnist-mlp-noisy-budget ;;
+    NAME=efficiency-fashion-mnist-mlp-noisy-budget
+    # the noisy study's runs shared with this one (baselines, the variants at k = 5), reused, not retrained
+    noisy=$EVIDENCE_DIR/efficiency-fashion-mnist-mlp-noisy
+    [ -d "$EVIDENCE_DIR/$NAME" ] || [ ! -d "$noisy" ] || cp -al "$noisy" "$EVIDENCE_DIR/$NAME" ;;
   cifar10-noisy)
     # The variants that came closest to full OT-MDR on the digits and Fashion-MNIST, where a run costs
     # 20-40 min on one core: LookSAM at k = 2 and 5 (1.5x and 1.2x SGD), momentum ascent (1.0x) at 1, 5

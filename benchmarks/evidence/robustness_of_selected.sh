@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Corruption, PGD and sharpness evaluation (benchmarks/robustness.py) of the tuned studies of
 # issue 10, so the robustness claims rest on tuned runs: every run of each method's chosen setting
-# (all seeds; the first seed's run is the chosen search run), on a fixed 1,000-image test subset
-# and its corrupted copy (written once by otmdr corrupt), PGD-10 at eps 1-8/255, sharpness on 256
-# training images, and loss landscapes of the first seed with the interpolation from the
-# baseline's run (the first method: sgd/joint for ensembles, SGVB for BNNs, SGD for single models)
+# (all evaluation seeds: under the review protocol none is a search run, under the old one the
+# first seed's was), on a fixed 1,000-image test subset and its corrupted copy (written once by
+# otmdr corrupt), PGD-10 at eps 1-8/255, sharpness on 256 training images, and loss landscapes
+# of the first seed with the interpolation from the baseline's run (the first method: sgd/joint for ensembles, SGVB for BNNs, SGD for single models)
 # to each other method's run. Each report goes to STUDY/robustness/robustness.md.
 #
 #   benchmarks/evidence/robustness_of_selected.sh DATA_DIR [JOBS] [STUDY_DIR ...]

@@ -254,7 +254,7 @@ def compare(train: Callable[[dict, int], Mapping[str, Any]], *,
     summaries: dict[str, list[dict[str, Any]]] = {}
     for record in finals:
         summaries.setdefault(record["method"], []).append(_summary(record))
-    notes = edge_notes(rows) + close_calls(rows, select, higher=higher, more_seeds="search_seeds=3")
+    notes = edge_notes(rows) + close_calls(rows, select, higher=higher, more_seeds="search_seeds={n}")
     report = _write_report(out, summaries, rows, chosen, references, margins, select, searched, evaluation, title,
                            notes)
     log(f"report: {report}")

@@ -612,12 +612,13 @@ def select_points(search: list[Run], methods: list[str], metric: str) -> dict[st
 
 
 def close_calls(points: list[dict[str, Any]], metric: str, *, higher: bool | None = None,
-                more_seeds: str = "--search-seeds 3") -> list[str]:
+                more_seeds: str = "--search-seeds {n}") -> list[str]:
     """Methods whose best and second-best grid points differ by less than one standard error of
     the validation score: the choice between them is within noise (more search seeds, or a
     larger validation split, would be needed to tell them apart). ``higher``: whether a higher
     score is better (default: what :data:`SELECT_METRICS` says of ``metric``); ``more_seeds``: how
-    the caller asks for more search seeds."""
+    the caller asks for more search seeds, ``{n}`` standing for a count above the one used (3
+    after one seed, then twice as many)."""
     higher = SELECT_METRICS[metric] if higher is None else higher
     notes = []
     for method in dict.fromkeys(p["method"] for p in points):
@@ -633,7 +634,7 @@ def close_calls(points: list[dict[str, Any]], metric: str, *, higher: bool | Non
             notes.append(f"{method}: the chosen point ({best['setting']}) beats the next ({second['setting']}) by "
                          f"{scale * gap:.{2 if scale == 100.0 else 4}f} on {metric}, less than one standard error "
                          f"({scale * se:.{2 if scale == 100.0 else 4}f}): the choice is within noise; average the "
-                         f"search over more seeds ({more_seeds})")
+                         f"search over more seeds ({more_seeds.format(n=max(3, 2 * len(best['seeds'])))})")
     return notes
 
 
