@@ -4,9 +4,9 @@
 # evaluation seeds (radii past the first study's edges, which sat at the low end), `sgd@compute` =
 # SGD at SAM's gradient evaluations (twice the epochs), 5 evaluation seeds, then the matched-radius
 # runs (MATCHED=0 leaves them out). Two stages in one folder, as the ViT study: SGD alone searches
-# its learning rate first (0.05 to 0.8: the noisy search chose 0.2 of 0.05-0.2, then 0.4 of
-# 0.05-0.4, each time its top, so the grid grew), then SAM and OT-MDR train at the rate it chose
-# and sgd@compute searches the same rates for itself; the second stage reuses the first's runs.
+# its learning rate first (0.05 to 1.6: the noisy search chose 0.2 of 0.05-0.2, 0.4 of 0.05-0.4,
+# 0.8 of 0.05-0.8, each time its top, so the grid grew), then SAM and OT-MDR train at the rate it
+# chose and sgd@compute searches the same rates for itself; the second stage reuses the first's runs.
 # Clean labels: crop + flip, 30 epochs (as the first study).
 # 40% symmetric label noise: no augmentation, 40 epochs, the budget at which SGD memorises the wrong
 # labels (benchmarks/results/cifar10-memorisation: validation accuracy 44.8% at epoch 9, 32.5% at
@@ -21,8 +21,8 @@ OTMDR=${OTMDR:-.venv/bin/otmdr}
 PYTHON=${PYTHON:-.venv/bin/python}
 EVIDENCE_DIR=${EVIDENCE_DIR:-runs/evidence}
 GRID=(--grid sam.rho=0.005,0.01,0.02,0.05,0.1 --grid 'otmdr.rho=[0.00125,0.0025],[0.0025,0.005],[0.005,0.01],[0.01,0.02],[0.025,0.05]'
-      --grid sgd@compute:optim.lr=0.05,0.1,0.2,0.4,0.8)
-SGD_GRID=(--grid sgd:optim.lr=0.05,0.1,0.2,0.4,0.8)
+      --grid sgd@compute:optim.lr=0.05,0.1,0.2,0.4,0.8,1.6)
+SGD_GRID=(--grid sgd:optim.lr=0.05,0.1,0.2,0.4,0.8,1.6)
 for regime in ${REGIMES:-noisy40 clean}; do
   budget=(); [ "$regime" = noisy40 ] && budget=(--set data.label_noise=0.4 --set data.crop_padding=0 --set data.flip=false
                                                 --set train.epochs=40)
