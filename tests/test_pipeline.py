@@ -167,6 +167,21 @@ def test_cli_compare_writes_a_table_and_a_report_with_plots(tmp_path, capsys):
     assert "finished earlier, reused" in capsys.readouterr().out
 
 
+def test_cli_compare_extends_a_grid_past_its_edge(tmp_path, capsys):
+    """With two values the choice is always at an edge: --extend-edges 1 searches one more value,
+    one step past it, and the report says which; a bad count is one line and exit 2."""
+    out = tmp_path / "cmp"
+    args = ["compare", "--config", str(DEMO), "--methods", "sgd", "--seeds", "1", "--out", str(out),
+            "--grid", "optim.lr=0.02,0.05", "--set", "train.epochs=1", "--set", "model.options={hidden: [16]}"]
+    assert main(args + ["--extend-edges", "-1"]) == 2 and not out.exists()
+    assert "--extend-edges" in capsys.readouterr().err
+    assert main(args + ["--extend-edges", "1"]) == 0
+    searched = sorted(float(p["setting"].partition("=")[2]) for p in json.loads((out / "search.json").read_text()))
+    assert len(searched) == 3 and {0.02, 0.05} < set(searched)
+    assert (set(searched) - {0.02, 0.05}) in ({0.008}, {0.125})  # 0.02 / 2.5 or 0.05 x 2.5
+    assert "Searched past the grid's edges (`--extend-edges`): sgd lr=" in (out / "report.md").read_text()
+
+
 def test_a_failed_run_keeps_the_users_empty_folder(tmp_path, capsys):
     mine = tmp_path / "mine"
     mine.mkdir()

@@ -572,3 +572,107 @@ def test_the_bottom_line_states_each_pair_once_with_holm_and_compute():
     family, size = paired_family(noisy, ["sgd"])
     assert "ECE is high for every method (35-35%) because 40% of the training labels are wrong" in \
         bottom_line(noisy, family, size, markdown=False)
+
+
+@pytest.mark.parametrize("specs, chosen, expected", [
+    (["optim.lr=0.05,0.1,0.2"], "optim.lr=0.2", ["optim.lr=0.4"]),  # top edge: the last step again
+    (["optim.lr=0.05,0.1,0.2"], "optim.lr=0.05", ["optim.lr=0.025"]),  # bottom edge
+    (["optim.lr=0.05,0.1,0.2"], "optim.lr=0.1", []),  # inside: nothing
+    (["optim.weight_decay=5e-4,5e-3"], "optim.weight_decay=5e-3", ["optim.weight_decay=0.05"]),  # YAML's '5e-3'
+    (["otmdr.rho=[0.0025,0.005],[0.005,0.01]"], "otmdr.rho=[0.0025,0.005]", ["otmdr.rho=[0.00125,0.0025]"]),
+    (["otmdr.noise_std=0,1e-3,3e-3"], "otmdr.noise_std=0", []),  # zero cannot be stepped past geometrically
+    (["otmdr.noise_std=0,1e-3,3e-3"], "otmdr.noise_std=3e-3", ["otmdr.noise_std=0.009"]),
+    (["efficiency.interval=2,5"], "efficiency.interval=5", ["efficiency.interval=12"]),  # integers round
+    (["efficiency.trigger=[-1.0,1.0],[0.0,2.0]"], "efficiency.trigger=[0.0,2.0]", []),  # not positive
+    (["optim.lr=0.1"], "optim.lr=0.1", []),  # one value: no line to step along
+])
+def test_beyond_edges_steps_one_grid_step_past_the_chosen_value(specs, chosen, expected):
+    from otmdr.train.grid import beyond_edges
+
+    points = parse_grid(specs, ["otmdr"])["otmdr"]
+    point = next(p for p in points if p.overrides == (chosen,))
+    assert [p.overrides for p in beyond_edges(points, point)] == [(e,) for e in expected]
+
+
+def test_beyond_edges_walks_the_chosen_line_of_a_product_grid():
+    """lr x weight decay: the step is along each key the choice sits at an edge of, the other keys
+    held at the chosen values; a value the line already holds is not searched again."""
+    from otmdr.train.grid import beyond_edges
+
+    points = parse_grid(["optim.lr=0.1,0.2", "optim.weight_decay=5e-4,5e-3,5e-2"], ["sgd"])["sgd"]
+    chosen = GridPoint("sgd", ("optim.lr=0.2", "optim.weight_decay=5e-3"))
+    assert [p.overrides for p in beyond_edges(points, chosen)] == [("optim.lr=0.4", "optim.weight_decay=5e-3")]
+    grown = points + [GridPoint("sgd", ("optim.lr=0.4", "optim.weight_decay=5e-3"))]
+    assert beyond_edges(grown, chosen) == []  # 0.2 is no longer the top of its line
+
+
+def _peaked_train(cfg, run_dir, *, resume=False, log=print):
+    """Validation accuracy peaks at lr 0.4 (0.1 and 0.2 climb towards it, 0.8 falls off, 1.6
+    diverges); the test accuracy follows it."""
+    lr = cfg.optim.lr
+    val = {0.1: 0.70, 0.2: 0.75, 0.4: 0.80, 0.8: 0.72}.get(round(lr, 6), 0.6)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg)))
+    if lr > 1:
+        raise study_module.TrainingError("loss became NaN")
+    summary = {"method": cfg.optim.method, "seed": cfg.train.seed, "perturbation_norm": 0.0,
+               "test": {"accuracy": val, "nll": 0.5, "ece": 0.1, "brier": 0.2, "ece_bins": 15},
+               "history": [{"epoch": 1, "val_accuracy": val}]}
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    return summary
+
+
+@pytest.mark.parametrize("rounds, chosen, searched", [
+    (0, 0.2, [0.1, 0.2]),  # as given: the choice is capped by the grid
+    (1, 0.4, [0.1, 0.2, 0.4]),  # one step past the edge, where the score still rises
+    (5, 0.4, [0.1, 0.2, 0.4, 0.8]),  # 0.4 is then inside: the search stops by itself
+])
+def test_extend_edges_searches_past_an_edge_until_the_choice_is_inside(tmp_path, monkeypatch, rounds, chosen,
+                                                                       searched):
+    monkeypatch.setattr(study_module, "train", _peaked_train)
+    grid = parse_grid(["sgd:optim.lr=0.1,0.2"], ["sgd", "sam"])
+    study = Study(str(DEMO), FAST, ["sgd", "sam"], [0, 1], grid, tmp_path / "s", extend_edges=rounds)
+    lines: list[str] = []
+    result = run_study(study, log=lines.append)
+    assert result["chosen"]["sgd"].overrides == (f"optim.lr={chosen}",)
+    assert sorted(float(p["setting"].split("=")[1]) for p in result["points"]) == searched
+    assert [p["setting"] for p in result["points"] if p["extended"]] == [f"lr={v}" for v in searched[2:]]
+    expected = {0.2: 0.75, 0.4: 0.80}[chosen]  # the finals train at the chosen point
+    assert [s["test"]["accuracy"] for s in result["summaries"]["sgd"]] == pytest.approx([expected, expected])
+    assert (rounds > 0) == any("at an edge of its grid: also searching lr=0.4" in line for line in lines)
+
+
+def test_extend_edges_resumes_to_the_same_study_without_retraining(tmp_path, monkeypatch):
+    monkeypatch.setattr(study_module, "train", _peaked_train)
+    make = lambda: Study(str(DEMO), FAST, ["sgd"], [0], parse_grid(["optim.lr=0.1,0.2"], ["sgd"]),  # noqa: E731
+                         tmp_path / "s", extend_edges=3)
+    first = run_study(make(), log=lambda _: None)
+    calls = []
+    monkeypatch.setattr(study_module, "train", lambda *a, **k: calls.append(a) or _peaked_train(*a, **k))
+    again = run_study(make(), log=lambda _: None)
+    assert calls == [] and again["chosen"] == first["chosen"] and again["points"] == first["points"]
+
+
+def test_extend_edges_keeps_the_planned_compute_budget_and_skips_invalid_steps(tmp_path, monkeypatch):
+    """A step past an edge that costs more (the sharpness-aware step every step instead of every
+    second) does not change the epochs of the equal-compute baseline: its budget is the grid's as
+    given. A step to an invalid config (LookSAM with nothing to reuse) is logged and left out."""
+    def fewer_skips_score_higher(cfg, run_dir, **kwargs):
+        summary = _peaked_train(cfg, run_dir, **kwargs)
+        summary["history"][-1]["val_accuracy"] -= 0.01 * cfg.efficiency.interval
+        (run_dir / "summary.json").write_text(json.dumps(summary))
+        return summary
+
+    monkeypatch.setattr(study_module, "train", fewer_skips_score_higher)
+    methods = ["sgd@compute", "otmdr+interval", "otmdr+reuse"]
+    grid = parse_grid(["otmdr+interval:efficiency.interval=4,2", "otmdr+reuse:efficiency.interval=4,2"], methods)
+    study = Study(str(DEMO), FAST, methods, [0], grid, tmp_path / "s", extend_edges=1)
+    _, finals = study_module.plan(study)
+    planned = {r.method: r.config.train.epochs for r in finals({m: ps[0] for m, ps in grid.items()})}
+    lines: list[str] = []
+    result = run_study(study, log=lines.append)
+    assert [(p["method"], p["setting"]) for p in result["points"] if p["extended"]] == [("otmdr+interval",
+                                                                                         "interval=1")]
+    assert result["chosen"]["otmdr+interval"].overrides == ("efficiency.interval=1",)  # 2.0x SGD, not 1.5x
+    saved = yaml.safe_load((tmp_path / "s" / "sgd_compute-seed0" / "config.yaml").read_text())
+    assert saved["train"]["epochs"] == planned["sgd@compute"] == 3  # 1.5x of 2 epochs, as planned
+    assert any(line.startswith("  otmdr+reuse: not stepping past the edge to interval=1: ") for line in lines)

@@ -71,7 +71,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                   seeds=list(range(base.train.seed, base.train.seed + args.seeds)),
                   grid=parse_grid(args.grid or [], methods), out=out, search_overrides=list(args.search_set or []),
                   select=args.select, bn_policy=None if args.bn_policy == "per-method" else args.bn_policy,
-                  search_seed_count=args.search_seeds, budget=args.budget)
+                  search_seed_count=args.search_seeds, budget=args.budget, extend_edges=args.extend_edges)
     plan(study)  # builds every config: a bad grid or value fails here, before anything is created
 
     command = args.command_line

@@ -30,6 +30,7 @@ STEPS = Bound(1, 10000, why="each step is a forward and backward pass over every
 EOT = Bound(1, 1000, why="each sample is one more forward and backward pass per attack step")
 SEEDS = Bound(1, 1000, why="each seed trains every method once more")
 SEARCH_SEEDS = Bound(1, 20, why="each search seed trains every grid point once more")
+EXTENSIONS = Bound(0, 20, why="each step past an edge trains one more grid point per method and search seed")
 JOBS = Bound(1, 256, why="each job is a process of its own")
 PASSES = Bound(1, 10000, why="each costs two passes over --samples images")
 POINTS = Bound(2, 401, why="points x points losses, each a pass over --samples images: 401 is 160,801 passes")
@@ -205,6 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seeds every grid point trains at, its validation score averaged over them; they are "
                         "train.seed+1000 upwards, never an evaluation seed, so no evaluation run carries the luck "
                         "that won the search (default: %(default)s)")
+    p.add_argument("--extend-edges", type=number(int, EXTENSIONS), default=0, metavar="N",
+                   help="when a method's chosen point sits at the smallest or largest value of a grid key, also "
+                        "search one step past it (as large as the grid's last step: lr 0.1,0.2,0.4 -> 0.8), up to N "
+                        "times, so that the choice is not capped by the grid (default: %(default)s)")
     p.add_argument("--budget", default="epochs", choices=("epochs", "compute"),
                    help="epochs: every method trains train.epochs; compute: each method's epochs (and schedule) "
                         "scaled to the most expensive method's gradient evaluations (default: %(default)s)")

@@ -329,6 +329,9 @@ def write_compare_report(out_dir: Path, summaries: dict[str, list[dict[str, Any]
                       "for a verdict a reviewer can trust.", ""]
         lines += [search_table(search, select, markdown=True), "",
                   "Chosen: " + "; ".join(f"{p['method']} {p['setting']}" for p in search if p["chosen"]) + ".", "",
+                  *(["Searched past the grid's edges (`--extend-edges`): "
+                     + "; ".join(f"{p['method']} {p['setting']}" for p in search if p.get("extended")) + ".", ""]
+                    if any(p.get("extended") for p in search) else []),
                   *[f"Note: {note}  " for note in edge_notes(search) + (close_calls or [])], "",
                   "![validation score against radius]("
                   f"{plot_search(search, figures / 'search_radius.png', metric=select).relative_to(out_dir)})"]

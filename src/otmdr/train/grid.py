@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import yaml
 
 from ..config import ConfigError
 
-__all__ = ["GridPoint", "parse_grid", "METHOD_SECTIONS"]
+__all__ = ["GridPoint", "parse_grid", "beyond_edges", "METHOD_SECTIONS"]
 
 #: config sections read by one method only
 METHOD_SECTIONS = ("sam", "asam", "otmdr")
@@ -124,3 +126,66 @@ def parse_grid(specs: list[str], methods: list[str]) -> dict[str, list[GridPoint
         combos = itertools.product(*([f"{k}={v}" for v in vs] for k, vs in keys.items()))
         grid[method] = [GridPoint(method, tuple(combo)) for combo in combos]
     return grid
+
+
+def _values(point: GridPoint) -> dict[str, Any]:
+    """The point's values by key; ``5e-4`` (a string to YAML, a number to the config) as a number."""
+    def value(raw: str) -> Any:
+        loaded = yaml.safe_load(raw)
+        if isinstance(loaded, str):
+            try:
+                return float(loaded)
+            except ValueError:
+                return loaded
+        return loaded
+    return {key.strip(): value(raw) for key, _, raw in (o.partition("=") for o in point.overrides)}
+
+
+def _size(value: Any) -> float | None:
+    """Where a value sits on its key's line: a positive number itself, a list of positive numbers
+    (OT-MDR's radius pair) its sum; None for anything that cannot be stepped geometrically."""
+    def positive(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0
+    if positive(value):
+        return float(value)
+    if isinstance(value, list) and value and all(positive(x) for x in value):
+        return float(sum(value))
+    return None
+
+
+def _format(value: Any) -> str:
+    """A grid value as ``--grid`` would spell it: positional decimals (YAML reads ``1e-05`` as a
+    string), 10 significant digits, pairs without spaces."""
+    if isinstance(value, list):
+        return "[" + ",".join(_format(x) for x in value) + "]"
+    if isinstance(value, int):
+        return str(value)
+    return np.format_float_positional(float(f"{value:.10g}"), trim="-")
+
+
+def beyond_edges(points: list[GridPoint], chosen: GridPoint) -> list[GridPoint]:
+    """The points one step past ``chosen`` along each key at whose smallest or largest value it
+    sits, among the points that share its other keys (two values or more on that line): a
+    geometric step as large as the last (lr 0.1, 0.2, 0.4 chosen: 0.8; a radius pair scales as a
+    whole; integers round). Keys whose values are not positive numbers, or pairs of them, are left
+    alone, as is a step whose value the line already has."""
+    mine = _values(chosen)
+    beyond = []
+    for key, value in mine.items():
+        size = _size(value)
+        line = [v[key] for v in map(_values, points)
+                if key in v and all(v.get(k) == x for k, x in mine.items() if k != key)]
+        sizes = sorted({s for s in map(_size, line) if s is not None})
+        if size is None or len(sizes) < 2 or sizes[0] < size < sizes[-1]:
+            continue
+        factor = size / (sizes[-2] if size == sizes[-1] else sizes[1])
+        if isinstance(value, int):
+            step: Any = round(value * factor)
+        else:
+            step = [x * factor for x in value] if isinstance(value, list) else value * factor
+        reached = _size(step)
+        if reached is None or any(np.isclose(s, reached) for s in sizes):
+            continue
+        beyond.append(GridPoint(chosen.method, tuple(f"{key}={_format(step)}" if o.partition("=")[0].strip() == key
+                                                     else o for o in chosen.overrides)))
+    return beyond

@@ -59,7 +59,7 @@ from ..config import (
 )
 from . import distributed
 from .compute import gradient_evaluations_per_step
-from .grid import GridPoint
+from .grid import GridPoint, beyond_edges
 from .loop import Preempted, TrainingError, train
 from .run_dir import RunDirError, prepare_run_dir
 
@@ -164,6 +164,8 @@ class Study:
     search_seeds: list[int] | None = None
     search_seed_count: int = 1
     budget: str = "epochs"  #: one of BUDGETS, for every method (``METHOD@compute`` for one)
+    #: rounds of stepping past a grid edge the choice sits at (:func:`otmdr.train.grid.beyond_edges`)
+    extend_edges: int = 0
 
     @property
     def searching(self) -> bool:
@@ -229,6 +231,33 @@ def _compute_budget(study: Study, extra: list[str]) -> float | None:
     return max(gradient_evaluations_per_step(cfg) * cfg.train.epochs for cfg in configs)
 
 
+def _search_runs(study: Study, point: GridPoint, budget: float | None) -> list[Run]:
+    """``point``'s run at each search seed."""
+    return [Run(point.method, point, seed, _config(study, point, seed, study.search_overrides, budget),
+                study.out / "search" / _slug(f"{point.method}-{point.label}-seed{seed}"), "search")
+            for seed in study.seeds_for_search]
+
+
+def _beyond_edges(study: Study, chosen: dict[str, GridPoint], budget: float | None,
+                  log: Callable[[str], None]) -> list[Run]:
+    """Search runs one step past each chosen point that sits at an edge of its method's grid; the
+    new points join ``study.grid`` (so that the final runs know them). A step whose config is
+    invalid (a phase past 1, ...) is logged and left out. ``budget`` stays the one the grid as
+    given fixed, so that equal-compute runs keep their planned epochs."""
+    runs = []
+    for method, point in chosen.items():
+        for step in beyond_edges(study.grid[method], point):
+            try:
+                new = _search_runs(study, step, budget)
+            except ConfigError as error:
+                log(f"  {method}: not stepping past the edge to {step.label}: {error}")
+                continue
+            log(f"  {method}: chosen {point.label}, at an edge of its grid: also searching {step.label}")
+            study.grid[method].append(step)
+            runs += new
+    return runs
+
+
 def plan(study: Study) -> tuple[list[Run], Callable[[dict[str, GridPoint]], list[Run]]]:
     """The search runs, and a function from the chosen point of each method to the final runs.
     Builds (and so validates) every config first: a bad grid fails before anything trains."""
@@ -251,12 +280,9 @@ def plan(study: Study) -> tuple[list[Run], Callable[[dict[str, GridPoint]], list
     search_budget = _compute_budget(study, study.search_overrides) if study.search_overrides else budget
     search: list[Run] = []
     if study.searching:
-        for method, points in study.grid.items():
+        for points in study.grid.values():
             for point in points if len(points) > 1 else []:  # a method without a grid has nothing to choose
-                for seed in search_seeds:
-                    cfg = _config(study, point, seed, study.search_overrides, search_budget)
-                    folder = study.out / "search" / _slug(f"{method}-{point.label}-seed{seed}")
-                    search.append(Run(method, point, seed, cfg, folder, "search"))
+                search += _search_runs(study, point, search_budget)
     else:
         for points in study.grid.values():  # configs are checked before training either way
             _config(study, points[0], study.seeds[0], [], budget)
@@ -663,6 +689,7 @@ def _run(study: Study, search: list[Run], finals, *, jobs: int, log: Callable[[s
          echo: bool) -> dict[str, Any]:
     started = time.perf_counter()
     search_seeds = study.seeds_for_search if search else []
+    extended: set[GridPoint] = set()  # points added past an edge (--extend-edges)
     if search:
         seeds = ", ".join(map(str, search_seeds))
         log(f"search: {len(search)} run(s), every grid point at search seed(s) {seeds}, selected on {study.select} "
@@ -670,6 +697,15 @@ def _run(study: Study, search: list[Run], finals, *, jobs: int, log: Callable[[s
         execute(search, jobs=jobs, log=log, echo=echo)
         chosen = {method: points[0] for method, points in study.grid.items()}
         chosen.update(select_points(search, study.methods, study.select))
+        budget = _compute_budget(study, study.search_overrides)  # of the grid as given, before any step
+        for _ in range(study.extend_edges):
+            beyond = _beyond_edges(study, {m: chosen[m] for m in study.methods if len(study.grid[m]) > 1}, budget, log)
+            if not beyond:
+                break
+            execute(beyond, jobs=jobs, log=log, echo=echo)
+            search.extend(beyond)  # (the list plan() made: finals() reuses search runs from it)
+            extended.update(run.point for run in beyond)
+            chosen.update(select_points(search, study.methods, study.select))
         for method, point in chosen.items():
             log(f"  chosen for {method}: {point.label}")
     else:
@@ -685,7 +721,8 @@ def _run(study: Study, search: list[Run], finals, *, jobs: int, log: Callable[[s
     records = [{"method": r.method, "setting": r.point.label, "seed": r.seed, "score": score(r, study.select),
                 "radius": r.summary["perturbation_norm"] if r.summary else None,
                 "chosen": r.point == chosen[r.method], "run_dir": str(r.run_dir), "error": r.error} for r in search]
-    points = [{key: value for key, value in p.items() if key != "point"} | {"chosen": p["point"] == chosen[p["method"]]}
+    points = [{key: value for key, value in p.items() if key != "point"}
+              | {"chosen": p["point"] == chosen[p["method"]], "extended": p["point"] in extended}
               for p in search_points(search, study.select)]
     settings = {}  # what each method ran, beyond the shared config: its chosen point and its epochs
     for run in runs:
