@@ -17,6 +17,7 @@
 #           ~5.5 on this network against rho1 + rho2 = 0.015, so it, not rho, sets the radius)
 # Batch-norm statistics from the clean pass only (--bn-policy clean, the release's BNN step).
 # The search runs train the full budget at search seed 1000; every evaluation run is a fresh run.
+# A choice at an edge of its grid is searched past it (--extend-edges 2).
 # Resumable: rerun the same command after a kill (finished runs are reused).
 #
 #   benchmarks/evidence/bnn_fashion_mnist.sh DATA_DIR [JOBS]
@@ -49,5 +50,5 @@ GRID=(--grid 'sam.rho=0.0005,0.001,0.005,0.02,0.05'
 source benchmarks/evidence/_regimes.sh
 METHODS=sgd,sgd@compute,sam,otmdr
 run_regimes bnn-fashion-mnist-lenet --config configs/bnn-fashion-mnist.yaml --methods "$METHODS" \
-  --seeds "$SEEDS" "${GRID[@]}" --set train.epochs="$EPOCHS" ${SIZE[@]+"${SIZE[@]}"} --bn-policy clean \
+  --seeds "$SEEDS" "${GRID[@]}" --extend-edges 2 --set train.epochs="$EPOCHS" ${SIZE[@]+"${SIZE[@]}"} --bn-policy clean \
   --reference sgd,sam

@@ -6,7 +6,8 @@
 # runs (MATCHED=0 leaves them out). Two stages in one folder, as the ViT study: SGD alone searches
 # its learning rate first (0.05 to 1.6: the noisy search chose 0.2 of 0.05-0.2, 0.4 of 0.05-0.4,
 # 0.8 of 0.05-0.8, each time its top, so the grid grew), then SAM and OT-MDR train at the rate it
-# chose and sgd@compute searches the same rates for itself; the second stage reuses the first's runs.
+# chose and sgd@compute searches the same rates for itself; the second stage reuses the first's runs
+# and searches past any edge its choices sit at (--extend-edges 2).
 # Clean labels: crop + flip, 30 epochs (as the first study).
 # 40% symmetric label noise: no augmentation, 40 epochs, the budget at which SGD memorises the wrong
 # labels (benchmarks/results/cifar10-memorisation: validation accuracy 44.8% at epoch 9, 32.5% at
@@ -32,7 +33,8 @@ for regime in ${REGIMES:-noisy40 clean}; do
   "$OTMDR" compare --methods sgd --reference sgd "${common[@]}"  # (sgd@compute waits: "@compute" matches the dearest)
   lr=$("$PYTHON" benchmarks/evidence/chosen.py "$out" sgd optim.lr)
   echo "cifar10-resnet20-$regime: SGD alone chose lr $lr; SAM and OT-MDR train at it"
-  "$OTMDR" compare --methods sgd,sgd@compute,sam,otmdr "${GRID[@]}" --set "optim.lr=$lr" --reference sgd,sam \
+  "$OTMDR" compare --methods sgd,sgd@compute,sam,otmdr "${GRID[@]}" --set "optim.lr=$lr" --extend-edges 2 \
+    --reference sgd,sam \
     "${common[@]}"
   [ "${MATCHED:-1}" = 0 ] || "$PYTHON" benchmarks/evidence/matched_radius.py "$out" --jobs "$JOBS" --otmdr "$OTMDR"
 done

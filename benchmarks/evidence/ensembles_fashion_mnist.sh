@@ -16,7 +16,8 @@
 #                      which per-member LeNets sat at chance; [0.1,0.2] and [0.2,0.4] were added
 #                      after the noisy search chose [0.05,0.1], the end of the first grid: the
 #                      search table and figures/search_radius.png show the score against radius)
-# The search runs train the full 30 epochs at search seed 1000; every evaluation run is fresh.
+# The search runs train the full 30 epochs at search seed 1000; every evaluation run is fresh. A
+# choice at an edge of its grid is searched past it (--extend-edges 2).
 # Resumable: rerun the same command after a kill (finished runs are reused).
 #
 #   benchmarks/evidence/ensembles_fashion_mnist.sh DATA_DIR [JOBS]
@@ -47,4 +48,4 @@ GRID=(--grid 'sam/joint:sam.rho=0.02,0.05,0.1,0.2,0.4'
       --grid 'otmdr/per-member:otmdr.rho=[0.0025,0.005],[0.00625,0.0125],[0.0125,0.025],[0.025,0.05],[0.05,0.1],[0.1,0.2],[0.2,0.4]')
 source benchmarks/evidence/_regimes.sh
 run_regimes ensembles-fashion-mnist-mlp-x3 --config configs/ensemble-fashion-mnist-mlp-x3.yaml --methods "$METHODS" \
-  --seeds "$SEEDS" "${GRID[@]}" ${SIZE[@]+"${SIZE[@]}"} --reference sgd/joint,sgd/per-member
+  --seeds "$SEEDS" "${GRID[@]}" --extend-edges 2 ${SIZE[@]+"${SIZE[@]}"} --reference sgd/joint,sgd/per-member
