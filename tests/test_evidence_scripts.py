@@ -8,10 +8,14 @@ import importlib.util
 import json
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
+from otmdr.config import config_to_dict, load_config
 from otmdr.train.grid import parse_grid
 from otmdr.train.study import Study, plan
 
@@ -248,3 +252,56 @@ def test_particles_refuses_bad_input_in_one_line_before_making_anything(tmp_path
     assert particles.main() == 2
     err = capsys.readouterr().err
     assert not out.exists() and err.count("\n") == 1 and err.startswith("error: ") and named in err
+
+
+def _confound(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+    """schedule_confound.py with a stand-in otmdr that records its arguments and writes SAM-step's
+    summaries (test accuracy 80% + seed / 10), as `otmdr compare` would."""
+    template = json.loads((ROOT / "benchmarks/results/fashion-mnist-mlp-clean/summaries.json").read_text())["sam"][0]
+    (tmp_path / "template.json").write_text(json.dumps(template))
+    fake = tmp_path / "otmdr"
+    fake.write_text(f"""#!{sys.executable}
+import json, sys, pathlib
+args = sys.argv[1:]
+pathlib.Path({str(tmp_path / 'args')!r}).write_text(json.dumps(args))
+out = pathlib.Path(args[args.index("--out") + 1]); out.mkdir(parents=True, exist_ok=True)
+template = json.loads(pathlib.Path({str(tmp_path / 'template.json')!r}).read_text())
+runs = [dict(template, seed=s, test=dict(template["test"], accuracy=0.80 + s / 1000))
+        for s in range(int(args[args.index("--seeds") + 1]))]
+(out / "summaries.json").write_text(json.dumps({{"sam": runs}}))
+""")
+    fake.chmod(0o755)
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks/evidence/schedule_confound.py"), "DATA",
+                           "--otmdr", str(fake), "--out", str(tmp_path / "confound"), *extra],
+                          capture_output=True, text=True)
+
+
+def test_the_schedule_confound_reuses_a_tuned_studys_cosine_runs(tmp_path):
+    """--from-study: only SAM-step trains, with the study's SAM config and the step schedule at
+    30/60/80% of its epochs; the cosine side is the study's own runs, paired by seed."""
+    template = json.loads((ROOT / "benchmarks/results/fashion-mnist-mlp-clean/summaries.json").read_text())["sam"][0]
+    study = tmp_path / "study"
+    (study / "sam-seed0").mkdir(parents=True)
+    config = config_to_dict(load_config(str(ROOT / "configs/cifar10-resnet20-study.yaml"), ["optim.lr=0.8",
+                                                                                          "sam.rho=0.01"]))
+    (study / "sam-seed0" / "config.yaml").write_text(yaml.safe_dump(config))
+    runs = {m: [dict(template, seed=s, test=dict(template["test"], accuracy=base + s / 1000)) for s in (4, 2, 1, 0, 3)]
+            for m, base in (("sam", 0.81), ("otmdr", 0.82), ("sgd", 0.5))}
+    (study / "summaries.json").write_text(json.dumps(runs))
+    result = _confound(tmp_path, "--from-study", str(study), "--seeds", "3")
+    assert result.returncode == 0, result.stderr
+    args = json.loads((tmp_path / "args").read_text())  # the last (and only) compare: SAM-step
+    assert args[args.index("--config") + 1] == str(study / "sam-seed0" / "config.yaml")
+    assert args[args.index("--methods") + 1] == "sam" and args[args.index("--seeds") + 1] == "3"
+    sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+    assert sets == ["schedule.name=step", "schedule.milestones=[9.0, 18.0, 24.0]", "schedule.gamma=0.2"]
+    report = (tmp_path / "confound" / "report.md").read_text()
+    assert "Gap OT-MDR-cosine − SAM-step: +2.00 points" in report  # 82 + s/10 against 80 + s/10, seeds 0-2
+    assert "SAM-cosine − SAM-step (the schedule alone): +1.00" in report and "50%" in report
+
+
+def test_the_schedule_confound_refuses_an_unfinished_study_in_one_line(tmp_path):
+    (tmp_path / "study").mkdir()
+    result = _confound(tmp_path, "--from-study", str(tmp_path / "study"))
+    assert result.returncode == 2 and "summaries.json does not exist" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "confound").exists()

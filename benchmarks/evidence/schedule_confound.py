@@ -5,12 +5,20 @@ The authors' logs (github anh-ntv/OT_MDR, log_files/cifar100/wrn and pyramid) sh
 baseline trained with a step schedule (lr 0.1, times 0.2 at 30%, 60% and 80% of training) and
 OT-MDR with cosine. This runs, at the scale a 2-core CPU allows (CIFAR-10 ResNet-20, the tuned
 study's budget: configs/cifar10-resnet20-study.yaml), SAM with that step schedule, SAM with cosine
-and OT-MDR with cosine at the radii the committed clean study chose on validation (SAM 0.02, OT-MDR
-[0.005, 0.01]; --sam-rho / --otmdr-rho to change), over the same seeds, and writes one report with
-paired intervals and TOST/Holm verdicts against SAM-step, plus the share of the OT-MDR-cosine -
-SAM-step gap that SAM-cosine - SAM-step already accounts for.
+and OT-MDR with cosine at tuned radii, over the same seeds, and writes one report with paired
+intervals and TOST verdicts against SAM-step, plus the share of the OT-MDR-cosine - SAM-step gap
+that SAM-cosine - SAM-step already accounts for.
 
-    python benchmarks/evidence/schedule_confound.py PATH/cifar10-jpeg.tar.gz [--jobs 2] [--seeds 3] [--smoke]
+With --from-study DIR (a finished review-protocol study of benchmarks/evidence/cifar10_resnet20.sh,
+e.g. runs/evidence/cifar10-resnet20-clean) the cosine runs are that study's own SAM and OT-MDR
+evaluation runs (their first --seeds seeds), and SAM-step trains with the config of that study's
+SAM runs (the learning rate SGD's search chose, the radius SAM's chose), only the schedule
+changed: a third of the training, and the radii and learning rate tuned under the current
+protocol. Without it, all three train here at the radii the committed old-protocol clean study
+chose (SAM 0.02, OT-MDR [0.005, 0.01]; --sam-rho / --otmdr-rho) and the config's learning rate.
+
+    python benchmarks/evidence/schedule_confound.py PATH/cifar10-jpeg.tar.gz [--from-study DIR] [--jobs 2]
+        [--seeds 3] [--smoke]
 
 Resumable: rerun the same command (finished runs are reused). Writes runs/evidence/schedule-confound/.
 """
@@ -44,31 +52,55 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true", help="toy size: a check of the script, not evidence")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "evidence" / "schedule-confound")
     parser.add_argument("--otmdr", default=str(ROOT / ".venv" / "bin" / "otmdr"))
+    parser.add_argument("--from-study", type=Path, metavar="DIR",
+                        help="a finished cifar10_resnet20.sh study: its SAM and OT-MDR runs are the cosine side, "
+                             "and SAM-step trains with its SAM config")
     args = parser.parse_args()
-    epochs = 2 if args.smoke else 30
-    size = ["data.train_limit=300", "data.test_limit=200", f"train.epochs={epochs}"] if args.smoke else []
+    config = ROOT / "configs" / "cifar10-resnet20-study.yaml"
+    rhos = [f"sam.rho={args.sam_rho}", f"otmdr.rho={args.otmdr_rho}"]
+    cosine_dir = args.out / "cosine"
+    if args.from_study is not None:
+        try:
+            config, epochs = _study_config(args.from_study, args.seeds)
+        except ValueError as error:
+            print(f"error: --from-study: {error}", file=sys.stderr)
+            return 2
+        rhos, cosine_dir = [], args.from_study
+        size: list[str] = []
+    else:
+        epochs = 2 if args.smoke else 30
+        size = ["data.train_limit=300", "data.test_limit=200", f"train.epochs={epochs}"] if args.smoke else []
     milestones = [round(f * epochs, 3) for f in STEP_FRACTIONS]
-    studies = {"cosine": ("sam,otmdr", []),
-               "step": ("sam", ["schedule.name=step", f"schedule.milestones={milestones}", "schedule.gamma=0.2"])}
+    studies = {"step": ("sam", ["schedule.name=step", f"schedule.milestones={milestones}", "schedule.gamma=0.2"])}
+    if args.from_study is None:
+        studies["cosine"] = ("sam,otmdr", [])
     for name, (methods, schedule) in studies.items():
-        command = [args.otmdr, "compare", "--config", str(ROOT / "configs" / "cifar10-resnet20-study.yaml"),
-                   "--data-dir", args.data, "--methods", methods, "--seeds", str(args.seeds), "--jobs", str(args.jobs),
-                   "--resume", "--quiet", "--out", str(args.out / name)]
-        for override in [f"sam.rho={args.sam_rho}", f"otmdr.rho={args.otmdr_rho}", *size, *schedule]:
+        command = [args.otmdr, "compare", "--config", str(config), "--data-dir", args.data, "--methods", methods,
+                   "--seeds", str(args.seeds), "--jobs", str(args.jobs), "--resume", "--quiet",
+                   "--out", str(args.out / name)]
+        for override in [*rhos, *size, *schedule]:
             command += ["--set", override]
         print("$ " + " ".join(command), flush=True)
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-    cosine = json.loads((args.out / "cosine" / "summaries.json").read_text())
+    cosine = json.loads((cosine_dir / "summaries.json").read_text())
     step = json.loads((args.out / "step" / "summaries.json").read_text())
-    summaries = {"sam-step": step["sam"], "sam-cosine": cosine["sam"], "otmdr-cosine": cosine["otmdr"]}
+    seeds = range(args.seeds)  # the same seeds on every side, in one order: paired by seed
+
+    def by_seed(runs: list[dict]) -> list[dict]:
+        return sorted((s for s in runs if s["seed"] in seeds), key=lambda s: s["seed"])
+
+    summaries = {"sam-step": by_seed(step["sam"]), "sam-cosine": by_seed(cosine["sam"]),
+                 "otmdr-cosine": by_seed(cosine["otmdr"])}
     accuracy = {m: [100 * s["test"]["accuracy"] for s in runs] for m, runs in summaries.items()}
     schedule = paired_difference(accuracy["sam-cosine"], accuracy["sam-step"], higher_is_better=True, margin=0.5)
     total = paired_difference(accuracy["otmdr-cosine"], accuracy["sam-step"], higher_is_better=True, margin=0.5)
     share = (f"{100 * schedule.mean / total.mean:.0f}%" if abs(total.mean) > 1e-9 else "n/a (no gap)")
     lines = ["# The schedule confound of the paper's SAM baseline, at CIFAR-10 ResNet-20 scale", "",
-             f"Command: `python benchmarks/evidence/schedule_confound.py {' '.join(sys.argv[1:])}`; SAM rho "
-             f"{args.sam_rho}, OT-MDR rho {args.otmdr_rho}; step schedule: lr x0.2 at epochs {milestones} of {epochs} "
-             f"(the paper's 60/120/160 of 200); {args.seeds} seeds, the same for every variant.", "",
+             f"Command: `python benchmarks/evidence/schedule_confound.py {' '.join(sys.argv[1:])}`; "
+             + (f"the cosine runs and SAM-step's config from the tuned study `{args.from_study}`"
+                if args.from_study is not None else f"SAM rho {args.sam_rho}, OT-MDR rho {args.otmdr_rho}")
+             + f"; step schedule: lr x0.2 at epochs {milestones} of {epochs} (the paper's 60/120/160 of 200); "
+             f"{args.seeds} seeds, the same for every variant.", "",
              comparison_tables(summaries, ["sam-step"], markdown=True), "",
              f"Gap OT-MDR-cosine − SAM-step: {total.mean:+.2f} points [{total.low:+.2f}, {total.high:+.2f}] "
              f"({total.verdict}); SAM-cosine − SAM-step (the schedule alone): {schedule.mean:+.2f} "
@@ -78,6 +110,27 @@ def main() -> int:
     (args.out / "report.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines[-1:]))
     return 0
+
+
+def _study_config(study: Path, seeds: int) -> tuple[Path, int]:
+    """The config of ``study``'s SAM evaluation runs (seed 0's ``config.yaml``: every key the
+    study set, its chosen radius and learning rate) and its epochs; raises ValueError naming what
+    is missing."""
+    summaries = study / "summaries.json"
+    if not summaries.is_file():
+        raise ValueError(f"{summaries} does not exist: give a finished otmdr compare study "
+                         "(benchmarks/evidence/cifar10_resnet20.sh)")
+    found = json.loads(summaries.read_text())
+    for method in ("sam", "otmdr"):
+        have = sorted(s["seed"] for s in found.get(method, []))
+        if have[:seeds] != list(range(seeds)):
+            raise ValueError(f"{study} holds {method} evaluation seeds {have}, not 0-{seeds - 1}: lower --seeds")
+    config = study / "sam-seed0" / "config.yaml"
+    if not config.is_file():
+        raise ValueError(f"{config} does not exist: the study's SAM runs are needed for SAM-step's config")
+    import yaml
+
+    return config, int(yaml.safe_load(config.read_text())["train"]["epochs"])
 
 
 if __name__ == "__main__":
