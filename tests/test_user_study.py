@@ -155,3 +155,26 @@ def test_the_guide_example_of_the_study_api_runs(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     report = (tmp_path / "runs" / "mystudy" / "report.md").read_text()
     assert "## Hyper-parameter search" in report and "otmdr vs sam:" in report and "**Bottom line**" in report
+
+
+def _peaked(config: dict, seed: int) -> dict:
+    """Validation peaks at rho 0.4, past the grid's 0.1, 0.2; the test accuracy follows it."""
+    CALLS.append((config["method"], config.get("rho"), seed))
+    val = {0.1: 0.70, 0.2: 0.75, 0.4: 0.80, 0.8: 0.72}.get(config.get("rho"), 0.6)
+    return {"val_accuracy": val, "test_accuracy": val, "radius": config.get("rho") or 0.0}
+
+
+@pytest.mark.parametrize("rounds, chosen, searched", [(0, 0.2, [0.1, 0.2]), (1, 0.4, [0.1, 0.2, 0.4]),
+                                                      (4, 0.4, [0.1, 0.2, 0.4, 0.8])])
+def test_extend_edges_searches_past_an_edge_as_otmdr_compare_does(tmp_path, rounds, chosen, searched):
+    CALLS.clear()
+    result = compare(_peaked, methods={"sgd": {"method": "sgd"}, "sam": {"method": "sam"}},
+                     grid={"sam": {"rho": [0.1, 0.2]}}, seeds=2, extend_edges=rounds, out=tmp_path / "s",
+                     log=lambda _: None)
+    assert result.chosen["sam"] == {"method": "sam", "rho": chosen}
+    assert sorted(r for m, r, s in CALLS if s >= 1000) == searched  # each point once, at the search seed
+    assert [row["setting"] for row in result.search if row["extended"]] == [f"rho={r}" for r in searched[2:]]
+    report = (tmp_path / "s" / "report.md").read_text()
+    assert ("searched past the grid's edges" in report) == (rounds > 0)
+    with pytest.raises(StudyError, match="extend_edges"):
+        compare(_peaked, methods=["sgd"], extend_edges=-1, out=tmp_path / "t", log=lambda _: None)

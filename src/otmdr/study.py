@@ -41,6 +41,7 @@ from typing import Any
 from ._atomic import atomic_write_text
 from .report.compare import comparison_tables, compute_reference, edge_notes, search_table
 from .report.plots import plot_accuracy_vs_compute, plot_search, plot_test_accuracy
+from .train.grid import edge_steps
 from .train.study import close_calls
 from .report.stats import parse_margins
 
@@ -85,12 +86,12 @@ def _points(method: str, base: Mapping[str, Any], axes: Mapping[str, Sequence[An
             raise StudyError(f"grid {method}.{key}: no values")
         if len({json.dumps(v, sort_keys=True) for v in values}) != len(values):
             raise StudyError(f"grid {method}.{key}: a value is repeated")
-    points = []
-    for combo in itertools.product(*(axes[k] for k in keys)):
-        update = dict(zip(keys, combo))
-        label = " ".join(f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in update.items())
-        points.append((label, {**base, **update}))
-    return points
+    return [(_label(update), {**base, **update}) for update in
+            (dict(zip(keys, combo)) for combo in itertools.product(*(axes[k] for k in keys)))]
+
+
+def _label(update: Mapping[str, Any]) -> str:
+    return " ".join(f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in update.items())
 
 
 def _slug(text: str) -> str:
@@ -182,13 +183,14 @@ def compare(train: Callable[[dict, int], Mapping[str, Any]], *,
             grid: Mapping[str, Mapping[str, Sequence[Any]]] | None = None,
             seeds: int | Sequence[int] = 5, search_seeds: int | Sequence[int] = 1, select: str = "val_accuracy",
             higher_is_better: bool | None = None, references: Sequence[str] | None = None,
-            margin: str | float = 0.5, jobs: int = 1, title: str = "your training function",
+            margin: str | float = 0.5, jobs: int = 1, extend_edges: int = 0, title: str = "your training function",
             log: Callable[[str], None] = print) -> StudyResult:
     """Search each method's grid on validation, train the chosen settings over ``seeds`` and write
     ``<out>/report.md`` (see the module docstring). ``methods`` maps a name to its base config (a
     list of names gives ``{"method": name}`` each); ``grid`` maps a method to ``{key: values}``
     (their product is searched); ``higher_is_better`` defaults to True unless ``select`` names a
-    loss, NLL, Brier score or ECE."""
+    loss, NLL, Brier score or ECE; ``extend_edges``: rounds of searching one step past a choice at
+    an edge of its grid, as ``otmdr compare --extend-edges``."""
     if not callable(train):
         raise StudyError("train must be a function train(config: dict, seed: int) -> dict of metrics")
     bases = {m: {"method": m} for m in methods} if not isinstance(methods, Mapping) else \
@@ -201,6 +203,8 @@ def compare(train: Callable[[dict, int], Mapping[str, Any]], *,
         raise StudyError(f"grid names method(s) {unknown} that are not in methods ({', '.join(bases)})")
     if jobs < 1:
         raise StudyError("jobs must be at least 1")
+    if extend_edges < 0:
+        raise StudyError("extend_edges must be 0 or more")
     references = list(references or [next(iter(bases))])
     if any(r not in bases for r in references):
         raise StudyError(f"references {references}: each must be one of methods ({', '.join(bases)})")
@@ -221,6 +225,51 @@ def compare(train: Callable[[dict, int], Mapping[str, Any]], *,
         log(f"search: {len(search_jobs)} run(s) at search seed(s) {', '.join(map(str, searched))}, "
             f"selected on {select} (validation)")
     records = _execute(train, search_jobs, select, jobs, log)
+    rows, chosen = _choose(points, records, select, higher, searched)
+    extended: set[tuple[str, str]] = set()
+    for _ in range(extend_edges):
+        more = []
+        for m, (label, config) in chosen.items():
+            axes = list(grid.get(m, {}))
+            if len(points[m]) < 2:
+                continue
+            for step in edge_steps([{k: c[k] for k in axes} for _, c in points[m]], {k: config[k] for k in axes}):
+                step_label, step_config = _label(step), {**bases[m], **step}
+                log(f"  {m}: chosen {label}, at an edge of its grid: also searching {step_label}")
+                points[m].append((step_label, step_config))
+                extended.add((m, step_label))
+                more += [_Job(m, step_label, step_config, seed, out / "search" / _slug(f"{m}-{step_label}-seed{seed}"))
+                         for seed in searched]
+        if not more:
+            break
+        records += _execute(train, more, select, jobs, log)
+        rows, chosen = _choose(points, records, select, higher, searched)
+    for row in rows:
+        row["extended"] = (row["method"], row["setting"]) in extended
+    for m, (label, _) in chosen.items():
+        log(f"  chosen for {m}: {label}")
+
+    final_jobs = [_Job(m, label, config, seed, out / _slug(f"{m}-seed{seed}"))
+                  for m, (label, config) in chosen.items() for seed in evaluation]
+    log(f"final runs: {len(bases)} method(s) x {len(evaluation)} seed(s)")
+    finals = _execute(train, final_jobs, select, jobs, log)
+    summaries: dict[str, list[dict[str, Any]]] = {}
+    for record in finals:
+        summaries.setdefault(record["method"], []).append(_summary(record))
+    notes = ([f"searched past the grid's edges (extend_edges={extend_edges}): "
+              + "; ".join(f"{r['method']} {r['setting']}" for r in rows if r["extended"])] if extended else [])
+    notes += edge_notes(rows) + close_calls(rows, select, higher=higher, more_seeds="search_seeds={n}")
+    report = _write_report(out, summaries, rows, chosen, references, margins, select, searched, evaluation, title,
+                           notes)
+    log(f"report: {report}")
+    return StudyResult(chosen={m: config for m, (_, config) in chosen.items()}, summaries=summaries,
+                       search=[{k: v for k, v in r.items() if k != "config"} for r in rows], report=report)
+
+
+def _choose(points: Mapping[str, list[tuple[str, dict]]], records: list[dict[str, Any]], select: str, higher: bool,
+            searched: list[int]) -> tuple[list[dict[str, Any]], dict[str, tuple[str, dict]]]:
+    """One row per searched grid point (score over the search seeds, its standard error, radius),
+    and each method's chosen (label, config): the best score, or its only point."""
     rows: list[dict[str, Any]] = []
     chosen: dict[str, tuple[str, dict]] = {}
     for m, pts in points.items():
@@ -244,22 +293,7 @@ def compare(train: Callable[[dict, int], Mapping[str, Any]], *,
         chosen[m] = (best["setting"], best["config"])
     for row in rows:
         row["chosen"] = chosen[row["method"]][0] == row["setting"]
-    for m, (label, _) in chosen.items():
-        log(f"  chosen for {m}: {label}")
-
-    final_jobs = [_Job(m, label, config, seed, out / _slug(f"{m}-seed{seed}"))
-                  for m, (label, config) in chosen.items() for seed in evaluation]
-    log(f"final runs: {len(bases)} method(s) x {len(evaluation)} seed(s)")
-    finals = _execute(train, final_jobs, select, jobs, log)
-    summaries: dict[str, list[dict[str, Any]]] = {}
-    for record in finals:
-        summaries.setdefault(record["method"], []).append(_summary(record))
-    notes = edge_notes(rows) + close_calls(rows, select, higher=higher, more_seeds="search_seeds={n}")
-    report = _write_report(out, summaries, rows, chosen, references, margins, select, searched, evaluation, title,
-                           notes)
-    log(f"report: {report}")
-    return StudyResult(chosen={m: config for m, (_, config) in chosen.items()}, summaries=summaries,
-                       search=[{k: v for k, v in r.items() if k != "config"} for r in rows], report=report)
+    return rows, chosen
 
 
 def _write_report(out: Path, summaries: dict[str, list[dict[str, Any]]], rows: list[dict[str, Any]],

@@ -19,7 +19,7 @@ import yaml
 
 from ..config import ConfigError
 
-__all__ = ["GridPoint", "parse_grid", "beyond_edges", "METHOD_SECTIONS"]
+__all__ = ["GridPoint", "parse_grid", "beyond_edges", "edge_steps", "METHOD_SECTIONS"]
 
 #: config sections read by one method only
 METHOD_SECTIONS = ("sam", "asam", "otmdr")
@@ -155,37 +155,47 @@ def _size(value: Any) -> float | None:
 
 def _format(value: Any) -> str:
     """A grid value as ``--grid`` would spell it: positional decimals (YAML reads ``1e-05`` as a
-    string), 10 significant digits, pairs without spaces."""
+    string), pairs without spaces."""
     if isinstance(value, list):
         return "[" + ",".join(_format(x) for x in value) + "]"
     if isinstance(value, int):
         return str(value)
-    return np.format_float_positional(float(f"{value:.10g}"), trim="-")
+    return np.format_float_positional(value, trim="-")
 
 
-def beyond_edges(points: list[GridPoint], chosen: GridPoint) -> list[GridPoint]:
-    """The points one step past ``chosen`` along each key at whose smallest or largest value it
-    sits, among the points that share its other keys (two values or more on that line): a
+def edge_steps(points: list[dict[str, Any]], chosen: dict[str, Any]) -> list[dict[str, Any]]:
+    """The settings one step past ``chosen`` along each key at whose smallest or largest value it
+    sits, among the ``points`` that share its other keys (two values or more on that line): a
     geometric step as large as the last (lr 0.1, 0.2, 0.4 chosen: 0.8; a radius pair scales as a
     whole; integers round). Keys whose values are not positive numbers, or pairs of them, are left
     alone, as is a step whose value the line already has."""
-    mine = _values(chosen)
-    beyond = []
-    for key, value in mine.items():
+    steps = []
+    for key, value in chosen.items():
         size = _size(value)
-        line = [v[key] for v in map(_values, points)
-                if key in v and all(v.get(k) == x for k, x in mine.items() if k != key)]
+        line = [p[key] for p in points if key in p and all(p.get(k) == x for k, x in chosen.items() if k != key)]
         sizes = sorted({s for s in map(_size, line) if s is not None})
         if size is None or len(sizes) < 2 or sizes[0] < size < sizes[-1]:
             continue
         factor = size / (sizes[-2] if size == sizes[-1] else sizes[1])
         if isinstance(value, int):
             step: Any = round(value * factor)
-        else:
-            step = [x * factor for x in value] if isinstance(value, list) else value * factor
+        else:  # 10 significant digits: 0.1 x 3 is 0.3, not 0.30000000000000004
+            step = [float(f"{x * factor:.10g}") for x in value] if isinstance(value, list) else \
+                float(f"{value * factor:.10g}")
         reached = _size(step)
         if reached is None or any(np.isclose(s, reached) for s in sizes):
             continue
-        beyond.append(GridPoint(chosen.method, tuple(f"{key}={_format(step)}" if o.partition("=")[0].strip() == key
+        steps.append({**chosen, key: step})
+    return steps
+
+
+def beyond_edges(points: list[GridPoint], chosen: GridPoint) -> list[GridPoint]:
+    """:func:`edge_steps` of a method's grid points: the new points, the stepped key written as
+    ``--grid`` would spell it, the others as given."""
+    mine = _values(chosen)
+    beyond = []
+    for step in edge_steps([_values(p) for p in points], mine):
+        key = next(k for k in step if step[k] is not mine[k])
+        beyond.append(GridPoint(chosen.method, tuple(f"{key}={_format(step[key])}" if o.partition("=")[0].strip() == key
                                                      else o for o in chosen.overrides)))
     return beyond
