@@ -118,12 +118,17 @@ def test_the_fashion_mnist_budget_regime_fixes_every_variant_within_the_goal(tmp
 
 
 def test_the_fashion_mnist_budget_regime_starts_from_the_noisy_studys_runs(tmp_path):
-    noisy = tmp_path / "runs" / "efficiency-fashion-mnist-mlp-noisy" / "runs" / "sgd-seed0"
-    noisy.mkdir(parents=True)
-    (noisy / "summary.json").write_text("{}")
+    """The runs hard-linked (reused, not retrained); the study's report, figures and JSON not (the
+    new study writes its own: a figure written in place through a link would change the original)."""
+    noisy = tmp_path / "runs" / "efficiency-fashion-mnist-mlp-noisy"
+    (noisy / "sgd-seed0").mkdir(parents=True)
+    (noisy / "figures").mkdir()
+    for name in ("sgd-seed0/summary.json", "figures/test_accuracy.png", "report.md", "summaries.json", "search.json"):
+        (noisy / name).write_text("original")
     _arguments(tmp_path, "fmnist-noisy-budget", "DATA")
-    copied = tmp_path / "runs" / "efficiency-fashion-mnist-mlp-noisy-budget" / "runs" / "sgd-seed0" / "summary.json"
-    assert copied.stat().st_ino == (noisy / "summary.json").stat().st_ino  # hard-linked: reused, not retrained
+    copy = tmp_path / "runs" / "efficiency-fashion-mnist-mlp-noisy-budget"
+    assert (copy / "sgd-seed0" / "summary.json").stat().st_ino == (noisy / "sgd-seed0" / "summary.json").stat().st_ino
+    assert sorted(p.name for p in copy.iterdir()) == ["sgd-seed0"]
 
 
 def test_an_unknown_regime_is_refused(tmp_path):
@@ -166,8 +171,7 @@ def test_a_reusing_regime_takes_the_studys_runs_at_its_chosen_settings(tmp_path,
     study = _study(tmp_path, args, [0, 1, 2, 3, 4])
     assert study.out.name == f"efficiency-{folder}"
     assert _value(args, "--reference") == "otmdr,sgd,sam"
-    copied = study.out / "search.json"
-    assert copied.is_file() and copied.stat().st_ino == (study_dir / "search.json").stat().st_ino  # hard-linked
+    assert not (study.out / "search.json").exists()  # the new study writes its own report and JSON
     rho = json.loads(picked["otmdr"].removeprefix("rho="))
     radii = [json.loads(p.overrides[0].removeprefix("otmdr.rho=")) for p in study.grid["otmdr+momentum"]]
     assert [round(r[0] / rho[0], 6) for r in radii] == ([1, 5, 20] if regime == "cifar10-noisy" else [1, 5, 10, 20])
@@ -181,6 +185,7 @@ def test_a_reusing_regime_takes_the_studys_runs_at_its_chosen_settings(tmp_path,
     theirs = {r.run_dir.name: config_to_dict(r.config) for r in base_finals(chosen)}
     baselines = [r for r in runs if "+" not in r.method]
     assert len(baselines) == 20 and all(theirs[r.run_dir.name] == config_to_dict(r.config) for r in baselines)
+    assert baselines[0].run_dir.parent == study.out
     if regime == "cifar10-noisy":
         assert ("--set", "optim.lr=0.05") in zip(theirs_args, theirs_args[1:])  # SAM, OT-MDR at SGD's chosen rate
         for run in runs:

@@ -40,6 +40,16 @@ pick() { "$PYTHON" benchmarks/evidence/chosen.py "$STUDY" "$1" "$2"; }
 scaled() { "$PYTHON" -c 'import json, sys
 rho = json.loads(sys.argv[1])
 print(",".join(json.dumps([round(float(f) * r, 10) for r in rho], separators=(",", ":")) for f in sys.argv[2:]))' "$@"; }
+# The runs of the study in folder $1, hard-linked into a new study folder $2 (once), so that
+# --resume reuses them instead of training them again. The study's own report, figures and JSON
+# are left out: the new study writes its own, and a file written in place through a hard link
+# (a figure) would change the original's too.
+link_runs() {
+  [ -d "$2" ] && return
+  cp -al "$1" "$2.partial"
+  rm -rf "$2.partial/figures" "$2.partial"/*.md "$2.partial"/*.json "$2.partial"/*.tar.xz
+  mv "$2.partial" "$2"
+}
 case "$REGIME" in
   digits)
     JOBS=${2:-2}
@@ -108,7 +118,7 @@ case "$REGIME" in
     ARGS=(--config configs/fashion-mnist-mlp.yaml --data-dir "$DATA" --methods "sgd,sgd@compute,sam,otmdr,$FMNIST_VARIANTS"
           --seeds 5 --set otmdr.normalize=merged)
     NAME=efficiency-fashion-mnist-mlp-clean
-    [ -d "$EVIDENCE_DIR/$NAME" ] || cp -al "$STUDY" "$EVIDENCE_DIR/$NAME" ;;
+    link_runs "$STUDY" "$EVIDENCE_DIR/$NAME" ;;
   fmnist-noisy-budget)
     DATA=${2:?usage: $0 $REGIME DATA_DIR [JOBS]}
     JOBS=${3:-2}
@@ -123,7 +133,7 @@ case "$REGIME" in
     NAME=efficiency-fashion-mnist-mlp-noisy-budget
     # the noisy study's runs shared with this one (baselines, the variants at k = 5), reused, not retrained
     noisy=$EVIDENCE_DIR/efficiency-fashion-mnist-mlp-noisy
-    [ -d "$EVIDENCE_DIR/$NAME" ] || [ ! -d "$noisy" ] || cp -al "$noisy" "$EVIDENCE_DIR/$NAME" ;;
+    [ ! -d "$noisy" ] || link_runs "$noisy" "$EVIDENCE_DIR/$NAME" ;;
   cifar10-noisy)
     # The variants that came closest to full OT-MDR on the digits and Fashion-MNIST, where a run costs
     # 20-40 min on one core: LookSAM at k = 2 and 5 (1.5x and 1.2x SGD), momentum ascent (1.0x) at 1, 5
@@ -149,7 +159,7 @@ case "$REGIME" in
           --set data.label_noise=0.4 --set data.crop_padding=0 --set data.flip=false --set train.epochs=40
           --set "optim.lr=$sgd_lr")  # (that study trains SAM and OT-MDR at SGD's chosen rate)
     NAME=efficiency-cifar10-resnet20-noisy40
-    [ -d "$EVIDENCE_DIR/$NAME" ] || cp -al "$STUDY" "$EVIDENCE_DIR/$NAME" ;;
+    link_runs "$STUDY" "$EVIDENCE_DIR/$NAME" ;;
   ensembles-digits|bnn-digits)
     JOBS=${2:-2}
     RHO='[0.05,0.1],[0.1,0.2]'
