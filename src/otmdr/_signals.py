@@ -145,7 +145,10 @@ def step_pause(epoch: int) -> tuple[int, Path] | None:
 def wait_for_test(marker: Path) -> None:
     """Create ``marker`` and wait until the test deletes it, or until a stop request arrives (so a
     test can hold a process at a point until its signal has surely landed, e.g. one that a
-    ``compare --jobs`` study passes on to its workers)."""
-    marker.write_text(str(os.getpid()))
+    ``compare --jobs`` study passes on to its workers). The marker appears whole, with this
+    process's id in it (written aside, then renamed): a test that sees it can read the id."""
+    written = marker.with_name(f"{marker.name}.{os.getpid()}.partial")
+    written.write_text(str(os.getpid()))
+    os.replace(written, marker)
     while marker.exists() and _requested is None:
         time.sleep(0.01)
