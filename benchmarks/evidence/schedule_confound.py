@@ -32,6 +32,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "src"))
 
@@ -128,8 +130,6 @@ def _study_config(study: Path, seeds: int) -> tuple[Path, int]:
     config = study / "sam-seed0" / "config.yaml"
     if not config.is_file():
         raise ValueError(f"{config} does not exist: the study's SAM runs are needed for SAM-step's config")
-    import yaml
-
     return config, int(yaml.safe_load(config.read_text())["train"]["epochs"])
 
 

@@ -233,7 +233,9 @@ def compare(train: Callable[[dict, int], Mapping[str, Any]], *,
             axes = list(grid.get(m, {}))
             if len(points[m]) < 2:
                 continue
-            for step in edge_steps([{k: c[k] for k in axes} for _, c in points[m]], {k: config[k] for k in axes}):
+            mine = {k: config[k] for k in axes}
+            for key, value in edge_steps([{k: c[k] for k in axes} for _, c in points[m]], mine):
+                step = {**mine, key: value}
                 step_label, step_config = _label(step), {**bases[m], **step}
                 log(f"  {m}: chosen {label}, at an edge of its grid: also searching {step_label}")
                 points[m].append((step_label, step_config))

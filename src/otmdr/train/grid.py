@@ -163,10 +163,10 @@ def _format(value: Any) -> str:
     return np.format_float_positional(value, trim="-")
 
 
-def edge_steps(points: list[dict[str, Any]], chosen: dict[str, Any]) -> list[dict[str, Any]]:
-    """The settings one step past ``chosen`` along each key at whose smallest or largest value it
-    sits, among the ``points`` that share its other keys (two values or more on that line): a
-    geometric step as large as the last (lr 0.1, 0.2, 0.4 chosen: 0.8; a radius pair scales as a
+def edge_steps(points: list[dict[str, Any]], chosen: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The steps one past ``chosen``, as ``(key, value)``, along each key at whose smallest or
+    largest value it sits, among the ``points`` that share its other keys (two values or more on
+    that line): a geometric step as large as the last (lr 0.1, 0.2, 0.4 chosen: 0.8; a radius pair scales as a
     whole; integers round). Keys whose values are not positive numbers, or pairs of them, are left
     alone, as is a step whose value the line already has."""
     steps = []
@@ -185,17 +185,13 @@ def edge_steps(points: list[dict[str, Any]], chosen: dict[str, Any]) -> list[dic
         reached = _size(step)
         if reached is None or any(np.isclose(s, reached) for s in sizes):
             continue
-        steps.append({**chosen, key: step})
+        steps.append((key, step))
     return steps
 
 
 def beyond_edges(points: list[GridPoint], chosen: GridPoint) -> list[GridPoint]:
     """:func:`edge_steps` of a method's grid points: the new points, the stepped key written as
     ``--grid`` would spell it, the others as given."""
-    mine = _values(chosen)
-    beyond = []
-    for step in edge_steps([_values(p) for p in points], mine):
-        key = next(k for k in step if step[k] is not mine[k])
-        beyond.append(GridPoint(chosen.method, tuple(f"{key}={_format(step[key])}" if o.partition("=")[0].strip() == key
-                                                     else o for o in chosen.overrides)))
-    return beyond
+    return [GridPoint(chosen.method, tuple(f"{key}={_format(value)}" if o.partition("=")[0].strip() == key else o
+                                           for o in chosen.overrides))
+            for key, value in edge_steps([_values(p) for p in points], _values(chosen))]

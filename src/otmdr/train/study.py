@@ -697,7 +697,8 @@ def _run(study: Study, search: list[Run], finals, *, jobs: int, log: Callable[[s
         execute(search, jobs=jobs, log=log, echo=echo)
         chosen = {method: points[0] for method, points in study.grid.items()}
         chosen.update(select_points(search, study.methods, study.select))
-        budget = _compute_budget(study, study.search_overrides)  # of the grid as given, before any step
+        # the budget of the grid as given, before any step (computed again: plan() keeps it to itself)
+        budget = _compute_budget(study, study.search_overrides) if study.extend_edges else None
         for _ in range(study.extend_edges):
             beyond = _beyond_edges(study, {m: chosen[m] for m in study.methods if len(study.grid[m]) > 1}, budget, log)
             if not beyond:
