@@ -4,7 +4,8 @@
 # by then: see benchmarks/results/README.md), clean labels, then 40% symmetric label noise.
 # Methods: SGD (and SGD at equal compute, sgd/joint@compute: twice the epochs), SAM and OT-MDR on
 # the joint ensemble, OT-MDR per member, and the deep ensemble (sgd/per-member); paired 95%
-# intervals, TOST at +-0.5 points and Holm against sgd/joint and sgd/per-member over 5 seeds.
+# intervals, TOST at +-0.5 points and Holm against sgd/joint and sgd/per-member over 10 seeds
+# (issue 24 asks for 10 wherever a run costs under a few minutes: here 0.5-2 min on one core).
 # Each method's setting is chosen on the validation split from its own grid, at a search seed
 # apart from the evaluation seeds (review protocol, issue 24; grids extended past the first
 # study's edges):
@@ -33,7 +34,7 @@ DATA=${1:?usage: $0 DATA_DIR_WITH_FASHION_MNIST_IDX_FILES [JOBS]}
 JOBS=${2:-2}
 OTMDR=${OTMDR:-.venv/bin/otmdr}
 PYTHON=${PYTHON:-.venv/bin/python}
-SEEDS=5
+SEEDS=10
 SIZE=()
 if [ "${SMOKE:-0}" = 1 ]; then
   SEEDS=2
