@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
+import math
 import os
 import platform
 import re
@@ -31,7 +32,9 @@ from typing import Any
 import numpy as np
 
 from otmdr.report.compare import bayesian_method_names
+from otmdr.report.stats import ALPHA, CI_METHOD, DEFAULT_MARGINS, adjust_family, format_cell, paired_difference
 from otmdr.report.plots import plot_corruption_heatmaps, plot_robust_accuracy
+from otmdr.train.compute import cpu_model
 
 
 def _what(command: list[str]) -> str:
@@ -187,7 +190,7 @@ def report(args: argparse.Namespace, groups: dict[str, list[Path]], out: Path) -
     names = bayesian_method_names(first_eval.get("test_samples"))
     lines = [f"# Robustness and sharpness: {', '.join(Path(d.partition('=')[0]).name for d in args.compare_dirs)}", "",
              f"Command: `python benchmarks/robustness.py {' '.join(shlex.quote(a) for a in sys.argv[1:])}`  ",
-             f"Date: {time.strftime('%Y-%m-%dT%H:%M:%S%z')}; {platform.processor() or platform.machine()}, "
+             f"Date: {time.strftime('%Y-%m-%dT%H:%M:%S%z')}; CPU {cpu_model()}, "
              f"Python {platform.python_version()}; one torch thread per job.", "",
              f"Test subset: a fixed random subset of {first_eval['corruptions']['images']} test images, the same "
              f"for every run (`--test-limit`); corruptions "
@@ -234,7 +237,7 @@ def report(args: argparse.Namespace, groups: dict[str, list[Path]], out: Path) -
             ("top_hessian_eigenvalue", 2), ("hessian_trace", 1), ("worst_case_sharpness", 4),
             ("average_sharpness", 5))]]) + " |")
 
-    lines += _paired_section(evals, sharp, eps_keys[-1], any(baselines.values()))
+    lines += _paired_section(evals, sharp, eps_keys[-1], any(baselines.values()), args.margin)
 
     plot_corruption_heatmaps({m: _mean_corruption_result([r["corruptions"] for r in rs]) for m, rs in evals.items()},
                              figures / "corruption_heatmaps.png")
@@ -257,35 +260,43 @@ def report(args: argparse.Namespace, groups: dict[str, list[Path]], out: Path) -
 
 
 def _paired_section(evals: dict[str, list[dict[str, Any]]], sharp: dict[str, list[dict[str, Any]]], eps: str,
-                    with_mce: bool) -> list[str]:
+                    with_mce: bool, margin: float = DEFAULT_MARGINS["accuracy (pp)"]) -> list[str]:
     """Every later method against every earlier one, paired by seed (runs of a compare folder are
-    listed in seed order and share seeds): mean difference, 95% t interval, verdict."""
-    from otmdr.report.stats import CI_METHOD, paired_difference
-
-    metrics = [("clean accuracy (pp)", lambda e, s: 100 * e["corruptions"]["clean"]["accuracy"], True),
-               ("mean corruption accuracy (pp)", lambda e, s: 100 * e["corruptions"]["mean_corruption_accuracy"], True)]
+    listed in seed order and share seeds): mean difference, 95% t interval, the difference test and,
+    for the accuracy columns, TOST at ±``margin`` points, raw and Holm-adjusted over the table (the
+    compare reports' tests, docs/tuning.md). mCE and the eigenvalue have no margin: their scales
+    differ between studies, so only a difference can be shown there."""
+    metrics = [("clean accuracy (pp)", lambda e, s: 100 * e["corruptions"]["clean"]["accuracy"], True, margin),
+               ("mean corruption accuracy (pp)", lambda e, s: 100 * e["corruptions"]["mean_corruption_accuracy"],
+                True, margin)]
     if with_mce:  # the baseline's own mCE is 100% by definition
         metrics.append(("mCE (%)", lambda e, s: 100 * e["corruptions"]["mce"]["mce"] if "mce" in e["corruptions"]
-                        else 100.0, False))
-    metrics += [(f"PGD {_eps_label(eps)} (pp)", lambda e, s: 100 * e["attack"]["robust_accuracy"][eps], True),
-                ("top Hessian eigenvalue", lambda e, s: s["top_hessian_eigenvalue"], False)]
+                        else 100.0, False, None))
+    metrics += [(f"PGD {_eps_label(eps)} (pp)", lambda e, s: 100 * e["attack"]["robust_accuracy"][eps], True, margin),
+                ("top Hessian eigenvalue", lambda e, s: s["top_hessian_eigenvalue"], False, None)]
     methods = list(evals)
-    lines = ["", f"## Paired differences (row method − column method; {CI_METHOD})", "",
-             "| difference | " + " | ".join(name for name, _, _ in metrics) + " |", "|---|" + "---|" * len(metrics)]
+    rows: list[dict[str, Any]] = []
     for i, a in enumerate(methods):
         for b in methods[:i]:
-            if len(evals[a]) != len(evals[b]):
-                lines.append(f"| {a} − {b} | "
-                             + " | ".join("not paired: different seed counts" for _ in metrics) + " |")
-                continue
-            cells = []
-            for _, value, higher_is_better in metrics:
-                d = paired_difference([value(e, s) for e, s in zip(evals[a], sharp[a])],
-                                      [value(e, s) for e, s in zip(evals[b], sharp[b])],
-                                      higher_is_better=higher_is_better)
-                interval = f" [{d.low:+.2f}, {d.high:+.2f}]" if d.low is not None else ""
-                cells.append(f"{d.mean:+.2f}{interval} {d.verdict}")
-            lines.append(f"| {a} − {b} | " + " | ".join(cells) + " |")
+            row: dict[str, Any] = {"method": f"{a} − {b}"}
+            paired = len(evals[a]) == len(evals[b])
+            for title, value, higher_is_better, metric_margin in metrics:
+                row[title] = paired_difference([value(e, s) for e, s in zip(evals[a], sharp[a])],
+                                               [value(e, s) for e, s in zip(evals[b], sharp[b])],
+                                               higher_is_better=higher_is_better,
+                                               margin=metric_margin) if paired else None
+            rows.append(row)
+    (rows,), family = adjust_family([rows])
+    lines = ["", f"## Paired differences (row method − column method; {CI_METHOD})", "",
+             f"Verdicts at alpha {ALPHA:g}: \"better\"/\"worse\" when the paired t test rejects a zero mean; "
+             f"\"equivalent within ±{margin:.2f}\" (accuracy columns only, in points) when TOST rejects a "
+             "difference that large; \"inconclusive\" when neither; \"no difference detectable\" where a column "
+             f"has no margin. \"Holm:\" is the verdict after Holm's correction over this table's {family} tests.",
+             "", "| difference | " + " | ".join(title for title, *_ in metrics) + " |", "|---|" + "---|" * len(metrics)]
+    for row in rows:
+        cells = [format_cell(row[title]) if row[title] is not None else "not paired: different seed counts"
+                 for title, *_ in metrics]
+        lines.append(f"| {row['method']} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -361,7 +372,13 @@ def main() -> None:
     parser.add_argument("--landscape-samples", type=int, default=1024)
     parser.add_argument("--landscape-points", type=int, default=21)
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--margin", type=float, default=DEFAULT_MARGINS["accuracy (pp)"],
+                        help="equivalence margin of the accuracy columns, in points (default %(default)s)")
     args = parser.parse_args()
+    if not (math.isfinite(args.margin) and args.margin > 0):
+        print(f"error: --margin {args.margin}: an equivalence margin must be a positive number of points "
+              "(e.g. --margin 0.5)", file=sys.stderr)
+        sys.exit(2)
     groups = _find_runs(args.compare_dirs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

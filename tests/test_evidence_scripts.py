@@ -178,8 +178,49 @@ def test_robustness_report_pairs_methods_by_seed():
     (row,) = [line for line in lines if line.startswith("| sam − sgd |")]
     expected = paired_difference([85.0, 86.0, 87.0], [80.0, 82.0, 81.0], higher_is_better=True)
     assert f"{expected.mean:+.2f} [{expected.low:+.2f}, {expected.high:+.2f}] better" in row
-    assert row.count("better") == 4  # eigenvalue: lower is better
+    assert row.count("better") == 4 and row.count("Holm: same") == 3  # eigenvalue: lower is better
+    assert "better; Holm: inconclusive with 3 seeds" in row  # clean accuracy: p 0.01-0.05 over 7 tests
     assert not any(line.startswith("| sgd − sam |") for line in lines)
+
+
+def test_robustness_report_tests_equivalence_on_accuracy_and_adjusts_for_the_table():
+    """The accuracy columns get TOST at the margin; mCE-free columns without a margin say "no
+    difference detectable"; Holm over the table's tests can take back a raw verdict."""
+    from otmdr.report.stats import paired_difference
+
+    robustness = _module("benchmarks/robustness.py")
+
+    def run(clean: float, pgd: float) -> dict:
+        return {"corruptions": {"clean": {"accuracy": clean}, "mean_corruption_accuracy": clean - 0.1},
+                "attack": {"robust_accuracy": {"0.031": pgd}}}
+
+    clean = [0.800, 0.810, 0.820, 0.805, 0.815]
+    evals = {"sgd": [run(c, 0.30) for c in clean],
+             "sam": [run(c + d, 0.30 + e) for c, d, e in zip(clean, [0.0005, -0.0005, 0.0, 0.0003, -0.0002],
+                                                                [0.004, 0.013, 0.0, 0.008, 0.006])]}
+    sharp = {m: [{"top_hessian_eigenvalue": v} for v in [10.0, 12.0, 11.0, 9.0, 13.0]] for m in evals}
+    lines = robustness._paired_section(evals, sharp, "0.031", with_mce=False, margin=0.5)
+    (row,) = [line for line in lines if line.startswith("| sam − sgd |")]
+    clean_cell, corruption_cell, pgd_cell, eigen_cell = row.strip("| ").split(" | ")[1:]
+    assert "equivalent within ±0.50; Holm: same" in clean_cell and "equivalent within ±0.50" in corruption_cell
+    pgd = paired_difference([100 * (0.30 + e) for e in [0.004, 0.013, 0.0, 0.008, 0.006]], [30.0] * 5,
+                            higher_is_better=True, margin=0.5)
+    assert pgd.p_difference is not None and 0.01 < pgd.p_difference < 0.05  # raw "better" that 5 tests take back
+    assert pgd_cell.startswith(f"{pgd.mean:+.2f} [") and "better; Holm: inconclusive with 5 seeds" in pgd_cell
+    assert eigen_cell == "+0.00 [+0.00, +0.00] no difference detectable with 5 seeds; Holm: same"
+    assert any("Holm's correction over this table's 7 tests" in line for line in lines)
+
+
+def test_robustness_refuses_a_margin_that_is_not_positive_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks/robustness.py"), str(tmp_path / "study"),
+                             "--out", str(tmp_path / "out"), "--margin", "0"], capture_output=True, text=True)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == ("error: --margin 0.0: an equivalence margin must be a positive number of points "
+                             "(e.g. --margin 0.5)\n")
+    assert not (tmp_path / "out").exists()
 
 
 def test_committed_bnn_robustness_report_rebuilds_from_its_json_and_names_the_methods(tmp_path):
@@ -193,7 +234,8 @@ def test_committed_bnn_robustness_report_rebuilds_from_its_json_and_names_the_me
     shutil.copytree(committed / "runs", tmp_path / "runs", ignore=shutil.ignore_patterns("*.log"))
     groups = {method: sorted((tmp_path / "runs").glob(f"{method}-*"), key=lambda r: "-seed" in r.name)
               for method in ("sgd", "sam", "otmdr")}
-    args = argparse.Namespace(compare_dirs=["bnn-fashion-mnist-lenet-clean"], baseline_method="sgd", landscape=False)
+    args = argparse.Namespace(compare_dirs=["bnn-fashion-mnist-lenet-clean"], baseline_method="sgd", landscape=False,
+                              margin=0.5)
     text = robustness.report(args, groups, tmp_path).read_text()
     assert "`sgd` is SGVB" in text and "`sam` is flat SGVB" in text and "the mean over 30 weight samples" in text
     assert "## Sharpness of the posterior mean" in text

@@ -34,7 +34,7 @@ from scipy import stats as _scipy_stats
 
 __all__ = ["PairedDifference", "paired_difference", "t_half_width", "paired_table", "format_paired",
            "PAIRED_METRICS", "PAIRED_DIGITS", "CI_METHOD", "ALPHA", "DEFAULT_MARGINS", "MARGIN_NAMES",
-           "parse_margins", "holm", "adjust_family", "describe_tests", "TEST_METHOD"]
+           "parse_margins", "holm", "adjust_family", "describe_tests", "TEST_METHOD", "format_cell"]
 
 CI_METHOD = "95% CI: Student t on the per-seed paired differences (n - 1 degrees of freedom)"
 
@@ -269,7 +269,10 @@ def describe_tests(margins: dict[str, float] | None = None, family: int | None =
 TEST_METHOD = describe_tests()
 
 
-def _cell(d: PairedDifference | None, digits: int, holm: bool) -> str:
+def format_cell(d: PairedDifference | None, digits: int = 2, holm: bool = True) -> str:
+    """One table cell: the mean difference, its 95% interval and the raw verdict, then (with
+    ``holm`` and a difference from :func:`adjust_family`) "; Holm: " and the adjusted verdict,
+    "same" when it does not change; "n/a" for a metric that was not measured."""
     if d is None:
         return "n/a"
     if d.low is None or d.high is None:
@@ -286,8 +289,8 @@ def format_paired(rows: list[dict[str, Any]], *, markdown: bool, holm: bool = Tr
     each cell the mean difference, its 95% interval and the raw verdict, then (with ``holm`` and
     rows from :func:`adjust_family`) the Holm-adjusted verdict, "same" when it does not change."""
     titles = ["method", "seeds"] + [m[0] for m in PAIRED_METRICS]
-    cells = [[row["method"], str(row["seeds"])] + [_cell(row[t], PAIRED_DIGITS[t], holm) for t, *_ in PAIRED_METRICS]
-             for row in rows]
+    cells = [[row["method"], str(row["seeds"])]
+             + [format_cell(row[t], PAIRED_DIGITS[t], holm) for t, *_ in PAIRED_METRICS] for row in rows]
     if markdown:
         out = ["| " + " | ".join(titles) + " |", "|" + "|".join(["---"] * len(titles)) + "|"]
         return "\n".join(out + ["| " + " | ".join(line) + " |" for line in cells])
