@@ -10,6 +10,7 @@
 # apart from the evaluation seeds (review protocol, issue 24; grids extended past the first
 # study's edges):
 #   sgd/joint(@compute) lr 0.025, 0.05, 0.1
+#   sgd/per-member     lr 0.025, 0.05, 0.1                      (the deep ensemble, a reference too)
 #   sam/joint          rho 0.02, 0.05, 0.1, 0.2, 0.4            (one norm over all 3 members)
 #   otmdr/joint        rho [0.00625,0.0125] ... [0.2,0.4]       (measured radius ~ SAM's range)
 #   otmdr/per-member   rho [0.0025,0.005] ... [0.2,0.4]         (each member its own norm: the total
@@ -46,6 +47,7 @@ METHODS=sgd/joint,sgd/joint@compute,sam/joint,otmdr/joint,otmdr/per-member,sgd/p
 GRID=(--grid 'sam/joint:sam.rho=0.02,0.05,0.1,0.2,0.4'
       --grid 'otmdr/joint:otmdr.rho=[0.00625,0.0125],[0.0125,0.025],[0.025,0.05],[0.05,0.1],[0.1,0.2],[0.2,0.4]'
       --grid 'sgd/joint:optim.lr=0.025,0.05,0.1' --grid 'sgd/joint@compute:optim.lr=0.025,0.05,0.1'
+      --grid 'sgd/per-member:optim.lr=0.025,0.05,0.1'
       --grid 'otmdr/per-member:otmdr.rho=[0.0025,0.005],[0.00625,0.0125],[0.0125,0.025],[0.025,0.05],[0.05,0.1],[0.1,0.2],[0.2,0.4]')
 source benchmarks/evidence/_regimes.sh
 run_regimes ensembles-fashion-mnist-mlp-x3 --config configs/ensemble-fashion-mnist-mlp-x3.yaml --methods "$METHODS" \
