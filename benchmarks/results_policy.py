@@ -8,7 +8,8 @@ robustness JSON), each run's config, metrics and summary (``config.yaml``, ``met
 ``summary.json``), the figures its reports embed (``![...](path.png)``) and nothing else of the
 figures, and its logs packed in one ``logs.tar.xz`` per report folder (the nearest folder above the
 logs that holds a ``*.md`` report): ``tar -xJf logs.tar.xz`` in that folder puts them back. Never:
-loose ``*.log``, leftovers (``*.stale``), checkpoints, figures no report embeds, files over 1 MB.
+loose ``*.log``, leftovers (``*.stale``), checkpoints, figures no report embeds, files over 1 MB,
+reports or JSON naming a path of the machine that made them (its checkout, a home or workspace folder).
 
 Large studies: a ``runs/`` folder holding more than 2 MB of loose run files is packed, beside it, into
 ``runs-final.tar.xz`` (the runs directly under ``runs/``) and ``runs-<folder>.tar.xz`` for runs nested
@@ -50,6 +51,8 @@ _RUNS_ARCHIVE = re.compile(r"runs-[A-Za-z0-9_.=+-]+\.tar\.xz")
 ALLOWED = (".md", ".json", ".yaml", ".csv", ".png", ".tar.xz")
 MAX_BYTES = 1_000_000
 _IMAGE = re.compile(r"!\[[^\]]*\]\(([^)\s]+)\)|<img[^>]*\bsrc=\"([^\"]+)\"")
+# A path of the machine that made a file (its home, a workspace): not reproducible elsewhere.
+_MACHINE_PATH = re.compile(r"(?<![\w.~-])/(?:home|Users|root|work)/[^\s`'\"),]*")
 
 
 def files(root: Path) -> list[Path]:
@@ -208,6 +211,9 @@ def violations(root: Path = RESULTS) -> list[str]:
             problems.append(f"{name}: beside {SUMMARIES_ARCHIVE}: merge it with --apply")
         elif _SUMMARIES_PART_FILE.fullmatch(path.name):
             problems.append(f"{name}: an unpacked summaries part: pack it back with --apply")
+        elif path.suffix in (".md", ".json", ".yaml", ".csv") and (found := _machine_path(path)):
+            problems.append(f"{name}: holds {found}, a path of the machine that made it: write it relative to the "
+                            "repository (runs/..., ../shared/datasets/...)")
         if path.is_file() and path.stat().st_size > MAX_BYTES:
             hint = f": pack it with --apply (into {SUMMARIES_ARCHIVE})" if path.name == SUMMARIES else ""
             problems.append(f"{name}: {_sized(path.stat().st_size)}, over the 1 MB a results file may take{hint}")
@@ -223,6 +229,16 @@ def violations(root: Path = RESULTS) -> list[str]:
         if image.is_relative_to(root) and not image.is_file():
             problems.append(f"{image.relative_to(root).as_posix()}: embedded by a report but missing")
     return problems
+
+
+def _machine_path(path: Path) -> str | None:
+    """The first absolute path of this checkout, or of a home or workspace folder, in a text file."""
+    text = path.read_text(errors="replace")
+    checkout = str(RESULTS.parent.parent) + "/"
+    if checkout in text:
+        return checkout
+    match = _MACHINE_PATH.search(text)
+    return match.group(0) if match else None
 
 
 def _archive_problems(root: Path, path: Path, all_files: list[Path]) -> list[str]:

@@ -247,3 +247,20 @@ def test_an_archive_holding_other_files_is_flagged(tmp_path):
     assert "runs-final.tar.xz: holds runs/sgd-seed0/last.pt: only runs/*/ files" in problems
     assert ("other.tar.xz: archives are named logs.tar.xz, runs-<group>.tar.xz, summaries.json.tar.xz or "
             "summaries-<i>.json.tar.xz") in problems
+
+
+def test_a_path_of_the_machine_that_made_a_result_is_flagged(tmp_path):
+    """A report or JSON naming this checkout's absolute path, or a home or workspace folder, would
+    not reproduce on another machine; /tmp scratch folders and relative paths are fine."""
+    policy = _policy()
+    study = _study(tmp_path)
+    embed = "![accuracy](figures/accuracy.png)\n"
+    (study / "report.md").write_text("Command: `otmdr compare --out runs/evidence/x --corrupted-dir /tmp/c`\n" + embed)
+    (study / "search.json").write_text('{"source": "../shared/datasets/fashion-mnist"}')
+    assert policy.violations(tmp_path) == []
+    (study / "report.md").write_text("Command: `otmdr compare --data-dir /home/alice/data --out runs/x`\n" + embed)
+    (study / "search.json").write_text(f'{{"out": "{ROOT}/runs/evidence/x"}}')
+    problems = policy.violations(tmp_path)
+    assert [p.split(":")[0] for p in problems] == ["study/report.md", "study/search.json"], problems
+    assert "holds /home/alice/data, a path of the machine that made it" in problems[0]
+    assert f"holds {ROOT}/" in problems[1]
