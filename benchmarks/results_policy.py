@@ -53,6 +53,7 @@ MAX_BYTES = 1_000_000
 _IMAGE = re.compile(r"!\[[^\]]*\]\(([^)\s]+)\)|<img[^>]*\bsrc=\"([^\"]+)\"")
 # A path of the machine that made a file (its home, a workspace): not reproducible elsewhere.
 _MACHINE_PATH = re.compile(r"(?<![\w.~-])/(?:home|Users|root|work)/[^\s`'\"),]*")
+_CHECKOUT = str(RESULTS.parent.parent) + "/"
 
 
 def files(root: Path) -> list[Path]:
@@ -234,9 +235,8 @@ def violations(root: Path = RESULTS) -> list[str]:
 def _machine_path(path: Path) -> str | None:
     """The first absolute path of this checkout, or of a home or workspace folder, in a text file."""
     text = path.read_text(errors="replace")
-    checkout = str(RESULTS.parent.parent) + "/"
-    if checkout in text:
-        return checkout
+    if _CHECKOUT in text:
+        return _CHECKOUT
     match = _MACHINE_PATH.search(text)
     return match.group(0) if match else None
 

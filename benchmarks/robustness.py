@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from otmdr.cli.parser import OneLineParser
 from otmdr.report.compare import bayesian_method_names
 from otmdr.report.stats import ALPHA, CI_METHOD, DEFAULT_MARGINS, adjust_family, format_cell, paired_difference
 from otmdr.report.plots import plot_corruption_heatmaps, plot_robust_accuracy
@@ -351,7 +352,7 @@ def _landscape_section(out: Path) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])  # a bad option: one line, exit 2
     parser.add_argument("compare_dirs", nargs="+", metavar="DIR[=LABEL]",
                         help="otmdr compare folders; LABEL prefixes the method names of that folder")
     parser.add_argument("--out", required=True)

@@ -221,6 +221,11 @@ def test_robustness_refuses_a_margin_that_is_not_positive_in_one_line(tmp_path):
     assert result.stderr == ("error: --margin 0.0: an equivalence margin must be a positive number of points "
                              "(e.g. --margin 0.5)\n")
     assert not (tmp_path / "out").exists()
+    not_a_number = subprocess.run([sys.executable, str(ROOT / "benchmarks/robustness.py"), str(tmp_path / "study"),
+                                   "--out", str(tmp_path / "out"), "--margin", "half"], capture_output=True, text=True)
+    assert not_a_number.returncode == 2 and not_a_number.stderr.count("\n") == 1
+    assert "--margin: invalid float value: 'half'" in not_a_number.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_committed_bnn_robustness_report_rebuilds_from_its_json_and_names_the_methods(tmp_path):
