@@ -301,9 +301,10 @@ def test_particles_refuses_bad_input_in_one_line_before_making_anything(tmp_path
     assert not out.exists() and err.count("\n") == 1 and err.startswith("error: ") and named in err
 
 
-def _confound(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
-    """schedule_confound.py with a stand-in otmdr that records its arguments and writes SAM-step's
-    summaries (test accuracy 80% + seed / 10), as `otmdr compare` would."""
+def _confound(tmp_path: Path, *extra: str, accuracy: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """schedule_confound.py with a stand-in otmdr that records its arguments and writes each
+    method's summaries, as `otmdr compare` would: test accuracy 80% + seed / 10, or ``accuracy``'s
+    expression in the seed ``s`` for "<out folder>/<method>"."""
     template = json.loads((ROOT / "benchmarks/results/fashion-mnist-mlp-clean/summaries.json").read_text())["sam"][0]
     (tmp_path / "template.json").write_text(json.dumps(template))
     fake = tmp_path / "otmdr"
@@ -313,10 +314,17 @@ args = sys.argv[1:]
 pathlib.Path({str(tmp_path / 'args')!r}).write_text(json.dumps(args))
 out = pathlib.Path(args[args.index("--out") + 1]); out.mkdir(parents=True, exist_ok=True)
 template = json.loads(pathlib.Path({str(tmp_path / 'template.json')!r}).read_text())
-runs = [dict(template, seed=s, test=dict(template["test"], accuracy=0.80 + s / 1000))
-        for s in range(int(args[args.index("--seeds") + 1]))]
-(out / "summaries.json").write_text(json.dumps({{"sam": runs}}))
+given = pathlib.Path({str(tmp_path / 'accuracy.json')!r})
+accuracy = json.loads(given.read_text()) if given.exists() else {{}}
+seeds = range(int(args[args.index("--seeds") + 1]))
+summaries = {{m: [dict(template, seed=s, test=dict(template["test"],
+                                                   accuracy=eval(accuracy.get(out.name + "/" + m, "0.80 + s / 1000"))))
+                 for s in seeds]
+             for m in args[args.index("--methods") + 1].split(",")}}
+(out / "summaries.json").write_text(json.dumps(summaries))
 """)
+    if accuracy:
+        (tmp_path / "accuracy.json").write_text(json.dumps(accuracy))
     fake.chmod(0o755)
     return subprocess.run([sys.executable, str(ROOT / "benchmarks/evidence/schedule_confound.py"), "DATA",
                            "--otmdr", str(fake), "--out", str(tmp_path / "confound"), *extra],
@@ -345,6 +353,21 @@ def test_the_schedule_confound_reuses_a_tuned_studys_cosine_runs(tmp_path):
     report = (tmp_path / "confound" / "report.md").read_text()
     assert "Gap OT-MDR-cosine − SAM-step: +2.00 points" in report  # 82 + s/10 against 80 + s/10, seeds 0-2
     assert "SAM-cosine − SAM-step (the schedule alone): +1.00" in report and "50%" in report
+
+
+def test_the_schedule_confound_without_a_study_shows_what_seed_0_contributes(tmp_path):
+    """Without --from-study all three train at the old study's radii, whose search chose them at
+    seed 0; a seed-0 cosine run that carried that search's luck (here +6 points) must show in the
+    verdict without seed 0."""
+    lucky = {"step/sam": "0.80 + s / 1000", "cosine/sam": "0.81 + s / 1000 + (0.06 if s == 0 else 0)",
+             "cosine/otmdr": "0.82 + s / 1000 + (0.06 if s == 0 else 0) + (0.001 if s == 2 else 0)"}
+    result = _confound(tmp_path, "--seeds", "4", accuracy=lucky)
+    assert result.returncode == 0, result.stderr
+    report = (tmp_path / "confound" / "report.md").read_text()
+    assert "sam.rho=0.02" in json.loads((tmp_path / "args").read_text())  # the last compare: the cosine side
+    assert "Gap OT-MDR-cosine − SAM-step: +3.52 points" in report  # (2 x 4 + 6 + 0.1) / 4
+    assert "SAM-cosine − SAM-step (the schedule alone): +2.50" in report
+    assert "Without seed 0 (" in report and "gap +2.03 [" in report and "schedule alone +1.00 [" in report
 
 
 def test_the_schedule_confound_refuses_an_unfinished_study_in_one_line(tmp_path):
