@@ -351,7 +351,7 @@ def test_the_schedule_confound_reuses_a_tuned_studys_cosine_runs(tmp_path):
     sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
     assert sets == ["schedule.name=step", "schedule.milestones=[9.0, 18.0, 24.0]", "schedule.gamma=0.2"]
     report = (tmp_path / "confound" / "report.md").read_text()
-    assert "Gap OT-MDR-cosine − SAM-step: +2.00 points" in report  # 82 + s/10 against 80 + s/10, seeds 0-2
+    assert "Gap OT-MDR-cosine − SAM-step: +2.00 [" in report  # 82 + s/10 against 80 + s/10, seeds 0-2
     assert "SAM-cosine − SAM-step (the schedule alone): +1.00" in report and "50%" in report
 
 
@@ -365,9 +365,12 @@ def test_the_schedule_confound_without_a_study_shows_what_seed_0_contributes(tmp
     assert result.returncode == 0, result.stderr
     report = (tmp_path / "confound" / "report.md").read_text()
     assert "sam.rho=0.02" in json.loads((tmp_path / "args").read_text())  # the last compare: the cosine side
-    assert "Gap OT-MDR-cosine − SAM-step: +3.52 points" in report  # (2 x 4 + 6 + 0.1) / 4
+    assert "Gap OT-MDR-cosine − SAM-step: +3.52 [" in report  # (2 x 4 + 6 + 0.1) / 4
     assert "SAM-cosine − SAM-step (the schedule alone): +2.50" in report
+    assert "OT-MDR-cosine − SAM-cosine (the method at the same schedule): +1.02" in report
+    assert "Paired differences against sam-cosine, final model" in report
     assert "Without seed 0 (" in report and "gap +2.03 [" in report and "schedule alone +1.00 [" in report
+    assert "method at the same schedule +1.03 [" in report
 
 
 def test_the_schedule_confound_refuses_an_unfinished_study_in_one_line(tmp_path):
