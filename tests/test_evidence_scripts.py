@@ -301,10 +301,12 @@ def test_particles_refuses_bad_input_in_one_line_before_making_anything(tmp_path
     assert not out.exists() and err.count("\n") == 1 and err.startswith("error: ") and named in err
 
 
-def _confound(tmp_path: Path, *extra: str, accuracy: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def _confound(tmp_path: Path, *extra: str, accuracy: dict[str, str] | None = None,
+              committed: Path | None = None) -> subprocess.CompletedProcess:
     """schedule_confound.py with a stand-in otmdr that records its arguments and writes each
     method's summaries, as `otmdr compare` would: test accuracy 80% + seed / 10, or ``accuracy``'s
-    expression in the seed ``s`` for "<out folder>/<method>"."""
+    expression in the seed ``s`` for "<out folder>/<method>", or, with ``committed``, that
+    study's own ``<out folder>/summaries.json``."""
     template = json.loads((ROOT / "benchmarks/results/fashion-mnist-mlp-clean/summaries.json").read_text())["sam"][0]
     (tmp_path / "template.json").write_text(json.dumps(template))
     fake = tmp_path / "otmdr"
@@ -321,6 +323,9 @@ summaries = {{m: [dict(template, seed=s, test=dict(template["test"],
                                                    accuracy=eval(accuracy.get(out.name + "/" + m, "0.80 + s / 1000"))))
                  for s in seeds]
              for m in args[args.index("--methods") + 1].split(",")}}
+committed = {str(committed) if committed else ''!r}
+if committed:
+    summaries = json.loads((pathlib.Path(committed) / out.name / "summaries.json").read_text())
 (out / "summaries.json").write_text(json.dumps(summaries))
 """)
     if accuracy:
@@ -371,6 +376,18 @@ def test_the_schedule_confound_without_a_study_shows_what_seed_0_contributes(tmp
     assert "Paired differences against sam-cosine, final model" in report
     assert "Without seed 0 (" in report and "gap +2.03 [" in report and "schedule alone +1.00 [" in report
     assert "method at the same schedule +1.03 [" in report
+
+
+def test_the_committed_schedule_confound_report_follows_from_its_runs(tmp_path):
+    """The README and docs/results.md quote this report: rebuilt from the committed runs'
+    summaries, every line but the command is the committed one."""
+    committed = ROOT / "benchmarks/results/schedule-confound-cifar10-resnet20"
+    result = _confound(tmp_path, "--seeds", "5", committed=committed)
+    assert result.returncode == 0, result.stderr
+    rebuilt = (tmp_path / "confound" / "report.md").read_text().splitlines()
+    expected = (committed / "report.md").read_text().splitlines()
+    assert len(rebuilt) == len(expected) and rebuilt[3:] == expected[3:]
+    assert "SAM-cosine − SAM-step (the schedule alone): +3.55 [+2.55, +4.55] (better)" in rebuilt[-3]
 
 
 def test_the_schedule_confound_refuses_an_unfinished_study_in_one_line(tmp_path):
