@@ -301,14 +301,14 @@ def test_particles_refuses_bad_input_in_one_line_before_making_anything(tmp_path
     assert not out.exists() and err.count("\n") == 1 and err.startswith("error: ") and named in err
 
 
-def _confound(tmp_path: Path, *extra: str, accuracy: dict[str, str] | None = None,
-              committed: Path | None = None) -> subprocess.CompletedProcess:
-    """schedule_confound.py with a stand-in otmdr that records its arguments and writes each
-    method's summaries, as `otmdr compare` would: test accuracy 80% + seed / 10, or ``accuracy``'s
-    expression in the seed ``s`` for "<out folder>/<method>", or, with ``committed``, that
-    study's own ``<out folder>/summaries.json``."""
+def _confound(tmp_path: Path, *extra: str, folders: dict[str, dict[str, list[dict]]] | None = None,
+              data: str | None = None) -> subprocess.CompletedProcess:
+    """schedule_confound.py with a stand-in otmdr that records its arguments and writes the
+    summaries of the folder it trains into (step/ or cosine/) as `otmdr compare` would:
+    ``folders[<folder>]`` where given, else every method at test accuracy 80% + seed / 10."""
     template = json.loads((ROOT / "benchmarks/results/fashion-mnist-mlp-clean/summaries.json").read_text())["sam"][0]
     (tmp_path / "template.json").write_text(json.dumps(template))
+    (tmp_path / "folders.json").write_text(json.dumps(folders or {}))
     fake = tmp_path / "otmdr"
     fake.write_text(f"""#!{sys.executable}
 import json, sys, pathlib
@@ -316,24 +316,22 @@ args = sys.argv[1:]
 pathlib.Path({str(tmp_path / 'args')!r}).write_text(json.dumps(args))
 out = pathlib.Path(args[args.index("--out") + 1]); out.mkdir(parents=True, exist_ok=True)
 template = json.loads(pathlib.Path({str(tmp_path / 'template.json')!r}).read_text())
-given = pathlib.Path({str(tmp_path / 'accuracy.json')!r})
-accuracy = json.loads(given.read_text()) if given.exists() else {{}}
-seeds = range(int(args[args.index("--seeds") + 1]))
-summaries = {{m: [dict(template, seed=s, test=dict(template["test"],
-                                                   accuracy=eval(accuracy.get(out.name + "/" + m, "0.80 + s / 1000"))))
-                 for s in seeds]
-             for m in args[args.index("--methods") + 1].split(",")}}
-committed = {str(committed) if committed else ''!r}
-if committed:
-    summaries = json.loads((pathlib.Path(committed) / out.name / "summaries.json").read_text())
+folders = json.loads(pathlib.Path({str(tmp_path / 'folders.json')!r}).read_text())
+runs = [dict(template, seed=s, test=dict(template["test"], accuracy=0.80 + s / 1000))
+        for s in range(int(args[args.index("--seeds") + 1]))]
+summaries = folders.get(out.name) or {{m: runs for m in args[args.index("--methods") + 1].split(",")}}
 (out / "summaries.json").write_text(json.dumps(summaries))
 """)
-    if accuracy:
-        (tmp_path / "accuracy.json").write_text(json.dumps(accuracy))
     fake.chmod(0o755)
-    return subprocess.run([sys.executable, str(ROOT / "benchmarks/evidence/schedule_confound.py"), "DATA",
-                           "--otmdr", str(fake), "--out", str(tmp_path / "confound"), *extra],
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks/evidence/schedule_confound.py"),
+                           data or str(tmp_path), "--otmdr", str(fake), "--out", str(tmp_path / "confound"), *extra],
                           capture_output=True, text=True)
+
+
+def _runs(accuracy: list[float]) -> list[dict]:
+    """Summaries of seeds 0, 1, ... at these test accuracies (the rest from a committed run)."""
+    template = json.loads((ROOT / "benchmarks/results/fashion-mnist-mlp-clean/summaries.json").read_text())["sam"][0]
+    return [dict(template, seed=s, test=dict(template["test"], accuracy=a)) for s, a in enumerate(accuracy)]
 
 
 def test_the_schedule_confound_reuses_a_tuned_studys_cosine_runs(tmp_path):
@@ -364,9 +362,9 @@ def test_the_schedule_confound_without_a_study_shows_what_seed_0_contributes(tmp
     """Without --from-study all three train at the old study's radii, whose search chose them at
     seed 0; a seed-0 cosine run that carried that search's luck (here +6 points) must show in the
     verdict without seed 0."""
-    lucky = {"step/sam": "0.80 + s / 1000", "cosine/sam": "0.81 + s / 1000 + (0.06 if s == 0 else 0)",
-             "cosine/otmdr": "0.82 + s / 1000 + (0.06 if s == 0 else 0) + (0.001 if s == 2 else 0)"}
-    result = _confound(tmp_path, "--seeds", "4", accuracy=lucky)
+    lucky = {"step": {"sam": _runs([0.800, 0.801, 0.802, 0.803])},
+             "cosine": {"sam": _runs([0.870, 0.811, 0.812, 0.813]), "otmdr": _runs([0.880, 0.821, 0.823, 0.823])}}
+    result = _confound(tmp_path, "--seeds", "4", folders=lucky)
     assert result.returncode == 0, result.stderr
     report = (tmp_path / "confound" / "report.md").read_text()
     assert "sam.rho=0.02" in json.loads((tmp_path / "args").read_text())  # the last compare: the cosine side
@@ -382,7 +380,8 @@ def test_the_committed_schedule_confound_report_follows_from_its_runs(tmp_path):
     """The README and docs/results.md quote this report: rebuilt from the committed runs'
     summaries, every line but the command is the committed one."""
     committed = ROOT / "benchmarks/results/schedule-confound-cifar10-resnet20"
-    result = _confound(tmp_path, "--seeds", "5", committed=committed)
+    folders = {name: json.loads((committed / name / "summaries.json").read_text()) for name in ("step", "cosine")}
+    result = _confound(tmp_path, "--seeds", "5", folders=folders)
     assert result.returncode == 0, result.stderr
     rebuilt = (tmp_path / "confound" / "report.md").read_text().splitlines()
     expected = (committed / "report.md").read_text().splitlines()
@@ -395,3 +394,23 @@ def test_the_schedule_confound_refuses_an_unfinished_study_in_one_line(tmp_path)
     result = _confound(tmp_path, "--from-study", str(tmp_path / "study"))
     assert result.returncode == 2 and "summaries.json does not exist" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "confound").exists()
+
+
+@pytest.mark.parametrize("bad, named", [(["--seeds", "0"], "--seeds"), (["--seed", "3"], "did you mean --seeds"),
+                                        (["--data-missing"], "does not exist")])
+def test_the_schedule_confound_refuses_bad_input_in_one_line_before_making_anything(tmp_path, bad, named):
+    data = str(tmp_path / "cifar10-jpeg.tar.gz") if bad == ["--data-missing"] else None
+    result = _confound(tmp_path, *[a for a in bad if a != "--data-missing"], data=data)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and named in result.stderr, result.stderr
+    assert not (tmp_path / "confound").exists() and not (tmp_path / "args").exists()  # otmdr never ran
+
+
+def test_the_schedule_confound_stops_without_a_traceback_when_otmdr_compare_fails(tmp_path):
+    fake = tmp_path / "otmdr"  # fails as otmdr does: one line, exit 2
+    fake.write_text(f"#!{sys.executable}\nimport sys\nprint('otmdr: error: a bad key', file=sys.stderr)\nsys.exit(2)\n")
+    fake.chmod(0o755)
+    failed = subprocess.run([sys.executable, str(ROOT / "benchmarks/evidence/schedule_confound.py"), str(tmp_path),
+                             "--otmdr", str(fake), "--out", str(tmp_path / "confound")], capture_output=True, text=True)
+    assert failed.returncode == 2 and "Traceback" not in failed.stderr
+    assert failed.stderr.splitlines() == ["otmdr: error: a bad key", "error: otmdr compare stopped with exit code 2 "
+                                          "(its message is above); rerun the same command to continue"]
