@@ -1,0 +1,23 @@
+"""The learning-curve figure's radius panel starts at zero, without an offset: a radius held at
+rho (0.02, with 1e-8 of float jitter) once drew as a climb from -1 to +1.5 on a "1e-8+2e-2" axis."""
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pytest
+
+from otmdr.report.plots import plot_learning_curves
+
+
+def test_a_constant_radius_draws_flat_from_zero(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    history = [{"train_loss": 1.0 / e, "val_accuracy": 0.5, "val_nll": 1.0, "perturbation_norm": 0.02 + 1e-8 * e}
+               for e in range(1, 11)]
+    closed = []
+    monkeypatch.setattr(plt, "close", closed.append)
+    plot_learning_curves({"sam": [{"history": history}, {"history": history}]}, tmp_path / "curves.png")
+    radius = closed[0].axes[-1]
+    assert radius.get_title() == "measured radius ‖θ~−θ‖"
+    low, high = radius.get_ylim()
+    assert low == 0 and high > 0.02
+    assert radius.yaxis.get_major_formatter().get_offset() == ""
+    assert (tmp_path / "curves.png").is_file()
