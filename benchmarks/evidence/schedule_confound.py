@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from otmdr.cli.parser import JOBS, SEEDS, OneLineParser, number  # noqa: E402
 from otmdr.report.compare import comparison_tables  # noqa: E402
+from otmdr.report.plots import plot_learning_curves, plot_test_accuracy  # noqa: E402
 from otmdr.report.stats import PairedDifference, paired_difference  # noqa: E402
 
 #: the paper's step schedule (lr x0.2 at epochs 60, 120, 160 of 200), as fractions of training
@@ -111,6 +112,9 @@ def main() -> int:
                 if args.from_study is not None else f"SAM rho {args.sam_rho}, OT-MDR rho {args.otmdr_rho}")
              + f"; step schedule: lr x0.2 at epochs {milestones} of {epochs} (the paper's 60/120/160 of 200); "
              f"{args.seeds} seeds, the same for every variant.", "",
+             "![test accuracy of the three variants](figures/test_accuracy.png) "
+             "![their learning curves: the step schedule leads after its first decay, then levels off below cosine]"
+             "(figures/learning_curves.png)", "",
              comparison_tables(summaries, ["sam-step", "sam-cosine"], markdown=True), ""]
     verdicts = len(lines)  # what the terminal shows: the verdict lines below, not the tables
     lines += [f"Gap OT-MDR-cosine − SAM-step: {_cell(total)}; SAM-cosine − SAM-step (the schedule alone): "
@@ -125,6 +129,9 @@ def main() -> int:
         lines += ["", "Without seed 0 (the seed at which the old study's search chose both radii, so its cosine "
                   f"runs may carry that search's luck): gap {_cell(total)}; schedule alone {_cell(schedule)}; "
                   f"method at the same schedule {_cell(method)}."]
+    (args.out / "figures").mkdir(exist_ok=True)
+    plot_test_accuracy(summaries, args.out / "figures" / "test_accuracy.png")
+    plot_learning_curves(summaries, args.out / "figures" / "learning_curves.png")
     (args.out / "report.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines[verdicts:]))
     return 0
