@@ -47,7 +47,9 @@ def plot_learning_curves(summaries: dict[str, list[dict[str, Any]]], path: Path)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
         ax.ticklabel_format(axis="y", useOffset=False)  # an offset axis reads as a trend in float noise
-    axes[-1].set_ylim(bottom=0)  # a radius held at rho would otherwise fill the panel with its 1e-8 jitter
+    # from zero (a radius held at rho would otherwise fill the panel with its 1e-8 jitter), with room
+    # above, or a constant radius draws on the panel's frame
+    axes[-1].set_ylim(0, 1.1 * axes[-1].get_ylim()[1])
     axes[0].legend()
     seeds = {len(runs) for runs in summaries.values()}
     fig.suptitle("one seed" if seeds == {1} else "mean ± std over seeds (band)")
