@@ -120,7 +120,9 @@ class OneLineParser(argparse.ArgumentParser):
             if message.startswith("argument command:"):  # a misspelt command
                 message = (f"unknown command {choice.group(1)!r}{_suggest(choice.group(1), options)}; "
                            f"`{self.prog} --help` lists them")
-        self.exit(2, f"otmdr: error: {message}\n")
+        # named after the program, not its subcommand ("otmdr: error: ..."); a script that uses this
+        # parser names itself, not otmdr
+        self.exit(2, f"{self.prog.split()[0]}: error: {message}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
