@@ -157,6 +157,7 @@ case "$REGIME" in
     ARGS=(--config configs/cifar10-resnet20-study.yaml --data-dir "$DATA"
           --methods sgd,sgd@compute,sam,otmdr,otmdr+interval,otmdr+reuse,otmdr+momentum --seeds 5
           --set data.label_noise=0.4 --set data.crop_padding=0 --set data.flip=false --set train.epochs=40
+          --set "schedule.warmup_epochs=${WARMUP:-2}"  # (as that study: WARMUP must be the same there and here)
           --set "optim.lr=$sgd_lr")  # (that study trains SAM and OT-MDR at SGD's chosen rate)
     NAME=efficiency-cifar10-resnet20-noisy40
     link_runs "$STUDY" "$EVIDENCE_DIR/$NAME" ;;
