@@ -228,8 +228,22 @@ def test_a_collapse_is_reported_while_training_and_in_the_summary(tmp_path):
     summary = train(cfg, prepare_run_dir(tmp_path / "run", resume=False), log=lines.append)
     assert any("radius" in line and "(nominal 3.000)" in line for line in lines if line.startswith("epoch"))
     chance = [line for line in lines if line.startswith("warning: training accuracy")]
-    assert len(chance) == 1 and "at chance after 2 epochs" in chance[0]  # once, at the first epoch it shows
-    assert summary["warnings"] == [chance[0].removeprefix("warning: ")]
+    # once, at the first epoch it shows; then once more at the end, since the run never left chance
+    assert len(chance) == 2 and "at chance after 2 epochs" in chance[0], chance
+    assert "still at chance at the last epoch" in chance[1] and "did not learn" in chance[1]
+    assert summary["warnings"][-2:] == [line.removeprefix("warning: ") for line in chance]
+    assert all("schedule.warmup_epochs" in line and "smaller rho" in line for line in chance)
+
+
+def test_a_run_that_leaves_chance_is_not_told_it_ended_there_and_sgd_is_not_told_of_a_radius():
+    from otmdr.train.loop import _chance_remedy, _health_warnings
+
+    sgd, sam = _cfg("optim.method=sgd"), _cfg("optim.method=sam")
+    assert "rho" not in _chance_remedy(sgd) and "radius" not in _chance_remedy(sgd)
+    assert "smaller rho" in _chance_remedy(sam) and "schedule.warmup_epochs" in _chance_remedy(sgd)
+    stuck = {"epoch": 3, "train_accuracy": 0.12, "perturbation_norm": 0.0}
+    learnt = {**stuck, "train_accuracy": 0.5}
+    assert "chance" in _health_warnings(sgd, stuck, 0.0, 10) and "chance" not in _health_warnings(sgd, learnt, 0.0, 10)
 
 
 def test_radius_warning_thresholds():

@@ -463,6 +463,12 @@ def _finish(run: _Run) -> dict[str, Any]:
                              (("train", data.train), ("val", data.val), ("test", data.test)) if split is not None}
     if strategy.summary() is not None:  # torchrun: {strategy: ddp | fsdp, world_size}
         summary["distributed"] = strategy.summary()
+    last = _health_warnings(cfg, run.history[-1], 0.0, data.spec.num_classes) if run.history else {}
+    if "chance" in last:  # it never left chance, or fell back: its test numbers are a chance model's
+        run.warned["ended at chance"] = (
+            f"training accuracy {100 * run.history[-1]['train_accuracy']:.1f}% was still at chance at the last epoch: "
+            f"this run did not learn, and its test numbers count in its method's mean; {_chance_remedy(cfg)}")
+        run.log(f"warning: {run.warned['ended at chance']}")
     if run.warned:
         summary["warnings"] = list(run.warned.values())
     best_path = run.checkpoint("best.pt")
@@ -779,6 +785,14 @@ def _health_warnings(cfg: ExperimentConfig, row: dict[str, Any], nominal: float,
     # sits near chance until its learning rate has peaked, then learns
     if row["epoch"] >= max(2, math.ceil(cfg.schedule.warmup_epochs) + 1) and row["train_accuracy"] <= 1.5 / classes:
         out["chance"] = (f"training accuracy {100 * row['train_accuracy']:.1f}% is at chance after {row['epoch']} "
-                         "epochs: the radius or the learning rate is too large for this model (compare a smaller "
-                         "rho with otmdr compare --grid)")
+                         f"epochs: {_chance_remedy(cfg)}")
     return out
+
+
+def _chance_remedy(cfg: ExperimentConfig) -> str:
+    """What to try when training sits at chance: a large learning rate from the first step can
+    leave a network there for epochs and let it escape by luck or not (CIFAR-10 ResNet-20 at lr 0.8,
+    docs/results.md), so a warm-up comes first; the radius only where there is one."""
+    rho = " or a smaller rho" if cfg.optim.method in ("sam", "asam", "otmdr") else ""
+    return (f"the learning rate{' or the radius' if rho else ''} is too large for this model: warm the learning "
+            f"rate up (schedule.warmup_epochs), or try a smaller optim.lr{rho} (otmdr compare --grid)")
