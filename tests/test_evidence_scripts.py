@@ -306,8 +306,7 @@ def _confound(tmp_path: Path, *extra: str, folders: dict[str, dict[str, list[dic
     """schedule_confound.py with a stand-in otmdr that records its arguments and writes the
     summaries of the folder it trains into (step/ or cosine/) as `otmdr compare` would:
     ``folders[<folder>]`` where given, else every method at test accuracy 80% + seed / 10."""
-    template = json.loads((ROOT / "benchmarks/results/fashion-mnist-mlp-clean/summaries.json").read_text())["sam"][0]
-    (tmp_path / "template.json").write_text(json.dumps(template))
+    (tmp_path / "template.json").write_text(json.dumps(_template()))
     (tmp_path / "folders.json").write_text(json.dumps(folders or {}))
     fake = tmp_path / "otmdr"
     fake.write_text(f"""#!{sys.executable}
@@ -328,9 +327,14 @@ summaries = folders.get(out.name) or {{m: runs for m in args[args.index("--metho
                           capture_output=True, text=True)
 
 
+def _template() -> dict:
+    """A committed run's summary, whose seed and test accuracy the stand-ins replace."""
+    return json.loads((ROOT / "benchmarks/results/fashion-mnist-mlp-clean/summaries.json").read_text())["sam"][0]
+
+
 def _runs(accuracy: list[float]) -> list[dict]:
     """Summaries of seeds 0, 1, ... at these test accuracies (the rest from a committed run)."""
-    template = json.loads((ROOT / "benchmarks/results/fashion-mnist-mlp-clean/summaries.json").read_text())["sam"][0]
+    template = _template()
     return [dict(template, seed=s, test=dict(template["test"], accuracy=a)) for s, a in enumerate(accuracy)]
 
 

@@ -23,8 +23,8 @@
 # accuracy) for its first epochs and escaped by luck or not: SAM at the chosen rho 0.02 stayed at
 # chance in 1 of 3 finished evaluation seeds (test 10.0%; the others 47.1, 43.1%), crept up in 2
 # more, and 2 of 5 OT-MDR and 1 of 5 SAM search points ended at chance, so the verdicts would have
-# measured that lottery. With a 2-epoch warm-up the two SAM seeds that stayed at chance left it in
-# the first epoch (13.5% training accuracy, 17-18% by epoch 4: a 4-epoch probe).
+# measured that lottery. With a 2-epoch warm-up SAM seeds 2 and 3 climbed from epoch 1
+# (13.5% training accuracy after it, 17-18% by epoch 4: a 4-epoch probe).
 # SGD's learning-rate grid is searched past its edges too (--extend-edges 2): with the warm-up
 # 1.6 may train. Each run costs 15-30 min on one core: many hours with 2 jobs. Resumable: rerun
 # the same command after a kill.

@@ -37,6 +37,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "src"))
 
+from otmdr._atomic import atomic_write_text  # noqa: E402
 from otmdr.cli.parser import JOBS, SEEDS, OneLineParser, number  # noqa: E402
 from otmdr.report.compare import comparison_tables  # noqa: E402
 from otmdr.report.plots import plot_learning_curves, plot_test_accuracy  # noqa: E402
@@ -132,7 +133,7 @@ def main() -> int:
     (args.out / "figures").mkdir(exist_ok=True)
     plot_test_accuracy(summaries, args.out / "figures" / "test_accuracy.png")
     plot_learning_curves(summaries, args.out / "figures" / "learning_curves.png")
-    (args.out / "report.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(args.out / "report.md", "\n".join(lines) + "\n")  # a reader never sees half a report
     print("\n".join(lines[verdicts:]))
     return 0
 

@@ -463,8 +463,7 @@ def _finish(run: _Run) -> dict[str, Any]:
                              (("train", data.train), ("val", data.val), ("test", data.test)) if split is not None}
     if strategy.summary() is not None:  # torchrun: {strategy: ddp | fsdp, world_size}
         summary["distributed"] = strategy.summary()
-    last = _health_warnings(cfg, run.history[-1], 0.0, data.spec.num_classes) if run.history else {}
-    if "chance" in last:  # it never left chance, or fell back: its test numbers are a chance model's
+    if run.history and _at_chance(cfg, run.history[-1], data.spec.num_classes):  # its test numbers are a chance model's
         run.warned["ended at chance"] = (
             f"training accuracy {100 * run.history[-1]['train_accuracy']:.1f}% was still at chance at the last epoch: "
             f"this run did not learn, and its test numbers count in its method's mean; {_chance_remedy(cfg)}")
@@ -781,12 +780,17 @@ def _health_warnings(cfg: ExperimentConfig, row: dict[str, Any], nominal: float,
                 else f"the measured radius {measured:.3f}")
         out["radius"] = (f"{what} is far above the nominal {nominal:.3f} "
                          f"(epoch {row['epoch']}): try otmdr.normalize=merged, smaller rho, or label smoothing")
-    # from the second epoch after any warm-up: a transformer under a 2-epoch warm-up with noisy labels
-    # sits near chance until its learning rate has peaked, then learns
-    if row["epoch"] >= max(2, math.ceil(cfg.schedule.warmup_epochs) + 1) and row["train_accuracy"] <= 1.5 / classes:
+    if _at_chance(cfg, row, classes):
         out["chance"] = (f"training accuracy {100 * row['train_accuracy']:.1f}% is at chance after {row['epoch']} "
                          f"epochs: {_chance_remedy(cfg)}")
     return out
+
+
+def _at_chance(cfg: ExperimentConfig, row: dict[str, Any], classes: int) -> bool:
+    """Training accuracy within 1.5x of chance, from the second epoch after any warm-up: a
+    transformer under a 2-epoch warm-up with noisy labels sits near chance until its learning rate
+    has peaked, then learns."""
+    return row["epoch"] >= max(2, math.ceil(cfg.schedule.warmup_epochs) + 1) and row["train_accuracy"] <= 1.5 / classes
 
 
 def _chance_remedy(cfg: ExperimentConfig) -> str:
