@@ -408,7 +408,7 @@ def test_the_schedule_confound_refuses_bad_input_in_one_line_before_making_anyth
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and named in result.stderr, result.stderr
     assert not (tmp_path / "confound").exists() and not (tmp_path / "args").exists()  # otmdr never ran
     if named.startswith("did you mean"):  # argparse's own error names the script, not otmdr
-        assert result.stderr.startswith("schedule_confound.py: error: ")
+        assert result.stderr.startswith("schedule_confound.py: error: unrecognized option --seed ")
 
 
 def test_the_schedule_confound_stops_without_a_traceback_when_otmdr_compare_fails(tmp_path):

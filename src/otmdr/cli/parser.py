@@ -106,10 +106,11 @@ class OneLineParser(argparse.ArgumentParser):
         options = [option for action in command._actions for option in action.option_strings
                    if action.help is not argparse.SUPPRESS]
         unknown = next((extra for extra in extras if extra.startswith("-")), None)
+        where = f"{command.prog}: " if command is not self else ""  # error() names the program already
         if unknown is None:
-            return f"{command.prog}: unrecognized arguments: {' '.join(extras)}"
+            return f"{where}unrecognized arguments: {' '.join(extras)}"
         name = unknown.split("=", 1)[0]
-        return (f"{command.prog}: unrecognized option {name}{_suggest(name, options)}; `{command.prog} --help` "
+        return (f"{where}unrecognized option {name}{_suggest(name, options)}; `{command.prog} --help` "
                 "lists them")
 
     def error(self, message: str) -> NoReturn:
