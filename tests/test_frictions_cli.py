@@ -198,6 +198,14 @@ def test_a_misspelt_option_or_command_gets_a_did_you_mean(capsys, args, expected
         assert "(did you mean otmdr?)" in line, line
 
 
+@pytest.mark.parametrize("args", [["compare", "--bogus"], ["train", "--xyz=1"]])
+def test_an_option_like_none_gets_no_suggestion(capsys, args):
+    """The shared leading dashes made ``--bogus`` "close" to ``--out`` (difflib ratio 0.67 with them,
+    0.5 without): a wrong hint is worse than none."""
+    line = _one_line(capsys, args)
+    assert f"unrecognized option {args[1].split('=')[0]};" in line and "did you mean" not in line, line
+
+
 def test_a_prefix_of_an_option_is_not_taken_for_it(capsys):
     """Decided: no abbreviations (``allow_abbrev=False`` on every parser). A prefix that happens to
     be unique today (``--conf`` for ``--config``) would change meaning the day an option sharing

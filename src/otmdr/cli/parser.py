@@ -75,9 +75,11 @@ class _HelpFormatter(argparse.HelpFormatter):
 
 
 def _suggest(word: str, choices: list[str]) -> str:
-    """`` (did you mean X?)`` for the closest of ``choices``, or nothing."""
-    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
-    return f" (did you mean {close[0]}?)" if close else ""
+    """`` (did you mean X?)`` for the closest of ``choices``, or nothing. Options are compared without
+    their leading dashes, which every option shares: with them ``--bogus`` was "close" to ``--out``."""
+    bare = {choice.lstrip("-"): choice for choice in choices}
+    close = difflib.get_close_matches(word.lstrip("-"), list(bare), n=1, cutoff=0.6)
+    return f" (did you mean {bare[close[0]]}?)" if close else ""
 
 
 class OneLineParser(argparse.ArgumentParser):
