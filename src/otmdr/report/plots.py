@@ -35,14 +35,17 @@ def plot_learning_curves(summaries: dict[str, list[dict[str, Any]]], path: Path)
     keys = [("train_loss", "train loss"), ("val_accuracy", "validation accuracy"), ("val_nll", "validation NLL"),
             ("perturbation_norm", "measured radius ‖θ~−θ‖")]
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4))
+    # one line style per method besides its colour: two methods held at the same radius (SAM with a
+    # step and a cosine schedule) draw the same line, and a solid one hid the other
+    styles = dict(zip(summaries, ["-", "--", ":", "-."] * len(summaries)))
     for ax, (key, title) in zip(axes, keys):
-        for method, runs in summaries.items():
+        for colour, (method, runs) in enumerate(summaries.items()):
             curve = _mean_curve(runs, key)
-            if curve is None:
-                continue
+            if curve is None or (key == "perturbation_norm" and not curve[1].any()):
+                continue  # a method without a radius (SGD) would draw on the radius panel's bottom frame
             epochs, mean, std = curve
-            ax.plot(epochs, mean, label=method)
-            ax.fill_between(epochs, mean - std, mean + std, alpha=0.2)
+            ax.plot(epochs, mean, label=method, color=f"C{colour}", linestyle=styles[method])
+            ax.fill_between(epochs, mean - std, mean + std, alpha=0.2, color=f"C{colour}")
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
