@@ -1,11 +1,14 @@
 """Robustness and sharpness of every run of an ``otmdr compare`` folder, aggregated per method.
 
 For each run it calls the user-facing commands (so the evidence exercises exactly what users run):
-``otmdr eval --corruptions all --attack pgd --baseline SGD_RUN --json`` (the mCE against the SGD run
-of the same folder and seed, ``--baseline-method``) and ``otmdr sharpness --json``, and with
+``otmdr eval --corruptions all --attack pgd --json`` and ``otmdr sharpness --json``, and with
 ``--landscape`` ``otmdr landscape`` for the first seed of each method (plus the interpolation
 from the first method's run to each other method's run of the same seed). Finished pieces are
-reused, so an interrupted invocation continues where it stopped. The report (Markdown table of
+reused, so an interrupted invocation continues where it stopped. The mCE of each run is against
+the SGD run of the same folder and seed (``--baseline-method``), computed from the two eval.json
+files: ``otmdr eval --baseline`` would evaluate the baseline's corruptions again inside every run's
+evaluation (a third of its cost), and for a Bayesian network draw its predictive a second time. The
+report (Markdown table of
 mean ± std over seeds, heat maps, robust-accuracy curves, accuracy per severity, 1-D slices) goes
 to ``--out``:
 
@@ -32,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from otmdr.cli.parser import OneLineParser
+from otmdr.eval.run_robustness import corruption_errors
 from otmdr.report.compare import bayesian_method_names
 from otmdr.report.stats import ALPHA, CI_METHOD, DEFAULT_MARGINS, adjust_family, format_cell, paired_difference
 from otmdr.report.plots import plot_corruption_heatmaps, plot_robust_accuracy
@@ -77,9 +81,6 @@ def _tasks(args: argparse.Namespace, groups: dict[str, list[Path]], out: Path) -
                       "--json", str(where / "eval.json"), "--force"]  # run only while its JSON is missing
         if args.corrupted_dir:
             evaluation += ["--corrupted-dir", args.corrupted_dir]
-        baseline = _baseline(groups, method, run, args.baseline_method)
-        if baseline is not None and baseline != run:
-            evaluation += ["--baseline", str(baseline)]
         tasks.append((evaluation, where / "eval.log", where / "eval.json"))
         sharpness = [*otmdr, "sharpness", str(run), *data, "--samples", str(args.sharpness_samples),
                      "--iterations", str(args.sharpness_iterations), "--probes", str(args.sharpness_probes),
@@ -150,10 +151,26 @@ def _baseline(groups: dict[str, list[Path]], method: str, run: Path, baseline_me
     return (same or candidates or [None])[0]
 
 
+def _add_mce(evals: dict[str, list[dict[str, Any]]], groups: dict[str, list[Path]], baseline_method: str) -> None:
+    """Each run's mCE against its baseline run's own evaluation, into ``result["corruptions"]["mce"]``
+    as ``otmdr eval --baseline`` writes it. An eval.json that has one already keeps it: evaluations
+    made before this script stopped passing ``--baseline`` (identical for a deterministic model; for a
+    Bayesian network from a second draw of the baseline's predictive), so committed reports rebuild
+    as they were."""
+    by_run = {run: result for method in groups for run, result in zip(groups[method], evals[method])}
+    for method, runs in groups.items():
+        for run, result in zip(runs, evals[method]):
+            baseline = _baseline(groups, method, run, baseline_method)
+            if baseline is None or baseline == run or "mce" in result["corruptions"]:
+                continue
+            errors = corruption_errors(result["corruptions"], by_run[baseline]["corruptions"])
+            result["corruptions"]["mce"] = {"baseline": str(baseline), **errors}
+
+
 def _mce(result: dict[str, Any], key: str, is_baseline: bool) -> float | None:
-    """A run's mCE (or relative mCE) from its eval.json; the baseline's own is 1 by definition;
-    None where eval.json has none (written without --baseline, or n/a: the baseline's error barely
-    rose under the corruptions, so the ratio would be noise)."""
+    """A run's mCE (or relative mCE) (:func:`_add_mce`); the baseline's own is 1 by definition; None
+    where it is n/a (the baseline's error barely rose under the corruptions, so the ratio would be
+    noise)."""
     value = 1.0 if is_baseline else result["corruptions"].get("mce", {}).get(key)
     return None if value is None or value != value else value
 
@@ -183,6 +200,7 @@ def report(args: argparse.Namespace, groups: dict[str, list[Path]], out: Path) -
         return json.loads((out / "runs" / _key(method, run) / f"{what}.json").read_text())
 
     evals = {m: [load(m, r, "eval") for r in rs] for m, rs in groups.items()}
+    _add_mce(evals, groups, args.baseline_method)
     sharp = {m: [load(m, r, "sharpness") for r in rs] for m, rs in groups.items()}
     figures = out / "figures"
     figures.mkdir(exist_ok=True)

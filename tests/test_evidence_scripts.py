@@ -249,6 +249,41 @@ def test_committed_bnn_robustness_report_rebuilds_from_its_json_and_names_the_me
     assert "+2.10 [+1.85, +2.35]" in (ROOT / "docs/results.md").read_text()
 
 
+def test_robustness_mce_from_the_baselines_own_evaluation_matches_eval_baseline(tmp_path):
+    """The script no longer asks `otmdr eval --baseline` to evaluate the SGD run's corruptions again
+    inside every run's evaluation; it divides by the SGD run's own eval.json. On the committed noisy
+    Fashion-MNIST study (an MLP: deterministic), whose eval.json files were written with --baseline,
+    the mCE and relative mCE rebuilt without their stored values are the committed report's."""
+    import argparse
+    import shutil
+
+    robustness = _module("benchmarks/robustness.py")
+    committed = ROOT / "benchmarks/results/fashion-mnist-mlp-noisy40-rerun/robustness"
+    shutil.copytree(committed / "runs", tmp_path / "runs", ignore=shutil.ignore_patterns("*.log"))
+    stripped = 0
+    for path in (tmp_path / "runs").glob("*/eval.json"):
+        result = json.loads(path.read_text())
+        stripped += result["corruptions"].pop("mce", None) is not None
+        path.write_text(json.dumps(result))
+    assert stripped == 15  # every run but the five SGD baselines had one
+    groups = {method: sorted((tmp_path / "runs").glob(f"{method}-seed*"))
+              for method in ("sgd", "sam", "otmdr", "sgd_compute")}
+    args = argparse.Namespace(compare_dirs=["fashion-mnist-mlp-noisy40"], baseline_method="sgd", landscape=False,
+                              margin=0.5)
+    rebuilt = robustness.report(args, groups, tmp_path).read_text()
+
+    def mce_cells(text: str) -> list[list[str]]:  # the mCE and relative mCE columns of the first table
+        return [line.split(" | ")[5:7] for line in text.splitlines()
+                if line.startswith(("| sgd |", "| sam |", "| otmdr |", "| sgd_compute |"))][:4]
+    assert mce_cells(rebuilt) == mce_cells((committed / "robustness.md").read_text())
+    assert mce_cells(rebuilt)[1] == ["85.4 ± 1.4", "78.2 ± 12.7"]
+    assert not any("--baseline" in command for command, *_ in robustness._tasks(
+        argparse.Namespace(data_dir=None, test_limit=10, corruptions="all", severities="1-5", eps="8/255", pgd_steps=1,
+                           eot=1, corrupted_dir=None, sharpness_samples=8, sharpness_iterations=1,
+                           sharpness_probes=1, landscape=False, baseline_method="sgd"),
+        {m: [tmp_path / "nowhere" / f"{m}-seed0"] for m in ("sgd", "sam")}, tmp_path / "out"))
+
+
 def test_compare_report_names_the_bayesian_methods_only_for_a_bayesian_network(tmp_path):
     from otmdr.report import write_compare_report
 
