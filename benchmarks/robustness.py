@@ -81,6 +81,8 @@ def _tasks(args: argparse.Namespace, groups: dict[str, list[Path]], out: Path) -
                       "--json", str(where / "eval.json"), "--force"]  # run only while its JSON is missing
         if args.corrupted_dir:
             evaluation += ["--corrupted-dir", args.corrupted_dir]
+        if args.predictive_samples:
+            evaluation += ["--predictive-samples", str(args.predictive_samples)]
         tasks.append((evaluation, where / "eval.log", where / "eval.json"))
         sharpness = [*otmdr, "sharpness", str(run), *data, "--samples", str(args.sharpness_samples),
                      "--iterations", str(args.sharpness_iterations), "--probes", str(args.sharpness_probes),
@@ -384,6 +386,8 @@ def main() -> None:
     parser.add_argument("--eps", default="1/255,2/255,4/255,8/255")
     parser.add_argument("--pgd-steps", type=int, default=10)
     parser.add_argument("--eot", type=int, default=1)
+    parser.add_argument("--predictive-samples", type=int,
+                        help="Bayesian networks: weight draws per prediction (default: each run's bayes.test_samples)")
     parser.add_argument("--sharpness-samples", type=int, default=1024)
     parser.add_argument("--sharpness-iterations", type=int, default=50)
     parser.add_argument("--sharpness-probes", type=int, default=20)

@@ -280,7 +280,7 @@ def test_robustness_mce_from_the_baselines_own_evaluation_matches_eval_baseline(
     assert not any("--baseline" in command for command, *_ in robustness._tasks(
         argparse.Namespace(data_dir=None, test_limit=10, corruptions="all", severities="1-5", eps="8/255", pgd_steps=1,
                            eot=1, corrupted_dir=None, sharpness_samples=8, sharpness_iterations=1,
-                           sharpness_probes=1, landscape=False, baseline_method="sgd"),
+                           sharpness_probes=1, landscape=False, baseline_method="sgd", predictive_samples=None),
         {m: [tmp_path / "nowhere" / f"{m}-seed0"] for m in ("sgd", "sam")}, tmp_path / "out"))
 
 
@@ -455,3 +455,28 @@ def test_the_schedule_confound_stops_without_a_traceback_when_otmdr_compare_fail
     assert failed.returncode == 2 and "Traceback" not in failed.stderr
     assert failed.stderr.splitlines() == ["otmdr: error: a bad key", "error: otmdr compare stopped with exit code 2 "
                                           "(its message is above); rerun the same command to continue"]
+
+
+def test_robustness_of_selected_evaluates_bayesian_studies_through_fewer_draws(tmp_path):
+    """robustness_of_selected.sh: a Bayesian study (bnn-*) is evaluated through BNN_SAMPLES draws
+    (default 30; its 100-draw predictive would take 3.3 times as long), any other study through its
+    own (deterministic) prediction, without the option. Fake otmdr and python record the calls."""
+    import os
+
+    record = tmp_path / "calls"
+    fake = tmp_path / "fake"
+    fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {record}\n')
+    fake.chmod(0o755)
+    studies = [tmp_path / "runs" / name for name in ("bnn-fashion-mnist-lenet-noisy40", "fashion-mnist-mlp-clean")]
+    for study in studies:
+        study.mkdir(parents=True)
+        (study / "report.md").write_text("finished\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("SMOKE", "BNN_SAMPLES")}
+    env.update(OTMDR=str(fake), PYTHON=str(fake), EVIDENCE_DIR=str(tmp_path / "runs"))
+    for extra, draws in (({}, "30"), ({"BNN_SAMPLES": "100"}, "100")):
+        record.unlink(missing_ok=True)
+        subprocess.run(["bash", str(ROOT / "benchmarks/evidence/robustness_of_selected.sh"), "DATA", "2",
+                        *map(str, studies)], env={**env, **extra}, check=True, capture_output=True, text=True)
+        bnn, mlp = [line for line in record.read_text().splitlines() if "benchmarks/robustness.py" in line]
+        assert f"{studies[0]} " in bnn and f"--predictive-samples {draws} " in bnn
+        assert f"{studies[1]} " in mlp and "--predictive-samples" not in mlp

@@ -180,3 +180,39 @@ def test_eval_baseline_reports_the_mce_and_refuses_bad_baselines(run, tmp_path, 
     torch.save(state, other / "last.pt")
     assert "same dataset" in error(str(other.parent))
     assert "needs --corruptions" in error(str(run), common[:5] + ["--json", str(out)])
+
+
+def test_predictive_samples_sets_a_bnns_draws_everywhere_and_is_refused_for_a_deterministic_run(
+        run, tmp_path, capsys, monkeypatch):
+    """A Bayesian network's corruption grid costs one forward pass per draw, image and condition: a
+    100-draw study's robustness evaluation can ask for fewer. Every part (clean, corrupted, attacked)
+    must then use the same draws."""
+    import otmdr.eval.attacks as attacks
+    import otmdr.eval.corruption_grid as grid
+
+    bnn = tmp_path / "bnn"
+    assert main(["train", "--config", str(DEMO), "--out", str(bnn), "--set", "train.epochs=1", "--set",
+                 "train.progress=false", "--set", "model.name=bayes-mlp", "--set", "model.options={hidden: [16]}",
+                 "--set", "optim.base=adam", "--set", "optim.lr=0.01", "--set", "optim.weight_decay=0",
+                 "--set", "bayes.test_samples=4"]) == 0
+    used: list[int] = []
+    real_predict, real_robust = grid.predict, attacks.robust_accuracy
+    monkeypatch.setattr(grid, "predict", lambda *a, samples, **k: used.append(samples) or real_predict(
+        *a, samples=samples, **k))
+    monkeypatch.setattr(attacks, "robust_accuracy", lambda *a, samples, **k: used.append(samples) or real_robust(
+        *a, samples=samples, **k))
+    common = ["eval", str(bnn), "--no-temperature-scaling", "--test-limit", "40", "--corruptions", "contrast",
+              "--severities", "1", "--attack", "pgd", "--eps", "2/255", "--steps", "1"]
+    for draws, expected in ((["--predictive-samples", "2"], 2), ([], 4)):  # default: the run's bayes.test_samples
+        used.clear()
+        assert main([*common, *draws, "--json", str(tmp_path / f"{expected}.json")]) == 0
+        assert json.loads((tmp_path / f"{expected}.json").read_text())["test_samples"] == expected
+        assert used == [expected] * 3  # clean and contrast images, then the attack
+
+    capsys.readouterr()
+    assert main(["eval", str(run), "--predictive-samples", "3", "--json", str(tmp_path / "det.json")]) == 2
+    err = capsys.readouterr().err
+    assert "--predictive-samples" in err and "not a Bayesian network" in err and err.count("\n") == 1
+    assert not (tmp_path / "det.json").exists()
+    assert main(["eval", str(bnn), "--predictive-samples", "0"]) == 2
+    assert "--predictive-samples" in capsys.readouterr().err

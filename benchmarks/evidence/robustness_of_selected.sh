@@ -16,7 +16,7 @@
 # Unfinished ones are skipped with a note. Resumable: finished evaluations are reused.
 #
 # Environment: OTMDR (default .venv/bin/otmdr), PYTHON (default .venv/bin/python), EVIDENCE_DIR
-# (default runs/evidence), SMOKE=1: 100 test images, two corruptions at severities 1 and 5,
+# (default runs/evidence), BNN_SAMPLES (above), SMOKE=1: 100 test images, two corruptions at severities 1 and 5,
 # eps 8/255 only, tiny sharpness and landscape settings (studies from ${TMPDIR:-/tmp}/otmdr-evidence-smoke).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -26,6 +26,10 @@ shift $(( $# < 2 ? $# : 2 ))
 OTMDR=${OTMDR:-.venv/bin/otmdr}
 PYTHON=${PYTHON:-.venv/bin/python}
 LIMIT=1000
+# Bayesian networks through a BNN_SAMPLES-draw predictive (default 30, as the first BNN study's
+# evaluation), whatever their study tested with (100 in bnn_fashion_mnist.sh): each draw is a forward
+# pass per image and condition: at 100 the 20 models of a study take about 8 h with 2 jobs here, at 30 about 2.5 h
+BNN_SAMPLES=${BNN_SAMPLES:-30}
 EVAL=(--sharpness-samples 256 --sharpness-iterations 20 --sharpness-probes 10
       --landscape --landscape-samples 512 --landscape-points 11)
 CORRUPT=()
@@ -61,8 +65,9 @@ for study in "${studies[@]}"; do
     continue
   fi
   echo "== $study"
+  draws=(); case $(basename "$study") in bnn-*) draws=(--predictive-samples "$BNN_SAMPLES");; esac
   "$PYTHON" benchmarks/robustness.py "$study" --data-dir "$DATA" --corrupted-dir "$CORRUPTED" \
-    --out "$study/robustness" --test-limit "$LIMIT" "${EVAL[@]}" --jobs "$JOBS"
+    --out "$study/robustness" --test-limit "$LIMIT" "${EVAL[@]}" ${draws[@]+"${draws[@]}"} --jobs "$JOBS"
   done_studies+=("$study")
 done
 echo

@@ -83,8 +83,23 @@ def checkpoint_record(args: argparse.Namespace) -> dict[str, str]:
     return {"path": str(path), "sha256": digest.hexdigest()}
 
 
+def _set_predictive_samples(args: argparse.Namespace, cfg, model) -> None:
+    """``--predictive-samples``: fewer draws make a Bayesian network's corruption and attack
+    evaluations affordable (each draw is a forward pass per image and condition), more make its
+    Monte-Carlo error smaller. A deterministic model has no draws to set."""
+    from ..models.bayes import is_bayesian
+
+    if args.predictive_samples is None:
+        return
+    if not is_bayesian(model):
+        raise UsageError(f"--predictive-samples: {args.path} is not a Bayesian network (its prediction is one "
+                         "forward pass): leave the option out")
+    cfg.bayes.test_samples = args.predictive_samples
+
+
 def _load_baseline(args: argparse.Namespace, cfg):
     """The ``--baseline`` run's config and model, checked to be a run of the same dataset."""
+    from ..models.bayes import is_bayesian
     from ..train import CheckpointError, RunDirError, load_run
 
     path = Path(args.baseline)
@@ -98,6 +113,8 @@ def _load_baseline(args: argparse.Namespace, cfg):
         raise UsageError(f"--baseline {path} was trained on {base_cfg.data.name}, {args.path} on {cfg.data.name}: "
                           "the mCE needs a baseline of the same dataset")
     base_cfg.data.test_limit = cfg.data.test_limit
+    if args.predictive_samples is not None and is_bayesian(model):  # the same draws as the run's
+        base_cfg.bayes.test_samples = args.predictive_samples
     return base_cfg, model
 
 
@@ -109,6 +126,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     refuse_existing(args, [("--json", args.json), ("--plot", args.plot if args.attack else None),
                            ("--heatmap", args.heatmap if args.corruptions else None)])
     cfg, model, data = load_trained(args)
+    _set_predictive_samples(args, cfg, model)
     baseline = _load_baseline(args, cfg) if args.baseline else None
     result = {"path": str(args.path), "checkpoint": checkpoint_record(args),
               **evaluate_model(cfg, model, data, n_bins=args.ece_bins,
