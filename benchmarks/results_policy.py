@@ -9,7 +9,9 @@ robustness JSON), each run's config, metrics and summary (``config.yaml``, ``met
 figures, and its logs packed in one ``logs.tar.xz`` per report folder (the nearest folder above the
 logs that holds a ``*.md`` report): ``tar -xJf logs.tar.xz`` in that folder puts them back. Never:
 loose ``*.log``, leftovers (``*.stale``), checkpoints, figures no report embeds, files over 1 MB,
-reports or JSON naming a path of the machine that made them (its checkout, a home or workspace folder).
+reports or JSON naming a path of the machine that made them (its checkout, a home or workspace folder;
+``--apply`` writes the checkout's and the shared folder's beside it relative, as ``runs/...`` and
+``../shared/...``).
 
 Large studies: a ``runs/`` folder holding more than 2 MB of loose run files is packed, beside it, into
 ``runs-final.tar.xz`` (the runs directly under ``runs/``) and ``runs-<folder>.tar.xz`` for runs nested
@@ -54,6 +56,19 @@ _IMAGE = re.compile(r"!\[[^\]]*\]\(([^)\s]+)\)|<img[^>]*\bsrc=\"([^\"]+)\"")
 # A path of the machine that made a file (its home, a workspace): not reproducible elsewhere.
 _MACHINE_PATH = re.compile(r"(?<![\w.~-])/(?:home|Users|root|work)/[^\s`'\"),]*")
 _CHECKOUT = str(RESULTS.parent.parent) + "/"
+_SHARED = str(RESULTS.parent.parent.parent / "shared") + "/"  # the shared folder beside the checkout
+_TEXT = (".md", ".json", ".yaml", ".csv", ".log")
+
+
+def _relativise(path: Path) -> bool:
+    """Write this checkout's absolute paths relative to it (``runs/...``) and those of the shared
+    folder beside it as ``../shared/...``, the way a command run from the checkout's root names
+    them; True if the file changed. Other machine paths stay, for :func:`violations` to name."""
+    text = path.read_text(errors="surrogateescape")
+    fixed = text.replace(_CHECKOUT, "").replace(_SHARED, "../shared/")
+    if fixed != text:
+        path.write_text(fixed, errors="surrogateescape")
+    return fixed != text
 
 
 def files(root: Path) -> list[Path]:
@@ -332,6 +347,9 @@ def apply(root: Path = RESULTS) -> list[str]:
     images = embedded(root, all_files)
     done: list[str] = []
     logs: dict[Path, list[Path]] = {}
+    for path in all_files:
+        if path.name.endswith(_TEXT) and _relativise(path):  # before anything is packed
+            done.append(f"wrote the paths of this machine relative in {path.relative_to(root).as_posix()}")
     for path in all_files:
         name = path.relative_to(root).as_posix()
         if path.name.endswith(".stale") or (path.suffix == ".png" and path.resolve() not in images):

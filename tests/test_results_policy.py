@@ -264,3 +264,26 @@ def test_a_path_of_the_machine_that_made_a_result_is_flagged(tmp_path):
     assert [p.split(":")[0] for p in problems] == ["study/report.md", "study/search.json"], problems
     assert "holds /home/alice/data, a path of the machine that made it" in problems[0]
     assert f"holds {ROOT}/" in problems[1]
+
+
+def test_apply_writes_this_checkouts_and_the_shared_folders_paths_relative(tmp_path):
+    """A study trained with absolute paths (``--data-dir /work/shared/datasets/...`` from a queue
+    script) named them in every config, summary and log; --apply rewrites them the way a command
+    run from the checkout's root writes them, logs before they are packed, and leaves a stranger's
+    path for violations() to name."""
+    policy = _policy()
+    study = _study(tmp_path)
+    shared = str(ROOT.parent / "shared")
+    run = study / "runs" / "sgd-seed0"
+    (run / "config.yaml").write_text(f"data:\n  dir: {shared}/datasets/cifar10-jpeg.tar.gz\n")
+    (run / "train.log").write_text(f"$ otmdr train --out {ROOT}/runs/evidence/x/sgd-seed0\n")
+    (study / "search.json").write_text(f'{{"run_dir": "{ROOT}/runs/evidence/x/search/a", "home": "/home/alice/d"}}')
+    done = policy.apply(tmp_path)
+    assert sum("relative in" in line for line in done) == 3, done
+    assert (run / "config.yaml").read_text() == "data:\n  dir: ../shared/datasets/cifar10-jpeg.tar.gz\n"
+    assert (study / "search.json").read_text() == '{"run_dir": "runs/evidence/x/search/a", "home": "/home/alice/d"}'
+    with tarfile.open(study / "logs.tar.xz", "r:xz") as archive:
+        assert archive.extractfile("runs/sgd-seed0/train.log").read().decode() == (
+            "$ otmdr train --out runs/evidence/x/sgd-seed0\n")
+    assert [p.split(":")[0] for p in policy.violations(tmp_path)] == ["study/search.json"]
+    assert policy.apply(tmp_path) == []  # idempotent
