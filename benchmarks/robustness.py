@@ -7,10 +7,9 @@ from the first method's run to each other method's run of the same seed). Finish
 reused, so an interrupted invocation continues where it stopped. The mCE of each run is against
 the SGD run of the same folder and seed (``--baseline-method``), computed from the two eval.json
 files: ``otmdr eval --baseline`` would evaluate the baseline's corruptions again inside every run's
-evaluation (a third of its cost), and for a Bayesian network draw its predictive a second time. The
-report (Markdown table of
-mean ± std over seeds, heat maps, robust-accuracy curves, accuracy per severity, 1-D slices) goes
-to ``--out``:
+evaluation (a third of its cost), and for a Bayesian network draw its predictive a second time.
+The report (Markdown table of mean ± std over seeds, heat maps, robust-accuracy curves, accuracy
+per severity, 1-D slices) goes to ``--out``:
 
     python benchmarks/robustness.py runs/evidence-fashion-mnist --data-dir ../shared/datasets/fashion-mnist \\
         --out benchmarks/results/fashion-mnist-lenet/robustness --test-limit 2000 --jobs 2 --landscape

@@ -16,8 +16,9 @@
 # Unfinished ones are skipped with a note. Resumable: finished evaluations are reused.
 #
 # Environment: OTMDR (default .venv/bin/otmdr), PYTHON (default .venv/bin/python), EVIDENCE_DIR
-# (default runs/evidence), BNN_SAMPLES (above), SMOKE=1: 100 test images, two corruptions at severities 1 and 5,
-# eps 8/255 only, tiny sharpness and landscape settings (studies from ${TMPDIR:-/tmp}/otmdr-evidence-smoke).
+# (default runs/evidence), BNN_SAMPLES (below), SMOKE=1: 100 test images, two corruptions at
+# severities 1 and 5, eps 8/255 only, tiny sharpness and landscape settings (studies from
+# ${TMPDIR:-/tmp}/otmdr-evidence-smoke).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 DATA=${1:?usage: $0 DATA_DIR_WITH_FASHION_MNIST_IDX_FILES [JOBS] [STUDY_DIR ...]}
@@ -27,8 +28,9 @@ OTMDR=${OTMDR:-.venv/bin/otmdr}
 PYTHON=${PYTHON:-.venv/bin/python}
 LIMIT=1000
 # Bayesian networks through a BNN_SAMPLES-draw predictive (default 30, as the first BNN study's
-# evaluation), whatever their study tested with (100 in bnn_fashion_mnist.sh): each draw is a forward
-# pass per image and condition: at 100 the 20 models of a study take about 8 h with 2 jobs here, at 30 about 2.5 h
+# evaluation), whatever their study tested with (100 in bnn_fashion_mnist.sh): each draw is a
+# forward pass per image and condition, and the 20 models of a study take about 8 h with 2 jobs
+# here at 100 draws, about 2.5 h at 30
 BNN_SAMPLES=${BNN_SAMPLES:-30}
 EVAL=(--sharpness-samples 256 --sharpness-iterations 20 --sharpness-probes 10
       --landscape --landscape-samples 512 --landscape-points 11)
