@@ -526,6 +526,29 @@ def test_search_scores_average_over_search_seeds_and_flag_close_calls(tmp_path, 
     assert len(list((tmp_path / "s" / "search").iterdir())) == 6
 
 
+def test_one_search_seed_is_judged_by_how_much_its_finals_move_with_the_seed():
+    """Noisy CIFAR-10: SAM's single-seed search scored 36.3-50.4% without order across radii while
+    SGD's evaluation seeds spread 35-50%; the binomial error of 1,000 validation images (about 1.6
+    points) called a 6-point gap a clear choice. The finals measure the seed noise the search ran
+    blind to."""
+    def point(setting, score):
+        return {"method": "sam", "setting": setting, "seeds": [1000], "seed_scores": [score], "score": score,
+                "standard_error": math.sqrt(score * (1 - score) / 1000)}
+
+    points = [point("rho=0.05", 0.442), point("rho=0.1", 0.504)]
+    assert study_module.close_calls(points, "val_accuracy") == []  # 6.2 points > the binomial 2.2
+    noisy = {"sam": [0.40, 0.47, 0.36, 0.50, 0.44]}  # std 5.55 points: two runs differ by ~7.85
+    (note,) = study_module.close_calls(points, "val_accuracy", final_scores=noisy)
+    assert "rho=0.1" in note and "by 6.20 on val_accuracy, less than the 7.85 by which two runs" in note
+    assert "over its 5 evaluation runs" in note and note.endswith("(--search-seeds 3)")
+    steady = {"sam": [0.500, 0.505, 0.498, 0.503, None]}  # a diverged final is left out
+    assert study_module.close_calls(points, "val_accuracy", final_scores=steady) == []
+    averaged = [{**p, "seeds": [1000, 1001], "seed_scores": [p["score"]] * 2, "standard_error": 0.0} for p in points]
+    assert study_module.close_calls(averaged, "val_accuracy", final_scores=noisy) == []  # its own seeds decide
+    summaries = {"sam": [{"history": [{"val_accuracy": 0.3}, {"val_accuracy": v}]} for v in (0.40, 0.47)] + [{}]}
+    assert study_module.final_scores(summaries, "val_accuracy") == {"sam": [0.40, 0.47, None]}
+
+
 def test_equal_compute_scales_epochs_and_schedule_to_the_most_expensive_method(tmp_path):
     methods = ["sgd", "sgd@compute", "sam"]
     study = Study(str(DEMO), FAST + ["schedule.name=step", "schedule.milestones=[1]"], methods, [0],

@@ -260,7 +260,8 @@ def compare(train: Callable[[dict, int], Mapping[str, Any]], *,
         summaries.setdefault(record["method"], []).append(_summary(record))
     notes = ([f"searched past the grid's edges (extend_edges={extend_edges}): "
               + "; ".join(f"{r['method']} {r['setting']}" for r in rows if r["extended"])] if extended else [])
-    notes += edge_notes(rows) + close_calls(rows, select, higher=higher, more_seeds="search_seeds={n}")
+    notes += edge_notes(rows) + close_calls(rows, select, higher=higher, more_seeds="search_seeds={n}", final_scores={
+        method: [r["metrics"].get(select) for r in finals if r["method"] == method] for method in summaries})
     report = _write_report(out, summaries, rows, chosen, references, margins, select, searched, evaluation, title,
                            notes)
     log(f"report: {report}")

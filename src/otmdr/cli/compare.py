@@ -24,7 +24,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from ..train.run_dir import discard_failed_study, prepare_study_dir
     from ..train import Preempted
     from ..report.stats import parse_margins
-    from ..train.study import VARIANTS, Study, close_calls, method_variant, plan, run_study, split_method
+    from ..train.study import (VARIANTS, Study, close_calls, final_scores, method_variant, plan, run_study,
+                              split_method)
 
     regimes = ("", "joint", "per-member")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -95,7 +96,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                         f"continue with: {_resume_line(command, out)}")
     summaries = result["summaries"]
     search = result["points"]
-    notes = close_calls(search, study.select) if search else []
+    notes = close_calls(search, study.select, final_scores=final_scores(summaries, study.select)) if search else []
     print()
     if search:
         print(f"search seed(s): {', '.join(map(str, result['search_seeds']))}; evaluation seeds: "

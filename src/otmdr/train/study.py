@@ -63,8 +63,8 @@ from .grid import GridPoint, beyond_edges
 from .loop import Preempted, TrainingError, train
 from .run_dir import RunDirError, prepare_run_dir
 
-__all__ = ["Run", "Study", "plan", "run_study", "select_points", "search_points", "close_calls", "SELECT_METRICS",
-           "SEARCH_SEED_OFFSET", "BUDGETS", "split_method", "method_variant", "VARIANTS",
+__all__ = ["Run", "Study", "plan", "run_study", "select_points", "search_points", "close_calls", "final_scores",
+           "SELECT_METRICS", "SEARCH_SEED_OFFSET", "BUDGETS", "split_method", "method_variant", "VARIANTS",
            "variant_overrides"]
 
 #: validation metrics a search may select on, and whether higher is better
@@ -638,13 +638,21 @@ def select_points(search: list[Run], methods: list[str], metric: str) -> dict[st
 
 
 def close_calls(points: list[dict[str, Any]], metric: str, *, higher: bool | None = None,
-                more_seeds: str = "--search-seeds {n}") -> list[str]:
+                more_seeds: str = "--search-seeds {n}",
+                final_scores: dict[str, list[float | None]] | None = None) -> list[str]:
     """Methods whose best and second-best grid points differ by less than one standard error of
     the validation score: the choice between them is within noise (more search seeds, or a
     larger validation split, would be needed to tell them apart). ``higher``: whether a higher
     score is better (default: what :data:`SELECT_METRICS` says of ``metric``); ``more_seeds``: how
     the caller asks for more search seeds, ``{n}`` standing for a count above the one used (3
-    after one seed, then twice as many)."""
+    after one seed, then twice as many).
+
+    With one search seed the only error known before the finals is the validation split's
+    binomial one, blind to how much a run's score moves with its training seed. ``final_scores``
+    (the validation score of each final run, per method) measures that: the chosen point's
+    evaluation runs are runs of one setting at other seeds, so two single runs differ by about
+    sqrt(2) times their score's standard deviation from the seed alone, and a gap below that is
+    within noise too."""
     higher = SELECT_METRICS[metric] if higher is None else higher
     notes = []
     for method in dict.fromkeys(p["method"] for p in points):
@@ -655,13 +663,34 @@ def close_calls(points: list[dict[str, Any]], metric: str, *, higher: bool | Non
         best, second = ranked[:2]
         gap = abs(best["score"] - second["score"])
         se = _gap_error(best, second)
+        spread = _seed_spread((final_scores or {}).get(method, [])) if len(best["seeds"]) == 1 else None
+        scale = 100.0 if metric.endswith(("accuracy", "ece")) else 1.0  # fractions, shown in points
+        digits = 2 if scale == 100.0 else 4
+        if spread is not None and (se is None or math.sqrt(2) * spread[0] > se):
+            se = math.sqrt(2) * spread[0]
+            error = (f"the {scale * se:.{digits}f} by which two runs of one setting differ from their training seed "
+                     f"alone (sqrt(2) x the standard deviation of {metric} over its {spread[1]} evaluation runs)")
+        else:
+            error = f"one standard error ({scale * se:.{digits}f})" if se is not None else ""
         if se is not None and gap < se:
-            scale = 100.0 if metric.endswith(("accuracy", "ece")) else 1.0  # fractions, shown in points
             notes.append(f"{method}: the chosen point ({best['setting']}) beats the next ({second['setting']}) by "
-                         f"{scale * gap:.{2 if scale == 100.0 else 4}f} on {metric}, less than one standard error "
-                         f"({scale * se:.{2 if scale == 100.0 else 4}f}): the choice is within noise; average the "
-                         f"search over more seeds ({more_seeds.format(n=max(3, 2 * len(best['seeds'])))})")
+                         f"{scale * gap:.{digits}f} on {metric}, less than {error}: the choice is within noise; "
+                         f"average the search over more seeds ({more_seeds.format(n=max(3, 2 * len(best['seeds'])))})")
     return notes
+
+
+def _seed_spread(scores: list[float | None]) -> tuple[float, int] | None:
+    """The standard deviation of a method's final runs' scores (one setting, different seeds) and
+    their count; None with fewer than two finite scores."""
+    finite = [float(v) for v in scores if v is not None and math.isfinite(v)]
+    return (statistics.stdev(finite), len(finite)) if len(finite) > 1 else None
+
+
+def final_scores(summaries: dict[str, list[dict[str, Any]]], metric: str) -> dict[str, list[float | None]]:
+    """Each final run's validation ``metric`` at its last epoch, per method, as the search scores
+    its runs (:func:`score`)."""
+    return {method: [s["history"][-1].get(metric) if s and s.get("history") else None for s in runs]
+            for method, runs in summaries.items()}
 
 
 def _gap_error(a: dict[str, Any], b: dict[str, Any]) -> float | None:
