@@ -219,7 +219,10 @@ def report(args: argparse.Namespace, groups: dict[str, list[Path]], out: Path) -
              f"({first_eval['attack']['eot_samples']} EOT sample(s)); sharpness on the first "
              f"{first_sharp['samples']} training images, rho {first_sharp['rho']}. "
              "Mean ± std over seeds.", "",
-             *([names, ""] if names else []),
+             *([names + " Every number here comes from one set of draws per evaluation: unlike the compare "
+                "report's test metrics, no second set was drawn, so a difference of a few tenths of a point may "
+                "be Monte-Carlo error (the compare report's second pass measures it on the test split).", ""]
+               if names else []),
              "## Corruptions and attacks (accuracy %, higher is better)", "",
              "| method | seeds | clean | mean corruption acc | relative degradation | corruption NLL | "
              "corruption ECE | "

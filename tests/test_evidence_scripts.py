@@ -243,6 +243,7 @@ def test_committed_bnn_robustness_report_rebuilds_from_its_json_and_names_the_me
                               margin=0.5)
     text = robustness.report(args, groups, tmp_path).read_text()
     assert "`sgd` is SGVB" in text and "`sam` is flat SGVB" in text and "the mean over 30 weight samples" in text
+    assert "no second set was drawn" in text  # its Monte-Carlo error is not measured here: said so
     assert "## Sharpness of the posterior mean" in text
     (row,) = [line for line in text.splitlines() if line.startswith("| otmdr − sgd |")]
     assert "+2.10 [+1.85, +2.35] better" in row and "-43.52 [-70.21, -16.84] better" in row
