@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ece-bins", type=number(int, "eval.ece_bins"), default=None,
                    help="ECE bins (default: the run's eval.ece_bins)")
     p.add_argument("--json", help="also write the metrics to this JSON file")
-    p.add_argument("--predictive-samples", type=number(int, "bayes.test_samples"), default=None,
+    p.add_argument("--predictive-samples", type=number(int, "bayes.test_samples"), default=None, metavar="N",
                    help="a Bayesian network's Monte-Carlo weight draws per prediction, clean, corrupted and "
                         "attacked (default: the run's bayes.test_samples)")
     p.add_argument("--no-temperature-scaling", action="store_true", help="skip fitting T on the validation split")
