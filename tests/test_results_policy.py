@@ -267,7 +267,7 @@ def test_a_path_of_the_machine_that_made_a_result_is_flagged(tmp_path):
 
 
 def test_apply_writes_this_checkouts_and_the_shared_folders_paths_relative(tmp_path):
-    """A study trained with absolute paths (``--data-dir /work/shared/datasets/...`` from a queue
+    """A study trained with absolute paths (an absolute ``--data-dir`` from a queue
     script) named them in every config, summary and log; --apply rewrites them the way a command
     run from the checkout's root writes them, logs before they are packed, and leaves a stranger's
     path for violations() to name."""
