@@ -122,7 +122,8 @@ def _runs_archives(folder: Path) -> list[Path]:
     return sorted(path for path in folder.glob("runs-*.tar.xz") if _RUNS_ARCHIVE.fullmatch(path.name))
 
 
-def _read_archive(path: Path) -> dict[str, bytes]:
+def read_archive(path: Path) -> dict[str, bytes]:
+    """Every file in a .tar.xz, by its member name."""
     contents: dict[str, bytes] = {}
     with tarfile.open(path, "r:xz") as archive:
         for member in archive.getmembers():
@@ -192,7 +193,7 @@ def merge_summaries(folder: Path) -> Path:
         raise FileNotFoundError(f"{folder} holds no {SUMMARIES_ARCHIVE} or summaries-<i>.json.tar.xz")
     merged: dict[str, list] = {}
     for archive in archives:
-        for text in _read_archive(archive).values():
+        for text in read_archive(archive).values():
             for method, runs in json.loads(text).items():
                 merged.setdefault(method, []).extend(runs)
     target = folder / SUMMARIES
@@ -282,7 +283,7 @@ def _archive_problems(root: Path, path: Path, all_files: list[Path]) -> list[str
 def _pack(folder: Path, logs: list[Path]) -> None:
     """Add ``logs`` to ``folder/logs.tar.xz`` (created or merged), deterministically; delete them."""
     target = folder / ARCHIVE
-    contents = _read_archive(target) if target.is_file() else {}
+    contents = read_archive(target) if target.is_file() else {}
     for log in logs:
         contents[log.relative_to(folder).as_posix()] = log.read_bytes()
     _write(target, _archive_bytes(contents))
@@ -319,7 +320,7 @@ def _pack_runs(folder: Path, loose: list[Path]) -> dict[str, bytes]:
     old = _runs_archives(folder)
     contents: dict[str, bytes] = {}
     for archive in old:
-        contents.update(_read_archive(archive))
+        contents.update(read_archive(archive))
     for path in loose:
         contents[path.relative_to(folder).as_posix()] = path.read_bytes()
     groups: dict[str, dict[str, bytes]] = {}

@@ -1,0 +1,77 @@
+"""Put a committed study's finished runs back into a study folder, so that ``--resume`` skips them.
+
+benchmarks/collect_report.py carries each finished run's config.yaml, summary.json and metrics.csv
+(packed into ``runs-*.tar.xz`` for a large study); ``otmdr compare --resume`` reuses a run folder
+that holds a summary.json and the config it would train. This writes them back under the study
+folder, loose or from the archives, so that a study collected with ``--partial`` on one machine
+goes on on another without retraining what was done. A run folder that already exists is left as
+it is (it may be training, or newer); each run's summary.json is written last, so a restore cut
+short leaves no run that looks finished without its files.
+
+    python benchmarks/restore_runs.py cifar10-resnet20-noisy40-rerun runs/evidence/cifar10-resnet20-noisy40
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import results_policy
+
+RESTORED = (".yaml", ".csv", ".json")  # what --resume reads; logs stay packed
+
+
+def committed_runs(study: Path) -> dict[str, dict[str, bytes]]:
+    """The run files of a committed study by run folder (relative to its ``runs/``), from its loose
+    files and its ``runs-*.tar.xz`` archives."""
+    files: dict[str, bytes] = {}
+    for archive in sorted(study.glob("runs-*.tar.xz")):
+        files.update(results_policy.read_archive(archive))
+    for path in sorted((study / "runs").rglob("*")) if (study / "runs").is_dir() else []:
+        if path.is_file():
+            files[path.relative_to(study).as_posix()] = path.read_bytes()
+    runs: dict[str, dict[str, bytes]] = {}
+    for member, data in files.items():
+        parts = member.split("/")
+        if parts[0] == "runs" and len(parts) > 2 and member.endswith(RESTORED):
+            runs.setdefault("/".join(parts[1:-1]), {})[parts[-1]] = data
+    return {run: found for run, found in runs.items() if "summary.json" in found and "config.yaml" in found}
+
+
+def restore(study: Path, target: Path) -> tuple[list[str], list[str]]:
+    """Write ``study``'s finished runs under ``target``; (restored, left as they were)."""
+    restored, kept = [], []
+    for run, found in sorted(committed_runs(study).items()):
+        folder = target / run
+        if folder.exists():
+            kept.append(run)
+            continue
+        folder.mkdir(parents=True)
+        for name in sorted(found, key=lambda n: n == "summary.json"):  # the summary, the mark of done, last
+            (folder / name).write_bytes(found[name])
+        restored.append(run)
+    return restored, kept
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("name", help="the study's folder under benchmarks/results (or a path to one)")
+    parser.add_argument("target", help="the study folder to resume (otmdr compare --out)")
+    args = parser.parse_args(argv)
+    study = Path(args.name) if Path(args.name).is_dir() else results_policy.RESULTS / args.name
+    if not study.is_dir():
+        print(f"restore_runs: no study {args.name!r} under {results_policy.RESULTS}: name a folder there",
+              file=sys.stderr)
+        return 2
+    if not committed_runs(study):
+        print(f"restore_runs: {study} holds no finished run (config.yaml + summary.json) to restore", file=sys.stderr)
+        return 2
+    restored, kept = restore(study, Path(args.target))
+    print(f"restored {len(restored)} finished run(s) into {args.target}"
+          + (f"; {len(kept)} already there, left as they were" if kept else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

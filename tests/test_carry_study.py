@@ -1,0 +1,104 @@
+"""A study still training is carried to another machine: benchmarks/collect_report.py --partial
+commits its finished runs (packed as a large study's are), benchmarks/restore_runs.py puts them back
+into an empty study folder, and the study's --resume then trains only what was missing and ends
+exactly where an uninterrupted study ends."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+
+from otmdr.train.grid import parse_grid
+from otmdr.train.study import Study, run_study
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "configs" / "demo.yaml"
+FAST = ["train.epochs=2", "model.options={hidden: [16]}", "train.threads=1"]
+METHODS = ["sgd", "sam"]
+
+
+@pytest.fixture
+def scripts(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    for name in ("results_policy", "collect_report", "restore_runs"):
+        sys.modules.pop(name, None)
+    modules = [importlib.import_module(name) for name in ("results_policy", "collect_report", "restore_runs")]
+    monkeypatch.setattr(modules[0], "RUNS_THRESHOLD", 0)  # pack even this small study's runs
+    return modules
+
+
+def _study(out: Path) -> Study:
+    return Study(str(DEMO), FAST, METHODS, [0, 1], parse_grid(["sam.rho=0.01,0.05"], METHODS), out)
+
+
+class Kill(Exception):
+    pass
+
+
+def _kill_after(count: int):
+    finished: list[str] = []
+
+    def log(line: str) -> None:
+        if "val acc" in line:
+            finished.append(line)
+            if len(finished) == count:
+                raise Kill
+    return log
+
+
+def _accuracies(result: dict) -> dict:
+    return {method: [s["test"]["accuracy"] for s in result["summaries"][method]] for method in METHODS}
+
+
+def test_a_partly_trained_study_resumes_elsewhere_from_its_committed_runs(tmp_path, scripts):
+    results_policy, collect_report, restore_runs = scripts
+    whole = run_study(_study(tmp_path / "whole"), log=lambda _: None)
+    part = tmp_path / "part"
+    with pytest.raises(Kill):
+        run_study(_study(part), log=_kill_after(2))
+    results = tmp_path / "results"
+    collect_report.main(str(part), "carried", partial=True, results=results)
+    carried = results / "carried"
+    note = (carried / collect_report.IN_PROGRESS).read_text()
+    assert "still training" in note and "restore_runs.py carried" in note
+    assert note.count("\n- `search/") == 2  # the two finished search runs, nothing that was training
+    assert not (carried / "runs").exists() and sorted(p.name for p in carried.glob("runs-*.tar.xz"))
+    assert not results_policy.violations(results)
+
+    elsewhere = tmp_path / "elsewhere"  # a new machine: the study folder is gone
+    assert restore_runs.main([str(carried), str(elsewhere)]) == 0
+    lines: list[str] = []
+    resumed = run_study(_study(elsewhere), log=lines.append)
+    assert "  2 run(s) finished earlier, reused" in lines
+    assert resumed["chosen"] == whole["chosen"] and _accuracies(resumed) == _accuracies(whole)
+
+    # restoring again changes nothing that is there; the finished study replaces the note
+    before = {p: p.read_bytes() for p in elsewhere.rglob("*") if p.is_file()}
+    restored, kept = restore_runs.restore(carried, elsewhere)
+    assert (restored, len(kept)) == ([], 2)
+    assert {p: p.read_bytes() for p in elsewhere.rglob("*") if p.is_file()} == before
+    (elsewhere / "report.md").write_text("# Study\n")
+    (elsewhere / "figures").mkdir()
+    (elsewhere / "summaries.json").write_text("{}")
+    collect_report.main(str(elsewhere), "carried", results=results)
+    assert not (carried / collect_report.IN_PROGRESS).exists() and (carried / "report.md").is_file()
+    assert len(restore_runs.committed_runs(carried)) == len(list(elsewhere.rglob("summary.json")))
+    with pytest.raises(SystemExit, match="finished study's report"):
+        collect_report.main(str(part), "carried", partial=True, results=results)
+
+
+def test_restore_refuses_what_holds_no_finished_run(tmp_path, scripts, capsys):
+    _, collect_report, restore_runs = scripts
+    assert restore_runs.main(["no-such-study", str(tmp_path / "x")]) == 2
+    assert "no study 'no-such-study'" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    (empty / "runs" / "sgd-seed0").mkdir(parents=True)
+    (empty / "runs" / "sgd-seed0" / "metrics.csv").write_text("epoch\n1\n")  # killed: no summary
+    assert restore_runs.main([str(empty), str(tmp_path / "x")]) == 2
+    assert "no finished run" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    with pytest.raises(SystemExit, match="no finished run to carry"):
+        collect_report.main(str(empty), "nothing", partial=True, results=tmp_path / "results")
+    assert not (tmp_path / "results").exists()
