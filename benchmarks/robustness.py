@@ -25,6 +25,7 @@ import os
 import platform
 import re
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -219,9 +220,12 @@ def report(args: argparse.Namespace, groups: dict[str, list[Path]], out: Path) -
              f"({first_eval['attack']['eot_samples']} EOT sample(s)); sharpness on the first "
              f"{first_sharp['samples']} training images, rho {first_sharp['rho']}. "
              "Mean ± std over seeds.", "",
-             *([names + " Every number here comes from one set of draws per evaluation: unlike the compare "
-                "report's test metrics, no second set was drawn, so a difference of a few tenths of a point may "
-                "be Monte-Carlo error (the compare report's second pass measures it on the test split).", ""]
+             *([names + " Every number here comes from one set of draws per evaluation: "
+                + ("the section \"Monte Carlo error (split-half)\" below measures how much the accuracies move "
+                   "with the draws." if _split_halves(evals) else
+                   "unlike the compare report's test metrics, no second set was drawn, so a difference of a few "
+                   "tenths of a point may be Monte-Carlo error (the compare report's second pass measures it on "
+                   "the test split)."), ""]
                if names else []),
              "## Corruptions and attacks (accuracy %, higher is better)", "",
              "| method | seeds | clean | mean corruption acc | relative degradation | corruption NLL | "
@@ -261,6 +265,8 @@ def report(args: argparse.Namespace, groups: dict[str, list[Path]], out: Path) -
             ("average_sharpness", 5))]]) + " |")
 
     lines += _paired_section(evals, sharp, eps_keys[-1], any(baselines.values()), args.margin)
+    if _split_halves(evals):
+        lines += _monte_carlo_section(evals, sharp, eps_keys, args.margin)
 
     plot_corruption_heatmaps({m: _mean_corruption_result([r["corruptions"] for r in rs]) for m, rs in evals.items()},
                              figures / "corruption_heatmaps.png")
@@ -282,13 +288,12 @@ def report(args: argparse.Namespace, groups: dict[str, list[Path]], out: Path) -
     return path
 
 
-def _paired_section(evals: dict[str, list[dict[str, Any]]], sharp: dict[str, list[dict[str, Any]]], eps: str,
-                    with_mce: bool, margin: float = DEFAULT_MARGINS["accuracy (pp)"]) -> list[str]:
-    """Every later method against every earlier one, paired by seed (runs of a compare folder are
-    listed in seed order and share seeds): mean difference, 95% t interval, the difference test and,
-    for the accuracy columns, TOST at ±``margin`` points, raw and Holm-adjusted over the table (the
-    compare reports' tests, docs/tuning.md). mCE and the eigenvalue have no margin: their scales
-    differ between studies, so only a difference can be shown there."""
+Column = tuple[str, Any, bool, "float | None"]  # title, value(eval, sharpness), higher is better, margin
+
+
+def _paired_rows(evals: dict[str, list[dict[str, Any]]], sharp: dict[str, list[dict[str, Any]]], eps: str,
+                 with_mce: bool, margin: float) -> tuple[list[Column], list[dict[str, Any]]]:
+    """The paired table's columns (title, value, higher is better, margin) and its rows, raw."""
     metrics = [("clean accuracy (pp)", lambda e, s: 100 * e["corruptions"]["clean"]["accuracy"], True, margin),
                ("mean corruption accuracy (pp)", lambda e, s: 100 * e["corruptions"]["mean_corruption_accuracy"],
                 True, margin)]
@@ -309,6 +314,17 @@ def _paired_section(evals: dict[str, list[dict[str, Any]]], sharp: dict[str, lis
                                                higher_is_better=higher_is_better,
                                                margin=metric_margin) if paired else None
             rows.append(row)
+    return metrics, rows
+
+
+def _paired_section(evals: dict[str, list[dict[str, Any]]], sharp: dict[str, list[dict[str, Any]]], eps: str,
+                    with_mce: bool, margin: float = DEFAULT_MARGINS["accuracy (pp)"]) -> list[str]:
+    """Every later method against every earlier one, paired by seed (runs of a compare folder are
+    listed in seed order and share seeds): mean difference, 95% t interval, the difference test and,
+    for the accuracy columns, TOST at ±``margin`` points, raw and Holm-adjusted over the table (the
+    compare reports' tests, docs/tuning.md). mCE and the eigenvalue have no margin: their scales
+    differ between studies, so only a difference can be shown there."""
+    metrics, rows = _paired_rows(evals, sharp, eps, with_mce, margin)
     (rows,), family = adjust_family([rows])
     lines = ["", f"## Paired differences (row method − column method; {CI_METHOD})", "",
              f"Verdicts at alpha {ALPHA:g}: \"better\"/\"worse\" when the paired t test rejects a zero mean; "
@@ -323,6 +339,61 @@ def _paired_section(evals: dict[str, list[dict[str, Any]]], sharp: dict[str, lis
     return lines
 
 
+def _split_halves(evals: dict[str, list[dict[str, Any]]]) -> bool:
+    """Whether every evaluation recorded its accuracies from each half of its draws (a Bayesian
+    network evaluated with 2 or more draws by an otmdr that records them)."""
+    return all("monte_carlo" in e["corruptions"] and "monte_carlo" in e["attack"]
+               for results in evals.values() for e in results)
+
+
+def _half(e: dict[str, Any], h: int) -> dict[str, Any]:
+    """An evaluation as half ``h`` of its draws alone scored it (the accuracy columns)."""
+    corruptions, attack = e["corruptions"], e["attack"]
+    split = corruptions["monte_carlo"]
+    halved = {key: value for key, value in corruptions.items() if key != "mce"}
+    halved.update(clean={**corruptions["clean"], "accuracy": split["clean_accuracy"][h]},
+                  mean_corruption_accuracy=split["mean_corruption_accuracy"][h])
+    return {**e, "corruptions": halved, "attack": {
+        **attack, "robust_accuracy": {k: v[h] for k, v in attack["monte_carlo"]["robust_accuracy"].items()}}}
+
+
+def _monte_carlo_section(evals: dict[str, list[dict[str, Any]]], sharp: dict[str, list[dict[str, Any]]],
+                         eps_keys: list[str], margin: float) -> list[str]:
+    """How much a Bayesian study's accuracies move with its weight draws, at no extra evaluation:
+    each evaluation also scored each half of its draws alone (two independent predictives), so the
+    mean |half A − half B| is a Monte-Carlo error, and the paired table's accuracy verdicts
+    computed from half A and from half B show which verdicts depend on the draws. The reported
+    numbers average all the draws, so their own error is smaller than a half's: a verdict that
+    agrees between the halves is a verdict the draws did not make."""
+    first = next(iter(evals.values()))[0]
+    counts = sorted({tuple(e["corruptions"]["monte_carlo"]["halves"]) for rs in evals.values() for e in rs})
+    halves = " or ".join(f"{a} and {b}" for a, b in counts)
+    runs = [e for rs in evals.values() for e in rs]
+    columns = [("clean", lambda e: e["corruptions"]["clean"]["accuracy"]),
+               ("mean corruption", lambda e: e["corruptions"]["mean_corruption_accuracy"]),
+               *[(f"PGD {_eps_label(k)}", lambda e, k=k: e["attack"]["robust_accuracy"][k]) for k in eps_keys]]
+    moved = "; ".join(f"{name} {statistics.fmean(100 * abs(value(_half(e, 0)) - value(_half(e, 1))) for e in runs):.2f}"
+                      for name, value in columns)
+    tables = [_paired_rows({m: [_half(e, h) for e in rs] for m, rs in evals.items()}, sharp, eps_keys[-1], False,
+                           margin) for h in (0, 1)]
+    (metrics, rows_a), (_, rows_b) = tables
+    changed, compared = [], 0
+    for a, b in zip(rows_a, rows_b):
+        for title, _, _, metric_margin in metrics:
+            if metric_margin is None or a[title] is None or b[title] is None:
+                continue
+            compared += 1
+            if a[title].verdict != b[title].verdict:
+                changed.append(f"- {a['method']}, {title}: {a[title].verdict} from half A, {b[title].verdict} "
+                               "from half B")
+    lines = ["", "## Monte Carlo error (split-half)", "",
+             f"Each evaluation drew {first['corruptions']['monte_carlo']['samples']} weight samples per image and "
+             f"also scored each half of them alone ({halves} draws): two independent predictives. Mean over the "
+             f"{len(runs)} runs of |half A − half B|, in points: {moved}. The tables above average all the draws, "
+             "so their own Monte-Carlo error is smaller than this. The paired accuracy verdicts (raw, as in the "
+             f"table above) computed from half A and from half B: {len(changed)} of {compared} differ"
+             + (":" if changed else " (no accuracy verdict there depends on which weights were drawn).")]
+    return lines + changed
 def _eps_label(text: str) -> str:
     value = float(text)
     return f"{round(value * 255)}/255" if abs(value * 255 - round(value * 255)) < 1e-6 else f"{value:g}"

@@ -481,3 +481,53 @@ def test_robustness_of_selected_evaluates_bayesian_studies_through_fewer_draws(t
         bnn, mlp = [line for line in record.read_text().splitlines() if "benchmarks/robustness.py" in line]
         assert f"{studies[0]} " in bnn and f"--predictive-samples {draws} " in bnn
         assert f"{studies[1]} " in mlp and "--predictive-samples" not in mlp
+
+
+def test_robustness_report_measures_the_monte_carlo_error_from_each_half_of_the_draws(tmp_path):
+    """A Bayesian study's evaluations record each half of their draws' accuracies: the report
+    gives the mean |half A − half B| per column and names each paired accuracy verdict that the
+    two halves disagree on (here SAM's clean-accuracy gain holds in half A only)."""
+    import argparse
+    import shutil
+
+    robustness = _module("benchmarks/robustness.py")
+
+    def run(clean: list[float], mca: float, pgd: float) -> dict:
+        return {"corruptions": {"clean": {"accuracy": sum(clean) / 2}, "mean_corruption_accuracy": mca,
+                                "monte_carlo": {"samples": 30, "halves": [15, 15], "clean_accuracy": clean,
+                                                "mean_corruption_accuracy": [mca, mca]}},
+                "attack": {"robust_accuracy": {"0.031": pgd},
+                           "monte_carlo": {"robust_accuracy": {"0.031": [pgd - 0.01, pgd + 0.01]}}}}
+
+    sgd = [0.80, 0.81, 0.82, 0.80, 0.81]
+    gain_b = [0.01, -0.01, 0.02, -0.02, 0.0]
+    evals = {"sgd": [run([c, c], 0.7, 0.3) for c in sgd],
+             "sam": [run([c + 0.02, c + g], 0.75, 0.4) for c, g in zip(sgd, gain_b)]}
+    sharp = {m: [{"top_hessian_eigenvalue": 10.0 + i} for i in range(5)] for m in evals}
+    assert robustness._split_halves(evals)
+    lines = robustness._monte_carlo_section(evals, sharp, ["0.031"], 0.5)
+    text = "\n".join(lines)
+    assert "drew 30 weight samples per image" in text and "(15 and 15 draws)" in text
+    mean_clean = sum(abs(0.02 - g) for g in gain_b) / 10 * 100  # SGD's halves agree: 0 for its 5 runs
+    assert f"clean {mean_clean:.2f}; mean corruption 0.00; PGD 0.031 2.00" in text
+    assert "1 of 3 differ:" in text
+    assert lines[-1].startswith("- sam − sgd, clean accuracy (pp): better (")
+    assert lines[-1].endswith("from half A, inconclusive with 5 seeds from half B")
+    assert not robustness._split_halves({"sgd": [{"corruptions": {}, "attack": {}}]})
+
+    # report(): the section and the header's sentence appear once the evaluations carry halves
+    committed = ROOT / "benchmarks/results/bnn-fashion-mnist-lenet-clean/robustness"
+    shutil.copytree(committed / "runs", tmp_path / "runs", ignore=shutil.ignore_patterns("*.log"))
+    for path in (tmp_path / "runs").glob("*/eval.json"):
+        result = json.loads(path.read_text())
+        c, a = result["corruptions"], result["attack"]
+        c["monte_carlo"] = {"samples": 30, "halves": [15, 15], "clean_accuracy": [c["clean"]["accuracy"]] * 2,
+                            "mean_corruption_accuracy": [c["mean_corruption_accuracy"]] * 2}
+        a["monte_carlo"] = {"robust_accuracy": {k: [v, v] for k, v in a["robust_accuracy"].items()}}
+        path.write_text(json.dumps(result))
+    groups = {method: sorted((tmp_path / "runs").glob(f"{method}-*"), key=lambda r: "-seed" in r.name)
+              for method in ("sgd", "sam", "otmdr")}
+    args = argparse.Namespace(compare_dirs=["bnn"], baseline_method="sgd", landscape=False, margin=0.5)
+    report = robustness.report(args, groups, tmp_path).read_text()
+    assert "no second set was drawn" not in report and "## Monte Carlo error (split-half)" in report
+    assert "0 of 9 differ (no accuracy verdict there depends on which weights were drawn)" in report

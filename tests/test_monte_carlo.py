@@ -142,3 +142,39 @@ def test_a_bayesian_compare_report_states_the_monte_carlo_error(tmp_path):
     report = (out / "report.md").read_text()
     assert "**Monte Carlo error of the predictive**" in report
     assert "Monte Carlo error at 4 weight samples per pass" in report
+
+
+class _Draws(torch.nn.Module):
+    """A stochastic model whose i-th forward returns the i-th of fixed logits: its draws known."""
+
+    def __init__(self, logits: list[list[list[float]]]):
+        super().__init__()
+        self.logits, self.calls = [torch.tensor(draw) for draw in logits], 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.logits[self.calls % len(self.logits)]
+        self.calls += 1
+        return out + 0 * x.sum()
+
+
+def test_each_half_of_the_draws_gives_its_own_predictive_and_accuracy():
+    """Prediction.halves and robust_accuracies' second value are the predictive of draws 1-2 and
+    of draws 3-4 alone: here the first half says class 0 and the second class 1 on every image."""
+    from otmdr.eval.attacks import robust_accuracies
+    from otmdr.eval.predict import predict
+
+    first, second = [[3.0, 0.0], [2.0, 0.0], [1.0, 0.0]], [[0.0, 1.0], [0.0, 4.0], [0.0, 4.0]]
+    x, y = torch.zeros(3, 1), torch.tensor([0, 1, 0])
+    prediction = predict(_Draws([first, first, second, second]), [(x, y)], samples=4)
+    assert prediction.halves is not None
+    expected = [torch.log_softmax(torch.tensor(half, dtype=torch.float64), dim=1) for half in (first, second)]
+    torch.testing.assert_close(prediction.halves[0], expected[0])
+    torch.testing.assert_close(prediction.halves[1], expected[1])
+    torch.testing.assert_close(prediction.log_probs, torch.log((expected[0].exp() + expected[1].exp()) / 2))
+    assert predict(_Draws([first]), [(x, y)], samples=1).halves is None
+
+    accuracy, halves = robust_accuracies(_Draws([first, first, second, second]), [(x, y)], lambda m, a, b: a,
+                                         samples=4)
+    assert halves == [2 / 3, 1 / 3]  # class 0 everywhere, then class 1 everywhere
+    assert accuracy == 2 / 3  # the pooled predictive: right on images 1 and 2 (classes 0, 1), wrong on 3
+    assert robust_accuracies(_Draws([first]), [(x, y)], lambda m, a, b: a, samples=1) == (2 / 3, None)

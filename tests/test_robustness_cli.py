@@ -182,24 +182,33 @@ def test_eval_baseline_reports_the_mce_and_refuses_bad_baselines(run, tmp_path, 
     assert "needs --corruptions" in error(str(run), common[:5] + ["--json", str(out)])
 
 
+@pytest.fixture(scope="module")
+def bnn(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("robustness") / "bnn"
+    assert main(["train", "--config", str(DEMO), "--out", str(out), "--set", "train.epochs=1", "--set",
+                 "train.progress=false", "--set", "model.name=bayes-mlp", "--set", "model.options={hidden: [16]}",
+                 "--set", "optim.base=adam", "--set", "optim.lr=0.01", "--set", "optim.weight_decay=0",
+                 "--set", "bayes.test_samples=4"]) == 0
+    return out
+
+
+BNN_EVAL = ["--no-temperature-scaling", "--test-limit", "40", "--corruptions", "contrast,fog", "--severities", "1,3",
+            "--attack", "pgd", "--eps", "2/255,4/255", "--steps", "1"]
+
+
 def test_predictive_samples_sets_a_bnns_draws_everywhere_and_is_refused_for_a_deterministic_run(
-        run, tmp_path, capsys, monkeypatch):
+        run, bnn, tmp_path, capsys, monkeypatch):
     """A Bayesian network's corruption grid costs one forward pass per draw, image and condition: a
     100-draw study's robustness evaluation can ask for fewer. Every part (clean, corrupted, attacked)
     must then use the same draws."""
     import otmdr.eval.attacks as attacks
     import otmdr.eval.corruption_grid as grid
 
-    bnn = tmp_path / "bnn"
-    assert main(["train", "--config", str(DEMO), "--out", str(bnn), "--set", "train.epochs=1", "--set",
-                 "train.progress=false", "--set", "model.name=bayes-mlp", "--set", "model.options={hidden: [16]}",
-                 "--set", "optim.base=adam", "--set", "optim.lr=0.01", "--set", "optim.weight_decay=0",
-                 "--set", "bayes.test_samples=4"]) == 0
     used: list[int] = []
-    real_predict, real_robust = grid.predict, attacks.robust_accuracy
+    real_predict, real_robust = grid.predict, attacks.robust_accuracies
     monkeypatch.setattr(grid, "predict", lambda *a, samples, **k: used.append(samples) or real_predict(
         *a, samples=samples, **k))
-    monkeypatch.setattr(attacks, "robust_accuracy", lambda *a, samples, **k: used.append(samples) or real_robust(
+    monkeypatch.setattr(attacks, "robust_accuracies", lambda *a, samples, **k: used.append(samples) or real_robust(
         *a, samples=samples, **k))
     common = ["eval", str(bnn), "--no-temperature-scaling", "--test-limit", "40", "--corruptions", "contrast",
               "--severities", "1", "--attack", "pgd", "--eps", "2/255", "--steps", "1"]
@@ -216,3 +225,23 @@ def test_predictive_samples_sets_a_bnns_draws_everywhere_and_is_refused_for_a_de
     assert not (tmp_path / "det.json").exists()
     assert main(["eval", str(bnn), "--predictive-samples", "0"]) == 2
     assert "--predictive-samples" in capsys.readouterr().err
+
+
+def test_a_bnns_evaluation_also_scores_each_half_of_its_draws(run, bnn, tmp_path):
+    """The split-half Monte-Carlo check (benchmarks/robustness.py reports it): every accuracy of a
+    Bayesian network's corruption grid and attack is also recorded from each half of its draws, at
+    no extra forward pass; a deterministic model records none."""
+    assert main(["eval", str(bnn), *BNN_EVAL, "--predictive-samples", "4", "--json", str(tmp_path / "b.json")]) == 0
+    result = json.loads((tmp_path / "b.json").read_text())
+    split = result["corruptions"]["monte_carlo"]
+    assert (split["samples"], split["halves"]) == (4, [2, 2])
+    cells = [split["cells"][name][s] for name in ("contrast", "fog") for s in ("1", "3")]
+    assert sorted(split["cells"]) == ["contrast", "fog"] and all(len(c) == 2 for c in cells)
+    assert split["mean_corruption_accuracy"] == pytest.approx([np.mean([c[h] for c in cells]) for h in (0, 1)])
+    assert all(0 <= a <= 1 and round(40 * a) == pytest.approx(40 * a) for c in cells for a in c)  # 40 images
+    attack = result["attack"]
+    assert set(attack["monte_carlo"]["robust_accuracy"]) == set(attack["robust_accuracy"])
+    assert attack["monte_carlo"]["halves"] == [2, 2]
+    assert main(["eval", str(run), *BNN_EVAL, "--json", str(tmp_path / "d.json")]) == 0
+    deterministic = json.loads((tmp_path / "d.json").read_text())
+    assert "monte_carlo" not in deterministic["corruptions"] and "monte_carlo" not in deterministic["attack"]

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ._mode import eval_mode
 
-__all__ = ["Normalized", "fgsm", "pgd", "robust_accuracy", "format_epsilon"]
+__all__ = ["Normalized", "fgsm", "pgd", "robust_accuracy", "robust_accuracies", "format_epsilon"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -99,18 +99,40 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, norm: str = "linf
 
 
 @torch.no_grad()
-def _correct(model: nn.Module, x: Tensor, y: Tensor, samples: int) -> Tensor:
-    probs = cast(Tensor, sum(torch.softmax(model(x), dim=1) for _ in range(samples))) / samples  # samples >= 1
-    return probs.argmax(dim=1) == y
+def _mean_right(probs: list[Tensor], y: Tensor) -> Tensor:
+    return (cast(Tensor, sum(probs)) / len(probs)).argmax(dim=1) == y  # len(probs) >= 1
+
+
+def _correct(model: nn.Module, x: Tensor, y: Tensor, samples: int) -> tuple[Tensor, Tensor | None]:
+    """Whether the predictive (the mean over ``samples`` draws) is right on each image, and with
+    ``samples`` >= 2 whether that of each half of the draws is: (N,) and (2, N) or None."""
+    probs = [torch.softmax(model(x), dim=1) for _ in range(samples)]
+    halves = None if samples < 2 else torch.stack([_mean_right(probs[:samples // 2], y),
+                                                   _mean_right(probs[samples // 2:], y)])
+    return _mean_right(probs, y), halves
+
+
+def robust_accuracies(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]],
+                      attack: Callable[[nn.Module, Tensor, Tensor], Tensor], *,
+                      samples: int = 1) -> tuple[float, list[float] | None]:
+    """Accuracy on ``attack(model, x, y)`` for every batch (x in [0, 1]); ``samples`` > 1 averages
+    the predictive of a stochastic model, and then the accuracy of each half of the draws on its
+    own comes second (a split-half check of the Monte-Carlo error; None for one draw)."""
+    correct = total = 0
+    half_correct = torch.zeros(2, dtype=torch.long)
+    with eval_mode(model):
+        for x, y in batches:
+            right, halves = _correct(model, attack(model, x, y), y, samples)
+            correct += int(right.sum())
+            if halves is not None:
+                half_correct += halves.sum(dim=1).cpu()
+            total += len(y)
+    total = max(total, 1)
+    return correct / total, None if samples < 2 else [int(c) / total for c in half_correct]
 
 
 def robust_accuracy(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]],
                     attack: Callable[[nn.Module, Tensor, Tensor], Tensor], *, samples: int = 1) -> float:
     """Accuracy on ``attack(model, x, y)`` for every batch (x in [0, 1]); ``samples`` > 1 averages
     the predictive of a stochastic model."""
-    correct = total = 0
-    with eval_mode(model):
-        for x, y in batches:
-            correct += int(_correct(model, attack(model, x, y), y, samples).sum())
-            total += len(y)
-    return correct / max(total, 1)
+    return robust_accuracies(model, batches, attack, samples=samples)[0]

@@ -56,7 +56,7 @@ def attack_robustness(cfg, model: torch.nn.Module, data, *, attack: str, epsilon
     unless ``autoattack_version`` says otherwise). ValueError when AutoAttack cannot run.
     """
     from ..models.bayes import is_bayesian
-    from .attacks import Normalized, fgsm, format_epsilon, pgd, robust_accuracy
+    from .attacks import Normalized, fgsm, format_epsilon, pgd, robust_accuracies
 
     spec = data.test.spec
     mean = _per_channel(spec.mean, spec.in_channels)
@@ -66,6 +66,7 @@ def attack_robustness(cfg, model: torch.nn.Module, data, *, attack: str, epsilon
     samples = cfg.bayes.test_samples if bayesian else 1
     batches = [(x * std.to(x) + mean.to(x), y) for x, y in data.test]  # back to [0, 1]
     curve: dict[float, float] = {}
+    halves: dict[str, list[float]] = {}  # a Bayesian network's accuracy from each half of its draws
     details: dict[str, Any] = {}
     for eps in epsilons:
         if attack == "autoattack":
@@ -76,13 +77,18 @@ def attack_robustness(cfg, model: torch.nn.Module, data, *, attack: str, epsilon
             fn = lambda m, x, y, e=eps: fgsm(m, x, y, e, eot_samples=eot)  # noqa: E731
         else:
             fn = lambda m, x, y, e=eps: pgd(m, x, y, e, norm=norm, steps=steps, eot_samples=eot)  # noqa: E731
-        curve[eps] = robust_accuracy(attacked, batches, fn, samples=samples)
+        curve[eps], half = robust_accuracies(attacked, batches, fn, samples=samples)
+        if half is not None:
+            halves[str(eps)] = half
         echo(f"  {attack} {norm if attack == 'pgd' else 'linf'} eps {format_epsilon(eps)}: "
              f"robust accuracy {100 * curve[eps]:.2f}%")
     result = {"method": attack, "norm": "linf" if attack == "fgsm" else norm, "steps": steps,
               "eot_samples": eot, "robust_accuracy": {str(k): v for k, v in curve.items()}}
     if details:
         result.update(steps=None, eot_samples=None, autoattack=details)
+    if halves:
+        result["monte_carlo"] = {"samples": samples, "halves": [samples // 2, samples - samples // 2],
+                                 "robust_accuracy": halves}
     return result
 
 
