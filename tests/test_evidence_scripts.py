@@ -531,3 +531,47 @@ def test_robustness_report_measures_the_monte_carlo_error_from_each_half_of_the_
     report = robustness.report(args, groups, tmp_path).read_text()
     assert "no second set was drawn" not in report and "## Monte Carlo error (split-half)" in report
     assert "0 of 9 differ (no accuracy verdict there depends on which weights were drawn)" in report
+
+
+def test_pending_evidence_restores_carried_runs_runs_each_step_and_carries_unfinished_studies(tmp_path):
+    """benchmarks/evidence/pending.sh: a study with an IN-PROGRESS.md under the results is restored
+    before anything trains, then the steps run in order (fake otmdr and python record the calls);
+    --carry collects only the studies that have finished runs but no report yet."""
+    import os
+
+    record = tmp_path / "calls"
+    fake = tmp_path / "fake"
+    fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {record}\n')
+    fake.chmod(0o755)
+    evidence, results = tmp_path / "runs", tmp_path / "results"
+    (results / "cifar10-resnet20-noisy40-rerun").mkdir(parents=True)
+    (results / "cifar10-resnet20-noisy40-rerun" / "IN-PROGRESS.md").write_text("carried\n")
+    (results / "bnn-fashion-mnist-lenet-clean-rerun").mkdir()  # a finished study's results: nothing to restore
+    (evidence / "cifar10-resnet20-noisy40").mkdir(parents=True)  # what the restore (faked here) writes
+    env = {k: v for k, v in os.environ.items() if k not in ("MATCHED", "REGIMES", "WARMUP")}
+    env.update(OTMDR=str(fake), PYTHON=str(fake), EVIDENCE_DIR=str(evidence), RESULTS=str(results))
+    script = str(ROOT / "benchmarks/evidence/pending.sh")
+    subprocess.run(["bash", script], env=env, check=True, capture_output=True, text=True)
+    calls = record.read_text().splitlines()
+    assert calls[0] == (f"benchmarks/restore_runs.py {results}/cifar10-resnet20-noisy40-rerun "
+                        f"{evidence}/cifar10-resnet20-noisy40")
+    assert not any("restore_runs.py" in call for call in calls[1:])
+    order = ["compare --methods sgd --reference sgd", "compare --methods sgd,sgd@compute,sam,otmdr",
+             "--methods sgd,sgd@compute,sam,otmdr,otmdr+interval", "matched_radius.py",
+             "configs/bnn-fashion-mnist.yaml", "cifar10-resnet20-clean sgd optim.lr", "corrupt --dataset fashion-mnist"]
+    at = [next((i for i, call in enumerate(calls) if part in call), -1) for part in order]
+    assert min(at) >= 0 and at == sorted(at), calls
+    assert all("../shared/datasets/" in call for call in calls if " --data-dir " in call)
+    assert (evidence / "cifar10-resnet20-noisy40.log").is_file()
+    (evidence / "efficiency-cifar10-resnet20-noisy40").rename(tmp_path / "linked")  # the efficiency step's copy
+
+    record.unlink()
+    for study, files in (("cifar10-resnet20-noisy40", ["search/sgd-lr=0.1-seed1000/summary.json"]),
+                         ("efficiency-cifar10-resnet20-noisy40", ["report.md", "sgd-seed0/summary.json"]),
+                         ("bnn-fashion-mnist-lenet-clean", ["search/x-seed1000/metrics.csv"])):
+        for file in files:
+            (evidence / study / file).parent.mkdir(parents=True, exist_ok=True)
+            (evidence / study / file).write_text("{}")
+    subprocess.run(["bash", script, "--carry"], env=env, check=True, capture_output=True, text=True)
+    assert record.read_text().splitlines() == [
+        f"benchmarks/collect_report.py --partial {evidence}/cifar10-resnet20-noisy40 cifar10-resnet20-noisy40-rerun"]

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The evidence still to run for issues 24 and 25, in order, on 2 cores: each step resumes, and the
+# runs an earlier session carried with `collect_report.py --partial` are restored first, so a new
+# machine starts where the last one stopped instead of retraining hours of runs.
+#   benchmarks/evidence/pending.sh            restore what was carried, then run every step (days on 2 cores)
+#   benchmarks/evidence/pending.sh --carry    before a session ends: collect each unfinished study's finished
+#                                             runs into benchmarks/results/<name>/ (then commit them)
+# Each step's output goes to runs/evidence/<step>.log. The data paths are relative (../shared/...),
+# as the carried configs record them: a run is reused only if its config matches as written. When a
+# study finishes, collect it (the scripts print the command), and delete its step and its line
+# in STUDIES here.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PYTHON=${PYTHON:-.venv/bin/python}
+export OTMDR=${OTMDR:-.venv/bin/otmdr}
+export EVIDENCE_DIR=${EVIDENCE_DIR:-runs/evidence}
+RESULTS=${RESULTS:-benchmarks/results}
+CIFAR=../shared/datasets/cifar10-jpeg.tar.gz
+FMNIST=../shared/datasets/fashion-mnist
+# study folder under runs/evidence -> its folder under benchmarks/results
+STUDIES="cifar10-resnet20-noisy40:cifar10-resnet20-noisy40-rerun
+efficiency-cifar10-resnet20-noisy40:efficiency-cifar10-resnet20-noisy40
+cifar10-resnet20-noisy40-matched-sam:cifar10-resnet20-noisy40-rerun-matched-sam
+cifar10-resnet20-noisy40-matched-otmdr:cifar10-resnet20-noisy40-rerun-matched-otmdr
+bnn-fashion-mnist-lenet-clean:bnn-fashion-mnist-lenet-clean-rerun
+bnn-fashion-mnist-lenet-noisy40:bnn-fashion-mnist-lenet-noisy40-rerun
+cifar10-resnet20-clean:cifar10-resnet20-clean-rerun
+cifar10-resnet20-clean-matched-sam:cifar10-resnet20-clean-rerun-matched-sam
+cifar10-resnet20-clean-matched-otmdr:cifar10-resnet20-clean-rerun-matched-otmdr"
+
+if [ "${1:-}" = --carry ]; then
+  for pair in $STUDIES; do
+    study=$EVIDENCE_DIR/${pair%%:*}
+    [ -d "$study" ] && [ ! -f "$study/report.md" ] || continue  # not started, or finished: collect it whole
+    [ -n "$(find "$study" -mindepth 2 -name summary.json -print -quit)" ] || continue  # nothing finished yet
+    "$PYTHON" benchmarks/collect_report.py --partial "$study" "${pair#*:}"
+  done
+  exit 0
+fi
+for pair in $STUDIES; do
+  if [ -f "$RESULTS/${pair#*:}/IN-PROGRESS.md" ]; then
+    "$PYTHON" benchmarks/restore_runs.py "$RESULTS/${pair#*:}" "$EVIDENCE_DIR/${pair%%:*}"
+  fi
+done
+mkdir -p "$EVIDENCE_DIR"
+# one step, logged; a step that fails is logged and the queue goes on (a later one may not need it)
+step() {
+  local log=$EVIDENCE_DIR/$1.log; shift
+  echo "$(date -u +%FT%TZ) $*" >> "$log"
+  nice "$@" >> "$log" 2>&1 || echo "$(date -u +%FT%TZ) failed with exit code $?" | tee -a "$log" >&2
+}
+step cifar10-resnet20-noisy40 env MATCHED=0 REGIMES=noisy40 bash benchmarks/evidence/cifar10_resnet20.sh "$CIFAR" 2
+step efficiency-cifar10 bash benchmarks/evidence/efficiency.sh cifar10-noisy "$CIFAR" 2
+step matched-cifar10-noisy40 "$PYTHON" benchmarks/evidence/matched_radius.py "$EVIDENCE_DIR/cifar10-resnet20-noisy40" \
+  --jobs 2 --otmdr "$OTMDR"
+step bnn bash benchmarks/evidence/bnn_fashion_mnist.sh "$FMNIST" 2
+step cifar10-resnet20-clean env REGIMES=clean bash benchmarks/evidence/cifar10_resnet20.sh "$CIFAR" 2
+step bnn-robustness bash benchmarks/evidence/robustness_of_selected.sh "$FMNIST" 2 \
+  "$EVIDENCE_DIR/bnn-fashion-mnist-lenet-clean" "$EVIDENCE_DIR/bnn-fashion-mnist-lenet-noisy40"
