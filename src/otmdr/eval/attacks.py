@@ -98,11 +98,11 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, norm: str = "linf
     return (x + delta).detach()
 
 
-@torch.no_grad()
 def _mean_right(probs: list[Tensor], y: Tensor) -> Tensor:
     return (cast(Tensor, sum(probs)) / len(probs)).argmax(dim=1) == y  # len(probs) >= 1
 
 
+@torch.no_grad()
 def _correct(model: nn.Module, x: Tensor, y: Tensor, samples: int) -> tuple[Tensor, Tensor | None]:
     """Whether the predictive (the mean over ``samples`` draws) is right on each image, and with
     ``samples`` >= 2 whether that of each half of the draws is: (N,) and (2, N) or None."""
