@@ -149,9 +149,10 @@ class _Draws(torch.nn.Module):
 
     def __init__(self, logits: list[list[list[float]]]):
         super().__init__()
-        self.logits, self.calls = [torch.tensor(draw) for draw in logits], 0
+        self.logits, self.calls, self.grad_modes = [torch.tensor(draw) for draw in logits], 0, []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.grad_modes.append(torch.is_grad_enabled())
         out = self.logits[self.calls % len(self.logits)]
         self.calls += 1
         return out + 0 * x.sum()
@@ -173,8 +174,9 @@ def test_each_half_of_the_draws_gives_its_own_predictive_and_accuracy():
     torch.testing.assert_close(prediction.log_probs, torch.log((expected[0].exp() + expected[1].exp()) / 2))
     assert predict(_Draws([first]), [(x, y)], samples=1).halves is None
 
-    accuracy, halves = robust_accuracies(_Draws([first, first, second, second]), [(x, y)], lambda m, a, b: a,
-                                         samples=4)
+    draws = _Draws([first, first, second, second])
+    accuracy, halves = robust_accuracies(draws, [(x, y)], lambda m, a, b: a, samples=4)
+    assert draws.grad_modes == [False] * 4  # scoring the attacked images builds no graph
     assert halves == [2 / 3, 1 / 3]  # class 0 everywhere, then class 1 everywhere
     assert accuracy == 2 / 3  # the pooled predictive: right on images 1 and 2 (classes 0, 1), wrong on 3
     assert robust_accuracies(_Draws([first]), [(x, y)], lambda m, a, b: a, samples=1) == (2 / 3, None)
