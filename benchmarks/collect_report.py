@@ -15,6 +15,8 @@ files into its archives.
 ``--partial`` carries a study that is still training: only its finished runs travel, with an
 ``IN-PROGRESS.md`` that lists them, so that a session ended (or a machine lost) mid-study costs only
 the runs that were training, not the hours before. Collecting the finished study later removes it.
+With ``--with-robustness`` the study's robustness evaluation (``STUDY/robustness``) travels too, and
+a final run only once its evaluation is finished: the checkpoints it reads do not travel.
 
     python benchmarks/collect_report.py runs/evidence/fashion-mnist-mlp-noisy40 fashion-mnist-mlp-noisy40
     python benchmarks/collect_report.py --partial runs/evidence/cifar10-resnet20-noisy40 cifar10-resnet20-noisy40-rerun
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -35,12 +38,48 @@ RUN_FILES = ("config.yaml", "summary.json", "metrics.csv", "train.log")
 IN_PROGRESS = "IN-PROGRESS.md"
 
 
-def _copy_finished_runs(src: Path, dst: Path) -> list[str]:
-    """Each finished run's small files (those with a summary.json) under ``dst/runs/``; their names."""
+def _evaluated(src: Path) -> tuple[set[Path], list[Path]]:
+    """The final runs of ``src`` whose robustness evaluation (``src/robustness``, as
+    benchmarks/robustness.py writes it) is finished, and the finished pieces to carry with them. A
+    run needs its eval and sharpness JSON; its method's first seed, which the landscapes read, also
+    needs every landscape to be done. A run that is not evaluated yet stays behind with its
+    checkpoint: on another machine it trains again (its checkpoint is not carried) and is evaluated
+    there, never evaluated from a model it was not."""
+    robustness = src / "robustness"
+    finals: dict[str, dict[int, Path]] = {}
+    for summary in src.glob("*/summary.json"):
+        match = re.fullmatch(r"(.+)-seed(\d+)", summary.parent.name)
+        if match:
+            finals.setdefault(match.group(1), {})[int(match.group(2))] = summary.parent
+    landscapes = sorted(robustness.glob("landscape/*/"))
+    landscapes_done = all((folder / "landscape.json").is_file() for folder in landscapes)
+    ready, pieces = set(), []
+    for runs in finals.values():
+        for seed, run in runs.items():
+            evaluation = [robustness / "runs" / run.name / name for name in ("eval.json", "sharpness.json")]
+            first = seed == min(runs)
+            if all(path.is_file() for path in evaluation) and (landscapes_done or not first):
+                ready.add(run)
+                pieces += evaluation
+    if landscapes and landscapes_done:
+        pieces += [path for folder in landscapes for path in sorted(folder.glob("landscape.*"))
+                   if path.name in ("landscape.json", "landscape.png")]
+    return ready, pieces
+
+
+def _copy_finished_runs(src: Path, dst: Path, with_robustness: bool = False) -> tuple[list[str], list[str]]:
+    """Each finished run's small files (those with a summary.json) under ``dst/runs/``: their names,
+    and the robustness pieces that travelled (``with_robustness``: a final run travels only once
+    its robustness evaluation is finished, with it)."""
     names = []
+    ready, pieces = _evaluated(src) if with_robustness else (set(), [])
+    for piece in pieces:
+        target = dst / piece.relative_to(src)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(piece, target)
     for summary in sorted(src.rglob("summary.json")):
         run = summary.parent
-        if run == src:
+        if run == src or (with_robustness and run.parent == src and run not in ready):
             continue
         target = dst / "runs" / run.relative_to(src)
         target.mkdir(parents=True, exist_ok=True)
@@ -48,11 +87,17 @@ def _copy_finished_runs(src: Path, dst: Path) -> list[str]:
             if (run / file).is_file():
                 shutil.copy2(run / file, target / file)
         names.append(run.relative_to(src).as_posix())
-    return names
+    return names, [piece.relative_to(src).as_posix() for piece in pieces]
 
 
-def _in_progress_note(src: Path, name: str, runs: list[str]) -> str:
+def _in_progress_note(src: Path, name: str, runs: list[str], pieces: list[str] | None) -> str:
     listed = "\n".join(f"- `{run}`" for run in runs)
+    if pieces is not None:
+        listed += (f"\n\nRobustness: {len(pieces)} finished evaluation file(s) under `robustness/`. A final run "
+                   "travels only with its finished evaluation (its checkpoint does not travel): the others train "
+                   "again where the study resumes.")
+        figures = [piece for piece in pieces if piece.endswith(".png")]  # shown, so that the policy keeps them
+        listed += "".join(f"\n\n![{Path(piece).parent.name}]({piece})" for piece in figures)
     return (f"# {name}: in progress\n\n"
             f"The study in `{src}` is still training; these are its {len(runs)} finished run(s) "
             f"(collected {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC), carried so "
@@ -62,7 +107,8 @@ def _in_progress_note(src: Path, name: str, runs: list[str]) -> str:
             "(its `--resume` reuses every run restored here).\n\n" + listed + "\n")
 
 
-def main(source: str, name: str, *, partial: bool = False, results: Path = results_policy.RESULTS) -> None:
+def main(source: str, name: str, *, partial: bool = False, with_robustness: bool = False,
+         results: Path = results_policy.RESULTS) -> None:
     src, dst = Path(source), results / name
     if not partial and not (src / "report.md").is_file():
         sys.exit(f"{src} has no report.md: is the comparison finished? (--partial carries its finished runs)")
@@ -71,9 +117,9 @@ def main(source: str, name: str, *, partial: bool = False, results: Path = resul
     if partial and (dst / "report.md").is_file():
         sys.exit(f"{dst} holds a finished study's report: --partial would not replace it")
     dst.mkdir(parents=True, exist_ok=True)
-    runs = _copy_finished_runs(src, dst)
+    runs, pieces = _copy_finished_runs(src, dst, with_robustness=partial and with_robustness)
     if partial:
-        (dst / IN_PROGRESS).write_text(_in_progress_note(src, name, runs))
+        (dst / IN_PROGRESS).write_text(_in_progress_note(src, name, runs, pieces if with_robustness else None))
     else:
         shutil.copy2(src / "report.md", dst / "report.md")
         shutil.copytree(src / "figures", dst / "figures", dirs_exist_ok=True)
@@ -92,5 +138,8 @@ if __name__ == "__main__":
     parser.add_argument("source", help="the study folder (otmdr compare --out)")
     parser.add_argument("name", help="the folder under benchmarks/results to copy it to")
     parser.add_argument("--partial", action="store_true", help="carry a study still training: its finished runs only")
+    parser.add_argument("--with-robustness", action="store_true",
+                        help="with --partial: the study's robustness is evaluated in SOURCE/robustness; a final run "
+                             "travels only once its evaluation is finished, with it (its checkpoint cannot travel)")
     args = parser.parse_args()
-    main(args.source, args.name, partial=args.partial)
+    main(args.source, args.name, partial=args.partial, with_robustness=args.with_robustness)

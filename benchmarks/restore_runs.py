@@ -4,9 +4,10 @@ benchmarks/collect_report.py carries each finished run's config.yaml, summary.js
 (packed into ``runs-*.tar.xz`` for a large study); ``otmdr compare --resume`` reuses a run folder
 that holds a summary.json and the config it would train. This writes them back under the study
 folder, loose or from the archives, so that a study collected with ``--partial`` on one machine
-goes on on another without retraining what was done. A run folder that already exists is left as
-it is (it may be training, or newer); each run's summary.json is written last, so a restore cut
-short leaves no run that looks finished without its files.
+goes on on another without retraining what was done; likewise the finished pieces of its robustness
+evaluation (``benchmarks/robustness.py`` skips each that exists). A run folder that already exists
+is left as it is (it may be training, or newer); each run's summary.json is written last, so a
+restore cut short leaves no run that looks finished without its files.
 
     python benchmarks/restore_runs.py cifar10-resnet20-noisy40-rerun runs/evidence/cifar10-resnet20-noisy40
 """
@@ -20,27 +21,44 @@ from pathlib import Path
 import results_policy
 
 RESTORED = (".yaml", ".csv", ".json")  # what --resume reads; logs stay packed
+#: a robustness evaluation's finished pieces (benchmarks/robustness.py reuses each that exists)
+EVALUATED = ("eval.json", "sharpness.json", "landscape.json", "landscape.png")
+
+
+def _committed_files(study: Path) -> dict[str, bytes]:
+    """Every file of a committed study by its path in the study, loose or in a ``runs-*.tar.xz``
+    (whose members are relative to the archive's folder)."""
+    files: dict[str, bytes] = {}
+    for archive in sorted(study.rglob("runs-*.tar.xz")):
+        prefix = archive.parent.relative_to(study)
+        for member, data in results_policy.read_archive(archive).items():
+            files[(prefix / member).as_posix()] = data
+    for path in sorted(study.rglob("*")):
+        if path.is_file() and not path.name.endswith(".tar.xz"):
+            files[path.relative_to(study).as_posix()] = path.read_bytes()
+    return files
 
 
 def committed_runs(study: Path) -> dict[str, dict[str, bytes]]:
-    """The run files of a committed study by run folder (relative to its ``runs/``), from its loose
-    files and its ``runs-*.tar.xz`` archives."""
-    files: dict[str, bytes] = {}
-    for archive in sorted(study.glob("runs-*.tar.xz")):
-        files.update(results_policy.read_archive(archive))
-    for path in sorted((study / "runs").rglob("*")) if (study / "runs").is_dir() else []:
-        if path.is_file():
-            files[path.relative_to(study).as_posix()] = path.read_bytes()
+    """The finished runs of a committed study by run folder (relative to its ``runs/``)."""
     runs: dict[str, dict[str, bytes]] = {}
-    for member, data in files.items():
+    for member, data in _committed_files(study).items():
         parts = member.split("/")
         if parts[0] == "runs" and len(parts) > 2 and member.endswith(RESTORED):
             runs.setdefault("/".join(parts[1:-1]), {})[parts[-1]] = data
     return {run: found for run, found in runs.items() if "summary.json" in found and "config.yaml" in found}
 
 
+def committed_evaluations(study: Path) -> dict[str, bytes]:
+    """The finished robustness pieces of a committed study (``robustness/runs/RUN/eval.json``, its
+    ``sharpness.json``, ``robustness/landscape/METHOD/landscape.json`` and its figure), by path."""
+    return {member: data for member, data in _committed_files(study).items()
+            if member.startswith(("robustness/runs/", "robustness/landscape/")) and member.endswith(EVALUATED)}
+
+
 def restore(study: Path, target: Path) -> tuple[list[str], list[str]]:
-    """Write ``study``'s finished runs under ``target``; (restored, left as they were)."""
+    """Write ``study``'s finished runs under ``target``, and its finished robustness pieces that are
+    not there yet; (restored runs, runs left as they were)."""
     restored, kept = [], []
     for run, found in sorted(committed_runs(study).items()):
         folder = target / run
@@ -51,6 +69,11 @@ def restore(study: Path, target: Path) -> tuple[list[str], list[str]]:
         for name in sorted(found, key=lambda n: n == "summary.json"):  # the summary, the mark of done, last
             (folder / name).write_bytes(found[name])
         restored.append(run)
+    for member, data in sorted(committed_evaluations(study).items(), key=lambda item: item[0].endswith(".json")):
+        path = target / member  # each piece is its own mark of done; a landscape's JSON after its figure
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
     return restored, kept
 
 

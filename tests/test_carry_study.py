@@ -5,6 +5,7 @@ exactly where an uninterrupted study ends."""
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
 from pathlib import Path
@@ -28,6 +29,11 @@ def scripts(monkeypatch):
     modules = [importlib.import_module(name) for name in ("results_policy", "collect_report", "restore_runs")]
     monkeypatch.setattr(modules[0], "RUNS_THRESHOLD", 0)  # pack even this small study's runs
     return modules
+
+
+def _module(name: str):
+    sys.modules.pop(name, None)
+    return importlib.import_module(name)
 
 
 def _study(out: Path) -> Study:
@@ -102,3 +108,57 @@ def test_restore_refuses_what_holds_no_finished_run(tmp_path, scripts, capsys):
     with pytest.raises(SystemExit, match="no finished run to carry"):
         collect_report.main(str(empty), "nothing", partial=True, results=tmp_path / "results")
     assert not (tmp_path / "results").exists()
+
+
+def test_a_final_run_travels_only_with_its_finished_robustness_evaluation(tmp_path, scripts):
+    """--with-robustness: the checkpoints that robustness.py reads do not travel, so a final run is
+    carried only once its evaluation (eval and sharpness JSON; for its method's first seed every
+    landscape too) is finished, with it; the others train again where the study resumes, and
+    robustness.py then has only their evaluations left to do."""
+    _, collect_report, restore_runs = scripts
+    robustness = _module("robustness")
+    part = tmp_path / "part"
+    whole = run_study(_study(part), log=lambda _: None)
+    evaluated = part / "robustness"
+    for run, files in (("sgd-seed0", ("eval", "sharpness")), ("sgd-seed1", ("eval", "sharpness")),
+                       ("sam-seed0", ("eval", "sharpness")), ("sam-seed1", ("eval",))):  # sam-seed1: half done
+        (evaluated / "runs" / run).mkdir(parents=True)
+        for name in files:
+            (evaluated / "runs" / run / f"{name}.json").write_text(f'{{"{run}": "{name}"}}')
+    for method in ("sgd", "sam"):
+        (evaluated / "landscape" / method).mkdir(parents=True)
+    (evaluated / "landscape" / "sgd" / "landscape.json").write_text("{}")
+    (evaluated / "landscape" / "sgd" / "landscape.png").write_bytes(b"png")
+    results = tmp_path / "results"
+
+    def carried() -> list[str]:
+        collect_report.main(str(part), "carried", partial=True, with_robustness=True, results=results)
+        return sorted(restore_runs.committed_runs(results / "carried"))
+
+    finals = ["sam-seed0", "sam-seed1", "sgd-seed0", "sgd-seed1"]
+    search = [run for run in carried() if run not in finals]
+    assert len(search) == 2 and carried() == sorted(search + ["sgd-seed1"])  # first seeds wait for the sam landscape
+    assert sorted(restore_runs.committed_evaluations(results / "carried")) == [
+        "robustness/runs/sgd-seed1/eval.json", "robustness/runs/sgd-seed1/sharpness.json"]
+    (evaluated / "landscape" / "sam" / "landscape.json").write_text("{}")
+    (evaluated / "landscape" / "sam" / "landscape.png").write_bytes(b"png")
+    assert carried() == sorted(search + ["sam-seed0", "sgd-seed0", "sgd-seed1"])
+    assert "Robustness: 10 finished evaluation file(s)" in (results / "carried" / "IN-PROGRESS.md").read_text()
+
+    elsewhere = tmp_path / "elsewhere"
+    restore_runs.restore(results / "carried", elsewhere)
+    assert (elsewhere / "robustness/landscape/sam/landscape.png").read_bytes() == b"png"
+    assert not (elsewhere / "robustness/runs/sam-seed1").exists()
+    lines: list[str] = []
+    resumed = run_study(_study(elsewhere), log=lines.append)
+    assert lines.count("  2 run(s) finished earlier, reused") == 1  # the search
+    assert lines.count("  3 run(s) finished earlier, reused") == 1  # the finals but sam-seed1, which trains again
+    assert _accuracies(resumed) == _accuracies(whole)
+    args = argparse.Namespace(data_dir=None, test_limit=10, corruptions="contrast", severities="1", eps="8/255",
+                              pgd_steps=1, eot=1, corrupted_dir=None, sharpness_samples=8, sharpness_iterations=1,
+                              sharpness_probes=1, landscape=True, landscape_samples=8, landscape_points=3,
+                              predictive_samples=None)
+    groups = robustness._find_runs([str(elsewhere)])
+    left = robustness._tasks(args, groups, elsewhere / "robustness")
+    assert sorted(result.relative_to(elsewhere).as_posix() for _, _, result in left) == [
+        "robustness/runs/sam-seed1/eval.json", "robustness/runs/sam-seed1/sharpness.json"]

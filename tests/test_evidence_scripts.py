@@ -558,7 +558,7 @@ def test_pending_evidence_restores_carried_runs_runs_each_step_and_carries_unfin
     assert not any("restore_runs.py" in call for call in calls[1:])
     order = ["compare --methods sgd --reference sgd", "compare --methods sgd,sgd@compute,sam,otmdr",
              "--methods sgd,sgd@compute,sam,otmdr,otmdr+interval", "matched_radius.py",
-             "configs/bnn-fashion-mnist.yaml", "cifar10-resnet20-clean sgd optim.lr", "corrupt --dataset fashion-mnist"]
+             "configs/bnn-fashion-mnist.yaml", "corrupt --dataset fashion-mnist", "cifar10-resnet20-clean sgd optim.lr"]
     at = [next((i for i, call in enumerate(calls) if part in call), -1) for part in order]
     assert min(at) >= 0 and at == sorted(at), calls
     assert all("../shared/datasets/" in call for call in calls if " --data-dir " in call)
@@ -568,10 +568,13 @@ def test_pending_evidence_restores_carried_runs_runs_each_step_and_carries_unfin
     record.unlink()
     for study, files in (("cifar10-resnet20-noisy40", ["search/sgd-lr=0.1-seed1000/summary.json"]),
                          ("efficiency-cifar10-resnet20-noisy40", ["report.md", "sgd-seed0/summary.json"]),
-                         ("bnn-fashion-mnist-lenet-clean", ["search/x-seed1000/metrics.csv"])):
+                         ("bnn-fashion-mnist-lenet-clean", ["search/x-seed1000/metrics.csv"]),
+                         ("bnn-fashion-mnist-lenet-noisy40", ["search/x-seed1000/summary.json"])):
         for file in files:
             (evidence / study / file).parent.mkdir(parents=True, exist_ok=True)
             (evidence / study / file).write_text("{}")
     subprocess.run(["bash", script, "--carry"], env=env, check=True, capture_output=True, text=True)
     assert record.read_text().splitlines() == [
-        f"benchmarks/collect_report.py --partial {evidence}/cifar10-resnet20-noisy40 cifar10-resnet20-noisy40-rerun"]
+        f"benchmarks/collect_report.py --partial {evidence}/cifar10-resnet20-noisy40 cifar10-resnet20-noisy40-rerun",
+        f"benchmarks/collect_report.py --partial --with-robustness {evidence}/bnn-fashion-mnist-lenet-noisy40 "
+        "bnn-fashion-mnist-lenet-noisy40-rerun"]

@@ -33,7 +33,9 @@ if [ "${1:-}" = --carry ]; then
     study=$EVIDENCE_DIR/${pair%%:*}
     [ -d "$study" ] && [ ! -f "$study/report.md" ] || continue  # not started, or finished: collect it whole
     [ -n "$(find "$study" -mindepth 2 -name summary.json -print -quit)" ] || continue  # nothing finished yet
-    "$PYTHON" benchmarks/collect_report.py --partial "$study" "${pair#*:}"
+    evaluated=()  # a BNN study's robustness is evaluated before it is collected: its final runs travel with it
+    case ${pair%%:*} in bnn-*) evaluated=(--with-robustness);; esac
+    "$PYTHON" benchmarks/collect_report.py --partial ${evaluated[@]+"${evaluated[@]}"} "$study" "${pair#*:}"
   done
   exit 0
 fi
@@ -53,7 +55,11 @@ step cifar10-resnet20-noisy40 env MATCHED=0 REGIMES=noisy40 bash benchmarks/evid
 step efficiency-cifar10 bash benchmarks/evidence/efficiency.sh cifar10-noisy "$CIFAR" 2
 step matched-cifar10-noisy40 "$PYTHON" benchmarks/evidence/matched_radius.py "$EVIDENCE_DIR/cifar10-resnet20-noisy40" \
   --jobs 2 --otmdr "$OTMDR"
-step bnn bash benchmarks/evidence/bnn_fashion_mnist.sh "$FMNIST" 2
+# each BNN regime's robustness right after its study: its final runs' checkpoints do not travel, so a
+# final run is carried only once evaluated (--carry) and trains again on a new machine until it is
+for regime in clean noisy40; do
+  step "bnn-$regime" env REGIMES=$regime bash benchmarks/evidence/bnn_fashion_mnist.sh "$FMNIST" 2
+  step "bnn-$regime-robustness" bash benchmarks/evidence/robustness_of_selected.sh "$FMNIST" 2 \
+    "$EVIDENCE_DIR/bnn-fashion-mnist-lenet-$regime"
+done
 step cifar10-resnet20-clean env REGIMES=clean bash benchmarks/evidence/cifar10_resnet20.sh "$CIFAR" 2
-step bnn-robustness bash benchmarks/evidence/robustness_of_selected.sh "$FMNIST" 2 \
-  "$EVIDENCE_DIR/bnn-fashion-mnist-lenet-clean" "$EVIDENCE_DIR/bnn-fashion-mnist-lenet-noisy40"
