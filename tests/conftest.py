@@ -29,7 +29,10 @@ def require_oracle(module: str, why: str) -> ModuleType:
         if os.environ.get("CI"):
             pytest.fail(f"oracle {module!r} is required in CI ({why}): {error}", pytrace=False)
         # allow_module_level: a test module may import its oracle at the top (it subclasses it)
-        pytest.skip(f"oracle {module!r} is not installed ({why}); `make test` installs it", allow_module_level=True)
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        pytest.skip(f"oracle {module!r} cannot be imported ({why}): {first} `make test` installs the Python "
+                    "package; a system library it needs (Wand: Debian's libmagickwand) comes from .ci/run, as root",
+                    allow_module_level=True)
 
 
 def start_otmdr(args: list[str], pause: str | None = None) -> subprocess.Popen:
