@@ -578,3 +578,6 @@ def test_pending_evidence_restores_carried_runs_runs_each_step_and_carries_unfin
         f"benchmarks/collect_report.py --partial {evidence}/cifar10-resnet20-noisy40 cifar10-resnet20-noisy40-rerun",
         f"benchmarks/collect_report.py --partial --with-robustness {evidence}/bnn-fashion-mnist-lenet-noisy40 "
         "bnn-fashion-mnist-lenet-noisy40-rerun"]
+    missing = subprocess.run(["bash", script], env={**env, "OTMDR": str(tmp_path / "no-otmdr")}, capture_output=True,
+                             text=True)
+    assert missing.returncode == 2 and "run make setup first" in missing.stderr and missing.stderr.count("\n") == 1

@@ -28,6 +28,10 @@ cifar10-resnet20-clean:cifar10-resnet20-clean-rerun
 cifar10-resnet20-clean-matched-sam:cifar10-resnet20-clean-rerun-matched-sam
 cifar10-resnet20-clean-matched-otmdr:cifar10-resnet20-clean-rerun-matched-otmdr"
 
+if [ ! -x "$OTMDR" ] || [ ! -x "$PYTHON" ]; then
+  echo "pending.sh: $OTMDR or $PYTHON not found: run make setup first" >&2
+  exit 2
+fi
 if [ "${1:-}" = --carry ]; then
   for pair in $STUDIES; do
     study=$EVIDENCE_DIR/${pair%%:*}
