@@ -15,10 +15,13 @@ restore cut short leaves no run that looks finished without its files.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 import results_policy
+
+from otmdr.train.compute import cpu_model
 
 RESTORED = (".yaml", ".csv", ".json")  # what --resume reads; logs stay packed
 #: a robustness evaluation's finished pieces (benchmarks/robustness.py reuses each that exists)
@@ -93,7 +96,21 @@ def main(argv: list[str] | None = None) -> int:
     restored, kept = restore(study, Path(args.target))
     print(f"restored {len(restored)} finished run(s) into {args.target}"
           + (f"; {len(kept)} already there, left as they were" if kept else ""))
+    other = other_cpus(study)
+    if other:
+        print(f"note: {other}; this machine's CPU is {cpu_model()!r}: the runs trained here will not be bit-identical "
+              "to what that machine would have trained (docs/results.md, reproducibility); the report names both")
     return 0
+
+
+def other_cpus(study: Path) -> str:
+    """The carried runs' CPU models other than this machine's, with their counts ('' if none)."""
+    counts: dict[str, int] = {}
+    for found in committed_runs(study).values():
+        cpu = json.loads(found["summary.json"]).get("machine", {}).get("cpu")
+        if cpu and cpu != cpu_model():
+            counts[cpu] = counts.get(cpu, 0) + 1
+    return ", ".join(f"{n} carried run(s) trained on CPU {cpu!r}" for cpu, n in counts.items())
 
 
 if __name__ == "__main__":

@@ -162,3 +162,18 @@ def test_a_final_run_travels_only_with_its_finished_robustness_evaluation(tmp_pa
     left = robustness._tasks(args, groups, elsewhere / "robustness")
     assert sorted(result.relative_to(elsewhere).as_posix() for _, _, result in left) == [
         "robustness/runs/sam-seed1/eval.json", "robustness/runs/sam-seed1/sharpness.json"]
+
+
+def test_restore_notes_runs_carried_from_another_cpu_model(tmp_path, scripts, capsys):
+    """Runs are bit-exact within a CPU model only: restoring runs another model trained says so."""
+    _, _, restore_runs = scripts
+    study = tmp_path / "carried"
+    for run, cpu in (("sgd-seed0", "Other CPU 9000"), ("sgd-seed1", restore_runs.cpu_model())):
+        (study / "runs" / run).mkdir(parents=True)
+        (study / "runs" / run / "config.yaml").write_text("{}\n")
+        (study / "runs" / run / "summary.json").write_text(f'{{"machine": {{"cpu": "{cpu}"}}}}')
+    assert restore_runs.main([str(study), str(tmp_path / "here")]) == 0
+    out = capsys.readouterr().out
+    assert "restored 2 finished run(s)" in out
+    assert "note: 1 carried run(s) trained on CPU 'Other CPU 9000'; this machine's CPU is" in out
+    assert restore_runs.other_cpus(study) == "1 carried run(s) trained on CPU 'Other CPU 9000'"

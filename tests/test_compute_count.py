@@ -133,3 +133,18 @@ def test_the_cpu_model_falls_back_when_proc_cpuinfo_is_missing(monkeypatch):
     monkeypatch.setattr(compute.platform, "processor", lambda: "")
     assert compute.cpu_model() == "unknown"
     assert machine_info("cpu")["cpu"] == "unknown"
+
+
+def test_a_report_names_every_cpu_model_its_runs_trained_on():
+    """A study resumed on another machine (benchmarks/restore_runs.py) may hold runs of two CPU
+    models; its report's header says so, with the count of each, since runs are bit-exact only
+    within a model."""
+    from otmdr.report.compare import _cpus
+
+    def run(cpu: str) -> dict:
+        return {"machine": {"cpu": cpu}}
+
+    assert _cpus({"sgd": [run("EPYC A"), run("EPYC A")], "sam": [run("EPYC A")]}) == "CPU EPYC A"
+    mixed = _cpus({"sgd": [run("EPYC A"), run("Xeon B")], "sam": [run("EPYC A")]})
+    assert mixed.startswith("CPUs EPYC A (2 runs), Xeon B (1 run): ") and "bit-exact" in mixed
+    assert _cpus({"sgd": [{}]}) == f"CPU {compute.cpu_model()}"  # runs from before the machine block

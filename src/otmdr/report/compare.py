@@ -254,9 +254,18 @@ def _seed_list(seeds: list[int]) -> str:
     return ", ".join(map(str, seeds))
 
 
-def _cpu(summary: dict[str, Any]) -> str:
-    """The CPU the runs trained on (results are bit-exact on one CPU model, not across models)."""
-    return summary.get("machine", {}).get("cpu") or cpu_model()
+def _cpus(summaries: dict[str, list[dict[str, Any]]]) -> str:
+    """The CPU the runs trained on (results are bit-exact on one CPU model, not across models); a
+    study resumed on other machines names each model with its count of runs."""
+    counts: dict[str, int] = {}
+    for runs in summaries.values():
+        for summary in runs:
+            cpu = summary.get("machine", {}).get("cpu") or cpu_model()
+            counts[cpu] = counts.get(cpu, 0) + 1
+    if len(counts) == 1:
+        return f"CPU {next(iter(counts))}"
+    return ("CPUs " + ", ".join(f"{cpu} ({n} run{'s' if n != 1 else ''})" for cpu, n in counts.items())
+            + ": the runs of one model are bit-exact there, not on the other")
 
 
 def write_compare_report(out_dir: Path, summaries: dict[str, list[dict[str, Any]]], *, command: str,
@@ -286,7 +295,7 @@ def write_compare_report(out_dir: Path, summaries: dict[str, list[dict[str, Any]
         "",
         f"Command: `{command}`  ",
         f"Date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}; torch {torch.__version__}, "
-        f"Python {platform.python_version()}, {platform.machine()}, CPU {_cpu(first)} "
+        f"Python {platform.python_version()}, {platform.machine()}, {_cpus(summaries)} "
         f"({threads or torch.get_num_threads()} torch thread(s) per run); "
         f"{first['epochs']} epochs per run"
         + (f"; {runs} runs, {train_seconds / 60:.{1 if train_seconds < 600 else 0}f} min of training summed over "
