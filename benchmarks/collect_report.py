@@ -107,6 +107,20 @@ def _in_progress_note(src: Path, name: str, runs: list[str], pieces: list[str] |
             "(its `--resume` reuses every run restored here).\n\n" + listed + "\n")
 
 
+def _clear_carried(dst: Path) -> None:
+    """Remove what an earlier ``--partial`` collect carried into ``dst`` (its runs, their archives and
+    logs, the robustness pieces), so that the folder holds the study as it is now: a run the study
+    has since moved (to ``superseded/``, when an extended grid changed the choice) is not carried
+    twice, at its old place too."""
+    if not (dst / IN_PROGRESS).is_file():
+        return
+    for folder in (dst, dst / "robustness"):
+        shutil.rmtree(folder / "runs", ignore_errors=True)
+        for archive in [*folder.glob("runs-*.tar.xz"), folder / results_policy.ARCHIVE]:
+            archive.unlink(missing_ok=True)
+    shutil.rmtree(dst / "robustness" / "landscape", ignore_errors=True)
+
+
 def main(source: str, name: str, *, partial: bool = False, with_robustness: bool = False,
          results: Path = results_policy.RESULTS) -> None:
     src, dst = Path(source), results / name
@@ -117,6 +131,7 @@ def main(source: str, name: str, *, partial: bool = False, with_robustness: bool
     if partial and (dst / "report.md").is_file():
         sys.exit(f"{dst} holds a finished study's report: --partial would not replace it")
     dst.mkdir(parents=True, exist_ok=True)
+    _clear_carried(dst)
     runs, pieces = _copy_finished_runs(src, dst, with_robustness=partial and with_robustness)
     if partial:
         (dst / IN_PROGRESS).write_text(_in_progress_note(src, name, runs, pieces if with_robustness else None))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import shutil
 import sys
 from pathlib import Path
 
@@ -80,6 +81,18 @@ def test_a_partly_trained_study_resumes_elsewhere_from_its_committed_runs(tmp_pa
     resumed = run_study(_study(elsewhere), log=lines.append)
     assert "  2 run(s) finished earlier, reused" in lines
     assert resumed["chosen"] == whole["chosen"] and _accuracies(resumed) == _accuracies(whole)
+
+    # a run the study has since moved aside (an extended grid changed the choice) is carried once, where it is now
+    moved = sorted(elsewhere.glob("sam-seed*"))[0]
+    collect_report.main(str(elsewhere), "moved", partial=True, results=results)
+    assert moved.name in restore_runs.committed_runs(results / "moved")
+    (elsewhere / "superseded").mkdir()
+    moved.rename(elsewhere / "superseded" / moved.name)
+    collect_report.main(str(elsewhere), "moved", partial=True, results=results)
+    listed = sorted(restore_runs.committed_runs(results / "moved"))
+    assert f"superseded/{moved.name}" in listed and moved.name not in listed
+    moved.parent.joinpath("superseded", moved.name).rename(moved)
+    shutil.rmtree(elsewhere / "superseded")
 
     # restoring again changes nothing that is there; the finished study replaces the note
     before = {p: p.read_bytes() for p in elsewhere.rglob("*") if p.is_file()}
