@@ -563,6 +563,14 @@ def test_pending_evidence_restores_carried_runs_runs_each_step_and_carries_unfin
     assert min(at) >= 0 and at == sorted(at), calls
     assert all("../shared/datasets/" in call for call in calls if " --data-dir " in call)
     assert (evidence / "cifar10-resnet20-noisy40.log").is_file()
+    assert "failed with exit code" not in "".join(p.read_text() for p in evidence.glob("*.log"))
+    failing = tmp_path / "failing"  # a step that fails is logged with its code, and the queue goes on
+    failing.write_text(f'#!/usr/bin/env bash\necho "$*" >> {record}\nexit 3\n')
+    failing.chmod(0o755)
+    record.unlink()
+    result = subprocess.run(["bash", script], env={**env, "OTMDR": str(failing)}, capture_output=True, text=True)
+    assert result.returncode == 0 and "failed with exit code 3" in result.stderr
+    assert "configs/bnn-fashion-mnist.yaml" in record.read_text()  # later steps still ran
     (evidence / "efficiency-cifar10-resnet20-noisy40").rename(tmp_path / "linked")  # the efficiency step's copy
 
     record.unlink()

@@ -51,9 +51,11 @@ done
 mkdir -p "$EVIDENCE_DIR"
 # one step, logged; a step that fails is logged and the queue goes on (a later one may not need it)
 step() {
-  local log=$EVIDENCE_DIR/$1.log; shift
+  local name=$1 log=$EVIDENCE_DIR/$1.log; shift
   echo "$(date -u +%FT%TZ) $*" >> "$log"
-  nice "$@" >> "$log" 2>&1 || echo "$(date -u +%FT%TZ) failed with exit code $?" | tee -a "$log" >&2
+  local code=0
+  nice "$@" >> "$log" 2>&1 || code=$?
+  [ "$code" = 0 ] || echo "$(date -u +%FT%TZ) step $name failed with exit code $code (see $log)" | tee -a "$log" >&2
 }
 step cifar10-resnet20-noisy40 env MATCHED=0 REGIMES=noisy40 bash benchmarks/evidence/cifar10_resnet20.sh "$CIFAR" 2
 step efficiency-cifar10 bash benchmarks/evidence/efficiency.sh cifar10-noisy "$CIFAR" 2
