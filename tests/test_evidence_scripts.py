@@ -536,7 +536,8 @@ def test_robustness_report_measures_the_monte_carlo_error_from_each_half_of_the_
 def test_pending_evidence_restores_carried_runs_runs_each_step_and_carries_unfinished_studies(tmp_path):
     """benchmarks/evidence/pending.sh: a study with an IN-PROGRESS.md under the results is restored
     before anything trains, then the steps run in order (fake otmdr and python record the calls);
-    --carry collects only the studies that have finished runs but no report yet."""
+    --carry collects the studies that have finished runs and are not collected whole yet (a study's
+    own report.md does not mean it is finished: a two-stage study writes one after its first)."""
     import os
 
     record = tmp_path / "calls"
@@ -574,7 +575,9 @@ def test_pending_evidence_restores_carried_runs_runs_each_step_and_carries_unfin
     (evidence / "efficiency-cifar10-resnet20-noisy40").rename(tmp_path / "linked")  # the efficiency step's copy
 
     record.unlink()
-    for study, files in (("cifar10-resnet20-noisy40", ["search/sgd-lr=0.1-seed1000/summary.json"]),
+    (results / "efficiency-cifar10-resnet20-noisy40").mkdir()
+    (results / "efficiency-cifar10-resnet20-noisy40" / "report.md").write_text("collected\n")
+    for study, files in (("cifar10-resnet20-noisy40", ["report.md", "search/sgd-lr=0.1-seed1000/summary.json"]),
                          ("efficiency-cifar10-resnet20-noisy40", ["report.md", "sgd-seed0/summary.json"]),
                          ("bnn-fashion-mnist-lenet-clean", ["search/x-seed1000/metrics.csv"]),
                          ("bnn-fashion-mnist-lenet-noisy40", ["search/x-seed1000/summary.json"])):

@@ -35,7 +35,9 @@ fi
 if [ "${1:-}" = --carry ]; then
   for pair in $STUDIES; do
     study=$EVIDENCE_DIR/${pair%%:*}
-    [ -d "$study" ] && [ ! -f "$study/report.md" ] || continue  # not started, or finished: collect it whole
+    # not started here, or collected whole already (a study's own report.md says nothing: a two-stage
+    # study writes one after its first stage)
+    [ -d "$study" ] && [ ! -f "$RESULTS/${pair#*:}/report.md" ] || continue
     [ -n "$(find "$study" -mindepth 2 -name summary.json -print -quit)" ] || continue  # nothing finished yet
     evaluated=()  # a BNN study's robustness is evaluated before it is collected: its final runs travel with it
     case ${pair%%:*} in bnn-*) evaluated=(--with-robustness);; esac
