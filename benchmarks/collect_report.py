@@ -24,7 +24,6 @@ a final run only once its evaluation is finished: the checkpoints it reads do no
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import re
@@ -33,6 +32,8 @@ import sys
 from pathlib import Path
 
 import results_policy
+
+from otmdr.cli.parser import OneLineParser
 
 RUN_FILES = ("config.yaml", "summary.json", "metrics.csv", "train.log")
 IN_PROGRESS = "IN-PROGRESS.md"
@@ -121,18 +122,28 @@ def _clear_carried(dst: Path) -> None:
     shutil.rmtree(dst / "robustness" / "landscape", ignore_errors=True)
 
 
+def _refuse(message: str) -> None:
+    """Bad input: one line on stderr, exit 2, nothing written."""
+    print(f"collect_report: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(source: str, name: str, *, partial: bool = False, with_robustness: bool = False,
          results: Path = results_policy.RESULTS) -> None:
     src, dst = Path(source), results / name
+    if not src.is_dir():
+        _refuse(f"{src} is not a folder: name an otmdr compare --out folder")
+    if with_robustness and not partial:
+        _refuse("--with-robustness goes with --partial (a finished study's robustness is copied with its report)")
     if not partial and not (src / "report.md").is_file():
-        sys.exit(f"{src} has no report.md: is the comparison finished? (--partial carries its finished runs)")
+        _refuse(f"{src} has no report.md: is the comparison finished? (--partial carries its finished runs)")
     if partial and not any(path.parent != src for path in src.rglob("summary.json")):
-        sys.exit(f"{src} has no finished run to carry")
+        _refuse(f"{src} has no finished run to carry")
     if partial and (dst / "report.md").is_file():
-        sys.exit(f"{dst} holds a finished study's report: --partial would not replace it")
+        _refuse(f"{dst} holds a finished study's report: --partial would not replace it")
     dst.mkdir(parents=True, exist_ok=True)
     _clear_carried(dst)
-    runs, pieces = _copy_finished_runs(src, dst, with_robustness=partial and with_robustness)
+    runs, pieces = _copy_finished_runs(src, dst, with_robustness=with_robustness)
     if partial:
         (dst / IN_PROGRESS).write_text(_in_progress_note(src, name, runs, pieces if with_robustness else None))
     else:
@@ -149,7 +160,7 @@ def main(source: str, name: str, *, partial: bool = False, with_robustness: bool
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="collect_report.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("source", help="the study folder (otmdr compare --out)")
     parser.add_argument("name", help="the folder under benchmarks/results to copy it to")
     parser.add_argument("--partial", action="store_true", help="carry a study still training: its finished runs only")

@@ -14,13 +14,13 @@ restore cut short leaves no run that looks finished without its files.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 import results_policy
 
+from otmdr.cli.parser import OneLineParser
 from otmdr.train.compute import cpu_model
 
 RESTORED = (".yaml", ".csv", ".json")  # what --resume reads; logs stay packed
@@ -42,28 +42,41 @@ def _committed_files(study: Path) -> dict[str, bytes]:
     return files
 
 
-def committed_runs(study: Path) -> dict[str, dict[str, bytes]]:
-    """The finished runs of a committed study by run folder (relative to its ``runs/``)."""
-    runs: dict[str, dict[str, bytes]] = {}
+Runs = dict[str, dict[str, bytes]]
+
+
+def committed(study: Path) -> tuple[Runs, dict[str, bytes]]:
+    """A committed study's finished runs, by run folder (relative to its ``runs/``), and its
+    finished robustness pieces (``robustness/runs/RUN/eval.json``, its ``sharpness.json``,
+    ``robustness/landscape/METHOD/landscape.json`` and its figure), by path; the archives read once."""
+    runs: Runs = {}
+    evaluations: dict[str, bytes] = {}
     for member, data in _committed_files(study).items():
         parts = member.split("/")
         if parts[0] == "runs" and len(parts) > 2 and member.endswith(RESTORED):
             runs.setdefault("/".join(parts[1:-1]), {})[parts[-1]] = data
-    return {run: found for run, found in runs.items() if "summary.json" in found and "config.yaml" in found}
+        elif member.startswith(("robustness/runs/", "robustness/landscape/")) and member.endswith(EVALUATED):
+            evaluations[member] = data
+    finished = {run: found for run, found in runs.items() if "summary.json" in found and "config.yaml" in found}
+    return finished, evaluations
+
+
+def committed_runs(study: Path) -> Runs:
+    return committed(study)[0]
 
 
 def committed_evaluations(study: Path) -> dict[str, bytes]:
-    """The finished robustness pieces of a committed study (``robustness/runs/RUN/eval.json``, its
-    ``sharpness.json``, ``robustness/landscape/METHOD/landscape.json`` and its figure), by path."""
-    return {member: data for member, data in _committed_files(study).items()
-            if member.startswith(("robustness/runs/", "robustness/landscape/")) and member.endswith(EVALUATED)}
+    return committed(study)[1]
 
 
-def restore(study: Path, target: Path) -> tuple[list[str], list[str]]:
-    """Write ``study``'s finished runs under ``target``, and its finished robustness pieces that are
-    not there yet; (restored runs, runs left as they were)."""
+def restore(study: Path, target: Path,
+            carried: tuple[Runs, dict[str, bytes]] | None = None) -> tuple[list[str], list[str]]:
+    """Write ``study``'s finished runs under ``target`` (``carried``: what :func:`committed` read of
+    it), and its finished robustness pieces that are not there yet; (restored runs, runs left as
+    they were)."""
+    runs, evaluations = carried or committed(study)
     restored, kept = [], []
-    for run, found in sorted(committed_runs(study).items()):
+    for run, found in sorted(runs.items()):
         folder = target / run
         if folder.exists():
             kept.append(run)
@@ -72,7 +85,7 @@ def restore(study: Path, target: Path) -> tuple[list[str], list[str]]:
         for name in sorted(found, key=lambda n: n == "summary.json"):  # the summary, the mark of done, last
             (folder / name).write_bytes(found[name])
         restored.append(run)
-    for member, data in sorted(committed_evaluations(study).items(), key=lambda item: item[0].endswith(".json")):
+    for member, data in sorted(evaluations.items(), key=lambda item: item[0].endswith(".json")):
         path = target / member  # each piece is its own mark of done; a landscape's JSON after its figure
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -80,8 +93,18 @@ def restore(study: Path, target: Path) -> tuple[list[str], list[str]]:
     return restored, kept
 
 
+def other_cpus(runs: Runs) -> str:
+    """The carried runs' CPU models other than this machine's, with their counts ('' if none)."""
+    counts: dict[str, int] = {}
+    for found in runs.values():
+        cpu = json.loads(found["summary.json"]).get("machine", {}).get("cpu")
+        if cpu and cpu != cpu_model():
+            counts[cpu] = counts.get(cpu, 0) + 1
+    return ", ".join(f"{n} carried run(s) trained on CPU {cpu!r}" for cpu, n in counts.items())
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="restore_runs.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("name", help="the study's folder under benchmarks/results (or a path to one)")
     parser.add_argument("target", help="the study folder to resume (otmdr compare --out)")
     args = parser.parse_args(argv)
@@ -90,27 +113,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"restore_runs: no study {args.name!r} under {results_policy.RESULTS}: name a folder there",
               file=sys.stderr)
         return 2
-    if not committed_runs(study):
+    carried = committed(study)
+    if not carried[0]:
         print(f"restore_runs: {study} holds no finished run (config.yaml + summary.json) to restore", file=sys.stderr)
         return 2
-    restored, kept = restore(study, Path(args.target))
+    restored, kept = restore(study, Path(args.target), carried)
     print(f"restored {len(restored)} finished run(s) into {args.target}"
           + (f"; {len(kept)} already there, left as they were" if kept else ""))
-    other = other_cpus(study)
+    other = other_cpus(carried[0])
     if other:
         print(f"note: {other}; this machine's CPU is {cpu_model()!r}: the runs trained here will not be bit-identical "
               "to what that machine would have trained (docs/results.md, reproducibility); the report names both")
     return 0
-
-
-def other_cpus(study: Path) -> str:
-    """The carried runs' CPU models other than this machine's, with their counts ('' if none)."""
-    counts: dict[str, int] = {}
-    for found in committed_runs(study).values():
-        cpu = json.loads(found["summary.json"]).get("machine", {}).get("cpu")
-        if cpu and cpu != cpu_model():
-            counts[cpu] = counts.get(cpu, 0) + 1
-    return ", ".join(f"{n} carried run(s) trained on CPU {cpu!r}" for cpu, n in counts.items())
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ def _accuracies(result: dict) -> dict:
     return {method: [s["test"]["accuracy"] for s in result["summaries"][method]] for method in METHODS}
 
 
-def test_a_partly_trained_study_resumes_elsewhere_from_its_committed_runs(tmp_path, scripts):
+def test_a_partly_trained_study_resumes_elsewhere_from_its_committed_runs(tmp_path, scripts, capsys):
     results_policy, collect_report, restore_runs = scripts
     whole = run_study(_study(tmp_path / "whole"), log=lambda _: None)
     part = tmp_path / "part"
@@ -105,8 +105,9 @@ def test_a_partly_trained_study_resumes_elsewhere_from_its_committed_runs(tmp_pa
     collect_report.main(str(elsewhere), "carried", results=results)
     assert not (carried / collect_report.IN_PROGRESS).exists() and (carried / "report.md").is_file()
     assert len(restore_runs.committed_runs(carried)) == len(list(elsewhere.rglob("summary.json")))
-    with pytest.raises(SystemExit, match="finished study's report"):
+    with pytest.raises(SystemExit) as stop:
         collect_report.main(str(part), "carried", partial=True, results=results)
+    assert stop.value.code == 2 and "finished study's report" in capsys.readouterr().err
 
 
 def test_restore_refuses_what_holds_no_finished_run(tmp_path, scripts, capsys):
@@ -118,8 +119,14 @@ def test_restore_refuses_what_holds_no_finished_run(tmp_path, scripts, capsys):
     (empty / "runs" / "sgd-seed0" / "metrics.csv").write_text("epoch\n1\n")  # killed: no summary
     assert restore_runs.main([str(empty), str(tmp_path / "x")]) == 2
     assert "no finished run" in capsys.readouterr().err and not (tmp_path / "x").exists()
-    with pytest.raises(SystemExit, match="no finished run to carry"):
-        collect_report.main(str(empty), "nothing", partial=True, results=tmp_path / "results")
+    for args, kwargs, message in (([str(empty), "nothing"], {"partial": True}, "no finished run to carry"),
+                                  ([str(tmp_path / "nowhere"), "nothing"], {"partial": True}, "is not a folder"),
+                                  ([str(empty), "nothing"], {"with_robustness": True}, "goes with --partial"),
+                                  ([str(empty), "nothing"], {}, "has no report.md")):
+        with pytest.raises(SystemExit) as stop:
+            collect_report.main(*args, **kwargs, results=tmp_path / "results")
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and message in err and err.count("\n") == 1
     assert not (tmp_path / "results").exists()
 
 
@@ -189,4 +196,5 @@ def test_restore_notes_runs_carried_from_another_cpu_model(tmp_path, scripts, ca
     out = capsys.readouterr().out
     assert "restored 2 finished run(s)" in out
     assert "note: 1 carried run(s) trained on CPU 'Other CPU 9000'; this machine's CPU is" in out
-    assert restore_runs.other_cpus(study) == "1 carried run(s) trained on CPU 'Other CPU 9000'"
+    other = restore_runs.other_cpus(restore_runs.committed_runs(study))
+    assert other == "1 carried run(s) trained on CPU 'Other CPU 9000'"

@@ -166,13 +166,14 @@ def test_each_half_of_the_draws_gives_its_own_predictive_and_accuracy():
 
     first, second = [[3.0, 0.0], [2.0, 0.0], [1.0, 0.0]], [[0.0, 1.0], [0.0, 4.0], [0.0, 4.0]]
     x, y = torch.zeros(3, 1), torch.tensor([0, 1, 0])
-    prediction = predict(_Draws([first, first, second, second]), [(x, y)], samples=4)
+    prediction = predict(_Draws([first, first, second, second]), [(x, y)], samples=4, halves=True)
     assert prediction.halves is not None
     expected = [torch.log_softmax(torch.tensor(half, dtype=torch.float64), dim=1) for half in (first, second)]
     torch.testing.assert_close(prediction.halves[0], expected[0])
     torch.testing.assert_close(prediction.halves[1], expected[1])
     torch.testing.assert_close(prediction.log_probs, torch.log((expected[0].exp() + expected[1].exp()) / 2))
-    assert predict(_Draws([first]), [(x, y)], samples=1).halves is None
+    assert predict(_Draws([first]), [(x, y)], samples=1, halves=True).halves is None
+    assert predict(_Draws([first, second]), [(x, y)], samples=2).halves is None  # only when asked for
 
     draws = _Draws([first, first, second, second])
     accuracy, halves = robust_accuracies(draws, [(x, y)], lambda m, a, b: a, samples=4)

@@ -129,7 +129,7 @@ def corruption_robustness(model: nn.Module, clean: ImageData, spec: DatasetSpec,
                              f"{tuple(clean.images.shape[1:])}")
         loader = BatchLoader(ImageData(images, labels.long(), clean.classes), spec, batch_size, shuffle=False,
                              device=device)
-        prediction = predict(model, loader, autocast_dtype=autocast, samples=samples)
+        prediction = predict(model, loader, autocast_dtype=autocast, samples=samples, halves=True)
         if prediction.halves is not None:
             half_accuracy[cell] = [float((half.argmax(dim=1) == prediction.labels).double().mean())
                                    for half in prediction.halves]

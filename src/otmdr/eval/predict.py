@@ -25,8 +25,8 @@ class Prediction:
     log_probs: Tensor  # (N, C) float64, CPU
     labels: Tensor  # (N,)
     member_probs: Tensor | None = None  # (m, N, C) for ensembles: each member's probabilities
-    #: a Bayesian network's predictive from each half of its draws (``samples`` >= 2): two
-    #: independent estimates at no extra forward, whose disagreement measures the Monte-Carlo error
+    #: a Bayesian network's predictive from each half of its draws (``halves=True``, ``samples`` >= 2):
+    #: two independent estimates at no extra forward, whose disagreement measures the Monte-Carlo error
     halves: tuple[Tensor, Tensor] | None = None
 
 
@@ -36,12 +36,13 @@ def _members(model: nn.Module):
 
 @torch.no_grad()
 def predict(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], *,
-            autocast_dtype: torch.dtype | None = None, samples: int = 1) -> Prediction:
+            autocast_dtype: torch.dtype | None = None, samples: int = 1, halves: bool = False) -> Prediction:
     """Eval-mode predictions; ``samples`` > 1 averages the probabilities of that many forwards
-    (a Bayesian network draws new weights on each)."""
+    (a Bayesian network draws new weights on each). ``halves`` (with ``samples`` >= 2) also keeps
+    the predictive of each half of the draws (:attr:`Prediction.halves`)."""
     member_logits = _members(model)
     log_probs, labels, members = [], [], []
-    halves: tuple[list[Tensor], list[Tensor]] = ([], [])
+    parts: tuple[list[Tensor], list[Tensor]] = ([], [])
     with eval_mode(model):
         for x, y in batches:
             ctx = torch.autocast(x.device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
@@ -52,13 +53,13 @@ def predict(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], *,
                     draws = per_member
                 else:
                     draws = torch.stack([torch.log_softmax(model(x).double(), dim=-1) for _ in range(samples)])
-                    if samples >= 2:
-                        for half, part in zip(halves, (draws[:samples // 2], draws[samples // 2:])):
+                    if halves and samples >= 2:
+                        for half, part in zip(parts, (draws[:samples // 2], draws[samples // 2:])):
                             half.append(_log_mean(part).cpu())
             log_probs.append(_log_mean(draws).cpu())
             labels.append(y.cpu())
     return Prediction(torch.cat(log_probs), torch.cat(labels), torch.cat(members, dim=1) if members else None,
-                      (torch.cat(halves[0]), torch.cat(halves[1])) if halves[0] else None)
+                      (torch.cat(parts[0]), torch.cat(parts[1])) if parts[0] else None)
 
 
 def _log_mean(draws: Tensor) -> Tensor:

@@ -582,9 +582,13 @@ def _describe(run: Run) -> str:
 
 def score(run: Run, metric: str) -> float | None:
     """The run's validation ``metric`` at its final epoch (None for a run that diverged)."""
-    if run.summary is None or not run.summary.get("history"):
+    return _final_value(run.summary, metric)
+
+
+def _final_value(summary: dict[str, Any] | None, metric: str) -> float | None:
+    if summary is None or not summary.get("history"):
         return None
-    value = run.summary["history"][-1].get(metric)
+    value = summary["history"][-1].get(metric)
     return None if value is None or not math.isfinite(value) else float(value)
 
 
@@ -689,8 +693,7 @@ def _seed_spread(scores: list[float | None]) -> tuple[float, int] | None:
 def final_scores(summaries: dict[str, list[dict[str, Any]]], metric: str) -> dict[str, list[float | None]]:
     """Each final run's validation ``metric`` at its last epoch, per method, as the search scores
     its runs (:func:`score`)."""
-    return {method: [s["history"][-1].get(metric) if s and s.get("history") else None for s in runs]
-            for method, runs in summaries.items()}
+    return {method: [_final_value(s, metric) for s in runs] for method, runs in summaries.items()}
 
 
 def _gap_error(a: dict[str, Any], b: dict[str, Any]) -> float | None:
