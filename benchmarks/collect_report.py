@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import datetime
 import json
-import re
 import shutil
 import sys
 from pathlib import Path
 
 import results_policy
+import robustness as robustness_runs
 
 from otmdr.cli.parser import OneLineParser
 
@@ -47,11 +47,7 @@ def _evaluated(src: Path) -> tuple[set[Path], list[Path]]:
     checkpoint: on another machine it trains again (its checkpoint is not carried) and is evaluated
     there, never evaluated from a model it was not."""
     robustness = src / "robustness"
-    finals: dict[str, dict[int, Path]] = {}
-    for summary in src.glob("*/summary.json"):
-        match = re.fullmatch(r"(.+)-seed(\d+)", summary.parent.name)
-        if match:
-            finals.setdefault(match.group(1), {})[int(match.group(2))] = summary.parent
+    finals = robustness_runs.final_runs(src)
     landscapes = sorted(robustness.glob("landscape/*/"))
     landscapes_done = all((folder / "landscape.json").is_file() for folder in landscapes)
     ready, pieces = set(), []

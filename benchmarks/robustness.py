@@ -101,6 +101,17 @@ def _tasks(args: argparse.Namespace, groups: dict[str, list[Path]], out: Path) -
     return [t for t in tasks if not t[2].is_file()]
 
 
+def final_runs(folder: Path) -> dict[str, dict[int, Path]]:
+    """The finished evaluation runs of the compare folder ``folder`` (``METHOD-seedN``, with a
+    summary.json): {folder-style method name: {seed: run dir}}."""
+    found: dict[str, dict[int, Path]] = {}
+    for summary in folder.glob("*/summary.json"):
+        match = re.fullmatch(r"(.+)-seed(\d+)", summary.parent.name)
+        if match:
+            found.setdefault(match.group(1), {})[int(match.group(2))] = summary.parent
+    return found
+
+
 def _find_runs(specs: list[str]) -> dict[str, list[Path]]:
     """``DIR`` or ``DIR=LABEL`` compare folders -> {method label: finished run dirs}, in the
     folders' method order (``LABEL`` prefixes the method names of that folder). The runs are the
@@ -111,11 +122,7 @@ def _find_runs(specs: list[str]) -> dict[str, list[Path]]:
     groups: dict[str, list[Path]] = {}
     for spec in specs:
         folder, _, prefix = spec.partition("=")
-        found: dict[str, dict[int, Path]] = {}  # folder-style method name -> seed -> run
-        for summary in Path(folder).glob("*/summary.json"):
-            match = re.fullmatch(r"(.+)-seed(\d+)", summary.parent.name)
-            if match:
-                found.setdefault(match.group(1), {})[int(match.group(2))] = summary.parent
+        found = final_runs(Path(folder))
         search = Path(folder) / "search.json"
         summaries = Path(folder) / "summaries.json"
         evaluated = ({s["seed"] for runs in json.loads(summaries.read_text()).values() for s in runs if s}
