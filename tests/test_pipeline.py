@@ -231,7 +231,11 @@ def test_a_collapse_is_reported_while_training_and_in_the_summary(tmp_path):
     # once, at the first epoch it shows; then once more at the end, since the run never left chance
     assert len(chance) == 2 and "at chance after 2 epochs" in chance[0], chance
     assert "still at chance at the last epoch" in chance[1] and "did not learn" in chance[1]
-    assert summary["warnings"][-2:] == [line.removeprefix("warning: ") for line in chance]
+    # the summary's copy also says how long it sat there: every epoch from the second (the first is exempt)
+    epochs = len(summary["history"])
+    assert summary["warnings"][-2:] == [chance[0].removeprefix("warning: ").replace(
+        "after 2 epochs:", f"after 2 epochs ({epochs - 1} of its {epochs} epochs at chance, the last epoch {epochs}):"),
+        chance[1].removeprefix("warning: ")]
     assert all("schedule.warmup_epochs" in line and "smaller rho" in line for line in chance)
 
 
@@ -244,6 +248,19 @@ def test_a_run_that_leaves_chance_is_not_told_it_ended_there_and_sgd_is_not_told
     stuck = {"epoch": 3, "train_accuracy": 0.12, "perturbation_norm": 0.0}
     learnt = {**stuck, "train_accuracy": 0.5}
     assert "chance" in _health_warnings(sgd, stuck, 0.0, 10) and "chance" not in _health_warnings(sgd, learnt, 0.0, 10)
+
+
+def test_the_summary_says_for_how_many_epochs_a_run_sat_at_chance():
+    """A run that sat at chance for two epochs and recovered reads differently from one that lost
+    half its budget there (SGD at lr 0.4 on noisy Fashion-MNIST: 20-41 of 80 epochs)."""
+    from otmdr.train.loop import _chance_warning
+
+    sgd = _cfg("optim.method=sgd")
+    history = [{"epoch": e, "train_accuracy": a} for e, a in enumerate([0.1, 0.11, 0.6, 0.12, 0.14, 0.7], start=1)]
+    first = _chance_warning(sgd, history[1])
+    assert first.startswith("training accuracy 11.0% is at chance after 2 epochs: ")
+    whole = _chance_warning(sgd, history[1], history, 10)  # epoch 1 is exempt; 2, 4 and 5 sat at chance
+    assert whole == first.replace("after 2 epochs:", "after 2 epochs (3 of its 6 epochs at chance, the last epoch 5):")
 
 
 def test_radius_warning_thresholds():

@@ -463,6 +463,9 @@ def _finish(run: _Run) -> dict[str, Any]:
                              (("train", data.train), ("val", data.val), ("test", data.test)) if split is not None}
     if strategy.summary() is not None:  # torchrun: {strategy: ddp | fsdp, world_size}
         summary["distributed"] = strategy.summary()
+    if "chance" in run.warned:  # how long it sat there, now that the run is over
+        first = next(row for row in run.history if _at_chance(cfg, row, data.spec.num_classes))
+        run.warned["chance"] = _chance_warning(cfg, first, run.history, data.spec.num_classes)
     if run.history and _at_chance(cfg, run.history[-1], data.spec.num_classes):  # its test numbers are a chance model's
         run.warned["ended at chance"] = (
             f"training accuracy {100 * run.history[-1]['train_accuracy']:.1f}% was still at chance at the last epoch: "
@@ -781,9 +784,21 @@ def _health_warnings(cfg: ExperimentConfig, row: dict[str, Any], nominal: float,
         out["radius"] = (f"{what} is far above the nominal {nominal:.3f} "
                          f"(epoch {row['epoch']}): try otmdr.normalize=merged, smaller rho, or label smoothing")
     if _at_chance(cfg, row, classes):
-        out["chance"] = (f"training accuracy {100 * row['train_accuracy']:.1f}% is at chance after {row['epoch']} "
-                         f"epochs: {_chance_remedy(cfg)}")
+        out["chance"] = _chance_warning(cfg, row)
     return out
+
+
+def _chance_warning(cfg: ExperimentConfig, row: dict[str, Any], history: list[dict[str, Any]] | None = None,
+                    classes: int = 0) -> str:
+    """The warning for training accuracy at chance, first seen at ``row``; with the run's whole
+    ``history`` it also says for how many epochs, so that a reader of the summary can tell a run that
+    sat there two epochs and recovered from one that lost half its budget there."""
+    span = ""
+    if history:
+        epochs = [r["epoch"] for r in history if _at_chance(cfg, r, classes)]
+        span = f" ({len(epochs)} of its {len(history)} epochs at chance, the last epoch {epochs[-1]})"
+    return (f"training accuracy {100 * row['train_accuracy']:.1f}% is at chance after {row['epoch']} epochs{span}: "
+            f"{_chance_remedy(cfg)}")
 
 
 def _at_chance(cfg: ExperimentConfig, row: dict[str, Any], classes: int) -> bool:
