@@ -46,7 +46,8 @@ if [ "${1:-}" = --carry ]; then
   exit 0
 fi
 for pair in $STUDIES; do
-  if [ -f "$RESULTS/${pair#*:}/IN-PROGRESS.md" ]; then
+  # a study still training, or one finished whose runs a later step reads (its step then only re-renders it)
+  if [ -f "$RESULTS/${pair#*:}/IN-PROGRESS.md" ] || { [ -f "$RESULTS/${pair#*:}/report.md" ] && [ ! -d "$EVIDENCE_DIR/${pair%%:*}" ]; }; then
     "$PYTHON" benchmarks/restore_runs.py "$RESULTS/${pair#*:}" "$EVIDENCE_DIR/${pair%%:*}"
   fi
 done
