@@ -257,9 +257,9 @@ def test_the_summary_says_for_how_many_epochs_a_run_sat_at_chance():
 
     sgd = _cfg("optim.method=sgd")
     history = [{"epoch": e, "train_accuracy": a} for e, a in enumerate([0.1, 0.11, 0.6, 0.12, 0.14, 0.7], start=1)]
-    first = _chance_warning(sgd, history[1])
+    first = _chance_warning(sgd, history[1], 10)
     assert first.startswith("training accuracy 11.0% is at chance after 2 epochs: ")
-    whole = _chance_warning(sgd, history[1], history, 10)  # epoch 1 is exempt; 2, 4 and 5 sat at chance
+    whole = _chance_warning(sgd, history[1], 10, history)  # epoch 1 is exempt; 2, 4 and 5 sat at chance
     assert whole == first.replace("after 2 epochs:", "after 2 epochs (3 of its 6 epochs at chance, the last epoch 5):")
 
 

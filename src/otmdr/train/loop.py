@@ -465,7 +465,7 @@ def _finish(run: _Run) -> dict[str, Any]:
         summary["distributed"] = strategy.summary()
     if "chance" in run.warned:  # how long it sat there, now that the run is over
         first = next(row for row in run.history if _at_chance(cfg, row, data.spec.num_classes))
-        run.warned["chance"] = _chance_warning(cfg, first, run.history, data.spec.num_classes)
+        run.warned["chance"] = _chance_warning(cfg, first, data.spec.num_classes, run.history)
     if run.history and _at_chance(cfg, run.history[-1], data.spec.num_classes):  # its test numbers are a chance model's
         run.warned["ended at chance"] = (
             f"training accuracy {100 * run.history[-1]['train_accuracy']:.1f}% was still at chance at the last epoch: "
@@ -784,12 +784,12 @@ def _health_warnings(cfg: ExperimentConfig, row: dict[str, Any], nominal: float,
         out["radius"] = (f"{what} is far above the nominal {nominal:.3f} "
                          f"(epoch {row['epoch']}): try otmdr.normalize=merged, smaller rho, or label smoothing")
     if _at_chance(cfg, row, classes):
-        out["chance"] = _chance_warning(cfg, row)
+        out["chance"] = _chance_warning(cfg, row, classes)
     return out
 
 
-def _chance_warning(cfg: ExperimentConfig, row: dict[str, Any], history: list[dict[str, Any]] | None = None,
-                    classes: int = 0) -> str:
+def _chance_warning(cfg: ExperimentConfig, row: dict[str, Any], classes: int,
+                    history: list[dict[str, Any]] | None = None) -> str:
     """The warning for training accuracy at chance, first seen at ``row``; with the run's whole
     ``history`` it also says for how many epochs, so that a reader of the summary can tell a run that
     sat there two epochs and recovered from one that lost half its budget there."""
