@@ -194,6 +194,55 @@ def test_search_figure_draws_each_line_marker_only_where_its_legend_says(tmp_pat
     assert below and handles[below[0]].get_paths()  # the ▼ is explained in the legend
 
 
+def _label_corners(text, renderer):
+    """The four display-space corners of a drawn label, rotated as drawn (its window extent is the
+    axis-aligned box around them, which overlaps its neighbour's whenever both are tilted)."""
+    angle = np.radians(text.get_rotation())
+    rotation = text.get_rotation()
+    text.set_rotation(0)
+    flat = text.get_window_extent(renderer)
+    text.set_rotation(rotation)
+    anchor = np.array([flat.x0, flat.y1 if text.get_va() == "top" else flat.y0])
+    corners = np.array([[0, 0], [flat.width, 0], [flat.width, flat.height], [0, flat.height]])
+    if text.get_va() == "top":
+        corners[:, 1] -= flat.height
+    turn = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    return anchor + corners @ turn.T
+
+
+def _rectangles_overlap(a, b):
+    """Separating-axis test for two convex quadrilaterals."""
+    for quad in (a, b):
+        for i in range(4):
+            edge = quad[(i + 1) % 4] - quad[i]
+            axis = np.array([-edge[1], edge[0]])
+            pa, pb = a @ axis, b @ axis
+            if pa.max() <= pb.min() or pb.max() <= pa.min():
+                return False
+    return True
+
+
+@pytest.mark.parametrize("slope", [0.01, -0.01, 0.0])
+def test_search_figure_labels_of_neighbouring_grid_points_do_not_overlap(tmp_path, monkeypatch, slope):
+    """OT-MDR's labels ("[0.0025,0.005]") laid flat ran into the next grid point's on the noisy
+    CIFAR-10 study's figure, a factor of two apart in radius; tilted, no two labels of a line
+    overlap, whether the score rises, falls or stays level along it."""
+    from otmdr.report import plots
+
+    figures = []
+    monkeypatch.setattr(plots.plt, "close", lambda fig=None: figures.append(fig))
+    rhos = [0.00125 * 2**i for i in range(8)]
+    points = [{"method": "otmdr", "setting": f"rho=[{r:g},{2 * r:g}]", "score": 0.45 + slope * i,
+               "radius": 3.7 * r, "chosen": i == 7} for i, r in enumerate(rhos)]
+    plots.plot_search(points, tmp_path / "search.png", metric="val_accuracy")
+    fig = figures[0]
+    renderer = fig.canvas.get_renderer()
+    quads = [_label_corners(text, renderer) for text in fig.axes[0].texts]
+    assert len(quads) == 8
+    overlapping = [(i, j) for i in range(8) for j in range(i + 1, 8) if _rectangles_overlap(quads[i], quads[j])]
+    assert not overlapping, overlapping
+
+
 # 6 ------------------------------------------------------------------ step(loss_fn) without batch
 def test_step_with_a_batch_loss_function_but_no_batch_says_what_is_missing():
     import torch

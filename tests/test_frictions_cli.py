@@ -267,14 +267,14 @@ def _summary(radius: float, **extra: float) -> dict:
 
 
 def test_the_radius_column_says_it_includes_the_langevin_noise():
-    """Before: "radius ‖θ~−θ‖" showed Bayesian OT-MDR at 5.499 against SAM's 0.005, the Langevin
+    """Before: "radius ‖θ̃−θ‖" showed Bayesian OT-MDR at 5.499 against SAM's 0.005, the Langevin
     noise (otmdr.noise_std) read as a perturbation 1000x SAM's. The summaries record only the
     sum (train/loop.py), so the title says what it holds."""
     from otmdr.report.tables import aggregate, format_table
 
     table = format_table(aggregate({"sam": [_summary(0.005)], "otmdr": [_summary(5.499)]}), markdown=True)
     header = table.splitlines()[0]
-    assert "radius ‖θ~−θ‖ incl. noise" in header and "ascent radius" not in header and "noise ‖ξ‖" not in header
+    assert "radius ‖θ̃−θ‖ incl. noise" in header and "ascent radius" not in header and "noise ‖ξ‖" not in header
 
 
 def test_the_ascent_move_and_the_noise_get_columns_once_summaries_record_them():

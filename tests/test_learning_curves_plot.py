@@ -6,7 +6,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pytest
 
-from otmdr.report.plots import plot_learning_curves
+from otmdr.report.plots import RADIUS_MATH, plot_learning_curves
 
 
 def test_a_constant_radius_draws_flat_from_zero(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -16,7 +16,7 @@ def test_a_constant_radius_draws_flat_from_zero(tmp_path: Path, monkeypatch: pyt
     monkeypatch.setattr(plt, "close", closed.append)
     plot_learning_curves({"sam": [{"history": history}, {"history": history}]}, tmp_path / "curves.png")
     radius = closed[0].axes[-1]
-    assert radius.get_title() == "measured radius ‖θ~−θ‖"
+    assert radius.get_title() == f"measured radius {RADIUS_MATH}"
     low, high = radius.get_ylim()
     assert low == 0 and high >= 0.021  # the line clear of the frame
     assert radius.yaxis.get_major_formatter().get_offset() == ""

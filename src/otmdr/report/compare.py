@@ -159,7 +159,7 @@ def search_table(points: list[dict[str, Any]], metric: str, *, markdown: bool) -
         se = p.get("standard_error")
         return f"{scale * p['score']:.{digits}f}" + (f" ± {scale * se:.{digits}f}" if se is not None else "")
 
-    titles = ["method", "setting", f"{metric}{unit}", "radius ‖θ~−θ‖", "chosen"]
+    titles = ["method", "setting", f"{metric}{unit}", "radius ‖θ̃−θ‖", "chosen"]
     cells = [[p["method"], p["setting"], shown(p), f"{p['radius']:.3f}" if p["radius"] is not None else "n/a",
               "yes" if p["chosen"] else ""] for p in points]
     if markdown:
@@ -349,7 +349,7 @@ def write_compare_report(out_dir: Path, summaries: dict[str, list[dict[str, Any]
         "## Test comparison",
         "",
         f"Test metrics (ECE with {bins} equal-width bins; TS = temperature scaling fitted on the validation "
-        "split; radius = measured perturbation norm ‖θ~−θ‖, mean over the last epoch).",
+        "split; radius = measured perturbation norm ‖θ̃−θ‖, mean over the last epoch).",
         "",
         comparison_tables(summaries, references, markdown=True, margins=margins),
         "",

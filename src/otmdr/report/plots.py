@@ -17,7 +17,9 @@ from matplotlib.transforms import offset_copy  # noqa: E402
 from .stats import t_half_width  # noqa: E402
 from .tables import early_stopped, format_epsilon  # noqa: E402
 
-__all__ = ["plot_learning_curves", "plot_test_accuracy", "plot_reliability", "plot_corruption_heatmaps",
+RADIUS_MATH = r"$\|\tilde\theta-\theta\|$"  # the perturbation norm, as mathtext draws it
+
+__all__ = ["RADIUS_MATH", "plot_learning_curves", "plot_test_accuracy", "plot_reliability", "plot_corruption_heatmaps",
            "plot_robust_accuracy", "plot_search", "plot_landscape", "plot_interpolation", "mean_compute",
            "compute_ratios", "plot_accuracy_vs_compute"]
 
@@ -33,7 +35,7 @@ def _mean_curve(runs: list[dict[str, Any]], key: str) -> tuple[np.ndarray, np.nd
 
 def plot_learning_curves(summaries: dict[str, list[dict[str, Any]]], path: Path) -> Path:
     keys = [("train_loss", "train loss"), ("val_accuracy", "validation accuracy"), ("val_nll", "validation NLL"),
-            ("perturbation_norm", "measured radius ‖θ~−θ‖")]
+            ("perturbation_norm", f"measured radius {RADIUS_MATH}")]
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4))
     # one line style per method besides its colour: two methods held at the same radius (SAM with a
     # step and a cosine schedule) draw the same line, and a solid one hid the other
@@ -415,9 +417,12 @@ def plot_search(points: list[dict[str, Any]], path: Path, *, metric: str) -> Pat
                 if off_scale:
                     ax.scatter([x], [y], marker="v", s=60, color=line.get_color(), zorder=3, clip_on=False)
                     below_axis = True
+                # a long label ("[0.0625,0.125]") laid flat runs into its neighbour's at the next
+                # grid point; tilted away from the line it clears it
+                tilt = (-45 if below else 45) if len(text) > 6 else 0
                 ax.annotate(text + (f" ({a:.1f})" if off_scale else ""), (x, y), textcoords="offset points",
-                            xytext=(5, -5 if below else 5), va="top" if below else "bottom",
-                            fontsize=6, color=line.get_color())
+                            xytext=(5, -5 if below else 5), va="top" if below else "bottom", ha="left",
+                            rotation=tilt, rotation_mode="anchor", fontsize=6, color=line.get_color())
                 if p.get("chosen"):
                     ax.scatter([x], [y], s=140, facecolors="none", edgecolors=line.get_color(), linewidths=1.5)
     ax.set_ylim(bottom, top)
@@ -429,7 +434,7 @@ def plot_search(points: list[dict[str, Any]], path: Path, *, metric: str) -> Pat
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # no crowded minor labels
         ax.set_xticks([t for t in (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5)
                        if min(radii_all) / 1.6 <= t <= max(radii_all) * 1.6])
-    ax.set_xlabel("measured radius ‖θ~−θ‖ (last epoch, mean over steps)")
+    ax.set_xlabel(f"measured radius {RADIUS_MATH} (last epoch, mean over steps)")
     unit = " (%)" if scale == 100.0 else ""
     ax.set_ylabel(f"{metric.replace('_', ' ')}{unit}")
     ax.set_title("grid search: validation score against radius\n(ringed: chosen; ▼ below the axis, value in brackets)",

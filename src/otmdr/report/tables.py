@@ -12,7 +12,7 @@ __all__ = ["aggregate", "format_table", "early_stopped", "format_epsilon", "COLU
 
 COMPUTE = "grad. evals (× ref)"
 WALL = "train time (× ref)"
-RADIUS = "radius ‖θ~−θ‖ incl. noise"
+RADIUS = "radius ‖θ̃−θ‖ incl. noise"
 
 
 #: (title, function of a run summary, digits, scale)
