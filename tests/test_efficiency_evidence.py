@@ -201,3 +201,39 @@ def test_a_reusing_regime_needs_its_study_first(tmp_path, regime, folder):
                             capture_output=True, text=True)
     assert result.returncode == 2 and f"{folder}/search.json does not exist" in result.stderr
     assert not any(tmp_path.glob("efficiency-*"))
+
+
+def test_the_extended_cifar_regime_widens_two_grids_and_reuses_every_run_of_the_first(tmp_path):
+    """cifar10-noisy-extended searches momentum ascent at 0.2x and 10x OT-MDR's radius too and LookSAM at half
+    its radius too, on top of cifar10-noisy: every run that study planned is planned again with the
+    same folder name and configuration (so --resume reuses it), from a hard-linked copy of its folder."""
+    study_dir = tmp_path / "runs" / "cifar10-resnet20-noisy40"
+    study_dir.mkdir(parents=True)
+    picked = {"sgd": "lr=0.05", "sgd@compute": "lr=0.1", "sam": "rho=0.01", "otmdr": "rho=[0.0025,0.005]"}
+    (study_dir / "search.json").write_text(json.dumps([{"method": m, "setting": s, "chosen": True}
+                                                       for m, s in picked.items()]))
+    script = str(ROOT / "benchmarks/evidence/efficiency.sh")
+    env = dict(os.environ, OTMDR="false", PYTHON=sys.executable, EVIDENCE_DIR=str(tmp_path / "runs"))
+    refused = subprocess.run(["bash", script, "cifar10-noisy-extended", "DATA"], env=env, capture_output=True,
+                             text=True)
+    assert refused.returncode == 2 and "run cifar10-noisy first" in refused.stderr
+    first = _study(tmp_path, _arguments(tmp_path, "cifar10-noisy", "DATA"), [0, 1, 2, 3, 4])
+    (first.out / "otmdr+reuse-seed0").mkdir()
+    (first.out / "otmdr+reuse-seed0" / "summary.json").write_text("{}")
+    extended = _study(tmp_path, _arguments(tmp_path, "cifar10-noisy-extended", "DATA"), [0, 1, 2, 3, 4])
+    assert extended.out.name == "efficiency-cifar10-resnet20-noisy40-extended"
+    summary = "otmdr+reuse-seed0/summary.json"
+    assert (extended.out / summary).stat().st_ino == (first.out / summary).stat().st_ino
+    radii = {m: [json.loads(p.overrides[-1].split("=", 1)[1])[0] / 0.0025 for p in extended.grid[m]]
+             for m in ("otmdr+momentum", "otmdr+reuse")}
+    assert radii["otmdr+momentum"] == pytest.approx([0.2, 1, 5, 10, 20])
+    assert sorted(set(radii["otmdr+reuse"])) == pytest.approx([0.5, 1])
+    searched_first, finals_first = plan(first)
+    searched, finals = plan(extended)
+    mine = {r.run_dir.relative_to(extended.out): config_to_dict(r.config) for r in searched}
+    assert len(mine) == len(searched_first) + 4  # momentum at 0.2x and 10x, LookSAM (k = 2, 5) at half the radius
+    for run in searched_first:
+        assert mine[run.run_dir.relative_to(first.out)] == config_to_dict(run.config), run.run_dir
+    chosen = {m: points[0] for m, points in first.grid.items()}
+    again = {r.run_dir.name: config_to_dict(r.config) for r in finals(chosen)}
+    assert all(again[r.run_dir.name] == config_to_dict(r.config) for r in finals_first(chosen))

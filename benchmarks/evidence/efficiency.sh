@@ -18,6 +18,11 @@
 #   benchmarks/evidence/efficiency.sh cifar10-noisy CIFAR_TAR [JOBS]  CIFAR-10 ResNet-20, 40% noise, where SGD
 #        memorises: run after benchmarks/evidence/cifar10_resnet20.sh (noisy40) with the same CIFAR_TAR
 #        argument, whose four methods it reuses at the settings that study chose (below)
+#   benchmarks/evidence/efficiency.sh cifar10-noisy-extended CIFAR_TAR [JOBS]  the same, two grids widened after
+#        cifar10-noisy's search (validation only; run it after cifar10-noisy, whose runs it reuses): momentum
+#        ascent also at 10x OT-MDR's radius (it memorised at 1x and 5x and collapsed at 20x, and chose 10x on
+#        both smaller studies) and at 0.2x (1x, the smallest, was chosen), LookSAM also at half the radius
+#        (at k = 5 it sat at chance at the full one)
 #   benchmarks/evidence/efficiency.sh ensembles-digits [JOBS]        noisy digits, 3-MLP ensemble (joint), 5 seeds
 #   benchmarks/evidence/efficiency.sh bnn-digits [JOBS]              noisy digits, Bayesian MLP, 5 seeds
 # On noisy Fashion-MNIST the baselines' settings are fixed at the ones the issue-24 search chose
@@ -134,7 +139,7 @@ case "$REGIME" in
     # the noisy study's runs shared with this one (baselines, the variants at k = 5), reused, not retrained
     noisy=$EVIDENCE_DIR/efficiency-fashion-mnist-mlp-noisy
     [ ! -d "$noisy" ] || link_runs "$noisy" "$EVIDENCE_DIR/$NAME" ;;
-  cifar10-noisy)
+  cifar10-noisy|cifar10-noisy-extended)
     # The variants that came closest to full OT-MDR on the digits and Fashion-MNIST, where a run costs
     # 20-40 min on one core: LookSAM at k = 2 and 5 (1.5x and 1.2x SGD), momentum ascent (1.0x) at 1, 5
     # and 20 times OT-MDR's chosen radius (it chose 10x on both smaller studies), and the interval at
@@ -149,9 +154,10 @@ case "$REGIME" in
     STUDY=$EVIDENCE_DIR/cifar10-resnet20-noisy40
     sgd_lr=$(pick sgd optim.lr); compute_lr=$(pick sgd@compute optim.lr); sam_rho=$(pick sam sam.rho)
     rho=$(pick otmdr otmdr.rho)
-    momentum_rho=$(scaled "$rho" 1 5 20)
+    momentum_rho=$(scaled "$rho" 1 5 20); reuse_rho=$rho
+    [ "$REGIME" = cifar10-noisy ] || { momentum_rho=$(scaled "$rho" 0.2 1 5 10 20); reuse_rho=$(scaled "$rho" 0.5 1); }
     GRID=(--grid "sgd:optim.lr=$sgd_lr" --grid "sgd@compute:optim.lr=$compute_lr" --grid "sam:sam.rho=$sam_rho"
-          --grid "otmdr:otmdr.rho=$rho" --grid otmdr+reuse:efficiency.interval=2,5 --grid "otmdr+reuse:otmdr.rho=$rho"
+          --grid "otmdr:otmdr.rho=$rho" --grid otmdr+reuse:efficiency.interval=2,5 --grid "otmdr+reuse:otmdr.rho=$reuse_rho"
           --grid otmdr+interval:efficiency.interval=5 --grid "otmdr+interval:otmdr.rho=$rho"
           --grid "otmdr+momentum:otmdr.rho=$momentum_rho")
     ARGS=(--config configs/cifar10-resnet20-study.yaml --data-dir "$DATA"
@@ -160,6 +166,10 @@ case "$REGIME" in
           --set "schedule.warmup_epochs=${WARMUP:-2}"  # (as that study: WARMUP must be the same there and here)
           --set "optim.lr=$sgd_lr")  # (that study trains SAM and OT-MDR at SGD's chosen rate)
     NAME=efficiency-cifar10-resnet20-noisy40
+    if [ "$REGIME" = cifar10-noisy-extended ]; then
+      [ -d "$EVIDENCE_DIR/$NAME" ] || { echo "error: $EVIDENCE_DIR/$NAME not found: run cifar10-noisy first" >&2; exit 2; }
+      STUDY=$EVIDENCE_DIR/$NAME NAME=$NAME-extended
+    fi
     link_runs "$STUDY" "$EVIDENCE_DIR/$NAME" ;;
   ensembles-digits|bnn-digits)
     JOBS=${2:-2}
@@ -173,8 +183,8 @@ case "$REGIME" in
     ARGS=(--config configs/demo-label-noise.yaml --methods "sgd,sgd@compute,sam,otmdr,$VARIANTS"
           --seeds 5 --set train.epochs=40 --set "model.name=$model")
     NAME=efficiency-digits-$model-noisy40 ;;
-  *) echo "unknown regime $REGIME: digits, digits-budget, fmnist-noisy, fmnist-clean, fmnist-noisy-budget, cifar10-noisy," \
-          "ensembles-digits or bnn-digits" >&2; exit 2 ;;
+  *) echo "unknown regime $REGIME: digits, digits-budget, fmnist-noisy, fmnist-clean, fmnist-noisy-budget," \
+          "cifar10-noisy, cifar10-noisy-extended, ensembles-digits or bnn-digits" >&2; exit 2 ;;
 esac
 "$OTMDR" compare "${ARGS[@]}" "${GRID[@]}" --reference "${REFERENCE:-otmdr,sgd,sam}" --jobs "$JOBS" --resume --quiet \
   --out "$EVIDENCE_DIR/$NAME"

@@ -20,6 +20,7 @@ FMNIST=../shared/datasets/fashion-mnist
 # study folder under runs/evidence -> its folder under benchmarks/results
 STUDIES="cifar10-resnet20-noisy40:cifar10-resnet20-noisy40-rerun
 efficiency-cifar10-resnet20-noisy40:efficiency-cifar10-resnet20-noisy40
+efficiency-cifar10-resnet20-noisy40-extended:efficiency-cifar10-resnet20-noisy40-extended
 cifar10-resnet20-noisy40-matched-sam:cifar10-resnet20-noisy40-rerun-matched-sam
 cifar10-resnet20-noisy40-matched-otmdr:cifar10-resnet20-noisy40-rerun-matched-otmdr
 bnn-fashion-mnist-lenet-clean:bnn-fashion-mnist-lenet-clean-rerun
@@ -64,6 +65,7 @@ step cifar10-resnet20-noisy40 env MATCHED=0 REGIMES=noisy40 bash benchmarks/evid
 step efficiency-cifar10 bash benchmarks/evidence/efficiency.sh cifar10-noisy "$CIFAR" 2
 step matched-cifar10-noisy40 "$PYTHON" benchmarks/evidence/matched_radius.py "$EVIDENCE_DIR/cifar10-resnet20-noisy40" \
   --jobs 2 --otmdr "$OTMDR"
+step efficiency-cifar10-extended bash benchmarks/evidence/efficiency.sh cifar10-noisy-extended "$CIFAR" 2
 # each BNN regime's robustness right after its study: its final runs' checkpoints do not travel, so a
 # final run is carried only once evaluated (--carry) and trains again on a new machine until it is
 for regime in clean noisy40; do
