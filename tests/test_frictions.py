@@ -197,11 +197,11 @@ def test_search_figure_draws_each_line_marker_only_where_its_legend_says(tmp_pat
 def _label_corners(text, renderer):
     """The four display-space corners of a drawn label, rotated as drawn (its window extent is the
     axis-aligned box around them, which overlaps its neighbour's whenever both are tilted)."""
-    angle = np.radians(text.get_rotation())
     rotation = text.get_rotation()
     text.set_rotation(0)
     flat = text.get_window_extent(renderer)
     text.set_rotation(rotation)
+    angle = np.radians(rotation)
     anchor = np.array([flat.x0, flat.y1 if text.get_va() == "top" else flat.y0])
     corners = np.array([[0, 0], [flat.width, 0], [flat.width, flat.height], [0, flat.height]])
     if text.get_va() == "top":
