@@ -9,7 +9,9 @@ the SGD run of the same folder and seed (``--baseline-method``), computed from t
 files: ``otmdr eval --baseline`` would evaluate the baseline's corruptions again inside every run's
 evaluation (a third of its cost), and for a Bayesian network draw its predictive a second time.
 The report (Markdown table of mean ± std over seeds, heat maps, robust-accuracy curves, accuracy
-per severity, 1-D slices) goes to ``--out``:
+per severity, 1-D slices) goes to ``--out``. ``--reuse`` copies the evaluations of another output
+folder for runs that are byte-for-byte the same (a matched-radius study holds copies of its parent
+study's runs), instead of evaluating them again:
 
     python benchmarks/robustness.py runs/evidence-fashion-mnist --data-dir ../shared/datasets/fashion-mnist \\
         --out benchmarks/results/fashion-mnist-lenet/robustness --test-limit 2000 --jobs 2 --landscape
@@ -19,12 +21,14 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import filecmp
 import json
 import math
 import os
 import platform
 import re
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -99,6 +103,34 @@ def _tasks(args: argparse.Namespace, groups: dict[str, list[Path]], out: Path) -
             target.mkdir(parents=True, exist_ok=True)
             tasks.append((command, target / "landscape.log", target / "landscape.json"))
     return [t for t in tasks if not t[2].is_file()]
+
+
+def _same_run(a: Path, b: Path) -> bool:
+    """Whether two run folders hold the same trained model: the same config.yaml and checkpoint files."""
+    files = [Path("config.yaml"), *sorted(p.relative_to(a) for p in (a / "checkpoints").glob("*.pt"))]
+    return len(files) > 1 and all((b / f).is_file() and filecmp.cmp(a / f, b / f, shallow=False) for f in files)
+
+
+def reuse_evaluations(groups: dict[str, list[Path]], out: Path, other: Path) -> int:
+    """Copy ``other``'s evaluations (eval.json, sharpness.json and their logs, made with the same
+    options) of every run that is the same as one here into ``out``, where they are still missing;
+    returns how many runs were copied. Each copied JSON records where it came from."""
+    copied = 0
+    for method, run in ((m, r) for m, rs in groups.items() for r in rs):
+        source, target = other / "runs" / _key(method, run), out / "runs" / _key(method, run)
+        pieces = [name for name in ("eval", "sharpness") if (source / f"{name}.json").is_file()
+                  and not (target / f"{name}.json").is_file()]
+        if not pieces or not _same_run(run, Path(json.loads((source / f"{pieces[0]}.json").read_text())["path"])):
+            continue
+        target.mkdir(parents=True, exist_ok=True)
+        for name in pieces:
+            result = json.loads((source / f"{name}.json").read_text())
+            result["copied_from"] = str(source / f"{name}.json")
+            if (source / f"{name}.log").is_file():
+                shutil.copyfile(source / f"{name}.log", target / f"{name}.log")
+            (target / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+        copied += 1
+    return copied
 
 
 def final_runs(folder: Path) -> dict[str, dict[int, Path]]:
@@ -475,6 +507,9 @@ def main() -> None:
     parser.add_argument("--landscape-samples", type=int, default=1024)
     parser.add_argument("--landscape-points", type=int, default=21)
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--reuse", metavar="OUT_DIR",
+                        help="another robustness folder made with the same options: its evaluations of the same "
+                             "runs (byte-identical config and checkpoints) are copied, not repeated")
     parser.add_argument("--margin", type=float, default=DEFAULT_MARGINS["accuracy (pp)"],
                         help="equivalence margin of the accuracy columns, in points (default %(default)s)")
     args = parser.parse_args()
@@ -485,6 +520,8 @@ def main() -> None:
     groups = _find_runs(args.compare_dirs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.reuse:
+        print(f"{reuse_evaluations(groups, out, Path(args.reuse))} runs' evaluations copied from {args.reuse}")
     tasks = _tasks(args, groups, out)
     print(f"{sum(map(len, groups.values()))} runs, {len(tasks)} evaluations to do, {args.jobs} at a time", flush=True)
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:

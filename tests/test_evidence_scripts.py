@@ -483,6 +483,69 @@ def test_robustness_of_selected_evaluates_bayesian_studies_through_fewer_draws(t
         assert f"{studies[1]} " in mlp and "--predictive-samples" not in mlp
 
 
+def test_robustness_of_selected_evaluates_matched_studies_after_their_study_reusing_its_evaluations(tmp_path):
+    """A study's matched-radius studies are evaluated after it, with --reuse of its robustness
+    folder, and the corrupted copy is made of the dataset DATASET names (default fashion-mnist)."""
+    import os
+
+    record = tmp_path / "calls"
+    fake = tmp_path / "fake"
+    fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {record}\n')
+    fake.chmod(0o755)
+    study = tmp_path / "runs" / "cifar10-resnet20-noisy40"
+    for folder in (study, Path(f"{study}-matched-sam"), Path(f"{study}-matched-otmdr")):
+        folder.mkdir(parents=True)
+        (folder / "report.md").write_text("finished\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("SMOKE", "DATASET")}
+    env.update(OTMDR=str(fake), PYTHON=str(fake), EVIDENCE_DIR=str(tmp_path / "runs"))
+    for extra, dataset in (({}, "fashion-mnist"), ({"DATASET": "cifar10-jpeg"}, "cifar10-jpeg")):
+        record.unlink(missing_ok=True)
+        subprocess.run(["bash", str(ROOT / "benchmarks/evidence/robustness_of_selected.sh"), "DATA", "2", str(study)],
+                       env={**env, **extra}, check=True, capture_output=True, text=True)
+        calls = record.read_text().splitlines()
+        assert calls[0].startswith(f"corrupt --dataset {dataset} --data-dir DATA --limit 1000 ")
+        assert calls[0].endswith(f"--out {tmp_path}/runs/{dataset}-c1000")
+        evaluated = [c for c in calls if "benchmarks/robustness.py" in c]
+        assert [c.split()[1] for c in evaluated] == [str(study), f"{study}-matched-sam", f"{study}-matched-otmdr"]
+        assert "--reuse" not in evaluated[0]
+        assert all(f"--reuse {study}/robustness " in c for c in evaluated[1:])
+
+
+def test_robustness_reuses_evaluations_of_byte_identical_runs_only(tmp_path):
+    """robustness.py --reuse: an evaluation is copied for a run whose config and checkpoints equal
+    the evaluated run's (recording where from), not for one whose checkpoint differs in one byte,
+    and never over an evaluation already there."""
+    robustness = _module("benchmarks/robustness.py")
+
+    def run(folder: Path, weights: bytes) -> Path:
+        (folder / "checkpoints").mkdir(parents=True)
+        (folder / "config.yaml").write_text("optim: {lr: 0.1}\n")
+        (folder / "checkpoints" / "last.pt").write_bytes(weights)
+        (folder / "checkpoints" / "best.pt").write_bytes(b"best")
+        return folder
+
+    parent = {name: run(tmp_path / "study" / name, b"weights") for name in ("otmdr-seed0", "otmdr-seed1")}
+    other = tmp_path / "study" / "robustness"
+    for name, folder in parent.items():
+        (other / "runs" / name).mkdir(parents=True)
+        for piece in ("eval", "sharpness"):
+            (other / "runs" / name / f"{piece}.json").write_text(json.dumps({"path": str(folder), "piece": piece}))
+        (other / "runs" / name / "eval.log").write_text("log\n")
+    same = run(tmp_path / "matched" / "otmdr-seed0", b"weights")
+    changed = run(tmp_path / "matched" / "otmdr-seed1", b"weightz")
+    out = tmp_path / "matched" / "robustness"
+    assert robustness.reuse_evaluations({"otmdr": [same, changed]}, out, other) == 1
+    copied = json.loads((out / "runs" / "otmdr-seed0" / "eval.json").read_text())
+    assert copied == {"path": str(parent["otmdr-seed0"]), "piece": "eval",
+                      "copied_from": str(other / "runs" / "otmdr-seed0" / "eval.json")}
+    assert (out / "runs" / "otmdr-seed0" / "sharpness.json").is_file()
+    assert (out / "runs" / "otmdr-seed0" / "eval.log").read_text() == "log\n"
+    assert not (out / "runs" / "otmdr-seed1").exists()
+    (out / "runs" / "otmdr-seed0" / "eval.json").write_text("{}")  # an evaluation already made stays
+    assert robustness.reuse_evaluations({"otmdr": [same]}, out, other) == 0
+    assert (out / "runs" / "otmdr-seed0" / "eval.json").read_text() == "{}"
+
+
 def test_robustness_report_measures_the_monte_carlo_error_from_each_half_of_the_draws(tmp_path):
     """A Bayesian study's evaluations record each half of their draws' accuracies: the report
     gives the mean |half A − half B| per column and names each paired accuracy verdict that the

@@ -5,7 +5,9 @@
 # first seed's was), on a fixed 1,000-image test subset and its corrupted copy (written once by
 # otmdr corrupt), PGD-10 at eps 1-8/255, sharpness on 256 training images, and loss landscapes
 # of the first seed with the interpolation from the baseline's run (the first method: sgd/joint for ensembles, SGVB for BNNs, SGD for single models)
-# to each other method's run. Each report goes to STUDY/robustness/robustness.md.
+# to each other method's run. Each report goes to STUDY/robustness/robustness.md. A study's
+# matched-radius studies (STUDY-matched-sam, STUDY-matched-otmdr) are evaluated after it, copying
+# its evaluations of the runs they share with it (robustness.py --reuse).
 #
 #   benchmarks/evidence/robustness_of_selected.sh DATA_DIR [JOBS] [STUDY_DIR ...]
 #
@@ -16,16 +18,18 @@
 # Unfinished ones are skipped with a note. Resumable: finished evaluations are reused.
 #
 # Environment: OTMDR (default .venv/bin/otmdr), PYTHON (default .venv/bin/python), EVIDENCE_DIR
-# (default runs/evidence), BNN_SAMPLES (below), SMOKE=1: 100 test images, two corruptions at
+# (default runs/evidence), DATASET (the studies' dataset as `otmdr datasets` names it, default
+# fashion-mnist; cifar10-jpeg for the CIFAR-10 studies), BNN_SAMPLES (below), SMOKE=1: 100 test images, two corruptions at
 # severities 1 and 5, eps 8/255 only, tiny sharpness and landscape settings (studies from
 # ${TMPDIR:-/tmp}/otmdr-evidence-smoke).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-DATA=${1:?usage: $0 DATA_DIR_WITH_FASHION_MNIST_IDX_FILES [JOBS] [STUDY_DIR ...]}
+DATA=${1:?usage: [DATASET=NAME] $0 DATA_DIR [JOBS] [STUDY_DIR ...]}
 JOBS=${2:-2}
 shift $(( $# < 2 ? $# : 2 ))
 OTMDR=${OTMDR:-.venv/bin/otmdr}
 PYTHON=${PYTHON:-.venv/bin/python}
+DATASET=${DATASET:-fashion-mnist}
 LIMIT=1000
 # Bayesian networks through a BNN_SAMPLES-draw predictive (default 30, as the first BNN study's
 # evaluation), whatever their study tested with (100 in bnn_fashion_mnist.sh): each draw is a
@@ -58,8 +62,8 @@ for study in "${studies[@]}"; do
     [ -d "$matched" ] && studies+=("$matched")
   done
 done
-CORRUPTED="$EVIDENCE_DIR/fashion-mnist-c$LIMIT"
-"$OTMDR" corrupt --dataset fashion-mnist --data-dir "$DATA" --limit "$LIMIT" ${CORRUPT[@]+"${CORRUPT[@]}"} --out "$CORRUPTED"
+CORRUPTED="$EVIDENCE_DIR/$DATASET-c$LIMIT"
+"$OTMDR" corrupt --dataset "$DATASET" --data-dir "$DATA" --limit "$LIMIT" ${CORRUPT[@]+"${CORRUPT[@]}"} --out "$CORRUPTED"
 done_studies=()
 for study in "${studies[@]}"; do
   if [ ! -f "$study/report.md" ]; then
@@ -68,8 +72,10 @@ for study in "${studies[@]}"; do
   fi
   echo "== $study"
   draws=(); case $(basename "$study") in bnn-*) draws=(--predictive-samples "$BNN_SAMPLES");; esac
+  reuse=(); case $study in *-matched-sam|*-matched-otmdr) reuse=(--reuse "${study%-matched-*}/robustness");; esac
   "$PYTHON" benchmarks/robustness.py "$study" --data-dir "$DATA" --corrupted-dir "$CORRUPTED" \
-    --out "$study/robustness" --test-limit "$LIMIT" "${EVAL[@]}" ${draws[@]+"${draws[@]}"} --jobs "$JOBS"
+    --out "$study/robustness" --test-limit "$LIMIT" "${EVAL[@]}" ${draws[@]+"${draws[@]}"} \
+    ${reuse[@]+"${reuse[@]}"} --jobs "$JOBS"
   done_studies+=("$study")
 done
 echo
