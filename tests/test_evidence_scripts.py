@@ -458,27 +458,33 @@ def test_the_schedule_confound_stops_without_a_traceback_when_otmdr_compare_fail
                                           "(its message is above); rerun the same command to continue"]
 
 
+def _robustness_of_selected(tmp_path: Path, studies: list[Path], **extra: str) -> list[str]:
+    """Run robustness_of_selected.sh on finished stand-in studies with otmdr and python faked:
+    the command lines they were called with."""
+    import os
+
+    record, fake = tmp_path / "calls", tmp_path / "fake"
+    fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {record}\n')
+    fake.chmod(0o755)
+    for study in studies:
+        study.mkdir(parents=True, exist_ok=True)
+        (study / "report.md").write_text("finished\n")
+    record.unlink(missing_ok=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("SMOKE", "BNN_SAMPLES", "DATASET")}
+    env.update(OTMDR=str(fake), PYTHON=str(fake), EVIDENCE_DIR=str(tmp_path / "runs"), **extra)
+    subprocess.run(["bash", str(ROOT / "benchmarks/evidence/robustness_of_selected.sh"), "DATA", "2",
+                    *map(str, studies)], env=env, check=True, capture_output=True, text=True)
+    return record.read_text().splitlines()
+
+
 def test_robustness_of_selected_evaluates_bayesian_studies_through_fewer_draws(tmp_path):
     """robustness_of_selected.sh: a Bayesian study (bnn-*) is evaluated through BNN_SAMPLES draws
     (default 30; its 100-draw predictive would take 3.3 times as long), any other study through its
-    own (deterministic) prediction, without the option. Fake otmdr and python record the calls."""
-    import os
-
-    record = tmp_path / "calls"
-    fake = tmp_path / "fake"
-    fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {record}\n')
-    fake.chmod(0o755)
+    own (deterministic) prediction, without the option."""
     studies = [tmp_path / "runs" / name for name in ("bnn-fashion-mnist-lenet-noisy40", "fashion-mnist-mlp-clean")]
-    for study in studies:
-        study.mkdir(parents=True)
-        (study / "report.md").write_text("finished\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("SMOKE", "BNN_SAMPLES")}
-    env.update(OTMDR=str(fake), PYTHON=str(fake), EVIDENCE_DIR=str(tmp_path / "runs"))
     for extra, draws in (({}, "30"), ({"BNN_SAMPLES": "100"}, "100")):
-        record.unlink(missing_ok=True)
-        subprocess.run(["bash", str(ROOT / "benchmarks/evidence/robustness_of_selected.sh"), "DATA", "2",
-                        *map(str, studies)], env={**env, **extra}, check=True, capture_output=True, text=True)
-        bnn, mlp = [line for line in record.read_text().splitlines() if "benchmarks/robustness.py" in line]
+        calls = _robustness_of_selected(tmp_path, studies, **extra)
+        bnn, mlp = [line for line in calls if "benchmarks/robustness.py" in line]
         assert f"{studies[0]} " in bnn and f"--predictive-samples {draws} " in bnn
         assert f"{studies[1]} " in mlp and "--predictive-samples" not in mlp
 
@@ -486,23 +492,12 @@ def test_robustness_of_selected_evaluates_bayesian_studies_through_fewer_draws(t
 def test_robustness_of_selected_evaluates_matched_studies_after_their_study_reusing_its_evaluations(tmp_path):
     """A study's matched-radius studies are evaluated after it, with --reuse of its robustness
     folder, and the corrupted copy is made of the dataset DATASET names (default fashion-mnist)."""
-    import os
-
-    record = tmp_path / "calls"
-    fake = tmp_path / "fake"
-    fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {record}\n')
-    fake.chmod(0o755)
     study = tmp_path / "runs" / "cifar10-resnet20-noisy40"
-    for folder in (study, Path(f"{study}-matched-sam"), Path(f"{study}-matched-otmdr")):
-        folder.mkdir(parents=True)
-        (folder / "report.md").write_text("finished\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("SMOKE", "DATASET")}
-    env.update(OTMDR=str(fake), PYTHON=str(fake), EVIDENCE_DIR=str(tmp_path / "runs"))
+    for matched in (Path(f"{study}-matched-sam"), Path(f"{study}-matched-otmdr")):
+        matched.mkdir(parents=True)
+        (matched / "report.md").write_text("finished\n")
     for extra, dataset in (({}, "fashion-mnist"), ({"DATASET": "cifar10-jpeg"}, "cifar10-jpeg")):
-        record.unlink(missing_ok=True)
-        subprocess.run(["bash", str(ROOT / "benchmarks/evidence/robustness_of_selected.sh"), "DATA", "2", str(study)],
-                       env={**env, **extra}, check=True, capture_output=True, text=True)
-        calls = record.read_text().splitlines()
+        calls = _robustness_of_selected(tmp_path, [study], **extra)
         assert calls[0].startswith(f"corrupt --dataset {dataset} --data-dir DATA --limit 1000 ")
         assert calls[0].endswith(f"--out {tmp_path}/runs/{dataset}-c1000")
         evaluated = [c for c in calls if "benchmarks/robustness.py" in c]
