@@ -174,7 +174,7 @@ def test_robustness_report_pairs_methods_by_seed():
              "sam": [run(0.85, 0.78, 0.50), run(0.86, 0.80, 0.49), run(0.87, 0.79, 0.52)]}
     sharp = {m: [{"top_hessian_eigenvalue": v} for v in values]
              for m, values in {"sgd": [20.0, 24.0, 22.0], "sam": [4.0, 3.0, 5.0]}.items()}
-    lines = robustness._paired_section(evals, sharp, "0.031", with_mce=False)
+    lines = robustness._paired_section(evals, sharp, ["0.031"], with_mce=False)
     (row,) = [line for line in lines if line.startswith("| sam − sgd |")]
     expected = paired_difference([85.0, 86.0, 87.0], [80.0, 82.0, 81.0], higher_is_better=True)
     assert f"{expected.mean:+.2f} [{expected.low:+.2f}, {expected.high:+.2f}] better" in row
@@ -199,7 +199,7 @@ def test_robustness_report_tests_equivalence_on_accuracy_and_adjusts_for_the_tab
              "sam": [run(c + d, 0.30 + e) for c, d, e in zip(clean, [0.0005, -0.0005, 0.0, 0.0003, -0.0002],
                                                                 [0.004, 0.013, 0.0, 0.008, 0.006])]}
     sharp = {m: [{"top_hessian_eigenvalue": v} for v in [10.0, 12.0, 11.0, 9.0, 13.0]] for m in evals}
-    lines = robustness._paired_section(evals, sharp, "0.031", with_mce=False, margin=0.5)
+    lines = robustness._paired_section(evals, sharp, ["0.031"], with_mce=False, margin=0.5)
     (row,) = [line for line in lines if line.startswith("| sam − sgd |")]
     clean_cell, corruption_cell, pgd_cell, eigen_cell = row.strip("| ").split(" | ")[1:]
     assert "equivalent within ±0.50; Holm: same" in clean_cell and "equivalent within ±0.50" in corruption_cell
@@ -209,6 +209,30 @@ def test_robustness_report_tests_equivalence_on_accuracy_and_adjusts_for_the_tab
     assert pgd_cell.startswith(f"{pgd.mean:+.2f} [") and "better; Holm: inconclusive with 5 seeds" in pgd_cell
     assert eigen_cell == "+0.00 [+0.00, +0.00] no difference detectable with 5 seeds; Holm: same"
     assert any("Holm's correction over this table's 7 tests" in line for line in lines)
+
+
+def test_robustness_report_tests_pgd_at_every_radius_so_a_floor_at_the_largest_hides_nothing():
+    """At 8/255 both methods sit at 0% (as noisy CIFAR-10's ResNet-20s do): that column can only
+    call them equivalent, while at 1/255 SAM is ahead; both columns are tested and counted in the
+    Holm family."""
+    robustness = _module("benchmarks/robustness.py")
+    small, large = "0.00392156862745098", "0.03137254901960784"
+
+    def run(clean: float, pgd_small: float) -> dict:
+        return {"corruptions": {"clean": {"accuracy": clean}, "mean_corruption_accuracy": clean - 0.1},
+                "attack": {"robust_accuracy": {small: pgd_small, large: 0.0}}}
+
+    evals = {"sgd": [run(0.50, p) for p in (0.05, 0.06, 0.04, 0.05, 0.07)],
+             "sam": [run(0.55, p) for p in (0.20, 0.23, 0.18, 0.21, 0.22)]}
+    sharp = {m: [{"top_hessian_eigenvalue": v} for v in [10.0, 12.0, 11.0, 9.0, 13.0]] for m in evals}
+    lines = robustness._paired_section(evals, sharp, [small, large], with_mce=False, margin=0.5)
+    header = next(line for line in lines if line.startswith("| difference |"))
+    assert header.split(" | ")[3:5] == ["PGD 1/255 (pp)", "PGD 8/255 (pp)"]
+    (row,) = [line for line in lines if line.startswith("| sam − sgd |")]
+    pgd_small, pgd_large = row.strip("| ").split(" | ")[3:5]
+    assert pgd_small.startswith("+15.40 [") and "better; Holm: same" in pgd_small
+    assert pgd_large.startswith("+0.00 [+0.00, +0.00] equivalent within ±0.50")
+    assert any("Holm's correction over this table's 9 tests" in line for line in lines)
 
 
 def test_robustness_refuses_a_margin_that_is_not_positive_in_one_line(tmp_path):
@@ -588,7 +612,7 @@ def test_robustness_report_measures_the_monte_carlo_error_from_each_half_of_the_
     args = argparse.Namespace(compare_dirs=["bnn"], baseline_method="sgd", landscape=False, margin=0.5)
     report = robustness.report(args, groups, tmp_path).read_text()
     assert "no second set was drawn" not in report and "## Monte Carlo error (split-half)" in report
-    assert "0 of 9 differ (no accuracy verdict there depends on which weights were drawn)" in report
+    assert "0 of 18 differ (no accuracy verdict there depends on which weights were drawn)" in report  # 3 pairs x 6
 
 
 def test_pending_evidence_restores_carried_runs_runs_each_step_and_carries_unfinished_studies(tmp_path):
