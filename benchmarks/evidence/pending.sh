@@ -65,11 +65,6 @@ step cifar10-resnet20-noisy40 env MATCHED=0 REGIMES=noisy40 bash benchmarks/evid
 step efficiency-cifar10 bash benchmarks/evidence/efficiency.sh cifar10-noisy "$CIFAR" 2
 step matched-cifar10-noisy40 "$PYTHON" benchmarks/evidence/matched_radius.py "$EVIDENCE_DIR/cifar10-resnet20-noisy40" \
   --jobs 2 --otmdr "$OTMDR"
-# robustness of the noisy study's final models and of both matched-radius halves, while their
-# checkpoints are here: checkpoints do not travel, so on a machine that restored the study instead
-# of training it this step fails (its runs would have to be trained again)
-step cifar10-noisy40-robustness env DATASET=cifar10-jpeg bash benchmarks/evidence/robustness_of_selected.sh "$CIFAR" 2 \
-  "$EVIDENCE_DIR/cifar10-resnet20-noisy40"
 step efficiency-cifar10-extended bash benchmarks/evidence/efficiency.sh cifar10-noisy-extended "$CIFAR" 2
 # each BNN regime's robustness right after its study: its final runs' checkpoints do not travel, so a
 # final run is carried only once evaluated (--carry) and trains again on a new machine until it is
