@@ -520,6 +520,10 @@ def main() -> None:
         print(f"error: --margin {args.margin}: an equivalence margin must be a positive number of points "
               "(e.g. --margin 0.5)", file=sys.stderr)
         sys.exit(2)
+    if args.reuse and not (Path(args.reuse) / "runs").is_dir():
+        print(f"error: --reuse {args.reuse}: no runs/ folder there; name the --out folder of an earlier "
+              "robustness.py invocation (e.g. STUDY/robustness)", file=sys.stderr)
+        sys.exit(2)
     groups = _find_runs(args.compare_dirs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

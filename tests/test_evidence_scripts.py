@@ -530,6 +530,17 @@ def test_robustness_of_selected_evaluates_matched_studies_after_their_study_reus
         assert all(f"--reuse {study}/robustness " in c for c in evaluated[1:])
 
 
+def test_robustness_refuses_a_reuse_folder_that_is_not_one_in_one_line(tmp_path):
+    """--reuse of a folder without runs/ (a typo, or the study instead of its robustness folder)
+    is refused in one line before anything is made, instead of silently copying nothing."""
+    (tmp_path / "study").mkdir()
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks/robustness.py"), str(tmp_path / "study"),
+                             "--out", str(tmp_path / "out"), "--reuse", str(tmp_path / "study")],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "--reuse" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+
+
 def test_robustness_reuses_evaluations_of_byte_identical_runs_only(tmp_path):
     """robustness.py --reuse: an evaluation is copied for a run whose config and checkpoints equal
     the evaluated run's (recording where from), not for one whose checkpoint differs in one byte,

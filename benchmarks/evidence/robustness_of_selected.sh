@@ -79,8 +79,9 @@ for study in "${studies[@]}"; do
   done_studies+=("$study")
 done
 echo
-echo "Commit the robustness reports with (after collect_report.py has copied each study):"
+echo "Commit the robustness reports with (RESULTS: the folder collect_report.py copied the study to, e.g. a"
+echo "rerun's NAME-rerun; benchmarks/evidence/pending.sh lists them):"
 for study in ${done_studies[@]+"${done_studies[@]}"}; do
-  echo "  mkdir -p benchmarks/results/$(basename "$study") && cp -r $study/robustness benchmarks/results/$(basename "$study")/"
+  echo "  cp -r $study/robustness benchmarks/results/RESULTS/  # RESULTS for $(basename "$study")"
 done
 echo "  $PYTHON benchmarks/results_policy.py --apply  # logs packed, unembedded figures dropped (benchmarks/results/README.md)"
