@@ -111,3 +111,24 @@ def test_the_report_draws_it_when_compute_differs_and_not_when_it_is_equal(tmp_p
     assert not figure.exists() and "accuracy_vs_compute" not in text
     text, figure = _report(tmp_path, _study(sam_evaluations=None))  # not counted: no figure
     assert not figure.exists() and "accuracy_vs_compute" not in text
+
+
+def test_a_label_pushed_off_its_point_gets_a_leader_line(tmp_path, monkeypatch):
+    """Crowded points (four methods at one compute, within a point of accuracy) push labels above or
+    below their point, where each would read as a neighbour's: those get a line to their point; a
+    label beside its point gets none."""
+    import otmdr.report.plots as plots
+
+    figures = []
+    close = plots.plt.close
+    monkeypatch.setattr(plots.plt, "close", lambda fig: (figures.append(fig), close(fig)))
+    crowded = {name: [_run(name, s, accuracy + 0.002 * s, evaluations=100.0, early=accuracy) for s in range(2)]
+               for name, accuracy in (("sgd", 0.800), ("sgd+one", 0.803), ("sgd+two", 0.806), ("sgd+three", 0.809),
+                                      ("far", 0.300))}  # stretches the y axis: the four sit within a few pixels
+    plot_accuracy_vs_compute(crowded, tmp_path / "c.png", reference="sgd")
+    texts = [a for a in figures[0].axes[0].texts if a.get_text() in crowded and a.get_text() != "far"]
+    assert len(texts) == 4
+    beside = [a for a in texts if a.xyann[1] == 0]
+    pushed = [a for a in texts if a.xyann[1] != 0]
+    assert beside and pushed  # at most one label per side fits beside its point here
+    assert all(a.arrow_patch is None for a in beside) and all(a.arrow_patch is not None for a in pushed)

@@ -136,8 +136,10 @@ def _place_labels(ax: Any, labels: list[tuple[float, float, str, Any]], marks: S
     it, left, then above or below on either side, further out) whose estimated box lies inside
     the axes and overlaps no label placed before and no mark (a marker with its error bar); where
     none is free, the one that covers the least: methods of equal compute and accuracy otherwise
-    print over each other. ``reach``: how far (points) a label's own marks extend either side of
-    its x. Call it once the figure's layout is final."""
+    print over each other. A label pushed above or below its point gets a thin leader line to it:
+    among crowded points a label set off by itself reads as another point's. ``reach``: how far
+    (points) a label's own marks extend either side of its x. Call it once the figure's layout is
+    final."""
     to_pixels = ax.figure.dpi / 72.0
     frame = ax.get_window_extent()
     side = reach + 6  # points from x to the label's near edge
@@ -171,8 +173,9 @@ def _place_labels(ax: Any, labels: list[tuple[float, float, str, Any]], marks: S
         chosen = min(range(len(boxes)), key=lambda i: cost(boxes[i]))  # the first of the best
         dx, dy, ha, va = candidates[chosen]
         taken.append(boxes[chosen])
+        leader = dict(arrowstyle="-", color=color, linewidth=0.6, shrinkA=1, shrinkB=5) if dy else None
         ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), ha=ha, va=va, fontsize=fontsize,
-                    color=color)
+                    color=color, arrowprops=leader)
 
 
 def plot_accuracy_vs_compute(summaries: dict[str, list[dict[str, Any]]], path: Path, *, reference: str,
