@@ -61,10 +61,10 @@ def _worker(rank: int, world: int, port: int, argv: list[str], out: str, hook: d
         OTMDR.step = step
     evaluate = loop._final_evaluation
 
-    def final_evaluation(cfg, model, optimizer, data, history):  # every replica's weights and buffers
+    def final_evaluation(cfg, model, optimizer, data, history, **options):  # every replica's weights and buffers
         flat = torch.cat([t.detach().double().flatten() for t in model.state_dict().values()])
         (Path(out) / f"replica{rank}.pt").write_bytes(_bytes(flat))
-        return evaluate(cfg, model, optimizer, data, history)
+        return evaluate(cfg, model, optimizer, data, history, **options)
 
     loop._final_evaluation = final_evaluation
     try:

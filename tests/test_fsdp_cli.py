@@ -69,14 +69,14 @@ def _worker(rank: int, world: int, port: int, argv: list[str], out: str, hook: d
             Path.is_dir = lambda self: not self.name.endswith(".partial") and is_dir(self)  # type: ignore[method-assign]
     evaluate = loop._final_evaluation
 
-    def final_evaluation(cfg, model, optimizer, data, history):  # each rank's shards and buffers
+    def final_evaluation(cfg, model, optimizer, data, history, **options):  # each rank's shards and buffers
         from otmdr.optim.sharding import local
 
         state = {"params": [local(p).detach().clone() for p in model.parameters()],
                  "sharded": [type(p).__name__ for p in model.parameters()],
                  "buffers": [b.detach().clone() for b in model.buffers()]}
         torch.save(state, Path(out) / f"replica{rank}.pt")
-        return evaluate(cfg, model, optimizer, data, history)
+        return evaluate(cfg, model, optimizer, data, history, **options)
 
     loop._final_evaluation = final_evaluation
     try:

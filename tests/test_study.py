@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -90,14 +91,16 @@ def test_cli_rejects_bad_study_options(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------ selection uses validation only
-def _fake_train(cfg, run_dir, *, resume=False, log=print):
-    """A stand-in for training whose validation and test splits prefer opposite radii."""
+def _fake_train(cfg, run_dir, *, resume=False, log=print, test=True):
+    """A stand-in for training whose validation and test splits prefer opposite radii; with
+    ``test=False`` it reports validation only, as train does."""
     rho = cfg.sam.rho if cfg.optim.method == "sam" else 0.0
     val = {0.01: 0.90, 0.1: 0.50}.get(rho, 0.7)
-    test = {0.01: 0.40, 0.1: 0.95}.get(rho, 0.7) + cfg.train.seed * 1e-3
+    accuracy = {0.01: 0.40, 0.1: 0.95}.get(rho, 0.7) + cfg.train.seed * 1e-3
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg)))
-    metrics = {"accuracy": test, "nll": 1 - test, "ece": 0.1, "brier": 0.2, "ece_bins": 15}
-    summary = {"method": cfg.optim.method, "seed": cfg.train.seed, "perturbation_norm": rho, "test": metrics,
+    metrics = {"accuracy": accuracy, "nll": 1 - accuracy, "ece": 0.1, "brier": 0.2, "ece_bins": 15}
+    summary = {"method": cfg.optim.method, "seed": cfg.train.seed, "perturbation_norm": rho,
+               **({"test": metrics} if test else {"validation_only": True}),
                "history": [{"epoch": 1, "val_accuracy": val, "val_nll": 1 - val}]}
     (run_dir / "summary.json").write_text(json.dumps(summary))
     return summary
@@ -115,21 +118,27 @@ def test_selection_uses_the_validation_split_only(tmp_path, monkeypatch):
                                                                              "sam-rho=0.1-seed1000"]
     assert all((tmp_path / "s" / f"sam-seed{seed}").is_dir() for seed in (0, 1, 2))
     assert result["search_seeds"] == [1000] and result["reused_search_seeds"] == []
+    for run in (tmp_path / "s" / "search").iterdir():  # no evaluation reuses them: the test split is never read
+        assert json.loads((run / "summary.json").read_text())["validation_only"] is True
     by_nll = run_study(Study(str(DEMO), FAST, ["sam"], [0], parse_grid(["sam.rho=0.01,0.1"], ["sam"]),
                              tmp_path / "n", select="val_nll"), log=lambda _: None)
     assert by_nll["chosen"]["sam"].overrides == ("sam.rho=0.01",)  # lower NLL is better
 
 
 def test_search_budget_of_its_own_trains_the_finals_anew(tmp_path, monkeypatch):
-    monkeypatch.setattr(study_module, "train", _fake_train)
+    calls = []
+    monkeypatch.setattr(study_module, "train", lambda cfg, *a, **k: calls.append((cfg.train.seed, k["test"]))
+                        or _fake_train(cfg, *a, **k))
     study = Study(str(DEMO), FAST, ["sam"], [0, 1], parse_grid(["sam.rho=0.01,0.1"], ["sam"]), tmp_path / "s",
-                  search_overrides=["train.epochs=1"])
+                  search_overrides=["train.epochs=1"], search_seeds=[0])
     result = run_study(study, log=lambda _: None)
     assert (tmp_path / "s" / "sam-seed0" / "summary.json").is_file()
-    search_config = (tmp_path / "s" / "search" / "sam-rho=0.01-seed1000" / "config.yaml").read_text()
+    search_config = (tmp_path / "s" / "search" / "sam-rho=0.01-seed0" / "config.yaml").read_text()
     assert yaml.safe_load(search_config)["train"]["epochs"] == 1
     assert yaml.safe_load((tmp_path / "s" / "sam-seed0" / "config.yaml").read_text())["train"]["epochs"] == 2
     assert len(result["summaries"]["sam"]) == 2
+    # seed 0 searched and evaluated, but at the search's own budget no final reuses its search runs
+    assert sorted(calls) == [(0, False), (0, False), (0, True), (1, True)]
 
 
 # ------------------------------------------------------------------------------------ resume
@@ -171,6 +180,47 @@ def test_an_interrupted_search_resumes_without_redoing_finished_runs(tmp_path):
     for method in methods:
         assert [s["test"]["accuracy"] for s in resumed["summaries"][method]] == \
             [s["test"]["accuracy"] for s in whole["summaries"][method]]
+
+
+def test_a_search_run_no_evaluation_reuses_never_reads_the_test_split(tmp_path, monkeypatch):
+    """Real training: a search run at a seed apart from the evaluation seeds is scored on
+    validation only (no test metrics, no early-stopped model, no test evaluation at all); when a
+    later invocation makes its seed an evaluation seed, the study evaluates it on the test split
+    from its last checkpoint, without training it again."""
+    from otmdr.train import loop
+
+    grid = parse_grid(["sam.rho=0.01,0.05"], ["sam"])
+    evaluated = []
+    evaluate = loop.evaluate_model
+    monkeypatch.setattr(loop, "evaluate_model", lambda cfg, *a, **k: evaluated.append(cfg.train.seed) or
+                        evaluate(cfg, *a, **k))
+    first = run_study(Study(str(DEMO), FAST, ["sam"], [0], grid, tmp_path / "s", search_seeds=[1]),
+                      log=lambda _: None)
+    assert sorted(evaluated) == [0]  # the final run alone; neither search run
+    chosen = first["chosen"]["sam"]
+    searched = tmp_path / "s" / "search" / f"sam-{chosen.label.replace(' ', '_')}-seed1"
+    before = json.loads((searched / "summary.json").read_text())
+    assert before["validation_only"] is True and "test" not in before and "early_stopped" not in before
+    assert before["history"][-1]["val_accuracy"] > 0.5 and before["compute"]["gradient_evaluations"] > 0
+    evaluated.clear()
+    lines: list[str] = []
+    second = run_study(Study(str(DEMO), FAST, ["sam"], [0, 1], grid, tmp_path / "s", search_seeds=[1]),
+                       log=lines.append)
+    assert second["chosen"]["sam"] == chosen and sorted(evaluated) == [1]  # seed 0's final and the search reused
+    after = json.loads((searched / "summary.json").read_text())
+    assert "validation_only" not in after and 0 < after["test"]["accuracy"] <= 1 and after["early_stopped"]
+    assert after["history"] == before["history"]  # evaluated, not trained again
+    assert second["summaries"]["sam"][1]["test"] == after["test"]
+    assert sum("(resuming)" in line for line in lines) == 1  # resumed at its last epoch: the search run
+    # carried without its checkpoints (restore_runs.py): trained again, to the same run, and evaluated
+    run_study(Study(str(DEMO), FAST, ["sam"], [0], grid, tmp_path / "c", search_seeds=[1]), log=lambda _: None)
+    carried = tmp_path / "c" / "search" / searched.name
+    shutil.rmtree(carried / "checkpoints")
+    again = run_study(Study(str(DEMO), FAST, ["sam"], [0, 1], grid, tmp_path / "c", search_seeds=[1]),
+                      log=lambda _: None)
+    retrained = json.loads((carried / "summary.json").read_text())
+    assert [row["val_accuracy"] for row in retrained["history"]] == [row["val_accuracy"] for row in before["history"]]
+    assert again["summaries"]["sam"][1]["test"]["accuracy"] == after["test"]["accuracy"]
 
 
 def test_an_extended_grid_resumes_and_sets_the_old_choices_final_runs_aside(tmp_path, monkeypatch):
@@ -478,13 +528,14 @@ SAM_EDGE = {0: -0.3, 1: 0.3, 2: 0.2, 3: 0.25, 4: 0.15}
 LUCK = {(0, 0.1): 0.9, (1000, 0.05): 0.9, (1001, 0.1): 0.5}
 
 
-def _lucky_train(cfg, run_dir, *, resume=False, log=print):
+def _lucky_train(cfg, run_dir, *, resume=False, log=print, test=True):
     seed, rho = cfg.train.seed, cfg.sam.rho if cfg.optim.method == "sam" else None
     luck = LUCK.get((seed, rho), 0.0)
-    test = 0.80 + ((SAM_EDGE.get(seed, 0.0) + luck) / 100 if rho is not None else 0.0)
+    accuracy = 0.80 + ((SAM_EDGE.get(seed, 0.0) + luck) / 100 if rho is not None else 0.0)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg)))
+    metrics = {"accuracy": accuracy, "nll": 0.5, "ece": 0.1, "brier": 0.2, "ece_bins": 15}
     summary = {"method": cfg.optim.method, "seed": seed, "perturbation_norm": rho or 0.0,
-               "test": {"accuracy": test, "nll": 0.5, "ece": 0.1, "brier": 0.2, "ece_bins": 15},
+               **({"test": metrics} if test else {"validation_only": True}),
                "history": [{"epoch": 1, "val_accuracy": 0.5 + luck / 100}]}
     (run_dir / "summary.json").write_text(json.dumps(summary))
     return summary
@@ -629,7 +680,7 @@ def test_beyond_edges_walks_the_chosen_line_of_a_product_grid():
     assert beyond_edges(grown, chosen) == []  # 0.2 is no longer the top of its line
 
 
-def _peaked_train(cfg, run_dir, *, resume=False, log=print):
+def _peaked_train(cfg, run_dir, *, resume=False, log=print, test=True):
     """Validation accuracy peaks at lr 0.4 (0.1 and 0.2 climb towards it, 0.8 falls off, 1.6
     diverges); the test accuracy follows it."""
     lr = cfg.optim.lr

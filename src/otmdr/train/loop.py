@@ -55,7 +55,7 @@ class Preempted(Exception):
 
 
 def train(cfg: ExperimentConfig | None, run_dir: str | Path, *, resume: bool = False,
-          log: Callable[[str], None] = print) -> dict[str, Any]:
+          log: Callable[[str], None] = print, test: bool = True) -> dict[str, Any]:
     """Train one run into ``run_dir`` (prepared by :func:`prepare_run_dir`); returns the summary.
 
     With ``resume`` the config saved in the run's last checkpoint is used (``cfg`` is ignored).
@@ -68,6 +68,11 @@ def train(cfg: ExperimentConfig | None, run_dir: str | Path, *, resume: bool = F
 
     ``cfg.train.loggers`` (:mod:`otmdr.train.loggers`) also streams the metrics to TensorBoard or
     Weights & Biases in ``run_dir``; a missing package is a ConfigError before anything is written.
+
+    ``test=False`` scores the run on the validation split only: no test evaluation at the end, and
+    its summary has no test metrics (``"validation_only": true``). A study's search runs are so
+    trained: a choice must not read the test split, and for a Bayesian network the test-time
+    predictive costs more than the training. ``resume`` of such a finished run evaluates it.
     """
     strategy = current_strategy()
     with contextlib.ExitStack() as stack:
@@ -79,7 +84,7 @@ def train(cfg: ExperimentConfig | None, run_dir: str | Path, *, resume: bool = F
         if strategy.is_main and run.cfg.train.loggers:
             run.loggers = stack.enter_context(_open_loggers(run))
         _run_epochs(run, lambda: run.strategy.stop_requested(_signals.requested() is not None))
-        return _finish(run)
+        return _finish(run, test=test)
 
 
 def _quiet(_: str) -> None:
@@ -443,15 +448,16 @@ def _log_epoch(run: _Run, row: dict[str, Any], stats: _Epoch, nominal: float) ->
 
 # -- finish -----------------------------------------------------------------------------------
 
-def _finish(run: _Run) -> dict[str, Any]:
-    """The final and the early-stopped test evaluations, written to ``summary.json``."""
+def _finish(run: _Run, *, test: bool = True) -> dict[str, Any]:
+    """The final and the early-stopped test evaluations (none without ``test``), written to
+    ``summary.json``."""
     strategy, cfg, data = run.strategy, run.cfg, run.data
     strategy.on_main(run.writer.flush)  # best.pt is read back below; the run is done when its files are on disk
     strategy.on_main(lambda: _signals.pause_point("final-evaluation"))  # test-only
     # every process evaluates (the same weights: no process waits on another for minutes, which
     # a collective's timeout would turn into a failure); rank 0's numbers are written and returned
     try:
-        summary = _final_evaluation(cfg, run.model, run.optimizer, data, run.history)
+        summary = _final_evaluation(cfg, run.model, run.optimizer, data, run.history, test=test)
     except CalibrationError as error:  # e.g. NaN in the validation inputs: the epochs' work is kept
         raise TrainingError(f"the final evaluation failed: {error}. The checkpoints and metrics are kept in "
                             f"{run.run_dir}; once fixed, otmdr train --resume {run.run_dir} evaluates it "
@@ -473,21 +479,24 @@ def _finish(run: _Run) -> dict[str, Any]:
         run.log(f"warning: {run.warned['ended at chance']}")
     if run.warned:
         summary["warnings"] = list(run.warned.values())
-    best_path = run.checkpoint("best.pt")
-    best_state = None
-    if data.val is not None:
-        best_state = strategy.on_main(lambda: load_checkpoint(best_path, sharded_model=False)
-                                      if best_path.is_file() else None)
-    summary["early_stopped"] = _early_stopped_evaluation(run, best_state)
-    if run.loggers:  # the test metrics, at the last step
-        run.loggers.log(len(run.data.train) * len(run.history), {f"test_{k}": v for k, v in summary["test"].items()
-                                                                    if k != "ece_bins"})
-        run.loggers.flush()
+    if test:
+        best_path = run.checkpoint("best.pt")
+        best_state = None
+        if data.val is not None:
+            best_state = strategy.on_main(lambda: load_checkpoint(best_path, sharded_model=False)
+                                          if best_path.is_file() else None)
+        summary["early_stopped"] = _early_stopped_evaluation(run, best_state)
+        if run.loggers:  # the test metrics, at the last step
+            run.loggers.log(len(run.data.train) * len(run.history),
+                            {f"test_{k}": v for k, v in summary["test"].items() if k != "ece_bins"})
+            run.loggers.flush()
+    else:
+        summary["validation_only"] = True
     strategy.on_main(lambda: atomic_write_text(run.run_dir / "summary.json", json.dumps(summary, indent=2)))
     return strategy.agree(summary)
 
 
-def _final_evaluation(cfg, model, optimizer, data, history) -> dict[str, Any]:
+def _final_evaluation(cfg, model, optimizer, data, history, *, test: bool = True) -> dict[str, Any]:
     from ..models.ensemble import Ensemble
 
     summary: dict[str, Any] = {
@@ -507,7 +516,8 @@ def _final_evaluation(cfg, model, optimizer, data, history) -> dict[str, Any]:
         summary["label_noise"] = data.label_noise
     # a BNN's test split is evaluated twice, with independent weight draws (test_second_pass,
     # monte_carlo): its Monte-Carlo error, at twice its test-time cost; deterministic models once
-    summary.update(evaluate_model(cfg, model, data, second_pass=True))
+    if test:
+        summary.update(evaluate_model(cfg, model, data, second_pass=True))
     summary["history"] = history
     return summary
 

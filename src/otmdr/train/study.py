@@ -135,6 +135,8 @@ class Run:
     error: str | None = None  # a run that diverged (search runs only)
     seconds: float = 0.0
     reused: bool = False  #: finished by an earlier invocation (--resume), not trained now
+    #: evaluate the test split at the end (False: a search run, scored on validation only)
+    evaluate_test: bool = True
     #: final runs: the configs of the method's other grid points at this seed. A folder holding one
     #: of them is the final run of an earlier choice (the grid was extended and validation now picks
     #: another point): it is set aside, not refused, so that ``--resume`` with a longer grid works.
@@ -232,9 +234,11 @@ def _compute_budget(study: Study, extra: list[str]) -> float | None:
 
 
 def _search_runs(study: Study, point: GridPoint, budget: float | None) -> list[Run]:
-    """``point``'s run at each search seed."""
+    """``point``'s run at each search seed, scored on validation only (the finals evaluate the one
+    they reuse, :func:`plan`)."""
     return [Run(point.method, point, seed, _config(study, point, seed, study.search_overrides, budget),
-                study.out / "search" / _slug(f"{point.method}-{point.label}-seed{seed}"), "search")
+                study.out / "search" / _slug(f"{point.method}-{point.label}-seed{seed}"), "search",
+                evaluate_test=False)
             for seed in study.seeds_for_search]
 
 
@@ -293,6 +297,7 @@ def plan(study: Study) -> tuple[list[Run], Callable[[dict[str, GridPoint]], list
             for seed in study.seeds:
                 reused = [r for r in search if r.method == method and r.point == chosen[method] and r.seed == seed]
                 if reused and not study.search_overrides:  # a search seed given as an evaluation seed too
+                    reused[0].evaluate_test = True  # resumed at its last epoch for its test evaluation
                     runs.append(reused[0])
                     continue
                 cfg = _config(study, chosen[method], seed, [], budget)
@@ -334,12 +339,16 @@ def _set_aside_superseded(run: Run) -> Path | None:
 
 def _state(run: Run) -> str:
     """'done', 'resume' or 'new'; a folder holding another config is refused; a folder killed before
-    its first checkpoint (config.yaml only) is cleared, since the study created it."""
+    its first checkpoint (config.yaml only) is cleared, since the study created it. A search run
+    scored on validation only that is now an evaluation run too (its seed an evaluation seed) is
+    resumed at its last epoch, which evaluates it without training again, or, without its
+    checkpoints (a carried run), trained again: the same config gives the same run."""
+    summary = run.run_dir / "summary.json"
     if ((run.run_dir / "config.yaml").is_file()  # an unreadable one counts as another config
             and _saved_config(run.run_dir) != comparable_config(config_to_dict(run.config))):
         raise RunDirError(f"{run.run_dir} holds a run with another config than {run.name} now asks for "
                           "(the config, --set or --grid changed): use a new --out")
-    if (run.run_dir / "summary.json").is_file():
+    if summary.is_file() and not (run.evaluate_test and json.loads(summary.read_text()).get("validation_only")):
         return "done"
     if (run.run_dir / "checkpoints" / "last.pt").is_file():
         return "resume"
@@ -349,9 +358,10 @@ def _state(run: Run) -> str:
 
 
 def _train_one(config: dict[str, Any], run_dir: str, resume: bool, threads: int | None,
-               name: str = "", echo: bool = False) -> tuple[dict | None, str | None]:
+               name: str = "", echo: bool = False, test: bool = True) -> tuple[dict | None, str | None]:
     """Train one run (in this process or a worker); its lines go to ``run_dir/train.log`` and,
-    with ``echo``, its epoch lines to stdout prefixed by the run's name (which run is where)."""
+    with ``echo``, its epoch lines to stdout prefixed by the run's name (which run is where);
+    ``test=False``: validation only (:func:`otmdr.train.loop.train`)."""
     if _STOP is not None and (_STOP.is_set() or _signals.requested() is not None):  # queued, then stopped
         raise Preempted(f"{_signals.stopped_by()} before {name or run_dir} started")
     cfg = config_from_dict(config)
@@ -370,7 +380,7 @@ def _train_one(config: dict[str, Any], run_dir: str, resume: bool, threads: int 
                 print(f"    {name}: {line}", flush=True)
 
         try:
-            return train(cfg, path, resume=resume, log=log), None
+            return train(cfg, path, resume=resume, log=log, test=test), None
         except TrainingError as error:
             log(f"stopped: {error}")
             return None, str(error)
@@ -483,7 +493,8 @@ def execute(runs: list[Run], *, jobs: int = 1, log: Callable[[str], None] = prin
                 raise _stopped(done, total)
             started = time.perf_counter()
             log(f"  training {run.name} -> {run.run_dir}" + (" (resuming)" if resume else ""))
-            result = _train_one(config_to_dict(run.config), str(run.run_dir), resume, threads, run.name, echo)
+            result = _train_one(config_to_dict(run.config), str(run.run_dir), resume, threads, run.name, echo,
+                                run.evaluate_test)
             done += 1
             finish(done, run, result, started)
         if _stop_requested():  # during the last run's final evaluation: it finished, the study stops here
@@ -507,7 +518,7 @@ def _execute_parallel(pending: list[tuple[Run, bool]], *, jobs: int, threads: in
         with _workers_ignore_signals():  # the workers start (submit spawns them) deaf to Ctrl-C until _worker_init
             for run, resume in pending:
                 future = pool.submit(_train_one, config_to_dict(run.config), str(run.run_dir), resume, threads,
-                                     run.name, echo)
+                                     run.name, echo, run.evaluate_test)
                 futures[future] = (run, time.perf_counter())
         _signals.pause_point("compare-workers")  # test-only: the workers are starting (importing)
         log(f"  {total} run(s) in {jobs} parallel processes, {threads} thread(s) each; per-epoch logs in "
