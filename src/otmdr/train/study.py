@@ -337,24 +337,26 @@ def _set_aside_superseded(run: Run) -> Path | None:
     return target
 
 
-def _state(run: Run) -> str:
-    """'done', 'resume' or 'new'; a folder holding another config is refused; a folder killed before
-    its first checkpoint (config.yaml only) is cleared, since the study created it. A search run
-    scored on validation only that is now an evaluation run too (its seed an evaluation seed) is
-    resumed at its last epoch, which evaluates it without training again, or, without its
-    checkpoints (a carried run), trained again: the same config gives the same run."""
+def _state(run: Run) -> tuple[str, dict[str, Any] | None]:
+    """'done' (with the run's summary), 'resume' or 'new' (with None); a folder holding another
+    config is refused; a folder killed before its first checkpoint (config.yaml only) is cleared,
+    since the study created it. A search run scored on validation only that is now an evaluation
+    run too (its seed an evaluation seed) is resumed at its last epoch, which evaluates it without
+    training again, or, without its checkpoints (a carried run), trained again: the same config
+    gives the same run."""
     summary = run.run_dir / "summary.json"
     if ((run.run_dir / "config.yaml").is_file()  # an unreadable one counts as another config
             and _saved_config(run.run_dir) != comparable_config(config_to_dict(run.config))):
         raise RunDirError(f"{run.run_dir} holds a run with another config than {run.name} now asks for "
                           "(the config, --set or --grid changed): use a new --out")
-    if summary.is_file() and not (run.evaluate_test and json.loads(summary.read_text()).get("validation_only")):
-        return "done"
+    done = json.loads(summary.read_text()) if summary.is_file() else None
+    if done is not None and not (run.evaluate_test and done.get("validation_only")):
+        return "done", done
     if (run.run_dir / "checkpoints" / "last.pt").is_file():
-        return "resume"
+        return "resume", None
     if run.run_dir.exists():
         shutil.rmtree(run.run_dir)
-    return "new"
+    return "new", None
 
 
 def _train_one(config: dict[str, Any], run_dir: str, resume: bool, threads: int | None,
@@ -446,8 +448,7 @@ def execute(runs: list[Run], *, jobs: int = 1, log: Callable[[str], None] = prin
     for run in runs:
         def look(run: Run = run) -> tuple[str, dict | None, str | None]:  # torchrun: rank 0 looks, every rank follows
             moved = _set_aside_superseded(run)
-            state = _state(run)
-            summary = json.loads((run.run_dir / "summary.json").read_text()) if state == "done" else None
+            state, summary = _state(run)
             return state, summary, None if moved is None else str(moved)
 
         state, summary, moved = distributed.from_rank0(look)
