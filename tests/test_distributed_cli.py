@@ -8,8 +8,6 @@ process, a bounded --dist-timeout and a bounded join, tiny runs (digits MLP, 192
 from __future__ import annotations
 
 import json
-import os
-import signal
 import sys
 from pathlib import Path
 
@@ -23,7 +21,7 @@ from otmdr.train.builders import build_data
 from otmdr.eval import evaluate_model
 from otmdr.train import load_run
 from otmdr.train.strategy import DataParallel
-from torchrun_launch import forkserver, launch, metric_rows, train_argv
+from torchrun_launch import cli_worker, forkserver, launch, metric_rows, train_argv
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32" or not torch.distributed.is_available(),
                                 reason="POSIX signals and torch.distributed")
@@ -36,50 +34,13 @@ TINY = ["data.name=digits", "data.train_limit=256", "data.val_fraction=0.25", "d
 RANDOM = ["data.crop_padding=1", "otmdr.noise_std=0.001"]
 
 
+def _replica(model: torch.nn.Module) -> torch.Tensor:
+    """Every replica's weights and buffers, as one vector."""
+    return torch.cat([t.detach().double().flatten() for t in model.state_dict().values()])
+
 
 def _worker(rank: int, world: int, port: int, argv: list[str], out: str, hook: dict | None) -> None:
-    """One torchrun process: its environment, then the CLI entry point in-process."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
-    torch.set_num_threads(1)
-    sys.stderr = open(Path(out) / f"stderr{rank}", "w", buffering=1)
-    from otmdr.optim import OTMDR
-    from otmdr.train import loop
-
-    if hook and hook["rank"] == rank:  # SIGTERM to (or an exception in) this rank only, at a given step
-        original, calls = OTMDR.step, [0]
-
-        def step(self, *args, **kwargs):
-            calls[0] += 1
-            if calls[0] == hook["step"]:
-                if hook["what"] == "sigterm":
-                    os.kill(os.getpid(), signal.SIGTERM)
-                else:
-                    raise RuntimeError("injected failure")
-            return original(self, *args, **kwargs)
-
-        OTMDR.step = step
-    evaluate = loop._final_evaluation
-
-    def final_evaluation(cfg, model, optimizer, data, history, **options):  # every replica's weights and buffers
-        flat = torch.cat([t.detach().double().flatten() for t in model.state_dict().values()])
-        (Path(out) / f"replica{rank}.pt").write_bytes(_bytes(flat))
-        return evaluate(cfg, model, optimizer, data, history, **options)
-
-    loop._final_evaluation = final_evaluation
-    try:
-        code = main(argv + ["--dist-timeout", "60"])
-    except SystemExit as exit:
-        code = exit.code
-    (Path(out) / f"rc{rank}").write_text(str(code))
-
-
-def _bytes(t: torch.Tensor) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    torch.save(t, buffer)
-    return buffer.getvalue()
+    cli_worker(rank, world, port, argv, out, hook, _replica)
 
 
 # what a launch would import otherwise, seconds each on a loaded machine: DDP's constructor

@@ -11,9 +11,7 @@ images, an MLP or vit-mini).
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import sys
 from pathlib import Path
 
@@ -26,7 +24,7 @@ from otmdr.models import create_model
 from otmdr.models.units import fsdp_units
 from otmdr.train import CheckpointError, load_checkpoint, load_run
 from otmdr.train.builders import build_data
-from torchrun_launch import forkserver, launch, metric_rows, train_argv
+from torchrun_launch import cli_worker, forkserver, launch, metric_rows, train_argv
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32" or not torch.distributed.is_available(),
                                 reason="POSIX signals and torch.distributed")
@@ -41,49 +39,17 @@ RANDOM = ["data.crop_padding=1", "otmdr.noise_std=0.001", "efficiency.interval=2
 VIT = ["model.name=vit-mini", "model.options={patch_size: 4}"]
 
 
+def _replica(model: torch.nn.Module) -> dict:
+    """Each rank's shards (and their types) and buffers."""
+    from otmdr.optim.sharding import local
+
+    return {"params": [local(p).detach().clone() for p in model.parameters()],
+            "sharded": [type(p).__name__ for p in model.parameters()],
+            "buffers": [b.detach().clone() for b in model.buffers()]}
+
 
 def _worker(rank: int, world: int, port: int, argv: list[str], out: str, hook: dict | None) -> None:
-    """One torchrun process: its environment, then the CLI entry point in-process."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
-    torch.set_num_threads(1)
-    sys.stderr = open(Path(out) / f"stderr{rank}", "w", buffering=1)
-    from otmdr.optim import OTMDR
-    from otmdr.train import loop
-
-    if hook and hook["rank"] == rank:  # SIGTERM to (or an exception in) this rank only, at a given step
-        original, calls = OTMDR.step, [0]
-
-        def step(self, *args, **kwargs):
-            calls[0] += 1
-            if calls[0] == hook["step"]:
-                if hook["what"] == "sigterm":
-                    os.kill(os.getpid(), signal.SIGTERM)
-                else:
-                    raise RuntimeError("injected failure")
-            return original(self, *args, **kwargs)
-
-        OTMDR.step = step
-        if hook["what"] == "unshared":  # this process does not see the folders rank 0 makes (another node's disk)
-            is_dir = Path.is_dir
-            Path.is_dir = lambda self: not self.name.endswith(".partial") and is_dir(self)  # type: ignore[method-assign]
-    evaluate = loop._final_evaluation
-
-    def final_evaluation(cfg, model, optimizer, data, history, **options):  # each rank's shards and buffers
-        from otmdr.optim.sharding import local
-
-        state = {"params": [local(p).detach().clone() for p in model.parameters()],
-                 "sharded": [type(p).__name__ for p in model.parameters()],
-                 "buffers": [b.detach().clone() for b in model.buffers()]}
-        torch.save(state, Path(out) / f"replica{rank}.pt")
-        return evaluate(cfg, model, optimizer, data, history, **options)
-
-    loop._final_evaluation = final_evaluation
-    try:
-        code = main(argv + ["--dist-timeout", "60"])
-    except SystemExit as exit:
-        code = exit.code
-    (Path(out) / f"rc{rank}").write_text(str(code))
+    cli_worker(rank, world, port, argv, out, hook, _replica)
 
 
 # what a launch would import otherwise, seconds each on a loaded machine: FSDP and DCP, the
