@@ -61,9 +61,7 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import resource
-import shlex
 import statistics
 import sys
 import tempfile
@@ -78,7 +76,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import Tensor
 
-from benchmark_env import git_revision, machine_busy_s
+from benchmark_env import machine_busy_s, run_environment
 from otmdr import OTMDR, SAM
 from otmdr.models import count_parameters, create_model
 from otmdr.models.vit import wrap_units
@@ -256,17 +254,8 @@ def own_cpu_s() -> float:
 
 
 def environment(args: argparse.Namespace) -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     return {
-        "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git": git_revision(), "torch": torch.__version__, "python": platform.python_version(),
-        "platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
+        **run_environment(),
         "threads_per_process": 1, "backend": "gloo (CPU), file:// rendezvous, loopback",
         "model": args.model, "batch_size_per_rank": args.batch_size, "warmup_steps": args.warmup,
         "timed_steps": args.steps, "input_data": "random synthetic CIFAR-shaped tensors, one fixed batch per rank",

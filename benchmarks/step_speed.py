@@ -90,11 +90,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import json
 import os
-import platform
-import shlex
 import statistics
 import subprocess
 import sys
@@ -111,7 +108,7 @@ import torch.nn.functional as F
 from pytorch_optimizer import SAM as PoSAM
 from torch import Tensor, nn
 
-from benchmark_env import git_revision, machine_busy_s
+from benchmark_env import machine_busy_s, run_environment
 from otmdr import OTMDR, SAM
 from otmdr.models import count_parameters, create_model
 
@@ -446,21 +443,8 @@ def targets(result: ModelResult) -> list[str]:
 
 # ------------------------------------------------------------------------------------ reports
 def environment(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     env = {
-        "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git": git_revision(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
+        **run_environment(),
         "threads": torch.get_num_threads(),
         "device": str(device),
         "input_data": "random synthetic tensors, one fixed batch per model",
