@@ -638,25 +638,30 @@ def test_pending_evidence_restores_carried_runs_runs_each_step_and_carries_unfin
     fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {record}\n')
     fake.chmod(0o755)
     evidence, results = tmp_path / "runs", tmp_path / "results"
-    (results / "cifar10-resnet20-noisy40-rerun").mkdir(parents=True)
-    (results / "cifar10-resnet20-noisy40-rerun" / "IN-PROGRESS.md").write_text("carried\n")
-    (results / "bnn-fashion-mnist-lenet-clean-rerun").mkdir()  # a finished study's results: nothing to restore
-    (evidence / "cifar10-resnet20-noisy40").mkdir(parents=True)  # what the restore (faked here) writes
-    env = {k: v for k, v in os.environ.items() if k not in ("MATCHED", "REGIMES", "WARMUP")}
+    (results / "bnn-fashion-mnist-lenet-clean-rerun").mkdir(parents=True)
+    (results / "bnn-fashion-mnist-lenet-clean-rerun" / "IN-PROGRESS.md").write_text("carried\n")
+    (results / "cifar10-resnet20-clean-rerun").mkdir()  # a study's results without IN-PROGRESS.md: nothing to restore
+    (evidence / "bnn-fashion-mnist-lenet-clean").mkdir(parents=True)  # what the restore (faked here) writes
+    env = {k: v for k, v in os.environ.items() if k not in ("MATCHED", "REGIMES", "WARMUP", "BNN_SAMPLES")}
     env.update(OTMDR=str(fake), PYTHON=str(fake), EVIDENCE_DIR=str(evidence), RESULTS=str(results))
     script = str(ROOT / "benchmarks/evidence/pending.sh")
     subprocess.run(["bash", script], env=env, check=True, capture_output=True, text=True)
     calls = record.read_text().splitlines()
-    assert calls[0] == (f"benchmarks/restore_runs.py {results}/cifar10-resnet20-noisy40-rerun "
-                        f"{evidence}/cifar10-resnet20-noisy40")
+    assert calls[0] == (f"benchmarks/restore_runs.py {results}/bnn-fashion-mnist-lenet-clean-rerun "
+                        f"{evidence}/bnn-fashion-mnist-lenet-clean")
     assert not any("restore_runs.py" in call for call in calls[1:])
-    order = ["compare --methods sgd --reference sgd", "compare --methods sgd,sgd@compute,sam,otmdr",
-             "--methods sgd,sgd@compute,sam,otmdr,otmdr+interval", "matched_radius.py",
-             "configs/bnn-fashion-mnist.yaml", "corrupt --dataset fashion-mnist", "cifar10-resnet20-clean sgd optim.lr"]
+    # each BNN regime's study, then its robustness, then CIFAR-10 clean: SGD's search, the three other
+    # methods at its rate, the matched-radius runs
+    order = ["--out runs/evidence/bnn-fashion-mnist-lenet-clean", "corrupt --dataset fashion-mnist",
+             "--out runs/evidence/bnn-fashion-mnist-lenet-noisy40", "cifar10-resnet20-clean sgd optim.lr",
+             "compare --methods sgd,sgd@compute,sam,otmdr", "matched_radius.py"]
+    calls = [call.replace(str(evidence), "runs/evidence") for call in calls]
     at = [next((i for i, call in enumerate(calls) if part in call), -1) for part in order]
     assert min(at) >= 0 and at == sorted(at), calls
+    assert "compare --methods sgd --reference sgd" in calls[at[3] - 1]  # SGD alone searched first
     assert all("../shared/datasets/" in call for call in calls if " --data-dir " in call)
-    assert (evidence / "cifar10-resnet20-noisy40.log").is_file()
+    assert all("label_noise" not in call for call in calls if "cifar10" in call)  # the clean regime only
+    assert (evidence / "bnn-clean.log").is_file() and (evidence / "cifar10-resnet20-clean.log").is_file()
     assert "failed with exit code" not in "".join(p.read_text() for p in evidence.glob("*.log"))
     failing = tmp_path / "failing"  # a step that fails is logged with its code, and the queue goes on
     failing.write_text(f'#!/usr/bin/env bash\necho "$*" >> {record}\nexit 3\n')
@@ -664,14 +669,13 @@ def test_pending_evidence_restores_carried_runs_runs_each_step_and_carries_unfin
     record.unlink()
     result = subprocess.run(["bash", script], env={**env, "OTMDR": str(failing)}, capture_output=True, text=True)
     assert result.returncode == 0 and "failed with exit code 3" in result.stderr
-    assert "configs/bnn-fashion-mnist.yaml" in record.read_text()  # later steps still ran
-    (evidence / "efficiency-cifar10-resnet20-noisy40").rename(tmp_path / "linked")  # the efficiency step's copy
+    assert "cifar10-resnet20-study.yaml" in record.read_text()  # later steps still ran
 
     record.unlink()
-    (results / "efficiency-cifar10-resnet20-noisy40").mkdir()
-    (results / "efficiency-cifar10-resnet20-noisy40" / "report.md").write_text("collected\n")
-    for study, files in (("cifar10-resnet20-noisy40", ["report.md", "search/sgd-lr=0.1-seed1000/summary.json"]),
-                         ("efficiency-cifar10-resnet20-noisy40", ["report.md", "sgd-seed0/summary.json"]),
+    (results / "cifar10-resnet20-clean-rerun-matched-sam").mkdir()
+    (results / "cifar10-resnet20-clean-rerun-matched-sam" / "report.md").write_text("collected\n")
+    for study, files in (("cifar10-resnet20-clean", ["report.md", "search/sgd-lr=0.1-seed1000/summary.json"]),
+                         ("cifar10-resnet20-clean-matched-sam", ["report.md", "sam-seed0/summary.json"]),
                          ("bnn-fashion-mnist-lenet-clean", ["search/x-seed1000/metrics.csv"]),
                          ("bnn-fashion-mnist-lenet-noisy40", ["search/x-seed1000/summary.json"])):
         for file in files:
@@ -679,9 +683,9 @@ def test_pending_evidence_restores_carried_runs_runs_each_step_and_carries_unfin
             (evidence / study / file).write_text("{}")
     subprocess.run(["bash", script, "--carry"], env=env, check=True, capture_output=True, text=True)
     assert record.read_text().splitlines() == [
-        f"benchmarks/collect_report.py --partial {evidence}/cifar10-resnet20-noisy40 cifar10-resnet20-noisy40-rerun",
         f"benchmarks/collect_report.py --partial --with-robustness {evidence}/bnn-fashion-mnist-lenet-noisy40 "
-        "bnn-fashion-mnist-lenet-noisy40-rerun"]
+        "bnn-fashion-mnist-lenet-noisy40-rerun",
+        f"benchmarks/collect_report.py --partial {evidence}/cifar10-resnet20-clean cifar10-resnet20-clean-rerun"]
     missing = subprocess.run(["bash", script], env={**env, "OTMDR": str(tmp_path / "no-otmdr")}, capture_output=True,
                              text=True)
     assert missing.returncode == 2 and "run make setup first" in missing.stderr and missing.stderr.count("\n") == 1

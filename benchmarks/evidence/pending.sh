@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The evidence still to run for issues 24 and 25, in order, on 2 cores: each step resumes, and the
+# The evidence still to run for issue 24, in order, on 2 cores: each step resumes, and the
 # runs an earlier session carried with `collect_report.py --partial` are restored first, so a new
 # machine starts where the last one stopped instead of retraining hours of runs.
 #   benchmarks/evidence/pending.sh            restore what was carried, then run every step (days on 2 cores)
@@ -18,12 +18,7 @@ RESULTS=${RESULTS:-benchmarks/results}
 CIFAR=../shared/datasets/cifar10-jpeg.tar.gz
 FMNIST=../shared/datasets/fashion-mnist
 # study folder under runs/evidence -> its folder under benchmarks/results
-STUDIES="cifar10-resnet20-noisy40:cifar10-resnet20-noisy40-rerun
-efficiency-cifar10-resnet20-noisy40:efficiency-cifar10-resnet20-noisy40
-efficiency-cifar10-resnet20-noisy40-extended:efficiency-cifar10-resnet20-noisy40-extended
-cifar10-resnet20-noisy40-matched-sam:cifar10-resnet20-noisy40-rerun-matched-sam
-cifar10-resnet20-noisy40-matched-otmdr:cifar10-resnet20-noisy40-rerun-matched-otmdr
-bnn-fashion-mnist-lenet-clean:bnn-fashion-mnist-lenet-clean-rerun
+STUDIES="bnn-fashion-mnist-lenet-clean:bnn-fashion-mnist-lenet-clean-rerun
 bnn-fashion-mnist-lenet-noisy40:bnn-fashion-mnist-lenet-noisy40-rerun
 cifar10-resnet20-clean:cifar10-resnet20-clean-rerun
 cifar10-resnet20-clean-matched-sam:cifar10-resnet20-clean-rerun-matched-sam
@@ -61,11 +56,6 @@ step() {
   nice "$@" >> "$log" 2>&1 || code=$?
   [ "$code" = 0 ] || echo "$(date -u +%FT%TZ) step $name failed with exit code $code (see $log)" | tee -a "$log" >&2
 }
-step cifar10-resnet20-noisy40 env MATCHED=0 REGIMES=noisy40 bash benchmarks/evidence/cifar10_resnet20.sh "$CIFAR" 2
-step efficiency-cifar10 bash benchmarks/evidence/efficiency.sh cifar10-noisy "$CIFAR" 2
-step matched-cifar10-noisy40 "$PYTHON" benchmarks/evidence/matched_radius.py "$EVIDENCE_DIR/cifar10-resnet20-noisy40" \
-  --jobs 2 --otmdr "$OTMDR"
-step efficiency-cifar10-extended bash benchmarks/evidence/efficiency.sh cifar10-noisy-extended "$CIFAR" 2
 # each BNN regime's robustness right after its study: its final runs' checkpoints do not travel, so a
 # final run is carried only once evaluated (--carry) and trains again on a new machine until it is
 for regime in clean noisy40; do
