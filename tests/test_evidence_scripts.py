@@ -178,7 +178,7 @@ def test_robustness_report_pairs_methods_by_seed():
     (row,) = [line for line in lines if line.startswith("| sam − sgd |")]
     expected = paired_difference([85.0, 86.0, 87.0], [80.0, 82.0, 81.0], higher_is_better=True)
     assert f"{expected.mean:+.2f} [{expected.low:+.2f}, {expected.high:+.2f}] better" in row
-    assert row.count("better") == 4 and row.count("Holm: same") == 3  # eigenvalue: lower is better
+    assert row.count("better") == 4 and row.count("Holm: unchanged") == 3  # eigenvalue: lower is better
     assert "better; Holm: inconclusive with 3 seeds" in row  # clean accuracy: p 0.01-0.05 over 7 tests
     assert not any(line.startswith("| sgd − sam |") for line in lines)
 
@@ -202,12 +202,12 @@ def test_robustness_report_tests_equivalence_on_accuracy_and_adjusts_for_the_tab
     lines = robustness._paired_section(evals, sharp, ["0.031"], with_mce=False, margin=0.5)
     (row,) = [line for line in lines if line.startswith("| sam − sgd |")]
     clean_cell, corruption_cell, pgd_cell, eigen_cell = row.strip("| ").split(" | ")[1:]
-    assert "equivalent within ±0.50; Holm: same" in clean_cell and "equivalent within ±0.50" in corruption_cell
+    assert "equivalent within ±0.50; Holm: unchanged" in clean_cell and "equivalent within ±0.50" in corruption_cell
     pgd = paired_difference([100 * (0.30 + e) for e in [0.004, 0.013, 0.0, 0.008, 0.006]], [30.0] * 5,
                             higher_is_better=True, margin=0.5)
     assert pgd.p_difference is not None and 0.01 < pgd.p_difference < 0.05  # raw "better" that 5 tests take back
     assert pgd_cell.startswith(f"{pgd.mean:+.2f} [") and "better; Holm: inconclusive with 5 seeds" in pgd_cell
-    assert eigen_cell == "+0.00 [+0.00, +0.00] no difference detectable with 5 seeds; Holm: same"
+    assert eigen_cell == "+0.00 [+0.00, +0.00] no difference detectable with 5 seeds; Holm: unchanged"
     assert any("Holm's correction over this table's 7 tests" in line for line in lines)
 
 
@@ -230,7 +230,7 @@ def test_robustness_report_tests_pgd_at_every_radius_so_a_floor_at_the_largest_h
     assert header.split(" | ")[3:5] == ["PGD 1/255 (pp)", "PGD 8/255 (pp)"]
     (row,) = [line for line in lines if line.startswith("| sam − sgd |")]
     pgd_small, pgd_large = row.strip("| ").split(" | ")[3:5]
-    assert pgd_small.startswith("+15.40 [") and "better; Holm: same" in pgd_small
+    assert pgd_small.startswith("+15.40 [") and "better; Holm: unchanged" in pgd_small
     assert pgd_large.startswith("+0.00 [+0.00, +0.00] equivalent within ±0.50")
     assert any("Holm's correction over this table's 9 tests" in line for line in lines)
 

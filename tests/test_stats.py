@@ -177,7 +177,7 @@ def test_adjust_family_over_two_tables_turns_a_marginal_better_inconclusive():
     assert acc.holm_verdict == "inconclusive with 3 seeds"
     text = format_paired(adj_final, markdown=False)
     assert "better; Holm: inconclusive with 3 seeds" in text
-    assert "equivalent within ±0.0200; Holm: same" in text
+    assert "equivalent within ±0.0200; Holm: unchanged" in text
     assert "Holm" not in format_paired(adj_final, markdown=True, holm=False)
 
 

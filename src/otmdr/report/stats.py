@@ -272,7 +272,8 @@ TEST_METHOD = describe_tests()
 def format_cell(d: PairedDifference | None, digits: int = 2, holm: bool = True) -> str:
     """One table cell: the mean difference, its 95% interval and the raw verdict, then (with
     ``holm`` and a difference from :func:`adjust_family`) "; Holm: " and the adjusted verdict,
-    "same" when it does not change; "n/a" for a metric that was not measured."""
+    "unchanged" when it is the raw one (not "same": that would read as an equivalence verdict);
+    "n/a" for a metric that was not measured."""
     if d is None:
         return "n/a"
     if d.low is None or d.high is None:
@@ -280,14 +281,14 @@ def format_cell(d: PairedDifference | None, digits: int = 2, holm: bool = True) 
     text = f"{d.mean:+.{digits}f} [{d.low:+.{digits}f}, {d.high:+.{digits}f}] {d.verdict}"
     adjusted = d.holm_verdict
     if holm and adjusted is not None:
-        text += "; Holm: " + ("same" if adjusted == d.verdict else adjusted)
+        text += "; Holm: " + ("unchanged" if adjusted == d.verdict else adjusted)
     return text
 
 
 def format_paired(rows: list[dict[str, Any]], *, markdown: bool, holm: bool = True) -> str:
     """The paired rows as a terminal or Markdown table (accuracy and ECE in percentage points):
     each cell the mean difference, its 95% interval and the raw verdict, then (with ``holm`` and
-    rows from :func:`adjust_family`) the Holm-adjusted verdict, "same" when it does not change."""
+    rows from :func:`adjust_family`) the Holm-adjusted verdict, "unchanged" when it is the raw one."""
     titles = ["method", "seeds"] + [m[0] for m in PAIRED_METRICS]
     cells = [[row["method"], str(row["seeds"])]
              + [format_cell(row[t], PAIRED_DIGITS[t], holm) for t, *_ in PAIRED_METRICS] for row in rows]
