@@ -263,7 +263,7 @@ def describe_tests(margins: dict[str, float] | None = None, family: int | None =
             "TOST (two one-sided t tests) rejects |mean| >= m, i.e. the 90% CI lies inside ±m, with margins m: "
             f"{listed}; \"inconclusive\" when neither (not evidence of sameness). \"Holm:\" is the same verdict "
             f"after Holm's step-down correction over every test of this report as one family{size}, "
-            "difference and equivalence tests alike.")
+            "difference and equivalence tests alike (\"unchanged\": the raw verdict survives it).")
 
 
 TEST_METHOD = describe_tests()
