@@ -625,7 +625,8 @@ def _run(method, seed, accuracy, ece=0.05, evaluations=100.0):
 
 
 def test_the_bottom_line_states_each_pair_once_with_holm_and_compute():
-    from otmdr.report.compare import bottom_line, paired_family
+    from otmdr.report.compare import bottom_line
+    from otmdr.report.stats import paired_family
 
     summaries = {"sgd": [_run("sgd", s, 0.80 + 0.001 * s) for s in range(5)],
                  "sam": [_run("sam", s, 0.90 + 0.001 * s + 0.0002 * (s % 2), evaluations=200.0) for s in range(5)],

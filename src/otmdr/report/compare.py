@@ -3,7 +3,6 @@ paired differences against a reference method, the grid search, the plots, and h
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import platform
 from datetime import datetime, timezone
@@ -17,10 +16,10 @@ from ..train.compute import cpu_model
 from .monte_carlo import monte_carlo_note
 from .plots import (mean_compute, plot_accuracy_vs_compute, plot_learning_curves, plot_reliability, plot_search,
                     plot_test_accuracy)
-from .stats import CI_METHOD, PairedDifference, adjust_family, describe_tests, format_paired, paired_table
+from .stats import CI_METHOD, describe_tests, format_paired, paired_family
 from .tables import aggregate, early_stopped, format_table
 
-__all__ = ["write_compare_report", "comparison_tables", "paired_family", "bottom_line", "search_table", "edge_notes",
+__all__ = ["write_compare_report", "comparison_tables", "bottom_line", "search_table", "edge_notes",
            "bayesian_method_names", "compute_reference"]
 
 
@@ -32,42 +31,6 @@ def bayesian_method_names(test_samples: int | None) -> str | None:
     return (f"Bayesian network (predictive: the mean over {test_samples} weight samples): `sgd` is SGVB (the "
             "base optimizer on the variational objective), `sam` is flat SGVB (SAM on the means), `otmdr` is "
             "OT-MDR on the means; the sigmas are trained, never perturbed.")
-
-
-def paired_family(summaries: dict[str, list[dict[str, Any]]], references: list[str],
-                  margins: dict[str, float] | None = None) -> tuple[list[tuple[str, str, list[dict[str, Any]]]], int]:
-    """Every paired table of a report, ``(reference, model, rows)`` with model "final model" or
-    "early-stopped model", Holm-adjusted as one family (a reader scanning the report for a
-    "better" makes all of its tests, each distinct pair once), and the family's size."""
-    stopped = early_stopped(summaries)
-    keys, tables = [], []
-    for ref in references if len(summaries) > 1 else []:
-        for model, runs in (("final model", summaries), ("early-stopped model", stopped)):
-            if ref in runs:
-                keys.append((ref, model))
-                tables.append(paired_table(runs, ref, margins=margins))
-    if not tables:
-        return [], 0
-    # a pair shown against both of its methods (sam − sgd and sgd − sam) is one hypothesis: it
-    # enters the family once, and its reverse takes the same adjusted p-values
-    first: dict[tuple[frozenset[str], str], tuple[int, int]] = {}
-    unique = []
-    for t, ((ref, model), rows) in enumerate(zip(keys, tables)):
-        for r, row in enumerate(rows):
-            if first.setdefault((frozenset((row["method"], ref)), model), (t, r)) == (t, r):
-                unique.append(row)
-    (adjusted_unique,), family = adjust_family([unique])
-    by_slot = dict(zip(first.values(), adjusted_unique))
-    out = []
-    for (ref, model), rows in zip(keys, tables):
-        adjusted_rows = []
-        for row in rows:
-            source = by_slot[first[(frozenset((row["method"], ref)), model)]]
-            adjusted_rows.append({key: dataclasses.replace(value, holm_p_difference=source[key].holm_p_difference,
-                                                           holm_p_equivalence=source[key].holm_p_equivalence)
-                                  if isinstance(value, PairedDifference) else value for key, value in row.items()})
-        out.append((ref, model, adjusted_rows))
-    return out, family
 
 
 def comparison_tables(summaries: dict[str, list[dict[str, Any]]], references: list[str], *, markdown: bool,

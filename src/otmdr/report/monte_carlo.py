@@ -5,8 +5,9 @@ A Bayesian network's test metrics are Monte-Carlo estimates: the predictive is t
 Training records such a second pass (``summary.json``'s ``test_second_pass``, and
 ``early_stopped.test_second_pass``; see :func:`otmdr.eval.evaluate.evaluate_second_pass`).
 :func:`monte_carlo_note` recomputes every paired comparison of a report on the second pass and
-names each raw verdict that changes: a verdict that depends on which weights were drawn is not a
-finding about the methods, and more samples are needed before it is read as one.
+names each verdict that changes, raw and after Holm's correction over the report's family: a
+verdict that depends on which weights were drawn is not a finding about the methods, and more
+samples are needed before it is read as one.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import statistics
 from collections.abc import Callable
 from typing import Any
 
-from .stats import PAIRED_METRICS, PairedDifference, paired_table
+from .stats import PAIRED_METRICS, PairedDifference, paired_family, paired_table
 from .tables import early_stopped
 
 __all__ = ["monte_carlo_note"]
@@ -70,6 +71,46 @@ def _flips(runs: dict[str, list[dict[str, Any]]], references: list[str], model: 
     return lines, compared
 
 
+def _one_pass(summaries: dict[str, list[dict[str, Any]]], second: bool) -> dict[str, list[dict[str, Any]]]:
+    """The runs that have a second pass, with the first pass's test metrics or the second's (final
+    and early-stopped; an early-stopped model without a second pass is left out of both)."""
+    view = {}
+    for method, runs in summaries.items():
+        mine = []
+        for s in runs:
+            if _final_second(s) is None:
+                continue
+            run = {**s, "test": s["test_second_pass"] if second else s["test"]}
+            stopped = s["early_stopped"] if _stopped_second(s) is not None else None
+            pick = "test_second_pass" if second else "test"
+            run["early_stopped"] = stopped and {**stopped, "test": stopped[pick]}
+            mine.append(run)
+        if mine:
+            view[method] = mine
+    return view
+
+
+def _holm_flips(summaries: dict[str, list[dict[str, Any]]], references: list[str],
+                margins: dict[str, float] | None, samples: str) -> tuple[list[str], int]:
+    """The verdicts after Holm (the report's family: every reference, final and early-stopped)
+    that the second pass changes: the ones a report's bottom line and the docs quote."""
+    first, _ = paired_family(_one_pass(summaries, False), references, margins)
+    second, _ = paired_family(_one_pass(summaries, True), references, margins)
+    lines, compared = [], 0
+    for (reference, model, rows_a), (_, _, rows_b) in zip(first, second):
+        for a, b in zip(rows_a, rows_b):
+            for title, *_ in PAIRED_METRICS:
+                before = None if a[title] is None else a[title].holm_verdict
+                after = None if b[title] is None else b[title].holm_verdict
+                if before is None or after is None:
+                    continue
+                compared += 1
+                if before != after:
+                    lines.append(f"{a['method']} − {reference} {_SHORT[title]} ({model.split()[0]}), after Holm: "
+                                 f"{before} with the first {samples} samples, {after} with a second {samples}")
+    return lines, compared
+
+
 def _mean_abs(pairs: list[tuple[dict[str, Any], dict[str, Any]]], key: str, scale: float) -> float:
     return statistics.fmean(scale * abs(b[key] - a[key]) for a, b in pairs)
 
@@ -92,10 +133,15 @@ def monte_carlo_note(summaries: dict[str, list[dict[str, Any]]], references: lis
         otmdr − sgd accuracy (final): better with the first 30 samples, inconclusive with 3 seeds
         with a second 30: Monte Carlo error matters at this sample count; raise bayes.test_samples
 
+    Then each verdict after Holm's correction (:attr:`~otmdr.report.stats.PairedDifference.holm_verdict`,
+    the family as the report forms it, on each pass) that differs gets one line too: a raw verdict at
+    the edge of a margin can flip while the corrected one, which the report's bottom line quotes,
+    holds.
+
     Both passes use the same seeds: those of the runs that have a second pass (all of them when
     every run was trained with it; then the first pass is exactly the report's table). The last
     line is the Monte-Carlo error itself: the mean over runs of |second − first| of accuracy, NLL
-    and ECE (accuracy and ECE in percentage points), and how many verdicts changed. An empty list
+    and ECE (accuracy and ECE in percentage points), and how many verdicts changed, raw and after Holm. An empty list
     when no run has a second pass (deterministic models, or runs trained before it was recorded).
     """
     final = [(s["test"], s["test_second_pass"]) for runs in summaries.values() for s in runs
@@ -110,6 +156,7 @@ def monte_carlo_note(summaries: dict[str, list[dict[str, Any]]], references: lis
     more, also = _flips(stopped, references, "early-stopped", _stopped_second, margins, samples)
     lines += more
     compared += also
+    holm_lines, holm_compared = _holm_flips(summaries, references, margins, samples)
     parts = []
     if final:
         parts.append(f"final model over {len(final)} runs: {_error_text(final)}")
@@ -117,6 +164,9 @@ def monte_carlo_note(summaries: dict[str, list[dict[str, Any]]], references: lis
         parts.append(f"early-stopped model over {len(stopped_pairs)} runs: {_error_text(stopped_pairs)}")
     changed = (f"{len(lines)} of {compared} paired verdicts change with a second pass" if compared
                else "no paired verdicts to check")
+    if holm_compared:
+        changed += f", {len(holm_lines)} of {holm_compared} after Holm's correction"
+    lines += holm_lines
     lines.append(f"Monte Carlo error at {samples} weight samples per pass (mean |second pass − first pass|): "
                  f"{'; '.join(parts)}; {changed}.")
     return lines

@@ -32,9 +32,11 @@ from typing import Any
 
 from scipy import stats as _scipy_stats
 
+from .tables import early_stopped
+
 __all__ = ["PairedDifference", "paired_difference", "t_half_width", "paired_table", "format_paired",
            "PAIRED_METRICS", "PAIRED_DIGITS", "CI_METHOD", "ALPHA", "DEFAULT_MARGINS", "MARGIN_NAMES",
-           "parse_margins", "holm", "adjust_family", "describe_tests", "TEST_METHOD", "format_cell"]
+           "parse_margins", "holm", "adjust_family", "paired_family", "describe_tests", "TEST_METHOD", "format_cell"]
 
 CI_METHOD = "95% CI: Student t on the per-seed paired differences (n - 1 degrees of freedom)"
 
@@ -299,3 +301,39 @@ def format_paired(rows: list[dict[str, Any]], *, markdown: bool, holm: bool = Tr
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return "\n".join([fmt.format(*titles), fmt.format(*("-" * w for w in widths))]
                      + [fmt.format(*line) for line in cells])
+
+
+def paired_family(summaries: dict[str, list[dict[str, Any]]], references: list[str],
+                  margins: dict[str, float] | None = None) -> tuple[list[tuple[str, str, list[dict[str, Any]]]], int]:
+    """Every paired table of a report, ``(reference, model, rows)`` with model "final model" or
+    "early-stopped model", Holm-adjusted as one family (a reader scanning the report for a
+    "better" makes all of its tests, each distinct pair once), and the family's size."""
+    stopped = early_stopped(summaries)
+    keys, tables = [], []
+    for ref in references if len(summaries) > 1 else []:
+        for model, runs in (("final model", summaries), ("early-stopped model", stopped)):
+            if ref in runs:
+                keys.append((ref, model))
+                tables.append(paired_table(runs, ref, margins=margins))
+    if not tables:
+        return [], 0
+    # a pair shown against both of its methods (sam − sgd and sgd − sam) is one hypothesis: it
+    # enters the family once, and its reverse takes the same adjusted p-values
+    first: dict[tuple[frozenset[str], str], tuple[int, int]] = {}
+    unique = []
+    for t, ((ref, model), rows) in enumerate(zip(keys, tables)):
+        for r, row in enumerate(rows):
+            if first.setdefault((frozenset((row["method"], ref)), model), (t, r)) == (t, r):
+                unique.append(row)
+    (adjusted_unique,), family = adjust_family([unique])
+    by_slot = dict(zip(first.values(), adjusted_unique))
+    out = []
+    for (ref, model), rows in zip(keys, tables):
+        adjusted_rows = []
+        for row in rows:
+            source = by_slot[first[(frozenset((row["method"], ref)), model)]]
+            adjusted_rows.append({key: dataclasses.replace(value, holm_p_difference=source[key].holm_p_difference,
+                                                           holm_p_equivalence=source[key].holm_p_equivalence)
+                                  if isinstance(value, PairedDifference) else value for key, value in row.items()})
+        out.append((ref, model, adjusted_rows))
+    return out, family
