@@ -638,30 +638,33 @@ def test_pending_evidence_restores_carried_runs_runs_each_step_and_carries_unfin
     fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {record}\n')
     fake.chmod(0o755)
     evidence, results = tmp_path / "runs", tmp_path / "results"
-    (results / "bnn-fashion-mnist-lenet-clean-rerun").mkdir(parents=True)
-    (results / "bnn-fashion-mnist-lenet-clean-rerun" / "IN-PROGRESS.md").write_text("carried\n")
+    (results / "bnn-fashion-mnist-lenet-noisy40-rerun").mkdir(parents=True)
+    (results / "bnn-fashion-mnist-lenet-noisy40-rerun" / "IN-PROGRESS.md").write_text("carried\n")
+    (results / "bnn-fashion-mnist-lenet-clean-rerun").mkdir()  # collected whole: no step of the queue any more
+    (results / "bnn-fashion-mnist-lenet-clean-rerun" / "report.md").write_text("collected\n")
     (results / "cifar10-resnet20-clean-rerun").mkdir()  # a study's results without IN-PROGRESS.md: nothing to restore
-    (evidence / "bnn-fashion-mnist-lenet-clean").mkdir(parents=True)  # what the restore (faked here) writes
+    (evidence / "bnn-fashion-mnist-lenet-noisy40").mkdir(parents=True)  # what the restore (faked here) writes
     env = {k: v for k, v in os.environ.items() if k not in ("MATCHED", "REGIMES", "WARMUP", "BNN_SAMPLES")}
     env.update(OTMDR=str(fake), PYTHON=str(fake), EVIDENCE_DIR=str(evidence), RESULTS=str(results))
     script = str(ROOT / "benchmarks/evidence/pending.sh")
     subprocess.run(["bash", script], env=env, check=True, capture_output=True, text=True)
     calls = record.read_text().splitlines()
-    assert calls[0] == (f"benchmarks/restore_runs.py {results}/bnn-fashion-mnist-lenet-clean-rerun "
-                        f"{evidence}/bnn-fashion-mnist-lenet-clean")
+    assert calls[0] == (f"benchmarks/restore_runs.py {results}/bnn-fashion-mnist-lenet-noisy40-rerun "
+                        f"{evidence}/bnn-fashion-mnist-lenet-noisy40")
     assert not any("restore_runs.py" in call for call in calls[1:])
-    # each BNN regime's study, then its robustness, then CIFAR-10 clean: SGD's search, the three other
-    # methods at its rate, the matched-radius runs
-    order = ["--out runs/evidence/bnn-fashion-mnist-lenet-clean", "corrupt --dataset fashion-mnist",
-             "--out runs/evidence/bnn-fashion-mnist-lenet-noisy40", "cifar10-resnet20-clean sgd optim.lr",
+    # the noisy BNN study, then its robustness, then CIFAR-10 clean: SGD's search, the three other
+    # methods at its rate, the matched-radius runs; the clean BNN study (collected) is not run again
+    order = ["--out runs/evidence/bnn-fashion-mnist-lenet-noisy40", "corrupt --dataset fashion-mnist",
+             "cifar10-resnet20-clean sgd optim.lr",
              "compare --methods sgd,sgd@compute,sam,otmdr", "matched_radius.py"]
     calls = [call.replace(str(evidence), "runs/evidence") for call in calls]
     at = [next((i for i, call in enumerate(calls) if part in call), -1) for part in order]
     assert min(at) >= 0 and at == sorted(at), calls
-    assert "compare --methods sgd --reference sgd" in calls[at[3] - 1]  # SGD alone searched first
+    assert "compare --methods sgd --reference sgd" in calls[at[2] - 1]  # SGD alone searched first
     assert all("../shared/datasets/" in call for call in calls if " --data-dir " in call)
     assert all("label_noise" not in call for call in calls if "cifar10" in call)  # the clean regime only
-    assert (evidence / "bnn-clean.log").is_file() and (evidence / "cifar10-resnet20-clean.log").is_file()
+    assert not any("bnn-fashion-mnist-lenet-clean" in call for call in calls)
+    assert (evidence / "bnn-noisy40.log").is_file() and (evidence / "cifar10-resnet20-clean.log").is_file()
     assert "failed with exit code" not in "".join(p.read_text() for p in evidence.glob("*.log"))
     failing = tmp_path / "failing"  # a step that fails is logged with its code, and the queue goes on
     failing.write_text(f'#!/usr/bin/env bash\necho "$*" >> {record}\nexit 3\n')
@@ -676,7 +679,7 @@ def test_pending_evidence_restores_carried_runs_runs_each_step_and_carries_unfin
     (results / "cifar10-resnet20-clean-rerun-matched-sam" / "report.md").write_text("collected\n")
     for study, files in (("cifar10-resnet20-clean", ["report.md", "search/sgd-lr=0.1-seed1000/summary.json"]),
                          ("cifar10-resnet20-clean-matched-sam", ["report.md", "sam-seed0/summary.json"]),
-                         ("bnn-fashion-mnist-lenet-clean", ["search/x-seed1000/metrics.csv"]),
+                         ("cifar10-resnet20-clean-matched-otmdr", ["otmdr-seed0/metrics.csv"]),
                          ("bnn-fashion-mnist-lenet-noisy40", ["search/x-seed1000/summary.json"])):
         for file in files:
             (evidence / study / file).parent.mkdir(parents=True, exist_ok=True)
