@@ -149,6 +149,8 @@ def main(source: str, name: str, *, partial: bool = False, with_robustness: bool
         (dst / "summaries.json").write_text(json.dumps(summaries, indent=1))
         if (src / "search.json").is_file():
             shutil.copy2(src / "search.json", dst / "search.json")
+        if (src / "robustness" / "robustness.md").is_file():  # its evaluation, finished, travels with it
+            shutil.copytree(src / "robustness", dst / "robustness", dirs_exist_ok=True)
         (dst / IN_PROGRESS).unlink(missing_ok=True)
     for line in results_policy.apply(results):
         print(line)

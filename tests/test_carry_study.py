@@ -102,8 +102,15 @@ def test_a_partly_trained_study_resumes_elsewhere_from_its_committed_runs(tmp_pa
     (elsewhere / "report.md").write_text("# Study\n")
     (elsewhere / "figures").mkdir()
     (elsewhere / "summaries.json").write_text("{}")
+    (elsewhere / "robustness" / "runs" / "sgd-seed0").mkdir(parents=True)  # its robustness, evaluated
+    (elsewhere / "robustness" / "robustness.md").write_text("# Robustness\n")
+    (elsewhere / "robustness" / "runs" / "sgd-seed0" / "eval.json").write_text("{}")
+    (elsewhere / "robustness" / "runs" / "sgd-seed0" / "eval.log").write_text("log\n")
     collect_report.main(str(elsewhere), "carried", results=results)
     assert not (carried / collect_report.IN_PROGRESS).exists() and (carried / "report.md").is_file()
+    assert (carried / "robustness" / "robustness.md").is_file()  # the robustness travels with the report
+    assert list(restore_runs.committed_evaluations(carried)) == ["robustness/runs/sgd-seed0/eval.json"]  # maybe packed
+    assert (carried / "robustness" / "logs.tar.xz").is_file() and not list(carried.rglob("*.log"))
     assert len(restore_runs.committed_runs(carried)) == len(list(elsewhere.rglob("summary.json")))
     with pytest.raises(SystemExit) as stop:
         collect_report.main(str(part), "carried", partial=True, results=results)
