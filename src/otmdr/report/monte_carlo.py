@@ -13,15 +13,12 @@ samples are needed before it is read as one.
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable
 from typing import Any
 
-from .stats import PAIRED_METRICS, PairedDifference, paired_family, paired_table
-from .tables import early_stopped
+from .stats import PAIRED_METRICS, paired_family
 
 __all__ = ["monte_carlo_note"]
 
-_Block = Callable[[dict[str, Any]], "dict[str, Any] | None"]
 
 #: the short name a line prints for each metric title of PAIRED_METRICS
 _SHORT = {title: title.split(" (")[0] for title, *_ in PAIRED_METRICS}
@@ -35,40 +32,10 @@ def _stopped_second(s: dict[str, Any]) -> dict[str, Any] | None:
     return (s.get("early_stopped") or {}).get("test_second_pass")
 
 
-def _paired_first(second: _Block) -> _Block:
-    """The first pass, on the runs that also have a second one (both passes on the same seeds)."""
-    return lambda s: s["test"] if second(s) is not None else None
-
-
 def _samples(runs: dict[str, list[dict[str, Any]]]) -> str:
     counts = sorted({int(s.get("monte_carlo", {}).get("samples") or s.get("test_samples") or 0)
                      for group in runs.values() for s in group if _final_second(s) is not None} - {0})
     return "/".join(str(c) for c in counts) if counts else "the"
-
-
-def _verdict(d: PairedDifference | None) -> str | None:
-    return None if d is None else d.verdict
-
-
-def _flips(runs: dict[str, list[dict[str, Any]]], references: list[str], model: str, second: _Block,
-           margins: dict[str, float] | None, samples: str) -> tuple[list[str], int]:
-    lines, compared = [], 0
-    for reference in references:
-        if reference not in runs or len(runs) < 2:
-            continue
-        first_rows = paired_table(runs, reference, test_block=_paired_first(second), margins=margins)
-        second_rows = paired_table(runs, reference, test_block=second, margins=margins)
-        for a, b in zip(first_rows, second_rows):
-            for title, *_ in PAIRED_METRICS:
-                before, after = _verdict(a[title]), _verdict(b[title])
-                if before is None or after is None:
-                    continue
-                compared += 1
-                if before != after:
-                    lines.append(f"{a['method']} − {reference} {_SHORT[title]} ({model}): {before} with the first "
-                                 f"{samples} samples, {after} with a second {samples}: Monte Carlo error matters at "
-                                 "this sample count; raise bayes.test_samples")
-    return lines, compared
 
 
 def _one_pass(summaries: dict[str, list[dict[str, Any]]], second: bool) -> dict[str, list[dict[str, Any]]]:
@@ -90,25 +57,36 @@ def _one_pass(summaries: dict[str, list[dict[str, Any]]], second: bool) -> dict[
     return view
 
 
-def _holm_flips(summaries: dict[str, list[dict[str, Any]]], references: list[str],
-                margins: dict[str, float] | None, samples: str) -> tuple[list[str], int]:
-    """The verdicts after Holm (the report's family: every reference, final and early-stopped)
-    that the second pass changes: the ones a report's bottom line and the docs quote."""
+def _changes(summaries: dict[str, list[dict[str, Any]]], references: list[str],
+             margins: dict[str, float] | None, samples: str) -> tuple[list[str], int, list[str], int]:
+    """Each paired verdict that the second pass changes, raw and after Holm (the report's family,
+    formed on each pass): (raw lines, raw verdicts compared, Holm lines, Holm verdicts compared).
+    The final model's comparisons come first, then the early-stopped model's, as in the report."""
     first, _ = paired_family(_one_pass(summaries, False), references, margins)
     second, _ = paired_family(_one_pass(summaries, True), references, margins)
-    lines, compared = [], 0
-    for (reference, model, rows_a), (_, _, rows_b) in zip(first, second):
+    tables = sorted(zip(first, second), key=lambda pair: pair[0][1] != "final model")  # stable: references in order
+    raw: list[str] = []
+    holm: list[str] = []
+    raw_compared = holm_compared = 0
+    for (reference, model, rows_a), (_, _, rows_b) in tables:
         for a, b in zip(rows_a, rows_b):
             for title, *_ in PAIRED_METRICS:
-                before = None if a[title] is None else a[title].holm_verdict
-                after = None if b[title] is None else b[title].holm_verdict
+                if a[title] is None or b[title] is None:
+                    continue
+                name = f"{a['method']} − {reference} {_SHORT[title]} ({model.split()[0]})"
+                raw_compared += 1
+                if a[title].verdict != b[title].verdict:
+                    raw.append(f"{name}: {a[title].verdict} with the first {samples} samples, {b[title].verdict} "
+                               f"with a second {samples}: Monte Carlo error matters at this sample count; raise "
+                               "bayes.test_samples")
+                before, after = a[title].holm_verdict, b[title].holm_verdict
                 if before is None or after is None:
                     continue
-                compared += 1
+                holm_compared += 1
                 if before != after:
-                    lines.append(f"{a['method']} − {reference} {_SHORT[title]} ({model.split()[0]}), after Holm: "
-                                 f"{before} with the first {samples} samples, {after} with a second {samples}")
-    return lines, compared
+                    holm.append(f"{name}, after Holm: {before} with the first {samples} samples, {after} with a "
+                                f"second {samples}")
+    return raw, raw_compared, holm, holm_compared
 
 
 def _mean_abs(pairs: list[tuple[dict[str, Any], dict[str, Any]]], key: str, scale: float) -> float:
@@ -151,12 +129,7 @@ def monte_carlo_note(summaries: dict[str, list[dict[str, Any]]], references: lis
     if not final and not stopped_pairs:
         return []
     samples = _samples(summaries)
-    lines, compared = _flips(summaries, references, "final", _final_second, margins, samples)
-    stopped = early_stopped(summaries)
-    more, also = _flips(stopped, references, "early-stopped", _stopped_second, margins, samples)
-    lines += more
-    compared += also
-    holm_lines, holm_compared = _holm_flips(summaries, references, margins, samples)
+    lines, compared, holm_lines, holm_compared = _changes(summaries, references, margins, samples)
     parts = []
     if final:
         parts.append(f"final model over {len(final)} runs: {_error_text(final)}")
