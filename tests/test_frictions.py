@@ -168,6 +168,33 @@ def test_benchmark_progress_lines_name_the_run(tmp_path, capsys):
 
 
 # 5 ----------------------------------------------------------------------- the search figure
+def test_a_wide_search_figure_keeps_its_labels_and_points_apart(tmp_path, monkeypatch):
+    """A BNN search spans five decades of radius (0.0003 to 15, its noise levels) and seven legend
+    entries: the 1-2-5 tick labels ran into one another ("0.0050.010.02") and the legend covered the
+    chosen point. Over more than three decades the ticks are powers of ten; a legend of more than
+    five entries sits beside the axes. A narrow search keeps its 1-2-5 ticks and inner legend."""
+    from otmdr.report import plots
+
+    figures = []
+    monkeypatch.setattr(plots.plt, "close", lambda fig=None: figures.append(fig))
+    wide = [{"method": "sgd", "setting": "lr=1e-3", "score": 0.876, "radius": 0.0, "chosen": True}]
+    wide += [{"method": "sam", "setting": f"rho={r}", "score": 0.88 - r, "radius": r, "chosen": r == 0.0005}
+             for r in (0.00025, 0.0005, 0.005, 0.05)]
+    wide += [{"method": "otmdr", "setting": f"rho=[{r},{2 * r}] noise_std={n}", "score": 0.87 - r,  # a line per noise
+              "radius": 550 * n + r, "chosen": False} for n in (1e-3, 3e-3, 0.009, 0.027) for r in (0.005, 0.01)]
+    plots.plot_search(wide, tmp_path / "wide.png", metric="val_accuracy")
+    narrow = [{"method": "sam", "setting": f"rho={r}", "score": 0.8 + r, "radius": r, "chosen": r == 0.1}
+              for r in (0.02, 0.05, 0.1, 0.2, 0.5)]
+    plots.plot_search(narrow, tmp_path / "narrow.png", metric="val_accuracy")
+    wide_ax, narrow_ax = figures[0].axes[0], figures[1].axes[0]
+    assert list(wide_ax.get_xticks()) == [0.001, 0.01, 0.1, 1.0, 10.0]
+    assert list(narrow_ax.get_xticks()) == [0.02, 0.05, 0.1, 0.2, 0.5]
+    for fig, ax, outside in ((figures[0], wide_ax, True), (figures[1], narrow_ax, False)):
+        fig.canvas.draw()
+        legend = ax.get_legend().get_window_extent()
+        assert (legend.x0 >= ax.get_window_extent().x1) == outside
+
+
 def test_search_figure_draws_each_line_marker_only_where_its_legend_says(tmp_path, monkeypatch):
     """A point below the axis was drawn with its line's marker cut in half at the edge under the
     ▼: the legend's marker matched no drawn point there. Now the line marks the points on the

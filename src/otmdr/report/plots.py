@@ -3,6 +3,8 @@ grid search), of robustness evaluations, and of loss landscapes."""
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -435,8 +437,7 @@ def plot_search(points: list[dict[str, Any]], path: Path, *, metric: str) -> Pat
         ax.set_xlim(min(radii_all) / 1.6, max(radii_all) * 1.6)
         ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))  # 0.1, not 10^-1
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # no crowded minor labels
-        ax.set_xticks([t for t in (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5)
-                       if min(radii_all) / 1.6 <= t <= max(radii_all) * 1.6])
+        ax.set_xticks(_log_ticks(min(radii_all) / 1.6, max(radii_all) * 1.6))
     ax.set_xlabel(f"measured radius {RADIUS_MATH} (last epoch, mean over steps)")
     unit = " (%)" if scale == 100.0 else ""
     ax.set_ylabel(f"{metric.replace('_', ' ')}{unit}")
@@ -445,12 +446,22 @@ def plot_search(points: list[dict[str, Any]], path: Path, *, metric: str) -> Pat
     ax.grid(alpha=0.3)
     if below_axis:  # the ▼ in the legend as drawn (an empty scatter: a legend entry, no point)
         ax.scatter([], [], marker="v", s=60, color="gray", label="below the axis (value in brackets)")
-    if ax.get_legend_handles_labels()[0]:
+    entries = len(ax.get_legend_handles_labels()[0])
+    if entries > 5:  # a legend that tall covers points (a BNN search's noise levels): beside the axes
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    elif entries:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight" if entries > 5 else None)
     plt.close(fig)
     return path
+
+
+def _log_ticks(low: float, high: float) -> list[float]:
+    """The x ticks between ``low`` and ``high``: 1-2-5 over up to three decades, powers of ten over
+    more (a BNN search from 0.0003 to 15 crowded every 1-2-5 label into the next: "0.0050.010.02")."""
+    steps = (1, 2, 5) if math.log10(high / low) <= 3 else (1,)
+    return [float(f"{m * 10.0 ** e:.6g}") for e in range(-5, 3) for m in steps if low <= m * 10.0 ** e <= high]
 
 
 def plot_landscape(result: dict[str, Any], path: Path, *, title: str) -> Path:
